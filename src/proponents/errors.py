@@ -1,0 +1,41 @@
+"""Typed exceptions raised by proponents.
+
+Every error subclasses the built-in exception a caller would naturally catch
+(``ValueError``, ``TypeError``, ``FileNotFoundError``, ``RuntimeError``), so code
+that handles the standard exceptions keeps working, while code that wants to
+tell our errors apart can catch :class:`ProponentsError`.
+"""
+
+from __future__ import annotations
+
+
+class ProponentsError(Exception):
+    """Base class of every exception raised on purpose by proponents."""
+
+
+class InvalidArgumentError(ProponentsError, ValueError):
+    """An argument has the right type but a value that cannot be used."""
+
+
+class ArgumentTypeError(ProponentsError, TypeError):
+    """An argument has a type that cannot be used."""
+
+
+class CheckpointNotFoundError(ProponentsError, FileNotFoundError):
+    """A checkpoint source (directory, file or iterator) holds no usable checkpoint."""
+
+
+class CheckpointLoadError(ProponentsError, RuntimeError):
+    """A checkpoint exists but cannot be read or does not fit the model."""
+
+
+class BatchFormatError(ProponentsError, ValueError):
+    """A batch does not follow the ``(*model_inputs, label)`` convention."""
+
+
+class StoreError(ProponentsError, RuntimeError):
+    """An on-disk store cannot be written or read."""
+
+
+class IndexMismatchError(ProponentsError, ValueError):
+    """A saved index does not match the model, checkpoints or dataset it is loaded for."""
