@@ -1,0 +1,206 @@
+"""Batches, labels, test inputs and device moves.
+
+The convention (DESIGN.md §2): a training batch is a tuple or list
+``(*model_inputs, label)``; the model is called as ``model(*batch[:-1])`` and
+``batch[-1]`` holds the labels. A :class:`~torch.utils.data.Dataset` is wrapped
+in a non-shuffling :class:`~torch.utils.data.DataLoader`; a DataLoader is used
+as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from proponents.errors import ArgumentTypeError, BatchFormatError, InvalidArgumentError
+
+BATCH_CONVENTION = (
+    "each batch must be a tuple or list (*model_inputs, label): the model is called as "
+    "model(*batch[:-1]) and batch[-1] holds the labels"
+)
+
+
+@dataclass
+class Batch:
+    """One batch split into model inputs and labels.
+
+    Attributes:
+        inputs: positional arguments of the model; tensors carry the batch in dim 0.
+        labels: labels of the batch (``None`` when the loss needs none).
+        size: number of examples in the batch.
+    """
+
+    inputs: tuple[Any, ...]
+    labels: Any
+    size: int
+
+
+def batch_size_of(inputs: Sequence[Any], labels: Any = None) -> int:
+    """Number of examples in a batch: dim 0 of its first tensor."""
+    for item in (*inputs, labels):
+        if isinstance(item, torch.Tensor) and item.dim() > 0:
+            return int(item.shape[0])
+    raise BatchFormatError(
+        "cannot tell the batch size: no model input or label is a tensor with a batch "
+        "dimension; pass tensors whose first dimension indexes examples"
+    )
+
+
+def split_batch(batch: Any, what: str = "training batch") -> Batch:
+    """Split a ``(*model_inputs, label)`` batch.
+
+    Args:
+        batch: a tuple or list with at least two elements.
+        what: how to name the batch in error messages.
+
+    Raises:
+        BatchFormatError: when ``batch`` is not a tuple/list of at least two elements.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        got = type(batch).__name__
+        if isinstance(batch, (tuple, list)):
+            got += f" of length {len(batch)}"
+        raise BatchFormatError(
+            f"a {what} is a {got}, but {BATCH_CONVENTION}. Wrap your dataset so that each "
+            "item is (input, label), e.g. torch.utils.data.TensorDataset(x, y)."
+        )
+    inputs = tuple(batch[:-1])
+    labels = batch[-1]
+    return Batch(inputs=inputs, labels=labels, size=batch_size_of(inputs, labels))
+
+
+def make_loader(data: Dataset | DataLoader, batch_size: int | None, argument: str) -> DataLoader:
+    """Wrap a Dataset in a non-shuffling DataLoader, or return a DataLoader unchanged.
+
+    Raises:
+        ArgumentTypeError: when ``data`` is neither a Dataset nor a DataLoader.
+        InvalidArgumentError: when the dataset is empty or ``batch_size`` is not a positive int.
+    """
+    if isinstance(data, DataLoader):
+        loader = data
+    elif isinstance(data, Dataset):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgumentError(
+                f"batch_size must be a positive int when {argument} is a Dataset, "
+                f"got {batch_size!r}"
+            )
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    else:
+        raise ArgumentTypeError(
+            f"{argument} must be a torch.utils.data.Dataset or DataLoader, "
+            f"got {type(data).__name__}"
+        )
+    n = dataset_length(loader)
+    if n == 0:
+        raise InvalidArgumentError(f"{argument} is empty: there are no examples to score")
+    return loader
+
+
+def dataset_length(loader: DataLoader) -> int | None:
+    """Number of examples a DataLoader yields, or ``None`` when it cannot be known upfront."""
+    try:
+        if loader.batch_sampler is not None and getattr(loader, "drop_last", False):
+            return len(loader) * int(loader.batch_size or 1)
+        if loader.sampler is not None:
+            return len(loader.sampler)  # type: ignore[arg-type]
+        return len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def loader_batches(loader: DataLoader) -> int | None:
+    """Number of batches a DataLoader yields, or ``None`` when unknown."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def test_inputs_tuple(inputs: Any, unpack_inputs: bool) -> tuple[Any, ...]:
+    """Positional model arguments of a test batch, following ``unpack_inputs``."""
+    if unpack_inputs and isinstance(inputs, (tuple, list)):
+        return tuple(inputs)
+    return (inputs,)
+
+
+def test_batches(
+    inputs: Any, targets: Any, unpack_inputs: bool
+) -> tuple[list[Batch] | DataLoader, bool]:
+    """Normalise the test side of ``influence()``.
+
+    ``inputs`` is either one batch of model inputs (with ``targets`` beside it) or a
+    DataLoader of ``(*model_inputs, label)`` batches (then ``targets`` must be None).
+
+    Returns:
+        ``(batches, is_loader)``: an iterable of :class:`Batch` and whether it came from
+        a DataLoader.
+    """
+    if isinstance(inputs, DataLoader):
+        if targets is not None:
+            raise InvalidArgumentError(
+                "targets must be None when inputs is a DataLoader: its batches carry "
+                "their labels as the last element"
+            )
+        return inputs, True
+    args = test_inputs_tuple(inputs, unpack_inputs)
+    if len(args) == 0:
+        raise InvalidArgumentError("inputs is an empty tuple: give at least one model input")
+    n = batch_size_of(args)
+    if targets is not None:
+        if isinstance(targets, torch.Tensor) and targets.dim() > 0:
+            n_targets = int(targets.shape[0])
+        elif isinstance(targets, (list, tuple)):
+            n_targets = len(targets)
+        else:
+            raise ArgumentTypeError(
+                f"targets must be a tensor with one entry per test example, got "
+                f"{type(targets).__name__}"
+            )
+        if n_targets != n:
+            raise InvalidArgumentError(
+                f"targets has {n_targets} entries but inputs hold {n} examples: give one "
+                "target per test example"
+            )
+    return [Batch(inputs=args, labels=targets, size=n)], False
+
+
+def iter_test_batches(batches: Iterable[Any], is_loader: bool) -> Iterator[Batch]:
+    """Yield :class:`Batch` objects from the result of :func:`test_batches`."""
+    for b in batches:
+        yield split_batch(b, "test batch") if is_loader else b
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move tensors (also inside tuples, lists and dicts) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def batch_to_device(batch: Batch, device: torch.device) -> Batch:
+    """A copy of ``batch`` with its tensors on ``device``."""
+    return Batch(
+        inputs=to_device(batch.inputs, device),
+        labels=to_device(batch.labels, device),
+        size=batch.size,
+    )
