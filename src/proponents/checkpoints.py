@@ -1,0 +1,704 @@
+"""Finding checkpoints, loading them safely, and telling them apart.
+
+TracIn sums influence over a sequence of training checkpoints. This module turns
+what the user passes as ``checkpoints`` into a list (:func:`resolve_checkpoints`),
+loads one checkpoint into a model and reports its learning rate
+(:func:`load_flexible_state_dict`, the default ``checkpoints_load_func``), and
+gives each checkpoint a readable label (:func:`checkpoint_label`) and a content
+digest (:func:`checkpoint_fingerprint`).
+
+Loading never unpickles arbitrary objects: PyTorch files are read with
+``torch.load(..., weights_only=True)``, so a file that would run code when
+unpickled is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import numbers
+import os
+import pickle
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from proponents.errors import (
+    ArgumentTypeError,
+    CheckpointLoadError,
+    CheckpointNotFoundError,
+)
+
+__all__ = [
+    "CHECKPOINT_EXTENSIONS",
+    "checkpoint_fingerprint",
+    "checkpoint_label",
+    "load_flexible_state_dict",
+    "resolve_checkpoints",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: File extensions recognised as checkpoints when a directory is given.
+CHECKPOINT_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+# Keys under which training scripts commonly nest the model's state dict, by priority.
+_NESTED_KEYS: tuple[str, ...] = ("model_state_dict", "state_dict", "model")
+# Keys under which training scripts commonly store the learning rate, by priority.
+_LR_KEYS: tuple[str, ...] = ("learning_rate", "lr")
+# Key prefixes added by wrappers: DataParallel / DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
+# How many key names an error message shows per list before summarising the rest.
+_MAX_KEYS_SHOWN = 10
+# How deep the loader looks through nested containers for the state dict.
+_MAX_NESTING = 4
+_CHUNK_BYTES = 1 << 20
+_HOW_TO_SAVE = (
+    "Save checkpoints as plain data, e.g. torch.save({'model_state_dict': model.state_dict(), "
+    "'learning_rate': 0.01}, path), or as a .safetensors file; or pass a "
+    "checkpoints_load_func of your own if you trust the file."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _is_path(obj: Any) -> bool:
+    return isinstance(obj, (str, os.PathLike))
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key that orders digit runs by value, so ``ckpt-2`` comes before ``ckpt-10``."""
+    parts = re.split(r"(\d+)", name)
+    key = []
+    for part in parts:
+        if part.isdigit():
+            key.append((1, int(part), part))
+        elif part:
+            key.append((0, 0, part.casefold()))
+    # Fall back on the raw name so that names equal under the key still sort stably.
+    return (*key, (2, 0, name))
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in CHECKPOINT_EXTENSIONS
+
+
+def _extensions_text() -> str:
+    return ", ".join(f"*{ext}" for ext in CHECKPOINT_EXTENSIONS)
+
+
+def _check_item_exists(item: Any, position: int, source_text: str) -> None:
+    if _is_path(item) and not os.path.exists(item):
+        raise CheckpointNotFoundError(
+            f"checkpoint #{position} of {source_text} does not exist: '{os.fspath(item)}'"
+        )
+
+
+def resolve_checkpoints(source: Any) -> list[Any]:
+    """Turn a ``checkpoints`` argument into a list of checkpoints.
+
+    Accepted forms:
+
+    * a directory (``str`` or path-like): the files in it whose extension is one of
+      :data:`CHECKPOINT_EXTENSIONS` (compared case-insensitively; other files and
+      subdirectories are ignored), in natural order, so ``ckpt-2`` comes before
+      ``ckpt-10``. They are returned as ``str`` paths.
+    * a single file path: ``[source]``.
+    * a glob pattern (a ``str`` that is not an existing path and contains ``*``, ``?`` or
+      ``[``): the matching files in natural order.
+    * a list or tuple: kept in the given order; every path in it must exist.
+    * a mapping (one already-loaded checkpoint): ``[source]``.
+    * any other iterable or iterator (of paths or of already-loaded checkpoints): read
+      once into a list; paths in it must exist.
+
+    Args:
+        source: the checkpoints, in one of the forms above.
+
+    Returns:
+        The checkpoints, each a path or an already-loaded object, in the order in which
+        they are to be used.
+
+    Raises:
+        CheckpointNotFoundError: when a path does not exist or the source yields no
+            checkpoint.
+        ArgumentTypeError: when ``source`` has none of the accepted types.
+    """
+    if _is_path(source):
+        return _resolve_path(source)
+    if isinstance(source, (bytes, bytearray, torch.Tensor, nn.Module)) or not isinstance(
+        source, (Iterable, Mapping)
+    ):
+        raise ArgumentTypeError(
+            "checkpoints must be a directory, a checkpoint file, a list of paths, or an "
+            f"iterable of paths or loaded checkpoints; got {type(source).__name__}: "
+            f"{_short_repr(source)}"
+        )
+    if isinstance(source, Mapping):
+        return [source]
+    if isinstance(source, (list, tuple)):
+        items = list(source)
+        what = f"the {type(source).__name__} of checkpoints"
+    else:
+        items = list(source)
+        what = f"the checkpoints iterable ({type(source).__name__})"
+    if not items:
+        raise CheckpointNotFoundError(f"{what} is empty: there is no checkpoint to use")
+    for position, item in enumerate(items):
+        _check_item_exists(item, position, what)
+    return items
+
+
+def _resolve_path(source: PathLike) -> list[Any]:
+    text = os.fspath(source)
+    path = Path(text)
+    if path.is_dir():
+        found = [p for p in path.iterdir() if _is_checkpoint_file(p)]
+        if not found:
+            raise CheckpointNotFoundError(
+                f"directory '{text}' holds no checkpoint files ({_extensions_text()})"
+            )
+        found.sort(key=lambda p: _natural_key(p.name))
+        return [str(p) for p in found]
+    if path.exists():
+        return [source]
+    if isinstance(source, str) and any(char in source for char in "*?["):
+        matches = [m for m in glob.glob(source) if Path(m).is_file()]
+        if not matches:
+            raise CheckpointNotFoundError(f"no checkpoint file matches the pattern '{text}'")
+        matches.sort(key=lambda m: (_natural_key(os.path.dirname(m)), _natural_key(Path(m).name)))
+        return matches
+    raise CheckpointNotFoundError(
+        f"checkpoint path '{text}' does not exist; pass a directory of checkpoint files "
+        f"({_extensions_text()}), a checkpoint file, or a list of them"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Labels and fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_label(ckpt: Any, index: int) -> str:
+    """A short human-readable name for a checkpoint, for progress bars and messages.
+
+    Args:
+        ckpt: a checkpoint path or an already-loaded checkpoint object.
+        index: the checkpoint's position in the resolved list (shown as given).
+
+    Returns:
+        The file name for a path (the whole path when it has no final component), else
+        ``"checkpoint object #<index>"``.
+    """
+    if _is_path(ckpt):
+        text = os.fspath(ckpt)
+        return Path(text).name or text
+    return f"checkpoint object #{index}"
+
+
+def checkpoint_fingerprint(ckpt: Any) -> str:
+    """A stable hex digest that identifies a checkpoint's content.
+
+    For a file, the SHA-256 of its bytes (read in chunks). For a directory, a SHA-256 over
+    the relative names and bytes of every file under it. For a loaded object, a SHA-256
+    over its structure: mapping keys in sorted order, and for every tensor its dtype, shape
+    and bytes; plain numbers and strings by value. Objects of other types are hashed through
+    their ``state_dict()`` when they have one, else through their type name and ``repr``.
+
+    Args:
+        ckpt: a checkpoint path or an already-loaded checkpoint object.
+
+    Returns:
+        A 64-character lowercase hex string.
+
+    Raises:
+        CheckpointNotFoundError: when ``ckpt`` is a path that does not exist.
+    """
+    digest = hashlib.sha256()
+    if _is_path(ckpt):
+        path = Path(os.fspath(ckpt))
+        if path.is_dir():
+            digest.update(b"dir\0")
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            for file in files:
+                digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+                digest.update(_file_digest(file))
+            return digest.hexdigest()
+        if not path.exists():
+            raise CheckpointNotFoundError(f"checkpoint file '{path}' does not exist")
+        return _file_digest(path).hex()
+    _hash_object(ckpt, digest.update)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor's values in row-major order (empty for meta tensors)."""
+    tensor = tensor.detach()
+    if tensor.is_sparse:
+        tensor = tensor.to_dense()
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return memoryview(b"")
+    flat = tensor.cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _hash_object(obj: Any, update: Callable[[bytes], Any]) -> None:
+    """Feed a canonical, type-tagged encoding of ``obj`` into ``update``."""
+
+    def tag(name: str, payload: bytes = b"") -> None:
+        update(f"<{name}:{len(payload)}>".encode())
+        update(payload)
+
+    if isinstance(obj, torch.Tensor):
+        tag("tensor", f"{obj.dtype}|{tuple(obj.shape)}".encode())
+        data = _tensor_bytes(obj)
+        update(f"<data:{data.nbytes}>".encode())
+        update(data)
+    elif isinstance(obj, Mapping):
+        tag("map", str(len(obj)).encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _hash_object(key, update)
+            _hash_object(obj[key], update)
+    elif isinstance(obj, (list, tuple)):
+        tag(type(obj).__name__, str(len(obj)).encode())
+        for item in obj:
+            _hash_object(item, update)
+    elif isinstance(obj, str):
+        tag("str", obj.encode("utf-8"))
+    elif isinstance(obj, (bytes, bytearray)):
+        tag("bytes", bytes(obj))
+    elif obj is None or isinstance(obj, (bool, numbers.Number)):
+        tag(type(obj).__name__, repr(obj).encode())
+    elif callable(getattr(obj, "state_dict", None)):
+        tag("state_dict_of", type(obj).__qualname__.encode())
+        _hash_object(obj.state_dict(), update)
+    else:
+        tag("object", f"{type(obj).__module__}.{type(obj).__qualname__}|{obj!r}".encode())
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter, else of its first buffer, else CPU."""
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def _short_repr(obj: Any, limit: int = 80) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(path: Any) -> str:
+    if _is_path(path):
+        return f"checkpoint file '{os.fspath(path)}'"
+    return f"checkpoint object ({type(path).__name__})"
+
+
+def _refusal_detail(message: str) -> str:
+    """Pick the object the safe unpickler refused out of torch's long error message."""
+    found = re.search(r"GLOBAL\s+([\w.]+)", message)
+    if found:
+        return f" (it refers to {found.group(1)!r})"
+    found = re.search(r"Unsupported operand \d+", message)
+    if found:
+        return f" ({found.group(0)})"
+    return ""
+
+
+def _read_file(path: PathLike, device: torch.device) -> tuple[Any, Any]:
+    """Read a checkpoint file.
+
+    Returns:
+        ``(content, safetensors_lr)``: the loaded object, and for a safetensors file the
+        raw learning-rate metadata value (``None`` when absent or for other formats).
+    """
+    text = os.fspath(path)
+    where = _describe(path)
+    if not os.path.exists(text):
+        raise CheckpointNotFoundError(f"{where} does not exist")
+    if os.path.isdir(text):
+        raise CheckpointLoadError(
+            f"{where} is a directory; the default checkpoints_load_func reads single files "
+            f"({_extensions_text()}). Pass the files inside it, or a checkpoints_load_func "
+            "that reads this directory."
+        )
+    if text.lower().endswith(".safetensors"):
+        return _read_safetensors(text, device, where)
+    try:
+        content = torch.load(text, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        if "Weights only load failed" in message or "WeightsUnpickler" in message:
+            raise CheckpointLoadError(
+                f"{where} holds pickled Python objects or code"
+                f"{_refusal_detail(message)}, and proponents refuses to unpickle arbitrary "
+                "objects because unpickling an untrusted file can run code. "
+                f"{_HOW_TO_SAVE}"
+            ) from exc
+        raise CheckpointLoadError(
+            f"{where} could not be read: it is not a PyTorch checkpoint ({message})"
+        ) from exc
+    except Exception as exc:  # every read failure becomes a typed error
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointLoadError(
+            f"{where} could not be read; it may be truncated, corrupted or not a PyTorch "
+            f"checkpoint ({type(exc).__name__}: {reason or 'no details'})"
+        ) from exc
+    return content, None
+
+
+def _read_safetensors(text: str, device: torch.device, where: str) -> tuple[Any, Any]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(text, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        content = load_file(text, device=str(device))
+    except Exception as exc:  # every read failure becomes a typed error
+        raise CheckpointLoadError(
+            f"{where} could not be read as safetensors; it may be truncated or corrupted "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    lr = next((metadata[key] for key in _LR_KEYS if key in metadata), None)
+    return content, lr
+
+
+def _as_learning_rate(value: Any, where: str, allow_text: bool = False) -> float:
+    """Convert a stored learning rate to a finite Python float."""
+    number: Any = value
+    if isinstance(number, torch.Tensor):
+        if number.numel() != 1:
+            raise CheckpointLoadError(
+                f"{where} stores a learning rate tensor of shape {tuple(number.shape)}; "
+                "it must hold exactly one number"
+            )
+        number = number.item()
+    if allow_text and isinstance(number, str):
+        try:
+            number = float(number.strip())
+        except ValueError:
+            raise CheckpointLoadError(
+                f"{where} stores a learning rate that is not a number: {value!r}"
+            ) from None
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise CheckpointLoadError(
+            f"{where} stores a learning rate that is not a number: {_short_repr(value)} "
+            f"({type(value).__name__}); store a float such as 0.01"
+        )
+    result = float(number)
+    if not math.isfinite(result):
+        raise CheckpointLoadError(
+            f"{where} stores a learning rate that is not finite: {result}; "
+            "influence scores would be meaningless"
+        )
+    return result
+
+
+def _unpack(content: Any, model_keys: set[str], where: str) -> tuple[OrderedDict[str, Any], Any]:
+    """Find the state dict inside a loaded checkpoint, and the learning rate beside it.
+
+    Returns:
+        ``(state_dict, raw_learning_rate)``; the latter is ``None`` when none is stored.
+    """
+    if not isinstance(content, Mapping):
+        raise CheckpointLoadError(
+            f"{where} holds a {type(content).__name__}, not a state dict; expected a mapping "
+            "of parameter names to tensors, possibly nested under "
+            f"{' / '.join(repr(k) for k in _NESTED_KEYS)}"
+        )
+    lr: Any = None
+    current: Mapping[str, Any] = content
+    for _ in range(_MAX_NESTING):
+        nested_key = next(
+            (k for k in _NESTED_KEYS if isinstance(current.get(k), Mapping)),
+            None,
+        )
+        if nested_key is None:
+            break
+        if lr is None:
+            lr = next((current[k] for k in _LR_KEYS if k in current), None)
+        current = current[nested_key]
+    state = dict(current)
+    if lr is None:
+        # A flat checkpoint may carry its learning rate among the weights, unless the
+        # model itself has a state entry of that name.
+        for key in _LR_KEYS:
+            if key in state and key not in model_keys:
+                lr = state.pop(key)
+                break
+    metadata = getattr(current, "_metadata", None)
+    result: OrderedDict[str, Any] = OrderedDict(state)
+    if metadata is not None:
+        result._metadata = metadata  # type: ignore[attr-defined]
+    return result, lr
+
+
+def _strip_wrappers(key: str) -> str:
+    """Remove leading wrapper prefixes (``module.`` / ``_orig_mod.``) from a key."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                changed = True
+            elif key == prefix[:-1]:
+                key = ""
+                changed = True
+    return key
+
+
+def _rename_map(given: Iterable[str], wanted: Iterable[str]) -> dict[str, str]:
+    """Map given keys onto wanted keys that differ from them only by wrapper prefixes.
+
+    A given key that is already wanted keeps its name. Other keys are renamed only when
+    their prefix-free form matches exactly one wanted key that is not supplied otherwise.
+    """
+    wanted = list(wanted)
+    wanted_set = set(wanted)
+    by_canon: dict[str, list[str]] = {}
+    for key in wanted:
+        by_canon.setdefault(_strip_wrappers(key), []).append(key)
+    given = list(given)
+    taken = {key for key in given if key in wanted_set}
+    renames: dict[str, str] = {}
+    for key in given:
+        if key in wanted_set:
+            continue
+        targets = by_canon.get(_strip_wrappers(key), [])
+        if len(targets) == 1 and targets[0] not in taken:
+            renames[key] = targets[0]
+            taken.add(targets[0])
+    return renames
+
+
+def _align_keys(
+    state: OrderedDict[str, Any], model_state: Mapping[str, Any], model_metadata: Any
+) -> OrderedDict[str, Any]:
+    """Rename checkpoint keys whose only difference from the model's is a wrapper prefix."""
+    renames = _rename_map(state.keys(), model_state.keys())
+    if not renames:
+        return state
+    result: OrderedDict[str, Any] = OrderedDict(
+        (renames.get(key, key), value) for key, value in state.items()
+    )
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None and model_metadata is not None:
+        meta_renames = _rename_map(metadata.keys(), model_metadata.keys())
+        result._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (meta_renames.get(key, key), value) for key, value in metadata.items()
+        )
+    return result
+
+
+def _fill_tied(state: OrderedDict[str, Any], model_state: Mapping[str, Any]) -> None:
+    """Supply model entries that share memory with an entry the checkpoint has.
+
+    Formats that store shared tensors once (e.g. ``safetensors.torch.save_model``) drop the
+    duplicate names of tied weights; loading the one stored copy fills them all.
+    """
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for key, tensor in model_state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.numel() > 0 and tensor.device.type != "meta":
+            ident = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+            ident = (*ident, tuple(tensor.stride()))
+            groups.setdefault(ident, []).append(key)
+    for keys in groups.values():
+        if len(keys) < 2:
+            continue
+        present = [key for key in keys if key in state]
+        if present:
+            for key in keys:
+                if key not in state:
+                    state[key] = state[present[0]]
+
+
+def _list_keys(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_KEYS_SHOWN])
+    if len(keys) > _MAX_KEYS_SHOWN:
+        shown += f", ... and {len(keys) - _MAX_KEYS_SHOWN} more"
+    return shown
+
+
+def _prefix_hint(unexpected: list[str], missing: list[str]) -> str:
+    """Suggest a fix when the checkpoint keys carry an extra leading component."""
+    if not unexpected or not missing:
+        return ""
+    heads = {key.split(".", 1)[0] for key in unexpected if "." in key}
+    if len(heads) != 1 or not all("." in key for key in unexpected):
+        return ""
+    head = heads.pop()
+    stripped = {key.split(".", 1)[1] for key in unexpected}
+    if stripped & set(missing):
+        return (
+            f"\n  hint: the checkpoint's keys carry an extra '{head}.' prefix; pass a "
+            "checkpoints_load_func that removes it, or save the inner module's state_dict()"
+        )
+    return ""
+
+
+def _check_fit(
+    state: Mapping[str, Any], model_state: Mapping[str, Any], model: nn.Module, where: str
+) -> None:
+    """Raise a readable error unless ``state`` has exactly the model's keys and shapes."""
+    missing = [key for key in model_state if key not in state]
+    unexpected = [key for key in state if key not in model_state]
+    mismatched = []
+    for key, value in state.items():
+        target = model_state.get(key)
+        if (
+            isinstance(value, torch.Tensor)
+            and isinstance(target, torch.Tensor)
+            and not nn.parameter.is_lazy(target)
+            and value.shape != target.shape
+        ):
+            mismatched.append(
+                f"{key!r}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}"
+            )
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{where} does not fit the model ({type(model).__name__}):"]
+    if missing:
+        lines.append(
+            f"  missing keys ({len(missing)}, in the model but not the checkpoint): "
+            + _list_keys(missing)
+        )
+    if unexpected:
+        lines.append(
+            f"  unexpected keys ({len(unexpected)}, in the checkpoint but not the model): "
+            + _list_keys(unexpected)
+        )
+    if mismatched:
+        shown = "; ".join(mismatched[:_MAX_KEYS_SHOWN])
+        if len(mismatched) > _MAX_KEYS_SHOWN:
+            shown += f"; ... and {len(mismatched) - _MAX_KEYS_SHOWN} more"
+        lines.append(f"  shape mismatches ({len(mismatched)}): {shown}")
+    hint = _prefix_hint(unexpected, missing)
+    raise CheckpointLoadError("\n".join(lines) + hint)
+
+
+def _place(
+    state: Mapping[str, Any], model_state: Mapping[str, Any], device: torch.device
+) -> OrderedDict[str, Any]:
+    """Move tensors to ``device`` and cast floating tensors to the model's dtype."""
+    placed: OrderedDict[str, Any] = OrderedDict()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            target = model_state.get(key)
+            dtype = value.dtype
+            if isinstance(target, torch.Tensor) and (
+                (value.is_floating_point() and target.is_floating_point())
+                or (value.is_complex() and target.is_complex())
+            ):
+                dtype = target.dtype
+            value = value.to(device=device, dtype=dtype)
+        placed[key] = value
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        placed._metadata = metadata  # type: ignore[attr-defined]
+    return placed
+
+
+def load_flexible_state_dict(
+    model: nn.Module,
+    path: PathLike | Mapping[str, Any],
+    device: torch.device | str | None = None,
+) -> float:
+    """Load a checkpoint into ``model`` and return the learning rate stored with it.
+
+    This is the default ``checkpoints_load_func``. It reads:
+
+    * ``.safetensors`` files (learning rate from the metadata key ``learning_rate`` or
+      ``lr``), and any other file with ``torch.load(..., weights_only=True)``, which
+      refuses pickled objects or code instead of running them;
+    * an already-loaded checkpoint object (a mapping), as yielded by an iterator of
+      checkpoints; it is not modified.
+
+    The state dict may be the whole checkpoint or nested under ``model_state_dict``,
+    ``state_dict`` or ``model``; a learning rate may sit beside it under ``learning_rate``
+    or ``lr`` (a number or one-element tensor; 1.0 when absent). Key prefixes added by
+    ``DataParallel``/``DistributedDataParallel`` (``module.``) and ``torch.compile``
+    (``_orig_mod.``) are matched to the model's own keys. Tensors are moved to the model's
+    device and floating tensors cast to the dtype of the model entry they fill. Tied
+    weights stored once are loaded into every name that shares them. The keys and shapes
+    are checked before anything is copied, so a checkpoint that does not fit leaves the
+    model unchanged.
+
+    Args:
+        model: the model to load into (loaded with ``strict=True``).
+        path: a checkpoint file path, or an already-loaded checkpoint mapping.
+        device: where to place the loaded tensors before copying them into the model;
+            defaults to the model's device (its first parameter, else first buffer, else
+            CPU).
+
+    Returns:
+        The learning rate as a Python float.
+
+    Raises:
+        CheckpointNotFoundError: when ``path`` does not exist.
+        CheckpointLoadError: when the file cannot be read safely, does not hold a state
+            dict, does not fit the model (the message lists missing and unexpected keys
+            and shape mismatches), or stores a learning rate that is not a finite number.
+        ArgumentTypeError: when ``path`` is neither a path nor a mapping.
+    """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    target_device = torch.device(device) if device is not None else _model_device(model)
+    where = _describe(path)
+    safetensors_lr: Any = None
+    if _is_path(path):
+        content, safetensors_lr = _read_file(path, target_device)  # type: ignore[arg-type]
+    elif isinstance(path, Mapping):
+        content = path
+    else:
+        raise ArgumentTypeError(
+            "a checkpoint must be a file path or an already-loaded state dict (a mapping), "
+            f"got {type(path).__name__}: {_short_repr(path)}"
+        )
+
+    model_full = model.state_dict(keep_vars=True)
+    model_state: Mapping[str, Any] = model_full
+    state, raw_lr = _unpack(content, set(model_state), where)
+    state = _align_keys(state, model_state, getattr(model_full, "_metadata", None))
+    _fill_tied(state, model_state)
+    _check_fit(state, model_state, model, where)
+
+    if safetensors_lr is not None:
+        learning_rate = _as_learning_rate(safetensors_lr, where, allow_text=True)
+    elif raw_lr is not None:
+        learning_rate = _as_learning_rate(raw_lr, where)
+    else:
+        learning_rate = 1.0
+
+    placed = _place(state, model_state, target_device)
+    try:
+        model.load_state_dict(placed, strict=True)
+    except Exception as exc:  # report every load failure with the file name
+        raise CheckpointLoadError(f"{where} could not be loaded into the model: {exc}") from exc
+    return learning_rate

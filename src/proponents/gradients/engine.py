@@ -1,0 +1,183 @@
+"""The per-example gradient engine shared by every TracIn method.
+
+:class:`GradientEngine` turns a batch into per-example gradient representations
+for a chosen set of parameters, at the model's *current* parameter values (the
+caller loads a checkpoint first), and evaluates inner products and squared norms
+of those representations. Linear and convolution layers are served from one
+batched forward/backward pass (:mod:`.hooked`); all other parameters by
+``torch.func`` (:mod:`.generic`).
+
+Before the first use, the engine checks the per-layer strategy against plain
+autograd on two single examples; a layer that fails the check (used outside its
+``forward``, examples interacting inside the batch, batch not in dim 0) is moved
+to the generic path, so the fast path can never change a result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from proponents.data import Batch
+from proponents.gradients import representations as reps
+from proponents.gradients.generic import GenericGradients
+from proponents.gradients.hooked import LayerShapeMismatch, hooked_pass, layout
+from proponents.gradients.loss import LossSpec
+from proponents.gradients.representations import DenseGrads, Grads
+from proponents.gradients.selection import HookedLayer, find_hooked_layers
+
+# Relative tolerance of the one-time check of per-layer strategies against autograd.
+_CHECK_RTOL = 1e-3
+
+
+class GradientEngine:
+    """Per-example gradients of selected parameters, and their inner products.
+
+    Args:
+        model: the user's model (evaluated in its current state; never modified here).
+        selected: canonical names of the parameters to differentiate.
+        loss: the per-example loss description.
+        owner: class name for messages.
+        fast_layers: serve Linear/Conv layers with per-layer strategies; ``False``
+            forces the generic ``torch.func`` path for every parameter.
+        force_linear: names of linear layers that must use the factored strategy
+            (TracInCPFast's final layer); they are not re-checked.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        selected: Sequence[str],
+        loss: LossSpec,
+        owner: str,
+        fast_layers: bool = True,
+    ):
+        self.model = model
+        self.loss = loss
+        self.owner = owner
+        self.selected = list(selected)
+        self.hooked: list[HookedLayer] = find_hooked_layers(model, selected) if fast_layers else []
+        self._checked = not self.hooked
+        self._set_generic()
+
+    def _set_generic(self) -> None:
+        taken = {n for layer in self.hooked for n in layer.params}
+        names = [n for n in self.selected if n not in taken]
+        self.generic = GenericGradients(self.model, names, self.loss, self.owner) if names else None
+
+    @property
+    def strategies(self) -> dict[str, str]:
+        """Which strategy serves each parameter (for inspection and tests)."""
+        out = {}
+        for layer in self.hooked:
+            for n in layer.params:
+                out[n] = layer.kind
+        if self.generic is not None:
+            for n in self.generic.names:
+                out[n] = "generic"
+        return out
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        return params, buffers
+
+    def compute(self, batch: Batch) -> list[Grads]:
+        """Representations of the per-example gradients of ``batch`` (on the model's device).
+
+        Returns:
+            One representation per hooked layer, then one for the generic group.
+        """
+        params, buffers = self._state()
+        if not self._checked:
+            self._check(params, buffers, batch)
+        out: list[Grads] = []
+        if self.hooked:
+            out.extend(hooked_pass(self.model, params, buffers, self.hooked, self.loss, batch))
+        if self.generic is not None:
+            out.append(DenseGrads(self.generic(params, buffers, batch)))
+        return out
+
+    def _check(self, params: dict, buffers: dict, batch: Batch) -> None:
+        """Compare per-layer strategies with autograd on single examples; demote failures."""
+        self._checked = True
+        try:
+            layer_reps = hooked_pass(self.model, params, buffers, self.hooked, self.loss, batch)
+        except LayerShapeMismatch as err:
+            bad = {str(err)}
+            self.hooked = [layer for layer in self.hooked if layer.name not in bad]
+            self._checked = not self.hooked
+            self._set_generic()
+            if self.hooked:
+                self._check(params, buffers, batch)
+            return
+        keep = [True] * len(self.hooked)
+        for i in sorted({0, batch.size - 1}):
+            truth = self._single_example_grads(params, buffers, batch, i)
+            for j, (layer, rep) in enumerate(zip(self.hooked, layer_reps)):
+                got = reps.as_dense(rep)[i]
+                want = layout(layer, truth[layer.weight], truth.get(layer.bias or ""))
+                scale = max(float(want.norm()), float(got.norm()), 1e-30)
+                finite = bool(torch.isfinite(want).all() and torch.isfinite(got).all())
+                if finite and float((got - want).norm()) > _CHECK_RTOL * scale:
+                    keep[j] = False
+        if not all(keep):
+            self.hooked = [layer for layer, k in zip(self.hooked, keep) if k]
+            self._set_generic()
+
+    def _single_example_grads(
+        self, params: dict, buffers: dict, batch: Batch, i: int
+    ) -> dict[str, Tensor]:
+        def pick(x):
+            return x[i : i + 1] if isinstance(x, Tensor) and x.dim() > 0 else x
+
+        from torch.utils._pytree import tree_map
+
+        names = [n for layer in self.hooked for n in layer.params]
+        leaves = {n: params[n].clone().requires_grad_(True) for n in names}
+        with torch.enable_grad():
+            out = functional_call(
+                self.model, {**params, **leaves, **buffers}, tree_map(pick, batch.inputs)
+            )
+            value = self.loss.example_loss(out, tree_map(pick, batch.labels))
+            grads = torch.autograd.grad(value, [leaves[n] for n in names], allow_unused=True)
+        return {
+            n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, grads)
+        }
+
+    @staticmethod
+    def dot(test: list[Grads], train: list[Grads]) -> Tensor:
+        """Summed inner products over all groups, ``(n_test, n_train)``."""
+        total = reps.dot(test[0], train[0])
+        for t, r in zip(test[1:], train[1:]):
+            total = total + reps.dot(t, r)
+        return total
+
+    @staticmethod
+    def sq_norm(grads: list[Grads]) -> Tensor:
+        """Squared norms of the full per-example gradients, ``(B,)``."""
+        total = reps.sq_norm(grads[0])
+        for g in grads[1:]:
+            total = total + reps.sq_norm(g)
+        return total
+
+    @staticmethod
+    def finite(grads: list[Grads]) -> Tensor:
+        """``(B,)`` mask of examples whose gradients are all finite."""
+        mask = reps.finite_mask(grads[0])
+        for g in grads[1:]:
+            mask = mask & reps.finite_mask(g)
+        return mask
+
+    @staticmethod
+    def concat(parts: list[list[Grads]]) -> list[Grads]:
+        """Join per-batch representations along the example dimension."""
+        return [reps.concat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+    @staticmethod
+    def sum_examples(grads: list[Grads]) -> list[Grads]:
+        """The gradient summed over examples, as one row per group."""
+        return [reps.sum_examples(g) for g in grads]

@@ -1,0 +1,189 @@
+"""Per-example gradients of linear and convolution layers from one batched pass.
+
+For a layer ``y = W x + b`` evaluated on a batch whose examples do not interact
+(eval mode), the gradient of the summed per-example losses at the layer output
+is, row by row, each example's own gradient ``g_i``. The per-example weight
+gradient is then ``g_i x_i^T`` (summed over positions), so one forward pass that
+records each layer's input and one backward pass to the layer outputs give every
+example's gradient — without forming a weight gradient at all.
+
+* Linear layers yield :class:`FactoredGrads` (inputs and output gradients).
+* Convolutions yield :class:`DenseGrads` built from unfolded inputs
+  (``im2col``): ``grad_W_i = g_i @ unfold(x_i)^T``.
+
+A layer called several times in one forward pass contributes the sum over its
+calls, which for factors is a concatenation along the position axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from proponents.data import Batch
+from proponents.gradients.loss import LossSpec
+from proponents.gradients.representations import DenseGrads, FactoredGrads, Grads
+from proponents.gradients.selection import HookedLayer
+
+
+class LayerShapeMismatch(Exception):
+    """A recorded activation does not carry the batch in its first dimension."""
+
+
+def hooked_pass(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    layers: Sequence[HookedLayer],
+    loss: LossSpec,
+    batch: Batch,
+) -> list[Grads]:
+    """Per-example gradients of ``layers`` for ``batch``, one representation per layer.
+
+    Args:
+        model: the model (only its structure is used; values come from ``params``).
+        params: every parameter of the model by canonical name (detached).
+        buffers: every buffer of the model by name.
+        layers: the layers to serve.
+        loss: the per-example loss description.
+        batch: the batch, already on the model's device.
+
+    Raises:
+        LayerShapeMismatch: when a layer's input does not have the batch in dim 0.
+    """
+    records: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in layers}
+    handles = []
+    for layer in layers:
+        handles.append(
+            model.get_submodule(layer.name).register_forward_hook(_recorder(records[layer.name]))
+        )
+    wanted = {n for layer in layers for n in layer.params}
+    call_params = {n: (p.requires_grad_(True) if n in wanted else p) for n, p in _leaves(params)}
+    try:
+        with torch.enable_grad():
+            output = functional_call(model, {**call_params, **buffers}, batch.inputs)
+            total = loss.batch_total(output, batch.labels, batch.size)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = [o for layer in layers for _, o in records[layer.name]]
+    grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
+    grads_iter = iter(grads)
+    reps: list[Grads] = []
+    for layer in layers:
+        calls = [(x, next(grads_iter), o) for x, o in records[layer.name]]
+        module = model.get_submodule(layer.name)
+        if layer.kind == "linear":
+            reps.append(_linear_rep(layer, module, calls, batch.size, params))
+        else:
+            reps.append(_conv_rep(layer, module, calls, batch.size, params))
+    return reps
+
+
+def _leaves(params: Mapping[str, Tensor]):
+    for n, p in params.items():
+        yield n, p.detach()
+
+
+def _recorder(store: list[tuple[Tensor, Tensor]]):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        # Return a copy so that in-place ops after the layer (e.g. ReLU(inplace=True))
+        # cannot change the tensor whose gradient we ask for.
+        store.append((args[0].detach(), output))
+        return output.clone()
+
+    return hook
+
+
+def _check_batch(x: Tensor, batch_size: int, layer: HookedLayer) -> None:
+    if x.dim() == 0 or x.shape[0] != batch_size:
+        raise LayerShapeMismatch(layer.name)
+
+
+def _linear_rep(
+    layer: HookedLayer,
+    module: nn.Module,
+    calls: list[tuple[Tensor, Tensor | None, Tensor]],
+    batch_size: int,
+    params: Mapping[str, Tensor],
+) -> FactoredGrads:
+    weight = params[layer.weight]
+    out_f, in_f = weight.shape
+    extra = 1 if layer.bias is not None else 0
+    a_parts, g_parts = [], []
+    for x, g, o in calls:
+        _check_batch(x, batch_size, layer)
+        a = x.reshape(batch_size, -1, in_f)
+        if extra:
+            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+        grad = torch.zeros_like(o) if g is None else g
+        a_parts.append(a)
+        g_parts.append(grad.reshape(batch_size, -1, out_f))
+    if not a_parts:
+        return FactoredGrads(
+            weight.new_zeros(batch_size, 0, in_f + extra), weight.new_zeros(batch_size, 0, out_f)
+        )
+    if len(a_parts) == 1:
+        return FactoredGrads(a_parts[0], g_parts[0])
+    return FactoredGrads(torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1))
+
+
+def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    if isinstance(module, nn.Conv1d):
+        (k,), (s,), (p,), (d,) = module.kernel_size, module.stride, module.padding, module.dilation
+        return (1, k), (1, s), (0, p), (1, d)
+    return (
+        tuple(module.kernel_size),
+        tuple(module.stride),
+        tuple(module.padding),
+        tuple(module.dilation),
+    )  # type: ignore[return-value]
+
+
+def _conv_rep(
+    layer: HookedLayer,
+    module: nn.Module,
+    calls: list[tuple[Tensor, Tensor | None, Tensor]],
+    batch_size: int,
+    params: Mapping[str, Tensor],
+) -> DenseGrads:
+    weight = params[layer.weight]
+    groups = module.groups
+    out_c = weight.shape[0]
+    kernel, stride, padding, dilation = _conv_geometry(module)
+    w_total = weight.new_zeros(batch_size, weight.numel())
+    b_total = weight.new_zeros(batch_size, out_c) if layer.bias is not None else None
+    for x, g, o in calls:
+        _check_batch(x, batch_size, layer)
+        if g is None:
+            continue
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(2)
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        positions = cols.shape[-1]
+        cols = cols.view(batch_size, groups, -1, positions)
+        gg = g.reshape(batch_size, groups, out_c // groups, positions)
+        w = torch.einsum("bgol,bgil->bgoi", gg, cols)
+        w_total += w.reshape(batch_size, -1)
+        if b_total is not None:
+            b_total += g.reshape(batch_size, out_c, -1).sum(dim=2)
+    if b_total is None:
+        return DenseGrads(w_total)
+    return DenseGrads(torch.cat([w_total, b_total], dim=1))
+
+
+def layout(layer: HookedLayer, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
+    """One example's parameter gradients flattened in the layout of its representation."""
+    if layer.kind == "linear":
+        w = weight_grad
+        if bias_grad is not None:
+            w = torch.cat([w, bias_grad.unsqueeze(1)], dim=1)
+        return w.reshape(-1)
+    parts = [weight_grad.reshape(-1)]
+    if bias_grad is not None:
+        parts.append(bias_grad.reshape(-1))
+    return torch.cat(parts)

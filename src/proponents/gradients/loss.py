@@ -1,0 +1,125 @@
+"""How a user's ``loss_fn`` becomes per-example losses (DESIGN.md §2).
+
+The loss of example ``i`` is ``loss_fn`` applied to example ``i`` alone. For a
+batched pass we need the *sum* of those per-example losses, because the gradient
+of that sum with respect to the output of any layer is, row by row, the
+per-example gradient:
+
+* ``reduction="none"``: ``loss_fn(out, y)`` has one row per example; sum it.
+* ``reduction="sum"``:  ``loss_fn(out, y)`` already is the sum.
+* ``reduction="mean"``: ``batch_size * loss_fn(out, y)`` (the mean over the batch
+  times its size; for losses with several entries per example this equals the
+  sum of each example's own mean).
+* ``loss_fn=None``: the model output summed over all non-batch dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss function together with how it reduces over a batch.
+
+    Attributes:
+        fn: the user's loss, or ``None`` to differentiate the model output itself.
+        reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"output"`` (for ``fn=None``).
+    """
+
+    fn: Callable[..., torch.Tensor] | None
+    reduction: str
+
+    def batch_total(self, output: torch.Tensor, labels: Any, batch_size: int) -> torch.Tensor:
+        """Sum over the batch of the per-example losses (a scalar)."""
+        if self.fn is None:
+            return output.sum()
+        value = self.fn(output, labels)
+        if not isinstance(value, torch.Tensor):
+            raise ArgumentTypeError(
+                f"loss_fn returned {type(value).__name__}; it must return a tensor"
+            )
+        if self.reduction == "none":
+            if batch_size > 1 and (value.dim() == 0 or value.shape[0] != batch_size):
+                raise InvalidArgumentError(
+                    f"loss_fn is used as a per-example loss but returned shape "
+                    f"{tuple(value.shape)} for a batch of {batch_size}; return one loss per "
+                    "example (reduction='none'), or pass sample_wise_grads_per_batch=True "
+                    "for a loss that reduces with 'sum' or 'mean'"
+                )
+            return value.sum()
+        if value.dim() != 0 and value.numel() != 1:
+            raise InvalidArgumentError(
+                f"loss_fn has reduction={self.reduction!r} but returned shape "
+                f"{tuple(value.shape)}; a reducing loss must return a scalar"
+            )
+        value = value.reshape(())
+        return value * batch_size if self.reduction == "mean" else value
+
+    def example_loss(self, output: torch.Tensor, labels: Any) -> torch.Tensor:
+        """Loss of one example given as a batch of one (a scalar)."""
+        if self.fn is None:
+            return output.sum()
+        return self.fn(output, labels).sum()
+
+
+def resolve_loss(
+    loss_fn: Callable[..., torch.Tensor] | None,
+    sample_wise_grads_per_batch: bool | None,
+    owner: str,
+) -> LossSpec:
+    """Check ``loss_fn`` against the batching flag and describe its reduction.
+
+    Args:
+        loss_fn: the user's loss or ``None``.
+        sample_wise_grads_per_batch: ``True`` needs a reducing loss ("sum"/"mean"),
+            ``False`` a per-example one ("none"); ``None`` means "a reducing loss is
+            required" (TracInCPFast and TracInCPFastRandProj).
+        owner: the class name, for error messages.
+
+    Raises:
+        InvalidArgumentError: when the loss reduction contradicts the flag.
+        ArgumentTypeError: when ``loss_fn`` is not callable.
+    """
+    if loss_fn is None:
+        return LossSpec(None, "output")
+    if not callable(loss_fn):
+        raise ArgumentTypeError(
+            f"{owner}: loss_fn must be callable (e.g. nn.CrossEntropyLoss()), "
+            f"got {type(loss_fn).__name__}"
+        )
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise InvalidArgumentError(
+            f"{owner}: loss_fn.reduction is {reduction!r}; it must be one of {REDUCTIONS}"
+        )
+    if sample_wise_grads_per_batch is None:
+        if reduction == "none":
+            raise InvalidArgumentError(
+                f"{owner} needs a loss that reduces over the batch, but loss_fn has "
+                "reduction='none'; use reduction='sum' or 'mean'"
+            )
+        return LossSpec(loss_fn, reduction or "sum")
+    if sample_wise_grads_per_batch:
+        if reduction == "none":
+            raise InvalidArgumentError(
+                f"{owner}: sample_wise_grads_per_batch=True needs a loss with reduction "
+                "'sum' or 'mean', but loss_fn has reduction='none'; either set "
+                "sample_wise_grads_per_batch=False or use reduction='sum'"
+            )
+        return LossSpec(loss_fn, reduction or "sum")
+    if reduction in ("sum", "mean"):
+        raise InvalidArgumentError(
+            f"{owner}: sample_wise_grads_per_batch=False needs a per-example loss "
+            f"(reduction='none'), but loss_fn has reduction={reduction!r}; either set "
+            "sample_wise_grads_per_batch=True or use reduction='none'"
+        )
+    return LossSpec(loss_fn, "none")

@@ -1,0 +1,540 @@
+"""The nearest-neighbour interface shared by every search backend.
+
+A backend indexes ``N`` vectors of dimension ``D`` once (:meth:`NearestNeighbors.setup`)
+and then answers "which ``k`` stored vectors have the largest inner product with this
+query?" (:meth:`NearestNeighbors.get_nearest_neighbors`). TracInCPFastRandProj stores
+one embedding per training example, so the largest inner products are the proponents.
+
+Opponents are the training examples with the *smallest* scores. The caller finds them
+by querying with the negated vector ``-q``: the largest ``<x, -q>`` are the smallest
+``<x, q>``. Backends never flip signs themselves: every score they return is the inner
+product with the query exactly as it was passed in, so for a negated query the caller
+negates the scores back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import operator
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
+
+__all__ = [
+    "MissingExtraError",
+    "NearestNeighbors",
+    "NearestNeighborsNotReadyError",
+]
+
+#: Version of the small JSON file that :meth:`NearestNeighbors.save` writes.
+_META_FORMAT = 1
+#: Name of that JSON file inside the save directory.
+META_FILENAME = "neighbors.json"
+
+
+class MissingExtraError(ProponentsError, ImportError):
+    """An optional dependency (a pip "extra" of proponents) is not installed."""
+
+
+class NearestNeighborsNotReadyError(ProponentsError, RuntimeError):
+    """A nearest-neighbour structure was queried before ``setup(data)`` was called."""
+
+
+def import_extra(module: str, extra: str, what: str) -> ModuleType:
+    """Import an optional dependency, or explain which extra provides it.
+
+    Args:
+        module: the module to import, e.g. ``"annoy"``.
+        extra: the name of the proponents extra that installs it, e.g. ``"annoy"``.
+        what: the class or feature that needs it, for the message.
+
+    Returns:
+        The imported module.
+
+    Raises:
+        MissingExtraError: when the module cannot be imported.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{what} needs the optional package '{module}', which is not installed "
+            f"({exc}). Install it with: pip install 'proponents[{extra}]'"
+        ) from exc
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ("," if t.dim() == 1 else "") + ")"
+
+
+def check_matrix(value: Any, name: str, dim: int | None = None) -> Tensor:
+    """Check that ``value`` is a non-empty floating-point matrix.
+
+    Args:
+        value: the argument to check.
+        name: the argument's name, for error messages.
+        dim: the number of columns it must have, or ``None`` for any positive number.
+
+    Returns:
+        ``value`` itself (detached from autograd).
+
+    Raises:
+        ArgumentTypeError: when it is not a floating-point ``torch.Tensor``.
+        InvalidArgumentError: when it is not 2-D, has no columns, or has the wrong number.
+    """
+    if not isinstance(value, Tensor):
+        raise ArgumentTypeError(
+            f"{name} must be a torch.Tensor of shape (rows, D); got {type(value).__name__}"
+        )
+    if value.dim() != 2:
+        raise InvalidArgumentError(
+            f"{name} must be a 2-D tensor of shape (rows, D); got shape {_shape(value)}"
+        )
+    if not value.is_floating_point():
+        raise ArgumentTypeError(
+            f"{name} must have a floating-point dtype (e.g. torch.float32); got {value.dtype}"
+        )
+    if dim is None and value.shape[1] == 0:
+        raise InvalidArgumentError(
+            f"{name} must have at least one column (D >= 1); got shape {_shape(value)}"
+        )
+    if dim is not None and value.shape[1] != dim:
+        raise InvalidArgumentError(
+            f"{name} has {value.shape[1]} columns, but setup() was given data with D={dim} "
+            f"columns; got {name} of shape {_shape(value)}"
+        )
+    return value.detach()
+
+
+def check_k(k: Any, num_items: int) -> int:
+    """Check that ``k`` is an integer in ``1..num_items``.
+
+    Raises:
+        ArgumentTypeError: when ``k`` is not an integer (``bool`` is refused too).
+        InvalidArgumentError: when ``k`` is outside ``1..num_items``.
+    """
+    if isinstance(k, bool):
+        raise ArgumentTypeError(f"k must be an int; got bool ({k})")
+    try:
+        k_int = operator.index(k)
+    except TypeError:
+        raise ArgumentTypeError(f"k must be an int; got {type(k).__name__} ({k!r})") from None
+    if not 1 <= k_int <= num_items:
+        raise InvalidArgumentError(
+            f"k must be between 1 and N={num_items} (the number of vectors given to "
+            f"setup()); got k={k_int}"
+        )
+    return k_int
+
+
+def sort_rows(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row by score, largest first, ties broken by the smaller index.
+
+    Args:
+        scores: ``(n, m)`` scores.
+        indices: ``(n, m)`` the item index of each score.
+
+    Returns:
+        ``(scores, indices)`` reordered row by row. NaN scores sort first (as largest),
+        the same way :func:`torch.sort` and :func:`torch.topk` treat them.
+    """
+    by_index = torch.sort(indices, dim=1, stable=True).indices
+    scores = scores.gather(1, by_index)
+    indices = indices.gather(1, by_index)
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return scores.gather(1, by_score), indices.gather(1, by_score)
+
+
+def data_fingerprint(data: Tensor) -> str:
+    """A cheap fingerprint of a data matrix: its shape and up to 256 evenly spaced rows.
+
+    Used to notice that a saved index was built from other data than the data it is
+    loaded with. It reads a bounded number of rows, so it stays fast for large ``N``.
+    """
+    n, d = data.shape
+    rows = torch.unique(torch.linspace(0, max(n - 1, 0), steps=min(n, 256)).round().long())
+    sample = data[rows.to(data.device)].detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(f"{n}x{d}".encode())
+    digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class NearestNeighbors(ABC):
+    """Finds the stored vectors with the largest inner product with a query.
+
+    Subclasses implement :meth:`setup` and :meth:`get_nearest_neighbors`; that is all a
+    user-defined backend needs. Backends may also describe their settings
+    (:meth:`config`) and persist a built index (:meth:`save` / :meth:`load`); without
+    those, a saved TracInCPFastRandProj rebuilds the structure from its embeddings.
+
+    Sign convention: scores are inner products with the query *as given*. To find the
+    smallest inner products (opponents), query with ``-q`` and negate the returned
+    scores.
+
+    Built-in subclasses set ``backend_name``; such a class can be re-created from its
+    :meth:`config` with :meth:`from_config`.
+    """
+
+    #: Short name of a built-in backend (``"exact"``, ``"annoy"``, ``"faiss"``).
+    backend_name: ClassVar[str | None] = None
+    _registry: ClassVar[dict[str, type[NearestNeighbors]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("backend_name")
+        if name is not None:
+            NearestNeighbors._registry[name] = cls
+
+    @abstractmethod
+    def setup(self, data: Tensor) -> None:
+        """Index the vectors to search.
+
+        Args:
+            data: ``(N, D)`` floating-point tensor, one vector per row. Row ``i`` is
+                reported as index ``i`` by :meth:`get_nearest_neighbors`.
+        """
+
+    @abstractmethod
+    def get_nearest_neighbors(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Find, for each query row, the ``k`` stored rows with the largest inner product.
+
+        Args:
+            query: ``(n, D)`` floating-point tensor.
+            k: how many neighbours per query row, ``1 <= k <= N``.
+
+        Returns:
+            ``(indices, scores)``, both ``(n, k)`` and on ``query``'s device: ``indices``
+            (``torch.long``) are row numbers of the data given to :meth:`setup`;
+            ``scores[i, j] = <data[indices[i, j]], query[i]>``, in descending order
+            along each row.
+        """
+
+    def config(self) -> dict[str, Any]:
+        """The backend's settings as a JSON-serialisable dict.
+
+        Always contains ``"backend"`` (a short name for built-in backends, the class's
+        qualified name otherwise). Built-in backends add their constructor arguments, so
+        that :meth:`from_config` can re-create them.
+        """
+        cls = type(self)
+        return {"backend": cls.backend_name or f"{cls.__module__}.{cls.__qualname__}"}
+
+    def save(self, directory: str | os.PathLike[str]) -> bool:
+        """Write the built index under ``directory`` (no pickle), if the backend can.
+
+        The data matrix itself is not written: the caller stores it and passes it back
+        to :meth:`load`.
+
+        Args:
+            directory: a folder; created when missing.
+
+        Returns:
+            ``True`` when files were written, ``False`` when this backend keeps nothing
+            worth saving (the default: it is rebuilt from the data by :meth:`setup`).
+        """
+        return False
+
+    def load(self, directory: str | os.PathLike[str], data: Tensor) -> bool:
+        """Restore an index written by :meth:`save`, or rebuild it from ``data``.
+
+        Args:
+            directory: the folder given to :meth:`save`.
+            data: ``(N, D)`` the same data the saved index was built from; backends keep
+                it to compute exact scores.
+
+        Returns:
+            ``True`` when the saved index was used, ``False`` when the structure was
+            rebuilt by ``setup(data)`` (the default, and the fallback, with a warning,
+            for a saved index that is missing, damaged or built from other data or
+            settings).
+        """
+        self.setup(data)
+        return False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> NearestNeighbors:
+        """Re-create a built-in backend from the dict returned by :meth:`config`.
+
+        Args:
+            config: a mapping with a ``"backend"`` key naming a built-in backend and that
+                backend's constructor arguments.
+
+        Raises:
+            InvalidArgumentError: for an unknown backend name or settings the backend's
+                constructor does not accept.
+            MissingExtraError: when the backend's optional dependency is not installed.
+        """
+        if not isinstance(config, Mapping) or "backend" not in config:
+            raise InvalidArgumentError(
+                f"config must be a mapping with a 'backend' key; got {config!r}"
+            )
+        settings = dict(config)
+        name = settings.pop("backend")
+        backend = NearestNeighbors._registry.get(name)
+        if backend is None:
+            known = ", ".join(sorted(NearestNeighbors._registry))
+            raise InvalidArgumentError(
+                f"config names backend {name!r}, which is not a built-in backend "
+                f"(known: {known}); construct it yourself and pass the instance"
+            )
+        try:
+            inspect.signature(backend).bind(**settings)
+        except TypeError as exc:
+            raise InvalidArgumentError(
+                f"config for backend {name!r} has settings {sorted(settings)} that "
+                f"{backend.__name__} does not accept: {exc}"
+            ) from None
+        return backend(**settings)
+
+
+class IndexedNearestNeighbors(NearestNeighbors):
+    """Shared machinery of the built-in backends: validation, exact rescoring, saving.
+
+    Subclasses implement :meth:`_build` (index the validated data), :meth:`_query`
+    (answer a validated query; approximate backends pass their candidates through
+    :meth:`_rescore`) and, to be persistable,
+    :meth:`_write_index` / :meth:`_read_index` and :attr:`_index_filename`.
+    """
+
+    #: Name of the index file inside a save directory, or ``None`` when not persistable.
+    _index_filename: ClassVar[str | None] = None
+
+    def __init__(self) -> None:
+        self._data: Tensor | None = None
+
+    # -- settings --------------------------------------------------------------------
+
+    def _build_config(self) -> dict[str, Any]:
+        """The settings that shape the built index (a saved index must match them)."""
+        return self.config()
+
+    # -- subclass hooks --------------------------------------------------------------
+
+    @abstractmethod
+    def _build(self, data: Tensor) -> None:
+        """Build the search structure for the validated ``(N, D)`` ``data``."""
+
+    @abstractmethod
+    def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``(indices, scores)`` for a validated, non-empty ``(n, D)`` query."""
+
+    def _write_index(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def _read_index(self, path: Path, data: Tensor) -> None:
+        raise NotImplementedError
+
+    # -- public API ------------------------------------------------------------------
+
+    @property
+    def num_items(self) -> int:
+        """``N``, the number of vectors indexed by :meth:`setup` (0 before it)."""
+        return 0 if self._data is None else int(self._data.shape[0])
+
+    def setup(self, data: Tensor) -> None:
+        """Index ``data``.
+
+        Args:
+            data: ``(N, D)`` floating-point tensor with ``N >= 1`` and ``D >= 1``. It is
+                kept by reference (not copied) to compute exact scores, so do not modify
+                it in place afterwards.
+
+        Raises:
+            ArgumentTypeError: when ``data`` is not a floating-point tensor.
+            InvalidArgumentError: when ``data`` is not 2-D or is empty.
+        """
+        data = check_matrix(data, "data")
+        if data.shape[0] == 0:
+            raise InvalidArgumentError("data must have at least one row (N >= 1); got N=0")
+        self._data = None
+        self._build(data)
+        self._data = data
+
+    def get_nearest_neighbors(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Find, for each query row, the ``k`` stored rows with the largest inner product.
+
+        Scores are inner products with ``query`` as given, computed exactly from the
+        stored data (in the promoted dtype of data and query); rows are sorted by score,
+        largest first, ties by smaller index. To find the smallest inner products
+        (opponents), pass ``-query`` and negate the scores.
+
+        Args:
+            query: ``(n, D)`` floating-point tensor, on any device.
+            k: neighbours per query row, ``1 <= k <= N``.
+
+        Returns:
+            ``(indices, scores)``: ``(n, k)`` ``torch.long`` row numbers of the data and
+            ``(n, k)`` inner products, both on ``query``'s device.
+
+        Raises:
+            NearestNeighborsNotReadyError: when :meth:`setup` has not been called.
+            ArgumentTypeError: when ``query`` is not a floating-point tensor or ``k`` is
+                not an int.
+            InvalidArgumentError: when ``query`` is not 2-D with ``D`` columns, or ``k``
+                is outside ``1..N``.
+        """
+        data = self._require_data()
+        query = check_matrix(query, "query", dim=int(data.shape[1]))
+        k = check_k(k, int(data.shape[0]))
+        dtype = torch.promote_types(query.dtype, data.dtype)
+        if query.shape[0] == 0:
+            return (
+                torch.empty(0, k, dtype=torch.long, device=query.device),
+                torch.empty(0, k, dtype=dtype, device=query.device),
+            )
+        return self._query(query, k)
+
+    def save(self, directory: str | os.PathLike[str]) -> bool:
+        """Write the built index and a small JSON description under ``directory``.
+
+        Writes ``neighbors.json`` (backend settings, ``N``, ``D`` and a fingerprint of
+        the data) and the backend's own index file, each atomically; no pickle. The data
+        itself is not written.
+
+        Returns:
+            ``True`` when files were written, ``False`` for a backend with nothing to save.
+
+        Raises:
+            NearestNeighborsNotReadyError: when :meth:`setup` has not been called.
+        """
+        if self._index_filename is None:
+            return False
+        data = self._require_data()
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta_path = folder / META_FILENAME
+        # Remove the old description first: an interrupted save then reads as "no index".
+        meta_path.unlink(missing_ok=True)
+        index_path = folder / self._index_filename
+        tmp = index_path.with_name(index_path.name + ".tmp")
+        self._write_index(tmp)
+        os.replace(tmp, index_path)
+        meta = {
+            "format": _META_FORMAT,
+            "config": self.config(),
+            "build": self._build_config(),
+            "num_items": int(data.shape[0]),
+            "dim": int(data.shape[1]),
+            "fingerprint": data_fingerprint(data),
+            "index_file": self._index_filename,
+        }
+        tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp_meta, meta_path)
+        return True
+
+    def load(self, directory: str | os.PathLike[str], data: Tensor) -> bool:
+        """Restore an index written by :meth:`save`, or rebuild it from ``data``.
+
+        The saved index is used only when it was built by this backend with the same
+        build settings, from data of the same shape and fingerprint; otherwise (or when
+        its files are missing or unreadable) a warning says why and ``setup(data)``
+        rebuilds it. Query-time settings (e.g. ``search_k``, ``nprobe``) are this
+        instance's, not the saved ones.
+
+        Args:
+            directory: the folder given to :meth:`save`.
+            data: ``(N, D)`` the data the index was built from (kept by reference).
+
+        Returns:
+            ``True`` when the saved index was used, ``False`` when it was rebuilt.
+        """
+        data = check_matrix(data, "data")
+        if self._index_filename is None:
+            self.setup(data)
+            return False
+        folder = Path(directory)
+        problem = self._saved_index_problem(folder, data)
+        if problem is None:
+            try:
+                self._data = None
+                self._read_index(folder / self._index_filename, data)
+                self._data = data
+                return True
+            except Exception as exc:  # a damaged file must not stop the caller
+                problem = f"its index file could not be read ({type(exc).__name__}: {exc})"
+        warnings.warn(
+            f"not using the saved {self.config()['backend']} nearest-neighbour index in "
+            f"{folder}: {problem}; rebuilding it from the data",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        self.setup(data)
+        return False
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _require_data(self) -> Tensor:
+        if self._data is None:
+            raise NearestNeighborsNotReadyError(
+                f"{type(self).__name__} has no data yet: call setup(data) with an (N, D) "
+                "tensor before get_nearest_neighbors() or save()"
+            )
+        return self._data
+
+    def _saved_index_problem(self, folder: Path, data: Tensor) -> str | None:
+        """Why the index saved in ``folder`` cannot serve ``data``, or ``None`` if it can."""
+        meta_path = folder / META_FILENAME
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            return f"{meta_path.name} is missing"
+        except (OSError, ValueError) as exc:
+            return f"{meta_path.name} could not be read ({exc})"
+        if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+            return f"{meta_path.name} has an unknown format"
+        expected = {
+            "build settings": (meta.get("build"), self._build_config()),
+            "number of vectors": (meta.get("num_items"), int(data.shape[0])),
+            "vector dimension": (meta.get("dim"), int(data.shape[1])),
+        }
+        for what, (saved, current) in expected.items():
+            if saved != current:
+                return f"its {what} differ (saved {saved}, now {current})"
+        if meta.get("fingerprint") != data_fingerprint(data):
+            return "it was built from different data (fingerprint differs)"
+        if not (folder / self._index_filename).is_file():  # type: ignore[operator]
+            return f"{self._index_filename} is missing"
+        return None
+
+    def _rescore(self, query: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact scores for candidate indices, rows sorted; rows short of ``k`` redone exactly.
+
+        Args:
+            query: ``(n, D)`` validated query.
+            candidates: ``(n, k)`` indices from the backend, ``-1`` for missing entries.
+            k: neighbours per row.
+        """
+        data = self._require_data()
+        dtype = torch.promote_types(query.dtype, data.dtype)
+        q = query.to(device=data.device, dtype=dtype)
+        idx = candidates.to(device=data.device, dtype=torch.long)
+        # A backend may come back short (e.g. an IVF index whose probed lists hold fewer
+        # than k vectors) or with repeats; such rows are answered by exact search.
+        short = (idx < 0).any(dim=1)
+        if k > 1:
+            ordered = torch.sort(idx, dim=1).values
+            short |= (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        safe = idx.clamp(min=0)
+        scores = torch.einsum("nkd,nd->nk", data[safe].to(dtype), q)
+        scores, idx = sort_rows(scores, safe)
+        if bool(short.any()):
+            from proponents.neighbors.exact import exact_top_k
+
+            rows = short.nonzero().squeeze(1)
+            ex_idx, ex_scores = exact_top_k(data, q[rows], k)
+            idx[rows] = ex_idx
+            scores[rows] = ex_scores
+        return idx.to(query.device), scores.to(query.device)
