@@ -1,0 +1,231 @@
+"""Abstract bases of the public influence classes and the k-most result type."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from proponents.checkpoints import load_flexible_state_dict, resolve_checkpoints
+from proponents.data import (
+    Batch,
+    dataset_length,
+    loader_batches,
+    make_loader,
+    split_batch,
+    test_batches,
+)
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.model_guard import preserved
+from proponents.scoring import TracInRunner, k_most
+
+
+class KMostInfluentialResults(NamedTuple):
+    """Proponents or opponents of each test example.
+
+    Attributes:
+        indices: ``(n_test, k)`` indices into the training set; proponents in
+            descending score order, opponents in ascending order.
+        influence_scores: ``(n_test, k)`` the scores of those training examples.
+    """
+
+    indices: Tensor
+    influence_scores: Tensor
+
+
+class DataInfluence(abc.ABC):
+    """Base of every method that scores training examples for a model's predictions."""
+
+    @abc.abstractmethod
+    def influence(self, inputs: Any = None, **kwargs: Any) -> Any:
+        """Score the training data for ``inputs``; the result type depends on the method."""
+
+
+class TracInCPBase(DataInfluence):
+    """Shared machinery of the TracIn methods over checkpoints.
+
+    Subclasses pick the parameters to differentiate and build the gradient engine;
+    this class validates the arguments common to all of them, runs the three modes
+    of :meth:`influence` and keeps the user's model unchanged.
+
+    Args:
+        model: the model to explain; its parameters are replaced by each checkpoint
+            in turn during a call and restored afterwards.
+        train_dataset: the training examples, a Dataset (wrapped in a non-shuffling
+            DataLoader of ``batch_size``) or a DataLoader used as given; every batch is
+            ``(*model_inputs, label)``.
+        checkpoints: a directory of checkpoint files (natural order), a list of paths
+            (given order) or an iterator of paths or loaded objects.
+        checkpoints_load_func: ``f(model, checkpoint) -> learning_rate`` loading one
+            checkpoint into the model. Default: :func:`load_flexible_state_dict`.
+        loss_fn: the training loss, or ``None`` to use the model output itself.
+        batch_size: batch size used when ``train_dataset`` is a Dataset.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Dataset | DataLoader,
+        checkpoints: Any,
+        checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
+        loss_fn: Callable[..., Tensor] | None = None,
+        batch_size: int = 1,
+    ) -> None:
+        name = self.get_name()
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError(
+                f"{name}: model must be a torch.nn.Module, got {type(model).__name__}"
+            )
+        if not callable(checkpoints_load_func):
+            raise ArgumentTypeError(
+                f"{name}: checkpoints_load_func must be callable as f(model, checkpoint), "
+                f"got {type(checkpoints_load_func).__name__}"
+            )
+        self.model = model
+        self.train_dataset = train_dataset
+        self.train_dataloader = make_loader(train_dataset, batch_size, "train_dataset")
+        self.checkpoints = resolve_checkpoints(checkpoints)
+        self.checkpoints_load_func = checkpoints_load_func
+        self.loss_fn = loss_fn
+        self.batch_size = batch_size
+
+    @classmethod
+    def get_name(cls) -> str:
+        """The class name, used in progress bars and messages."""
+        return cls.__name__
+
+    # -- subclass hooks ---------------------------------------------------------------
+    @abc.abstractmethod
+    def _runner(self) -> TracInRunner:
+        """The loop runner over this method's gradient engine."""
+
+    # -- shared behaviour ---------------------------------------------------------------
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        with preserved(self.model), torch.no_grad():
+            self.model.eval()
+            yield
+
+    def _n_train(self) -> int | None:
+        return dataset_length(self.train_dataloader)
+
+    def _check_k(self, k: Any) -> None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ArgumentTypeError(
+                f"{self.get_name()}: k must be an int or None, got {type(k).__name__}"
+            )
+        n = self._n_train()
+        if k < 1 or (n is not None and k > n):
+            raise InvalidArgumentError(
+                f"{self.get_name()}: k={k} is out of range; it must be between 1 and the "
+                f"number of training examples ({n})"
+            )
+
+    def influence(
+        self,
+        inputs: Any = None,
+        targets: Any = None,
+        k: int | None = None,
+        proponents: bool = True,
+        unpack_inputs: bool = True,
+        show_progress: bool = False,
+        *,
+        aggregate: bool = False,
+    ) -> Tensor | KMostInfluentialResults:
+        """Influence of the training examples, in one of three modes.
+
+        * ``inputs=None``: self-influence of every training example, ``(n_train,)``.
+        * ``k=None``: the score matrix ``(n_test, n_train)``; ``scores[i, j]`` is the
+          influence of training example ``j`` on test example ``i``.
+        * ``k`` an int: the ``k`` proponents (highest scores) or opponents (lowest) of
+          each test example, as :class:`KMostInfluentialResults` of ``(n_test, k)``.
+
+        Args:
+            inputs: the test batch — model inputs called as ``model(*inputs)`` when
+                ``unpack_inputs`` and a tuple, else ``model(inputs)`` — or a DataLoader of
+                ``(*model_inputs, label)`` test batches.
+            targets: labels of the test batch (``None`` with a DataLoader, or when the
+                loss needs no labels).
+            k: number of proponents/opponents per test example, ``1..n_train``.
+            proponents: ``True`` for proponents, ``False`` for opponents.
+            unpack_inputs: whether a tuple ``inputs`` holds several model arguments.
+            show_progress: show a progress bar over checkpoints and batches.
+            aggregate: (keyword-only) score the whole test batch at once: the influence
+                summed over test examples, ``(1, n_train)`` scores, or the ``k`` training
+                examples most influential on the batch as a whole.
+
+        Returns:
+            A tensor or :class:`KMostInfluentialResults`, on the model's device.
+        """
+        name = self.get_name()
+        if inputs is None:
+            if targets is not None:
+                raise InvalidArgumentError(
+                    f"{name}: targets were given without inputs; pass the test inputs too, or "
+                    "neither for self-influence"
+                )
+            return self.self_influence(self.train_dataloader, show_progress=show_progress)
+        if k is not None:
+            self._check_k(k)
+        test, is_loader = test_batches(inputs, targets, unpack_inputs)
+        self._check_targets(targets, is_loader)
+        n_test_batches = loader_batches(test) if is_loader else 1  # type: ignore[arg-type]
+        with self._guarded():
+            scores = self._runner().scores(
+                test,
+                is_loader,
+                self.train_dataloader,
+                loader_batches(self.train_dataloader),
+                n_test_batches,
+                aggregate,
+                show_progress,
+            )
+        if k is None:
+            return scores
+        if k > scores.shape[1]:
+            raise InvalidArgumentError(
+                f"{name}: k={k} exceeds the {scores.shape[1]} training examples"
+            )
+        return KMostInfluentialResults(*k_most(scores, k, proponents))
+
+    def _check_targets(self, targets: Any, is_loader: bool) -> None:
+        if self.loss_fn is not None and targets is None and not is_loader:
+            raise InvalidArgumentError(
+                f"{self.get_name()}: targets are required when loss_fn is set; pass the "
+                "labels of the test batch"
+            )
+
+    def self_influence(
+        self, inputs_dataset: Any = None, show_progress: bool = False
+    ) -> Tensor:
+        """Self-influence ``sum_c lr_c * ||grad loss(x)||^2`` of each example.
+
+        Args:
+            inputs_dataset: one batch ``(*model_inputs, label)`` or a DataLoader of such
+                batches; ``None`` means the training set.
+            show_progress: show a progress bar over checkpoints and batches.
+
+        Returns:
+            ``(n,)`` scores on the model's device, in the order of the examples.
+        """
+        if inputs_dataset is None:
+            inputs_dataset = self.train_dataloader
+        if isinstance(inputs_dataset, DataLoader):
+            data: Any = inputs_dataset
+            n_batches = loader_batches(inputs_dataset)
+        elif isinstance(inputs_dataset, Dataset):
+            data = make_loader(inputs_dataset, self.batch_size, "inputs_dataset")
+            n_batches = loader_batches(data)
+        else:
+            split_batch(inputs_dataset, "inputs_dataset batch")
+            data, n_batches = [inputs_dataset], 1
+        with self._guarded():
+            return self._runner().self_scores(data, n_batches, show_progress, "batches")
+
+
+__all__ = ["Batch", "DataInfluence", "KMostInfluentialResults", "TracInCPBase"]

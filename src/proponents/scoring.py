@@ -1,0 +1,238 @@
+"""The TracIn loops: checkpoints outside, batches inside, scores accumulated.
+
+For every checkpoint ``c`` with learning rate ``lr_c`` the model is loaded once,
+the test side is differentiated once, and each training batch contributes
+``lr_c * <grad test_i, grad train_j>`` to its columns of the score matrix. Only
+one training batch's gradients are alive at a time, so memory is bounded by the
+batch size and the score matrix itself (``4 * n_test * n_train`` bytes in float32).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from proponents.checkpoints import checkpoint_label
+from proponents.data import Batch, batch_to_device, model_device, split_batch
+from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError
+from proponents.gradients.engine import GradientEngine
+from proponents.progress import Progress
+
+
+def load_checkpoint(
+    model: nn.Module, load_func: Callable[..., Any], ckpt: Any, index: int, owner: str
+) -> float:
+    """Load ``ckpt`` into ``model`` with the user's function; return its learning rate."""
+    try:
+        lr = load_func(model, ckpt)
+    except ProponentsError:
+        raise
+    except Exception as err:
+        raise CheckpointLoadError(
+            f"{owner}: loading {checkpoint_label(ckpt, index)} failed: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    model.eval()
+    if lr is None:
+        return 1.0
+    try:
+        value = float(lr)
+    except (TypeError, ValueError) as err:
+        raise CheckpointLoadError(
+            f"{owner}: checkpoints_load_func returned {lr!r} for "
+            f"{checkpoint_label(ckpt, index)}; it must return the learning rate (a number) "
+            "or None"
+        ) from err
+    if not math.isfinite(value):
+        raise CheckpointLoadError(
+            f"{owner}: {checkpoint_label(ckpt, index)} has a non-finite learning rate {value}"
+        )
+    return value
+
+
+class NonFiniteTracker:
+    """Collects examples with non-finite gradients and warns once, naming them."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
+        self.train: set[int] = set()
+        self.test: set[int] = set()
+
+    def add(self, mask: Tensor, offset: int, test: bool) -> None:
+        bad = (~mask).nonzero().flatten()
+        if bad.numel():
+            (self.test if test else self.train).update(int(i) + offset for i in bad)
+
+    def warn(self) -> None:
+        parts = []
+        for what, idx in (("training", self.train), ("test", self.test)):
+            if idx:
+                shown = sorted(idx)[:10]
+                more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
+                parts.append(f"{what} examples {shown}{more}")
+        if parts:
+            warnings.warn(
+                f"{self.owner}: non-finite loss or gradient for " + "; ".join(parts) + ". "
+                "Their scores are non-finite; all other scores are unaffected.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+class TracInRunner:
+    """Runs the checkpoint/batch loops of a TracIn method over a gradient engine.
+
+    Args:
+        model: the user's model (the caller guards and restores it).
+        engine: the per-example gradient engine.
+        checkpoints: resolved checkpoints (paths or loaded objects).
+        load_func: ``load_func(model, checkpoint) -> learning rate``.
+        owner: class name for progress bars and messages.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        engine: GradientEngine,
+        checkpoints: Sequence[Any],
+        load_func: Callable[..., Any],
+        owner: str,
+    ):
+        self.model = model
+        self.engine = engine
+        self.checkpoints = checkpoints
+        self.load_func = load_func
+        self.owner = owner
+
+    def _batches(self, source: Iterable[Any], loader: bool, what: str) -> Iterable[Batch]:
+        device = model_device(self.model)
+        for b in source:
+            batch = split_batch(b, what) if loader else b
+            yield batch_to_device(batch, device)
+
+    def scores(
+        self,
+        test: Iterable[Any],
+        test_is_loader: bool,
+        train: Iterable[Any],
+        n_train_batches: int | None,
+        n_test_batches: int | None,
+        aggregate: bool,
+        show_progress: bool,
+    ) -> Tensor:
+        """Influence of every training example on every test example (or their sum)."""
+        n_ckpt = len(self.checkpoints)
+        per_ckpt = None if n_train_batches is None else n_train_batches + (n_test_batches or 1)
+        total = None if per_ckpt is None else per_ckpt * n_ckpt
+        tracker = NonFiniteTracker(self.owner)
+        scores: Tensor | None = None
+        with Progress(show_progress, f"{self.owner}: influence", total) as bar:
+            for c, ckpt in enumerate(self.checkpoints):
+                lr = load_checkpoint(self.model, self.load_func, ckpt, c, self.owner)
+                bar.set_description(
+                    f"{self.owner}: influence, checkpoint {c + 1}/{n_ckpt}, test batches"
+                )
+                test_parts, offset = [], 0
+                for batch in self._batches(test, test_is_loader, "test batch"):
+                    rep = self.engine.compute(batch)
+                    if c == 0:
+                        tracker.add(self.engine.finite(rep), offset, test=True)
+                    offset += batch.size
+                    test_parts.append(rep)
+                    bar.update()
+                if not test_parts:
+                    raise InvalidArgumentError(f"{self.owner}: the test inputs hold no batch")
+                test_rep = self.engine.concat(test_parts)
+                if aggregate:
+                    test_rep = self.engine.sum_examples(test_rep)
+                bar.set_description(
+                    f"{self.owner}: influence, checkpoint {c + 1}/{n_ckpt}, training batches"
+                )
+                columns, offset = [], 0
+                for batch in self._batches(train, True, "training batch"):
+                    rep = self.engine.compute(batch)
+                    block = self.engine.dot(test_rep, rep).mul_(lr)
+                    if scores is None:
+                        columns.append(block)
+                        tracker.add(self.engine.finite(rep), offset, test=False)
+                    else:
+                        _check_columns(scores, offset + batch.size, self.owner)
+                        scores[:, offset : offset + batch.size] += block
+                    offset += batch.size
+                    bar.update()
+                if scores is None:
+                    if not columns:
+                        raise InvalidArgumentError(
+                            f"{self.owner}: the training data yielded no batch"
+                        )
+                    scores = torch.cat(columns, dim=1)
+                elif offset != scores.shape[1]:
+                    raise InvalidArgumentError(
+                        f"{self.owner}: the training data yielded {offset} examples for "
+                        f"checkpoint {c + 1} but {scores.shape[1]} for the first; it must "
+                        "yield the same examples in the same order every time"
+                    )
+        tracker.warn()
+        assert scores is not None
+        return scores
+
+    def self_scores(
+        self, data: Iterable[Any], n_batches: int | None, show_progress: bool, what: str
+    ) -> Tensor:
+        """Self-influence ``sum_c lr_c * ||grad_c(x)||^2`` of every example in ``data``."""
+        n_ckpt = len(self.checkpoints)
+        total = None if n_batches is None else n_batches * n_ckpt
+        tracker = NonFiniteTracker(self.owner)
+        result: Tensor | None = None
+        with Progress(show_progress, f"{self.owner}: self-influence", total) as bar:
+            for c, ckpt in enumerate(self.checkpoints):
+                lr = load_checkpoint(self.model, self.load_func, ckpt, c, self.owner)
+                bar.set_description(
+                    f"{self.owner}: self-influence, checkpoint {c + 1}/{n_ckpt}, {what}"
+                )
+                parts, offset = [], 0
+                for batch in self._batches(data, True, "batch"):
+                    rep = self.engine.compute(batch)
+                    if c == 0:
+                        tracker.add(self.engine.finite(rep), offset, test=False)
+                    parts.append(self.engine.sq_norm(rep).mul_(lr))
+                    offset += batch.size
+                    bar.update()
+                if not parts:
+                    raise InvalidArgumentError(f"{self.owner}: the data yielded no batch")
+                values = torch.cat(parts)
+                if result is None:
+                    result = values
+                elif values.shape != result.shape:
+                    raise InvalidArgumentError(
+                        f"{self.owner}: the data yielded {values.numel()} examples for "
+                        f"checkpoint {c + 1} but {result.numel()} for the first"
+                    )
+                else:
+                    result += values
+        tracker.warn()
+        assert result is not None
+        return result
+
+
+def _check_columns(scores: Tensor, end: int, owner: str) -> None:
+    if end > scores.shape[1]:
+        raise InvalidArgumentError(
+            f"{owner}: the training data yielded more examples for a later checkpoint than "
+            f"for the first ({scores.shape[1]}); it must yield the same examples every time"
+        )
+
+
+def k_most(scores: Tensor, k: int, proponents: bool) -> tuple[Tensor, Tensor]:
+    """Indices and scores of the ``k`` highest (proponents) or lowest (opponents) scores.
+
+    Ties keep dataset order; non-finite scores are ranked last.
+    """
+    key = scores.nan_to_num(nan=-math.inf if proponents else math.inf)
+    order = torch.sort(key, dim=1, descending=proponents, stable=True).indices[:, :k]
+    return order, scores.gather(1, order)
