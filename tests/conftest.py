@@ -1,0 +1,251 @@
+"""Tiny seeded models, checkpoints, and the float64 per-example reference loop."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class EmbedNorm(nn.Module):
+    """Embedding + LayerNorm + a linear layer applied at every position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.norm = nn.LayerNorm(6)
+        self.proj = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.proj(self.norm(self.embed(tokens))))
+        return self.head(h.mean(dim=1))
+
+
+class TwoInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(3, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, a, b):
+        return self.out(torch.relu(self.a(a) + self.b(b)))
+
+
+class Regressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 5, 2)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.conv(x)).flatten(1))
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.norm(h + a).mean(1))
+
+
+@dataclass
+class Case:
+    """A model with data, a loss and saved checkpoints."""
+
+    name: str
+    model: nn.Module
+    train_inputs: tuple[torch.Tensor, ...]
+    train_labels: torch.Tensor
+    test_inputs: tuple[torch.Tensor, ...]
+    test_labels: torch.Tensor
+    loss: str  # "ce" or "mse"
+    checkpoints: list[Path]
+    lrs: list[float]
+
+    @property
+    def dataset(self) -> TensorDataset:
+        return TensorDataset(*self.train_inputs, self.train_labels)
+
+    def loss_fn(self, reduction: str) -> nn.Module:
+        return (nn.CrossEntropyLoss if self.loss == "ce" else nn.MSELoss)(reduction=reduction)
+
+
+def _data(name: str, n: int, g: torch.Generator):
+    if name == "mlp":
+        return (torch.randn(n, 6, generator=g),), torch.randint(0, 3, (n,), generator=g)
+    if name == "cnn":
+        return (torch.randn(n, 2, 7, 7, generator=g),), torch.randint(0, 3, (n,), generator=g)
+    if name in ("embed", "attention"):
+        vocab = 12 if name == "embed" else 10
+        return (torch.randint(0, vocab, (n, 4), generator=g),), torch.randint(
+            0, 3, (n,), generator=g
+        )
+    if name == "two_input":
+        return (torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g)), torch.randint(
+            0, 2, (n,), generator=g
+        )
+    if name == "regression":
+        return (torch.randn(n, 2, 5, generator=g),), torch.randn(n, 2, generator=g)
+    raise KeyError(name)
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "mlp": MLP,
+    "cnn": SmallCNN,
+    "embed": EmbedNorm,
+    "two_input": TwoInput,
+    "regression": Regressor,
+    "attention": Attention,
+}
+
+
+def make_case(name: str, folder: Path, n_train: int = 13, n_test: int = 4, n_ckpt: int = 3) -> Case:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = MODELS[name]()
+    x, y = _data(name, n_train + n_test, g)
+    lrs = [0.5, 1.5, 0.25][:n_ckpt]
+    paths = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in range(n_ckpt):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        path = folder / f"ckpt-{c}.pt"
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lrs[c]}, path)
+        paths.append(path)
+    return Case(
+        name=name,
+        model=model,
+        train_inputs=tuple(t[:n_train] for t in x),
+        train_labels=y[:n_train],
+        test_inputs=tuple(t[n_train:] for t in x),
+        test_labels=y[n_train:],
+        loss="mse" if name == "regression" else "ce",
+        checkpoints=paths,
+        lrs=lrs,
+    )
+
+
+@pytest.fixture(params=list(MODELS))
+def case(request, tmp_path) -> Case:
+    return make_case(request.param, tmp_path / request.param)
+
+
+def reference_grads(
+    case: Case,
+    ckpt: Path,
+    inputs: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    layers: Sequence[str] | None = None,
+    loss: str | None = "default",
+) -> torch.Tensor:
+    """Per-example gradients in float64 by a plain autograd loop (one example at a time)."""
+    model = copy.deepcopy(case.model).double().eval()
+    state = torch.load(ckpt, weights_only=True)["model_state_dict"]
+    model.load_state_dict(state)
+    model.double()
+    if layers is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = [p for name in layers for p in model.get_submodule(name).parameters()]
+    rows = []
+    for i in range(labels.shape[0]):
+        xs = [t[i : i + 1].double() if t.is_floating_point() else t[i : i + 1] for t in inputs]
+        out = model(*xs)
+        if loss is None:
+            value = out.sum()
+        elif case.loss == "ce":
+            value = nn.functional.cross_entropy(out, labels[i : i + 1])
+        else:
+            value = nn.functional.mse_loss(out, labels[i : i + 1].double(), reduction="sum")
+        grads = torch.autograd.grad(value, params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def reference_scores(case: Case, layers=None, loss="default") -> torch.Tensor:
+    """Float64 ``(n_test, n_train)`` TracIn scores from the loop reference."""
+    total = 0
+    for ckpt, lr in zip(case.checkpoints, case.lrs):
+        gt = reference_grads(case, ckpt, case.test_inputs, case.test_labels, layers, loss)
+        gr = reference_grads(case, ckpt, case.train_inputs, case.train_labels, layers, loss)
+        total = total + lr * gt @ gr.T
+    return total
+
+
+def reference_self(case: Case, layers=None) -> torch.Tensor:
+    total = 0
+    for ckpt, lr in zip(case.checkpoints, case.lrs):
+        gr = reference_grads(case, ckpt, case.train_inputs, case.train_labels, layers)
+        total = total + lr * gr.pow(2).sum(1)
+    return total
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 2e-4) -> None:
+    """Relative agreement measured against the scale of the expected values."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual - expected).abs().max()
+    assert err <= rtol * scale, f"max abs error {err:.3e} vs scale {scale:.3e}"
+
+
+def model_snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "ids": [id(p) for p in model.parameters()],
+    }
+
+
+def assert_unchanged(model: nn.Module, snap: dict) -> None:
+    now = model_snapshot(model)
+    assert now["flags"] == snap["flags"]
+    assert now["modes"] == snap["modes"]
+    assert now["ids"] == snap["ids"]
+    for k, v in snap["state"].items():
+        assert torch.equal(now["state"][k], v), k

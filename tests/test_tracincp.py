@@ -1,0 +1,280 @@
+"""TracInCP against a float64 per-example autograd loop."""
+
+from __future__ import annotations
+
+import torch
+from conftest import (
+    Case,
+    assert_close,
+    assert_unchanged,
+    make_case,
+    model_snapshot,
+    reference_scores,
+    reference_self,
+)
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from proponents import KMostInfluentialResults, TracInCP
+
+
+def tracin(case: Case, reduction: str = "sum", **kw) -> TracInCP:
+    kw.setdefault("batch_size", 5)
+    return TracInCP(
+        case.model,
+        case.dataset,
+        [str(p) for p in case.checkpoints],
+        loss_fn=case.loss_fn(reduction),
+        sample_wise_grads_per_batch=reduction != "none",
+        **kw,
+    )
+
+
+def test_scores_kmost_and_self_influence_match_loop_reference(case: Case):
+    t = tracin(case)
+    expected = reference_scores(case)
+    scores = t.influence(case.test_inputs, case.test_labels)
+    assert_close(scores, expected)
+
+    top = t.influence(case.test_inputs, case.test_labels, k=4)
+    assert isinstance(top, KMostInfluentialResults)
+    want = torch.sort(expected, dim=1, descending=True)
+    assert torch.equal(top.indices, want.indices[:, :4])
+    assert_close(top.influence_scores, want.values[:, :4])
+
+    low = t.influence(case.test_inputs, case.test_labels, k=3, proponents=False)
+    want = torch.sort(expected, dim=1)
+    assert torch.equal(low.indices, want.indices[:, :3])
+    assert_close(low.influence_scores, want.values[:, :3])
+
+    self_scores = t.influence()
+    assert_close(self_scores, reference_self(case))
+
+
+def test_self_influence_is_the_diagonal_of_the_score_matrix(tmp_path):
+    case = make_case("cnn", tmp_path)
+    t = tracin(case)
+    full = t.influence(case.train_inputs, case.train_labels)
+    assert_close(t.self_influence(), full.diagonal())
+    # one batch, and a DataLoader, given to self_influence
+    batch = (*case.train_inputs, case.train_labels)
+    assert_close(t.self_influence(batch), full.diagonal())
+    loader = DataLoader(case.dataset, batch_size=4)
+    assert_close(t.self_influence(loader), full.diagonal())
+
+
+def test_fast_layer_strategies_equal_generic_path(case: Case):
+    t = tracin(case)
+    fast = t.influence(case.test_inputs, case.test_labels)
+    fast_self = t.influence()
+    t._engine.__init__(case.model, t._selected, t._loss, "TracInCP", fast_layers=False)
+    assert set(t._engine.strategies.values()) == {"generic"}
+    assert_close(fast, t.influence(case.test_inputs, case.test_labels), rtol=1e-5)
+    assert_close(fast_self, t.influence(), rtol=1e-5)
+
+
+def test_strategies_chosen_per_layer(tmp_path):
+    case = make_case("attention", tmp_path)
+    t = tracin(case)
+    t.influence(case.test_inputs, case.test_labels)
+    kinds = t._engine.strategies
+    assert kinds["head.weight"] == "linear"
+    assert kinds["embed.weight"] == "generic"
+    # the attention block calls its output projection functionally: it must not be hooked
+    assert kinds["attn.out_proj.weight"] == "generic"
+    cnn = make_case("cnn", tmp_path / "cnn")
+    kinds = tracin(cnn)._engine.strategies
+    assert kinds["conv2.weight"] == "conv" and kinds["fc.bias"] == "linear"
+
+
+def test_three_loss_settings_agree(tmp_path):
+    case = make_case("mlp", tmp_path)
+    expected = reference_scores(case)
+    for reduction in ("none", "sum", "mean"):
+        assert_close(tracin(case, reduction).influence(case.test_inputs, case.test_labels), expected)
+
+
+def test_mean_reduction_on_multi_output_loss_is_the_per_example_mean(tmp_path):
+    case = make_case("regression", tmp_path)
+    # MSE "mean" on one example averages its 2 outputs: gradients are half those of "sum"
+    mean = tracin(case, "mean").influence(case.test_inputs, case.test_labels)
+    assert_close(mean, reference_scores(case) / 4)
+
+
+def test_loss_fn_none_differentiates_the_output(tmp_path):
+    case = make_case("mlp", tmp_path)
+    t = TracInCP(case.model, case.dataset, [str(p) for p in case.checkpoints], batch_size=4)
+    assert_close(t.influence(case.test_inputs), reference_scores(case, loss=None))
+
+
+def test_layer_subsets(tmp_path):
+    case = make_case("cnn", tmp_path)
+    for layers in (["fc"], ["conv1", "fc"], ["conv2"]):
+        t = tracin(case, layers=layers)
+        assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case, layers))
+        assert_close(t.influence(), reference_self(case, layers))
+
+
+def test_dotted_layer_names(tmp_path):
+    case = make_case("attention", tmp_path)
+    t = tracin(case, layers=["attn.out_proj", "norm"])
+    want = reference_scores(case, ["attn.out_proj", "norm"])
+    assert_close(t.influence(case.test_inputs, case.test_labels), want)
+
+
+def test_learning_rates_are_read_from_checkpoints(tmp_path):
+    case = make_case("mlp", tmp_path)
+    scores = tracin(case).influence(case.test_inputs, case.test_labels)
+    # the same checkpoints saved without a learning rate count with lr = 1
+    plain = []
+    for i, p in enumerate(case.checkpoints):
+        q = tmp_path / f"plain-{i}.pt"
+        torch.save(torch.load(p, weights_only=True)["model_state_dict"], q)
+        plain.append(str(q))
+    t = TracInCP(case.model, case.dataset, plain, loss_fn=case.loss_fn("none"), batch_size=5)
+    unweighted = t.influence(case.test_inputs, case.test_labels)
+    case.lrs = [1.0] * len(case.lrs)
+    assert_close(unweighted, reference_scores(case))
+    assert not torch.allclose(unweighted, scores)
+
+
+def test_checkpoint_forms_directory_list_iterator(tmp_path):
+    case = make_case("mlp", tmp_path / "ckpts")
+    expected = reference_scores(case)
+    loaded = [torch.load(p, weights_only=True) for p in case.checkpoints]
+    for source in (tmp_path / "ckpts", [str(p) for p in case.checkpoints], iter(loaded)):
+        t = TracInCP(case.model, case.dataset, source, loss_fn=case.loss_fn("sum"),
+                     batch_size=4, sample_wise_grads_per_batch=True)
+        assert_close(t.influence(case.test_inputs, case.test_labels), expected)
+        # an iterator is consumed once but usable for every call
+        assert_close(t.influence(case.test_inputs, case.test_labels), expected)
+
+
+def test_dataset_and_dataloader_give_identical_results(tmp_path):
+    case = make_case("two_input", tmp_path)
+    a = tracin(case, batch_size=4)
+    b = TracInCP(case.model, DataLoader(case.dataset, batch_size=6),
+                 [str(p) for p in case.checkpoints], loss_fn=case.loss_fn("sum"),
+                 sample_wise_grads_per_batch=True, batch_size=999)
+    sa = a.influence(case.test_inputs, case.test_labels)
+    assert_close(sa, b.influence(case.test_inputs, case.test_labels), rtol=1e-6)
+    assert_close(a.influence(), b.influence(), rtol=1e-6)
+    assert_close(sa, reference_scores(case))
+
+
+def test_test_inputs_as_dataloader(tmp_path):
+    case = make_case("mlp", tmp_path)
+    t = tracin(case)
+    loader = DataLoader(TensorDataset(*case.test_inputs, case.test_labels), batch_size=3)
+    assert_close(t.influence(loader), reference_scores(case))
+    top = t.influence(loader, k=2, proponents=False)
+    assert top.indices.shape == (4, 2)
+
+
+def test_unpack_inputs_false_passes_the_object_as_is(tmp_path):
+    case = make_case("mlp", tmp_path)
+    t = tracin(case)
+    (x,) = case.test_inputs
+    assert_close(t.influence(x, case.test_labels, unpack_inputs=False), reference_scores(case))
+
+
+def test_aggregate_sums_over_the_test_batch(tmp_path):
+    case = make_case("embed", tmp_path)
+    t = tracin(case)
+    expected = reference_scores(case).sum(0, keepdim=True)
+    agg = t.influence(case.test_inputs, case.test_labels, aggregate=True)
+    assert agg.shape == (1, case.train_labels.shape[0])
+    assert_close(agg, expected)
+    top = t.influence(case.test_inputs, case.test_labels, k=3, aggregate=True)
+    assert torch.equal(top.indices[0], torch.sort(expected[0], descending=True).indices[:3])
+
+
+def test_user_model_is_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    model[0].bias.requires_grad_(False)
+    model.train()
+    x, y = torch.randn(9, 4), torch.randint(0, 2, (9,))
+    paths = []
+    for c in range(2):
+        m2 = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+        m2[1].running_mean.normal_()
+        paths.append(tmp_path / f"c{c}.pt")
+        torch.save(m2.state_dict(), paths[-1])
+    snap = model_snapshot(model)
+    t = TracInCP(model, TensorDataset(x, y), paths, loss_fn=nn.CrossEntropyLoss(reduction="none"),
+                 batch_size=4)
+    t.influence((x[:2],), y[:2])
+    t.influence((x[:2],), y[:2], k=2)
+    t.influence()
+    t.self_influence((x, y))
+    assert_unchanged(model, snap)
+
+
+def test_progress_bars_name_the_class_and_the_work(tmp_path, capsys):
+    case = make_case("mlp", tmp_path)
+    t = tracin(case)
+    t.influence(case.test_inputs, case.test_labels, show_progress=True)
+    err = capsys.readouterr().err
+    assert "TracInCP: influence" in err and "checkpoint 3/3" in err
+    # 3 checkpoints x (3 training batches + 1 test batch)
+    assert "12/12" in err
+    t.influence(show_progress=True)
+    err = capsys.readouterr().err
+    assert "TracInCP: self-influence" in err and "9/9" in err
+
+
+class DataDependent(nn.Module):
+    """A model with data-dependent control flow, which vmap cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.norm(x)
+        if float(h.abs().sum()) > 0:
+            h = h * 2
+        return self.fc(h)
+
+
+def test_vmap_failure_falls_back_to_a_correct_loop_with_one_warning(tmp_path):
+    torch.manual_seed(0)
+    model = DataDependent()
+    x, y = torch.randn(7, 4), torch.randint(0, 2, (7,))
+    path = tmp_path / "c.pt"
+    torch.save(model.state_dict(), path)
+    t = TracInCP(model, TensorDataset(x, y), [path], layers=["norm"],
+                 loss_fn=nn.CrossEntropyLoss(reduction="sum"), sample_wise_grads_per_batch=True,
+                 batch_size=3)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = t.influence((x[:2],), y[:2])
+    messages = [str(w.message) for w in caught if "vmap" in str(w.message)]
+    assert len(messages) == 1 and "loop" in messages[0]
+    ref = []
+    for i in range(7):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        ref.append(torch.cat([model.norm.weight.grad.flatten(), model.norm.bias.grad.flatten()]))
+    g = torch.stack(ref).double()
+    assert_close(scores, g[:2] @ g.T)
+
+
+def test_non_finite_examples_are_contained_and_named(tmp_path):
+    case = make_case("mlp", tmp_path)
+    x = case.train_inputs[0].clone()
+    x[4, 0] = float("nan")
+    ds = TensorDataset(x, case.train_labels)
+    t = TracInCP(case.model, ds, case.checkpoints, loss_fn=case.loss_fn("sum"),
+                 sample_wise_grads_per_batch=True, batch_size=5)
+    import pytest
+
+    with pytest.warns(RuntimeWarning, match=r"training examples \[4\]"):
+        scores = t.influence(case.test_inputs, case.test_labels)
+    assert not torch.isfinite(scores[:, 4]).any()
+    keep = [i for i in range(13) if i != 4]
+    assert_close(scores[:, keep], reference_scores(case)[:, keep])
