@@ -1,0 +1,22 @@
+"""proponents: which training examples made a PyTorch model do that?
+
+Public API (compatible with the influential-examples API of ``captum.influence``)::
+
+    from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj, SimilarityInfluence
+"""
+
+from __future__ import annotations
+
+from proponents.checkpoints import load_flexible_state_dict
+from proponents.influence.base import DataInfluence, KMostInfluentialResults, TracInCPBase
+from proponents.influence.tracincp import TracInCP
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataInfluence",
+    "KMostInfluentialResults",
+    "TracInCP",
+    "TracInCPBase",
+    "load_flexible_state_dict",
+]
