@@ -22,7 +22,8 @@ import os
 import pickle
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -252,15 +253,18 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.detach()
     if tensor.is_sparse:
         tensor = tensor.to_dense()
+    if tensor.is_quantized:
+        tensor = tensor.dequantize()
+    tensor = tensor.resolve_conj().resolve_neg()
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return memoryview(b"")
     flat = tensor.cpu().contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
-def _hash_object(obj: Any, update: Callable[[bytes], Any]) -> None:
+def _hash_object(obj: Any, update: Callable[[Any], Any]) -> None:
     """Feed a canonical, type-tagged encoding of ``obj`` into ``update``."""
 
     def tag(name: str, payload: bytes = b"") -> None:
@@ -330,6 +334,58 @@ def _refusal_detail(message: str) -> str:
     return ""
 
 
+def _numpy_scalar_globals() -> list[Any]:
+    """Globals that rebuild numpy scalars (e.g. a learning rate saved as ``np.float64``).
+
+    Rebuilding a numpy scalar only interprets bytes under a dtype, so it runs no code of
+    the file's choosing; numpy arrays and every other object stay refused.
+    """
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional for this purpose
+        return []
+    allowed: list[Any] = [np.dtype]
+    # numpy >= 1.25 pickles a dtype through its class; allow the numeric ones only.
+    for name in dir(getattr(np, "dtypes", None)):
+        cls: Any = getattr(np.dtypes, name)
+        if isinstance(cls, type) and issubclass(cls, np.dtype):
+            build: Any = cls
+            try:
+                numeric = build().kind in "biufc"
+            except Exception:  # parametric dtype classes cannot be built without arguments
+                numeric = False
+            if numeric and cls not in allowed:
+                allowed.append(cls)
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    scalar = getattr(getattr(core, "multiarray", None), "scalar", None)
+    if scalar is not None:
+        allowed.append((scalar, "numpy._core.multiarray.scalar"))
+        allowed.append((scalar, "numpy.core.multiarray.scalar"))
+    return allowed
+
+
+@contextmanager
+def _numpy_scalars_allowed() -> Iterator[None]:
+    """Allow numpy scalars in ``weights_only`` loads, leaving torch's allowlist as found."""
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    get = getattr(torch.serialization, "get_safe_globals", None)
+    remove = getattr(torch._weights_only_unpickler, "_remove_safe_globals", None)
+    if add is None or get is None or remove is None:
+        yield
+        return
+    present = get()
+    extra = [item for item in _numpy_scalar_globals() if item not in present]
+    try:
+        add(extra)
+    except Exception:  # an older torch that rejects an entry: load without the extras
+        yield
+        return
+    try:
+        yield
+    finally:
+        remove(extra)
+
+
 def _read_file(path: PathLike, device: torch.device) -> tuple[Any, Any]:
     """Read a checkpoint file.
 
@@ -350,7 +406,10 @@ def _read_file(path: PathLike, device: torch.device) -> tuple[Any, Any]:
     if text.lower().endswith(".safetensors"):
         return _read_safetensors(text, device, where)
     try:
-        content = torch.load(text, map_location=device, weights_only=True)
+        if os.path.getsize(text) == 0:
+            raise CheckpointLoadError(f"{where} is empty (0 bytes)")
+        with _numpy_scalars_allowed():
+            content = torch.load(text, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         if "Weights only load failed" in message or "WeightsUnpickler" in message:
@@ -363,6 +422,8 @@ def _read_file(path: PathLike, device: torch.device) -> tuple[Any, Any]:
         raise CheckpointLoadError(
             f"{where} could not be read: it is not a PyTorch checkpoint ({message})"
         ) from exc
+    except CheckpointLoadError:
+        raise
     except Exception as exc:  # every read failure becomes a typed error
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointLoadError(
@@ -442,16 +503,16 @@ def _unpack(content: Any, model_keys: set[str], where: str) -> tuple[OrderedDict
         if nested_key is None:
             break
         if lr is None:
-            lr = next((current[k] for k in _LR_KEYS if k in current), None)
+            lr = next((current[k] for k in _LR_KEYS if current.get(k) is not None), None)
         current = current[nested_key]
     state = dict(current)
-    if lr is None:
-        # A flat checkpoint may carry its learning rate among the weights, unless the
-        # model itself has a state entry of that name.
-        for key in _LR_KEYS:
-            if key in state and key not in model_keys:
-                lr = state.pop(key)
-                break
+    # A flat checkpoint may carry its learning rate among the weights, unless the model
+    # itself has a state entry of that name.
+    for key in _LR_KEYS:
+        if key in state and key not in model_keys:
+            value = state.pop(key)
+            if lr is None:
+                lr = value
     metadata = getattr(current, "_metadata", None)
     result: OrderedDict[str, Any] = OrderedDict(state)
     if metadata is not None:
@@ -526,8 +587,13 @@ def _fill_tied(state: OrderedDict[str, Any], model_state: Mapping[str, Any]) -> 
     groups: dict[tuple[Any, ...], list[str]] = {}
     for key, tensor in model_state.items():
         if isinstance(tensor, torch.Tensor) and tensor.numel() > 0 and tensor.device.type != "meta":
-            ident = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-            ident = (*ident, tuple(tensor.stride()))
+            ident = (
+                tensor.device,
+                tensor.data_ptr(),
+                tensor.dtype,
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+            )
             groups.setdefault(ident, []).append(key)
     for keys in groups.values():
         if len(keys) < 2:

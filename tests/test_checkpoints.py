@@ -1,0 +1,819 @@
+"""Tests for finding, loading, labelling and fingerprinting checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file, save_model
+from torch import nn
+
+from proponents.checkpoints import (
+    CHECKPOINT_EXTENSIONS,
+    checkpoint_fingerprint,
+    checkpoint_label,
+    load_flexible_state_dict,
+    resolve_checkpoints,
+)
+from proponents.errors import (
+    ArgumentTypeError,
+    CheckpointLoadError,
+    CheckpointNotFoundError,
+    ProponentsError,
+)
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    """A tiny model with parameters and buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+class Tied(nn.Module):
+    """A model whose output layer shares its weight with the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+
+class HasLrParam(nn.Module):
+    """A model with a top-level parameter literally named ``lr``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lr = nn.Parameter(torch.zeros(1))
+        self.fc = nn.Linear(2, 2)
+
+
+class Wrapper(nn.Module):
+    """A model with a real submodule named ``module`` (a prefix that must not be stripped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(2, 2)
+
+
+def seeded_net(seed: int) -> Net:
+    torch.manual_seed(seed)
+    net = Net()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_()
+        net.bn.running_var.uniform_(0.5, 1.5)
+        net.bn.num_batches_tracked.fill_(seed + 1)
+    return net
+
+
+def assert_same_state(model: nn.Module, reference: nn.Module) -> None:
+    got, want = model.state_dict(), reference.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        assert torch.equal(got[key], want[key].to(got[key].dtype)), key
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# load_flexible_state_dict: formats and learning rates
+# --------------------------------------------------------------------------------------------
+
+
+def test_plain_state_dict_file_loads_and_defaults_lr_to_one(tmp_path: Path) -> None:
+    source, model = seeded_net(1), seeded_net(2)
+    path = tmp_path / "plain.pt"
+    torch.save(source.state_dict(), path)
+    lr = load_flexible_state_dict(model, path)
+    assert lr == 1.0 and isinstance(lr, float)
+    assert_same_state(model, source)
+
+
+def test_str_path_is_accepted(tmp_path: Path) -> None:
+    source, model = seeded_net(1), seeded_net(2)
+    path = tmp_path / "plain.pth"
+    torch.save(source.state_dict(), path)
+    assert load_flexible_state_dict(model, str(path)) == 1.0
+    assert_same_state(model, source)
+
+
+@pytest.mark.parametrize("nest_key", ["model_state_dict", "state_dict", "model"])
+@pytest.mark.parametrize(
+    ("lr_key", "lr_value", "expected"),
+    [
+        ("learning_rate", 0.25, 0.25),
+        ("lr", 0.5, 0.5),
+        ("learning_rate", torch.tensor(0.125), 0.125),
+        ("lr", torch.tensor([3.0], dtype=torch.float64), 3.0),
+        ("learning_rate", 2, 2.0),
+        (None, None, 1.0),
+    ],
+)
+def test_nested_state_dict_with_learning_rate(
+    tmp_path: Path, nest_key: str, lr_key: str | None, lr_value: object, expected: float
+) -> None:
+    source, model = seeded_net(3), seeded_net(4)
+    payload: dict[str, object] = {nest_key: source.state_dict(), "epoch": 7}
+    if lr_key is not None:
+        payload[lr_key] = lr_value
+    path = tmp_path / "nested.ckpt"
+    torch.save(payload, path)
+    lr = load_flexible_state_dict(model, path)
+    assert isinstance(lr, float) and lr == expected
+    assert_same_state(model, source)
+
+
+def test_nested_twice_with_optimizer_state_beside_it(tmp_path: Path) -> None:
+    source, model = seeded_net(3), seeded_net(4)
+    optimizer = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    payload = {
+        "model": {"state_dict": source.state_dict()},
+        "optimizer_state_dict": optimizer.state_dict(),
+        "learning_rate": 0.1,
+    }
+    path = tmp_path / "deep.pt"
+    torch.save(payload, path)
+    assert load_flexible_state_dict(model, path) == pytest.approx(0.1)
+    assert_same_state(model, source)
+
+
+def test_learning_rate_key_prefers_learning_rate_over_lr(tmp_path: Path) -> None:
+    source = seeded_net(1)
+    path = tmp_path / "both.pt"
+    torch.save({"state_dict": source.state_dict(), "lr": 9.0, "learning_rate": 0.5}, path)
+    assert load_flexible_state_dict(seeded_net(2), path) == 0.5
+
+
+def test_flat_state_dict_with_learning_rate_beside_weights(tmp_path: Path) -> None:
+    source, model = seeded_net(5), seeded_net(6)
+    flat = dict(source.state_dict())
+    flat["learning_rate"] = 0.03
+    path = tmp_path / "flat.pt"
+    torch.save(flat, path)
+    assert load_flexible_state_dict(model, path) == pytest.approx(0.03)
+    assert_same_state(model, source)
+
+
+def test_model_entry_named_lr_is_a_weight_not_a_learning_rate() -> None:
+    torch.manual_seed(0)
+    source, model = HasLrParam(), HasLrParam()
+    with torch.no_grad():
+        source.lr.fill_(0.7)
+    assert load_flexible_state_dict(model, source.state_dict()) == 1.0
+    assert model.lr.item() == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("value", [np.float64(0.1), np.float32(0.25), np.int64(2)])
+def test_numpy_scalar_learning_rate_loads_without_touching_torch_allowlist(
+    tmp_path: Path, value: np.generic
+) -> None:
+    source, model = seeded_net(1), seeded_net(2)
+    path = tmp_path / "np_lr.pt"
+    torch.save({"model_state_dict": source.state_dict(), "learning_rate": value}, path)
+    allowlist_before = list(torch.serialization.get_safe_globals())
+    lr = load_flexible_state_dict(model, path)
+    assert isinstance(lr, float) and lr == pytest.approx(float(value))
+    assert_same_state(model, source)
+    assert list(torch.serialization.get_safe_globals()) == allowlist_before
+
+
+def test_numpy_array_is_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "np_array.pt"
+    torch.save({"state_dict": seeded_net(1).state_dict(), "lr": np.array([0.1])}, path)
+    with pytest.raises(CheckpointLoadError, match="refuses to unpickle"):
+        load_flexible_state_dict(seeded_net(2), path)
+
+
+def test_legacy_serialization_format_loads(tmp_path: Path) -> None:
+    source, model = seeded_net(1), seeded_net(2)
+    path = tmp_path / "legacy.pt"
+    torch.save(
+        {"model_state_dict": source.state_dict(), "lr": 0.2},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
+    assert load_flexible_state_dict(model, path) == pytest.approx(0.2)
+    assert_same_state(model, source)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [(None, 1.0), ({"learning_rate": "0.05"}, 0.05), ({"lr": "2e-3", "epoch": "3"}, 2e-3)],
+)
+def test_safetensors_file_with_and_without_lr_metadata(
+    tmp_path: Path, metadata: dict[str, str] | None, expected: float
+) -> None:
+    source, model = seeded_net(7), seeded_net(8)
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path), metadata=metadata)
+    assert load_flexible_state_dict(model, path) == pytest.approx(expected)
+    assert_same_state(model, source)
+
+
+def test_safetensors_with_tied_weights_stored_once(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source, model = Tied(), Tied()
+    path = tmp_path / "tied.safetensors"
+    save_model(source, str(path))
+    assert load_flexible_state_dict(model, path) == 1.0
+    assert torch.equal(model.emb.weight, source.emb.weight)
+    assert model.out.weight is model.emb.weight
+
+
+def test_loaded_mapping_is_accepted_and_left_unchanged() -> None:
+    source, model = seeded_net(9), seeded_net(10)
+    payload = {"model_state_dict": OrderedDict(source.state_dict()), "learning_rate": 0.4}
+    keys_before = list(payload["model_state_dict"])
+    assert load_flexible_state_dict(model, payload) == pytest.approx(0.4)
+    assert_same_state(model, source)
+    assert list(payload) == ["model_state_dict", "learning_rate"]
+    assert list(payload["model_state_dict"]) == keys_before
+
+
+def test_flat_loaded_mapping_keeps_its_learning_rate_entry() -> None:
+    flat = dict(seeded_net(1).state_dict())
+    flat["lr"] = 0.5
+    assert load_flexible_state_dict(seeded_net(2), flat) == 0.5
+    assert "lr" in flat
+
+
+# --------------------------------------------------------------------------------------------
+# Prefixes, devices and dtypes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."]
+)
+def test_wrapper_prefixes_are_stripped(tmp_path: Path, prefix: str) -> None:
+    source, model = seeded_net(11), seeded_net(12)
+    prefixed = OrderedDict((prefix + k, v) for k, v in source.state_dict().items())
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": prefixed, "lr": 0.1}, path)
+    assert load_flexible_state_dict(model, path) == pytest.approx(0.1)
+    assert_same_state(model, source)
+
+
+def test_real_dataparallel_and_compile_state_dicts_load() -> None:
+    source = seeded_net(13)
+    for wrapped in (nn.DataParallel(source), torch.compile(source)):
+        model = seeded_net(14)
+        state = wrapped.state_dict()
+        assert all(k.startswith(("module.", "_orig_mod.")) for k in state)
+        load_flexible_state_dict(model, state)
+        assert_same_state(model, source)
+
+
+def test_plain_checkpoint_loads_into_compiled_model() -> None:
+    source, target = seeded_net(15), seeded_net(16)
+    compiled = torch.compile(target)
+    load_flexible_state_dict(compiled, source.state_dict())
+    assert_same_state(target, source)
+
+
+def test_model_with_real_module_submodule_keeps_its_prefix() -> None:
+    torch.manual_seed(0)
+    source, model = Wrapper(), Wrapper()
+    load_flexible_state_dict(model, source.state_dict())
+    assert torch.equal(model.module.weight, source.module.weight)
+    # The same model saved from inside DataParallel has a doubled prefix.
+    model = Wrapper()
+    load_flexible_state_dict(model, nn.DataParallel(source).state_dict())
+    assert torch.equal(model.module.weight, source.module.weight)
+
+
+@pytest.mark.parametrize(
+    ("saved", "model_dtype"), [(torch.float64, torch.float32), (torch.float32, torch.float64)]
+)
+def test_floating_tensors_are_cast_to_the_model_dtype(
+    tmp_path: Path, saved: torch.dtype, model_dtype: torch.dtype
+) -> None:
+    source = seeded_net(17).to(saved)
+    model = seeded_net(18).to(model_dtype)
+    path = tmp_path / "dtype.pt"
+    torch.save(source.state_dict(), path)
+    load_flexible_state_dict(model, path)
+    assert model.fc1.weight.dtype == model_dtype
+    assert model.bn.num_batches_tracked.dtype == torch.int64
+    torch.testing.assert_close(model.fc1.weight, source.fc1.weight.to(model_dtype))
+
+
+def test_explicit_device_argument_is_used() -> None:
+    source, model = seeded_net(1), seeded_net(2)
+    assert load_flexible_state_dict(model, source.state_dict(), device="cpu") == 1.0
+    assert_same_state(model, source)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_checkpoint_loads_into_cuda_model(tmp_path: Path) -> None:
+    source = seeded_net(1)
+    model = seeded_net(2).cuda()
+    path = tmp_path / "cpu.pt"
+    torch.save({"state_dict": source.state_dict(), "lr": torch.tensor(0.5)}, path)
+    assert load_flexible_state_dict(model, path) == 0.5
+    assert model.fc1.weight.device.type == "cuda"
+    assert_same_state(model.cpu(), source)
+
+
+def test_model_with_only_buffers_or_nothing() -> None:
+    buffers_only = nn.BatchNorm1d(3, affine=False)
+    source = nn.BatchNorm1d(3, affine=False)
+    with torch.no_grad():
+        source.running_mean.fill_(2.0)
+    load_flexible_state_dict(buffers_only, source.state_dict())
+    assert torch.equal(buffers_only.running_mean, source.running_mean)
+    assert load_flexible_state_dict(nn.ReLU(), {"learning_rate": 0.5}) == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# load_flexible_state_dict: errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_mismatch_lists_missing_and_unexpected_keys_and_file(tmp_path: Path) -> None:
+    state = OrderedDict(seeded_net(1).state_dict())
+    del state["fc2.bias"]
+    state["head.weight"] = torch.zeros(2, 2)
+    path = tmp_path / "ckpt-mismatch.pt"
+    torch.save(state, path)
+    model = seeded_net(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointLoadError) as info:
+        load_flexible_state_dict(model, path)
+    message = str(info.value)
+    assert "ckpt-mismatch.pt" in message
+    assert "missing" in message and "'fc2.bias'" in message
+    assert "unexpected" in message and "'head.weight'" in message
+    assert "Net" in message
+    # Nothing was copied into the model.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_mismatch_for_loaded_object_says_checkpoint_object() -> None:
+    with pytest.raises(CheckpointLoadError, match="checkpoint object") as info:
+        load_flexible_state_dict(seeded_net(1), {"other.weight": torch.zeros(1)})
+    assert "'other.weight'" in str(info.value) and "'fc1.weight'" in str(info.value)
+
+
+def test_long_key_lists_are_truncated() -> None:
+    model = nn.Sequential(*[nn.Linear(1, 1) for _ in range(20)])
+    with pytest.raises(CheckpointLoadError) as info:
+        load_flexible_state_dict(model, {f"x{i}": torch.zeros(1) for i in range(30)})
+    message = str(info.value)
+    assert "missing keys (40" in message and "and 30 more" in message
+    assert "unexpected keys (30" in message and "and 20 more" in message
+    assert "'x0'" in message and "'x29'" not in message
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tmp_path: Path) -> None:
+    state = OrderedDict(seeded_net(1).state_dict())
+    state["fc1.weight"] = torch.zeros(5, 3)
+    path = tmp_path / "shape.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointLoadError) as info:
+        load_flexible_state_dict(seeded_net(2), path)
+    message = str(info.value)
+    assert "shape.pt" in message and "'fc1.weight'" in message
+    assert "(5, 3)" in message and "(4, 3)" in message
+
+
+def test_extra_prefix_gets_a_hint() -> None:
+    state = {f"net.{k}": v for k, v in seeded_net(1).state_dict().items()}
+    with pytest.raises(CheckpointLoadError, match="extra 'net.' prefix"):
+        load_flexible_state_dict(seeded_net(2), state)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda good: good[: len(good) // 2],  # truncated zip
+        lambda good: b"",  # empty file
+        lambda good: b"hello, this is not a checkpoint\n",  # text
+        lambda good: bytes(range(7, 200, 3)),  # binary noise
+    ],
+    ids=["truncated", "empty", "text", "noise"],
+)
+def test_unreadable_file_is_reported_by_name(tmp_path: Path, make) -> None:  # noqa: ANN001
+    good_path = tmp_path / "good.pt"
+    torch.save(seeded_net(1).state_dict(), good_path)
+    bad = write_bytes(tmp_path / "ckpt-broken.pt", make(good_path.read_bytes()))
+    with pytest.raises(CheckpointLoadError, match="ckpt-broken.pt"):
+        load_flexible_state_dict(seeded_net(2), bad)
+
+
+def test_empty_file_says_so(tmp_path: Path) -> None:
+    empty = write_bytes(tmp_path / "zero.pt", b"")
+    with pytest.raises(CheckpointLoadError, match=r"zero.pt' is empty"):
+        load_flexible_state_dict(seeded_net(1), empty)
+
+
+def test_truncated_safetensors_is_reported_by_name(tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    save_file(seeded_net(1).state_dict(), str(good))
+    bad = write_bytes(tmp_path / "cut.safetensors", good.read_bytes()[:40])
+    with pytest.raises(CheckpointLoadError, match="cut.safetensors"):
+        load_flexible_state_dict(seeded_net(2), bad)
+
+
+def test_missing_file_raises_not_found(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointNotFoundError, match="nope.pt"):
+        load_flexible_state_dict(seeded_net(1), missing)
+    with pytest.raises(FileNotFoundError):
+        load_flexible_state_dict(seeded_net(1), str(missing))
+
+
+def test_directory_path_is_a_load_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointLoadError, match="is a directory"):
+        load_flexible_state_dict(seeded_net(1), tmp_path)
+
+
+class _RunsCode:
+    """Pickles to a call of ``os.system`` that would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+class _OpensFile:
+    """Pickles to a call of ``open`` that would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (str(self.marker), "w"))
+
+
+class _PlainObject:
+    """An ordinary user class: harmless, but not plain data."""
+
+
+@pytest.mark.parametrize("payload_kind", ["system", "open"])
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path, payload_kind: str) -> None:
+    marker = tmp_path / "PWNED"
+    evil = _RunsCode(marker) if payload_kind == "system" else _OpensFile(marker)
+    state = dict(seeded_net(1).state_dict())
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": state, "learning_rate": 0.1, "payload": evil}, path)
+    assert not marker.exists()
+    model = seeded_net(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointLoadError) as info:
+        load_flexible_state_dict(model, path)
+    message = str(info.value)
+    assert "evil.pt" in message
+    assert "refuses to unpickle arbitrary objects" in message
+    assert "state_dict()" in message and "safetensors" in message
+    assert not marker.exists()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    # The payload is live: an unrestricted unpickle does run it (inside tmp_path).
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_pickled_custom_class_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "custom.pt"
+    torch.save({"state_dict": seeded_net(1).state_dict(), "extra": _PlainObject()}, path)
+    with pytest.raises(CheckpointLoadError, match="refuses to unpickle") as info:
+        load_flexible_state_dict(seeded_net(2), path)
+    assert "_PlainObject" in str(info.value)
+
+
+def test_whole_pickled_model_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "whole_model.pt"
+    torch.save(seeded_net(1), path)
+    with pytest.raises(CheckpointLoadError, match="refuses to unpickle"):
+        load_flexible_state_dict(seeded_net(2), path)
+
+
+@pytest.mark.parametrize(
+    "bad_lr",
+    [
+        float("nan"),
+        float("inf"),
+        torch.tensor(float("-inf")),
+        "0.1",
+        [0.1, 0.2],
+        True,
+        torch.tensor([0.1, 0.2]),
+    ],
+    ids=["nan", "inf", "tensor-inf", "str", "list", "bool", "two-element"],
+)
+def test_bad_learning_rate_is_an_error(bad_lr: object) -> None:
+    payload = {"state_dict": seeded_net(1).state_dict(), "learning_rate": bad_lr}
+    with pytest.raises(CheckpointLoadError, match="learning rate"):
+        load_flexible_state_dict(seeded_net(2), payload)
+
+
+def test_learning_rate_stored_as_none_counts_as_absent() -> None:
+    state = seeded_net(1).state_dict()
+    assert load_flexible_state_dict(seeded_net(2), {"state_dict": state, "lr": None}) == 1.0
+    payload = {"state_dict": state, "learning_rate": None, "lr": 0.3}
+    assert load_flexible_state_dict(seeded_net(2), payload) == pytest.approx(0.3)
+
+
+def test_bad_safetensors_lr_metadata_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file(seeded_net(1).state_dict(), str(path), metadata={"learning_rate": "fast"})
+    with pytest.raises(CheckpointLoadError, match="not a number"):
+        load_flexible_state_dict(seeded_net(2), path)
+    save_file(seeded_net(1).state_dict(), str(path), metadata={"lr": "nan"})
+    with pytest.raises(CheckpointLoadError, match="not finite"):
+        load_flexible_state_dict(seeded_net(2), path)
+
+
+def test_file_holding_a_non_mapping_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointLoadError, match="holds a list, not a state dict"):
+        load_flexible_state_dict(seeded_net(1), path)
+
+
+def test_wrong_argument_types() -> None:
+    with pytest.raises(ArgumentTypeError):
+        load_flexible_state_dict(seeded_net(1), 42)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError):
+        load_flexible_state_dict("not a model", {})  # type: ignore[arg-type]
+
+
+def test_all_errors_are_proponents_errors(tmp_path: Path) -> None:
+    with pytest.raises(ProponentsError):
+        load_flexible_state_dict(seeded_net(1), tmp_path / "missing.pt")
+    with pytest.raises(ProponentsError):
+        resolve_checkpoints(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# resolve_checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_directory_in_natural_order_other_files_ignored(tmp_path: Path) -> None:
+    for name in ["ckpt-10.pt", "ckpt-2.pt", "ckpt-1.pt", "notes.txt", "config.json", "ckpt-3.PT"]:
+        touch(tmp_path / name)
+    touch(tmp_path / "final.safetensors")
+    touch(tmp_path / "a.pth")
+    touch(tmp_path / "b.ckpt")
+    touch(tmp_path / "c.bin")
+    (tmp_path / "sub.pt").mkdir()  # a directory, not a file
+    touch(tmp_path / "sub.pt" / "inner.pt")
+    got = resolve_checkpoints(tmp_path)
+    assert all(isinstance(p, str) for p in got)
+    assert [Path(p).name for p in got] == [
+        "a.pth",
+        "b.ckpt",
+        "c.bin",
+        "ckpt-1.pt",
+        "ckpt-2.pt",
+        "ckpt-3.PT",
+        "ckpt-10.pt",
+        "final.safetensors",
+    ]
+    assert resolve_checkpoints(str(tmp_path)) == got
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=10**6), min_size=1, max_size=12, unique=True))
+def test_natural_order_follows_numbers(steps: list[int]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        for step in steps:
+            touch(Path(folder) / f"epoch{step}_model.pt")
+        got = [Path(p).name for p in resolve_checkpoints(folder)]
+    assert got == [f"epoch{step}_model.pt" for step in sorted(steps)]
+
+
+def test_extensions_constant() -> None:
+    assert set(CHECKPOINT_EXTENSIONS) == {".pt", ".pth", ".ckpt", ".bin", ".safetensors"}
+
+
+def test_list_and_tuple_keep_given_order(tmp_path: Path) -> None:
+    paths = [touch(tmp_path / name) for name in ["c.pt", "a.pt", "b-10.pt", "b-2.pt"]]
+    assert resolve_checkpoints(paths) == paths
+    as_text = [str(p) for p in paths]
+    assert resolve_checkpoints(tuple(as_text)) == as_text
+
+
+def test_list_with_missing_path_names_it(tmp_path: Path) -> None:
+    real = touch(tmp_path / "a.pt")
+    with pytest.raises(CheckpointNotFoundError, match="ghost.pt"):
+        resolve_checkpoints([real, tmp_path / "ghost.pt"])
+
+
+def test_single_file_is_a_one_element_list(tmp_path: Path) -> None:
+    path = touch(tmp_path / "only.ckpt")
+    assert resolve_checkpoints(path) == [path]
+    assert resolve_checkpoints(str(path)) == [str(path)]
+
+
+def test_iterator_of_loaded_objects_is_materialised_once() -> None:
+    states = [seeded_net(i).state_dict() for i in range(3)]
+    consumed = []
+
+    def generate():  # noqa: ANN202
+        for state in states:
+            consumed.append(1)
+            yield state
+
+    got = resolve_checkpoints(generate())
+    assert got == states and len(consumed) == 3
+    assert all(a is b for a, b in zip(got, states, strict=True))
+    for state in got:
+        model = seeded_net(99)
+        load_flexible_state_dict(model, state)
+
+
+def test_iterator_of_paths(tmp_path: Path) -> None:
+    paths = [touch(tmp_path / f"{i}.pt") for i in (3, 1, 2)]
+    assert resolve_checkpoints(iter(paths)) == paths
+    assert resolve_checkpoints(map(str, paths)) == [str(p) for p in paths]
+    with pytest.raises(CheckpointNotFoundError, match="missing.pt"):
+        resolve_checkpoints(iter([paths[0], tmp_path / "missing.pt"]))
+
+
+def test_single_loaded_mapping_is_one_checkpoint() -> None:
+    state = seeded_net(0).state_dict()
+    assert resolve_checkpoints(state) == [state]
+
+
+def test_glob_pattern(tmp_path: Path) -> None:
+    for name in ["run-10.pt", "run-9.pt", "other-1.pt"]:
+        touch(tmp_path / name)
+    got = resolve_checkpoints(str(tmp_path / "run-*.pt"))
+    assert [Path(p).name for p in got] == ["run-9.pt", "run-10.pt"]
+    with pytest.raises(CheckpointNotFoundError, match="pattern"):
+        resolve_checkpoints(str(tmp_path / "zzz-*.pt"))
+
+
+def test_empty_directory_names_it_and_the_extensions(tmp_path: Path) -> None:
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(CheckpointNotFoundError) as info:
+        resolve_checkpoints(empty)
+    message = str(info.value)
+    assert "empty_run" in message and "*.pt" in message and "*.safetensors" in message
+    touch(empty / "readme.md")
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint files"):
+        resolve_checkpoints(empty)
+
+
+@pytest.mark.parametrize("empty", [[], (), iter([])], ids=["list", "tuple", "iterator"])
+def test_empty_sequences_are_errors(empty: object) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="empty"):
+        resolve_checkpoints(empty)
+
+
+def test_missing_path_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="does_not_exist"):
+        resolve_checkpoints(str(tmp_path / "does_not_exist"))
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoints(tmp_path / "does_not_exist")
+
+
+@pytest.mark.parametrize(
+    "bad", [3, 2.5, None, torch.zeros(3), b"bytes", nn.Linear(1, 1)], ids=lambda v: type(v).__name__
+)
+def test_wrong_type_is_argument_type_error(bad: object) -> None:
+    with pytest.raises(ArgumentTypeError, match="checkpoints must be"):
+        resolve_checkpoints(bad)
+    with pytest.raises(TypeError):
+        resolve_checkpoints(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint_label
+# --------------------------------------------------------------------------------------------
+
+
+def test_labels(tmp_path: Path) -> None:
+    assert checkpoint_label(tmp_path / "ckpt-7.pt", 0) == "ckpt-7.pt"
+    assert checkpoint_label(str(tmp_path / "x" / "w.safetensors"), 4) == "w.safetensors"
+    assert checkpoint_label({"a": torch.zeros(1)}, 3) == "checkpoint object #3"
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint_fingerprint
+# --------------------------------------------------------------------------------------------
+
+
+def test_file_fingerprint_is_sha256_of_bytes_and_tracks_content(tmp_path: Path) -> None:
+    path = tmp_path / "a.pt"
+    torch.save(seeded_net(1).state_dict(), path)
+    first = checkpoint_fingerprint(path)
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert checkpoint_fingerprint(str(path)) == first
+    assert checkpoint_fingerprint(path) == first
+    torch.save(seeded_net(2).state_dict(), path)
+    assert checkpoint_fingerprint(path) != first
+
+
+def test_large_file_fingerprint_is_streamed_correctly(tmp_path: Path) -> None:
+    data = os.urandom(3 * (1 << 20) + 17)
+    path = write_bytes(tmp_path / "big.bin", data)
+    assert checkpoint_fingerprint(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_directory_fingerprint_tracks_contents(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    touch(folder / "config.json", b"{}")
+    touch(folder / "weights" / "model.bin", b"abc")
+    first = checkpoint_fingerprint(folder)
+    assert checkpoint_fingerprint(folder) == first
+    touch(folder / "weights" / "model.bin", b"abd")
+    assert checkpoint_fingerprint(folder) != first
+
+
+def test_missing_path_fingerprint_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError):
+        checkpoint_fingerprint(tmp_path / "gone.pt")
+
+
+def test_mapping_fingerprint_is_stable_and_content_sensitive() -> None:
+    state = OrderedDict(seeded_net(1).state_dict())
+    base = checkpoint_fingerprint(state)
+    assert len(base) == 64 and int(base, 16) >= 0
+    # Same content, fresh copies and another key order: same digest.
+    assert checkpoint_fingerprint(seeded_net(1).state_dict()) == base
+    assert checkpoint_fingerprint(OrderedDict(reversed(list(state.items())))) == base
+    assert checkpoint_fingerprint({k: v.clone() for k, v in state.items()}) == base
+
+    changed = OrderedDict(state)
+    changed["fc1.weight"] = state["fc1.weight"].clone()
+    changed["fc1.weight"][0, 0] += 1e-3
+    assert checkpoint_fingerprint(changed) != base
+
+    recast = OrderedDict(state)
+    recast["fc2.bias"] = state["fc2.bias"].double()
+    assert checkpoint_fingerprint(recast) != base
+
+    reshaped = OrderedDict(state)
+    reshaped["fc1.weight"] = state["fc1.weight"].reshape(3, 4)
+    assert checkpoint_fingerprint(reshaped) != base
+
+    renamed = OrderedDict(state)
+    renamed["fc1.weights"] = renamed.pop("fc1.weight")
+    assert checkpoint_fingerprint(renamed) != base
+
+
+def test_nested_mapping_fingerprint_includes_learning_rate() -> None:
+    state = seeded_net(1).state_dict()
+    a = checkpoint_fingerprint({"model_state_dict": state, "learning_rate": 0.1})
+    b = checkpoint_fingerprint({"model_state_dict": state, "learning_rate": 0.2})
+    assert a != b
+    assert a == checkpoint_fingerprint({"learning_rate": 0.1, "model_state_dict": state})
+
+
+def test_fingerprint_of_special_tensors() -> None:
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert checkpoint_fingerprint({"w": base.t()}) == checkpoint_fingerprint(
+        {"w": base.t().contiguous()}
+    )
+    bf16 = checkpoint_fingerprint({"w": base.to(torch.bfloat16)})
+    assert bf16 == checkpoint_fingerprint({"w": base.to(torch.bfloat16)})
+    assert bf16 != checkpoint_fingerprint({"w": base.to(torch.float16)})
+    flags = checkpoint_fingerprint({"m": torch.tensor([True, False])})
+    assert flags != checkpoint_fingerprint({"m": torch.tensor([True, True])})
+    assert checkpoint_fingerprint({"s": torch.tensor(2.0)}) != checkpoint_fingerprint(
+        {"s": torch.tensor([2.0])}
+    )
+    complex_values = torch.tensor([1 + 2j, 3 - 1j])
+    assert checkpoint_fingerprint({"c": complex_values.conj()}) == checkpoint_fingerprint(
+        {"c": complex_values.conj().resolve_conj()}
+    )
+    assert checkpoint_fingerprint({"e": torch.empty(0, 3)}) != checkpoint_fingerprint(
+        {"e": torch.empty(3, 0)}
+    )
