@@ -1,0 +1,167 @@
+"""Bad input to TracInCP gets a typed error that names the problem and the fix."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import make_case
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from proponents import TracInCP
+from proponents.errors import (
+    ArgumentTypeError,
+    BatchFormatError,
+    CheckpointLoadError,
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+)
+
+
+@pytest.fixture
+def case(tmp_path):
+    return make_case("mlp", tmp_path / "ck")
+
+
+def make(case, **kw):
+    args = dict(
+        loss_fn=case.loss_fn("sum"), sample_wise_grads_per_batch=True, batch_size=4
+    )
+    args.update(kw)
+    return TracInCP(case.model, kw.pop("data", case.dataset), args.pop("ckpts", case.checkpoints),
+                    **{k: v for k, v in args.items() if k not in ("data", "ckpts")})
+
+
+def test_empty_checkpoint_directory(case, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointNotFoundError, match="empty"):
+        make(case, ckpts=str(empty))
+
+
+def test_missing_checkpoint_path(case, tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="nope.pt"):
+        make(case, ckpts=[str(tmp_path / "nope.pt")])
+    with pytest.raises(CheckpointNotFoundError):
+        make(case, ckpts=iter([]))
+
+
+def test_unreadable_checkpoint_names_the_file(case, tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(open(case.checkpoints[0], "rb").read()[:50])
+    t = make(case, ckpts=[bad])
+    with pytest.raises(CheckpointLoadError, match="broken.pt"):
+        t.influence(case.test_inputs, case.test_labels)
+
+
+def test_state_dict_mismatch_lists_keys(case, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(nn.Sequential(nn.Linear(6, 3)).state_dict(), other)
+    t = make(case, ckpts=[other])
+    with pytest.raises(CheckpointLoadError) as info:
+        t.influence()
+    msg = str(info.value)
+    assert "other.pt" in msg and "fc1.weight" in msg and "0.weight" in msg
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ.get("PROPONENTS_MARKER", "/tmp/x"),))
+
+
+def test_checkpoint_with_pickled_code_is_refused_not_run(case, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PROPONENTS_MARKER", str(marker))
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": case.model.state_dict(), "payload": Evil()}, evil)
+    assert not marker.exists()
+    t = make(case, ckpts=[evil])
+    with pytest.raises(CheckpointLoadError, match="evil.pt"):
+        t.influence()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "reduction, flag, words",
+    [("none", True, "sample_wise_grads_per_batch=True"), ("sum", False, "reduction='none'"),
+     ("mean", False, "sample_wise_grads_per_batch=False")],
+)
+def test_contradictory_loss_and_flag(case, reduction, flag, words):
+    with pytest.raises(InvalidArgumentError, match=words):
+        make(case, loss_fn=case.loss_fn(reduction), sample_wise_grads_per_batch=flag)
+
+
+def test_per_example_loss_that_returns_a_scalar(case):
+    t = make(case, loss_fn=lambda out, y: nn.functional.cross_entropy(out, y),
+             sample_wise_grads_per_batch=False)
+    with pytest.raises(InvalidArgumentError, match="per-example"):
+        t.influence()
+
+
+def test_unknown_layer_lists_valid_names(case):
+    with pytest.raises(InvalidArgumentError, match="fc3") as info:
+        make(case, layers=["fc3"])
+    assert "fc1" in str(info.value) and "fc2" in str(info.value)
+    with pytest.raises(ArgumentTypeError, match="layers"):
+        make(case, layers=[1])
+    with pytest.raises(InvalidArgumentError, match="no parameters"):
+        make(case, layers=["act"])
+
+
+@pytest.mark.parametrize("k", [0, -1, 14])
+def test_k_out_of_range(case, k):
+    with pytest.raises(InvalidArgumentError, match=f"k={k}"):
+        make(case).influence(case.test_inputs, case.test_labels, k=k)
+
+
+def test_k_of_wrong_type(case):
+    with pytest.raises(ArgumentTypeError, match="k must be"):
+        make(case).influence(case.test_inputs, case.test_labels, k=2.0)
+
+
+def test_targets_length_differs(case):
+    with pytest.raises(InvalidArgumentError, match="targets has 3 entries but inputs hold 4"):
+        make(case).influence(case.test_inputs, case.test_labels[:3])
+
+
+def test_missing_targets_with_a_loss(case):
+    with pytest.raises(InvalidArgumentError, match="targets are required"):
+        make(case).influence(case.test_inputs)
+
+
+def test_empty_training_set(case):
+    empty = TensorDataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        make(case, data=empty)
+
+
+class NoLabels(Dataset):
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return torch.randn(6)
+
+
+def test_batches_without_a_label_element(case):
+    t = make(case, data=NoLabels())
+    with pytest.raises(BatchFormatError, match=r"model\(\*batch\[:-1\]\)"):
+        t.influence()
+
+
+def test_wrong_argument_types(case):
+    with pytest.raises(ArgumentTypeError, match="train_dataset"):
+        make(case, data=[1, 2, 3])
+    with pytest.raises(ArgumentTypeError, match="checkpoints_load_func"):
+        make(case, checkpoints_load_func="load")
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        make(case, batch_size=0)
+    with pytest.raises(ArgumentTypeError, match="loss_fn"):
+        make(case, loss_fn=3)
+    with pytest.raises(ArgumentTypeError, match="sample_wise_grads_per_batch"):
+        make(case, sample_wise_grads_per_batch="yes")
+    with pytest.raises(ArgumentTypeError, match="checkpoints"):
+        make(case, ckpts=42)
