@@ -1,0 +1,28 @@
+"""The README's quick start runs as written and finds what it promises."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_quick_start_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = next(b for b in python_blocks() if "TracInCP(" in b)
+    assert len(quick.strip().splitlines()) <= 20
+    scope: dict = {}
+    exec(compile(quick, "README quick start", "exec"), scope)
+    props, opps = scope["proponents"], scope["opponents"]
+    assert props.indices.shape == (2, 5) and opps.indices.shape == (2, 5)
+    assert torch.all(props.influence_scores[:, :-1] >= props.influence_scores[:, 1:])
+    assert torch.all(opps.influence_scores[:, :-1] <= opps.influence_scores[:, 1:])
+    assert scope["suspicious"].shape == (10,)
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["0.pt", "1.pt", "2.pt"]
