@@ -1,0 +1,27 @@
+"""Nearest-neighbour search by inner product, used by TracInCPFastRandProj.
+
+:class:`ExactNearestNeighbors` (the default) is exact; :class:`AnnoyNearestNeighbors`
+and :class:`FaissNearestNeighbors` wrap optional packages (``pip install
+'proponents[annoy]'`` / ``'proponents[faiss]'``), imported only when such an object is
+created. All of them return ``(indices, scores)`` where the scores are the exact inner
+products with the query as given (largest first); opponents are found by querying with
+the negated vector and negating the scores back.
+"""
+
+from proponents.neighbors.annoy_backend import AnnoyNearestNeighbors
+from proponents.neighbors.base import (
+    MissingExtraError,
+    NearestNeighbors,
+    NearestNeighborsNotReadyError,
+)
+from proponents.neighbors.exact import ExactNearestNeighbors
+from proponents.neighbors.faiss_backend import FaissNearestNeighbors
+
+__all__ = [
+    "AnnoyNearestNeighbors",
+    "ExactNearestNeighbors",
+    "FaissNearestNeighbors",
+    "MissingExtraError",
+    "NearestNeighbors",
+    "NearestNeighborsNotReadyError",
+]

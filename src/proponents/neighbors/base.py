@@ -497,12 +497,12 @@ class IndexedNearestNeighbors(NearestNeighbors):
             return f"{meta_path.name} has an unknown format"
         expected = {
             "build settings": (meta.get("build"), self._build_config()),
-            "number of vectors": (meta.get("num_items"), int(data.shape[0])),
-            "vector dimension": (meta.get("dim"), int(data.shape[1])),
+            "number of vectors (N)": (meta.get("num_items"), int(data.shape[0])),
+            "vector dimensions (D)": (meta.get("dim"), int(data.shape[1])),
         }
         for what, (saved, current) in expected.items():
             if saved != current:
-                return f"its {what} differ (saved {saved}, now {current})"
+                return f"its {what} do not match (saved {saved}, now {current})"
         if meta.get("fingerprint") != data_fingerprint(data):
             return "it was built from different data (fingerprint differs)"
         if not (folder / self._index_filename).is_file():  # type: ignore[operator]

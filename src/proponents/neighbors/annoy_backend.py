@@ -1,0 +1,132 @@
+"""Approximate maximum-inner-product search with Annoy (the ``[annoy]`` extra)."""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.neighbors.base import IndexedNearestNeighbors, import_extra
+
+__all__ = ["AnnoyNearestNeighbors"]
+
+
+def _int_arg(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be an int; got bool ({value})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"{name} must be an int; got {type(value).__name__} ({value!r})"
+        ) from None
+
+
+def _annoy() -> Any:
+    return import_extra("annoy", "annoy", "AnnoyNearestNeighbors")
+
+
+class AnnoyNearestNeighbors(IndexedNearestNeighbors):
+    """Approximate search with a forest of Annoy trees under the ``"dot"`` metric.
+
+    Annoy picks the candidate neighbours (approximately: more trees and a larger
+    ``search_k`` find more of the true top-``k``). The returned scores are then
+    recomputed exactly from the stored data, in the promoted dtype of data and query,
+    so every score is the true inner product ``<data[i], query>`` with its true sign,
+    and each row is sorted by it (ties by smaller index). A row for which Annoy finds
+    fewer than ``k`` distinct items is answered by exact search instead.
+
+    Scores are inner products with the query as given; to find the smallest inner
+    products (opponents), query with ``-q`` and negate the scores.
+
+    Annoy stores float32 vectors in memory (``N * (D + a few) * 4`` bytes plus the trees);
+    the data tensor given to :meth:`setup` is also kept, by reference, for rescoring.
+    Building adds the rows one by one (Annoy's API), so it is slower than exact search
+    to set up; it pays off for large ``N`` and many queries.
+
+    Args:
+        num_trees: number of trees to build, ``>= 1``; more trees, better recall, larger
+            index.
+        search_k: number of tree nodes to inspect per query, or ``-1`` for Annoy's
+            default (``k * num_trees``). A value of at least ``N * num_trees`` inspects
+            every item, which makes the search exact.
+        seed: seed of Annoy's tree-building randomness, so that the index is
+            reproducible.
+
+    Raises:
+        MissingExtraError: when the ``annoy`` package is not installed
+            (``pip install 'proponents[annoy]'``).
+    """
+
+    backend_name: ClassVar[str] = "annoy"
+    _index_filename: ClassVar[str] = "neighbors.annoy"
+
+    def __init__(self, num_trees: int = 10, search_k: int = -1, *, seed: int = 0) -> None:
+        super().__init__()
+        _annoy()  # fail now, not after the training set has been embedded
+        num_trees = _int_arg(num_trees, "num_trees")
+        if num_trees < 1:
+            raise InvalidArgumentError(f"num_trees must be >= 1; got {num_trees}")
+        search_k = _int_arg(search_k, "search_k")
+        if search_k == 0 or search_k < -1:
+            raise InvalidArgumentError(
+                f"search_k must be -1 (Annoy's default, k * num_trees) or >= 1; got {search_k}"
+            )
+        seed = _int_arg(seed, "seed")
+        if not 0 <= seed < 2**32:
+            raise InvalidArgumentError(f"seed must be in 0..2**32-1; got {seed}")
+        self.num_trees = num_trees
+        self.search_k = search_k
+        self.seed = seed
+        self._index: Any = None
+
+    def config(self) -> dict[str, Any]:
+        """``{"backend": "annoy", "num_trees": ..., "search_k": ..., "seed": ...}``."""
+        return {
+            "backend": self.backend_name,
+            "num_trees": self.num_trees,
+            "search_k": self.search_k,
+            "seed": self.seed,
+        }
+
+    def _build_config(self) -> dict[str, Any]:
+        settings = self.config()
+        del settings["search_k"]  # a query-time setting: a saved index serves any value
+        return settings
+
+    def _build(self, data: Tensor) -> None:
+        annoy = _annoy()
+        index = annoy.AnnoyIndex(int(data.shape[1]), "dot")
+        index.set_seed(self.seed)
+        rows = data.detach().to("cpu", torch.float32).numpy()
+        for i, row in enumerate(rows):
+            index.add_item(i, row)
+        index.build(self.num_trees)
+        self._index = index
+
+    def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        n = query.shape[0]
+        candidates = torch.full((n, k), -1, dtype=torch.long)
+        rows = query.detach().to("cpu", torch.float32).numpy()
+        for i, row in enumerate(rows):
+            found = self._index.get_nns_by_vector(row, k, search_k=self.search_k)
+            candidates[i, : len(found)] = torch.as_tensor(found[:k], dtype=torch.long)
+        return self._rescore(query, candidates, k)
+
+    def _write_index(self, path: Path) -> None:
+        if not self._index.save(str(path)):
+            raise OSError(f"Annoy could not write {path}")
+
+    def _read_index(self, path: Path, data: Tensor) -> None:
+        annoy = _annoy()
+        index = annoy.AnnoyIndex(int(data.shape[1]), "dot")
+        index.load(str(path))
+        if index.get_n_items() != data.shape[0]:
+            raise ValueError(
+                f"the file holds {index.get_n_items()} items, the data has {data.shape[0]}"
+            )
+        self._index = index
