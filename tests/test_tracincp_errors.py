@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-from conftest import make_case
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from conftest import make_case
 from proponents import TracInCP
 from proponents.errors import (
     ArgumentTypeError,
@@ -26,12 +26,14 @@ def case(tmp_path):
 
 
 def make(case, **kw):
-    args = dict(
-        loss_fn=case.loss_fn("sum"), sample_wise_grads_per_batch=True, batch_size=4
-    )
+    args = dict(loss_fn=case.loss_fn("sum"), sample_wise_grads_per_batch=True, batch_size=4)
     args.update(kw)
-    return TracInCP(case.model, kw.pop("data", case.dataset), args.pop("ckpts", case.checkpoints),
-                    **{k: v for k, v in args.items() if k not in ("data", "ckpts")})
+    return TracInCP(
+        case.model,
+        kw.pop("data", case.dataset),
+        args.pop("ckpts", case.checkpoints),
+        **{k: v for k, v in args.items() if k not in ("data", "ckpts")},
+    )
 
 
 def test_empty_checkpoint_directory(case, tmp_path):
@@ -86,8 +88,11 @@ def test_checkpoint_with_pickled_code_is_refused_not_run(case, tmp_path, monkeyp
 
 @pytest.mark.parametrize(
     "reduction, flag, words",
-    [("none", True, "sample_wise_grads_per_batch=True"), ("sum", False, "reduction='none'"),
-     ("mean", False, "sample_wise_grads_per_batch=False")],
+    [
+        ("none", True, "sample_wise_grads_per_batch=True"),
+        ("sum", False, "reduction='none'"),
+        ("mean", False, "sample_wise_grads_per_batch=False"),
+    ],
 )
 def test_contradictory_loss_and_flag(case, reduction, flag, words):
     with pytest.raises(InvalidArgumentError, match=words):
@@ -95,8 +100,11 @@ def test_contradictory_loss_and_flag(case, reduction, flag, words):
 
 
 def test_per_example_loss_that_returns_a_scalar(case):
-    t = make(case, loss_fn=lambda out, y: nn.functional.cross_entropy(out, y),
-             sample_wise_grads_per_batch=False)
+    t = make(
+        case,
+        loss_fn=lambda out, y: nn.functional.cross_entropy(out, y),
+        sample_wise_grads_per_batch=False,
+    )
     with pytest.raises(InvalidArgumentError, match="per-example"):
         t.influence()
 

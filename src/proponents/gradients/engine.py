@@ -15,6 +15,8 @@ to the generic path, so the fast path can never change a result.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +26,14 @@ from torch.func import functional_call
 from proponents.data import Batch
 from proponents.gradients import representations as reps
 from proponents.gradients.generic import GenericGradients
-from proponents.gradients.hooked import LayerShapeMismatch, hooked_pass, layout
+from proponents.gradients.hooked import (
+    LayerShapeMismatch,
+    conv_weight_grads,
+    hooked_pass,
+    layout,
+    record,
+    represent,
+)
 from proponents.gradients.loss import LossSpec
 from proponents.gradients.representations import DenseGrads, Grads
 from proponents.gradients.selection import HookedLayer, find_hooked_layers
@@ -43,8 +52,6 @@ class GradientEngine:
         owner: class name for messages.
         fast_layers: serve Linear/Conv layers with per-layer strategies; ``False``
             forces the generic ``torch.func`` path for every parameter.
-        force_linear: names of linear layers that must use the factored strategy
-            (TracInCPFast's final layer); they are not re-checked.
     """
 
     def __init__(
@@ -102,22 +109,29 @@ class GradientEngine:
         return out
 
     def _check(self, params: dict, buffers: dict, batch: Batch) -> None:
-        """Compare per-layer strategies with autograd on single examples; demote failures."""
+        """Tune and verify the per-layer strategies on the first batch.
+
+        Convolutions get the faster of their two exact methods (timed here); every
+        hooked layer is then compared with autograd on single examples, and a layer
+        that disagrees is moved to the generic path.
+        """
         self._checked = True
-        try:
-            layer_reps = hooked_pass(self.model, params, buffers, self.hooked, self.loss, batch)
-        except LayerShapeMismatch as err:
-            bad = {str(err)}
-            self.hooked = [layer for layer in self.hooked if layer.name not in bad]
-            self._checked = not self.hooked
-            self._set_generic()
-            if self.hooked:
-                self._check(params, buffers, batch)
-            return
-        keep = [True] * len(self.hooked)
+        records = record(self.model, params, buffers, self.hooked, self.loss, batch)
+        self.hooked = [self._tune(layer, records[layer.name]) for layer in self.hooked]
+        layer_reps: list[Grads | None] = []
+        for layer in self.hooked:
+            try:
+                layer_reps.append(
+                    represent(layer, self.model, records[layer.name], batch.size, params)
+                )
+            except LayerShapeMismatch:
+                layer_reps.append(None)
+        keep = [rep is not None for rep in layer_reps]
         for i in sorted({0, batch.size - 1}):
             truth = self._single_example_grads(params, buffers, batch, i)
             for j, (layer, rep) in enumerate(zip(self.hooked, layer_reps)):
+                if rep is None:
+                    continue
                 got = reps.as_dense(rep)[i]
                 want = layout(layer, truth[layer.weight], truth.get(layer.bias or ""))
                 scale = max(float(want.norm()), float(got.norm()), 1e-30)
@@ -127,6 +141,27 @@ class GradientEngine:
         if not all(keep):
             self.hooked = [layer for layer, k in zip(self.hooked, keep) if k]
             self._set_generic()
+
+    def _tune(self, layer: HookedLayer, calls: list) -> HookedLayer:
+        """Pick the faster exact method for a convolution by timing both once."""
+        if layer.kind != "conv" or not calls or calls[0][1] is None:
+            return layer
+        module = self.model.get_submodule(layer.name)
+        x, g, _ = calls[0]
+        if x.dim() < 2 or x.shape[0] != g.shape[0]:
+            return layer
+        best, best_time = layer.method, float("inf")
+        for method in ("unfold", "grouped"):
+            try:
+                conv_weight_grads(module, x, g, method)  # warm-up
+                start = time.perf_counter()
+                conv_weight_grads(module, x, g, method)
+                elapsed = time.perf_counter() - start
+            except RuntimeError:
+                continue
+            if elapsed < best_time:
+                best, best_time = method, elapsed
+        return dataclasses.replace(layer, method=best)
 
     def _single_example_grads(
         self, params: dict, buffers: dict, batch: Batch, i: int
@@ -144,9 +179,7 @@ class GradientEngine:
             )
             value = self.loss.example_loss(out, tree_map(pick, batch.labels))
             grads = torch.autograd.grad(value, [leaves[n] for n in names], allow_unused=True)
-        return {
-            n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, grads)
-        }
+        return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, grads)}
 
     @staticmethod
     def dot(test: list[Grads], train: list[Grads]) -> Tensor:

@@ -34,26 +34,26 @@ class LayerShapeMismatch(Exception):
     """A recorded activation does not carry the batch in its first dimension."""
 
 
-def hooked_pass(
+Calls = list[tuple[Tensor, Tensor | None, Tensor]]
+
+
+def record(
     model: nn.Module,
     params: Mapping[str, Tensor],
     buffers: Mapping[str, Tensor],
     layers: Sequence[HookedLayer],
     loss: LossSpec,
     batch: Batch,
-) -> list[Grads]:
-    """Per-example gradients of ``layers`` for ``batch``, one representation per layer.
+) -> dict[str, Calls]:
+    """One forward and backward pass recording, per layer and call, ``(input, grad, output)``.
 
     Args:
         model: the model (only its structure is used; values come from ``params``).
         params: every parameter of the model by canonical name (detached).
         buffers: every buffer of the model by name.
-        layers: the layers to serve.
+        layers: the layers to record.
         loss: the per-example loss description.
         batch: the batch, already on the model's device.
-
-    Raises:
-        LayerShapeMismatch: when a layer's input does not have the batch in dim 0.
     """
     records: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in layers}
     handles = []
@@ -71,17 +71,39 @@ def hooked_pass(
         for h in handles:
             h.remove()
     outs = [o for layer in layers for _, o in records[layer.name]]
-    grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
-    grads_iter = iter(grads)
-    reps: list[Grads] = []
-    for layer in layers:
-        calls = [(x, next(grads_iter), o) for x, o in records[layer.name]]
-        module = model.get_submodule(layer.name)
-        if layer.kind == "linear":
-            reps.append(_linear_rep(layer, module, calls, batch.size, params))
-        else:
-            reps.append(_conv_rep(layer, module, calls, batch.size, params))
-    return reps
+    grads = iter(torch.autograd.grad(total, outs, allow_unused=True) if outs else ())
+    return {layer.name: [(x, next(grads), o) for x, o in records[layer.name]] for layer in layers}
+
+
+def represent(
+    layer: HookedLayer,
+    model: nn.Module,
+    calls: Calls,
+    batch_size: int,
+    params: Mapping[str, Tensor],
+) -> Grads:
+    """The per-example gradient representation of one recorded layer.
+
+    Raises:
+        LayerShapeMismatch: when the layer's input does not have the batch in dim 0.
+    """
+    module = model.get_submodule(layer.name)
+    if layer.kind == "linear":
+        return _linear_rep(layer, module, calls, batch_size, params)
+    return _conv_rep(layer, module, calls, batch_size, params)
+
+
+def hooked_pass(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    layers: Sequence[HookedLayer],
+    loss: LossSpec,
+    batch: Batch,
+) -> list[Grads]:
+    """Per-example gradients of ``layers`` for ``batch``, one representation per layer."""
+    records = record(model, params, buffers, layers, loss, batch)
+    return [represent(la, model, records[la.name], batch.size, params) for la in layers]
 
 
 def _leaves(params: Mapping[str, Tensor]):
@@ -144,6 +166,50 @@ def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
     )  # type: ignore[return-value]
 
 
+def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> Tensor:
+    """Per-example weight gradients of a convolution, flattened to ``(B, weight.numel())``.
+
+    Args:
+        module: the ``nn.Conv1d``/``nn.Conv2d`` layer.
+        x: its input ``(B, C, *spatial)``.
+        g: the loss gradient at its output ``(B, O, *spatial_out)``.
+        method: ``"unfold"`` (im2col, then one batched matrix product) or ``"grouped"``
+            (one convolution backward with the batch folded into groups). Both are exact;
+            which is faster depends on the layer's shape, so the engine times them once.
+    """
+    batch_size = x.shape[0]
+    kernel, stride, padding, dilation = _conv_geometry(module)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        g = g.unsqueeze(2)
+    groups = module.groups
+    out_c, in_c = g.shape[1], x.shape[1]
+    if method == "grouped":
+        weight_shape = (batch_size * out_c, in_c // groups, *kernel)
+        _, w, _ = torch.ops.aten.convolution_backward(
+            g.reshape(1, batch_size * out_c, *g.shape[2:]),
+            x.reshape(1, batch_size * in_c, *x.shape[2:]),
+            list(weight_shape),
+            None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            batch_size * groups,
+            [False, True, False],
+        )
+        return w.reshape(batch_size, -1)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    positions = cols.shape[-1]
+    if groups == 1:
+        w = torch.bmm(g.reshape(batch_size, out_c, positions), cols.transpose(1, 2))
+        return w.reshape(batch_size, -1)
+    cols = cols.view(batch_size, groups, -1, positions)
+    gg = g.reshape(batch_size, groups, out_c // groups, positions)
+    return torch.einsum("bgol,bgil->bgoi", gg, cols).reshape(batch_size, -1)
+
+
 def _conv_rep(
     layer: HookedLayer,
     module: nn.Module,
@@ -152,27 +218,24 @@ def _conv_rep(
     params: Mapping[str, Tensor],
 ) -> DenseGrads:
     weight = params[layer.weight]
-    groups = module.groups
     out_c = weight.shape[0]
-    kernel, stride, padding, dilation = _conv_geometry(module)
-    w_total = weight.new_zeros(batch_size, weight.numel())
-    b_total = weight.new_zeros(batch_size, out_c) if layer.bias is not None else None
-    for x, g, o in calls:
+    w_total: Tensor | None = None
+    b_total: Tensor | None = None
+    for x, g, _ in calls:
         _check_batch(x, batch_size, layer)
         if g is None:
             continue
-        if isinstance(module, nn.Conv1d):
-            x = x.unsqueeze(2)
-        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        positions = cols.shape[-1]
-        cols = cols.view(batch_size, groups, -1, positions)
-        gg = g.reshape(batch_size, groups, out_c // groups, positions)
-        w = torch.einsum("bgol,bgil->bgoi", gg, cols)
-        w_total += w.reshape(batch_size, -1)
-        if b_total is not None:
-            b_total += g.reshape(batch_size, out_c, -1).sum(dim=2)
-    if b_total is None:
+        w = conv_weight_grads(module, x, g, layer.method)
+        w_total = w if w_total is None else w_total + w
+        if layer.bias is not None:
+            b = g.reshape(batch_size, out_c, -1).sum(dim=2)
+            b_total = b if b_total is None else b_total + b
+    if w_total is None:
+        w_total = weight.new_zeros(batch_size, weight.numel())
+    if layer.bias is None:
         return DenseGrads(w_total)
+    if b_total is None:
+        b_total = weight.new_zeros(batch_size, out_c)
     return DenseGrads(torch.cat([w_total, b_total], dim=1))
 
 

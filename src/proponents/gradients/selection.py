@@ -36,6 +36,7 @@ class HookedLayer:
     kind: str
     weight: str
     bias: str | None
+    method: str = "unfold"
 
     @property
     def params(self) -> tuple[str, ...]:

@@ -1,0 +1,289 @@
+"""Side-by-side timing of proponents and Captum on the same workloads, in one process.
+
+Usage::
+
+    pip install -e ".[bench]"
+    python benchmarks/compare_captum.py            # CNN + transformer TracInCP, all ratios
+    python benchmarks/compare_captum.py --memory   # 10,000 test x 20,000 train peak RSS
+
+Every figure is the best of ``--repeats`` runs (default 2), measured with 2 threads.
+Ratios are Captum's time divided by ours (higher is better for us). Scores of the two
+libraries are checked to agree before any ratio is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proponents  # noqa: E402
+from workloads import (  # noqa: E402
+    BenchCNN,
+    BenchTransformer,
+    cnn_data,
+    make_checkpoints,
+    set_threads,
+    transformer_data,
+)
+
+
+def best_of(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def agree(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-3) -> None:
+    a, b = a.double(), b.double()
+    err = float((a - b).abs().max())
+    scale = float(b.abs().max())
+    status = "ok" if err <= rtol * scale else "MISMATCH"
+    print(f"    agreement {what}: max |diff| {err:.3g} (scale {scale:.3g}) {status}")
+    if status != "ok":
+        raise SystemExit(f"scores disagree for {what}")
+
+
+def captum_load(model: nn.Module, path: str) -> float:
+    """Loader for Captum: its default expects a flat state dict without a learning rate."""
+    ckpt = torch.load(path, weights_only=True)
+    model.load_state_dict(ckpt["model_state_dict"])
+    return float(ckpt["learning_rate"])
+
+
+def floor_time(model: nn.Module, train, repeats: int) -> float:
+    """One batched forward+backward pass over the training set (batch 128)."""
+    loader = torch.utils.data.DataLoader(train, batch_size=128)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+    def run():
+        for x, y in loader:
+            model.zero_grad()
+            loss_fn(model(x), y).backward()
+        model.zero_grad()
+
+    return best_of(run, repeats)[0]
+
+
+def row(name: str, ours: float, theirs: float, target: float | None = None) -> dict:
+    ratio = theirs / ours
+    mark = (
+        ""
+        if target is None
+        else f" (target >= {target:.0f}x: {'met' if ratio >= target else 'MISSED'})"
+    )
+    print(f"  {name:<48} ours {ours:8.3f}s  captum {theirs:8.3f}s  ratio {ratio:6.1f}x{mark}")
+    return {"operation": name, "ours_s": ours, "captum_s": theirs, "ratio": ratio, "target": target}
+
+
+def cnn_benchmark(repeats: int, workdir: Path, skip_default: bool) -> list[dict]:
+    from captum.influence import TracInCP as CaptumTracInCP
+
+    print("CNN workload: 2,000 train / 64 test, 3 checkpoints, batch 128, CE(sum)")
+    torch.manual_seed(0)
+    train, x_test, y_test = cnn_data()
+    model = BenchCNN()
+    ckpts = make_checkpoints(model, train, workdir / "cnn")
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    ours = proponents.TracInCP(
+        model, train, ckpts, loss_fn=loss, batch_size=128, sample_wise_grads_per_batch=True
+    )
+    theirs = CaptumTracInCP(
+        model,
+        train,
+        ckpts,
+        captum_load,
+        loss_fn=loss,
+        batch_size=128,
+        sample_wise_grads_per_batch=True,
+    )
+    results = []
+    t_ours, s_ours = best_of(lambda: ours.influence((x_test,), y_test), repeats)
+    t_cap, s_cap = best_of(lambda: theirs.influence((x_test, y_test)), repeats)
+    agree(s_ours, s_cap, "influence scores")
+    results.append(row("TracInCP scores vs sample-wise", t_ours, t_cap, 4))
+    tk_ours, k_ours = best_of(lambda: ours.influence((x_test,), y_test, k=10), repeats)
+    tk_cap, k_cap = best_of(lambda: theirs.influence((x_test, y_test), k=10), repeats)
+    agree(k_ours.influence_scores, k_cap.influence_scores, "k-most scores")
+    results.append(row("TracInCP k-most (k=10) vs sample-wise", tk_ours, tk_cap, 4))
+    ts_ours, si_ours = best_of(lambda: ours.influence(), repeats)
+    ts_cap, si_cap = best_of(lambda: theirs.self_influence(), repeats)
+    agree(si_ours, si_cap, "self-influence")
+    results.append(row("TracInCP self-influence vs sample-wise", ts_ours, ts_cap, 4))
+
+    if not skip_default:
+        default = CaptumTracInCP(
+            model,
+            train,
+            ckpts,
+            captum_load,
+            loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            batch_size=128,
+            sample_wise_grads_per_batch=False,
+        )
+        td_cap, sd_cap = best_of(lambda: default.influence((x_test, y_test)), repeats)
+        agree(s_ours, sd_cap, "scores vs default path")
+        results.append(row("TracInCP scores vs default path", t_ours, td_cap, 20))
+        tdk_cap, _ = best_of(lambda: default.influence((x_test, y_test), k=10), 1)
+        results.append(row("TracInCP k-most (k=10) vs default path", tk_ours, tdk_cap, 20))
+
+    floor = floor_time(model, train, repeats)
+    per_ckpt = t_ours / len(ckpts)
+    print(
+        f"  floor: one batched fwd+bwd over the training set {floor:.3f}s; ours per checkpoint "
+        f"{per_ckpt:.3f}s = {per_ckpt / floor:.2f}x the floor (target <= 1.5x)"
+    )
+    results.append(
+        {
+            "operation": "cost per checkpoint / batched fwd+bwd",
+            "ratio": per_ckpt / floor,
+            "ours_s": per_ckpt,
+            "floor_s": floor,
+            "target": 1.5,
+        }
+    )
+    return results
+
+
+def transformer_benchmark(repeats: int, workdir: Path) -> list[dict]:
+    from captum.influence import TracInCP as CaptumTracInCP
+
+    print("Transformer workload: 1,000 train / 32 test, 3 checkpoints, d=64, seq 32")
+    torch.manual_seed(0)
+    train, x_test, y_test = transformer_data()
+    model = BenchTransformer()
+    ckpts = make_checkpoints(model, train, workdir / "tf")
+    ours = proponents.TracInCP(
+        model, train, ckpts, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=128
+    )
+    theirs = CaptumTracInCP(
+        model,
+        train,
+        ckpts,
+        captum_load,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=128,
+    )
+    t_ours, s_ours = best_of(lambda: ours.influence((x_test,), y_test), repeats)
+    t_cap, s_cap = best_of(lambda: theirs.influence((x_test, y_test)), repeats)
+    agree(s_ours, s_cap, "transformer scores", rtol=2e-3)
+    return [row("Transformer TracInCP scores vs default path", t_ours, t_cap, 10)]
+
+
+RSS_CHILD = r"""
+import sys, json, resource, torch
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+from workloads import BenchCNN, cnn_data, set_threads
+set_threads(2)
+import torch.nn as nn
+lib = {lib!r}
+train, x, y = cnn_data(n_train={n_train}, n_test={n_test})
+model = BenchCNN()
+ckpts = json.loads({ckpts!r})
+loss = nn.CrossEntropyLoss(reduction="sum")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if lib == "ours":
+    import proponents
+    t = proponents.TracInCP(model, train, ckpts, loss_fn=loss, batch_size=128,
+                            sample_wise_grads_per_batch=True)
+    s = t.influence((x,), y)
+else:
+    from captum.influence import TracInCP
+    def load(m, p):
+        c = torch.load(p, weights_only=True)
+        m.load_state_dict(c["model_state_dict"])
+        return c["learning_rate"]
+    t = TracInCP(model, train, ckpts, load, loss_fn=loss, batch_size=128,
+                 sample_wise_grads_per_batch=True)
+    s = t.influence((x, y))
+print(json.dumps({{"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "before_mb": base / 1024, "shape": list(s.shape)}}))
+"""
+
+
+def peak_rss(lib: str, ckpts: list[str], n_train: int, n_test: int) -> dict:
+    code = RSS_CHILD.format(
+        bench=str(Path(__file__).resolve().parent),
+        lib=lib,
+        n_train=n_train,
+        n_test=n_test,
+        ckpts=json.dumps(ckpts),
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_benchmark(workdir: Path) -> list[dict]:
+    print("Peak RSS, CNN workload (separate processes)")
+    train, _, _ = cnn_data()
+    ckpts = make_checkpoints(BenchCNN(), train, workdir / "rss")
+    ours = peak_rss("ours", ckpts, 2000, 64)
+    theirs = peak_rss("captum", ckpts, 2000, 64)
+    print(
+        f"  peak RSS ours {ours['peak_mb']:.0f} MB, captum {theirs['peak_mb']:.0f} MB "
+        f"(target: ours <= captum: {'met' if ours['peak_mb'] <= theirs['peak_mb'] else 'MISSED'})"
+    )
+    return [
+        {
+            "operation": "peak RSS MB (ours, captum)",
+            "ours": ours["peak_mb"],
+            "captum": theirs["peak_mb"],
+        }
+    ]
+
+
+def memory_benchmark(workdir: Path) -> None:
+    print("Memory: 10,000 test x 20,000 train on the benchmark CNN, 1 checkpoint")
+    train, _, _ = cnn_data(n_train=2000)
+    ckpts = make_checkpoints(BenchCNN(), train, workdir / "mem", n=1)
+    t0 = time.perf_counter()
+    ours = peak_rss("ours", ckpts, 20000, 10000)
+    print(
+        f"  peak RSS {ours['peak_mb']:.0f} MB (target < 4096 MB), scores {ours['shape']}, "
+        f"{time.perf_counter() - t0:.0f}s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="run the 10k x 20k memory check")
+    parser.add_argument(
+        "--skip-default",
+        action="store_true",
+        help="skip Captum's slow default (per-example loop) path",
+    )
+    parser.add_argument("--only", choices=["cnn", "transformer", "rss"], default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    args = parser.parse_args()
+    set_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.memory:
+            memory_benchmark(work)
+            return
+        results = []
+        if args.only in (None, "cnn"):
+            results += cnn_benchmark(args.repeats, work, args.skip_default)
+        if args.only in (None, "transformer"):
+            results += transformer_benchmark(args.repeats, work)
+        if args.only in (None, "rss"):
+            results += rss_benchmark(work)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
