@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from conftest import (
     Case,
     assert_close,
@@ -12,9 +16,6 @@ from conftest import (
     reference_scores,
     reference_self,
 )
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
 from proponents import KMostInfluentialResults, TracInCP
 
 
@@ -83,15 +84,22 @@ def test_strategies_chosen_per_layer(tmp_path):
     # the attention block calls its output projection functionally: it must not be hooked
     assert kinds["attn.out_proj.weight"] == "generic"
     cnn = make_case("cnn", tmp_path / "cnn")
-    kinds = tracin(cnn)._engine.strategies
+    t = tracin(cnn)
+    scores = t.influence(cnn.test_inputs, cnn.test_labels)
+    kinds = t._engine.strategies
     assert kinds["conv2.weight"] == "conv" and kinds["fc.bias"] == "linear"
+    # ReLU(inplace=True) after conv1 modifies the recorded output: detected, then protected
+    assert t._engine._protect
+    assert_close(scores, reference_scores(cnn))
 
 
 def test_three_loss_settings_agree(tmp_path):
     case = make_case("mlp", tmp_path)
     expected = reference_scores(case)
     for reduction in ("none", "sum", "mean"):
-        assert_close(tracin(case, reduction).influence(case.test_inputs, case.test_labels), expected)
+        assert_close(
+            tracin(case, reduction).influence(case.test_inputs, case.test_labels), expected
+        )
 
 
 def test_mean_reduction_on_multi_output_loss_is_the_per_example_mean(tmp_path):
@@ -111,7 +119,9 @@ def test_layer_subsets(tmp_path):
     case = make_case("cnn", tmp_path)
     for layers in (["fc"], ["conv1", "fc"], ["conv2"]):
         t = tracin(case, layers=layers)
-        assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case, layers))
+        assert_close(
+            t.influence(case.test_inputs, case.test_labels), reference_scores(case, layers)
+        )
         assert_close(t.influence(), reference_self(case, layers))
 
 
@@ -143,8 +153,14 @@ def test_checkpoint_forms_directory_list_iterator(tmp_path):
     expected = reference_scores(case)
     loaded = [torch.load(p, weights_only=True) for p in case.checkpoints]
     for source in (tmp_path / "ckpts", [str(p) for p in case.checkpoints], iter(loaded)):
-        t = TracInCP(case.model, case.dataset, source, loss_fn=case.loss_fn("sum"),
-                     batch_size=4, sample_wise_grads_per_batch=True)
+        t = TracInCP(
+            case.model,
+            case.dataset,
+            source,
+            loss_fn=case.loss_fn("sum"),
+            batch_size=4,
+            sample_wise_grads_per_batch=True,
+        )
         assert_close(t.influence(case.test_inputs, case.test_labels), expected)
         # an iterator is consumed once but usable for every call
         assert_close(t.influence(case.test_inputs, case.test_labels), expected)
@@ -153,9 +169,14 @@ def test_checkpoint_forms_directory_list_iterator(tmp_path):
 def test_dataset_and_dataloader_give_identical_results(tmp_path):
     case = make_case("two_input", tmp_path)
     a = tracin(case, batch_size=4)
-    b = TracInCP(case.model, DataLoader(case.dataset, batch_size=6),
-                 [str(p) for p in case.checkpoints], loss_fn=case.loss_fn("sum"),
-                 sample_wise_grads_per_batch=True, batch_size=999)
+    b = TracInCP(
+        case.model,
+        DataLoader(case.dataset, batch_size=6),
+        [str(p) for p in case.checkpoints],
+        loss_fn=case.loss_fn("sum"),
+        sample_wise_grads_per_batch=True,
+        batch_size=999,
+    )
     sa = a.influence(case.test_inputs, case.test_labels)
     assert_close(sa, b.influence(case.test_inputs, case.test_labels), rtol=1e-6)
     assert_close(a.influence(), b.influence(), rtol=1e-6)
@@ -202,8 +223,13 @@ def test_user_model_is_unchanged(tmp_path):
         paths.append(tmp_path / f"c{c}.pt")
         torch.save(m2.state_dict(), paths[-1])
     snap = model_snapshot(model)
-    t = TracInCP(model, TensorDataset(x, y), paths, loss_fn=nn.CrossEntropyLoss(reduction="none"),
-                 batch_size=4)
+    t = TracInCP(
+        model,
+        TensorDataset(x, y),
+        paths,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=4,
+    )
     t.influence((x[:2],), y[:2])
     t.influence((x[:2],), y[:2], k=2)
     t.influence()
@@ -245,9 +271,15 @@ def test_vmap_failure_falls_back_to_a_correct_loop_with_one_warning(tmp_path):
     x, y = torch.randn(7, 4), torch.randint(0, 2, (7,))
     path = tmp_path / "c.pt"
     torch.save(model.state_dict(), path)
-    t = TracInCP(model, TensorDataset(x, y), [path], layers=["norm"],
-                 loss_fn=nn.CrossEntropyLoss(reduction="sum"), sample_wise_grads_per_batch=True,
-                 batch_size=3)
+    t = TracInCP(
+        model,
+        TensorDataset(x, y),
+        [path],
+        layers=["norm"],
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        sample_wise_grads_per_batch=True,
+        batch_size=3,
+    )
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -269,8 +301,14 @@ def test_non_finite_examples_are_contained_and_named(tmp_path):
     x = case.train_inputs[0].clone()
     x[4, 0] = float("nan")
     ds = TensorDataset(x, case.train_labels)
-    t = TracInCP(case.model, ds, case.checkpoints, loss_fn=case.loss_fn("sum"),
-                 sample_wise_grads_per_batch=True, batch_size=5)
+    t = TracInCP(
+        case.model,
+        ds,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        sample_wise_grads_per_batch=True,
+        batch_size=5,
+    )
     import pytest
 
     with pytest.warns(RuntimeWarning, match=r"training examples \[4\]"):
@@ -278,3 +316,35 @@ def test_non_finite_examples_are_contained_and_named(tmp_path):
     assert not torch.isfinite(scores[:, 4]).any()
     keep = [i for i in range(13) if i != 4]
     assert_close(scores[:, keep], reference_scores(case)[:, keep])
+
+
+def _per_example_conv_grads(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loop reference: per-example weight gradients of sum(out * r) for a fixed random r."""
+    g_out = torch.randn(conv(x).shape, generator=torch.Generator().manual_seed(3))
+    rows = []
+    for i in range(x.shape[0]):
+        conv.zero_grad()
+        (conv(x[i : i + 1]) * g_out[i : i + 1]).sum().backward()
+        rows.append(conv.weight.grad.reshape(-1).clone())
+    return torch.stack(rows), g_out
+
+
+@pytest.mark.parametrize("method", ["unfold", "shifts", "grouped"])
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(3, 4, 3, padding=1), (5, 3, 8, 8)),
+        (nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+         (3, 4, 9, 7)),
+        (nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2), (4, 2, 11)),
+        (nn.Conv1d(4, 4, 1, groups=4), (3, 4, 5)),
+    ],
+)
+def test_every_conv_method_gives_per_example_gradients(method, conv, shape):
+    from proponents.gradients.hooked import conv_weight_grads
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    want, g_out = _per_example_conv_grads(conv, x)
+    got = conv_weight_grads(conv, x, g_out, method)
+    assert_close(got, want, rtol=1e-5)

@@ -34,8 +34,7 @@ def load_checkpoint(
         raise
     except Exception as err:
         raise CheckpointLoadError(
-            f"{owner}: loading {checkpoint_label(ckpt, index)} failed: "
-            f"{type(err).__name__}: {err}"
+            f"{owner}: loading {checkpoint_label(ckpt, index)} failed: {type(err).__name__}: {err}"
         ) from err
     model.eval()
     if lr is None:
@@ -159,7 +158,7 @@ class TracInRunner:
                     block = self.engine.dot(test_rep, rep).mul_(lr)
                     if scores is None:
                         columns.append(block)
-                        tracker.add(self.engine.finite(rep), offset, test=False)
+                        tracker.add(torch.isfinite(block).all(dim=0), offset, test=False)
                     else:
                         _check_columns(scores, offset + batch.size, self.owner)
                         scores[:, offset : offset + batch.size] += block
@@ -197,10 +196,10 @@ class TracInRunner:
                 )
                 parts, offset = [], 0
                 for batch in self._batches(data, True, "batch"):
-                    rep = self.engine.compute(batch)
+                    values = self.engine.sq_norm(self.engine.compute(batch)).mul_(lr)
                     if c == 0:
-                        tracker.add(self.engine.finite(rep), offset, test=False)
-                    parts.append(self.engine.sq_norm(rep).mul_(lr))
+                        tracker.add(torch.isfinite(values), offset, test=False)
+                    parts.append(values)
                     offset += batch.size
                     bar.update()
                 if not parts:

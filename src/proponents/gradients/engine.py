@@ -68,6 +68,7 @@ class GradientEngine:
         self.selected = list(selected)
         self.hooked: list[HookedLayer] = find_hooked_layers(model, selected) if fast_layers else []
         self._checked = not self.hooked
+        self._protect = False
         self._set_generic()
 
     def _set_generic(self) -> None:
@@ -103,7 +104,10 @@ class GradientEngine:
             self._check(params, buffers, batch)
         out: list[Grads] = []
         if self.hooked:
-            out.extend(hooked_pass(self.model, params, buffers, self.hooked, self.loss, batch))
+            layer_reps, self._protect = hooked_pass(
+                self.model, params, buffers, self.hooked, self.loss, batch, self._protect
+            )
+            out.extend(layer_reps)
         if self.generic is not None:
             out.append(DenseGrads(self.generic(params, buffers, batch)))
         return out
@@ -116,7 +120,9 @@ class GradientEngine:
         that disagrees is moved to the generic path.
         """
         self._checked = True
-        records = record(self.model, params, buffers, self.hooked, self.loss, batch)
+        records, self._protect = record(
+            self.model, params, buffers, self.hooked, self.loss, batch, self._protect
+        )
         self.hooked = [self._tune(layer, records[layer.name]) for layer in self.hooked]
         layer_reps: list[Grads | None] = []
         for layer in self.hooked:
@@ -151,7 +157,7 @@ class GradientEngine:
         if x.dim() < 2 or x.shape[0] != g.shape[0]:
             return layer
         best, best_time = layer.method, float("inf")
-        for method in ("unfold", "grouped"):
+        for method in ("unfold", "shifts", "grouped"):
             try:
                 conv_weight_grads(module, x, g, method)  # warm-up
                 start = time.perf_counter()

@@ -44,7 +44,8 @@ def record(
     layers: Sequence[HookedLayer],
     loss: LossSpec,
     batch: Batch,
-) -> dict[str, Calls]:
+    protect: bool = False,
+) -> tuple[dict[str, Calls], bool]:
     """One forward and backward pass recording, per layer and call, ``(input, grad, output)``.
 
     Args:
@@ -54,13 +55,19 @@ def record(
         layers: the layers to record.
         loss: the per-example loss description.
         batch: the batch, already on the model's device.
+        protect: hand a copy of each recorded output to the rest of the model, so that
+            in-place operations after the layer (``ReLU(inplace=True)``) cannot alter the
+            tensor whose gradient is taken. Without it, such a modification is detected
+            through the tensor's version counter and the pass is redone with protection.
+
+    Returns:
+        The records, and whether protection was needed (callers keep it on from then on).
     """
-    records: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in layers}
+    records: dict[str, list[tuple[Tensor, Tensor, int]]] = {layer.name: [] for layer in layers}
     handles = []
     for layer in layers:
-        handles.append(
-            model.get_submodule(layer.name).register_forward_hook(_recorder(records[layer.name]))
-        )
+        module = model.get_submodule(layer.name)
+        handles.append(module.register_forward_hook(_recorder(records[layer.name], protect)))
     wanted = {n for layer in layers for n in layer.params}
     call_params = {n: (p.requires_grad_(True) if n in wanted else p) for n, p in _leaves(params)}
     try:
@@ -70,9 +77,13 @@ def record(
     finally:
         for h in handles:
             h.remove()
-    outs = [o for layer in layers for _, o in records[layer.name]]
+    outs = [o for layer in layers for _, o, _ in records[layer.name]]
+    if not protect and any(o._version != v for r in records.values() for _, o, v in r):
+        return record(model, params, buffers, layers, loss, batch, protect=True)[0], True
     grads = iter(torch.autograd.grad(total, outs, allow_unused=True) if outs else ())
-    return {layer.name: [(x, next(grads), o) for x, o in records[layer.name]] for layer in layers}
+    return {
+        layer.name: [(x, next(grads), o) for x, o, _ in records[layer.name]] for layer in layers
+    }, protect
 
 
 def represent(
@@ -100,10 +111,15 @@ def hooked_pass(
     layers: Sequence[HookedLayer],
     loss: LossSpec,
     batch: Batch,
-) -> list[Grads]:
-    """Per-example gradients of ``layers`` for ``batch``, one representation per layer."""
-    records = record(model, params, buffers, layers, loss, batch)
-    return [represent(la, model, records[la.name], batch.size, params) for la in layers]
+    protect: bool = False,
+) -> tuple[list[Grads], bool]:
+    """Per-example gradients of ``layers`` for ``batch``, one representation per layer.
+
+    Returns:
+        The representations, and whether outputs needed protection (see :func:`record`).
+    """
+    records, protect = record(model, params, buffers, layers, loss, batch, protect)
+    return [represent(la, model, records[la.name], batch.size, params) for la in layers], protect
 
 
 def _leaves(params: Mapping[str, Tensor]):
@@ -111,12 +127,10 @@ def _leaves(params: Mapping[str, Tensor]):
         yield n, p.detach()
 
 
-def _recorder(store: list[tuple[Tensor, Tensor]]):
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        # Return a copy so that in-place ops after the layer (e.g. ReLU(inplace=True))
-        # cannot change the tensor whose gradient we ask for.
-        store.append((args[0].detach(), output))
-        return output.clone()
+def _recorder(store: list[tuple[Tensor, Tensor, int]], protect: bool):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        store.append((args[0].detach(), output, output._version))
+        return output.clone() if protect else None
 
     return hook
 
@@ -173,9 +187,11 @@ def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> T
         module: the ``nn.Conv1d``/``nn.Conv2d`` layer.
         x: its input ``(B, C, *spatial)``.
         g: the loss gradient at its output ``(B, O, *spatial_out)``.
-        method: ``"unfold"`` (im2col, then one batched matrix product) or ``"grouped"``
-            (one convolution backward with the batch folded into groups). Both are exact;
-            which is faster depends on the layer's shape, so the engine times them once.
+        method: ``"unfold"`` (im2col, then one batched matrix product), ``"shifts"`` (one
+            batched matrix product per kernel offset over strided views of the padded
+            input, no im2col buffer) or ``"grouped"`` (one convolution backward with the
+            batch folded into groups). All are exact; which is fastest depends on the
+            layer's shape, so the engine times them once.
     """
     batch_size = x.shape[0]
     kernel, stride, padding, dilation = _conv_geometry(module)
@@ -189,7 +205,7 @@ def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> T
         _, w, _ = torch.ops.aten.convolution_backward(
             g.reshape(1, batch_size * out_c, *g.shape[2:]),
             x.reshape(1, batch_size * in_c, *x.shape[2:]),
-            list(weight_shape),
+            x.new_empty(weight_shape),
             None,
             list(stride),
             list(padding),
@@ -200,6 +216,8 @@ def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> T
             [False, True, False],
         )
         return w.reshape(batch_size, -1)
+    if method == "shifts":
+        return _conv_grads_by_shifts(x, g, groups, kernel, stride, padding, dilation)
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     positions = cols.shape[-1]
     if groups == 1:
@@ -208,6 +226,36 @@ def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> T
     cols = cols.view(batch_size, groups, -1, positions)
     gg = g.reshape(batch_size, groups, out_c // groups, positions)
     return torch.einsum("bgol,bgil->bgoi", gg, cols).reshape(batch_size, -1)
+
+
+def _conv_grads_by_shifts(
+    x: Tensor,
+    g: Tensor,
+    groups: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    batch_size, in_c = x.shape[:2]
+    out_c, out_h, out_w = g.shape[1:]
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    gg = g.reshape(batch_size * groups, out_c // groups, out_h * out_w)
+    per_offset = []
+    for ky in range(kernel[0]):
+        for kx in range(kernel[1]):
+            y0, x0 = ky * dilation[0], kx * dilation[1]
+            view = xp[
+                :,
+                :,
+                y0 : y0 + (out_h - 1) * stride[0] + 1 : stride[0],
+                x0 : x0 + (out_w - 1) * stride[1] + 1 : stride[1],
+            ]
+            cols = view.reshape(batch_size * groups, in_c // groups, out_h * out_w)
+            per_offset.append(torch.bmm(gg, cols.transpose(1, 2)))
+    # (B * G, O / G, C / G, kh * kw) matches the weight layout (O, C / G, kh, kw)
+    w = torch.stack(per_offset, dim=-1)
+    return w.reshape(batch_size, -1)
 
 
 def _conv_rep(

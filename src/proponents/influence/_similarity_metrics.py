@@ -1,0 +1,332 @@
+"""Similarity metrics and the blocked top-k search behind :class:`SimilarityInfluence`.
+
+The two public metrics take ``test`` of shape ``(n_test, *features)`` and ``src`` of
+shape ``(n_src, *features)`` and return ``(n_test, n_src)``; feature dimensions are
+flattened. :class:`BlockScorer` compares the test activations with the source
+activations one block at a time and keeps a running top-k, so the source set never has
+to be in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
+
+#: Bytes of scratch memory one scoring step may use (similarity matrix, gathered rows).
+SCRATCH_BYTES = 64 * 2**20
+
+
+def _flat(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise InvalidArgumentError(f"{name} must have a batch dimension, got a 0-d tensor")
+    return x.reshape(x.shape[0], -1)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def cosine_similarity(test: Tensor, src: Tensor) -> Tensor:
+    """Pairwise cosine similarity of flattened feature vectors.
+
+    A pair that involves an all-zero vector has similarity 0 (its direction is
+    undefined; 0 is what an orthogonal vector would get).
+
+    Args:
+        test: ``(n_test, *features)``.
+        src: ``(n_src, *features)`` with the same number of features.
+
+    Returns:
+        ``(n_test, n_src)`` similarities in ``[-1, 1]``, in float32 (float64 when
+        either input is float64).
+    """
+    t, s = _flat(test, "test"), _flat(src, "src")
+    if t.shape[1] != s.shape[1]:
+        raise InvalidArgumentError(
+            f"test has {t.shape[1]} features per example and src {s.shape[1]}; they must match"
+        )
+    dtype = _compute_dtype(t, s)
+    t, s = t.to(dtype), s.to(s.device if s.device == t.device else t.device, dtype)
+    t_norm = torch.linalg.vector_norm(t, dim=1)
+    s_norm = torch.linalg.vector_norm(s, dim=1)
+    t_hat = t * _safe_inverse(t_norm)[:, None]
+    s_hat = s * _safe_inverse(s_norm)[:, None]
+    return (t_hat @ s_hat.T).clamp_(-1.0, 1.0)
+
+
+def euclidean_distance(test: Tensor, src: Tensor) -> Tensor:
+    """Pairwise Euclidean distance of flattened feature vectors.
+
+    Computed from the differences themselves (no ``|a|² + |b|² - 2a·b`` shortcut), so
+    the distance of a vector to itself is exactly 0.
+
+    Args:
+        test: ``(n_test, *features)``.
+        src: ``(n_src, *features)`` with the same number of features.
+
+    Returns:
+        ``(n_test, n_src)`` non-negative distances, float32 (float64 when either input
+        is float64).
+    """
+    t, s = _flat(test, "test"), _flat(src, "src")
+    if t.shape[1] != s.shape[1]:
+        raise InvalidArgumentError(
+            f"test has {t.shape[1]} features per example and src {s.shape[1]}; they must match"
+        )
+    dtype = _compute_dtype(t, s)
+    t, s = t.to(dtype), s.to(t.device, dtype)
+    return torch.cdist(t[None], s[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+
+
+def _safe_inverse(norm: Tensor) -> Tensor:
+    """``1 / norm`` where the norm is positive, 0 where it is 0."""
+    return torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+
+
+def builtin_kind(metric: Callable[..., Tensor]) -> str | None:
+    """``"cosine"`` / ``"euclidean"`` for the metrics of this module, else ``None``."""
+    if metric is cosine_similarity:
+        return "cosine"
+    if metric is euclidean_distance:
+        return "euclidean"
+    return None
+
+
+def _rank_key(values: Tensor, largest: bool) -> Tensor:
+    """``values`` with NaN replaced by the worst possible score, so NaN ranks last."""
+    if not torch.isnan(values).any():
+        return values
+    worst = float("-inf") if largest else float("inf")
+    return torch.where(torch.isnan(values), torch.full_like(values, worst), values)
+
+
+def _block_top(key: Tensor, k: int, largest: bool) -> Tensor:
+    """Column positions of the ``k`` best entries of each row of ``key``.
+
+    Ties at the cut-off are resolved in favour of lower positions: when ``topk`` left
+    out an entry equal to the k-th best, the row is ranked by a stable sort instead.
+    """
+    if k >= key.shape[1]:
+        return torch.arange(key.shape[1], device=key.device).expand(key.shape[0], -1)
+    values, pos = torch.topk(key, k, dim=1, largest=largest, sorted=False)
+    kth = values.max(dim=1).values if not largest else values.min(dim=1).values
+    in_block = (key == kth[:, None]).sum(dim=1)
+    chosen = (values == kth[:, None]).sum(dim=1)
+    rows = torch.nonzero(in_block > chosen).flatten()
+    if rows.numel():
+        _, order = torch.sort(key[rows], dim=1, descending=largest, stable=True)
+        pos = pos.clone()
+        pos[rows] = order[:, :k]
+    return pos
+
+
+class _Running:
+    """The best ``k`` (value, index) pairs seen so far for a group of test rows."""
+
+    def __init__(self) -> None:
+        self.values: Tensor | None = None
+        self.indices: Tensor | None = None
+
+    def offer(self, values: Tensor, indices: Tensor, k: int, largest: bool) -> None:
+        if self.values is not None and self.indices is not None:
+            values = torch.cat([self.values, values], dim=1)
+            indices = torch.cat([self.indices, indices], dim=1)
+        # Lower index first among equal scores: sort by index, then stably by score.
+        indices, order = torch.sort(indices, dim=1, stable=True)
+        values = values.gather(1, order)
+        _, order = torch.sort(_rank_key(values, largest), dim=1, descending=largest, stable=True)
+        order = order[:, :k]
+        self.values = values.gather(1, order)
+        self.indices = indices.gather(1, order)
+
+
+class BlockScorer:
+    """Running top-k of a similarity metric between test rows and source blocks.
+
+    Source blocks arrive in order (``update`` with the index of the block's first row);
+    the result holds, for every test row, the ``k`` best source rows seen.
+
+    * ``kind="cosine"``: one matrix product per block against unit test vectors,
+      divided by the source norms (given, e.g. from the store, or computed).
+    * ``kind="euclidean"``: candidates are chosen per block from
+      ``|t|² + |s|² - 2 t·s`` (one matrix product), then the distances of the chosen
+      pairs are recomputed from the differences in float64, so reported values carry
+      no cancellation error (a vector's distance to itself is exactly 0).
+    * ``kind=None``: ``metric(test_rows, block)`` with the activations in their
+      original shape, checked to return ``(n_test_rows, n_block)``.
+
+    Args:
+        metric: the similarity callable (used when ``kind`` is ``None``).
+        kind: ``"cosine"``, ``"euclidean"`` or ``None``.
+        test: ``(n_test, *features)`` test activations on the scoring device.
+        k: how many source rows to keep per test row.
+        largest: keep the highest scores (``True``) or the lowest.
+        layer: layer name, for messages.
+        max_block_rows: the largest block that will be passed to :meth:`update`.
+        replace_nan: similarity given to pairs with a zero vector (cosine only).
+    """
+
+    def __init__(
+        self,
+        metric: Callable[..., Tensor],
+        kind: str | None,
+        test: Tensor,
+        k: int,
+        largest: bool,
+        layer: str,
+        max_block_rows: int,
+        replace_nan: float = 0.0,
+    ) -> None:
+        self.metric = metric
+        self.kind = kind
+        self.k = k
+        self.largest = largest
+        self.layer = layer
+        self.replace_nan = float(replace_nan)
+        self.test = test
+        self.n_test = int(test.shape[0])
+        self.device = test.device
+        self.nonfinite_src = 0
+        self.nan_scores = 0
+        rows = max(1, SCRATCH_BYTES // (8 * max(1, max_block_rows)))
+        self._chunks = [
+            slice(r, min(r + rows, self.n_test)) for r in range(0, max(self.n_test, 1), rows)
+        ]
+        self._running = [_Running() for _ in self._chunks]
+        if kind is not None:
+            self.dtype = _compute_dtype(test)
+            flat = test.reshape(self.n_test, -1).to(self.dtype)
+            self.features = int(flat.shape[1])
+            self.t_norm = torch.linalg.vector_norm(flat, dim=1)
+            self.t_flat = flat
+            if kind == "cosine":
+                self.t_hat = flat * _safe_inverse(self.t_norm)[:, None]
+                self.t_zero = self.t_norm == 0
+            else:
+                self.t_sq = self.t_norm.square()
+        self.nonfinite_test = int((~torch.isfinite(test.reshape(self.n_test, -1))).any(1).sum())
+
+    # -- public ---------------------------------------------------------------------
+    def update(self, block: Tensor, start: int, norms: Tensor | None = None) -> None:
+        """Score source rows ``start : start + len(block)``.
+
+        Args:
+            block: ``(b, *features)`` source activations on the scoring device.
+            start: index of the block's first row in the source set.
+            norms: ``(b,)`` Euclidean norms of the flattened rows, if known.
+        """
+        b = int(block.shape[0])
+        if b == 0:
+            return
+        if self.kind is None:
+            self._update_custom(block, start)
+            return
+        s = block.reshape(b, -1)
+        if s.shape[1] != self.features:
+            raise InvalidArgumentError(
+                f"layer {self.layer!r}: the test activations have {self.features} features "
+                f"per example but the source activations have {s.shape[1]}; the inputs must "
+                "produce activations of the same size as the source examples"
+            )
+        s = s.to(self.dtype)
+        if norms is None:
+            s_norm = torch.linalg.vector_norm(s, dim=1)
+        else:
+            s_norm = norms.to(self.device, self.dtype)
+        self.nonfinite_src += int((~torch.isfinite(s_norm)).sum())
+        for chunk, running in zip(self._chunks, self._running):
+            if self.kind == "cosine":
+                self._update_cosine(chunk, running, s, s_norm, start)
+            else:
+                self._update_euclidean(chunk, running, s, s_norm, start)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(indices, values)``, each ``(n_test, k)``, best first."""
+        idx = [r.indices for r in self._running if r.indices is not None]
+        val = [r.values for r in self._running if r.values is not None]
+        if not idx:
+            empty = torch.empty(self.n_test, 0, device=self.device)
+            return empty.long(), empty
+        return torch.cat(idx), torch.cat(val)
+
+    # -- per kind -------------------------------------------------------------------
+    def _offer(self, running: _Running, key: Tensor, values: Tensor, start: int) -> None:
+        kb = min(self.k, key.shape[1])
+        pos = _block_top(key, kb, self.largest)
+        running.offer(values.gather(1, pos), pos + start, self.k, self.largest)
+
+    def _update_cosine(
+        self, chunk: slice, running: _Running, s: Tensor, s_norm: Tensor, start: int
+    ) -> None:
+        sim = self.t_hat[chunk] @ s.T
+        sim.mul_(_safe_inverse(s_norm)[None, :])
+        s_zero = s_norm == 0
+        t_zero = self.t_zero[chunk]
+        if bool(s_zero.any()) or bool(t_zero.any()):
+            sim[:, s_zero] = self.replace_nan
+            sim[t_zero, :] = self.replace_nan
+        sim.clamp_(-1.0, 1.0)
+        key = _rank_key(sim, self.largest)
+        if key is not sim:
+            self.nan_scores += int(torch.isnan(sim).sum())
+        self._offer(running, key, sim, start)
+
+    def _update_euclidean(
+        self, chunk: slice, running: _Running, s: Tensor, s_norm: Tensor, start: int
+    ) -> None:
+        d2 = self.t_flat[chunk] @ s.T
+        d2.mul_(-2.0).add_(self.t_sq[chunk][:, None]).add_(s_norm.square()[None, :])
+        d2.clamp_min_(0.0)
+        key = _rank_key(d2, self.largest)
+        kb = min(self.k, d2.shape[1])
+        pos = _block_top(key, kb, self.largest)
+        exact = self._exact_distances(self.t_flat[chunk], s, pos)
+        if torch.isnan(exact).any():
+            self.nan_scores += int(torch.isnan(exact).sum())
+        running.offer(exact, pos + start, self.k, self.largest)
+
+    def _exact_distances(self, t: Tensor, s: Tensor, pos: Tensor) -> Tensor:
+        """Distances of the pairs ``(i, pos[i, j])`` from the differences, in float64."""
+        n, kb = pos.shape
+        out = torch.empty(n, kb, dtype=torch.float64, device=t.device)
+        rows = max(1, SCRATCH_BYTES // (8 * max(1, kb * t.shape[1])))
+        for r in range(0, n, rows):
+            sel = s[pos[r : r + rows]]  # (rows, kb, D)
+            diff = sel.to(torch.float64) - t[r : r + rows, None, :].to(torch.float64)
+            out[r : r + rows] = torch.linalg.vector_norm(diff, dim=2)
+        return out.to(self.dtype)
+
+    def _update_custom(self, block: Tensor, start: int) -> None:
+        b = int(block.shape[0])
+        for chunk, running in zip(self._chunks, self._running):
+            test = self.test[chunk]
+            sim = self.metric(test, block)
+            expected = (int(test.shape[0]), b)
+            if not isinstance(sim, Tensor):
+                raise InvalidArgumentError(
+                    f"similarity_metric must return a torch.Tensor of shape (n_test, n_src) = "
+                    f"{expected}, but it returned {type(sim).__name__}"
+                )
+            if tuple(sim.shape) != expected:
+                raise InvalidArgumentError(
+                    f"similarity_metric returned a tensor of shape {tuple(sim.shape)} for "
+                    f"test activations of shape {tuple(test.shape)} and source activations "
+                    f"of shape {tuple(block.shape)}; it must return (n_test, n_src) = "
+                    f"{expected}: one score per (test, source) pair"
+                )
+            sim = sim.detach().to(self.device)
+            if not sim.is_floating_point():
+                sim = sim.to(torch.float32)
+            key = _rank_key(sim, self.largest)
+            if key is not sim:
+                self.nan_scores += int(torch.isnan(sim).sum())
+            self._offer(running, key, sim, start)
+
+
+__all__ = ["BlockScorer", "builtin_kind", "cosine_similarity", "euclidean_distance"]

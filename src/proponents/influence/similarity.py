@@ -1,0 +1,812 @@
+"""SimilarityInfluence: the source examples whose layer activations resemble a test example's.
+
+For each requested layer, the activations of every source example are computed once,
+kept in an :class:`~proponents.store.ArrayStore` under ``activation_dir`` and compared
+with the activations of the test inputs by a similarity metric; the ``top_k`` most (or
+least) similar source examples are returned per test example.
+
+The store is never trusted blindly: every entry records a fingerprint of the model's
+weights and buffers, the layer, the source dataset's length and a probe of its
+content, and is rebuilt (with a :class:`~proponents.store.StoreRebuildWarning`) when
+any of these changed or the files are damaged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
+
+from proponents.data import (
+    batch_size_of,
+    dataset_length,
+    loader_batches,
+    make_loader,
+    model_device,
+    test_inputs_tuple,
+    to_device,
+)
+from proponents.errors import (
+    ArgumentTypeError,
+    BatchFormatError,
+    InvalidArgumentError,
+)
+from proponents.influence._similarity_metrics import (
+    BlockScorer,
+    builtin_kind,
+    cosine_similarity,
+    euclidean_distance,
+)
+from proponents.influence.base import DataInfluence
+from proponents.model_guard import preserved
+from proponents.progress import Progress, progress_iter
+from proponents.store import (
+    ArrayStore,
+    StoredEntry,
+    StoreRebuildWarning,
+    dataset_probe,
+    hash_object,
+    model_fingerprint,
+    safe_name,
+)
+
+#: Source activations are scored and written in blocks of about this many bytes.
+BLOCK_BYTES = 32 * 2**20
+_SRC_KIND = "similarity/source-activations"
+_INPUT_KIND = "similarity/input-activations"
+_DIRECTIONS = ("max", "min")
+_INIT_KWARGS = ("replace_nan",)
+_INFLUENCE_KWARGS = ("load_input_from_disk", "inputs_id", "show_progress")
+
+
+class SimilarityInfluence(DataInfluence):
+    """Source examples ranked by the similarity of their layer activations to a test input.
+
+    Args:
+        module: the model. It is left exactly as it was found: activations are computed
+            in eval mode under ``torch.no_grad`` and mode, weights and flags are restored.
+        layers: the name of a submodule (dotted paths such as ``"features.3"`` allowed)
+            or a list of names; the output tensor of each is compared.
+        influence_src_dataset: the examples to search, usually the training set. A
+            Dataset is read in order with ``batch_size``; a non-shuffling DataLoader is
+            used as given. An item that is a tuple or list ``(*model_inputs, label)``
+            feeds ``module(*item[:-1])`` (a 1-tuple feeds its only element); any other
+            item is passed to the model as it is.
+        activation_dir: directory for the stored activations, created if needed. The
+            source activations live in ``activation_dir/model_id/src``.
+        model_id: a name for this model (or version of it); activations are kept in a
+            subdirectory of that name (escaped, so it cannot point outside
+            ``activation_dir``). Distinct models sharing one directory never see each
+            other's activations either way: entries are checked against the weights.
+        similarity_metric: ``f(test, src) -> (n_test, n_src)`` scores, given test
+            activations ``(n_test, *features)`` and a block of source activations
+            ``(n_src, *features)`` in the layer's own shape. Default
+            :func:`cosine_similarity`; :func:`euclidean_distance` is the other built-in.
+            The two built-ins run on a faster exact path.
+        similarity_direction: ``"max"`` returns the highest scores (most similar for
+            cosine), ``"min"`` the lowest (nearest for Euclidean distance).
+        batch_size: batch size for reading ``influence_src_dataset`` (a Dataset).
+        channels_last: (keyword-only) on CPU, feed 4-D image batches to the model in
+            channels-last memory layout, which is often much faster for convolutions.
+            ``None`` (default) tries it on the first batch and keeps it only when it gives
+            the same activations and is faster; ``False`` never; ``True`` always.
+        **kwargs: ``replace_nan`` (float): similarity given by the built-in cosine to a
+            pair involving an all-zero activation vector (default 0.0).
+
+    Raises:
+        InvalidArgumentError: unknown layer names (the valid ones are listed), a
+            direction other than ``"max"``/``"min"``, a bad batch size.
+        ArgumentTypeError: arguments of the wrong type, unknown keyword arguments.
+        StoreError: ``activation_dir`` cannot be created or written.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layers: str | Sequence[str],
+        influence_src_dataset: Dataset | DataLoader,
+        activation_dir: str | os.PathLike[str],
+        model_id: str = "",
+        similarity_metric: Callable[[Tensor, Tensor], Tensor] = cosine_similarity,
+        similarity_direction: str = "max",
+        batch_size: int = 1,
+        *,
+        channels_last: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise ArgumentTypeError(
+                f"SimilarityInfluence: module must be a torch.nn.Module, got "
+                f"{type(module).__name__}"
+            )
+        unknown = sorted(set(kwargs) - set(_INIT_KWARGS))
+        if unknown:
+            raise ArgumentTypeError(
+                f"SimilarityInfluence got unexpected keyword argument(s) {unknown}; the "
+                f"accepted extra keywords are {list(_INIT_KWARGS)}"
+            )
+        self.module = module
+        self.layers = _check_layers(module, layers)
+        if similarity_direction not in _DIRECTIONS:
+            raise InvalidArgumentError(
+                f"similarity_direction must be 'max' (highest scores first) or 'min' "
+                f"(lowest scores first), got {similarity_direction!r}"
+            )
+        self.similarity_direction = similarity_direction
+        if not callable(similarity_metric):
+            raise ArgumentTypeError(
+                "similarity_metric must be callable as f(test, src) -> (n_test, n_src), got "
+                f"{type(similarity_metric).__name__}"
+            )
+        self.similarity_metric = similarity_metric
+        self._kind = builtin_kind(similarity_metric)
+        replace_nan = kwargs.get("replace_nan", 0.0)
+        if "replace_nan" in kwargs and self._kind != "cosine":
+            raise InvalidArgumentError(
+                "replace_nan only applies to the built-in cosine_similarity metric; remove it "
+                "or use similarity_metric=cosine_similarity"
+            )
+        if isinstance(replace_nan, bool) or not isinstance(replace_nan, (int, float)):
+            raise ArgumentTypeError(f"replace_nan must be a number, got {replace_nan!r}")
+        self.replace_nan = float(replace_nan)
+        if channels_last not in (None, True, False):
+            raise ArgumentTypeError(
+                f"channels_last must be None (automatic), True or False, got {channels_last!r}"
+            )
+        self.channels_last = channels_last
+        if not isinstance(model_id, str):
+            raise ArgumentTypeError(f"model_id must be a str, got {type(model_id).__name__}")
+        self.model_id = model_id
+        if not isinstance(activation_dir, (str, os.PathLike)):
+            raise ArgumentTypeError(
+                f"activation_dir must be a path (str or os.PathLike), got "
+                f"{type(activation_dir).__name__}"
+            )
+        self.activation_dir = os.fspath(activation_dir)
+        root = Path(os.path.abspath(self.activation_dir))
+        self._model_dir = root / safe_name(model_id) if model_id else root
+        ArrayStore(self._model_dir).ensure_writable()
+
+        self.influence_src_dataset = influence_src_dataset
+        self.batch_size = batch_size
+        self._fast_tensors: tuple[Tensor, ...] | None = None
+        if isinstance(influence_src_dataset, DataLoader):
+            sampler = influence_src_dataset.sampler
+            if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+                raise InvalidArgumentError(
+                    "influence_src_dataset is a shuffling DataLoader; the returned indices "
+                    "are positions in the source set, so they must not change between "
+                    "passes. Pass the Dataset itself, or a DataLoader with shuffle=False"
+                )
+        self._loader = make_loader(influence_src_dataset, batch_size, "influence_src_dataset")
+        if (
+            not isinstance(influence_src_dataset, DataLoader)
+            and isinstance(influence_src_dataset, TensorDataset)
+            and type(influence_src_dataset).__getitem__ is TensorDataset.__getitem__
+        ):
+            # Same batches as the DataLoader would collate, by slicing instead of stacking.
+            self._fast_tensors = tuple(influence_src_dataset.tensors)
+        self._layouts: dict[Any, bool] = {}
+
+    # ------------------------------------------------------------------------ public
+    def influence(  # type: ignore[override]
+        self,
+        inputs: Tensor | tuple[Any, ...] | None,
+        top_k: int = 1,
+        additional_forward_args: Any = None,
+        load_src_from_disk: bool = True,
+        *,
+        load_input_from_disk: bool = False,
+        inputs_id: str | None = None,
+        show_progress: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """The ``top_k`` source examples most (or least) similar to each test example.
+
+        Args:
+            inputs: the test batch: a tensor, or a tuple of tensors when the model takes
+                several inputs (called as ``module(*inputs, *additional_forward_args)``);
+                dimension 0 indexes examples. May be ``None`` only together with
+                ``load_input_from_disk=True`` and an ``inputs_id`` whose activations were
+                saved before.
+            top_k: how many source examples to return per test example,
+                ``1 <= top_k <= len(influence_src_dataset)``.
+            additional_forward_args: extra arguments passed to the model after the
+                inputs (a tuple is unpacked; any other object is passed as one argument).
+            load_src_from_disk: reuse stored source activations when they are valid for
+                the current model and dataset. ``False`` recomputes and replaces them.
+            load_input_from_disk: (keyword) load the activations saved for ``inputs_id``
+                instead of running the model on ``inputs``. They are used only if they
+                were computed by the same model weights and, when ``inputs`` is given,
+                from the same inputs; otherwise they are recomputed with a warning.
+            inputs_id: (keyword) a name for this test batch. Its activations are saved
+                under ``activation_dir/model_id/inputs/<inputs_id>`` (replacing earlier
+                ones unless ``load_input_from_disk`` reused them).
+            show_progress: (keyword) show progress bars.
+
+        Returns:
+            ``{layer: (indices, values)}`` in the order of ``layers``: ``indices`` are
+            ``(n_test, top_k)`` int64 positions in the source set and ``values`` the
+            matching ``(n_test, top_k)`` scores, best first (descending for ``"max"``,
+            ascending for ``"min"``; equal scores in index order), on the model's device.
+
+        Raises:
+            InvalidArgumentError: ``top_k`` out of range, a metric returning the wrong
+                shape, test and source activations of different sizes, missing inputs.
+            ArgumentTypeError: unknown keyword arguments, arguments of the wrong type.
+        """
+        unknown = sorted(kwargs)
+        if unknown:
+            raise ArgumentTypeError(
+                f"SimilarityInfluence.influence got unexpected keyword argument(s) {unknown}; "
+                f"the accepted extra keywords are {list(_INFLUENCE_KWARGS)}"
+            )
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise ArgumentTypeError(f"top_k must be an int, got {type(top_k).__name__}")
+        n_src = self._n_src()
+        if top_k < 1 or (n_src is not None and top_k > n_src):
+            raise InvalidArgumentError(
+                f"top_k={top_k} is out of range: it must be between 1 and the number of "
+                f"source examples ({n_src if n_src is not None else 'the dataset length'})"
+            )
+        if inputs_id is not None and (not isinstance(inputs_id, str) or not inputs_id):
+            raise ArgumentTypeError(f"inputs_id must be a non-empty str or None, got {inputs_id!r}")
+        if load_input_from_disk and inputs_id is None:
+            raise InvalidArgumentError(
+                "load_input_from_disk=True needs inputs_id: the name the test activations "
+                "were saved under"
+            )
+        if inputs is None and not load_input_from_disk:
+            raise InvalidArgumentError(
+                "inputs is None: pass the test batch (a tensor or a tuple of tensors), or "
+                "load_input_from_disk=True with the inputs_id of saved activations"
+            )
+        largest = self.similarity_direction == "max"
+        with preserved(self.module), torch.no_grad():
+            self.module.eval()
+            fingerprint = model_fingerprint(self.module)
+            device = model_device(self.module)
+            test = self._test_activations(
+                inputs,
+                additional_forward_args,
+                load_input_from_disk,
+                inputs_id,
+                fingerprint,
+                device,
+            )
+            results = self._search(
+                test, top_k, largest, fingerprint, device, load_src_from_disk, show_progress
+            )
+        return {layer: results[layer] for layer in self.layers}
+
+    # ------------------------------------------------------------------- source side
+    def _n_src(self) -> int | None:
+        if self._fast_tensors is not None:
+            return int(self._fast_tensors[0].shape[0])
+        return dataset_length(self._loader)
+
+    def _src_batches(self) -> tuple[Iterable[Any], int | None]:
+        if self._fast_tensors is not None:
+            n = int(self._fast_tensors[0].shape[0])
+            bs = int(self.batch_size)
+            it = ([t[s : s + bs] for t in self._fast_tensors] for s in range(0, n, bs))
+            return it, math.ceil(n / bs)
+        return self._loader, loader_batches(self._loader)
+
+    def _src_meta(self, layer: str, fingerprint: str, n_src: int | None, probe: str | None) -> dict:
+        return {
+            "kind": _SRC_KIND,
+            "layer": layer,
+            "model": fingerprint,
+            "dataset_length": n_src,
+            "dataset_probe": probe,
+        }
+
+    def _probe(self) -> str | None:
+        data = self._loader.dataset
+        if isinstance(self.influence_src_dataset, DataLoader) and not isinstance(
+            self._loader.sampler, SequentialSampler
+        ):
+            return None
+        return dataset_probe(data)
+
+    def _search(
+        self,
+        test: dict[str, Tensor],
+        top_k: int,
+        largest: bool,
+        fingerprint: str,
+        device: torch.device,
+        load_src_from_disk: bool,
+        show_progress: bool,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        store = ArrayStore(self._model_dir / "src")
+        n_src = self._n_src()
+        probe = self._probe()
+        metas = {layer: self._src_meta(layer, fingerprint, n_src, probe) for layer in self.layers}
+        keys = {layer: safe_name(layer) for layer in self.layers}
+        reuse = load_src_from_disk and n_src is not None
+        entries: dict[str, StoredEntry] = {}
+        results: dict[str, tuple[Tensor, Tensor]] = {}
+        with ExitStack() as stack:
+            to_build = []
+            for layer in self.layers:
+                entry, why = store.load(keys[layer], metas[layer]) if reuse else (None, None)
+                if entry is not None:
+                    entries[layer] = stack.enter_context(entry)
+                    continue
+                if why is not None:
+                    warnings.warn(
+                        f"SimilarityInfluence: not using the stored activations of layer "
+                        f"{layer!r} in {str(store.directory)!r} because {why}; recomputing "
+                        "them. (To keep activations of several models or source datasets, "
+                        "give each its own model_id or activation_dir.)",
+                        StoreRebuildWarning,
+                        stacklevel=3,
+                    )
+                to_build.append(layer)
+            if to_build:
+                with store.lock():
+                    if reuse:  # another process may have built them while we waited
+                        for layer in list(to_build):
+                            entry, _ = store.load(keys[layer], metas[layer])
+                            if entry is not None:
+                                entries[layer] = stack.enter_context(entry)
+                                to_build.remove(layer)
+                    if to_build:
+                        built = self._build(
+                            store,
+                            to_build,
+                            keys,
+                            metas,
+                            test,
+                            top_k,
+                            largest,
+                            device,
+                            show_progress,
+                            fingerprint,
+                        )
+                        results.update(built)
+            if entries:
+                results.update(
+                    self._score_entries(entries, test, top_k, largest, device, show_progress)
+                )
+        return results
+
+    def _scorer(self, layer: str, test: Tensor, k: int, largest: bool, rows: int) -> BlockScorer:
+        return BlockScorer(
+            self.similarity_metric,
+            self._kind,
+            test,
+            k,
+            largest,
+            layer,
+            max_block_rows=rows,
+            replace_nan=self.replace_nan,
+        )
+
+    def _score_entries(
+        self,
+        entries: dict[str, StoredEntry],
+        test: dict[str, Tensor],
+        top_k: int,
+        largest: bool,
+        device: torch.device,
+        show_progress: bool,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        plans = {}
+        for layer, entry in entries.items():
+            shape = entry.shape("activations")
+            row_bytes = max(
+                1, int(np.prod(shape[1:], dtype=np.int64)) * entry.dtype("activations").itemsize
+            )
+            plans[layer] = (shape[0], max(1, BLOCK_BYTES // row_bytes))
+        total = sum(math.ceil(n / rows) for n, rows in plans.values())
+        results = {}
+        with Progress(
+            show_progress, "SimilarityInfluence: scoring stored activations", total, "block"
+        ) as bar:
+            for layer, entry in entries.items():
+                n, rows = plans[layer]
+                _check_top_k(top_k, n)
+                scorer = self._scorer(layer, test[layer], top_k, largest, rows)
+                norms = torch.from_numpy(entry.read("norms"))
+                for start in range(0, n, rows):
+                    stop = min(n, start + rows)
+                    block = torch.from_numpy(entry.memmap("activations", start, stop))
+                    if block.device != device:
+                        block = block.to(device)
+                    scorer.update(block, start, norms[start:stop])
+                    del block
+                    bar.update()
+                results[layer] = self._finish(scorer)
+        return results
+
+    def _build(
+        self,
+        store: ArrayStore,
+        layers: list[str],
+        keys: dict[str, str],
+        metas: dict[str, dict],
+        test: dict[str, Tensor],
+        top_k: int,
+        largest: bool,
+        device: torch.device,
+        show_progress: bool,
+        fingerprint: str,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """One pass over the source set: compute, store and score the activations."""
+        modules = {layer: self.module.get_submodule(layer) for layer in layers}
+        extractor = _Extractor(modules)
+        row_bytes = {
+            layer: max(1, test[layer][0].numel() * _storage_dtype(test[layer].dtype).itemsize)
+            for layer in layers
+        }
+        block_rows = max(1, BLOCK_BYTES // sum(row_bytes.values()))
+        scorers = {
+            layer: self._scorer(
+                layer, test[layer], top_k, largest, block_rows + int(self.batch_size)
+            )
+            for layer in layers
+        }
+        batches, n_batches = self._src_batches()
+        pending: dict[str, list[Tensor]] = {layer: [] for layer in layers}
+        feature_shapes: dict[str, tuple[int, ...]] = {}
+        state = {"start": 0, "rows": 0}
+
+        with ExitStack() as stack:
+            writers = {
+                layer: stack.enter_context(store.writer(keys[layer], metas[layer]))
+                for layer in layers
+            }
+
+            def flush() -> None:
+                if state["rows"] == 0:
+                    return
+                for layer in layers:
+                    parts = pending[layer]
+                    block = parts[0] if len(parts) == 1 else torch.cat(parts)
+                    pending[layer] = []
+                    block = block.to(_storage_dtype(block.dtype)).contiguous()
+                    flat = block.reshape(block.shape[0], -1)
+                    norm_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
+                    norms = torch.linalg.vector_norm(flat.to(norm_dtype), dim=1)
+                    scorers[layer].update(block, state["start"], norms)
+                    writers[layer].append("activations", block.cpu().numpy())
+                    writers[layer].append("norms", norms.cpu().numpy())
+                state["start"] += state["rows"]
+                state["rows"] = 0
+
+            for i, batch in enumerate(
+                progress_iter(
+                    batches, show_progress, "SimilarityInfluence: source activations", n_batches
+                )
+            ):
+                args = to_device(_source_args(batch), device)
+                acts = self._forward(extractor, args, fingerprint, trial=(i == 0))
+                size = None
+                for layer in layers:
+                    act = acts[layer]
+                    size = int(act.shape[0])
+                    shape = tuple(act.shape[1:])
+                    if feature_shapes.setdefault(layer, shape) != shape:
+                        raise InvalidArgumentError(
+                            f"layer {layer!r} gives activations of shape {shape} per example in "
+                            f"source batch {i} but {feature_shapes[layer]} before; every "
+                            "example must give activations of one shape (pad or resize inputs)"
+                        )
+                    pending[layer].append(act)
+                state["rows"] += size or 0
+                if state["rows"] >= block_rows:
+                    flush()
+            flush()
+            n_rows = state["start"]
+            expected = metas[layers[0]]["dataset_length"]
+            if expected is not None and n_rows != expected:
+                raise InvalidArgumentError(
+                    f"influence_src_dataset reports {expected} examples but yielded {n_rows}; "
+                    "its __len__ must match what it yields"
+                )
+            _check_top_k(top_k, n_rows)
+            for layer in layers:
+                writers[layer].commit()
+        return {layer: self._finish(scorers[layer]) for layer in layers}
+
+    def _finish(self, scorer: BlockScorer) -> tuple[Tensor, Tensor]:
+        layer = scorer.layer
+        if scorer.nonfinite_src:
+            warnings.warn(
+                f"SimilarityInfluence: {scorer.nonfinite_src} source example(s) have non-finite "
+                f"activations in layer {layer!r}; their scores are NaN and rank last",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if scorer.nonfinite_test:
+            warnings.warn(
+                f"SimilarityInfluence: {scorer.nonfinite_test} test example(s) have non-finite "
+                f"activations in layer {layer!r}; their scores are NaN",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif scorer.nan_scores and not scorer.nonfinite_src:
+            warnings.warn(
+                f"SimilarityInfluence: similarity_metric returned {scorer.nan_scores} NaN "
+                f"score(s) for layer {layer!r}; they rank last",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return scorer.result()
+
+    # --------------------------------------------------------------------- test side
+    def _test_activations(
+        self,
+        inputs: Any,
+        additional_forward_args: Any,
+        load_input_from_disk: bool,
+        inputs_id: str | None,
+        fingerprint: str,
+        device: torch.device,
+    ) -> dict[str, Tensor]:
+        args: tuple[Any, ...] | None = None
+        inputs_hash = None
+        if inputs is not None:
+            args = test_inputs_tuple(inputs, unpack_inputs=True)
+            if len(args) == 0:
+                raise InvalidArgumentError(
+                    "inputs is an empty tuple: give at least one model input"
+                )
+            args = args + _as_tuple(additional_forward_args)
+            if inputs_id is not None:
+                digest = hashlib.sha256()
+                hash_object(args, digest)
+                inputs_hash = digest.hexdigest()
+        store = (
+            ArrayStore(self._model_dir / "inputs" / safe_name(inputs_id))
+            if inputs_id is not None
+            else None
+        )
+        metas = {
+            layer: {
+                "kind": _INPUT_KIND,
+                "layer": layer,
+                "model": fingerprint,
+                "inputs_id": inputs_id,
+                "inputs": inputs_hash,
+            }
+            for layer in self.layers
+        }
+        acts: dict[str, Tensor] = {}
+        if load_input_from_disk and store is not None:
+            ignore = ("inputs",) if inputs is None else ()
+            for layer in self.layers:
+                entry, why = store.load(safe_name(layer), metas[layer], ignore=ignore)
+                if entry is not None:
+                    with entry:
+                        acts[layer] = torch.from_numpy(entry.read("activations")).to(device)
+                    continue
+                if args is None:
+                    raise InvalidArgumentError(
+                        f"no usable saved activations for inputs_id={inputs_id!r} and layer "
+                        f"{layer!r} ({why or 'none were saved'}); pass inputs to compute them"
+                    )
+                if why is not None:
+                    warnings.warn(
+                        f"SimilarityInfluence: not using the saved activations of inputs_id="
+                        f"{inputs_id!r} for layer {layer!r} because {why}; recomputing them",
+                        StoreRebuildWarning,
+                        stacklevel=4,
+                    )
+        missing = [layer for layer in self.layers if layer not in acts]
+        if missing:
+            assert args is not None  # guaranteed by the checks above
+            modules = {layer: self.module.get_submodule(layer) for layer in missing}
+            computed = self._forward(
+                _Extractor(modules), to_device(args, device), fingerprint, False
+            )
+            if store is not None:
+                with store.lock():
+                    for layer in missing:
+                        with store.writer(safe_name(layer), metas[layer]) as writer:
+                            act = computed[layer]
+                            act = act.to(_storage_dtype(act.dtype)).contiguous().cpu()
+                            writer.append("activations", act.numpy())
+                            writer.commit()
+            acts.update(computed)
+        sizes = {layer: int(a.shape[0]) for layer, a in acts.items()}
+        if len(set(sizes.values())) > 1:
+            raise InvalidArgumentError(
+                f"the test activations disagree on the number of examples: {sizes}"
+            )
+        return acts
+
+    # ----------------------------------------------------------------------- forward
+    def _forward(
+        self, extractor: _Extractor, args: tuple[Any, ...], fingerprint: str, trial: bool
+    ) -> dict[str, Tensor]:
+        """Run the model on ``args`` and capture the layers, choosing the memory layout."""
+        signature = _layout_signature(args, fingerprint)
+        if signature is None or self.channels_last is False:
+            return extractor.run(self.module, args)
+        if self.channels_last is True:
+            return extractor.run(self.module, _channels_last(args))
+        known = self._layouts.get(signature)
+        if known is not None:
+            return extractor.run(self.module, _channels_last(args) if known else args)
+        if not trial:
+            return extractor.run(self.module, args)
+        t0 = time.perf_counter()
+        acts = extractor.run(self.module, args)
+        t_plain = time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            other = extractor.run(self.module, _channels_last(args))
+            t_cl = time.perf_counter() - t0
+            same = all(_close(acts[name], other[name]) for name in acts)
+            self._layouts[signature] = same and t_cl < 0.9 * t_plain
+        except Exception:  # noqa: BLE001 - e.g. a .view() that needs a contiguous input
+            self._layouts[signature] = False
+        return acts
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class _Extractor:
+    """Captures the output tensors of named submodules during one forward pass."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.clone = False
+
+    def run(self, model: nn.Module, args: tuple[Any, ...]) -> dict[str, Tensor]:
+        captured: dict[str, Tensor] = {}
+        versions: dict[str, int] = {}
+        clone = self.clone
+
+        def hook_for(name: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                if not isinstance(output, Tensor):
+                    raise ArgumentTypeError(
+                        f"layer {name!r} returns a {type(output).__name__}, not a tensor; "
+                        "choose a layer whose output is a single tensor (e.g. a submodule of it)"
+                    )
+                out = output.detach()
+                captured[name] = out.clone() if clone else out
+                versions[name] = out._version
+
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
+        try:
+            model(*args)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [n for n in self.modules if n not in captured]
+        if missing:
+            raise InvalidArgumentError(
+                f"layer(s) {missing} did not run during the forward pass, so they have no "
+                "activations; choose layers the model's forward uses"
+            )
+        if not clone and any(captured[n]._version != versions[n] for n in captured):
+            # A later in-place operation changed a captured output: capture copies instead.
+            self.clone = True
+            return self.run(model, args)
+        try:
+            n = batch_size_of(args)
+        except BatchFormatError:
+            n = int(next(iter(captured.values())).shape[0]) if captured else 0
+        for name, act in captured.items():
+            if act.dim() == 0 or act.shape[0] != n:
+                raise InvalidArgumentError(
+                    f"layer {name!r} gives an activation of shape {tuple(act.shape)} for a batch "
+                    f"of {n} examples; its first dimension must index the examples"
+                )
+        return captured
+
+
+def _check_layers(module: nn.Module, layers: Any) -> list[str]:
+    if isinstance(layers, str):
+        names = [layers]
+    elif isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers):
+        names = list(dict.fromkeys(layers))
+    else:
+        raise ArgumentTypeError(
+            f"layers must be a layer name or a list of names, got {type(layers).__name__}"
+        )
+    if not names:
+        raise InvalidArgumentError("layers is empty: name at least one layer of the model")
+    valid = [name for name, _ in module.named_modules() if name]
+    valid_set = set(valid)
+    for name in names:
+        if name not in valid_set:
+            shown = ", ".join(valid[:40]) + (
+                f", … ({len(valid) - 40} more)" if len(valid) > 40 else ""
+            )
+            close = difflib.get_close_matches(name, valid, n=3)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise InvalidArgumentError(
+                f"unknown layer {name!r} in layers.{hint} Valid layer names of this "
+                f"{type(module).__name__}: {shown or '(the model has no submodules)'}"
+            )
+    return names
+
+
+def _check_top_k(top_k: int, n: int) -> None:
+    if top_k > n:
+        raise InvalidArgumentError(
+            f"top_k={top_k} is out of range: it must be between 1 and the number of source "
+            f"examples ({n})"
+        )
+
+
+def _source_args(batch: Any) -> tuple[Any, ...]:
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise BatchFormatError(
+                "a source batch is an empty tuple; items should be (*model_inputs, label) "
+                "or a single model input"
+            )
+        return tuple(batch[:-1]) if len(batch) >= 2 else (batch[0],)
+    return (batch,)
+
+
+def _as_tuple(extra: Any) -> tuple[Any, ...]:
+    if extra is None:
+        return ()
+    return tuple(extra) if isinstance(extra, tuple) else (extra,)
+
+
+def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype activations are stored in: numpy has no bfloat16."""
+    if dtype in (torch.float64, torch.float32, torch.float16):
+        return dtype
+    return torch.float32
+
+
+def _layout_signature(args: tuple[Any, ...], fingerprint: str) -> Any:
+    images = [a for a in args if isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()]
+    if not images or any(a.device.type != "cpu" for a in images):
+        return None
+    return (fingerprint, tuple((tuple(a.shape[1:]), a.dtype) for a in images))
+
+
+def _channels_last(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last)
+        if isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()
+        else a
+        for a in args
+    )
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    scale = float(a.abs().nan_to_num(0.0, 0.0, 0.0).max()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30), equal_nan=True))
+
+
+__all__ = ["SimilarityInfluence", "cosine_similarity", "euclidean_distance"]

@@ -1,0 +1,757 @@
+"""On-disk arrays that are never served when they no longer match what produced them.
+
+A :class:`ArrayStore` is a directory of *entries*. An entry is a set of named ``.npy``
+arrays plus one small JSON manifest, ``<key>.json``, that says
+
+* which arrays belong to the entry, their dtype, shape and file name;
+* the ``meta`` the entry was built for (for layer activations: a fingerprint of the
+  model weights, the layer name, the dataset length and a probe of its content);
+* the store format version, and a checksum of the manifest itself.
+
+Guarantees:
+
+* **Atomic.** Array files are written under a temporary name, renamed to a name that
+  carries a fresh random token, and only then is the manifest replaced with
+  :func:`os.replace`. A reader sees the old entry or the new one, never half of one; a
+  crash leaves at most unreferenced files, which the next builder removes. Array files
+  are never modified once they are referenced, so a reader that has opened one keeps a
+  consistent view even while another process replaces the entry.
+* **Validated.** :meth:`ArrayStore.load` returns an entry only when the manifest parses,
+  its checksum matches, the format version and every ``meta`` field equal what the
+  caller expects, and every array file exists with the header and the exact byte size
+  the manifest announces (which catches truncated and zero-length files). Otherwise
+  it says why, so the caller can rebuild with a warning.
+* **Safe with concurrent builders.** :meth:`ArrayStore.lock` takes an exclusive
+  advisory lock (``fcntl.flock``) on ``<directory>/.lock``, so two processes building
+  the same entry take turns and the second can reuse what the first wrote. Where file
+  locks are unavailable the lock is a no-op, and the atomic writes above still keep
+  every reader safe.
+
+Arrays are read through :class:`numpy.memmap`, one block at a time, so an entry need
+not fit in memory. Nothing is ever unpickled. The store does not ``fsync``: after a
+power failure an array file may come back short, which the size check detects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from proponents.errors import StoreError
+
+try:  # POSIX advisory locks; absent on Windows.
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    _fcntl = None  # type: ignore[assignment]
+
+FORMAT_NAME = "proponents.array-store"
+FORMAT_VERSION = 1
+MANIFEST_SUFFIX = ".json"
+_SEP = "~"  # never produced by safe_name, so it splits file names unambiguously
+_TMP = ".tmp" + _SEP
+_LOCK_NAME = ".lock"
+_PLAIN = re.compile(r"[a-z0-9_][a-z0-9_.\-]{0,99}")
+_ALLOWED = re.compile(r"[A-Za-z0-9_.\-]")
+
+
+class StoreRebuildWarning(UserWarning):
+    """A stored entry was stale, mismatched or damaged and is being rebuilt."""
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def safe_name(name: str) -> str:
+    """A file-name component that stands for ``name`` and cannot leave its directory.
+
+    Plain lower-case names (``conv2``, ``features.0``) are kept as they are. Any other
+    name is percent-escaped (``/`` becomes ``%2F``, so ``../x`` cannot climb out of the
+    store) and gets a short hash suffix, so names that differ only in case stay apart
+    on case-insensitive file systems and long names stay short.
+
+    Args:
+        name: any string, e.g. a model id or a layer name.
+
+    Returns:
+        A non-empty string of ``[A-Za-z0-9_.%-]`` that never starts with ``.``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"safe_name expects a str, got {type(name).__name__}")
+    if _PLAIN.fullmatch(name):
+        return name
+    escaped = "".join(
+        ch if _ALLOWED.fullmatch(ch) else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+        for ch in name
+    )
+    if escaped.startswith("."):
+        escaped = "%2E" + escaped[1:]
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:10]
+    return f"{escaped[:80]}-{digest}"
+
+
+# ----------------------------------------------------------------------- fingerprints
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of ``tensor`` (any dtype, any device) in row-major order."""
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the class, parameter and buffer names, dtypes, shapes and values.
+
+    Any change to a weight or a buffer (e.g. BatchNorm running statistics), to a dtype
+    or to the architecture's parameter layout changes the fingerprint. Changes to the
+    ``forward`` code that leave every tensor untouched do not.
+    """
+    digest = hashlib.sha256()
+    cls = type(model)
+    digest.update(f"{cls.__module__}.{cls.__qualname__}\n".encode())
+    for kind, items in (
+        ("param", model.named_parameters(remove_duplicate=False)),
+        ("buffer", model.named_buffers(remove_duplicate=False)),
+    ):
+        for name, tensor in items:
+            if tensor is None:
+                continue
+            digest.update(f"{kind}:{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def hash_object(obj: Any, digest: Any) -> None:
+    """Feed a structural description of ``obj`` into a hashlib ``digest``.
+
+    Tensors and arrays contribute dtype, shape and values; tuples, lists and dicts
+    recurse; numbers, strings, bytes and ``None`` contribute their value. Other objects
+    contribute their ``tobytes()`` when they have one (e.g. PIL images), else their
+    ``repr`` unless it is the default ``<... at 0x...>`` form, else only their type.
+    """
+    if isinstance(obj, torch.Tensor):
+        digest.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
+        digest.update(tensor_bytes(obj))
+    elif isinstance(obj, np.ndarray):
+        digest.update(f"A{obj.dtype.str}{obj.shape}".encode())
+        digest.update(memoryview(np.ascontiguousarray(obj)).cast("B"))
+    elif isinstance(obj, (tuple, list)):
+        digest.update(f"{type(obj).__name__}{len(obj)}(".encode())
+        for item in obj:
+            hash_object(item, digest)
+        digest.update(b")")
+    elif isinstance(obj, Mapping):
+        digest.update(f"M{len(obj)}(".encode())
+        for key in sorted(obj, key=repr):
+            hash_object(key, digest)
+            hash_object(obj[key], digest)
+        digest.update(b")")
+    elif obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        digest.update(f"O{type(obj).__module__}.{type(obj).__qualname__}".encode())
+        to_bytes = getattr(obj, "tobytes", None)
+        if callable(to_bytes):
+            try:
+                digest.update(to_bytes())
+                return
+            except Exception:  # noqa: BLE001 - a best-effort description
+                pass
+        text = repr(obj)
+        if " at 0x" not in text:
+            digest.update(text.encode("utf-8", "replace"))
+
+
+def dataset_probe(dataset: Any, n_items: int = 5) -> str | None:
+    """Hash of a few items spread over a map-style dataset (first, last, in between).
+
+    Two datasets of the same length but different content almost always differ in
+    these items, so a store built for one is not served for the other. Returns ``None``
+    when the dataset cannot be indexed.
+    """
+    try:
+        n = len(dataset)
+    except TypeError:
+        return None
+    if n == 0 or not hasattr(dataset, "__getitem__"):
+        return None
+    positions = sorted({round(i * (n - 1) / max(n_items - 1, 1)) for i in range(n_items)})
+    digest = hashlib.sha256(f"{type(dataset).__qualname__}:{n}".encode())
+    try:
+        for i in positions:
+            digest.update(f"[{i}]".encode())
+            hash_object(dataset[i], digest)
+    except Exception:  # noqa: BLE001 - a dataset we cannot index gives no probe
+        return None
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------ npy helpers
+
+
+def _header_text(dtype: np.dtype, shape: tuple[int, ...]) -> str:
+    descr = np.lib.format.dtype_to_descr(dtype)
+    return f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
+
+
+def _header_reserve(dtype: np.dtype, row_shape: tuple[int, ...]) -> int:
+    """Bytes to reserve for a version-1.0 header whatever the final row count."""
+    widest = _header_text(dtype, (10**19, *row_shape))
+    return 64 * math.ceil((10 + len(widest) + 1) / 64)
+
+
+def _header_bytes(dtype: np.dtype, shape: tuple[int, ...], total: int) -> bytes:
+    text = _header_text(dtype, shape)
+    body_len = total - 10
+    if len(text) + 1 > body_len or body_len > 0xFFFF:
+        raise StoreError(f"array header for shape {shape} does not fit in {total} bytes")
+    body = text + " " * (body_len - len(text) - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+def _read_header(fh: BinaryIO) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Parse an ``.npy`` header: ``(dtype, shape, data_offset)``."""
+    fh.seek(0)
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    if fortran:
+        raise ValueError("Fortran-ordered arrays are not used by the store")
+    return dtype, tuple(int(s) for s in shape), fh.tell()
+
+
+# ---------------------------------------------------------------------------- entries
+
+
+class StoredEntry:
+    """A validated entry; its array files stay open until :meth:`close`.
+
+    Keeping the files open means a concurrent rebuild (which only ever writes new
+    files and unlinks old ones) cannot pull the data away mid-read.
+
+    Attributes:
+        key: the entry's name inside the store.
+        meta: the ``meta`` mapping it was built for.
+        manifest: the full parsed manifest.
+    """
+
+    def __init__(self, key: str, manifest: dict[str, Any], files: dict[str, BinaryIO]):
+        self.key = key
+        self.manifest = manifest
+        self.meta: dict[str, Any] = manifest["meta"]
+        self._files = files
+        self._layout: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        for name, fh in files.items():
+            self._layout[name] = _read_header(fh)
+
+    @property
+    def arrays(self) -> list[str]:
+        """Names of the arrays in this entry."""
+        return list(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of array ``name``."""
+        return self._layout[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        """Dtype of array ``name``."""
+        return self._layout[name][0]
+
+    def memmap(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of array ``name`` as a copy-on-write memory map.
+
+        Writing to the result never touches the file. Dropping the result unmaps it,
+        so reading block by block keeps the resident memory bounded.
+        """
+        dtype, shape, offset = self._layout[name]
+        n = shape[0]
+        stop = n if stop is None else min(stop, n)
+        start = max(0, min(start, stop))
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if stop == start or row == 0:
+            return np.zeros((stop - start, *shape[1:]), dtype=dtype)
+        return np.memmap(
+            self._files[name],
+            dtype=dtype,
+            mode="c",
+            offset=offset + start * row,
+            shape=(stop - start, *shape[1:]),
+        )
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole array ``name`` as an in-memory numpy array."""
+        return np.array(self.memmap(name))
+
+    def close(self) -> None:
+        """Close the array files."""
+        for fh in self._files.values():
+            fh.close()
+        self._files = {}
+
+    def __enter__(self) -> StoredEntry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EntryWriter:
+    """Writes one entry; nothing becomes visible before :meth:`commit`.
+
+    Arrays are either streamed row block by row block with :meth:`append` (the first
+    block fixes dtype and row shape) or written whole with :meth:`put`. Use it as a
+    context manager: leaving the block without committing (e.g. on an exception)
+    deletes every temporary file.
+    """
+
+    def __init__(self, store: ArrayStore, key: str, meta: Mapping[str, Any]) -> None:
+        self._store = store
+        self.key = key
+        self.meta = _jsonable(meta, "meta")
+        self.token = secrets.token_hex(8)
+        self._open: dict[str, tuple[BinaryIO, Path, np.dtype, tuple[int, ...], int, int]] = {}
+        self._done: dict[str, tuple[Path, np.dtype, tuple[int, ...]]] = {}
+        self._closed = False
+
+    def _tmp_path(self, name: str) -> Path:
+        return self._store.directory / f"{_TMP}{self.key}{_SEP}{self.token}{_SEP}{name}.npy"
+
+    def append(self, name: str, rows: np.ndarray) -> None:
+        """Append rows (``(b, *row_shape)``) to the streamed array ``name``."""
+        self._check_open()
+        if name in self._done:
+            raise StoreError(f"array {name!r} of entry {self.key!r} was already written")
+        rows = np.ascontiguousarray(rows)
+        if rows.ndim == 0:
+            raise StoreError(f"array {name!r}: append needs rows with a leading dimension")
+        state = self._open.get(name)
+        if state is None:
+            dtype = rows.dtype
+            row_shape = tuple(rows.shape[1:])
+            reserve = _header_reserve(dtype, row_shape)
+            path = self._tmp_path(name)
+            fh = self._store._create(path)
+            fh.write(b"\0" * reserve)
+            state = (fh, path, dtype, row_shape, reserve, 0)
+        fh, path, dtype, row_shape, reserve, count = state
+        if rows.dtype != dtype or tuple(rows.shape[1:]) != row_shape:
+            raise StoreError(
+                f"array {name!r} of entry {self.key!r}: rows of dtype {rows.dtype} and shape "
+                f"{tuple(rows.shape[1:])} cannot follow rows of dtype {dtype} and shape {row_shape}"
+            )
+        try:
+            fh.write(memoryview(rows).cast("B"))
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self._open[name] = (fh, path, dtype, row_shape, reserve, count + rows.shape[0])
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        """Write the whole array ``name`` at once."""
+        array = np.ascontiguousarray(array)
+        if array.ndim == 0:
+            array = array.reshape(1)
+        self.append(name, array)
+        self._finish(name)
+
+    def _finish(self, name: str) -> None:
+        fh, path, dtype, row_shape, reserve, count = self._open.pop(name)
+        shape = (count, *row_shape)
+        try:
+            fh.seek(0)
+            fh.write(_header_bytes(dtype, shape, reserve))
+            fh.close()
+        except OSError as exc:
+            fh.close()
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self._done[name] = (path, dtype, shape)
+
+    def rows(self, name: str) -> int:
+        """Rows written so far to array ``name``."""
+        if name in self._open:
+            return self._open[name][5]
+        if name in self._done:
+            return self._done[name][2][0]
+        return 0
+
+    def commit(self) -> None:
+        """Make the entry visible: rename the arrays, then replace the manifest."""
+        self._check_open()
+        for name in list(self._open):
+            self._finish(name)
+        if not self._done:
+            raise StoreError(f"entry {self.key!r} has no arrays to commit")
+        directory = self._store.directory
+        arrays: dict[str, Any] = {}
+        for name, (tmp, dtype, shape) in self._done.items():
+            final = f"{self.key}{_SEP}{self.token}{_SEP}{name}.npy"
+            try:
+                os.replace(tmp, directory / final)
+            except OSError as exc:
+                raise StoreError(f"cannot rename {tmp}: {exc.strerror or exc}") from exc
+            arrays[name] = {
+                "file": final,
+                "dtype": np.lib.format.dtype_to_descr(dtype),
+                "shape": list(shape),
+            }
+        self._done = {}
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "key": self.key,
+            "token": self.token,
+            "meta": self.meta,
+            "arrays": arrays,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest["checksum"] = _checksum(manifest)
+        previous = self._store._manifest_token(self.key)
+        self._store._write_manifest(self.key, manifest)
+        self._closed = True
+        self._store._cleanup(self.key, keep=self.token, displaced=previous)
+
+    def abort(self) -> None:
+        """Delete every temporary file of this writer."""
+        for fh, path, *_ in self._open.values():
+            fh.close()
+            _unlink(path)
+        for path, *_ in self._done.values():
+            _unlink(path)
+        self._open, self._done = {}, {}
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the writer of entry {self.key!r} is already closed")
+
+    def __enter__(self) -> EntryWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if not self._closed:
+            self.abort()
+
+
+class ArrayStore:
+    """A directory of validated, atomically written array entries.
+
+    Args:
+        directory: where the entries live; created on first write.
+
+    Example:
+        >>> store = ArrayStore("/tmp/acts/src")                          # doctest: +SKIP
+        >>> with store.lock(), store.writer("conv2", {"model": fp}) as w:  # doctest: +SKIP
+        ...     w.append("activations", block)
+        ...     w.commit()
+        >>> entry, why = store.load("conv2", {"model": fp})               # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self._locked = False
+
+    # -- writing ------------------------------------------------------------------
+    def ensure_writable(self) -> None:
+        """Create the directory and check a file can be written there.
+
+        Raises:
+            StoreError: naming the directory and the reason.
+        """
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=_TMP + "probe", dir=self.directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StoreError(
+                f"cannot write to the directory {str(self.directory)!r} ({reason}); pass a "
+                "directory you can create and write files in"
+            ) from exc
+
+    def writer(self, key: str, meta: Mapping[str, Any]) -> EntryWriter:
+        """A writer for entry ``key`` built for ``meta`` (a JSON-compatible mapping)."""
+        _check_key(key)
+        self.ensure_writable()
+        return EntryWriter(self, key, meta)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive advisory lock of the directory, for the duration of a build."""
+        self.ensure_writable()
+        if _fcntl is None:  # pragma: no cover - Windows
+            yield
+            return
+        path = self.directory / _LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock file {str(path)!r}: {exc.strerror}") from exc
+        try:
+            try:
+                _fcntl.flock(fd, _fcntl.LOCK_EX)
+                self._locked = True
+            except OSError:  # e.g. a file system without locks: fall back to no lock
+                pass
+            yield
+        finally:
+            self._locked = False
+            with contextlib.suppress(OSError):
+                _fcntl.flock(fd, _fcntl.LOCK_UN)
+            os.close(fd)
+
+    def remove(self, key: str) -> None:
+        """Delete entry ``key`` (manifest first, then its arrays)."""
+        _check_key(key)
+        _unlink(self._manifest_path(key))
+        self._cleanup(key, keep=None, displaced=None)
+
+    # -- reading ------------------------------------------------------------------
+    def load(
+        self, key: str, meta: Mapping[str, Any], *, ignore: Collection[str] = ()
+    ) -> tuple[StoredEntry | None, str | None]:
+        """Open entry ``key`` if it is intact and was built for ``meta``.
+
+        Args:
+            key: the entry name.
+            meta: what the entry must have been built for; every field is compared.
+            ignore: ``meta`` fields not to compare.
+
+        Returns:
+            ``(entry, None)`` when valid (close the entry after use); ``(None, None)``
+            when there is no such entry; ``(None, reason)`` when one exists but is
+            stale, mismatched or damaged (``reason`` says which).
+        """
+        _check_key(key)
+        expected = _jsonable(meta, "meta")
+        reason: str | None = None
+        for _attempt in range(3):  # the entry may be replaced while we open it
+            manifest, reason = self._read_manifest(key)
+            if manifest is None:
+                return None, reason
+            reason = _compare_meta(manifest["meta"], expected, ignore)
+            if reason is not None:
+                return None, reason
+            files, reason, missing = self._open_arrays(manifest)
+            if files is not None:
+                return StoredEntry(key, manifest, files), None
+            if not missing:
+                return None, reason
+        return None, reason
+
+    def _manifest_path(self, key: str) -> Path:
+        return self.directory / f"{key}{MANIFEST_SUFFIX}"
+
+    def _read_manifest(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        path = self._manifest_path(key)
+        try:
+            text = path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            return None, f"its manifest {path.name} cannot be read ({exc.strerror})"
+        try:
+            manifest = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None, f"its manifest {path.name} is not valid JSON (damaged)"
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            return None, f"{path.name} is not a manifest of this store (damaged)"
+        if manifest.get("checksum") != _checksum(manifest):
+            return None, f"its manifest {path.name} fails its checksum (damaged)"
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            return None, (
+                f"it was written in store format version {version}, this library "
+                f"reads version {FORMAT_VERSION}"
+            )
+        if (
+            manifest.get("key") != key
+            or not isinstance(manifest.get("meta"), dict)
+            or not isinstance(manifest.get("arrays"), dict)
+            or not manifest["arrays"]
+        ):
+            return None, f"its manifest {path.name} is incomplete (damaged)"
+        return manifest, None
+
+    def _open_arrays(
+        self, manifest: dict[str, Any]
+    ) -> tuple[dict[str, BinaryIO] | None, str | None, bool]:
+        files: dict[str, BinaryIO] = {}
+        try:
+            for name, info in manifest["arrays"].items():
+                fname = info.get("file") if isinstance(info, dict) else None
+                if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname[:1] in ".":
+                    return None, f"array {name!r} has an invalid file name (damaged)", False
+                path = self.directory / fname
+                try:
+                    fh = open(path, "rb")  # noqa: SIM115 - kept open by StoredEntry
+                except FileNotFoundError:
+                    return None, f"its array file {fname} is missing", True
+                files[name] = fh
+                problem = _check_array_file(fh, info)
+                if problem is not None:
+                    return None, f"its array file {fname} {problem} (damaged)", False
+            result, files = files, {}
+            return result, None, False
+        except OSError as exc:
+            return None, f"its array files cannot be read ({exc.strerror})", False
+        finally:
+            for fh in files.values():
+                fh.close()
+
+    # -- housekeeping -------------------------------------------------------------
+    def _create(self, path: Path) -> BinaryIO:
+        try:
+            return open(path, "xb")  # noqa: SIM115 - closed by EntryWriter
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create {str(path)!r} ({exc.strerror}); check that the directory "
+                "is writable"
+            ) from exc
+
+    def _manifest_token(self, key: str) -> str | None:
+        manifest, _ = self._read_manifest(key)
+        return None if manifest is None else manifest.get("token")
+
+    def _write_manifest(self, key: str, manifest: dict[str, Any]) -> None:
+        text = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+        tmp = self.directory / f"{_TMP}{key}{_SEP}{manifest['token']}.json"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(text)
+            os.replace(tmp, self._manifest_path(key))
+        except OSError as exc:
+            _unlink(tmp)
+            raise StoreError(
+                f"cannot write the manifest of {key!r} in {str(self.directory)!r}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+
+    def _cleanup(self, key: str, keep: str | None, displaced: str | None) -> None:
+        """Remove array files of ``key`` no manifest refers to.
+
+        While this store holds :meth:`lock` (and locks work here), no other builder is
+        mid-write, so every unreferenced file (including leftovers of crashed builds)
+        can go. Otherwise only the files of the entry just displaced are removed.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for fname in names:
+            parts = fname[len(_TMP) :] if fname.startswith(_TMP) else fname
+            fields = parts.split(_SEP)
+            if len(fields) < 2 or fields[0] != key:
+                continue
+            token = fields[1].split(".")[0]
+            if token == keep:
+                continue
+            if not self._locked and token != displaced:
+                continue
+            _unlink(self.directory / fname)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+_KEY = re.compile(r"[A-Za-z0-9_%\-][A-Za-z0-9_.%\-]{0,199}")
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise StoreError(f"invalid store key {key!r}: pass a name made by safe_name()")
+
+
+def _jsonable(meta: Mapping[str, Any], what: str) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(dict(meta), sort_keys=True))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _checksum(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        text = value[:12] + "…"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _compare_meta(
+    stored: dict[str, Any], expected: dict[str, Any], ignore: Collection[str]
+) -> str | None:
+    diffs = []
+    for field in sorted(set(stored) | set(expected)):
+        if field in ignore:
+            continue
+        if stored.get(field) != expected.get(field):
+            diffs.append(
+                f"{field} was {_describe(stored.get(field))}, now {_describe(expected.get(field))}"
+            )
+    if diffs:
+        return "it was built for something else: " + "; ".join(diffs)
+    return None
+
+
+def _check_array_file(fh: BinaryIO, info: Mapping[str, Any]) -> str | None:
+    try:
+        dtype, shape, offset = _read_header(fh)
+    except (ValueError, SyntaxError, EOFError, OSError, TypeError, KeyError):
+        return "has no valid .npy header"
+    try:
+        want_dtype = np.lib.format.descr_to_dtype(info["dtype"])
+        want_shape = tuple(int(s) for s in info["shape"])
+    except (KeyError, TypeError, ValueError):
+        return "is described inconsistently in the manifest"
+    if dtype != want_dtype or shape != want_shape:
+        return f"holds {dtype} {shape}, the manifest says {want_dtype} {want_shape}"
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = os.fstat(fh.fileno()).st_size
+    if size != expected:
+        return f"has {size} bytes instead of {expected} (truncated or overwritten)"
+    return None
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ArrayStore",
+    "EntryWriter",
+    "StoreRebuildWarning",
+    "StoredEntry",
+    "dataset_probe",
+    "hash_object",
+    "model_fingerprint",
+    "safe_name",
+    "tensor_bytes",
+]
