@@ -1,0 +1,287 @@
+"""The array store: atomic entries, validation, names that stay inside the directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from proponents.errors import StoreError
+from proponents.store import (
+    FORMAT_VERSION,
+    ArrayStore,
+    dataset_probe,
+    model_fingerprint,
+    safe_name,
+)
+
+
+def _write(store: ArrayStore, key: str, meta: dict, blocks, extra=None) -> None:
+    with store.lock(), store.writer(key, meta) as writer:
+        for block in blocks:
+            writer.append("data", block)
+        if extra is not None:
+            writer.put("extra", extra)
+        writer.commit()
+
+
+def _files(directory) -> list[str]:
+    return sorted(f for f in os.listdir(directory) if f != ".lock")
+
+
+# ------------------------------------------------------------------------------ names
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_safe_name_is_one_harmless_component(name):
+    out = safe_name(name)
+    assert re.fullmatch(r"[A-Za-z0-9_.%\-]+", out)
+    assert not out.startswith(".")
+    assert out not in (".", "..")
+    assert len(out) <= 100
+    assert safe_name(name) == out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_safe_name_keeps_distinct_names_apart(a, b):
+    if a != b:  # also on case-insensitive file systems
+        assert safe_name(a).lower() != safe_name(b).lower()
+
+
+def test_safe_name_examples():
+    assert safe_name("conv2") == "conv2"
+    assert safe_name("features.0") == "features.0"
+    for bad in ("../x", "..", ".", "a/b", "/abs", "C:\\x", ""):
+        out = safe_name(bad)
+        assert "/" not in out and "\\" not in out and not out.startswith(".")
+    assert safe_name("Conv").lower() != safe_name("conv").lower()
+
+
+# ---------------------------------------------------------------------- entries
+
+
+def test_roundtrip_streamed_and_whole_arrays(tmp_path):
+    store = ArrayStore(tmp_path / "s")
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((n, 3, 2)).astype(np.float32) for n in (4, 1, 6)]
+    _write(store, "layer", {"model": "m1", "n": 11}, blocks, extra=np.arange(5.0))
+    entry, why = store.load("layer", {"model": "m1", "n": 11})
+    assert why is None and entry is not None
+    with entry:
+        whole = np.concatenate(blocks)
+        assert entry.shape("data") == (11, 3, 2)
+        np.testing.assert_array_equal(entry.read("data"), whole)
+        np.testing.assert_array_equal(entry.memmap("data", 3, 8), whole[3:8])
+        np.testing.assert_array_equal(entry.read("extra"), np.arange(5.0))
+        # the files are ordinary .npy files
+        fname = entry.manifest["arrays"]["data"]["file"]
+        np.testing.assert_array_equal(np.load(store.directory / fname), whole)
+        # the memory map is copy-on-write: writing to it never touches the file
+        view = entry.memmap("data", 0, 2)
+        view[:] = 7
+    with store.load("layer", {"model": "m1", "n": 11})[0] as again:
+        np.testing.assert_array_equal(again.read("data"), whole)
+
+
+def test_missing_entry_is_not_an_error(tmp_path):
+    assert ArrayStore(tmp_path).load("nothing", {}) == (None, None)
+
+
+def test_meta_mismatch_names_the_field(tmp_path):
+    store = ArrayStore(tmp_path)
+    _write(store, "k", {"model": "aaa", "layer": "fc"}, [np.zeros((2, 2), np.float32)])
+    entry, why = store.load("k", {"model": "bbb", "layer": "fc"})
+    assert entry is None and "model" in why and "layer" not in why
+    entry, why = store.load("k", {"model": "bbb", "layer": "fc"}, ignore=("model",))
+    assert why is None
+    entry.close()
+
+
+def test_abort_leaves_nothing(tmp_path):
+    store = ArrayStore(tmp_path)
+    with pytest.raises(RuntimeError), store.writer("k", {}) as writer:
+        writer.append("data", np.zeros((3, 2), np.float32))
+        raise RuntimeError("crash while building")
+    assert _files(tmp_path) == []
+    assert store.load("k", {}) == (None, None)
+
+
+def test_uncommitted_writer_is_invisible(tmp_path):
+    store = ArrayStore(tmp_path)
+    _write(store, "k", {"v": 1}, [np.ones((2, 2), np.float32)])
+    writer = store.writer("k", {"v": 2})
+    writer.append("data", np.zeros((5, 2), np.float32))
+    entry, why = store.load("k", {"v": 1})  # the old entry is still served
+    assert why is None
+    with entry:
+        np.testing.assert_array_equal(entry.read("data"), np.ones((2, 2)))
+    writer.abort()
+
+
+def test_replacing_removes_old_files(tmp_path):
+    store = ArrayStore(tmp_path)
+    _write(store, "k", {"v": 1}, [np.ones((2, 2), np.float32)])
+    _write(store, "k", {"v": 2}, [np.zeros((3, 2), np.float32)])
+    files = _files(tmp_path)
+    assert len(files) == 2, files  # manifest + one array
+    assert store.load("k", {"v": 1})[1] is not None
+    entry, why = store.load("k", {"v": 2})
+    assert why is None
+    entry.close()
+
+
+def test_open_entry_survives_replacement(tmp_path):
+    store = ArrayStore(tmp_path)
+    _write(store, "k", {"v": 1}, [np.ones((4, 2), np.float32)])
+    entry, _ = store.load("k", {"v": 1})
+    _write(store, "k", {"v": 2}, [np.zeros((3, 2), np.float32)])
+    with entry:  # its files were unlinked, but it keeps them open
+        np.testing.assert_array_equal(entry.read("data"), np.ones((4, 2)))
+
+
+def test_leftovers_of_a_crashed_build_are_removed(tmp_path):
+    store = ArrayStore(tmp_path)
+    writer = store.writer("k", {})
+    writer.append("data", np.zeros((3, 2), np.float32))  # never committed nor aborted
+    (tmp_path / "k~deadbeef~data.npy").write_bytes(b"orphan")
+    _write(store, "k", {}, [np.ones((2, 2), np.float32)])
+    assert len(_files(tmp_path)) == 2
+
+
+def _manifest(tmp_path, key="k"):
+    return tmp_path / f"{key}.json"
+
+
+def _data_file(tmp_path, key="k", name="data"):
+    (match,) = [
+        f for f in os.listdir(tmp_path) if f.startswith(key + "~") and f.endswith(name + ".npy")
+    ]
+    return tmp_path / match
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("truncate", "truncated"),
+        ("empty", "header"),
+        ("header", "header"),
+        ("missing", "missing"),
+        ("garbage_manifest", "not valid JSON"),
+        ("edited_manifest", "checksum"),
+        ("old_version", "format version"),
+    ],
+)
+def test_damage_is_detected(tmp_path, damage, words):
+    store = ArrayStore(tmp_path)
+    _write(store, "k", {"v": 1}, [np.ones((6, 4), np.float32)])
+    data, manifest = _data_file(tmp_path), _manifest(tmp_path)
+    if damage == "truncate":
+        with open(data, "r+b") as fh:
+            fh.truncate(os.path.getsize(data) - 5)
+    elif damage == "empty":
+        data.write_bytes(b"")
+    elif damage == "header":
+        raw = bytearray(data.read_bytes())
+        raw[:6] = b"NOTNPY"
+        data.write_bytes(bytes(raw))
+    elif damage == "missing":
+        data.unlink()
+    elif damage == "garbage_manifest":
+        manifest.write_bytes(b"\x00\xff{ not json")
+    elif damage == "edited_manifest":
+        content = json.loads(manifest.read_text())
+        content["arrays"]["data"]["shape"] = [5, 4]
+        manifest.write_text(json.dumps(content))
+    elif damage == "old_version":
+        content = json.loads(manifest.read_text())
+        content["format_version"] = FORMAT_VERSION + 1
+        from proponents.store import _checksum
+
+        content["checksum"] = _checksum(content)
+        manifest.write_text(json.dumps(content))
+    entry, why = store.load("k", {"v": 1})
+    assert entry is None
+    assert words in why, why
+
+
+def test_manifest_cannot_point_outside(tmp_path):
+    store = ArrayStore(tmp_path / "s")
+    _write(store, "k", {}, [np.ones((2, 2), np.float32)])
+    from proponents.store import _checksum
+
+    path = store.directory / "k.json"
+    content = json.loads(path.read_text())
+    content["arrays"]["data"]["file"] = "../elsewhere.npy"
+    content["checksum"] = _checksum(content)
+    path.write_text(json.dumps(content))
+    entry, why = store.load("k", {})
+    assert entry is None and "invalid file name" in why
+
+
+def test_invalid_keys_are_refused(tmp_path):
+    store = ArrayStore(tmp_path)
+    for key in ("../x", "a/b", ".hidden", "", "a~b"):
+        with pytest.raises(StoreError):
+            store.writer(key, {})
+
+
+def test_unwritable_directory_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    store = ArrayStore(blocker / "sub")
+    with pytest.raises(StoreError, match="a_file"):
+        store.ensure_writable()
+
+
+def test_rows_must_keep_their_shape(tmp_path):
+    store = ArrayStore(tmp_path)
+    with store.writer("k", {}) as writer:
+        writer.append("data", np.zeros((2, 3), np.float32))
+        with pytest.raises(StoreError, match="cannot follow"):
+            writer.append("data", np.zeros((2, 4), np.float32))
+
+
+def test_meta_must_be_json(tmp_path):
+    with pytest.raises(StoreError, match="JSON"):
+        ArrayStore(tmp_path).writer("k", {"x": object()})
+
+
+# ------------------------------------------------------------------- fingerprints
+
+
+def test_model_fingerprint_tracks_weights_buffers_and_dtype():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    base = model_fingerprint(model)
+    assert model_fingerprint(model) == base
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1e-6
+    changed = model_fingerprint(model)
+    assert changed != base
+    model[1].running_mean.add_(1.0)
+    assert model_fingerprint(model) != changed
+    assert model_fingerprint(model.double()) != model_fingerprint(model.float())
+    # the old-style p.data edit, which bypasses version counters, is seen too
+    before = model_fingerprint(model)
+    model[0].bias.data.mul_(2)
+    assert model_fingerprint(model) != before
+
+
+def test_dataset_probe_sees_content_changes():
+    x = torch.randn(50, 3)
+    y = torch.zeros(50)
+    a = dataset_probe(TensorDataset(x, y))
+    assert a == dataset_probe(TensorDataset(x.clone(), y))
+    assert a != dataset_probe(TensorDataset(x.flip(0), y))
+    assert a != dataset_probe(TensorDataset(x[:49], y[:49]))
+    assert dataset_probe(iter([1, 2])) is None
