@@ -109,16 +109,19 @@ def _rank_key(values: Tensor, largest: bool) -> Tensor:
 def _block_top(key: Tensor, k: int, largest: bool) -> Tensor:
     """Column positions of the ``k`` best entries of each row of ``key``.
 
-    Ties at the cut-off are resolved in favour of lower positions: when ``topk`` left
-    out an entry equal to the k-th best, the row is ranked by a stable sort instead.
+    Ties at the cut-off are resolved in favour of lower positions: when more than ``k``
+    entries are at least as good as the k-th best, that row is ranked by a stable sort.
     """
     if k >= key.shape[1]:
         return torch.arange(key.shape[1], device=key.device).expand(key.shape[0], -1)
     values, pos = torch.topk(key, k, dim=1, largest=largest, sorted=False)
-    kth = values.max(dim=1).values if not largest else values.min(dim=1).values
-    in_block = (key == kth[:, None]).sum(dim=1)
-    chosen = (values == kth[:, None]).sum(dim=1)
-    rows = torch.nonzero(in_block > chosen).flatten()
+    if largest:
+        kth = values.min(dim=1, keepdim=True).values
+        contenders = (key >= kth).sum(dim=1)
+    else:
+        kth = values.max(dim=1, keepdim=True).values
+        contenders = (key <= kth).sum(dim=1)
+    rows = torch.nonzero(contenders > k).flatten()
     if rows.numel():
         _, order = torch.sort(key[rows], dim=1, descending=largest, stable=True)
         pos = pos.clone()
@@ -208,6 +211,7 @@ class BlockScorer:
             if kind == "cosine":
                 self.t_hat = flat * _safe_inverse(self.t_norm)[:, None]
                 self.t_zero = self.t_norm == 0
+                self.t_has_zero = bool(self.t_zero.any())
             else:
                 self.t_sq = self.t_norm.square()
         self.nonfinite_test = int((~torch.isfinite(test.reshape(self.n_test, -1))).any(1).sum())
@@ -239,12 +243,15 @@ class BlockScorer:
             s_norm = torch.linalg.vector_norm(s, dim=1)
         else:
             s_norm = norms.to(self.device, self.dtype)
-        self.nonfinite_src += int((~torch.isfinite(s_norm)).sum())
+        finite = bool(torch.isfinite(s_norm).all())
+        if not finite:
+            self.nonfinite_src += int((~torch.isfinite(s_norm)).sum())
+        check_nan = not finite or self.nonfinite_test > 0
         for chunk, running in zip(self._chunks, self._running):
             if self.kind == "cosine":
-                self._update_cosine(chunk, running, s, s_norm, start)
+                self._update_cosine(chunk, running, s, s_norm, start, check_nan)
             else:
-                self._update_euclidean(chunk, running, s, s_norm, start)
+                self._update_euclidean(chunk, running, s, s_norm, start, check_nan)
 
     def result(self) -> tuple[Tensor, Tensor]:
         """``(indices, values)``, each ``(n_test, k)``, best first."""
@@ -257,37 +264,56 @@ class BlockScorer:
 
     # -- per kind -------------------------------------------------------------------
     def _offer(self, running: _Running, key: Tensor, values: Tensor, start: int) -> None:
+        """Keep the block's best ``k`` per row (by ``key``) in the running top-k."""
         kb = min(self.k, key.shape[1])
         pos = _block_top(key, kb, self.largest)
         running.offer(values.gather(1, pos), pos + start, self.k, self.largest)
 
     def _update_cosine(
-        self, chunk: slice, running: _Running, s: Tensor, s_norm: Tensor, start: int
+        self,
+        chunk: slice,
+        running: _Running,
+        s: Tensor,
+        s_norm: Tensor,
+        start: int,
+        check_nan: bool,
     ) -> None:
         sim = self.t_hat[chunk] @ s.T
         sim.mul_(_safe_inverse(s_norm)[None, :])
-        s_zero = s_norm == 0
-        t_zero = self.t_zero[chunk]
-        if bool(s_zero.any()) or bool(t_zero.any()):
+        zeros = self.t_has_zero or bool((s_norm == 0).any())
+        if zeros:
+            s_zero, t_zero = s_norm == 0, self.t_zero[chunk]
             sim[:, s_zero] = self.replace_nan
             sim[t_zero, :] = self.replace_nan
-        sim.clamp_(-1.0, 1.0)
-        key = _rank_key(sim, self.largest)
-        if key is not sim:
-            self.nan_scores += int(torch.isnan(sim).sum())
-        self._offer(running, key, sim, start)
+        key = sim
+        if check_nan:
+            key = _rank_key(sim, self.largest)
+            if key is not sim:
+                self.nan_scores += int(torch.isnan(sim).sum())
+        kb = min(self.k, key.shape[1])
+        pos = _block_top(key, kb, self.largest)
+        # Rounding can push a cosine a hair past +-1; clamping after selection keeps order.
+        values = sim.gather(1, pos).clamp_(-1.0, 1.0)
+        if zeros:
+            values[s_zero[pos] | t_zero[:, None]] = self.replace_nan
+        running.offer(values, pos + start, self.k, self.largest)
 
     def _update_euclidean(
-        self, chunk: slice, running: _Running, s: Tensor, s_norm: Tensor, start: int
+        self,
+        chunk: slice,
+        running: _Running,
+        s: Tensor,
+        s_norm: Tensor,
+        start: int,
+        check_nan: bool,
     ) -> None:
         d2 = self.t_flat[chunk] @ s.T
         d2.mul_(-2.0).add_(self.t_sq[chunk][:, None]).add_(s_norm.square()[None, :])
-        d2.clamp_min_(0.0)
-        key = _rank_key(d2, self.largest)
+        key = _rank_key(d2, self.largest) if check_nan else d2
         kb = min(self.k, d2.shape[1])
         pos = _block_top(key, kb, self.largest)
         exact = self._exact_distances(self.t_flat[chunk], s, pos)
-        if torch.isnan(exact).any():
+        if check_nan and torch.isnan(exact).any():
             self.nan_scores += int(torch.isnan(exact).sum())
         running.offer(exact, pos + start, self.k, self.largest)
 

@@ -470,7 +470,7 @@ class SimilarityInfluence(DataInfluence):
             for layer in layers
         }
         batches, n_batches = self._src_batches()
-        pending: dict[str, list[Tensor]] = {layer: [] for layer in layers}
+        staging = {layer: _Staging(block_rows) for layer in layers}
         feature_shapes: dict[str, tuple[int, ...]] = {}
         state = {"start": 0, "rows": 0}
 
@@ -484,10 +484,7 @@ class SimilarityInfluence(DataInfluence):
                 if state["rows"] == 0:
                     return
                 for layer in layers:
-                    parts = pending[layer]
-                    block = parts[0] if len(parts) == 1 else torch.cat(parts)
-                    pending[layer] = []
-                    block = block.to(_storage_dtype(block.dtype)).contiguous()
+                    block = staging[layer].take()
                     flat = block.reshape(block.shape[0], -1)
                     norm_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
                     norms = torch.linalg.vector_norm(flat.to(norm_dtype), dim=1)
@@ -504,10 +501,11 @@ class SimilarityInfluence(DataInfluence):
             ):
                 args = to_device(_source_args(batch), device)
                 acts = self._forward(extractor, args, fingerprint, trial=(i == 0))
-                size = None
+                size = int(acts[layers[0]].shape[0])
+                if state["rows"] + size > block_rows:
+                    flush()
                 for layer in layers:
                     act = acts[layer]
-                    size = int(act.shape[0])
                     shape = tuple(act.shape[1:])
                     if feature_shapes.setdefault(layer, shape) != shape:
                         raise InvalidArgumentError(
@@ -515,10 +513,8 @@ class SimilarityInfluence(DataInfluence):
                             f"source batch {i} but {feature_shapes[layer]} before; every "
                             "example must give activations of one shape (pad or resize inputs)"
                         )
-                    pending[layer].append(act)
-                state["rows"] += size or 0
-                if state["rows"] >= block_rows:
-                    flush()
+                    staging[layer].add(act)
+                state["rows"] += size
             flush()
             n_rows = state["start"]
             expected = metas[layers[0]]["dataset_length"]
@@ -669,6 +665,40 @@ class SimilarityInfluence(DataInfluence):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+class _Staging:
+    """Gathers the activations of consecutive batches into one contiguous block.
+
+    Copying each batch into a preallocated buffer converts its memory layout (e.g.
+    channels-last) and its dtype to the stored ones in the same pass.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffer: Tensor | None = None
+        self.rows = 0
+
+    def add(self, act: Tensor) -> None:
+        b = int(act.shape[0])
+        dtype = _storage_dtype(act.dtype)
+        buf = self.buffer
+        if buf is None or self.rows + b > buf.shape[0]:
+            bigger = torch.empty(
+                (max(self.capacity, self.rows + b), *act.shape[1:]), dtype=dtype, device=act.device
+            )
+            if buf is not None and self.rows:
+                bigger[: self.rows].copy_(buf[: self.rows])
+            self.buffer = buf = bigger
+        buf[self.rows : self.rows + b].copy_(act)
+        self.rows += b
+
+    def take(self) -> Tensor:
+        """The rows gathered so far (a view, valid until the next :meth:`add`)."""
+        assert self.buffer is not None
+        block = self.buffer[: self.rows]
+        self.rows = 0
+        return block
 
 
 class _Extractor:

@@ -1,0 +1,236 @@
+"""SimilarityInfluence: proponents vs captum.influence, side by side in one process.
+
+Default mode: the benchmark CNN, layers conv2 and fc1, 2,000 source / 64 test examples,
+top_k=10, batch size 128, 2 threads. Each library is timed on
+
+* a first call with an empty activation directory (activations computed and stored),
+* a repeated call on the same object (stored activations reused),
+
+taking the best of ``--repeats`` runs (the libraries alternate, so both see the same
+machine load). The two answers are compared: indices where the scores are not tied,
+and the scores themselves.
+
+``--large``: 100,000 source examples of a 512-wide layer (a model mapping 32 inputs to
+512 features), each phase in a fresh subprocess; reports the peak resident memory
+above what the process held once the model and the data were in memory.
+
+Run: ``python benchmarks/bench_similarity.py [--repeats 3] [--large]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proponents.influence.similarity import SimilarityInfluence  # noqa: E402
+from workloads import BenchCNN, cnn_data, set_threads  # noqa: E402
+
+LAYERS = ["conv2", "fc1"]
+
+
+def _captum():
+    try:
+        from captum.influence import SimilarityInfluence as CaptumSimilarity
+    except ImportError as exc:  # pragma: no cover
+        raise SystemExit(
+            "captum is needed for the comparison: pip install 'proponents[bench]'"
+        ) from exc
+    return CaptumSimilarity
+
+
+def _time_pair(make, inputs, top_k):
+    """(first-call seconds, repeated-call seconds, first result, repeated result)."""
+    with tempfile.TemporaryDirectory() as folder:
+        obj = make(folder)
+        t0 = time.perf_counter()
+        first = obj.influence(inputs, top_k=top_k)
+        t1 = time.perf_counter()
+        again = obj.influence(inputs, top_k=top_k)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, first, again
+
+
+def _agreement(ours, theirs, tol=1e-5):
+    """Fraction of matching indices among untied positions, and max score difference."""
+    report = {}
+    for layer in LAYERS:
+        i_a, v_a = ours[layer]
+        i_b, v_b = theirs[layer]
+        v_a, v_b = v_a.double().cpu(), v_b.double().cpu()
+        gaps = (v_a[:, 1:] - v_a[:, :-1]).abs()
+        untied = torch.ones_like(v_a, dtype=torch.bool)
+        untied[:, 1:] &= gaps > tol
+        untied[:, :-1] &= gaps > tol
+        same = (i_a.cpu() == i_b.cpu())[untied]
+        report[layer] = {
+            "untied_index_agreement": float(same.float().mean()) if same.numel() else 1.0,
+            "max_score_diff": float((v_a - v_b).abs().max()),
+        }
+    return report
+
+
+def main_compare(repeats: int) -> None:
+    set_threads(2)
+    torch.manual_seed(0)
+    model = BenchCNN().eval()
+    train, test_x, _ = cnn_data(2000, 64)
+    captum_cls = _captum()
+    top_k = 10
+
+    def make_ours(folder):
+        return SimilarityInfluence(model, LAYERS, train, folder, batch_size=128)
+
+    def make_captum(folder):
+        return captum_cls(model, LAYERS, train, folder, batch_size=128)
+
+    times = {"captum": ([], []), "proponents": ([], [])}
+    results = {}
+    for _ in range(repeats):
+        for name, make in (("captum", make_captum), ("proponents", make_ours)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                first, again, r1, r2 = _time_pair(make, test_x, top_k)
+            times[name][0].append(first)
+            times[name][1].append(again)
+            results[name] = r2
+    best = {name: (min(f), min(a)) for name, (f, a) in times.items()}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, best of {repeats}")
+    print(f"{'':12s} {'first call':>12s} {'repeated':>12s}")
+    for name, (f, a) in best.items():
+        print(f"{name:12s} {f * 1e3:10.1f}ms {a * 1e3:10.1f}ms")
+    ratio_first = best["captum"][0] / best["proponents"][0]
+    ratio_again = best["captum"][1] / best["proponents"][1]
+    print(f"{'speed-up':12s} {ratio_first:11.2f}x {ratio_again:11.2f}x   (targets 2x, 5x)")
+    print(
+        "all runs (s):",
+        json.dumps({k: [[round(x, 4) for x in v] for v in t] for k, t in times.items()}),
+    )
+    print(
+        "agreement with captum:", json.dumps(_agreement(results["proponents"], results["captum"]))
+    )
+
+
+# ------------------------------------------------------------------------------ large
+
+
+class Wide(nn.Module):
+    """32 inputs -> 512 features -> 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 512)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(x)))
+
+
+def _rss_now_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def large_phase(phase: str, library: str, folder: str, n: int) -> None:
+    """One measurement in this (fresh) process; prints a JSON line."""
+    set_threads(2)
+    torch.manual_seed(0)
+    model = Wide().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    data = TensorDataset(x, y)
+    test = torch.randn(64, 32, generator=g)
+    with torch.no_grad():
+        model(x[:1000])  # allocator and kernels warmed up before the baseline
+    if library == "captum":
+        cls = _captum()
+    else:
+        cls = SimilarityInfluence
+    obj = cls(model, "fc", data, folder, batch_size=1000)
+    base = _rss_now_kib()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj.influence(test, top_k=10, load_src_from_disk=True)
+    seconds = time.perf_counter() - t0
+    peak = _peak_kib()
+    print(
+        json.dumps(
+            {
+                "library": library,
+                "phase": phase,
+                "seconds": round(seconds, 3),
+                "baseline_mib": round(base / 1024, 1),
+                "peak_above_baseline_mib": round(max(0, peak - base) / 1024, 1),
+            }
+        )
+    )
+
+
+def main_large(n: int, with_captum: bool) -> None:
+    libraries = ["proponents"] + (["captum"] if with_captum else [])
+    print(
+        f"{n} source examples x 512 features (float32: {n * 512 * 4 / 2**20:.0f} MiB), "
+        "64 test, top_k=10"
+    )
+    for library in libraries:
+        with tempfile.TemporaryDirectory() as folder:
+            for phase in ("first", "repeated"):
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--phase",
+                        phase,
+                        "--library",
+                        library,
+                        "--dir",
+                        folder,
+                        "--n",
+                        str(n),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "2"},
+                )
+                print(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--large", action="store_true")
+    parser.add_argument("--with-captum", action="store_true", help="also measure captum in --large")
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--library", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        large_phase(args.phase, args.library, args.dir, args.n)
+    elif args.large:
+        main_large(args.n, args.with_captum)
+    else:
+        main_compare(max(2, args.repeats))

@@ -1,0 +1,667 @@
+"""SimilarityInfluence against a float64 brute force, and its activation store."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from conftest import assert_unchanged, model_snapshot
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, StoreError
+from proponents.influence.similarity import (
+    SimilarityInfluence,
+    cosine_similarity,
+    euclidean_distance,
+)
+from proponents.store import StoreRebuildWarning
+
+N_SRC, N_TEST = 37, 6
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(6, 8)
+        self.act = nn.Tanh()
+        self.lin2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class ConvNet(nn.Module):
+    """A convolution followed by an in-place ReLU (which rewrites the conv output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+class TwoInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(3, 5)
+        self.mix = nn.Identity()
+
+    def forward(self, a, b, scale=1.0):
+        return self.mix(torch.tanh(self.a(a) + self.b(b)) * scale)
+
+
+def _seeded(cls):
+    torch.manual_seed(0)
+    return cls()
+
+
+def _data(n=N_SRC, n_test=N_TEST, shape=(6,), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + n_test, *shape, generator=g)
+    y = torch.randint(0, 3, (n + n_test,), generator=g)
+    return TensorDataset(x[:n], y[:n]), x[n:]
+
+
+def _acts(model, layer, *args):
+    """Layer output for a whole batch, by a plain hook (float64 copy)."""
+    out = {}
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda m, i, o: out.__setitem__("a", o.detach().clone())
+    )
+    with torch.no_grad():
+        model(*args)
+    handle.remove()
+    return out["a"].reshape(out["a"].shape[0], -1).double()
+
+
+def _brute(test, src, metric, direction, k):
+    """Float64 reference: scores by an explicit loop, ranked with ties by index."""
+    scores = torch.empty(test.shape[0], src.shape[0], dtype=torch.float64)
+    for i in range(test.shape[0]):
+        for j in range(src.shape[0]):
+            t, s = test[i], src[j]
+            if metric == "cosine":
+                denom = t.norm() * s.norm()
+                scores[i, j] = 0.0 if denom == 0 else t.dot(s) / denom
+            else:
+                scores[i, j] = (t - s).norm()
+    idx, val = [], []
+    for i in range(test.shape[0]):
+        order = sorted(
+            range(src.shape[0]),
+            key=lambda j: (-scores[i, j] if direction == "max" else scores[i, j], j),
+        )[:k]
+        idx.append(order)
+        val.append([float(scores[i, j]) for j in order])
+    return torch.tensor(idx), torch.tensor(val, dtype=torch.float64)
+
+
+def _check(result, expected, rtol=1e-5):
+    idx, val = result
+    e_idx, e_val = expected
+    assert idx.dtype == torch.int64 and idx.shape == e_idx.shape
+    assert torch.equal(idx, e_idx), (idx, e_idx)
+    torch.testing.assert_close(val.double(), e_val, rtol=rtol, atol=1e-6)
+
+
+METRICS = {"cosine": cosine_similarity, "euclidean": euclidean_distance}
+
+
+# ------------------------------------------------------------------ correctness
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_matches_brute_force(tmp_path, metric, direction):
+    model = _seeded(Net)
+    train, test = _data()
+    layers = ["lin1", "act", "lin2"]
+    sim = SimilarityInfluence(
+        model,
+        layers,
+        train,
+        tmp_path,
+        similarity_metric=METRICS[metric],
+        similarity_direction=direction,
+        batch_size=5,  # does not divide 37
+    )
+    src = {layer: _acts(model, layer, train.tensors[0]) for layer in layers}
+    tst = {layer: _acts(model, layer, test) for layer in layers}
+    for top_k in (1, 7, N_SRC):  # 7 > batch size; N is the largest valid k
+        result = sim.influence(test, top_k=top_k)
+        assert list(result) == layers
+        for layer in layers:
+            _check(result[layer], _brute(tst[layer], src[layer], metric, direction, top_k))
+
+
+def test_blocks_smaller_than_top_k(tmp_path, monkeypatch):
+    """Scoring stored activations in blocks of 4 rows still gives the global top-k."""
+    import proponents.influence.similarity as module
+
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=3)
+    monkeypatch.setattr(module, "BLOCK_BYTES", 4 * 5 * 4)
+    first = sim.influence(test, top_k=9)["lin2"]
+    again = sim.influence(test, top_k=9)["lin2"]  # from the store, 4 rows per block
+    expected = _brute(
+        _acts(model, "lin2", test), _acts(model, "lin2", train.tensors[0]), "cosine", "max", 9
+    )
+    _check(first, expected)
+    _check(again, expected)
+
+
+def test_single_layer_name_and_result_layout(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    result = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=8).influence(
+        test, top_k=3
+    )
+    assert list(result) == ["lin2"]
+    idx, val = result["lin2"]
+    assert idx.shape == val.shape == (N_TEST, 3)
+    assert bool((val[:, :-1] >= val[:, 1:]).all())
+
+
+def test_multi_input_model_and_additional_forward_args(tmp_path):
+    model = _seeded(TwoInput)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
+    labels = torch.zeros(30)
+    train = TensorDataset(a[:24], b[:24], labels[:24])
+    sim = SimilarityInfluence(model, ["a", "mix"], train, tmp_path, batch_size=7)
+    result = sim.influence((a[24:], b[24:]), top_k=4, additional_forward_args=(2.0,))
+    for layer in ("a", "mix"):
+        src = _acts(model, layer, a[:24], b[:24])
+        tst = _acts(model, layer, a[24:], b[24:], 2.0)
+        _check(result[layer], _brute(tst, src, "cosine", "max", 4))
+    # a non-tuple extra argument is passed as one argument
+    single = sim.influence((a[24:], b[24:]), top_k=4, additional_forward_args=2.0)
+    assert torch.equal(single["mix"][0], result["mix"][0])
+
+
+class PlainItems(Dataset):
+    """Items are bare tensors (no label), fed to the model as they are."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def test_plain_item_dataset_and_dataloader_sources(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    x = train.tensors[0]
+    expected = _brute(_acts(model, "lin1", test), _acts(model, "lin1", x), "euclidean", "min", 5)
+    for i, source in enumerate(
+        [PlainItems(x), DataLoader(PlainItems(x), batch_size=6), DataLoader(train, batch_size=4)]
+    ):
+        sim = SimilarityInfluence(
+            model,
+            "lin1",
+            source,
+            tmp_path / str(i),
+            similarity_metric=euclidean_distance,
+            similarity_direction="min",
+        )
+        _check(sim.influence(test, top_k=5)["lin1"], expected)
+
+
+def test_custom_metric_gets_layer_shaped_activations(tmp_path):
+    model = _seeded(ConvNet)
+    train, test = _data(20, 3, shape=(2, 6, 6))
+    seen = []
+
+    def neg_sq_distance(t, s):
+        seen.append((tuple(t.shape[1:]), tuple(s.shape[1:])))
+        return -((t.flatten(1)[:, None] - s.flatten(1)[None]) ** 2).sum(-1)
+
+    sim = SimilarityInfluence(
+        model, "conv", train, tmp_path, similarity_metric=neg_sq_distance, batch_size=6
+    )
+    result = sim.influence(test, top_k=4)["conv"]
+    again = sim.influence(test, top_k=4)["conv"]
+    assert set(seen) == {((3, 6, 6), (3, 6, 6))}
+    src, tst = _acts(model, "conv", train.tensors[0]), _acts(model, "conv", test)
+    e_idx, e_val = _brute(tst, src, "euclidean", "min", 4)
+    for got in (result, again):
+        assert torch.equal(got[0], e_idx)
+        torch.testing.assert_close(got[1].double(), -(e_val**2), rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_relu_after_the_layer_does_not_leak_into_its_activations(tmp_path):
+    model = _seeded(ConvNet)
+    train, test = _data(20, 3, shape=(2, 6, 6))
+    with torch.no_grad():  # make the conv output mostly negative, so ReLU would matter
+        model.conv.bias.sub_(1.0)
+    src = _acts(model, "conv", train.tensors[0])
+    assert (src < 0).any()
+    for cl in (None, False, True):
+        sim = SimilarityInfluence(
+            model,
+            "conv",
+            train,
+            tmp_path / str(cl),
+            batch_size=6,
+            similarity_metric=euclidean_distance,
+            channels_last=cl,
+        )
+        expected = _brute(_acts(model, "conv", test), src, "euclidean", "max", 5)
+        _check(sim.influence(test, top_k=5)["conv"], expected)
+
+
+def test_ties_come_in_index_order(tmp_path):
+    model = _seeded(Net)
+    x = torch.randn(5, 6).repeat(4, 1)  # every example appears 4 times
+    train = TensorDataset(x, torch.zeros(20))
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=3)
+    idx, _ = sim.influence(x[:2], top_k=4)["lin2"]
+    assert idx[0].tolist() == [0, 5, 10, 15]
+    assert idx[1].tolist() == [1, 6, 11, 16]
+
+
+def test_zero_vectors_have_cosine_zero(tmp_path):
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.out = nn.Identity()
+
+        def forward(self, x, on):
+            return self.out(self.lin(x) * on[:, None])
+
+    torch.manual_seed(0)
+    model = Gate()
+    x = torch.randn(10, 3)
+    on = torch.tensor([1.0, 0.0] * 5)
+    train = TensorDataset(x, on, torch.zeros(10))
+    sim = SimilarityInfluence(model, "out", train, tmp_path, batch_size=4)
+    idx, val = sim.influence((x[:2], torch.tensor([1.0, 0.0])), top_k=10)["out"]
+    zero_rows = {1, 3, 5, 7, 9}
+    assert torch.all(val[1] == 0)  # a zero test vector: every pair scores 0
+    got = dict(zip(idx[0].tolist(), val[0].tolist()))
+    assert all(got[j] == 0.0 for j in zero_rows)
+    replaced = SimilarityInfluence(model, "out", train, tmp_path, batch_size=4, replace_nan=-2.0)
+    _, val = replaced.influence((x[:2], torch.tensor([1.0, 0.0])), top_k=10)["out"]
+    assert torch.all(val[1] == -2.0) and torch.all(val[0][-5:] == -2.0)
+
+
+def test_public_metrics():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 2, 3, generator=g), torch.randn(5, 2, 3, generator=g)
+    b[2] = 0
+    cos = cosine_similarity(a, b)
+    ref = torch.nn.functional.cosine_similarity(
+        a.flatten(1)[:, None].double(), b.flatten(1)[None].double(), dim=-1
+    )
+    ref[:, 2] = 0
+    torch.testing.assert_close(cos.double(), ref, rtol=1e-6, atol=1e-7)
+    dist = euclidean_distance(a, torch.cat([b, a[:1]]))
+    assert dist.shape == (4, 6) and dist[0, 5] == 0
+    ref = (a.flatten(1)[:, None].double() - b.flatten(1)[None].double()).norm(dim=-1)
+    torch.testing.assert_close(dist[:, :5].double(), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="features"):
+        cosine_similarity(a, torch.randn(3, 7))
+
+
+def test_non_finite_source_activations_rank_last(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    x = train.tensors[0].clone()
+    x[3] = float("nan")
+    sim = SimilarityInfluence(
+        model, "lin2", TensorDataset(x, train.tensors[1]), tmp_path, batch_size=8
+    )
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        idx, val = sim.influence(test, top_k=N_SRC)["lin2"]
+    assert bool((idx[:, -1] == 3).all()) and bool(val[:, -1].isnan().all())
+    assert bool(val[:, :-1].isfinite().all())
+
+
+def test_model_is_unchanged_and_results_on_model_device(tmp_path):
+    model = _seeded(ConvNet)
+    model.train()
+    model.fc.weight.requires_grad_(False)
+    snap = model_snapshot(model)
+    train, test = _data(20, 3, shape=(2, 6, 6))
+    sim = SimilarityInfluence(model, ["conv", "fc"], train, tmp_path, batch_size=6)
+    for _ in range(2):
+        result = sim.influence(test, top_k=2, show_progress=True)
+        assert_unchanged(model, snap)
+    assert model.training and not model.fc.weight.requires_grad
+    assert all(t.device == model.fc.weight.device for pair in result.values() for t in pair)
+
+
+# ----------------------------------------------------------------------- the store
+
+
+def _count_forwards(model):
+    calls = {"n": 0}
+    model.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+    return calls
+
+
+def _src_dir(root):
+    return Path(root) / "src"
+
+
+def test_store_is_reused_without_running_the_model(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    calls = _count_forwards(model)
+    sim = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=10)
+    first = sim.influence(test, top_k=3)
+    assert calls["n"] == 1 + 4  # test batch + 4 source batches
+    manifests = {
+        f: (_src_dir(tmp_path) / f).read_bytes()
+        for f in os.listdir(_src_dir(tmp_path))
+        if f.endswith(".json")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = SimilarityInfluence(
+            model, ["lin1", "lin2"], train, tmp_path, batch_size=10
+        ).influence(test, top_k=3)
+    assert calls["n"] == 1 + 4 + 1  # only the test batch
+    for f, content in manifests.items():
+        assert (_src_dir(tmp_path) / f).read_bytes() == content
+    for layer in first:
+        assert torch.equal(first[layer][0], again[layer][0])
+        torch.testing.assert_close(first[layer][1], again[layer][1])
+
+
+def test_stale_store_is_rebuilt_after_weights_change(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    sim.influence(test, top_k=3)
+    with torch.no_grad():
+        model.lin1.weight.mul_(-1.5)
+    with pytest.warns(StoreRebuildWarning, match="model"):
+        result = sim.influence(test, top_k=3)["lin2"]
+    expected = _brute(
+        _acts(model, "lin2", test), _acts(model, "lin2", train.tensors[0]), "cosine", "max", 3
+    )
+    _check(result, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check(sim.influence(test, top_k=3)["lin2"], expected)
+
+
+def test_store_of_another_dataset_is_not_served(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    other, _ = _data(seed=7)  # same length, different examples
+    SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10).influence(test, top_k=3)
+    sim = SimilarityInfluence(model, "lin2", other, tmp_path, batch_size=10)
+    with pytest.warns(StoreRebuildWarning, match="dataset_probe"):
+        result = sim.influence(test, top_k=3)["lin2"]
+    _check(
+        result,
+        _brute(
+            _acts(model, "lin2", test), _acts(model, "lin2", other.tensors[0]), "cosine", "max", 3
+        ),
+    )
+    shorter = TensorDataset(*(t[:30] for t in train.tensors))
+    with pytest.warns(StoreRebuildWarning, match="dataset_length"):
+        SimilarityInfluence(model, "lin2", shorter, tmp_path, batch_size=10).influence(
+            test, top_k=3
+        )
+
+
+@pytest.mark.parametrize("damage", ["truncate", "manifest"])
+def test_damaged_store_is_rebuilt(tmp_path, damage):
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    expected = sim.influence(test, top_k=4)["lin2"]
+    folder = _src_dir(tmp_path)
+    if damage == "truncate":
+        (data,) = [f for f in os.listdir(folder) if f.endswith("activations.npy")]
+        with open(folder / data, "r+b") as fh:
+            fh.truncate(os.path.getsize(folder / data) // 2)
+    else:
+        (folder / "lin2.json").write_bytes(b'{"format": "proponents.array-store", "trunc')
+    with pytest.warns(StoreRebuildWarning, match="damaged|truncated"):
+        result = sim.influence(test, top_k=4)["lin2"]
+    _check(result, (expected[0], expected[1].double()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sim.influence(test, top_k=4)
+
+
+def test_load_src_from_disk_false_rebuilds(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    calls = _count_forwards(model)
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    sim.influence(test, top_k=2)
+    token = (_src_dir(tmp_path) / "lin2.json").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sim.influence(test, top_k=2, load_src_from_disk=False)
+    assert calls["n"] == 2 * (1 + 4)
+    assert (_src_dir(tmp_path) / "lin2.json").read_text() != token
+    files = [f for f in os.listdir(_src_dir(tmp_path)) if f.startswith("lin2~")]
+    assert len(files) == 2  # the old arrays were removed
+
+
+def test_inputs_id_saves_and_loads_test_activations(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    calls = _count_forwards(model)
+    sim = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=40)
+    first = sim.influence(test, top_k=3, inputs_id="val")
+    assert calls["n"] == 2
+    assert (tmp_path / "inputs" / "val").is_dir()
+    # loaded without running the model, with or without the inputs themselves
+    for inputs in (test, None):
+        got = sim.influence(inputs, top_k=3, inputs_id="val", load_input_from_disk=True)
+        assert calls["n"] == 2
+        assert all(torch.equal(got[k][0], first[k][0]) for k in first)
+    # other inputs under the same id: recomputed with a warning, not silently reused
+    other = test.flip(0)
+    with pytest.warns(StoreRebuildWarning, match="inputs"):
+        got = sim.influence(other, top_k=3, inputs_id="val", load_input_from_disk=True)
+    assert torch.equal(got["lin2"][0], first["lin2"][0].flip(0))
+    # default load_input_from_disk=False recomputes and replaces the saved ones
+    sim.influence(test, top_k=3, inputs_id="val")
+    got = sim.influence(None, top_k=3, inputs_id="val", load_input_from_disk=True)
+    assert torch.equal(got["lin2"][0], first["lin2"][0])
+    # saved activations of an older model are never used
+    with torch.no_grad():
+        model.lin2.bias.add_(1.0)
+    with pytest.raises(InvalidArgumentError, match="model"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim.influence(None, top_k=3, inputs_id="val", load_input_from_disk=True)
+    with pytest.raises(InvalidArgumentError, match="inputs_id"):
+        sim.influence(test, top_k=3, load_input_from_disk=True)
+    with pytest.raises(InvalidArgumentError, match="inputs is None"):
+        sim.influence(None, top_k=3)
+
+
+class SlowItems(Dataset):
+    """A dataset slow enough that two builders overlap."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        time.sleep(0.001)
+        return self.data[i]
+
+
+def _build_in_child(root, lock, barrier, queue):
+    import proponents.store as store
+
+    if not lock:
+        store._fcntl = None
+    torch.set_num_threads(1)
+    model = _seeded(Net)
+    calls = _count_forwards(model)
+    train, test = _data(n=400)
+    barrier.wait()
+    sim = SimilarityInfluence(model, ["lin1", "lin2"], SlowItems(train), root, batch_size=16)
+    result = sim.influence(test, top_k=5)
+    queue.put(({k: (v[0].tolist(), v[1].tolist()) for k, v in result.items()}, calls["n"]))
+
+
+@pytest.mark.parametrize("lock", [True, False])
+def test_two_processes_building_the_same_store(tmp_path, lock):
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_build_in_child, args=(str(tmp_path), lock, barrier, queue))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    outs = [g[0] for g in got]
+    forwards = sum(g[1] for g in got)
+    if lock:  # one built (1 test + 25 source batches), the other waited and reused
+        assert forwards == 26 + 1
+    for layer in outs[0]:
+        assert outs[0][layer][0] == outs[1][layer][0]
+        np.testing.assert_allclose(outs[0][layer][1], outs[1][layer][1], rtol=1e-6)
+    model = _seeded(Net)
+    train, test = _data(n=400)
+    train = SlowItems(train)
+    files = sorted(os.listdir(_src_dir(tmp_path)))
+    assert not [f for f in files if f.startswith(".tmp")], files
+    assert len([f for f in files if f.endswith(".npy")]) == 4, files  # 2 layers x 2 arrays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the store left behind is valid
+        result = SimilarityInfluence(
+            model, ["lin1", "lin2"], train, tmp_path, batch_size=16
+        ).influence(test, top_k=5)
+    for layer, (idx, val) in result.items():
+        assert idx.tolist() == outs[0][layer][0]
+        np.testing.assert_allclose(val.numpy(), outs[0][layer][1], rtol=1e-6)
+
+
+def test_model_id_and_inputs_id_stay_inside_activation_dir(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    root = tmp_path / "acts"
+    sim = SimilarityInfluence(model, "lin2", train, root, model_id="../../escape", batch_size=10)
+    sim.influence(test, top_k=2, inputs_id="../../../inputs")
+    assert sorted(os.listdir(tmp_path)) == ["acts"]
+    (sub,) = os.listdir(root)
+    assert "/" not in sub and not sub.startswith(".")
+    plain = SimilarityInfluence(model, "lin2", train, root, model_id="resnet-v2", batch_size=10)
+    plain.influence(test, top_k=2)
+    assert (root / "resnet-v2" / "src" / "lin2.json").exists()
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def test_bad_arguments(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    with pytest.raises(InvalidArgumentError, match=r"'lin3'.*lin1, act, lin2"):
+        SimilarityInfluence(model, ["lin1", "lin3"], train, tmp_path)
+    with pytest.raises(InvalidArgumentError, match="'max'.*'min'.*'maximum'"):
+        SimilarityInfluence(model, "lin1", train, tmp_path, similarity_direction="maximum")
+    with pytest.raises(ArgumentTypeError, match="layers"):
+        SimilarityInfluence(model, 3, train, tmp_path)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        SimilarityInfluence(model, [], train, tmp_path)
+    with pytest.raises(ArgumentTypeError, match="similarity_metric"):
+        SimilarityInfluence(model, "lin1", train, tmp_path, similarity_metric="cosine")
+    with pytest.raises(ArgumentTypeError, match="unexpected keyword.*colour"):
+        SimilarityInfluence(model, "lin1", train, tmp_path, colour="red")
+    with pytest.raises(InvalidArgumentError, match="replace_nan"):
+        SimilarityInfluence(
+            model, "lin1", train, tmp_path, similarity_metric=euclidean_distance, replace_nan=0.0
+        )
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        SimilarityInfluence(model, "lin1", train, tmp_path, batch_size=0)
+    with pytest.raises(InvalidArgumentError, match="shuffl"):
+        SimilarityInfluence(model, "lin1", DataLoader(train, shuffle=True), tmp_path)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="not_a_dir"):
+        SimilarityInfluence(model, "lin1", train, blocker / "acts")
+
+    sim = SimilarityInfluence(model, "lin1", train, tmp_path, batch_size=10)
+    for k in (0, -1, N_SRC + 1):
+        with pytest.raises(InvalidArgumentError, match=rf"top_k={k}.*between 1 and .*{N_SRC}"):
+            sim.influence(test, top_k=k)
+    for k in (2.0, True, None):
+        with pytest.raises(ArgumentTypeError, match="top_k"):
+            sim.influence(test, top_k=k)
+    with pytest.raises(ArgumentTypeError, match="unexpected keyword.*topk"):
+        sim.influence(test, topk=3)
+
+
+def test_metric_with_wrong_shape_is_reported(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(
+        model,
+        "lin1",
+        train,
+        tmp_path,
+        batch_size=10,
+        similarity_metric=lambda t, s: (t.flatten(1) @ s.flatten(1).T).T,
+    )
+    with pytest.raises(InvalidArgumentError, match=r"shape \(37, 6\).*\(6, 37\)"):
+        sim.influence(test, top_k=2)
+    sim = SimilarityInfluence(
+        model, "lin1", train, tmp_path / "b", batch_size=10, similarity_metric=lambda t, s: 1.0
+    )
+    with pytest.raises(InvalidArgumentError, match="float"):
+        sim.influence(test, top_k=2)
+
+
+def test_layers_that_cannot_be_compared(tmp_path):
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+            self.flat = nn.Flatten()
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.flat(out).sum(1)
+
+    torch.manual_seed(0)
+    model = Odd()
+    train = TensorDataset(torch.randn(8, 5, 3), torch.zeros(8))
+    with pytest.raises(ArgumentTypeError, match="'rnn' returns a tuple"):
+        SimilarityInfluence(model, "rnn", train, tmp_path, batch_size=4).influence(
+            torch.randn(2, 5, 3)
+        )
+    with pytest.raises(InvalidArgumentError, match="'unused'.*did not run"):
+        SimilarityInfluence(model, "unused", train, tmp_path, batch_size=4).influence(
+            torch.randn(2, 5, 3)
+        )
+    sim = SimilarityInfluence(model, "flat", train, tmp_path, batch_size=4)
+    with pytest.raises(InvalidArgumentError, match="28 features.*20"):
+        sim.influence(torch.randn(2, 7, 3))  # longer sequences: more features than the source
