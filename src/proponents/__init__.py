@@ -9,12 +9,25 @@ from __future__ import annotations
 
 from proponents.checkpoints import load_flexible_state_dict
 from proponents.influence.base import DataInfluence, KMostInfluentialResults, TracInCPBase
+from proponents.influence.fast import TracInCPFast, TracInCPFastRandProj
 from proponents.influence.tracincp import TracInCP
+from proponents.neighbors import (
+    AnnoyNearestNeighbors,
+    ExactNearestNeighbors,
+    FaissNearestNeighbors,
+    NearestNeighbors,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnnoyNearestNeighbors",
     "DataInfluence",
+    "ExactNearestNeighbors",
+    "FaissNearestNeighbors",
+    "NearestNeighbors",
+    "TracInCPFast",
+    "TracInCPFastRandProj",
     "KMostInfluentialResults",
     "TracInCP",
     "TracInCPBase",

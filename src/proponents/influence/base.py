@@ -17,6 +17,7 @@ from proponents.data import (
     dataset_length,
     loader_batches,
     make_loader,
+    model_device,
     split_batch,
     test_batches,
 )
@@ -107,7 +108,10 @@ class TracInCPBase(DataInfluence):
     # -- shared behaviour ---------------------------------------------------------------
     @contextmanager
     def _guarded(self) -> Iterator[None]:
-        with preserved(self.model), torch.no_grad():
+        """Model restored, global RNG state restored (DataLoader iteration draws from it)."""
+        device = model_device(self.model)
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        with preserved(self.model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
             self.model.eval()
             yield
 

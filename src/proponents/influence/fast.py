@@ -1,0 +1,445 @@
+"""TracInCPFast and TracInCPFastRandProj: TracIn on the final linear layer.
+
+Both are exact restrictions of :class:`~proponents.TracInCP` to the parameters of
+``final_fc_layer`` (weight *and* bias). The loss gradient is taken at that layer's
+output, so layers after it (a softmax, a nonlinearity) are accounted for, and the
+per-example gradient ``g a^T`` is never formed for inner products: one forward pass
+and one backward pass to the layer's output per batch.
+
+:class:`TracInCPFastRandProj` embeds every training example once, at construction:
+per checkpoint, ``sqrt(lr_c)`` times the (optionally randomly projected) final-layer
+gradient, concatenated over checkpoints, so that an influence score is one inner
+product and proponents are a nearest-neighbour query.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from proponents.checkpoints import checkpoint_fingerprint, load_flexible_state_dict
+from proponents.data import (
+    dataset_length,
+    loader_batches,
+    model_device,
+    test_batches,
+)
+from proponents.errors import ArgumentTypeError, IndexMismatchError, InvalidArgumentError
+from proponents.gradients.engine import GradientEngine
+from proponents.gradients.loss import resolve_loss
+from proponents.gradients.selection import named_modules, resolve_layers
+from proponents.influence.base import KMostInfluentialResults, TracInCPBase
+from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
+from proponents.progress import Progress
+from proponents.projection import GradientProjection
+from proponents.scoring import TracInRunner, load_checkpoint
+from proponents.store import ArrayStore
+
+INDEX_KEY = "tracin-index"
+INDEX_FORMAT = 1
+
+
+def resolve_final_layer(model: nn.Module, final_fc_layer: Any, owner: str) -> str:
+    """Name of ``final_fc_layer`` (a module of ``model`` or its dotted name); must be Linear."""
+    modules = named_modules(model)
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if isinstance(final_fc_layer, str):
+        if final_fc_layer not in modules:
+            raise InvalidArgumentError(
+                f"{owner}: final_fc_layer {final_fc_layer!r} is not a module of the model; "
+                f"its Linear layers are: {', '.join(linear) or 'none'}"
+            )
+        name = final_fc_layer
+    elif isinstance(final_fc_layer, nn.Module):
+        found = [n for n, m in modules.items() if m is final_fc_layer]
+        if not found:
+            raise InvalidArgumentError(
+                f"{owner}: final_fc_layer is not a submodule of the model; pass one of its "
+                f"Linear layers: {', '.join(linear) or 'none'}"
+            )
+        name = found[0]
+    else:
+        raise ArgumentTypeError(
+            f"{owner}: final_fc_layer must be an nn.Linear module of the model or its name, "
+            f"got {type(final_fc_layer).__name__}"
+        )
+    if not isinstance(modules[name], nn.Linear):
+        raise InvalidArgumentError(
+            f"{owner}: final_fc_layer {name!r} is a {type(modules[name]).__name__}, but it "
+            f"must be an nn.Linear; the model's Linear layers are: {', '.join(linear) or 'none'}"
+        )
+    return name
+
+
+class TracInCPFast(TracInCPBase):
+    """Exact TracIn restricted to the final linear layer (weight and bias).
+
+    Equal to ``TracInCP(..., layers=[final_fc_layer])``, computed from the layer's
+    inputs and the loss gradient at its output: ``<g a^T, g' a'^T> = (g . g')(a . a')``.
+
+    Args:
+        model: the model to explain (restored after every call).
+        final_fc_layer: the ``nn.Linear`` layer, as a module of ``model`` or its
+            (dotted) name.
+        train_dataset: Dataset or DataLoader of ``(*model_inputs, label)`` batches.
+        checkpoints: directory, list of paths, or iterator of paths/loaded objects.
+        checkpoints_load_func: ``f(model, checkpoint) -> learning_rate``.
+        loss_fn: a loss that reduces over the batch with ``"sum"`` or ``"mean"``
+            (no ``reduction`` attribute means ``"sum"``). Required.
+        batch_size: batch size when ``train_dataset`` is a Dataset.
+        vectorize: accepted for compatibility; has no effect (gradients are always
+            computed in closed form, batched).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        final_fc_layer: nn.Module | str,
+        train_dataset: Dataset | DataLoader,
+        checkpoints: Any,
+        checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
+        loss_fn: Callable[..., Tensor] | None = None,
+        batch_size: int = 1,
+        vectorize: bool = False,
+    ) -> None:
+        super().__init__(
+            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn, batch_size
+        )
+        name = self.get_name()
+        if loss_fn is None:
+            raise InvalidArgumentError(
+                f"{name} needs loss_fn: a loss that reduces with 'sum' or 'mean', e.g. "
+                "nn.CrossEntropyLoss(reduction='sum')"
+            )
+        self.final_fc_layer_name = resolve_final_layer(model, final_fc_layer, name)
+        self.final_fc_layer = model.get_submodule(self.final_fc_layer_name)
+        self.vectorize = vectorize
+        self._loss = resolve_loss(loss_fn, None, name)
+        self._selected = resolve_layers(model, [self.final_fc_layer_name], name)
+        self._engine = GradientEngine(model, self._selected, self._loss, name)
+
+    def _runner(self) -> TracInRunner:
+        return TracInRunner(
+            self.model, self._engine, self.checkpoints, self.checkpoints_load_func, self.get_name()
+        )
+
+
+class TracInCPFastRandProj(TracInCPFast):
+    """Interactive last-layer TracIn: training set embedded once, queries by inner product.
+
+    Construction runs every training batch through every checkpoint once and keeps an
+    embedding per training example; :meth:`influence` then differentiates only the test
+    batch and answers from the embeddings (nearest-neighbour search for proponents and
+    opponents). Use :class:`TracInCPFast` for self-influence.
+
+    The embedding of checkpoint ``c`` is ``sqrt(lr_c) * P_c(vec(G))`` with ``G`` the
+    final layer's per-example gradient (``O x (I + 1)`` with a bias) and ``P_c`` a seeded
+    random projection (see :mod:`proponents.projection` for the dimension rule); with
+    ``projection_dim=None`` there is no projection and scores equal TracInCPFast's.
+
+    Args:
+        model, final_fc_layer, train_dataset, checkpoints, checkpoints_load_func,
+            loss_fn, batch_size, vectorize: as for :class:`TracInCPFast`.
+        nearest_neighbors: the search structure; default :class:`ExactNearestNeighbors`
+            (exact answers). :class:`AnnoyNearestNeighbors` and
+            :class:`FaissNearestNeighbors` are optional extras.
+        projection_dim: per-checkpoint embedding dimension, or ``None`` for exact
+            embeddings. Never larger than the gradient's own dimension.
+        seed: seed of the projection (a local generator; global RNG untouched).
+        show_progress: (keyword-only) progress bar while embedding the training set.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        final_fc_layer: nn.Module | str,
+        train_dataset: Dataset | DataLoader,
+        checkpoints: Any,
+        checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
+        loss_fn: Callable[..., Tensor] | None = None,
+        batch_size: int = 1,
+        vectorize: bool = False,
+        nearest_neighbors: NearestNeighbors | None = None,
+        projection_dim: int | None = None,
+        seed: int = 0,
+        *,
+        show_progress: bool = False,
+        _embeddings: Tensor | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            final_fc_layer,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            loss_fn,
+            batch_size,
+            vectorize,
+        )
+        name = self.get_name()
+        if projection_dim is not None and (
+            isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
+        ):
+            raise ArgumentTypeError(
+                f"{name}: projection_dim must be a positive int or None, got {projection_dim!r}"
+            )
+        if projection_dim is not None and projection_dim <= 0:
+            raise InvalidArgumentError(
+                f"{name}: projection_dim={projection_dim} must be positive (or None for no "
+                "projection)"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ArgumentTypeError(f"{name}: seed must be an int, got {seed!r}")
+        if nearest_neighbors is not None and not isinstance(nearest_neighbors, NearestNeighbors):
+            raise ArgumentTypeError(
+                f"{name}: nearest_neighbors must be a NearestNeighbors instance (e.g. "
+                f"ExactNearestNeighbors()), got {type(nearest_neighbors).__name__}"
+            )
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.nearest_neighbors = nearest_neighbors or ExactNearestNeighbors()
+        layer = self.final_fc_layer
+        in_dim = layer.in_features + (1 if layer.bias is not None else 0)
+        device = model_device(model)
+        dtype = layer.weight.dtype
+        self._projections = [
+            GradientProjection.create(
+                layer.out_features, in_dim, projection_dim, seed * 1_000_003 + c, dtype, device
+            )
+            for c in range(len(self.checkpoints))
+        ]
+        if _embeddings is not None:  # restoring a saved index: load() sets up the search
+            self.embeddings = _embeddings
+            return
+        self.embeddings = self._embed(self.train_dataloader, True, show_progress, "training set")
+        self.nearest_neighbors.setup(self.embeddings)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Dimension of one example's embedding (summed over checkpoints)."""
+        return sum(p.dim for p in self._projections)
+
+    def _embed(self, data: Any, is_loader: bool, show_progress: bool, what: str) -> Tensor:
+        """``(n, embedding_dim)`` embeddings of the examples in ``data``."""
+        name = self.get_name()
+        n_ckpt = len(self.checkpoints)
+        n_batches = loader_batches(data) if is_loader else 1
+        total = None if n_batches is None else n_batches * n_ckpt
+        blocks: list[Tensor] = []
+        runner = self._runner()
+        with self._guarded(), Progress(show_progress, f"{name}: embedding {what}", total) as bar:
+            for c, ckpt in enumerate(self.checkpoints):
+                lr = load_checkpoint(self.model, self.checkpoints_load_func, ckpt, c, name)
+                if lr < 0:
+                    raise InvalidArgumentError(
+                        f"{name}: checkpoint {c + 1} has a negative learning rate ({lr}); "
+                        "embeddings need sqrt(lr)"
+                    )
+                bar.set_description(f"{name}: embedding {what}, checkpoint {c + 1}/{n_ckpt}")
+                parts = []
+                for batch in runner._batches(data, is_loader, "batch"):
+                    (rep,) = self._engine.compute(batch)
+                    parts.append(self._projections[c](rep) * math.sqrt(lr))
+                    bar.update()
+                blocks.append(torch.cat(parts))
+        return torch.cat(blocks, dim=1)
+
+    def influence(  # type: ignore[override]
+        self,
+        inputs: Any = None,
+        targets: Any = None,
+        k: int | None = 5,
+        proponents: bool = True,
+        unpack_inputs: bool = True,
+        *,
+        show_progress: bool = False,
+    ) -> Tensor | KMostInfluentialResults:
+        """Scores or proponents/opponents of a test batch, answered from the embeddings.
+
+        Args:
+            inputs: the test batch (see :meth:`TracInCPBase.influence`) or a DataLoader
+                of ``(*model_inputs, label)`` batches.
+            targets: labels of the test batch (required unless ``inputs`` is a DataLoader).
+            k: proponents/opponents per test example (default 5); ``None`` returns the
+                ``(n_test, n_train)`` score matrix.
+            proponents: highest (``True``) or lowest (``False``) scores.
+            unpack_inputs: whether a tuple ``inputs`` holds several model arguments.
+            show_progress: (keyword-only) progress bar over checkpoints.
+
+        Raises:
+            NotImplementedError: when ``inputs`` is None (self-influence: use TracInCPFast).
+        """
+        name = self.get_name()
+        if inputs is None:
+            raise NotImplementedError(
+                f"{name} does not compute self-influence (its embeddings would only cost "
+                "memory); use TracInCPFast(...).self_influence() or .influence() instead"
+            )
+        n_train = int(self.embeddings.shape[0])
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise ArgumentTypeError(f"{name}: k must be an int or None, got {k!r}")
+            if not 1 <= k <= n_train:
+                raise InvalidArgumentError(
+                    f"{name}: k={k} is out of range; it must be between 1 and the number of "
+                    f"training examples ({n_train})"
+                )
+        test, is_loader = test_batches(inputs, targets, unpack_inputs)
+        if targets is None and not is_loader:
+            raise InvalidArgumentError(
+                f"{name}: targets are required; pass the labels of the test batch"
+            )
+        query = self._embed(test, is_loader, show_progress, "test batch")
+        if k is None:
+            return query @ self.embeddings.T
+        if proponents:
+            indices, scores = self.nearest_neighbors.get_nearest_neighbors(query, k)
+        else:
+            indices, scores = self.nearest_neighbors.get_nearest_neighbors(-query, k)
+            scores = -scores
+        return KMostInfluentialResults(indices, scores)
+
+    def self_influence(self, inputs_dataset: Any = None, show_progress: bool = False) -> Tensor:
+        """Not available here: use :meth:`TracInCPFast.self_influence`."""
+        raise NotImplementedError(
+            f"{self.get_name()} does not compute self-influence; use "
+            "TracInCPFast(...).self_influence(), which needs no embeddings"
+        )
+
+    # -- persistence -------------------------------------------------------------------
+    def _index_meta(self) -> dict[str, Any]:
+        return {
+            "index_format": INDEX_FORMAT,
+            "final_fc_layer": self.final_fc_layer_name,
+            "checkpoints": [checkpoint_fingerprint(c) for c in self.checkpoints],
+            "dataset_length": int(self.embeddings.shape[0]),
+            "projection_dim": self.projection_dim,
+            "seed": self.seed,
+            "projections": [[p.kind, p.dim] for p in self._projections],
+            "loss_reduction": self._loss.reduction,
+            "strategy": sorted(set(self._engine.strategies.values())),
+            "nearest_neighbors": self.nearest_neighbors.config(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the embeddings and everything needed to answer queries to ``path``.
+
+        The directory holds the embeddings as ``.npy`` (no pickle), a JSON manifest with
+        the projection seed and shapes, the checkpoints' content fingerprints, the dataset
+        length and the nearest-neighbour settings, and the backend's own index files when
+        it can persist them. Writes are atomic.
+
+        Returns:
+            The directory written.
+        """
+        store = ArrayStore(path)
+        emb = self.embeddings.detach().to("cpu").numpy().astype(np.float32, copy=False)
+        with store.lock(), store.writer(INDEX_KEY, self._index_meta()) as writer:
+            writer.put("embeddings", np.ascontiguousarray(emb))
+            writer.commit()
+        self.nearest_neighbors.save(Path(path) / "neighbors")
+        return Path(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        checkpoints: Any,
+        loss_fn: Callable[..., Tensor] | None = None,
+        *,
+        train_dataset: Dataset | DataLoader | None = None,
+        final_fc_layer: nn.Module | str | None = None,
+        checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
+        batch_size: int = 1,
+        nearest_neighbors: NearestNeighbors | None = None,
+    ) -> TracInCPFastRandProj:
+        """Restore an index written by :meth:`save` without re-embedding the training set.
+
+        Args:
+            path: the directory given to :meth:`save`.
+            model: the model (same architecture and layer).
+            checkpoints: the same checkpoints (their content is compared).
+            loss_fn: the loss used at construction (same reduction).
+            train_dataset: the training data; when given, its length is checked. When
+                omitted, the restored object can answer queries but not re-embed.
+            final_fc_layer: default: the layer saved in the index.
+            checkpoints_load_func: as for the constructor.
+            batch_size: as for the constructor.
+            nearest_neighbors: default: a backend rebuilt from the saved settings.
+
+        Raises:
+            IndexMismatchError: when the checkpoints, dataset length, layer or loss differ
+                from those the index was built with (the message names what differs).
+            FileNotFoundError: when ``path`` holds no index.
+        """
+        store = ArrayStore(path)
+        manifest, reason = store._read_manifest(INDEX_KEY)
+        if manifest is None:
+            if reason is None:
+                raise FileNotFoundError(f"no saved TracInCPFastRandProj index in {str(path)!r}")
+            raise IndexMismatchError(f"the index in {str(path)!r} cannot be used: {reason}")
+        saved = manifest["meta"]
+        layer = final_fc_layer if final_fc_layer is not None else saved["final_fc_layer"]
+        if train_dataset is None:
+            train_dataset = _PlaceholderDataset(int(saved["dataset_length"]))
+        backend = nearest_neighbors or NearestNeighbors.from_config(saved["nearest_neighbors"])
+        obj = cls(
+            model,
+            layer,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            loss_fn,
+            batch_size,
+            nearest_neighbors=backend,
+            projection_dim=saved["projection_dim"],
+            seed=int(saved["seed"]),
+            _embeddings=torch.empty(int(saved["dataset_length"]), 0),
+        )
+        n = dataset_length(obj.train_dataloader)
+        expected = {
+            "index_format": INDEX_FORMAT,
+            "final_fc_layer": obj.final_fc_layer_name,
+            "checkpoints": [checkpoint_fingerprint(c) for c in obj.checkpoints],
+            "dataset_length": n if n is not None else saved["dataset_length"],
+            "loss_reduction": obj._loss.reduction,
+        }
+        entry, reason = store.load(
+            INDEX_KEY,
+            expected,
+            ignore=("projection_dim", "seed", "projections", "strategy", "nearest_neighbors"),
+        )
+        if entry is None:
+            raise IndexMismatchError(
+                f"the index in {str(path)!r} does not match: {reason}. Build a new one with "
+                "TracInCPFastRandProj(...) for these checkpoints and data"
+            )
+        with entry:
+            emb = torch.from_numpy(entry.read("embeddings"))
+        obj.embeddings = emb.to(device=model_device(model), dtype=obj.final_fc_layer.weight.dtype)
+        backend.load(Path(path) / "neighbors", obj.embeddings)  # saved index, or a rebuild
+        return obj
+
+
+class _PlaceholderDataset(Dataset):
+    """Stands for a training set of known length that is not available at load time."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        raise InvalidArgumentError(
+            "this TracInCPFastRandProj was loaded without train_dataset; pass train_dataset "
+            "to TracInCPFastRandProj.load to use the training data again"
+        )

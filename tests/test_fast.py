@@ -1,0 +1,305 @@
+"""TracInCPFast and TracInCPFastRandProj: exact last-layer TracIn, embeddings, persistence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    MODELS,
+    assert_close,
+    assert_unchanged,
+    make_case,
+    model_snapshot,
+    reference_scores,
+    reference_self,
+)
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from proponents import (
+    AnnoyNearestNeighbors,
+    ExactNearestNeighbors,
+    FaissNearestNeighbors,
+    TracInCP,
+    TracInCPFast,
+    TracInCPFastRandProj,
+)
+from proponents.errors import ArgumentTypeError, IndexMismatchError, InvalidArgumentError
+
+FINAL = {"mlp": "fc2", "cnn": "fc", "embed": "head", "two_input": "out", "regression": "fc",
+         "attention": "head"}
+
+
+def fast(case, cls=TracInCPFast, reduction="sum", **kw):
+    return cls(case.model, FINAL[case.name], case.dataset, case.checkpoints,
+               loss_fn=case.loss_fn(reduction), batch_size=4, **kw)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fast_equals_tracincp_on_the_final_layer_and_the_loop_reference(name, tmp_path):
+    case = make_case(name, tmp_path)
+    layer = [FINAL[name]]
+    t = fast(case)
+    full = TracInCP(case.model, case.dataset, case.checkpoints, layers=layer,
+                    loss_fn=case.loss_fn("sum"), batch_size=4, sample_wise_grads_per_batch=True)
+    scores = t.influence(case.test_inputs, case.test_labels)
+    assert_close(scores, full.influence(case.test_inputs, case.test_labels), rtol=1e-5)
+    assert_close(scores, reference_scores(case, layer))
+    assert_close(t.influence(), reference_self(case, layer))
+    top = t.influence(case.test_inputs, case.test_labels, k=3, proponents=False)
+    want = torch.sort(scores, dim=1)
+    assert torch.equal(top.indices, want.indices[:, :3])
+
+
+def test_fast_includes_the_bias(tmp_path):
+    case = make_case("mlp", tmp_path)
+    with_bias = fast(case).influence(case.test_inputs, case.test_labels)
+    weight_only = 0
+    for ckpt, lr in zip(case.checkpoints, case.lrs):
+        from conftest import reference_grads
+
+        gt = reference_grads(case, ckpt, case.test_inputs, case.test_labels, ["fc2"])[:, :24]
+        gr = reference_grads(case, ckpt, case.train_inputs, case.train_labels, ["fc2"])[:, :24]
+        weight_only = weight_only + lr * gt @ gr.T
+    assert not torch.allclose(with_bias.double(), weight_only, rtol=1e-3)
+
+
+class SquashedHead(nn.Module):
+    """A final Linear followed by a nonlinearity: the loss sees tanh(fc(x))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(torch.relu(self.body(x))))
+
+
+def test_layer_followed_by_a_nonlinearity_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = SquashedHead()
+    x, y = torch.randn(10, 4), torch.randn(10, 3)
+    path = tmp_path / "c.pt"
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.3}, path)
+    t = TracInCPFast(model, model.fc, TensorDataset(x, y), [path],
+                     loss_fn=nn.MSELoss(reduction="sum"), batch_size=3)
+    scores = t.influence((x[:3],), y[:3])
+    rows = []
+    m = model.double()
+    for i in range(10):
+        m.zero_grad()
+        nn.functional.mse_loss(m(x[i : i + 1].double()), y[i : i + 1].double(),
+                               reduction="sum").backward()
+        rows.append(torch.cat([m.fc.weight.grad.flatten(), m.fc.bias.grad]))
+    g = torch.stack(rows)
+    assert_close(scores, 0.3 * g[:3] @ g.T)
+
+
+def test_final_layer_by_module_or_dotted_name(tmp_path):
+    case = make_case("attention", tmp_path)
+    by_name = TracInCPFast(case.model, "attn.out_proj", case.dataset, case.checkpoints,
+                           loss_fn=case.loss_fn("sum"), batch_size=5)
+    by_module = TracInCPFast(case.model, case.model.attn.out_proj, case.dataset, case.checkpoints,
+                             loss_fn=case.loss_fn("sum"), batch_size=5)
+    a = by_name.influence(case.test_inputs, case.test_labels)
+    assert_close(a, by_module.influence(case.test_inputs, case.test_labels), rtol=1e-6)
+    assert_close(a, reference_scores(case, ["attn.out_proj"]))
+
+
+def test_bad_final_layer_and_loss(tmp_path):
+    case = make_case("cnn", tmp_path)
+    with pytest.raises(InvalidArgumentError, match="Linear layers are: fc"):
+        TracInCPFast(case.model, "conv1", case.dataset, case.checkpoints,
+                     loss_fn=case.loss_fn("sum"))
+    with pytest.raises(InvalidArgumentError, match="fc"):
+        TracInCPFast(case.model, "nope", case.dataset, case.checkpoints, loss_fn=case.loss_fn("sum"))
+    with pytest.raises(InvalidArgumentError, match="not a submodule"):
+        TracInCPFast(case.model, nn.Linear(2, 2), case.dataset, case.checkpoints,
+                     loss_fn=case.loss_fn("sum"))
+    with pytest.raises(ArgumentTypeError, match="final_fc_layer"):
+        TracInCPFast(case.model, 3, case.dataset, case.checkpoints, loss_fn=case.loss_fn("sum"))
+    with pytest.raises(InvalidArgumentError, match="reduction='none'"):
+        fast(case, reduction="none")
+    with pytest.raises(InvalidArgumentError, match="needs loss_fn"):
+        TracInCPFast(case.model, "fc", case.dataset, case.checkpoints)
+    for dim in (0, -3):
+        with pytest.raises(InvalidArgumentError, match="projection_dim"):
+            fast(case, TracInCPFastRandProj, projection_dim=dim)
+    with pytest.raises(ArgumentTypeError, match="projection_dim"):
+        fast(case, TracInCPFastRandProj, projection_dim=2.5)
+
+
+def test_randproj_unprojected_equals_fast(tmp_path):
+    case = make_case("embed", tmp_path)
+    exact = fast(case).influence(case.test_inputs, case.test_labels)
+    rp = fast(case, TracInCPFastRandProj)
+    assert rp.embedding_dim == 3 * 3 * 6  # 3 checkpoints x (3 outputs x (5 inputs + bias))
+    assert_close(rp.influence(case.test_inputs, case.test_labels, k=None), exact, rtol=1e-5)
+    top = rp.influence(case.test_inputs, case.test_labels)  # k defaults to 5
+    want = torch.sort(exact, dim=1, descending=True)
+    assert top.indices.shape == (4, 5)
+    assert torch.equal(top.indices, want.indices[:, :5])
+    assert_close(top.influence_scores, want.values[:, :5], rtol=1e-5)
+    low = rp.influence(case.test_inputs, case.test_labels, k=2, proponents=False)
+    want = torch.sort(exact, dim=1)
+    assert torch.equal(low.indices, want.indices[:, :2])
+    assert_close(low.influence_scores, want.values[:, :2], rtol=1e-5)
+
+
+def test_randproj_has_no_self_influence(tmp_path):
+    rp = fast(make_case("mlp", tmp_path), TracInCPFastRandProj)
+    with pytest.raises(NotImplementedError, match="TracInCPFast"):
+        rp.self_influence()
+    with pytest.raises(NotImplementedError, match="TracInCPFast"):
+        rp.influence()
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        lambda: ExactNearestNeighbors(block_size=3),
+        lambda: AnnoyNearestNeighbors(num_trees=50, search_k=100000),
+        lambda: FaissNearestNeighbors("Flat"),
+    ],
+    ids=["exact", "annoy", "faiss"],
+)
+def test_every_backend_gives_the_exact_top_k(tmp_path, backend):
+    if "annoy" in str(backend.__code__.co_names):
+        pytest.importorskip("annoy", reason="optional extra [annoy] not installed")
+    if "Faiss" in str(backend.__code__.co_names):
+        pytest.importorskip("faiss", reason="optional extra [faiss] not installed")
+    case = make_case("mlp", tmp_path)
+    rp = fast(case, TracInCPFastRandProj, nearest_neighbors=backend())
+    exact = fast(case).influence(case.test_inputs, case.test_labels)
+    for proponents in (True, False):
+        top = rp.influence(case.test_inputs, case.test_labels, k=4, proponents=proponents)
+        want = torch.sort(exact, dim=1, descending=proponents)
+        assert torch.equal(top.indices, want.indices[:, :4])
+        assert_close(top.influence_scores, want.values[:, :4], rtol=1e-5)
+
+
+def _wide_case(tmp_path, n_train=300):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 8))
+    x, y = torch.randn(n_train + 20, 10), torch.randint(0, 8, (n_train + 20,))
+    paths = []
+    for c in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        paths.append(tmp_path / f"c{c}.pt")
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.5 + c}, paths[-1])
+    return model, TensorDataset(x[:n_train], y[:n_train]), x[n_train:], y[n_train:], paths
+
+
+def test_projection_is_seeded_unbiased_and_faithful(tmp_path):
+    model, train, xt, yt, paths = _wide_case(tmp_path)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    exact = TracInCPFast(model, "2", train, paths, loss_fn=loss, batch_size=64).influence((xt,), yt)
+    state = torch.get_rng_state()
+    a = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=64,
+                             projection_dim=64, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
+    b = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=64,
+                             projection_dim=64, seed=7)
+    assert torch.equal(a.embeddings, b.embeddings)
+    assert a.embedding_dim == 2 * 64
+    estimates = []
+    for seed in range(5):
+        rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=64,
+                                  projection_dim=256, seed=seed)
+        s = rp.influence((xt,), yt, k=None)
+        corr = torch.corrcoef(torch.stack([s.flatten(), exact.flatten()]))[0, 1]
+        assert corr > 0.85
+        estimates.append(s)
+    # the average of independent projections approaches the exact scores
+    mean_err = (torch.stack(estimates).mean(0) - exact).abs().mean()
+    single_err = (estimates[0] - exact).abs().mean()
+    assert mean_err < single_err
+
+
+def test_projection_never_goes_up():
+    from proponents.projection import GradientProjection
+
+    p = GradientProjection.create(3, 4, 100, 0, torch.float32, torch.device("cpu"))
+    assert p.kind == "none" and p.dim == 12
+    q = GradientProjection.create(1000, 2049, 64, 0, torch.float32, torch.device("cpu"))
+    assert q.kind == "kronecker" and q.dim >= 64
+    r = GradientProjection.create(2, 2049, 100, 0, torch.float32, torch.device("cpu"))
+    assert r.dim == 100 and r.kind == "dense"
+
+
+def test_kronecker_projection_is_unbiased():
+    from proponents.gradients.representations import FactoredGrads
+    from proponents.projection import GradientProjection
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 1, 40, generator=g, dtype=torch.float64)
+    gr = torch.randn(6, 1, 30, generator=g, dtype=torch.float64)
+    rep = FactoredGrads(a, gr)
+    exact = rep.dense() @ rep.dense().T
+    est = 0
+    n = 400
+    for seed in range(n):
+        p = GradientProjection.create(30, 40, 64, seed, torch.float64, torch.device("cpu"),
+                                      max_matrix_elements=0)
+        assert p.kind == "kronecker"
+        e = p(rep)
+        est = est + e @ e.T / n
+        dense = GradientProjection("kronecker", p.dim, p.matrices)(
+            type(rep)(a, gr, _dense=rep.dense())
+        )
+        assert_close(dense, e, rtol=1e-10) if seed == 0 else None
+    assert_close(est, exact, rtol=0.15)
+
+
+def test_save_and_load_without_re_embedding(tmp_path):
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=120)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50,
+                              projection_dim=32, seed=3)
+    want = rp.influence((xt,), yt, k=6)
+    rp.save(tmp_path / "index")
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    restored = TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss,
+                                         train_dataset=train)
+    assert calls == []  # nothing re-embedded
+    handle.remove()
+    got = restored.influence((xt,), yt, k=6)
+    assert torch.equal(got.indices, want.indices)
+    assert_close(got.influence_scores, want.influence_scores, rtol=1e-6)
+    assert restored.seed == 3 and restored.projection_dim == 32
+
+
+def test_load_refuses_other_checkpoints_or_data(tmp_path):
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=60)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50)
+    rp.save(tmp_path / "index")
+    with pytest.raises(IndexMismatchError, match="checkpoints"):
+        TracInCPFastRandProj.load(tmp_path / "index", model, paths[:1], loss)
+    shorter = TensorDataset(*train[:50])
+    with pytest.raises(IndexMismatchError, match="dataset_length"):
+        TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, train_dataset=shorter)
+    with pytest.raises(FileNotFoundError):
+        TracInCPFastRandProj.load(tmp_path / "nothing", model, paths, loss)
+
+
+def test_randproj_leaves_the_model_unchanged(tmp_path):
+    case = make_case("cnn", tmp_path)
+    case.model.train()
+    snap = model_snapshot(case.model)
+    rp = fast(case, TracInCPFastRandProj, projection_dim=8)
+    rp.influence(case.test_inputs, case.test_labels, k=2)
+    fast(case).influence()
+    assert_unchanged(case.model, snap)
+
+
+def test_randproj_k_out_of_range(tmp_path):
+    case = make_case("mlp", tmp_path)
+    rp = fast(case, TracInCPFastRandProj)
+    for k in (0, 14):
+        with pytest.raises(InvalidArgumentError, match=f"k={k}"):
+            rp.influence(case.test_inputs, case.test_labels, k=k)
