@@ -26,3 +26,17 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     assert torch.all(opps.influence_scores[:, :-1] <= opps.influence_scores[:, 1:])
     assert scope["suspicious"].shape == (10,)
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["0.pt", "1.pt", "2.pt"]
+
+
+def test_last_layer_example_runs_after_the_quick_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks()
+    quick = next(b for b in blocks if "TracInCP(" in b)
+    fast = next(b for b in blocks if "TracInCPFastRandProj(" in b)
+    scope: dict = {}
+    exec(compile(quick, "README quick start", "exec"), scope)
+    exec(compile(fast, "README last-layer example", "exec"), scope)
+    restored = scope["index"]
+    top = restored.influence((scope["x"][:2],), scope["y"][:2], k=5)
+    assert top.indices.shape == (2, 5)
+    assert (tmp_path / "tracin-index").is_dir()
