@@ -348,3 +348,21 @@ def test_every_conv_method_gives_per_example_gradients(method, conv, shape):
     want, g_out = _per_example_conv_grads(conv, x)
     got = conv_weight_grads(conv, x, g_out, method)
     assert_close(got, want, rtol=1e-5)
+
+
+def test_large_test_batches_are_chunked_with_identical_results(tmp_path):
+    from proponents.data import Batch, chunk_batch
+
+    case = make_case("two_input", tmp_path)
+    t = tracin(case)
+    whole = t.influence(case.train_inputs, case.train_labels)
+    runner = t._runner()
+    with t._guarded():
+        chunked = runner.scores(
+            [Batch(case.train_inputs, case.train_labels, 13)], False, t.train_dataloader,
+            None, 1, False, False, n_train=None, test_chunk=4,
+        )
+    assert_close(chunked, whole, rtol=1e-6)
+    parts = chunk_batch(Batch(case.train_inputs, case.train_labels, 13), 5)
+    assert [p.size for p in parts] == [5, 5, 3]
+    assert torch.equal(torch.cat([p.inputs[1] for p in parts]), case.train_inputs[1])

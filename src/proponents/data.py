@@ -197,6 +197,32 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def chunk_batch(batch: Batch, size: int) -> list[Batch]:
+    """Split a batch into consecutive batches of at most ``size`` examples.
+
+    Tensors whose first dimension is the batch size are sliced; everything else is
+    passed to every chunk unchanged.
+    """
+    if batch.size <= size:
+        return [batch]
+
+    def part(x: Any, start: int) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch.size:
+            return x[start : start + size]
+        if isinstance(x, (tuple, list)):
+            return type(x)(part(v, start) for v in x)
+        return x
+
+    return [
+        Batch(
+            inputs=tuple(part(x, s) for x in batch.inputs),
+            labels=part(batch.labels, s),
+            size=min(size, batch.size - s),
+        )
+        for s in range(0, batch.size, size)
+    ]
+
+
 def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     """A copy of ``batch`` with its tensors on ``device``."""
     return Batch(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from proponents.checkpoints import checkpoint_label
-from proponents.data import Batch, batch_to_device, model_device, split_batch
+from proponents.data import Batch, batch_to_device, chunk_batch, model_device, split_batch
 from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError
 from proponents.gradients.engine import GradientEngine
 from proponents.progress import Progress
@@ -108,11 +108,15 @@ class TracInRunner:
         self.load_func = load_func
         self.owner = owner
 
-    def _batches(self, source: Iterable[Any], loader: bool, what: str) -> Iterable[Batch]:
+    def _batches(
+        self, source: Iterable[Any], loader: bool, what: str, chunk: int | None = None
+    ) -> Iterable[Batch]:
+        """Batches on the model's device; test batches larger than ``chunk`` are split."""
         device = model_device(self.model)
         for b in source:
             batch = split_batch(b, what) if loader else b
-            yield batch_to_device(batch, device)
+            for part in chunk_batch(batch, chunk) if chunk else [batch]:
+                yield batch_to_device(part, device)
 
     def scores(
         self,
@@ -123,8 +127,17 @@ class TracInRunner:
         n_test_batches: int | None,
         aggregate: bool,
         show_progress: bool,
+        n_train: int | None = None,
+        test_chunk: int = 256,
     ) -> Tensor:
-        """Influence of every training example on every test example (or their sum)."""
+        """Influence of every training example on every test example (or their sum).
+
+        Args:
+            n_train: number of training examples when known upfront (the score matrix is
+                then allocated once instead of being joined after the first checkpoint).
+            test_chunk: test batches are differentiated in pieces of at most this many
+                examples, so a large test batch does not hold all its activations at once.
+        """
         n_ckpt = len(self.checkpoints)
         per_ckpt = None if n_train_batches is None else n_train_batches + (n_test_batches or 1)
         total = None if per_ckpt is None else per_ckpt * n_ckpt
@@ -137,7 +150,7 @@ class TracInRunner:
                     f"{self.owner}: influence, checkpoint {c + 1}/{n_ckpt}, test batches"
                 )
                 test_parts, offset = [], 0
-                for batch in self._batches(test, test_is_loader, "test batch"):
+                for batch in self._batches(test, test_is_loader, "test batch", test_chunk):
                     rep = self.engine.compute(batch)
                     if c == 0:
                         tracker.add(self.engine.finite(rep), offset, test=True)
@@ -156,9 +169,12 @@ class TracInRunner:
                 for batch in self._batches(train, True, "training batch"):
                     rep = self.engine.compute(batch)
                     block = self.engine.dot(test_rep, rep).mul_(lr)
+                    if scores is None and n_train is not None:
+                        scores = block.new_zeros(block.shape[0], n_train)
+                    if c == 0:
+                        tracker.add(torch.isfinite(block).all(dim=0), offset, test=False)
                     if scores is None:
                         columns.append(block)
-                        tracker.add(torch.isfinite(block).all(dim=0), offset, test=False)
                     else:
                         _check_columns(scores, offset + batch.size, self.owner)
                         scores[:, offset : offset + batch.size] += block
@@ -170,6 +186,7 @@ class TracInRunner:
                             f"{self.owner}: the training data yielded no batch"
                         )
                     scores = torch.cat(columns, dim=1)
+                    del columns
                 elif offset != scores.shape[1]:
                     raise InvalidArgumentError(
                         f"{self.owner}: the training data yielded {offset} examples for "

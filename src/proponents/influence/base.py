@@ -188,6 +188,8 @@ class TracInCPBase(DataInfluence):
                 n_test_batches,
                 aggregate,
                 show_progress,
+                n_train=self._n_train(),
+                test_chunk=max(self.train_dataloader.batch_size or 0, 256),
             )
         if k is None:
             return scores
