@@ -665,3 +665,59 @@ def test_layers_that_cannot_be_compared(tmp_path):
     sim = SimilarityInfluence(model, "flat", train, tmp_path, batch_size=4)
     with pytest.raises(InvalidArgumentError, match="28 features.*20"):
         sim.influence(torch.randn(2, 7, 3))  # longer sequences: more features than the source
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_model_dtypes(tmp_path, dtype):
+    model = _seeded(Net).to(dtype)
+    train, test = _data()
+    train = TensorDataset(train.tensors[0].to(dtype), train.tensors[1])
+    test = test.to(dtype)
+    sim = SimilarityInfluence(
+        model,
+        "lin2",
+        train,
+        tmp_path,
+        batch_size=8,
+        similarity_metric=euclidean_distance,
+        similarity_direction="min",
+    )
+    for _ in range(2):  # built, then read back from the store
+        idx, val = sim.influence(test, top_k=4)["lin2"]
+        assert val.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        expected = _brute(
+            _acts(model, "lin2", test),
+            _acts(model, "lin2", train.tensors[0]),
+            "euclidean",
+            "min",
+            4,
+        )
+        _check((idx, val), expected, rtol=1e-5 if dtype == torch.float64 else 1e-2)
+
+
+class Exploding(Dataset):
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, i):
+        if i == 20:
+            raise KeyError("broken item 20")
+        return torch.randn(6), 0
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path):
+    model = _seeded(Net)
+    snap = model_snapshot(model)
+    sim = SimilarityInfluence(model, ["lin1", "lin2"], Exploding(), tmp_path, batch_size=4)
+    with pytest.raises(KeyError, match="broken item 20"):
+        sim.influence(torch.randn(3, 6), top_k=2)
+    assert [f for f in os.listdir(_src_dir(tmp_path)) if f != ".lock"] == []
+    assert_unchanged(model, snap)
+
+
+def test_inputs_must_be_one_batch(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin1", train, tmp_path, batch_size=8)
+    with pytest.raises(ArgumentTypeError, match="DataLoader"):
+        sim.influence(DataLoader(TensorDataset(test)), top_k=2)

@@ -39,6 +39,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -257,14 +258,18 @@ class StoredEntry:
         manifest: the full parsed manifest.
     """
 
-    def __init__(self, key: str, manifest: dict[str, Any], files: dict[str, BinaryIO]):
+    def __init__(
+        self,
+        key: str,
+        manifest: dict[str, Any],
+        files: dict[str, BinaryIO],
+        layouts: dict[str, tuple[np.dtype, tuple[int, ...], int]],
+    ) -> None:
         self.key = key
         self.manifest = manifest
         self.meta: dict[str, Any] = manifest["meta"]
         self._files = files
-        self._layout: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
-        for name, fh in files.items():
-            self._layout[name] = _read_header(fh)
+        self._layout = layouts
 
     @property
     def arrays(self) -> list[str]:
@@ -292,13 +297,18 @@ class StoredEntry:
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         if stop == start or row == 0:
             return np.zeros((stop - start, *shape[1:]), dtype=dtype)
-        return np.memmap(
+        array = np.memmap(
             self._files[name],
             dtype=dtype,
             mode="c",
             offset=offset + start * row,
             shape=(stop - start, *shape[1:]),
         )
+        advise = getattr(getattr(array, "_mmap", None), "madvise", None)
+        if advise is not None and hasattr(mmap, "MADV_WILLNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                advise(mmap.MADV_WILLNEED)  # read ahead: the caller is about to scan it
+        return array
 
     def read(self, name: str) -> np.ndarray:
         """The whole array ``name`` as an in-memory numpy array."""
@@ -553,9 +563,9 @@ class ArrayStore:
             reason = _compare_meta(manifest["meta"], expected, ignore)
             if reason is not None:
                 return None, reason
-            files, reason, missing = self._open_arrays(manifest)
-            if files is not None:
-                return StoredEntry(key, manifest, files), None
+            opened, reason, missing = self._open_arrays(manifest)
+            if opened is not None:
+                return StoredEntry(key, manifest, *opened), None
             if not missing:
                 return None, reason
         return None, reason
@@ -596,8 +606,10 @@ class ArrayStore:
 
     def _open_arrays(
         self, manifest: dict[str, Any]
-    ) -> tuple[dict[str, BinaryIO] | None, str | None, bool]:
+    ) -> tuple[tuple[dict[str, BinaryIO], dict[str, Any]] | None, str | None, bool]:
+        """Open and check the entry's array files: ``(opened, reason, missing)``."""
         files: dict[str, BinaryIO] = {}
+        layouts: dict[str, Any] = {}
         try:
             for name, info in manifest["arrays"].items():
                 fname = info.get("file") if isinstance(info, dict) else None
@@ -609,11 +621,12 @@ class ArrayStore:
                 except FileNotFoundError:
                     return None, f"its array file {fname} is missing", True
                 files[name] = fh
-                problem = _check_array_file(fh, info)
-                if problem is not None:
+                layout, problem = _check_array_file(fh, info)
+                if layout is None:
                     return None, f"its array file {fname} {problem} (damaged)", False
+                layouts[name] = layout
             result, files = files, {}
-            return result, None, False
+            return (result, layouts), None, False
         except OSError as exc:
             return None, f"its array files cannot be read ({exc.strerror})", False
         finally:
@@ -719,23 +732,28 @@ def _compare_meta(
     return None
 
 
-def _check_array_file(fh: BinaryIO, info: Mapping[str, Any]) -> str | None:
+def _check_array_file(
+    fh: BinaryIO, info: Mapping[str, Any]
+) -> tuple[tuple[np.dtype, tuple[int, ...], int] | None, str | None]:
+    """``((dtype, shape, data_offset), None)`` for a sound file, else ``(None, problem)``."""
     try:
         dtype, shape, offset = _read_header(fh)
     except (ValueError, SyntaxError, EOFError, OSError, TypeError, KeyError):
-        return "has no valid .npy header"
+        return None, "has no valid .npy header"
     try:
         want_dtype = np.lib.format.descr_to_dtype(info["dtype"])
         want_shape = tuple(int(s) for s in info["shape"])
     except (KeyError, TypeError, ValueError):
-        return "is described inconsistently in the manifest"
+        return None, "is described inconsistently in the manifest"
     if dtype != want_dtype or shape != want_shape:
-        return f"holds {dtype} {shape}, the manifest says {want_dtype} {want_shape}"
+        return None, f"holds {dtype} {shape}, the manifest says {want_dtype} {want_shape}"
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     size = os.fstat(fh.fileno()).st_size
     if size != expected:
-        return f"has {size} bytes instead of {expected} (truncated or overwritten)"
-    return None
+        return None, f"has {size} bytes instead of {expected} (truncated or overwritten)"
+    if not shape:
+        return None, "holds a 0-d array, the store writes arrays with rows"
+    return (dtype, shape, offset), None
 
 
 def _unlink(path: Path) -> None:

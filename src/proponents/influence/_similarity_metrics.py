@@ -9,6 +9,7 @@ to be in memory at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -136,14 +137,17 @@ class _Running:
         self.values: Tensor | None = None
         self.indices: Tensor | None = None
 
-    def offer(self, values: Tensor, indices: Tensor, k: int, largest: bool) -> None:
+    def offer(
+        self, values: Tensor, indices: Tensor, k: int, largest: bool, check_nan: bool = True
+    ) -> None:
         if self.values is not None and self.indices is not None:
             values = torch.cat([self.values, values], dim=1)
             indices = torch.cat([self.indices, indices], dim=1)
         # Lower index first among equal scores: sort by index, then stably by score.
         indices, order = torch.sort(indices, dim=1, stable=True)
         values = values.gather(1, order)
-        _, order = torch.sort(_rank_key(values, largest), dim=1, descending=largest, stable=True)
+        key = _rank_key(values, largest) if check_nan else values
+        _, order = torch.sort(key, dim=1, descending=largest, stable=True)
         order = order[:, :k]
         self.values = values.gather(1, order)
         self.indices = indices.gather(1, order)
@@ -202,11 +206,16 @@ class BlockScorer:
             slice(r, min(r + rows, self.n_test)) for r in range(0, max(self.n_test, 1), rows)
         ]
         self._running = [_Running() for _ in self._chunks]
+        self.dtype = _compute_dtype(test)
+        flat = test.reshape(self.n_test, -1)
+        if flat.dtype != self.dtype:
+            flat = flat.to(self.dtype)
+        self.features = int(flat.shape[1])
+        self.t_norm = torch.linalg.vector_norm(flat, dim=1)
+        # A row with a NaN or an infinite entry has a non-finite norm (and vice versa,
+        # unless the norm overflows, which is then treated as non-finite too).
+        self.nonfinite_test = int((~torch.isfinite(self.t_norm)).sum())
         if kind is not None:
-            self.dtype = _compute_dtype(test)
-            flat = test.reshape(self.n_test, -1).to(self.dtype)
-            self.features = int(flat.shape[1])
-            self.t_norm = torch.linalg.vector_norm(flat, dim=1)
             self.t_flat = flat
             if kind == "cosine":
                 self.t_hat = flat * _safe_inverse(self.t_norm)[:, None]
@@ -214,16 +223,23 @@ class BlockScorer:
                 self.t_has_zero = bool(self.t_zero.any())
             else:
                 self.t_sq = self.t_norm.square()
-        self.nonfinite_test = int((~torch.isfinite(test.reshape(self.n_test, -1))).any(1).sum())
 
     # -- public ---------------------------------------------------------------------
-    def update(self, block: Tensor, start: int, norms: Tensor | None = None) -> None:
+    def update(
+        self,
+        block: Tensor,
+        start: int,
+        norms: Tensor | None = None,
+        norms_clean: bool = False,
+    ) -> None:
         """Score source rows ``start : start + len(block)``.
 
         Args:
             block: ``(b, *features)`` source activations on the scoring device.
             start: index of the block's first row in the source set.
             norms: ``(b,)`` Euclidean norms of the flattened rows, if known.
+            norms_clean: the caller has checked that ``norms`` are all finite and
+                non-zero (spares two reductions per block).
         """
         b = int(block.shape[0])
         if b == 0:
@@ -238,18 +254,23 @@ class BlockScorer:
                 f"per example but the source activations have {s.shape[1]}; the inputs must "
                 "produce activations of the same size as the source examples"
             )
-        s = s.to(self.dtype)
+        if s.dtype != self.dtype:
+            s = s.to(self.dtype)
         if norms is None:
             s_norm = torch.linalg.vector_norm(s, dim=1)
         else:
             s_norm = norms.to(self.device, self.dtype)
-        finite = bool(torch.isfinite(s_norm).all())
-        if not finite:
-            self.nonfinite_src += int((~torch.isfinite(s_norm)).sum())
+        if norms_clean:
+            finite, has_zero = True, False
+        else:
+            finite = math.isfinite(float(s_norm.sum()))
+            if not finite:
+                self.nonfinite_src += int((~torch.isfinite(s_norm)).sum())
+            has_zero = bool((s_norm == 0).any())
         check_nan = not finite or self.nonfinite_test > 0
         for chunk, running in zip(self._chunks, self._running):
             if self.kind == "cosine":
-                self._update_cosine(chunk, running, s, s_norm, start, check_nan)
+                self._update_cosine(chunk, running, s, s_norm, start, check_nan, has_zero)
             else:
                 self._update_euclidean(chunk, running, s, s_norm, start, check_nan)
 
@@ -277,10 +298,11 @@ class BlockScorer:
         s_norm: Tensor,
         start: int,
         check_nan: bool,
+        has_zero: bool,
     ) -> None:
         sim = self.t_hat[chunk] @ s.T
-        sim.mul_(_safe_inverse(s_norm)[None, :])
-        zeros = self.t_has_zero or bool((s_norm == 0).any())
+        sim.div_(s_norm[None, :])
+        zeros = self.t_has_zero or has_zero
         if zeros:
             s_zero, t_zero = s_norm == 0, self.t_zero[chunk]
             sim[:, s_zero] = self.replace_nan
@@ -296,7 +318,7 @@ class BlockScorer:
         values = sim.gather(1, pos).clamp_(-1.0, 1.0)
         if zeros:
             values[s_zero[pos] | t_zero[:, None]] = self.replace_nan
-        running.offer(values, pos + start, self.k, self.largest)
+        running.offer(values, pos + start, self.k, self.largest, check_nan)
 
     def _update_euclidean(
         self,
@@ -315,7 +337,7 @@ class BlockScorer:
         exact = self._exact_distances(self.t_flat[chunk], s, pos)
         if check_nan and torch.isnan(exact).any():
             self.nan_scores += int(torch.isnan(exact).sum())
-        running.offer(exact, pos + start, self.k, self.largest)
+        running.offer(exact, pos + start, self.k, self.largest, check_nan)
 
     def _exact_distances(self, t: Tensor, s: Tensor, pos: Tensor) -> Tensor:
         """Distances of the pairs ``(i, pos[i, j])`` from the differences, in float64."""

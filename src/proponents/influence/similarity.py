@@ -37,6 +37,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
+from proponents.checks import check_flag
 from proponents.data import (
     batch_size_of,
     dataset_length,
@@ -263,6 +264,9 @@ class SimilarityInfluence(DataInfluence):
             )
         if isinstance(top_k, bool) or not isinstance(top_k, int):
             raise ArgumentTypeError(f"top_k must be an int, got {type(top_k).__name__}")
+        check_flag(load_src_from_disk, "load_src_from_disk")
+        check_flag(load_input_from_disk, "load_input_from_disk")
+        check_flag(show_progress, "show_progress")
         n_src = self._n_src()
         if top_k < 1 or (n_src is not None and top_k > n_src):
             raise InvalidArgumentError(
@@ -282,10 +286,12 @@ class SimilarityInfluence(DataInfluence):
                 "load_input_from_disk=True with the inputs_id of saved activations"
             )
         largest = self.similarity_direction == "max"
-        with preserved(self.module), torch.no_grad():
+        device = model_device(self.module)
+        # Iterating a DataLoader draws from the global RNG: fork it, leave the caller's as is.
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        with preserved(self.module), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
             self.module.eval()
             fingerprint = model_fingerprint(self.module)
-            device = model_device(self.module)
             test = self._test_activations(
                 inputs,
                 additional_forward_args,
@@ -431,12 +437,13 @@ class SimilarityInfluence(DataInfluence):
                 _check_top_k(top_k, n)
                 scorer = self._scorer(layer, test[layer], top_k, largest, rows)
                 norms = torch.from_numpy(entry.read("norms"))
+                clean = math.isfinite(float(norms.sum())) and not bool((norms == 0).any())
                 for start in range(0, n, rows):
                     stop = min(n, start + rows)
                     block = torch.from_numpy(entry.memmap("activations", start, stop))
                     if block.device != device:
                         block = block.to(device)
-                    scorer.update(block, start, norms[start:stop])
+                    scorer.update(block, start, norms[start:stop], norms_clean=clean)
                     del block
                     bar.update()
                 results[layer] = self._finish(scorer)
@@ -565,6 +572,11 @@ class SimilarityInfluence(DataInfluence):
     ) -> dict[str, Tensor]:
         args: tuple[Any, ...] | None = None
         inputs_hash = None
+        if isinstance(inputs, (DataLoader, Dataset)):
+            raise ArgumentTypeError(
+                f"inputs must be a tensor or a tuple of tensors (one test batch), got a "
+                f"{type(inputs).__name__}; call influence once per batch"
+            )
         if inputs is not None:
             args = test_inputs_tuple(inputs, unpack_inputs=True)
             if len(args) == 0:
