@@ -34,6 +34,7 @@ from proponents.errors import (
     ArgumentTypeError,
     CheckpointLoadError,
     CheckpointNotFoundError,
+    InvalidArgumentError,
 )
 
 __all__ = [
@@ -310,6 +311,19 @@ def _model_device(model: nn.Module) -> torch.device:
     for buffer in model.buffers():
         return buffer.device
     return torch.device("cpu")
+
+
+def _as_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device``, with a typed error naming the argument."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ArgumentTypeError(
+            f"device must be a torch.device, a device name such as 'cpu' or 'cuda:0', or a "
+            f"CUDA index, got {type(device).__name__}"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise InvalidArgumentError(f"device {device!r} is not a valid device: {exc}") from None
 
 
 def _short_repr(obj: Any, limit: int = 80) -> str:
@@ -735,7 +749,7 @@ def load_flexible_state_dict(
     """
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target_device = torch.device(device) if device is not None else _model_device(model)
+    target_device = _as_device(device) if device is not None else _model_device(model)
     where = _describe(path)
     safetensors_lr: Any = None
     if _is_path(path):

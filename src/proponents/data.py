@@ -150,7 +150,10 @@ def test_batches(
     args = test_inputs_tuple(inputs, unpack_inputs)
     if len(args) == 0:
         raise InvalidArgumentError("inputs is an empty tuple: give at least one model input")
-    n = batch_size_of(args)
+    try:
+        n = batch_size_of(args)
+    except BatchFormatError as err:
+        raise BatchFormatError(f"inputs: {err}") from None
     if targets is not None:
         if isinstance(targets, torch.Tensor) and targets.dim() > 0:
             n_targets = int(targets.shape[0])

@@ -39,3 +39,7 @@ class StoreError(ProponentsError, RuntimeError):
 
 class IndexMismatchError(ProponentsError, ValueError):
     """A saved index does not match the model, checkpoints or dataset it is loaded for."""
+
+
+class IndexNotFoundError(ProponentsError, FileNotFoundError):
+    """No saved index exists at the given path."""

@@ -77,7 +77,8 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None, owner: 
     if unknown:
         valid = [n for n, m in modules.items() if any(True for _ in m.parameters())]
         raise InvalidArgumentError(
-            f"{owner}: unknown layer name(s) {unknown}; valid names are: {', '.join(valid)}"
+            f"{owner}: unknown layer name(s) {unknown} in layers; valid names are: "
+            f"{', '.join(valid)}"
         )
     ident_to_name = {id(p): n for n, p in canonical.items()}
     chosen: set[str] = set()
@@ -85,7 +86,8 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None, owner: 
         params = list(modules[layer].parameters())
         if not params:
             raise InvalidArgumentError(
-                f"{owner}: layer {layer!r} has no parameters, so it has no gradients to compare"
+                f"{owner}: layer {layer!r} in layers has no parameters, so it has no gradients "
+                "to compare"
             )
         chosen.update(ident_to_name[id(p)] for p in params)
     return [n for n in canonical if n in chosen]

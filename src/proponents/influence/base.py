@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from proponents.checkpoints import load_flexible_state_dict, resolve_checkpoints
+from proponents.checks import check_flag
 from proponents.data import (
     Batch,
     dataset_length,
@@ -167,6 +168,13 @@ class TracInCPBase(DataInfluence):
             A tensor or :class:`KMostInfluentialResults`, on the model's device.
         """
         name = self.get_name()
+        for flag, value in (
+            ("proponents", proponents),
+            ("unpack_inputs", unpack_inputs),
+            ("show_progress", show_progress),
+            ("aggregate", aggregate),
+        ):
+            check_flag(value, flag, name)
         if inputs is None:
             if targets is not None:
                 raise InvalidArgumentError(
@@ -219,6 +227,7 @@ class TracInCPBase(DataInfluence):
         Returns:
             ``(n,)`` scores on the model's device, in the order of the examples.
         """
+        check_flag(show_progress, "show_progress", self.get_name())
         if inputs_dataset is None:
             inputs_dataset = self.train_dataloader
         if isinstance(inputs_dataset, DataLoader):

@@ -25,13 +25,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from proponents.checkpoints import checkpoint_fingerprint, load_flexible_state_dict
+from proponents.checks import check_flag, check_path
 from proponents.data import (
     dataset_length,
     loader_batches,
     model_device,
     test_batches,
 )
-from proponents.errors import ArgumentTypeError, IndexMismatchError, InvalidArgumentError
+from proponents.errors import (
+    ArgumentTypeError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    InvalidArgumentError,
+)
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
 from proponents.gradients.selection import named_modules, resolve_layers
@@ -113,6 +119,7 @@ class TracInCPFast(TracInCPBase):
             model, train_dataset, checkpoints, checkpoints_load_func, loss_fn, batch_size
         )
         name = self.get_name()
+        check_flag(vectorize, "vectorize", name)
         if loss_fn is None:
             raise InvalidArgumentError(
                 f"{name} needs loss_fn: a loss that reduces with 'sum' or 'mean', e.g. "
@@ -197,6 +204,7 @@ class TracInCPFastRandProj(TracInCPFast):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ArgumentTypeError(f"{name}: seed must be an int, got {seed!r}")
+        check_flag(show_progress, "show_progress", name)
         if nearest_neighbors is not None and not isinstance(nearest_neighbors, NearestNeighbors):
             raise ArgumentTypeError(
                 f"{name}: nearest_neighbors must be a NearestNeighbors instance (e.g. "
@@ -204,7 +212,9 @@ class TracInCPFastRandProj(TracInCPFast):
             )
         self.projection_dim = projection_dim
         self.seed = seed
-        self.nearest_neighbors = nearest_neighbors or ExactNearestNeighbors()
+        self.nearest_neighbors = (
+            nearest_neighbors if nearest_neighbors is not None else ExactNearestNeighbors()
+        )
         layer = self.final_fc_layer
         in_dim = layer.in_features + (1 if layer.bias is not None else 0)
         device = model_device(model)
@@ -277,6 +287,12 @@ class TracInCPFastRandProj(TracInCPFast):
             NotImplementedError: when ``inputs`` is None (self-influence: use TracInCPFast).
         """
         name = self.get_name()
+        for flag, value in (
+            ("proponents", proponents),
+            ("unpack_inputs", unpack_inputs),
+            ("show_progress", show_progress),
+        ):
+            check_flag(value, flag, name)
         if inputs is None:
             raise NotImplementedError(
                 f"{name} does not compute self-influence (its embeddings would only cost "
@@ -339,6 +355,7 @@ class TracInCPFastRandProj(TracInCPFast):
         Returns:
             The directory written.
         """
+        check_path(path, "path", f"{self.get_name()}.save")
         store = ArrayStore(path)
         emb = self.embeddings.detach().to("cpu").numpy().astype(np.float32, copy=False)
         with store.lock(), store.writer(INDEX_KEY, self._index_meta()) as writer:
@@ -380,17 +397,24 @@ class TracInCPFastRandProj(TracInCPFast):
                 from those the index was built with (the message names what differs).
             FileNotFoundError: when ``path`` holds no index.
         """
+        check_path(path, "path", f"{cls.__name__}.load")
         store = ArrayStore(path)
         manifest, reason = store._read_manifest(INDEX_KEY)
         if manifest is None:
             if reason is None:
-                raise FileNotFoundError(f"no saved TracInCPFastRandProj index in {str(path)!r}")
+                raise IndexNotFoundError(
+                    f"path {str(path)!r} holds no saved TracInCPFastRandProj index"
+                )
             raise IndexMismatchError(f"the index in {str(path)!r} cannot be used: {reason}")
         saved = manifest["meta"]
         layer = final_fc_layer if final_fc_layer is not None else saved["final_fc_layer"]
         if train_dataset is None:
             train_dataset = _PlaceholderDataset(int(saved["dataset_length"]))
-        backend = nearest_neighbors or NearestNeighbors.from_config(saved["nearest_neighbors"])
+        backend = (
+            nearest_neighbors
+            if nearest_neighbors is not None
+            else NearestNeighbors.from_config(saved["nearest_neighbors"])
+        )
         obj = cls(
             model,
             layer,

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from proponents.checks import check_path
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
 
 __all__ = [
@@ -409,6 +410,7 @@ class IndexedNearestNeighbors(NearestNeighbors):
         Raises:
             NearestNeighborsNotReadyError: when :meth:`setup` has not been called.
         """
+        check_path(directory, "directory", f"{type(self).__name__}.save")
         if self._index_filename is None:
             return False
         data = self._require_data()
@@ -451,6 +453,7 @@ class IndexedNearestNeighbors(NearestNeighbors):
         Returns:
             ``True`` when the saved index was used, ``False`` when it was rebuilt.
         """
+        check_path(directory, "directory", f"{type(self).__name__}.load")
         data = check_matrix(data, "data")
         if self._index_filename is None:
             self.setup(data)

@@ -1,0 +1,47 @@
+"""Small argument checks shared by the public classes.
+
+Each check raises a typed error from :mod:`proponents.errors` whose message names
+the argument, so a wrong value fails at the call that received it rather than deep
+inside a computation (or, worse, is silently read as truthy).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from proponents.errors import ArgumentTypeError
+
+
+def check_flag(value: Any, argument: str, owner: str | None = None) -> bool:
+    """Return ``value`` if it is a ``bool``, else raise naming ``argument``.
+
+    Args:
+        value: the value given for a ``True``/``False`` option.
+        argument: the parameter name shown in the message.
+        owner: the class or method name prefixed to the message, if any.
+
+    Raises:
+        ArgumentTypeError: when ``value`` is not a ``bool`` (``1``, ``"yes"`` and
+            ``None`` included: a string such as ``"no"`` would otherwise count as true).
+    """
+    if not isinstance(value, bool):
+        prefix = f"{owner}: " if owner else ""
+        raise ArgumentTypeError(
+            f"{prefix}{argument} must be True or False, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def check_path(value: Any, argument: str, owner: str | None = None) -> None:
+    """Raise naming ``argument`` unless ``value`` is a ``str`` or ``os.PathLike``.
+
+    Raises:
+        ArgumentTypeError: for any other type.
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        prefix = f"{owner}: " if owner else ""
+        raise ArgumentTypeError(
+            f"{prefix}{argument} must be a directory path (str or os.PathLike), got "
+            f"{type(value).__name__}"
+        )
