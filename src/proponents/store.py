@@ -747,6 +747,8 @@ def _check_array_file(
         return None, "is described inconsistently in the manifest"
     if dtype != want_dtype or shape != want_shape:
         return None, f"holds {dtype} {shape}, the manifest says {want_dtype} {want_shape}"
+    if dtype.hasobject:  # its bytes would be read as object pointers: never map such a file
+        return None, f"holds Python objects ({dtype}), which the store never reads"
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     size = os.fstat(fh.fileno()).st_size
     if size != expected:
