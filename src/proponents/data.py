@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from proponents.errors import ArgumentTypeError, BatchFormatError, InvalidArgumentError
 
@@ -82,6 +88,7 @@ def make_loader(data: Dataset | DataLoader, batch_size: int | None, argument: st
         InvalidArgumentError: when the dataset is empty or ``batch_size`` is not a positive int.
     """
     if isinstance(data, DataLoader):
+        refuse_shuffled(data, argument)
         loader = data
     elif isinstance(data, Dataset):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -99,6 +106,23 @@ def make_loader(data: Dataset | DataLoader, batch_size: int | None, argument: st
     if n == 0:
         raise InvalidArgumentError(f"{argument} is empty: there are no examples to score")
     return loader
+
+
+def refuse_shuffled(loader: DataLoader, argument: str) -> None:
+    """Raise when ``loader`` draws a new example order on every pass.
+
+    TracIn passes over the data once per checkpoint and adds the scores up column by
+    column, so every pass must yield the examples in the same order.
+
+    Raises:
+        InvalidArgumentError: naming ``argument``, for a random sampler.
+    """
+    if isinstance(loader.sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+        raise InvalidArgumentError(
+            f"{argument} is a shuffling DataLoader, but every checkpoint must see the examples "
+            "in the same order (the scores are summed per position). Pass the Dataset itself, "
+            "or a DataLoader with shuffle=False"
+        )
 
 
 def dataset_length(loader: DataLoader) -> int | None:
@@ -146,6 +170,7 @@ def test_batches(
                 "targets must be None when inputs is a DataLoader: its batches carry "
                 "their labels as the last element"
             )
+        refuse_shuffled(inputs, "inputs")
         return inputs, True
     args = test_inputs_tuple(inputs, unpack_inputs)
     if len(args) == 0:

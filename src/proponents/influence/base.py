@@ -19,6 +19,7 @@ from proponents.data import (
     loader_batches,
     make_loader,
     model_device,
+    refuse_shuffled,
     split_batch,
     test_batches,
 )
@@ -231,6 +232,7 @@ class TracInCPBase(DataInfluence):
         if inputs_dataset is None:
             inputs_dataset = self.train_dataloader
         if isinstance(inputs_dataset, DataLoader):
+            refuse_shuffled(inputs_dataset, "inputs_dataset")
             data: Any = inputs_dataset
             n_batches = loader_batches(inputs_dataset)
         elif isinstance(inputs_dataset, Dataset):
