@@ -10,6 +10,11 @@ from __future__ import annotations
 from proponents.checkpoints import load_flexible_state_dict
 from proponents.influence.base import DataInfluence, KMostInfluentialResults, TracInCPBase
 from proponents.influence.fast import TracInCPFast, TracInCPFastRandProj
+from proponents.influence.similarity import (
+    SimilarityInfluence,
+    cosine_similarity,
+    euclidean_distance,
+)
 from proponents.influence.tracincp import TracInCP
 from proponents.neighbors import (
     AnnoyNearestNeighbors,
@@ -26,10 +31,13 @@ __all__ = [
     "ExactNearestNeighbors",
     "FaissNearestNeighbors",
     "NearestNeighbors",
+    "SimilarityInfluence",
     "TracInCPFast",
     "TracInCPFastRandProj",
     "KMostInfluentialResults",
     "TracInCP",
     "TracInCPBase",
+    "cosine_similarity",
+    "euclidean_distance",
     "load_flexible_state_dict",
 ]
