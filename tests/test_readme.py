@@ -40,3 +40,16 @@ def test_last_layer_example_runs_after_the_quick_start(tmp_path, monkeypatch):
     top = restored.influence((scope["x"][:2],), scope["y"][:2], k=5)
     assert top.indices.shape == (2, 5)
     assert (tmp_path / "tracin-index").is_dir()
+
+
+def test_similarity_example_runs_after_the_quick_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks()
+    quick = next(b for b in blocks if "TracInCP(" in b)
+    sim = next(b for b in blocks if "SimilarityInfluence(" in b)
+    scope: dict = {}
+    exec(compile(quick, "README quick start", "exec"), scope)
+    exec(compile(sim, "README similarity example", "exec"), scope)
+    assert scope["indices"].shape == (2, 5)
+    assert scope["near"]["2"][0].shape == (2, 5)
+    assert torch.all(scope["near"]["2"][1][:, :-1] <= scope["near"]["2"][1][:, 1:])
