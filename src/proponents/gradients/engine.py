@@ -97,7 +97,7 @@ class GradientEngine:
         """Representations of the per-example gradients of ``batch`` (on the model's device).
 
         Returns:
-            One representation per hooked layer, then one for the generic group.
+            One representation per hooked layer, then one per generic parameter.
         """
         params, buffers = self._state()
         if not self._checked:
@@ -109,7 +109,7 @@ class GradientEngine:
             )
             out.extend(layer_reps)
         if self.generic is not None:
-            out.append(DenseGrads(self.generic(params, buffers, batch)))
+            out.extend(DenseGrads(block) for block in self.generic(params, buffers, batch))
         return out
 
     def _check(self, params: dict, buffers: dict, batch: Batch) -> None:

@@ -9,6 +9,7 @@ autograd loop that gives the same numbers more slowly.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,12 +23,25 @@ from proponents.data import Batch
 from proponents.gradients.loss import LossSpec
 
 
+def _math_attention():
+    """Run scaled-dot-product attention with its plain math kernel.
+
+    The fused (flash) CPU kernel has no vmap batching rule, so vmap would evaluate it
+    one example at a time; the math kernel is made of batched operators.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _batched(x: Any) -> bool:
     return isinstance(x, Tensor) and x.dim() > 0
 
 
 class GenericGradients:
-    """Flattened per-example gradients ``(B, P)`` of a fixed list of parameters.
+    """Per-example gradients of a fixed list of parameters, one ``(B, P_k)`` block each.
 
     Args:
         model: the model whose structure is called through ``functional_call``.
@@ -45,7 +59,12 @@ class GenericGradients:
 
     def __call__(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
-    ) -> Tensor:
+    ) -> list[Tensor]:
+        """Flattened per-example gradients of each parameter in ``names`` order.
+
+        Blocks are kept apart (not concatenated) so no extra copy of the largest
+        temporary is made; inner products simply sum over blocks.
+        """
         if not self.use_loop:
             try:
                 return self._vectorised(params, buffers, batch)
@@ -67,7 +86,7 @@ class GenericGradients:
 
     def _vectorised(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
-    ) -> Tensor:
+    ) -> list[Tensor]:
         chosen, const = self._split(params)
         model, loss = self.model, self.loss
 
@@ -79,18 +98,18 @@ class GenericGradients:
 
         in_inputs = tree_map(lambda x: 0 if _batched(x) else None, batch.inputs)
         in_labels = tree_map(lambda x: 0 if _batched(x) else None, batch.labels)
-        with torch.enable_grad(), warnings.catch_warnings():
+        with torch.enable_grad(), warnings.catch_warnings(), _math_attention():
             # vmap's notice that an operator runs through its slower fallback is not
             # actionable for our users; results are unaffected.
             warnings.filterwarnings("ignore", message="There is a performance drop")
             per_example = vmap(grad(example_loss), in_dims=(None, in_inputs, in_labels))(
                 chosen, batch.inputs, batch.labels
             )
-        return torch.cat([per_example[n].reshape(batch.size, -1) for n in self.names], dim=1)
+        return [per_example[n].reshape(batch.size, -1) for n in self.names]
 
     def _looped(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
-    ) -> Tensor:
+    ) -> list[Tensor]:
         chosen, const = self._split(params)
         rows = []
         for i in range(batch.size):
@@ -108,11 +127,9 @@ class GenericGradients:
                     value, [leaves[n] for n in self.names], allow_unused=True
                 )
             rows.append(
-                torch.cat(
-                    [
-                        (torch.zeros_like(leaves[n]) if g is None else g).reshape(-1)
-                        for n, g in zip(self.names, grads)
-                    ]
-                )
+                [
+                    (torch.zeros_like(leaves[n]) if g is None else g).reshape(-1)
+                    for n, g in zip(self.names, grads)
+                ]
             )
-        return torch.stack(rows)
+        return [torch.stack([row[k] for row in rows]) for k in range(len(self.names))]

@@ -40,6 +40,7 @@ from proponents.errors import (
 )
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
+from proponents.gradients.representations import DenseGrads, as_dense
 from proponents.gradients.selection import named_modules, resolve_layers
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
@@ -255,7 +256,12 @@ class TracInCPFastRandProj(TracInCPFast):
                 bar.set_description(f"{name}: embedding {what}, checkpoint {c + 1}/{n_ckpt}")
                 parts = []
                 for batch in runner._batches(data, is_loader, "batch"):
-                    (rep,) = self._engine.compute(batch)
+                    reps = self._engine.compute(batch)
+                    rep = (
+                        reps[0]
+                        if len(reps) == 1
+                        else DenseGrads(torch.cat([as_dense(r) for r in reps], dim=1))
+                    )
                     parts.append(self._projections[c](rep) * math.sqrt(lr))
                     bar.update()
                 blocks.append(torch.cat(parts))
