@@ -552,7 +552,10 @@ def test_two_processes_building_the_same_store(tmp_path, lock):
     train = SlowItems(train)
     files = sorted(os.listdir(_src_dir(tmp_path)))
     assert not [f for f in files if f.startswith(".tmp")], files
-    assert len([f for f in files if f.endswith(".npy")]) == 4, files  # 2 layers x 2 arrays
+    n_arrays = len([f for f in files if f.endswith(".npy")])
+    # 2 layers x 2 arrays; without the lock the slower builder's arrays may remain as
+    # unreferenced files until the next build, which readers never see
+    assert n_arrays == 4 if lock else n_arrays >= 4, files
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the store left behind is valid
         result = SimilarityInfluence(
