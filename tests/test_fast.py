@@ -303,3 +303,23 @@ def test_randproj_k_out_of_range(tmp_path):
     for k in (0, 14):
         with pytest.raises(InvalidArgumentError, match=f"k={k}"):
             rp.influence(case.test_inputs, case.test_labels, k=k)
+
+
+def test_randproj_ranks_non_finite_training_examples_last(tmp_path):
+    case = make_case("mlp", tmp_path)
+    x = case.train_inputs[0].clone()
+    x[2, 1] = float("nan")
+    data = TensorDataset(x, case.train_labels)
+    with pytest.warns(RuntimeWarning, match=r"training examples \[2\]"):
+        rp = TracInCPFastRandProj(case.model, "fc2", data, case.checkpoints,
+                                  loss_fn=case.loss_fn("sum"), batch_size=4)
+    exact = TracInCPFast(case.model, "fc2", data, case.checkpoints, loss_fn=case.loss_fn("sum"),
+                         batch_size=4)
+    with pytest.warns(RuntimeWarning):
+        want = exact.influence(case.test_inputs, case.test_labels, k=3)
+    for proponents in (True, False):
+        got = rp.influence(case.test_inputs, case.test_labels, k=3, proponents=proponents)
+        assert not (got.indices == 2).any()
+        assert torch.isfinite(got.influence_scores).all()
+    got = rp.influence(case.test_inputs, case.test_labels, k=3)
+    assert torch.equal(got.indices, want.indices)

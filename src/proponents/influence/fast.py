@@ -46,7 +46,7 @@ from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
 from proponents.progress import Progress
 from proponents.projection import GradientProjection
-from proponents.scoring import TracInRunner, load_checkpoint
+from proponents.scoring import NonFiniteTracker, TracInRunner, load_checkpoint
 from proponents.store import ArrayStore
 
 INDEX_KEY = "tracin-index"
@@ -265,7 +265,18 @@ class TracInCPFastRandProj(TracInCPFast):
                     parts.append(self._projections[c](rep) * math.sqrt(lr))
                     bar.update()
                 blocks.append(torch.cat(parts))
-        return torch.cat(blocks, dim=1)
+        embeddings = torch.cat(blocks, dim=1)
+        if what == "training set":
+            tracker = NonFiniteTracker(name)
+            tracker.add(torch.isfinite(embeddings).all(dim=1), 0, test=False)
+            tracker.warn()
+        return embeddings
+
+    def _nonfinite_rows(self) -> int:
+        """Number of training examples whose embedding is not finite (computed once)."""
+        if getattr(self, "_n_nonfinite", None) is None:
+            self._n_nonfinite = int((~torch.isfinite(self.embeddings).all(dim=1)).sum())
+        return self._n_nonfinite
 
     def influence(  # type: ignore[override]
         self,
@@ -321,11 +332,19 @@ class TracInCPFastRandProj(TracInCPFast):
         query = self._embed(test, is_loader, show_progress, "test batch")
         if k is None:
             return query @ self.embeddings.T
+        # Examples with non-finite embeddings may be returned first by a search; ask for
+        # enough extra neighbours to rank them last, as TracInCPFast does.
+        extra = self._nonfinite_rows()
+        kk = min(n_train, k + extra)
         if proponents:
-            indices, scores = self.nearest_neighbors.get_nearest_neighbors(query, k)
+            indices, scores = self.nearest_neighbors.get_nearest_neighbors(query, kk)
         else:
-            indices, scores = self.nearest_neighbors.get_nearest_neighbors(-query, k)
+            indices, scores = self.nearest_neighbors.get_nearest_neighbors(-query, kk)
             scores = -scores
+        if extra:
+            order = torch.sort((~torch.isfinite(scores)).to(torch.int8), dim=1, stable=True)
+            keep = order.indices[:, :k]
+            indices, scores = indices.gather(1, keep), scores.gather(1, keep)
         return KMostInfluentialResults(indices, scores)
 
     def self_influence(self, inputs_dataset: Any = None, show_progress: bool = False) -> Tensor:
