@@ -67,8 +67,14 @@ def transformer_data(n_train: int = 1000, n_test: int = 32, seed: int = 0, seq: 
     return TensorDataset(x[:n_train], y[:n_train]), x[n_train:], y[n_train:]
 
 
-def make_checkpoints(model: nn.Module, train: TensorDataset, folder: Path, n: int = 3,
-                     seed: int = 0, lr: float = 0.01) -> list[str]:
+def make_checkpoints(
+    model: nn.Module,
+    train: TensorDataset,
+    folder: Path,
+    n: int = 3,
+    seed: int = 0,
+    lr: float = 0.01,
+) -> list[str]:
     """Train ``model`` briefly with SGD and save ``n`` checkpoints (state dict + lr)."""
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +108,14 @@ class TracInRunner:
         self.load_func = load_func
         self.owner = owner
 
+    def each_checkpoint(self, bar: Progress, what: str) -> Iterator[tuple[int, float]]:
+        """Load each checkpoint in turn (once) and yield ``(index, learning_rate)``."""
+        n_ckpt = len(self.checkpoints)
+        for c, ckpt in enumerate(self.checkpoints):
+            lr = load_checkpoint(self.model, self.load_func, ckpt, c, self.owner)
+            bar.set_description(f"{self.owner}: {what}, checkpoint {c + 1}/{n_ckpt}")
+            yield c, lr
+
     def _batches(
         self, source: Iterable[Any], loader: bool, what: str, chunk: int | None = None
     ) -> Iterable[Batch]:
@@ -144,11 +152,7 @@ class TracInRunner:
         tracker = NonFiniteTracker(self.owner)
         scores: Tensor | None = None
         with Progress(show_progress, f"{self.owner}: influence", total) as bar:
-            for c, ckpt in enumerate(self.checkpoints):
-                lr = load_checkpoint(self.model, self.load_func, ckpt, c, self.owner)
-                bar.set_description(
-                    f"{self.owner}: influence, checkpoint {c + 1}/{n_ckpt}, test batches"
-                )
+            for c, lr in self.each_checkpoint(bar, "influence"):
                 test_parts, offset = [], 0
                 for batch in self._batches(test, test_is_loader, "test batch", test_chunk):
                     rep = self.engine.compute(batch)
@@ -206,11 +210,7 @@ class TracInRunner:
         tracker = NonFiniteTracker(self.owner)
         result: Tensor | None = None
         with Progress(show_progress, f"{self.owner}: self-influence", total) as bar:
-            for c, ckpt in enumerate(self.checkpoints):
-                lr = load_checkpoint(self.model, self.load_func, ckpt, c, self.owner)
-                bar.set_description(
-                    f"{self.owner}: self-influence, checkpoint {c + 1}/{n_ckpt}, {what}"
-                )
+            for c, lr in self.each_checkpoint(bar, f"self-influence of {what}"):
                 parts, offset = [], 0
                 for batch in self._batches(data, True, "batch"):
                     values = self.engine.sq_norm(self.engine.compute(batch)).mul_(lr)

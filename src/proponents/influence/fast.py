@@ -46,7 +46,7 @@ from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
 from proponents.progress import Progress
 from proponents.projection import GradientProjection
-from proponents.scoring import NonFiniteTracker, TracInRunner, load_checkpoint
+from proponents.scoring import NonFiniteTracker, TracInRunner
 from proponents.store import ArrayStore
 
 INDEX_KEY = "tracin-index"
@@ -246,14 +246,12 @@ class TracInCPFastRandProj(TracInCPFast):
         blocks: list[Tensor] = []
         runner = self._runner()
         with self._guarded(), Progress(show_progress, f"{name}: embedding {what}", total) as bar:
-            for c, ckpt in enumerate(self.checkpoints):
-                lr = load_checkpoint(self.model, self.checkpoints_load_func, ckpt, c, name)
+            for c, lr in runner.each_checkpoint(bar, f"embedding {what}"):
                 if lr < 0:
                     raise InvalidArgumentError(
                         f"{name}: checkpoint {c + 1} has a negative learning rate ({lr}); "
                         "embeddings need sqrt(lr)"
                     )
-                bar.set_description(f"{name}: embedding {what}, checkpoint {c + 1}/{n_ckpt}")
                 parts = []
                 for batch in runner._batches(data, is_loader, "batch"):
                     reps = self._engine.compute(batch)
