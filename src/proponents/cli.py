@@ -1,0 +1,536 @@
+"""The ``proponents`` command: ``proponents demo`` and ``proponents explain``.
+
+Exit codes: 0 success; 2 a usage problem (bad arguments, a task file that is missing,
+fails to load or lacks a required name, an empty checkpoint folder); 1 a failure while
+running (a checkpoint that does not fit the model, a missing optional dependency, an
+error raised by the model); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import textwrap
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Exit codes.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+METHOD_HELP = (
+    "tracincp: exact TracIn over all parameters (or the task's `layers`); "
+    "fast: TracIn on the final linear layer; "
+    "randproj: the same with random projections and nearest-neighbour search; "
+    "similarity: cosine similarity of a layer's activations"
+)
+
+#: Names a task file must define, with what each must be.
+REQUIRED_NAMES = {
+    "model": "the torch.nn.Module (or a function returning it)",
+    "train_dataset": "map-style Dataset of (*inputs, label) items",
+    "test_dataset": "the test set, in the same form",
+    "loss_fn": "the training loss, e.g. nn.CrossEntropyLoss(reduction='sum')",
+}
+#: Names a task file may define.
+OPTIONAL_NAMES = {
+    "render": "render(*inputs) -> image array, PIL image or str to show",
+    "label_names": "names of the integer labels (list or dict)",
+    "layers": "TracInCP layers (module names); default: all parameters",
+    "final_fc_layer": "final nn.Linear for fast/randproj; default: the last one",
+    "similarity_layer": "layer compared by similarity; default: fc input",
+    "checkpoints_load_func": "f(model, checkpoint) -> learning rate",
+    "batch_size": "training examples per batch; default 64",
+    "sample_wise_grads_per_batch": "TracInCP's flag; default from loss_fn.reduction",
+    "test_indices": "test examples to explain; default: misclassified first",
+    "mislabeled": "training indices known to be mislabelled (detection curve)",
+}
+
+
+class UsageError(Exception):
+    """A problem with the command line or the task file (exit code 2)."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks; adds meaningful defaults to option help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _wrap(*paragraphs: str) -> str:
+    return "\n\n".join(textwrap.fill(p, 78) for p in paragraphs)
+
+
+def _name_list(names: dict[str, str]) -> str:
+    lines = []
+    for name, what in names.items():
+        if len(name) > 16:
+            lines.append(f"  {name}\n  {'':<16} {what}\n")
+        else:
+            lines.append(f"  {name:<16} {what}\n")
+    return "".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our error format (exit code 2 stays argparse's)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``proponents`` command."""
+    from proponents import __version__
+    from proponents.report.analysis import METHODS
+
+    parser = _Parser(
+        prog="proponents",
+        description=(
+            "Find the training examples behind a PyTorch model's predictions (TracIn, "
+            "similarity) and show them in a self-contained HTML report."
+        ),
+        epilog="Run 'proponents COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"proponents {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--quiet", action="store_true", help="no progress bars (the summary is still printed)"
+    )
+    common.add_argument(
+        "--traceback", action="store_true", help="show the full traceback when something fails"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="train a small CNN on noisy 8x8 digits and report what influence finds",
+        description=_wrap(
+            "Train a small CNN on scikit-learn's bundled 8x8 handwritten digits with a "
+            "fraction of the training labels flipped, saving a checkpoint every epoch. Rank "
+            "the training images by self-influence and report how many flipped labels the "
+            "top 5/10/20% hold, beside the final-loss ranking and random order; explain a "
+            "few misclassified and correct test digits by their proponents and opponents; "
+            "write report.html and print a summary.",
+            "Seeded and deterministic. Needs the demo extra (scikit-learn, matplotlib): "
+            'pip install "proponents[demo]".',
+        ),
+        formatter_class=_Formatter,
+    )
+    demo.add_argument("--out", default="proponents-demo", metavar="DIR", help="output folder")
+    demo.add_argument(
+        "--noise", type=_fraction, default=0.1, help="fraction of training labels flipped"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of data split, flips, training")
+    demo.add_argument("--method", choices=METHODS, default="tracincp", help=METHOD_HELP)
+    demo.add_argument("--epochs", type=_positive, default=20, help="training epochs (checkpoints)")
+    demo.add_argument("--k", type=_positive, default=8, help="proponents/opponents per test digit")
+    demo.add_argument(
+        "--examples",
+        type=_positive,
+        default=6,
+        metavar="N",
+        help="test digits to explain: half misclassified, half correct",
+    )
+    demo.set_defaults(handler=_cmd_demo)
+
+    explain = commands.add_parser(
+        "explain",
+        parents=[common],
+        help="explain your own model from a task file and its checkpoints",
+        description=_wrap(
+            "Load a task file (Python) that defines the model, the training and test "
+            "datasets and the loss; run the chosen method over the checkpoints; write "
+            "report.html with test examples beside their proponents and opponents and the "
+            "training examples ranked by self-influence.",
+        )
+        + "\n\nA task file must define:\n"
+        + _name_list(REQUIRED_NAMES)
+        + "It may define:\n"
+        + _name_list(OPTIONAL_NAMES)
+        + "\n"
+        + _wrap("The task file is run as Python code: use only task files you trust."),
+        formatter_class=_Formatter,
+    )
+    explain.add_argument("--task", required=True, metavar="TASK.py", help="the task file")
+    explain.add_argument(
+        "--checkpoints",
+        required=True,
+        metavar="DIR",
+        help="folder of checkpoints (*.pt *.pth *.ckpt *.bin *.safetensors, natural order)",
+    )
+    explain.add_argument("--method", choices=METHODS, default="tracincp", help=METHOD_HELP)
+    explain.add_argument("--k", type=_positive, default=10, help="proponents/opponents shown")
+    explain.add_argument("--out", default="proponents-report", metavar="DIR", help="output folder")
+    explain.add_argument(
+        "--examples",
+        type=_positive,
+        default=6,
+        metavar="N",
+        help="test examples to explain when the task gives no test_indices: "
+        "half misclassified, half correct",
+    )
+    explain.add_argument(
+        "--batch-size", type=_positive, default=None, help="override the task's batch_size"
+    )
+    explain.add_argument(
+        "--projection-dim",
+        type=_positive,
+        default=None,
+        help="random projection size for --method randproj (default: no projection)",
+    )
+    explain.set_defaults(handler=_cmd_explain)
+    return parser
+
+
+# ----------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from proponents.demo import run_demo
+
+    n_wrong = (args.examples + 1) // 2
+    result = run_demo(
+        args.out,
+        noise=args.noise,
+        seed=args.seed,
+        method=args.method,
+        epochs=args.epochs,
+        k=args.k,
+        n_wrong=n_wrong,
+        n_right=args.examples - n_wrong,
+        show_progress=not args.quiet,
+    )
+    print(result.summary_text())
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------- explain
+@dataclass
+class Task:
+    """The names a task file defined.
+
+    Attributes:
+        path: the task file.
+        model: the model.
+        train_dataset: training items ``(*inputs, label)``.
+        test_dataset: test items.
+        loss_fn: the loss.
+        options: the optional names it defined (see :data:`OPTIONAL_NAMES`).
+    """
+
+    path: Path
+    model: Any
+    train_dataset: Any
+    test_dataset: Any
+    loss_fn: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _task_location(exc: BaseException, path: Path) -> str:
+    """``" (line N)"`` of the deepest traceback frame inside the task file, if any."""
+    line = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == path.resolve():
+            line = f" (line {frame.lineno})"
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        line = f" (line {exc.lineno})"
+    return line
+
+
+def load_task(path: str | Path) -> Task:
+    """Run a task file and collect the names it defines.
+
+    The file is imported as a module from its path (its folder is put first on
+    ``sys.path`` meanwhile, so it can import files beside it).
+
+    Raises:
+        UsageError: the file does not exist, fails to run, lacks a required name or
+            defines one of the wrong kind; the message says which and what is expected.
+    """
+    import torch
+    from torch import nn
+
+    task_path = Path(path)
+    if not task_path.is_file():
+        raise UsageError(f"task file {task_path} does not exist (or is not a file)")
+    spec = importlib.util.spec_from_file_location(f"proponents_task_{task_path.stem}", task_path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"task file {task_path} cannot be loaded as Python (use a .py file)")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(task_path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        raise UsageError(
+            f"task file {task_path} failed while loading{_task_location(exc, task_path)}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+
+    missing = [name for name in REQUIRED_NAMES if not hasattr(module, name)]
+    if missing:
+        expected = "\n".join(f"  {name}: {what}" for name, what in REQUIRED_NAMES.items())
+        raise UsageError(
+            f"task file {task_path} does not define {', '.join(missing)}.\n"
+            f"A task file must define:\n{expected}"
+        )
+    model = module.model
+    if not isinstance(model, nn.Module) and callable(model):
+        try:
+            model = model()
+        except Exception as exc:
+            raise UsageError(
+                f"task file {task_path}: calling model() to build the model failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"task file {task_path}: model must be a torch.nn.Module (or a function returning "
+            f"one), got {type(module.model).__name__}"
+        )
+    for name in ("train_dataset", "test_dataset"):
+        data = getattr(module, name)
+        if isinstance(data, torch.utils.data.DataLoader):
+            data = data.dataset
+            setattr(module, name, data)
+        if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+            raise UsageError(
+                f"task file {task_path}: {name} must be a map-style Dataset (with __len__ and "
+                f"__getitem__) of (*inputs, label) items, got {type(data).__name__}"
+            )
+        if len(data) == 0:
+            raise UsageError(f"task file {task_path}: {name} is empty")
+    if not callable(module.loss_fn):
+        raise UsageError(
+            f"task file {task_path}: loss_fn must be callable as loss_fn(outputs, labels), got "
+            f"{type(module.loss_fn).__name__}"
+        )
+    options = {name: getattr(module, name) for name in OPTIONAL_NAMES if hasattr(module, name)}
+    for name in ("render", "checkpoints_load_func"):
+        if name in options and not callable(options[name]):
+            raise UsageError(
+                f"task file {task_path}: {name} must be a function, got "
+                f"{type(options[name]).__name__}"
+            )
+    batch = options.get("batch_size", 64)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UsageError(f"task file {task_path}: batch_size must be a positive int, got {batch!r}")
+    return Task(
+        task_path, model, module.train_dataset, module.test_dataset, module.loss_fn, options
+    )
+
+
+def _resolve_checkpoints(folder: str) -> list[Any]:
+    from proponents.checkpoints import resolve_checkpoints
+    from proponents.errors import CheckpointNotFoundError
+
+    path = Path(folder)
+    if not path.exists():
+        raise UsageError(f"checkpoint folder {path} does not exist")
+    try:
+        return resolve_checkpoints(str(path))
+    except CheckpointNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from proponents.checkpoints import load_flexible_state_dict
+    from proponents.errors import ArgumentTypeError, InvalidArgumentError
+    from proponents.report.analysis import (
+        labels_of,
+        pick_test_examples,
+        predict,
+        run_method,
+    )
+    from proponents.report.builder import build_report
+    from proponents.report.plot import require_matplotlib
+
+    start = time.perf_counter()
+    task = load_task(args.task)
+    checkpoints = _resolve_checkpoints(args.checkpoints)
+    require_matplotlib()
+    options = task.options
+    show = not args.quiet
+    batch_size = args.batch_size or options.get("batch_size", 64)
+    load_func: Callable[..., Any] = options.get("checkpoints_load_func", load_flexible_state_dict)
+    n_train, n_test = len(task.train_dataset), len(task.test_dataset)
+    if args.k > n_train:
+        raise UsageError(f"--k {args.k} exceeds the {n_train} training examples")
+
+    # The last checkpoint gives the predictions shown (and the similarity method's weights).
+    load_func(task.model, checkpoints[-1])
+    train_pred, train_loss = predict(
+        task.model, task.train_dataset, task.loss_fn, batch_size, show, "predicting (train)"
+    )
+    test_pred, _ = predict(
+        task.model, task.test_dataset, None, batch_size, show, "predicting (test)"
+    )
+    if "test_indices" in options:
+        test_indices = [int(i) for i in options["test_indices"]]
+        bad = [i for i in test_indices if not 0 <= i < n_test]
+        if bad:
+            raise UsageError(
+                f"task file {task.path}: test_indices {bad} are outside the {n_test} test examples"
+            )
+    else:
+        test_labels = labels_of(task.test_dataset)
+        n_wrong = (args.examples + 1) // 2
+        test_indices = list(
+            pick_test_examples(test_labels, test_pred, n_wrong, args.examples - n_wrong)
+        )
+    try:
+        analysis = run_method(
+            args.method,
+            task.model,
+            task.train_dataset,
+            task.test_dataset,
+            checkpoints,
+            task.loss_fn,
+            test_indices,
+            k=args.k,
+            batch_size=batch_size,
+            checkpoints_load_func=load_func,
+            layers=options.get("layers"),
+            final_fc_layer=options.get("final_fc_layer"),
+            similarity_layer=options.get("similarity_layer"),
+            projection_dim=args.projection_dim,
+            sample_wise_grads_per_batch=options.get("sample_wise_grads_per_batch"),
+            show_progress=show,
+        )
+    except (InvalidArgumentError, ArgumentTypeError) as exc:
+        # The task's model, layers or loss do not fit the method: a usage problem.
+        raise UsageError(f"{args.method} cannot run on this task: {exc}") from exc
+
+    mislabeled = options.get("mislabeled")
+    baselines = {"final loss": train_loss} if train_loss is not None else {}
+    summary = {
+        "task": str(task.path),
+        "checkpoints": f"{len(checkpoints)} in {args.checkpoints}",
+        "training examples": str(n_train),
+        "test examples": str(n_test),
+        "method": args.method,
+        "k": str(args.k),
+    }
+    report = build_report(
+        task.train_dataset,
+        task.test_dataset,
+        analysis.proponents,
+        analysis.opponents,
+        test_indices=test_indices,
+        test_predictions=test_pred,
+        train_predictions=train_pred,
+        self_influence=analysis.suspicion,
+        self_influence_name=analysis.suspicion_name,
+        mislabeled=mislabeled,
+        baselines=baselines if mislabeled is not None else None,
+        label_names=options.get("label_names"),
+        render=options.get("render"),
+        title=f"Influence report: {task.path.name}",
+        subtitle=f"{args.method} over {len(checkpoints)} checkpoints",
+        summary=summary,
+        notes=analysis.notes,
+        proponents_title=analysis.proponents_title,
+        opponents_title=analysis.opponents_title,
+    )
+    out = Path(args.out)
+    report_path = report.save(out / "report.html")
+    figures = {
+        "method": args.method,
+        "test_indices": [int(i) for i in test_indices],
+        "most_suspicious": report.figures.get("most_suspicious", []),
+        "detection": {
+            name: {f"{f:g}": v for f, v in values.items()}
+            for name, values in report.figures.get("detection", {}).items()
+        },
+        "seconds": {name: round(v, 3) for name, v in analysis.seconds.items()},
+    }
+    (out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+
+    top = ", ".join(f"#{i}" for i in report.figures.get("most_suspicious", [])[:5])
+    print(f"Explained {len(test_indices)} test examples with {args.method} (k={args.k}).")
+    print(f"Most suspicious training examples ({analysis.suspicion_name}): {top}")
+    for name, values in report.figures.get("detection", {}).items():
+        shares = ", ".join(f"top {f * 100:g}%: {v:.1%}" for f, v in values.items())
+        print(f"  known-bad labels found by {name}: {shares}")
+    print(f"Report: {report_path}")
+    if report.figure_png is not None:
+        print(f"Figure: {report_path.parent / report.figure_name}")
+    print(f"Time: {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``proponents`` command line.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 success, 1 runtime failure, 2 usage problem, 130 interrupted.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argparse's usage errors
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        _report_error(args, exc, f"proponents {args.command}: error: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("proponents: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message and exit code 1
+        from proponents.errors import ProponentsError
+
+        kind = "" if isinstance(exc, ProponentsError) else f"{type(exc).__name__}: "
+        hint = "" if args.traceback else " (run with --traceback for details)"
+        _report_error(args, exc, f"proponents {args.command}: failed: {kind}{exc}{hint}")
+        return EXIT_FAILURE
+
+
+def _report_error(args: argparse.Namespace, exc: BaseException, message: str) -> None:
+    if getattr(args, "traceback", False):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The end-to-end demo: train on noisy digits, find the flipped labels, explain predictions."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from proponents.demo.digits import (
+    DigitsCNN,
+    load_digits_data,
+    render_digit,
+    train_with_checkpoints,
+)
+from proponents.errors import InvalidArgumentError
+from proponents.report.analysis import METHODS, pick_test_examples, predict, run_method
+from proponents.report.builder import build_report
+from proponents.report.plot import (
+    DEFAULT_FRACTIONS,
+    MissingExtraError,
+    detection_table,
+    require_matplotlib,
+)
+
+#: Training settings of the demo (plain SGD, so TracIn's learning-rate weighting is exact).
+EPOCHS = 40
+LEARNING_RATE = 0.15
+FINAL_LEARNING_RATE = 0.05
+BATCH_SIZE = 32
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread meanwhile (restored after).
+
+    The demo's model is tiny: one thread is as fast on an idle machine, far faster on a
+    busy one, and makes the floating-point results independent of the core count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class DemoResult:
+    """What the demo found and wrote.
+
+    Attributes:
+        report_path: the written ``report.html``.
+        figure_path: the mislabel-detection curve (PNG), or ``None`` without flipped labels.
+        summary_path: ``summary.json`` with every number below.
+        detection: ranking name -> {fraction inspected: share of flipped labels found}.
+        n_train: training images.
+        n_test: test images.
+        n_flipped: flipped training labels.
+        train_accuracy: accuracy on the training labels as given (flipped ones included).
+        test_accuracy: accuracy on the test images.
+        test_indices: the explained test images.
+        seconds: wall time of each step and ``"total"``.
+        suspicion_name: name of the ranking the method produced.
+    """
+
+    report_path: Path
+    figure_path: Path | None
+    summary_path: Path
+    detection: dict[str, dict[float, float]]
+    n_train: int
+    n_test: int
+    n_flipped: int
+    train_accuracy: float
+    test_accuracy: float
+    test_indices: list[int]
+    suspicion_name: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary_text(self) -> str:
+        """The short terminal summary."""
+        lines = [
+            f"Digits: {self.n_train} training images ({self.n_flipped} labels flipped, "
+            f"{self.n_flipped / max(self.n_train, 1):.0%}), {self.n_test} test images.",
+            f"Small CNN: accuracy {self.train_accuracy:.1%} on the training labels as given, "
+            f"{self.test_accuracy:.1%} on the test images.",
+        ]
+        if self.detection:
+            fractions = list(next(iter(self.detection.values())))
+            width = max(len(name) for name in self.detection) + 2
+            lines.append("")
+            lines.append(
+                "Flipped labels found when inspecting the most suspicious training images:"
+            )
+            head = "".join(f"{'top ' + format(f * 100, 'g') + '%':>10}" for f in fractions)
+            lines.append(f"  {'ranking':<{width}}{head}")
+            for name, values in self.detection.items():
+                row = "".join(f"{v * 100:>9.1f}%" for v in values.values())
+                lines.append(f"  {name:<{width}}{row}")
+        lines.append("")
+        lines.append(
+            f"Explained {len(self.test_indices)} test digits (misclassified first) with "
+            "their proponents and opponents."
+        )
+        lines.append(f"Report: {self.report_path}")
+        if self.figure_path is not None:
+            lines.append(f"Figure: {self.figure_path}")
+        lines.append(f"Time: {self.seconds.get('total', 0.0):.1f} s")
+        return "\n".join(lines)
+
+
+def run_demo(
+    out: str | Path = "proponents-demo",
+    *,
+    noise: float = 0.1,
+    seed: int = 0,
+    method: str = "tracincp",
+    epochs: int = EPOCHS,
+    k: int = 8,
+    n_wrong: int = 3,
+    n_right: int = 3,
+    show_progress: bool = False,
+) -> DemoResult:
+    """Run the digits demo and write its report.
+
+    Trains :class:`~proponents.demo.digits.DigitsCNN` on the 8x8 digits with a fraction
+    ``noise`` of training labels flipped, saving a checkpoint per epoch; ranks the training
+    images by ``method``'s suspicion score (self-influence for the TracIn methods) beside
+    the final loss and random order; explains a few misclassified and correct test digits;
+    writes ``report.html``, ``mislabel_curve.png``, ``summary.json`` and the checkpoints
+    under ``out``. Seeded: the same arguments give the same result. Global random state is
+    left as it was; torch runs on one CPU thread during the call (restored after).
+
+    Args:
+        out: output directory (created if needed).
+        noise: fraction of training labels flipped, ``0 <= noise < 1``.
+        seed: seed of the split, the flips, the initial weights and the shuffling.
+        method: ``"tracincp"``, ``"fast"``, ``"randproj"`` or ``"similarity"``.
+        epochs: training epochs (= checkpoints).
+        k: proponents and opponents shown per test digit.
+        n_wrong: misclassified test digits to explain.
+        n_right: correctly classified test digits to explain.
+        show_progress: show progress bars.
+
+    Returns:
+        The :class:`DemoResult`.
+
+    Raises:
+        InvalidArgumentError: an argument out of range.
+        MissingDemoExtraError: scikit-learn is missing.
+        MissingExtraError: matplotlib is missing.
+    """
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= noise < 1.0:
+        raise InvalidArgumentError(f"noise must be at least 0 and below 1, got {noise}")
+    if epochs < 1:
+        raise InvalidArgumentError(f"epochs must be at least 1, got {epochs}")
+    if k < 1:
+        raise InvalidArgumentError(f"k must be at least 1, got {k}")
+    if n_wrong < 0 or n_right < 0:
+        raise InvalidArgumentError("the numbers of test digits to explain must not be negative")
+    try:
+        require_matplotlib()
+    except MissingExtraError as exc:
+        raise MissingExtraError(
+            "the demo draws its report with matplotlib, which is not installed; install the "
+            'demo extra: pip install "proponents[demo]"'
+        ) from exc
+    with _one_thread():
+        return _run(out, noise, seed, method, epochs, k, n_wrong, n_right, show_progress)
+
+
+def _run(
+    out: str | Path,
+    noise: float,
+    seed: int,
+    method: str,
+    epochs: int,
+    k: int,
+    n_wrong: int,
+    n_right: int,
+    show_progress: bool,
+) -> DemoResult:
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = load_digits_data(noise, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitsCNN()
+    t = time.perf_counter()
+    checkpoints = train_with_checkpoints(
+        model,
+        data.train,
+        out / "checkpoints",
+        epochs=epochs,
+        lr=LEARNING_RATE,
+        final_lr=FINAL_LEARNING_RATE,
+        batch_size=BATCH_SIZE,
+        seed=seed,
+        show_progress=show_progress,
+    )
+    seconds["training"] = time.perf_counter() - t
+
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    train_pred, train_loss = predict(model, data.train, loss_fn)
+    test_pred, _ = predict(model, data.test)
+    train_labels = data.train.tensors[1].numpy()
+    test_labels = data.test.tensors[1].numpy()
+    test_indices = pick_test_examples(test_labels, test_pred, n_wrong, n_right)
+
+    analysis = run_method(
+        method,
+        model,
+        data.train,
+        data.test,
+        checkpoints,
+        loss_fn,
+        test_indices,
+        k=k,
+        batch_size=128,
+        show_progress=show_progress,
+        seed=seed,
+    )
+    seconds.update(analysis.seconds)
+
+    t = time.perf_counter()
+    if train_loss is None:  # pragma: no cover - predict() returns losses when given a loss
+        raise RuntimeError("the demo's training losses could not be computed")
+    rankings = {analysis.suspicion_name: analysis.suspicion, "final loss": train_loss}
+    detection = (
+        detection_table(rankings, data.flipped, DEFAULT_FRACTIONS, n=len(train_labels))
+        if data.flipped.size
+        else {}
+    )
+    summary = {
+        "data": "scikit-learn 8x8 digits (bundled, no download)",
+        "training images": f"{len(train_labels)} ({data.flipped.size} labels flipped, "
+        f"noise {noise:g})",
+        "test images": str(len(test_labels)),
+        "model": f"small CNN, plain SGD (lr {LEARNING_RATE:g}), {epochs} epochs",
+        "checkpoints": f"{len(checkpoints)} (one per epoch)",
+        "train accuracy (given labels)": f"{(train_pred == train_labels).mean():.1%}",
+        "test accuracy": f"{(test_pred == test_labels).mean():.1%}",
+        "method": method,
+        "seed": str(seed),
+    }
+    report = build_report(
+        data.train,
+        data.test,
+        analysis.proponents,
+        analysis.opponents,
+        test_indices=test_indices,
+        test_predictions=test_pred,
+        train_predictions=train_pred,
+        self_influence=analysis.suspicion,
+        self_influence_name=analysis.suspicion_name,
+        mislabeled=data.flipped,
+        baselines={"final loss": train_loss},
+        label_names=[str(d) for d in range(10)],
+        render=render_digit,
+        title="proponents demo: which training digits are mislabelled?",
+        subtitle=(
+            "A small CNN trained on 8x8 handwritten digits with some training labels flipped. "
+            "Red borders mark the flipped labels."
+        ),
+        summary=summary,
+        notes=analysis.notes,
+        proponents_title=analysis.proponents_title,
+        opponents_title=analysis.opponents_title,
+    )
+    report_path = report.save(out / "report.html")
+    figure_path = out / report.figure_name if report.figure_png is not None else None
+    seconds["report"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - start
+
+    result = DemoResult(
+        report_path=report_path,
+        figure_path=figure_path,
+        summary_path=out / "summary.json",
+        detection=detection,
+        n_train=len(train_labels),
+        n_test=len(test_labels),
+        n_flipped=int(data.flipped.size),
+        train_accuracy=float((train_pred == train_labels).mean()),
+        test_accuracy=float((test_pred == test_labels).mean()),
+        test_indices=[int(i) for i in test_indices],
+        suspicion_name=analysis.suspicion_name,
+        seconds=seconds,
+    )
+    _write_summary(result, data.flipped, method, noise, seed, epochs)
+    return result
+
+
+def _write_summary(
+    result: DemoResult, flipped: np.ndarray, method: str, noise: float, seed: int, epochs: int
+) -> None:
+    payload: dict[str, Any] = {
+        "method": method,
+        "noise": noise,
+        "seed": seed,
+        "epochs": epochs,
+        "n_train": result.n_train,
+        "n_test": result.n_test,
+        "n_flipped": result.n_flipped,
+        "flipped": [int(i) for i in flipped],
+        "train_accuracy": result.train_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "suspicion": result.suspicion_name,
+        "detection": {
+            name: {f"{f:g}": v for f, v in values.items()}
+            for name, values in result.detection.items()
+        },
+        "test_indices": result.test_indices,
+        "report": str(result.report_path),
+        "figure": str(result.figure_path) if result.figure_path else None,
+        "seconds": {name: round(v, 3) for name, v in result.seconds.items()},
+    }
+    result.summary_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,475 @@
+"""Computing what a report shows: predictions, proponents/opponents, a suspicion ranking.
+
+:func:`run_method` runs one of the library's methods over a model, its datasets and its
+checkpoints, the way the command line does; :func:`predict` and
+:func:`pick_test_examples` choose which test examples to explain.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.dataloader import default_collate
+
+from proponents.checkpoints import load_flexible_state_dict
+from proponents.errors import InvalidArgumentError
+from proponents.progress import progress_iter
+from proponents.scoring import k_most
+
+#: Method names accepted by the command line, in the order they are documented.
+METHODS = ("tracincp", "fast", "randproj", "similarity")
+#: Report headings of the TracIn methods' results (scores are for the test example's label).
+PROPONENTS_TITLE = "Proponents: lowered this example's loss on its label"
+OPPONENTS_TITLE = "Opponents: raised it"
+#: Neighbours compared by the similarity method's label-disagreement score.
+NEIGHBOURS = 10
+
+
+@dataclass
+class Analysis:
+    """The results of one method, ready for :func:`~proponents.report.build_report`.
+
+    Attributes:
+        method: the method name (one of :data:`METHODS`).
+        test_indices: ``(n_shown,)`` positions of the explained test examples.
+        proponents: ``(indices, scores)``, both ``(n_shown, k)``.
+        opponents: the same for opponents.
+        suspicion: ``(n_train,)`` suspicion scores (self-influence or its stand-in).
+        suspicion_name: what :attr:`suspicion` is.
+        proponents_title: heading for proponents in the report.
+        opponents_title: heading for opponents.
+        notes: sentences explaining choices the method made.
+        seconds: wall time of each step.
+    """
+
+    method: str
+    test_indices: np.ndarray
+    proponents: tuple[np.ndarray, np.ndarray]
+    opponents: tuple[np.ndarray, np.ndarray]
+    suspicion: np.ndarray
+    suspicion_name: str
+    proponents_title: str = PROPONENTS_TITLE
+    opponents_title: str = OPPONENTS_TITLE
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def collate(dataset: Dataset, indices: Sequence[int] | np.ndarray) -> tuple[tuple[Any, ...], Any]:
+    """Stack the items at ``indices`` into one batch ``(inputs, labels)``."""
+    batch = default_collate([dataset[int(i)] for i in indices])
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return tuple(batch[:-1]), batch[-1]
+    return (batch,), None
+
+
+def per_example_loss(loss_fn: Callable[..., Tensor]) -> Callable[[Tensor, Any], Tensor]:
+    """A version of ``loss_fn`` that returns one value per example, ``(batch,)``.
+
+    A loss module with a ``reduction`` attribute is copied with ``reduction="none"``;
+    its entries are summed over non-batch dimensions (for ``"mean"`` losses: averaged).
+    Any other callable is applied to one example at a time.
+    """
+    reduction = getattr(loss_fn, "reduction", None)
+    if isinstance(reduction, str) and isinstance(loss_fn, nn.Module):
+        unreduced: Any = copy.copy(loss_fn)
+        unreduced.reduction = "none"
+
+        def batched(out: Tensor, labels: Any) -> Tensor:
+            value = unreduced(out, labels)
+            if value.dim() <= 1:
+                return value.reshape(-1)
+            flat = value.reshape(value.shape[0], -1)
+            return flat.mean(1) if reduction == "mean" else flat.sum(1)
+
+        return batched
+
+    def looped(out: Tensor, labels: Any) -> Tensor:
+        return torch.stack(
+            [
+                torch.as_tensor(loss_fn(out[i : i + 1], labels[i : i + 1])).reshape(())
+                for i in range(out.shape[0])
+            ]
+        )
+
+    return looped
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: Callable[..., Tensor] | None = None,
+    batch_size: int = 256,
+    show_progress: bool = False,
+    desc: str = "predicting",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predicted labels (argmax of the output) and per-example losses, in eval mode.
+
+    Args:
+        model: the model, with the weights to evaluate (its train/eval mode is restored).
+        dataset: items ``(*inputs, label)``.
+        loss_fn: the loss, or ``None`` to skip losses.
+        batch_size: examples per forward pass.
+        show_progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        ``(predictions, losses)``, both ``(n,)``; ``losses`` is ``None`` without a loss.
+        For outputs with one value per example, the prediction is that value.
+    """
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    loss_one = per_example_loss(loss_fn) if loss_fn is not None else None
+    preds: list[np.ndarray] = []
+    losses: list[np.ndarray] = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    try:
+        for batch in progress_iter(loader, show_progress, desc, total=len(loader)):
+            if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+                inputs, labels = tuple(batch[:-1]), batch[-1]
+            else:
+                inputs, labels = (batch,), None
+            inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
+            out = model(*inputs)
+            if out.dim() >= 2 and out.shape[-1] > 1:
+                preds.append(out.argmax(-1).reshape(out.shape[0], -1)[:, 0].cpu().numpy())
+            else:
+                preds.append(out.reshape(out.shape[0], -1)[:, 0].float().cpu().numpy())
+            if loss_one is not None and labels is not None:
+                if isinstance(labels, Tensor):
+                    labels = labels.to(device)
+                losses.append(loss_one(out, labels).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    loss_array = np.concatenate(losses) if losses else None
+    return np.concatenate(preds), loss_array
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """The labels (last element of each item) of a dataset, as an array."""
+    batch = default_collate([dataset[i] for i in range(len(dataset))])  # type: ignore[arg-type]
+    labels = batch[-1] if isinstance(batch, (tuple, list)) else batch
+    return labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+
+
+def pick_test_examples(
+    labels: np.ndarray, predictions: np.ndarray, n_wrong: int, n_right: int
+) -> np.ndarray:
+    """The first ``n_wrong`` misclassified and first ``n_right`` correct test examples.
+
+    When there are fewer of one kind, the other fills the gap, so ``n_wrong + n_right``
+    examples are returned whenever the test set has that many.
+    """
+    wrong = np.flatnonzero(predictions != labels)
+    right = np.flatnonzero(predictions == labels)
+    take_wrong = min(len(wrong), n_wrong + max(0, n_right - len(right)))
+    take_right = min(len(right), n_right + (n_wrong - take_wrong if take_wrong < n_wrong else 0))
+    return np.concatenate([wrong[:take_wrong], right[:take_right]]).astype(np.int64)
+
+
+def last_linear(model: nn.Module) -> str:
+    """Name of the last ``nn.Linear`` among the model's modules (registration order).
+
+    Raises:
+        InvalidArgumentError: the model has no ``nn.Linear`` layer.
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise InvalidArgumentError(
+            "the model has no nn.Linear layer; the fast methods need the final layer to be "
+            "nn.Linear (name it with final_fc_layer), or use --method tracincp or similarity"
+        )
+    return names[-1]
+
+
+def _reduction_flag(loss_fn: Any) -> bool:
+    """``sample_wise_grads_per_batch`` for TracInCP: whether ``loss_fn`` reduces the batch."""
+    return getattr(loss_fn, "reduction", "sum") != "none"
+
+
+def _batch_reducing(loss_fn: Any) -> Any:
+    """``loss_fn`` with a summing reduction when it is a ``reduction="none"`` module."""
+    if isinstance(loss_fn, nn.Module) and getattr(loss_fn, "reduction", None) == "none":
+        summed: Any = copy.copy(loss_fn)
+        summed.reduction = "sum"
+        return summed
+    return loss_fn
+
+
+def _np_pair(result: Any) -> tuple[np.ndarray, np.ndarray]:
+    indices, scores = result[0], result[1]
+    return (
+        indices.detach().cpu().numpy().astype(np.int64),
+        scores.detach().cpu().numpy().astype(np.float64),
+    )
+
+
+def run_method(
+    method: str,
+    model: nn.Module,
+    train_dataset: Dataset,
+    test_dataset: Dataset,
+    checkpoints: Any,
+    loss_fn: Callable[..., Tensor],
+    test_indices: Sequence[int] | np.ndarray,
+    *,
+    k: int = 10,
+    batch_size: int = 64,
+    checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
+    layers: list[str] | None = None,
+    final_fc_layer: str | nn.Module | None = None,
+    similarity_layer: str | None = None,
+    projection_dim: int | None = None,
+    sample_wise_grads_per_batch: bool | None = None,
+    show_progress: bool = False,
+    seed: int = 0,
+) -> Analysis:
+    """Run one method: proponents, opponents and a suspicion ranking of the training set.
+
+    * ``"tracincp"``: :class:`~proponents.TracInCP` over ``layers`` (all by default);
+      suspicion = self-influence.
+    * ``"fast"``: ``TracInCPFast`` on ``final_fc_layer``; suspicion = its self-influence.
+    * ``"randproj"``: ``TracInCPFastRandProj`` for proponents/opponents; random projections
+      give no self-influence, so suspicion is ``TracInCPFast``'s.
+    * ``"similarity"``: ``SimilarityInfluence`` (cosine) on ``similarity_layer``, with the
+      model as it is now (load the final weights first); proponents are the most similar
+      training examples, opponents the least similar; suspicion is the similarity-weighted
+      share of an example's nearest neighbours whose label differs from its own.
+
+    Args:
+        method: one of :data:`METHODS`.
+        model: the model (for ``"similarity"``: holding the weights to compare with).
+        train_dataset: training items ``(*inputs, label)``.
+        test_dataset: test items ``(*inputs, label)``.
+        checkpoints: checkpoint source, as the influence classes take it.
+        loss_fn: the training loss; for the fast methods a ``reduction="none"`` module is
+            used with ``reduction="sum"`` (the same per-example gradients).
+        test_indices: positions in ``test_dataset`` to explain.
+        k: proponents and opponents per test example.
+        batch_size: training examples per batch.
+        checkpoints_load_func: ``f(model, checkpoint) -> learning_rate``.
+        layers: ``TracInCP`` layers (``None``: all parameters).
+        final_fc_layer: final ``nn.Linear`` for the fast methods (default: the last one).
+        similarity_layer: layer compared by ``"similarity"`` (default: the input of the
+            last ``nn.Linear``, i.e. the layer registered just before it).
+        projection_dim: ``TracInCPFastRandProj``'s projection size (``None``: no projection).
+        sample_wise_grads_per_batch: ``TracInCP``'s flag; default from ``loss_fn.reduction``
+            (``"none"`` -> ``False``, anything else -> ``True``).
+        show_progress: show progress bars.
+        seed: seed of the random projections.
+
+    Returns:
+        The :class:`Analysis`.
+
+    Raises:
+        InvalidArgumentError: an unknown method or a ``k`` larger than the training set.
+    """
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    n_train = len(train_dataset)  # type: ignore[arg-type]
+    if not 1 <= k <= n_train:
+        raise InvalidArgumentError(f"k={k} must be between 1 and the {n_train} training examples")
+    shown = np.asarray(test_indices, dtype=np.int64)
+    inputs, targets = collate(test_dataset, shown)
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+
+    if method == "similarity":
+        return _run_similarity(
+            model,
+            train_dataset,
+            inputs,
+            shown,
+            k,
+            batch_size,
+            similarity_layer,
+            show_progress,
+        )
+
+    start = time.perf_counter()
+    if method == "tracincp":
+        from proponents.influence.tracincp import TracInCP
+
+        flag = (
+            _reduction_flag(loss_fn)
+            if sample_wise_grads_per_batch is None
+            else sample_wise_grads_per_batch
+        )
+        tracin: Any = TracInCP(
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            layers=layers,
+            loss_fn=loss_fn,
+            batch_size=batch_size,
+            sample_wise_grads_per_batch=flag,
+        )
+        self_tracin = tracin
+        name = "TracInCP self-influence"
+    else:
+        from proponents.influence.fast import TracInCPFast, TracInCPFastRandProj
+
+        fc = final_fc_layer if final_fc_layer is not None else last_linear(model)
+        fast_loss = _batch_reducing(loss_fn)
+        self_tracin = TracInCPFast(
+            model, fc, train_dataset, checkpoints, checkpoints_load_func, fast_loss, batch_size
+        )
+        name = "TracInCPFast self-influence"
+        if method == "fast":
+            tracin = self_tracin
+        else:
+            tracin = TracInCPFastRandProj(
+                model,
+                fc,
+                train_dataset,
+                checkpoints,
+                checkpoints_load_func,
+                fast_loss,
+                batch_size,
+                projection_dim=projection_dim,
+                seed=seed,
+            )
+            notes.append(
+                "Random projections give no self-influence, so the suspicion ranking comes "
+                "from TracInCPFast (the same last-layer gradients, exact)."
+            )
+        fc_name = fc if isinstance(fc, str) else type(fc).__name__
+        notes.append(f"Last-layer TracIn on {fc_name}.")
+    seconds["setup"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    suspicion = self_tracin.self_influence(show_progress=show_progress)
+    seconds["self-influence"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if method == "randproj":
+        # Its nearest-neighbour search answers one direction per call.
+        pro = _call_influence(tracin, inputs, targets, k, True, show_progress)
+        con = _call_influence(tracin, inputs, targets, k, False, show_progress)
+    else:
+        # One pass gives the full (n_shown, n_train) scores; both ends come from it.
+        scores = _call_influence(tracin, inputs, targets, None, True, show_progress)
+        pro, con = k_most(scores, k, True), k_most(scores, k, False)
+    seconds["proponents/opponents"] = time.perf_counter() - start
+    return Analysis(
+        method=method,
+        test_indices=shown,
+        proponents=_np_pair(pro),
+        opponents=_np_pair(con),
+        suspicion=suspicion.detach().cpu().numpy().astype(np.float64),
+        suspicion_name=name,
+        notes=notes,
+        seconds=seconds,
+    )
+
+
+def _call_influence(
+    tracin: Any,
+    inputs: tuple[Any, ...],
+    targets: Any,
+    k: int | None,
+    proponents: bool,
+    progress: bool,
+) -> Any:
+    return tracin.influence(
+        inputs, targets, k=k, proponents=proponents, unpack_inputs=True, show_progress=progress
+    )
+
+
+def _default_similarity_layer(model: nn.Module) -> str:
+    """The module registered just before the last ``nn.Linear`` (its input, usually)."""
+    fc = last_linear(model)
+    names = [name for name, m in model.named_modules() if name and not list(m.children())]
+    position = names.index(fc) if fc in names else -1
+    if position <= 0:
+        return fc
+    return names[position - 1]
+
+
+def _run_similarity(
+    model: nn.Module,
+    train_dataset: Dataset,
+    inputs: tuple[Any, ...],
+    test_indices: np.ndarray,
+    k: int,
+    batch_size: int,
+    layer: str | None,
+    show_progress: bool,
+) -> Analysis:
+    from proponents.influence.similarity import SimilarityInfluence
+
+    layer = layer if layer is not None else _default_similarity_layer(model)
+    seconds: dict[str, float] = {}
+    n_train = len(train_dataset)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="proponents-activations-") as folder:
+        start = time.perf_counter()
+        most = SimilarityInfluence(
+            model, layer, train_dataset, folder, "model", batch_size=batch_size
+        )
+        least = SimilarityInfluence(
+            model,
+            layer,
+            train_dataset,
+            folder,
+            "model",
+            similarity_direction="min",
+            batch_size=batch_size,
+        )
+        test_inputs: Any = inputs if len(inputs) > 1 else inputs[0]
+        pro = most.influence(test_inputs, top_k=k, show_progress=show_progress)[layer]
+        con = least.influence(test_inputs, top_k=k, show_progress=show_progress)[layer]
+        seconds["proponents/opponents"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        labels = labels_of(train_dataset)
+        neighbours = min(NEIGHBOURS, n_train - 1)
+        suspicion = np.zeros(n_train)
+        if neighbours >= 1:
+            chunk = 512
+            for lo in progress_iter(
+                range(0, n_train, chunk),
+                show_progress,
+                "similarity: neighbour labels",
+                total=-(-n_train // chunk),
+            ):
+                rows = np.arange(lo, min(lo + chunk, n_train))
+                train_inputs, _ = collate(train_dataset, rows)
+                batch: Any = train_inputs if len(train_inputs) > 1 else train_inputs[0]
+                found, similar = most.influence(batch, top_k=neighbours + 1)[layer]
+                idx = found.cpu().numpy()
+                sim = similar.cpu().numpy().astype(np.float64)
+                # Drop each example itself from its neighbours, keep the nearest others.
+                order = np.argsort(idx == rows[:, None], axis=1, kind="stable")[:, :neighbours]
+                near = np.take_along_axis(idx, order, axis=1)
+                weight = np.clip(np.take_along_axis(sim, order, axis=1), 0.0, None)
+                differs = labels[near] != labels[rows][:, None]
+                total = weight.sum(axis=1)
+                share = (weight * differs).sum(axis=1) / np.where(total > 0, total, 1.0)
+                suspicion[rows] = np.where(total > 0, share, differs.mean(axis=1))
+        seconds["self-influence"] = time.perf_counter() - start
+    return Analysis(
+        method="similarity",
+        test_indices=test_indices,
+        proponents=_np_pair(pro),
+        opponents=_np_pair(con),
+        suspicion=suspicion,
+        suspicion_name=f"neighbour label disagreement ({layer})",
+        proponents_title=f"Most similar training examples (cosine similarity of {layer})",
+        opponents_title="Least similar training examples",
+        notes=[
+            f"Similarity of the activations of layer {layer!r} at the final weights. "
+            "Similarity has no self-influence: an example is suspicious when the "
+            f"{NEIGHBOURS} training examples most similar to it mostly carry another label."
+        ],
+        seconds=seconds,
+    )

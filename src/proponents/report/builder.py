@@ -1,0 +1,527 @@
+"""The influence report: one self-contained HTML page (inline images and styles).
+
+:func:`build_report` turns results you already have — proponents and opponents of some
+test examples, self-influence of the training set — into an :class:`InfluenceReport`,
+which shows itself in a notebook (``_repr_html_``) and writes ``report.html`` with
+:meth:`InfluenceReport.save`. The page loads nothing from anywhere: images are ``data:``
+URIs, styles are inline, and a Content-Security-Policy forbids every other source.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.report import plot
+from proponents.report.render import data_uri, default_render, example_html
+
+#: Content-Security-Policy of the saved page: inline styles and data: images only.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+_STYLE = """
+.prp-report{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+  color:#1d2330;line-height:1.4;max-width:1160px;margin:0 auto;padding:8px 16px 32px}
+.prp-report h1{font-size:1.7em;margin:.4em 0 .1em}
+.prp-report h2{font-size:1.3em;margin:1.6em 0 .4em;border-bottom:2px solid #e3e7ef;
+  padding-bottom:.2em}
+.prp-report h3{font-size:.95em;margin:.5em 0 .3em;color:#4a5468;font-weight:600}
+.prp-report .sub{color:#5b6577;margin:0 0 .8em}
+.prp-report .note{color:#5b6577;font-size:.92em;max-width:62em}
+.prp-report table.kv,.prp-report table.det{border-collapse:collapse;margin:.4em 0 .8em;
+  font-size:.92em}
+.prp-report table.kv td,.prp-report table.det td,.prp-report table.det th{padding:3px 10px;
+  border-bottom:1px solid #e3e7ef;text-align:left}
+.prp-report table.det td.num,.prp-report table.det th.num{text-align:right;
+  font-variant-numeric:tabular-nums}
+.prp-report table.kv td:first-child{color:#5b6577}
+.prp-report .top{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.prp-report figure{margin:0}
+.prp-report figure img{max-width:100%;height:auto;border:1px solid #e3e7ef;border-radius:6px}
+.prp-report .cards{display:flex;flex-wrap:wrap;gap:8px}
+.prp-report .card{border:1px solid #d5dbe6;border-radius:6px;padding:5px;background:#fff;
+  width:96px;font-size:11.5px;line-height:1.3;box-sizing:border-box}
+.prp-report .card.text{width:190px}
+.prp-report .card.bad{border:2px solid #c62828;background:#fff5f5}
+.prp-report .card.test{width:118px;background:#f4f7fc;border-color:#9fb2d6}
+.prp-report .card.test.text{width:230px}
+.prp-report .ex-img{display:block;width:84px;height:84px;object-fit:contain;
+  image-rendering:pixelated;margin:0 auto 3px;background:#fff}
+.prp-report .card.test .ex-img{width:106px;height:106px}
+.prp-report .ex-text{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,
+  SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px;background:#f7f8fa;padding:3px;
+  border-radius:3px;margin-bottom:3px;max-height:9em;overflow:auto}
+.prp-report .meta div{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.prp-report .card.text .meta div{white-space:normal}
+.prp-report .wrong{color:#c62828;font-weight:600}
+.prp-report .badge{display:inline-block;background:#c62828;color:#fff;border-radius:3px;
+  padding:0 4px;font-size:10px;font-weight:600}
+.prp-report .row{display:flex;gap:16px;align-items:flex-start;padding:10px 0;
+  border-bottom:1px solid #e3e7ef}
+.prp-report .strips{flex:1;min-width:0}
+.prp-report footer{margin-top:2em;color:#8a93a5;font-size:.85em}
+"""
+
+
+@dataclass
+class Results:
+    """Indices and scores of the training examples shown for each test example.
+
+    Attributes:
+        indices: ``(n_test, k)`` training-set positions.
+        scores: ``(n_test, k)`` their scores.
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+
+
+def as_results(value: Any, what: str) -> Results:
+    """Read proponent/opponent results from the forms the library returns.
+
+    Accepted: a :class:`~proponents.KMostInfluentialResults` (or any ``(indices, scores)``
+    pair), or the ``{layer: (indices, values)}`` dict of ``SimilarityInfluence`` with a
+    single layer.
+
+    Raises:
+        InvalidArgumentError: shapes that do not match, or a dict with several layers.
+    """
+    if isinstance(value, Mapping):
+        if len(value) != 1:
+            raise InvalidArgumentError(
+                f"{what}: a SimilarityInfluence result with {len(value)} layers "
+                f"({', '.join(map(str, value))}) was given; pass the entry of one layer, e.g. "
+                f"{what}=result[{next(iter(value))!r}]"
+            )
+        value = next(iter(value.values()))
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ArgumentTypeError(
+            f"{what} must be KMostInfluentialResults or an (indices, scores) pair, got "
+            f"{type(value).__name__}"
+        )
+    indices = _numpy(value[0]).astype(np.int64)
+    scores = _numpy(value[1]).astype(np.float64)
+    if indices.ndim == 1:
+        indices, scores = indices[None], scores[None]
+    if indices.shape != scores.shape or indices.ndim != 2:
+        raise InvalidArgumentError(
+            f"{what}: indices {tuple(indices.shape)} and scores {tuple(scores.shape)} must both "
+            "be (n_test, k)"
+        )
+    return Results(indices, scores)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _dataset(data: Any, what: str) -> Any:
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise ArgumentTypeError(
+            f"{what} must be a map-style Dataset (or a sequence) of (*inputs, label) items, "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def split_item(item: Any) -> tuple[tuple[Any, ...], Any]:
+    """``(*inputs, label)`` -> ``(inputs, label)``; any other item has no label."""
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return tuple(item[:-1]), item[-1]
+    if isinstance(item, (tuple, list)) and len(item) == 1:
+        return (item[0],), None
+    return (item,), None
+
+
+def _label_value(label: Any) -> Any:
+    if isinstance(label, torch.Tensor):
+        return label.item() if label.numel() == 1 else label.tolist()
+    if isinstance(label, np.generic):
+        return label.item()
+    if isinstance(label, np.ndarray):
+        return label.item() if label.size == 1 else label.tolist()
+    return label
+
+
+def _fmt_number(value: float) -> str:
+    """A short number for a card: ``0.0123``, ``4.56``, ``1264``, ``1.26e+05``."""
+    size = abs(value)
+    if not math.isfinite(value):
+        return str(value)
+    if size >= 1e5 or 0 < size < 1e-3:
+        return f"{value:.2e}"
+    if size >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+@dataclass
+class _Card:
+    body: str
+    is_image: bool
+    lines: list[str]
+    bad: bool = False
+    test: bool = False
+
+    def html(self) -> str:
+        classes = ["card"]
+        if not self.is_image:
+            classes.append("text")
+        if self.bad:
+            classes.append("bad")
+        if self.test:
+            classes.append("test")
+        meta = "".join(f"<div>{line}</div>" for line in self.lines)
+        return f'<div class="{" ".join(classes)}">{self.body}<div class="meta">{meta}</div></div>'
+
+
+@dataclass
+class InfluenceReport:
+    """A finished report: HTML for a notebook or a browser, and its figure.
+
+    Attributes:
+        title: the page title.
+        fragment: the report as an HTML fragment (scoped styles included), as shown in a
+            notebook.
+        figure_png: the mislabel-detection curve (or sorted scores) as PNG bytes, or
+            ``None`` when there was nothing to plot.
+        figure_name: file name the figure is saved under, beside the HTML.
+        figures: the numbers the report states, e.g. ``{"detection": {...}}``.
+    """
+
+    title: str
+    fragment: str
+    figure_png: bytes | None = None
+    figure_name: str = "mislabel_curve.png"
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def html(self) -> str:
+        """The complete, self-contained HTML document."""
+        return (
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f'<title>{html.escape(self.title)}</title>\n</head>\n<body style="margin:0">\n'
+            f"{self.fragment}\n</body>\n</html>\n"
+        )
+
+    def _repr_html_(self) -> str:
+        return self.fragment
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report.
+
+        Args:
+            path: the HTML file to write, or a directory (``report.html`` is written in it).
+                The figure is written beside it as :attr:`figure_name`.
+
+        Returns:
+            The path of the HTML file.
+        """
+        target = Path(path)
+        if target.is_dir() or (not target.suffix and not target.exists()):
+            target = target / "report.html"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self.html, encoding="utf-8")
+        if self.figure_png is not None:
+            (target.parent / self.figure_name).write_bytes(self.figure_png)
+        return target
+
+
+class _Examples:
+    """Reads, renders and labels the examples of one dataset."""
+
+    def __init__(
+        self,
+        data: Any,
+        what: str,
+        render: Callable[..., Any] | None,
+        label_names: Any,
+        predictions: np.ndarray | None,
+        bad: set[int],
+    ) -> None:
+        self.data = _dataset(data, what)
+        self.what = what
+        self.render = render
+        self.label_names = label_names
+        self.predictions = predictions
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def label_text(self, label: Any) -> str:
+        value = _label_value(label)
+        names = self.label_names
+        if names is not None and isinstance(value, (int, np.integer)):
+            try:
+                return str(names[int(value)])
+            except (KeyError, IndexError, TypeError):
+                pass
+        if isinstance(value, float):
+            return _fmt_number(value)
+        return str(value)
+
+    def card(
+        self, index: int, score: float | None = None, test: bool = False, prediction: Any = None
+    ) -> _Card:
+        n = len(self.data)
+        if not 0 <= index < n:
+            raise InvalidArgumentError(
+                f"index {index} is out of range for {self.what} of {n} examples"
+            )
+        inputs, label = split_item(self.data[index])
+        shown = self.render(*inputs) if self.render is not None else default_render(inputs)
+        label_text = self.label_text(label) if label is not None else None
+        alt = f"{self.what} #{index}" + (f", label {label_text}" if label_text else "")
+        body, is_image = example_html(shown, alt)
+        lines = [f"<b>{'test' if test else 'train'} #{index}</b>"]
+        if label_text is not None:
+            lines.append(f"label: {html.escape(label_text)}")
+        if prediction is None and self.predictions is not None:
+            prediction = self.predictions[index]
+        if prediction is not None:
+            pred_text = self.label_text(prediction)
+            wrong = label_text is not None and pred_text != label_text
+            css = ' class="wrong"' if wrong else ""
+            lines.append(f"<span{css}>predicted: {html.escape(pred_text)}</span>")
+        if score is not None:
+            lines.append(f"score: {_fmt_number(float(score))}")
+        bad = index in self.bad
+        if bad:
+            lines.append('<span class="badge">known bad</span>')
+        return _Card(body, is_image, lines, bad=bad, test=test)
+
+
+def _kv_table(rows: Mapping[str, Any]) -> str:
+    cells = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in rows.items()
+    )
+    return f'<table class="kv">{cells}</table>'
+
+
+def _detection_html(table: Mapping[str, Mapping[float, float]]) -> str:
+    fractions = list(next(iter(table.values())).keys())
+    head = "".join(f'<th class="num">top {f * 100:g}%</th>' for f in fractions)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f'<td class="num">{v * 100:.1f}%</td>' for v in values.values())
+        + "</tr>"
+        for name, values in table.items()
+    )
+    return '<table class="det"><tr><th>ranking</th>' + head + "</tr>" + rows + "</table>"
+
+
+def build_report(
+    train_dataset: Any,
+    test_dataset: Any,
+    proponents: Any,
+    opponents: Any = None,
+    *,
+    test_indices: Sequence[int] | np.ndarray | None = None,
+    test_predictions: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
+    train_predictions: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
+    self_influence: Any = None,
+    self_influence_name: str = "self-influence",
+    mislabeled: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    baselines: Mapping[str, Any] | None = None,
+    label_names: Sequence[str] | Mapping[int, str] | None = None,
+    render: Callable[..., Any] | None = None,
+    title: str = "Influence report",
+    subtitle: str | None = None,
+    summary: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    proponents_title: str = "Proponents: lowered this example's loss on its label",
+    opponents_title: str = "Opponents: raised it",
+    n_suspicious: int = 24,
+    plot_figure: bool = True,
+) -> InfluenceReport:
+    """Build the influence report from results computed elsewhere (e.g. in a notebook).
+
+    Args:
+        train_dataset: the training set the indices refer to; a map-style Dataset or a
+            DataLoader over one, whose items are ``(*inputs, label)``.
+        test_dataset: the test set ``test_indices`` refer to (same item form).
+        proponents: for each shown test example, its proponents:
+            :class:`~proponents.KMostInfluentialResults`, an ``(indices, scores)`` pair of
+            ``(n_shown, k)``, or a one-layer ``SimilarityInfluence`` result.
+        opponents: the same for opponents, or ``None``.
+        test_indices: positions in ``test_dataset`` of the ``n_shown`` rows; default
+            ``0..n_shown-1``.
+        test_predictions: the model's predicted label for each shown test example
+            (``n_shown`` entries), or for every test example (``len(test_dataset)``).
+        train_predictions: the predicted label of every training example, or ``None``.
+        self_influence: ``(n_train,)`` suspicion scores (higher is more suspicious), or
+            ``None`` to leave out the ranking.
+        self_influence_name: what those scores are, as shown in the report.
+        mislabeled: training indices known to be mislabelled (e.g. flipped on purpose);
+            they are marked, and a detection curve compares the rankings.
+        baselines: other ``(n_train,)`` suspicion scores to compare in the detection curve,
+            by name (e.g. ``{"final loss": losses}``).
+        label_names: names of integer labels (a list, or a dict from label to name).
+        render: ``render(*inputs)`` -> what to show for an example: an image array or
+            tensor, a PIL image, PNG bytes, or a string (shown as escaped text). By default
+            an example's only input is shown (image-like arrays as images, anything else
+            as text).
+        title: the page title.
+        subtitle: one line under the title.
+        summary: facts listed at the top, by name.
+        notes: extra sentences shown under the summary (escaped).
+        proponents_title: heading of the proponent strips.
+        opponents_title: heading of the opponent strips.
+        n_suspicious: how many of the most suspicious training examples to show.
+        plot_figure: draw the detection curve (or sorted scores) with matplotlib.
+
+    Returns:
+        The :class:`InfluenceReport`.
+
+    Raises:
+        MissingExtraError: ``plot_figure`` is true and matplotlib is not installed.
+        InvalidArgumentError: indices out of range or shapes that do not fit.
+    """
+    pro = as_results(proponents, "proponents")
+    con = as_results(opponents, "opponents") if opponents is not None else None
+    n_shown = pro.indices.shape[0]
+    if con is not None and con.indices.shape[0] != n_shown:
+        raise InvalidArgumentError(
+            f"opponents have {con.indices.shape[0]} rows but proponents have {n_shown}; both "
+            "need one row per shown test example"
+        )
+    rows = list(range(n_shown)) if test_indices is None else [int(i) for i in test_indices]
+    if len(rows) != n_shown:
+        raise InvalidArgumentError(
+            f"test_indices has {len(rows)} entries but the results have {n_shown} rows"
+        )
+    bad = {int(i) for i in np.asarray(mislabeled).reshape(-1)} if mislabeled is not None else set()
+    train_pred = _numpy(train_predictions) if train_predictions is not None else None
+    train = _Examples(train_dataset, "train_dataset", render, label_names, train_pred, bad)
+    test = _Examples(test_dataset, "test_dataset", render, label_names, None, set())
+    test_pred: list[Any] | None = None
+    if test_predictions is not None:
+        values = list(_numpy(test_predictions).reshape(-1))
+        if len(values) == n_shown:
+            test_pred = values
+        elif len(values) == len(test):
+            test_pred = [values[i] for i in rows]
+        else:
+            raise InvalidArgumentError(
+                f"test_predictions has {len(values)} entries; give one per shown test example "
+                f"({n_shown}) or one per test example ({len(test)})"
+            )
+    for what, res in (("proponents", pro), ("opponents", con)):
+        if (
+            res is not None
+            and res.indices.size
+            and (res.indices.min() < 0 or res.indices.max() >= len(train))
+        ):
+            raise InvalidArgumentError(
+                f"{what} refer to training index {int(res.indices.max())} but train_dataset "
+                f"has {len(train)} examples"
+            )
+
+    parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+    if subtitle:
+        parts.append(f'<p class="sub">{html.escape(subtitle)}</p>')
+    if summary:
+        parts.append(_kv_table(summary))
+    parts.extend(f'<p class="note">{html.escape(note)}</p>' for note in notes)
+
+    figures: dict[str, Any] = {}
+    figure_png: bytes | None = None
+    figure_name = "mislabel_curve.png"
+    if self_influence is not None:
+        scores = _numpy(self_influence).astype(np.float64).reshape(-1)
+        if scores.size != len(train):
+            raise InvalidArgumentError(
+                f"self_influence has {scores.size} entries but train_dataset has {len(train)}"
+            )
+        rankings: dict[str, Any] = {self_influence_name: scores}
+        for name, values in (baselines or {}).items():
+            baseline = _numpy(values).astype(np.float64).reshape(-1)
+            if baseline.size != len(train):
+                raise InvalidArgumentError(
+                    f"baseline {name!r} has {baseline.size} entries but train_dataset has "
+                    f"{len(train)}"
+                )
+            rankings[name] = baseline
+        parts.append("<h2>Most suspicious training examples</h2>")
+        explain = (
+            f"Training examples ranked by {self_influence_name}, highest first. Examples the "
+            "model found hard to fit (wrong labels, odd inputs) rank high."
+        )
+        if bad:
+            explain += (
+                f" {len(bad)} labels are known to be wrong (red border); the curve shows how "
+                "many of them each ranking finds as one reads down it."
+            )
+        parts.append(f'<p class="note">{html.escape(explain)}</p>')
+        top = ['<div class="top">']
+        if bad:
+            table = plot.detection_table(rankings, sorted(bad), n=len(train))
+            figures["detection"] = table
+            top.append(_detection_html(table))
+            if plot_figure:
+                figure_png = plot.detection_figure_png(rankings, sorted(bad))
+        elif plot_figure:
+            figure_png = plot.score_figure_png(scores, f"{self_influence_name}, sorted")
+            figure_name = "self_influence.png"
+        if figure_png is not None:
+            top.append(
+                f'<figure><img class="plot" src="{data_uri(figure_png)}" '
+                f'alt="{html.escape(figure_name)}" width="640" height="420"></figure>'
+            )
+        top.append("</div>")
+        parts.append("".join(top))
+        order = plot.ranking(scores)[: max(0, min(n_suspicious, len(train)))]
+        figures["most_suspicious"] = [int(i) for i in order]
+        cards = "".join(train.card(int(i), scores[i]).html() for i in order)
+        parts.append(f'<h3>The {len(order)} most suspicious</h3><div class="cards">{cards}</div>')
+
+    if n_shown:
+        parts.append("<h2>Test examples, their proponents and opponents</h2>")
+        parts.append(
+            '<p class="note">Each test example (blue) beside the training examples with the '
+            "highest influence scores on its loss at its label (proponents: they made the "
+            "model more right about it) and the lowest (opponents: they pushed it away from "
+            "its label, towards the mistake when it is misclassified).</p>"
+        )
+        for r, index in enumerate(rows):
+            prediction = test_pred[r] if test_pred is not None else None
+            test_card = test.card(index, test=True, prediction=prediction).html()
+            strips = [f"<h3>{html.escape(proponents_title)}</h3>", '<div class="cards">']
+            strips.extend(
+                train.card(int(i), s).html()
+                for i, s in zip(pro.indices[r], pro.scores[r], strict=True)
+            )
+            strips.append("</div>")
+            if con is not None:
+                strips.append(f'<h3>{html.escape(opponents_title)}</h3><div class="cards">')
+                strips.extend(
+                    train.card(int(i), s).html()
+                    for i, s in zip(con.indices[r], con.scores[r], strict=True)
+                )
+                strips.append("</div>")
+            parts.append(
+                f'<div class="row">{test_card}<div class="strips">{"".join(strips)}</div></div>'
+            )
+
+    from proponents import __version__
+
+    parts.append(f"<footer>Made by proponents {html.escape(__version__)}.</footer>")
+    fragment = f'<style>{_STYLE}</style><div class="prp-report">{"".join(parts)}</div>'
+    return InfluenceReport(title, fragment, figure_png, figure_name, figures)

@@ -1,0 +1,191 @@
+"""Mislabel-detection curves: how many known-bad labels a ranking finds as one reads down it.
+
+matplotlib is an optional dependency (the ``plot`` extra); it is imported only when a
+figure is drawn. Figures are drawn on an Agg canvas of their own, without pyplot, so the
+global matplotlib state (a notebook's backend, open figures) is left alone.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from proponents.errors import ProponentsError
+
+#: Fractions of the training set at which the found share of bad labels is reported.
+DEFAULT_FRACTIONS = (0.05, 0.10, 0.20)
+
+
+class MissingExtraError(ProponentsError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+def require_matplotlib() -> None:
+    """Check that matplotlib can be imported, or explain which extra provides it.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(
+            "the report's mislabel-detection plot needs matplotlib, which is not installed; "
+            'install it with: pip install "proponents[plot]"'
+        ) from exc
+
+
+def _new_figure() -> Any:
+    """A 640x420 px figure on its own Agg canvas, and its axes."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _png(fig: Any) -> bytes:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def ranking(scores: Any) -> np.ndarray:
+    """Indices ordering ``scores`` from most to least suspicious (ties: lower index first).
+
+    Non-finite scores come last.
+    """
+    values = np.asarray(_numpy(scores), dtype=np.float64).reshape(-1)
+    keyed = np.where(np.isfinite(values), -values, np.inf)
+    return np.argsort(keyed, kind="stable")
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def found_curve(scores: Any, bad: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Share of the bad examples found after inspecting the top ``i`` of the ranking.
+
+    Args:
+        scores: ``(n,)`` suspicion scores, higher is more suspicious.
+        bad: indices of the examples known to be bad (e.g. flipped labels).
+
+    Returns:
+        ``(n + 1,)`` array; entry ``i`` is the share found among the ``i`` most suspicious.
+    """
+    order = ranking(scores)
+    mask = np.zeros(order.size, dtype=bool)
+    mask[np.asarray(bad, dtype=np.int64)] = True
+    total = max(int(mask.sum()), 1)
+    return np.concatenate([[0.0], np.cumsum(mask[order]) / total])
+
+
+def found_at(scores: Any, bad: Sequence[int] | np.ndarray, fraction: float) -> float:
+    """Share of the bad examples among the top ``fraction`` of the ranking (rounded count)."""
+    curve = found_curve(scores, bad)
+    n = curve.size - 1
+    return float(curve[int(round(fraction * n))])
+
+
+def detection_table(
+    rankings: Mapping[str, Any],
+    bad: Sequence[int] | np.ndarray,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    n: int | None = None,
+) -> dict[str, dict[float, float]]:
+    """Found shares at each fraction for every ranking, plus random order (expected value).
+
+    Args:
+        rankings: name -> ``(n,)`` suspicion scores.
+        bad: indices of the known-bad examples.
+        fractions: fractions of the data inspected.
+        n: dataset size (needed only when ``rankings`` is empty).
+
+    Returns:
+        name -> {fraction: share found}; the entry ``"random order (expected)"`` holds the
+        expected share under a uniformly random order, ``round(f * n) / n``, and
+        ``"best possible"`` the share a perfect ranking finds.
+    """
+    table = {
+        name: {f: found_at(scores, bad, f) for f in fractions} for name, scores in rankings.items()
+    }
+    if n is None:
+        n = len(_numpy(next(iter(rankings.values())))) if rankings else 0
+    if n:
+        table["random order (expected)"] = {f: round(f * n) / n for f in fractions}
+        n_bad = len(np.asarray(bad))
+        if n_bad:
+            table["best possible"] = {f: min(round(f * n), n_bad) / n_bad for f in fractions}
+    return table
+
+
+def detection_figure_png(
+    rankings: Mapping[str, Any],
+    bad: Sequence[int] | np.ndarray,
+    title: str = "Finding the flipped labels",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> bytes:
+    """Plot the found share of bad labels against the share of data inspected.
+
+    One line per ranking, the random-order diagonal and the best possible curve; dotted
+    verticals mark ``fractions``.
+
+    Returns:
+        The PNG bytes of the figure.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+    """
+    n = len(_numpy(next(iter(rankings.values())))) if rankings else 0
+    n_bad = len(np.asarray(bad))
+    fig, ax = _new_figure()
+    x = np.arange(n + 1) / max(n, 1)
+    styles = ["-", "--", "-.", ":"]
+    for i, (name, scores) in enumerate(rankings.items()):
+        ax.plot(x * 100, found_curve(scores, bad) * 100, styles[i % 4], lw=2, label=name)
+    ax.plot([0, 100], [0, 100], color="0.55", lw=1, label="random order (expected)")
+    if n and n_bad:
+        best = np.minimum(np.arange(n + 1), n_bad) / n_bad
+        ax.plot(x * 100, best * 100, color="0.75", lw=1, ls=":", label="best possible")
+    for f in fractions:
+        ax.axvline(f * 100, color="0.85", lw=0.8, zorder=0)
+    ax.set_xlim(0, min(100, max(40, 200 * n_bad / max(n, 1))))
+    ax.set_ylim(0, 101)
+    ax.set_xlabel("training examples inspected, most suspicious first (%)")
+    ax.set_ylabel("known-bad labels found (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.25)
+    ax.legend(loc="lower right", fontsize=9)
+    return _png(fig)
+
+
+def score_figure_png(scores: Any, title: str = "Self-influence, sorted") -> bytes:
+    """Plot sorted suspicion scores (used when no known-bad labels are available).
+
+    Returns:
+        The PNG bytes of the figure.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+    """
+    values = np.asarray(_numpy(scores), dtype=np.float64).reshape(-1)
+    values = np.sort(values[np.isfinite(values)])[::-1]
+    fig, ax = _new_figure()
+    x = np.arange(1, values.size + 1) / max(values.size, 1) * 100
+    ax.plot(x, values, lw=2)
+    if values.size and values[-1] > 0 and values[0] / max(values[-1], 1e-300) > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("training examples, most suspicious first (%)")
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.grid(alpha=0.25)
+    return _png(fig)
