@@ -199,6 +199,9 @@ ROWS: list[Row] = [
     row(f"{T}.__init__.batch_size", "zero", lambda o: o.tracincp(batch_size=0), V),
     row(f"{T}.__init__.batch_size", "float", lambda o: o.tracincp(batch_size=2.5), V),
     row(f"{T}.__init__.batch_size", "str", lambda o: o.tracincp(batch_size="4"), V),
+    row(f"{T}.__init__.distributed", "str", lambda o: o.tracincp(distributed="yes"), Ty),
+    row(f"{T}.__init__.distributed", "no process group", lambda o: o.tracincp(
+        distributed=True), V),
     row(f"{T}.__init__.sample_wise_grads_per_batch", "int", lambda o: o.tracincp(
         sample_wise_grads_per_batch=1), Ty),
     row(f"{T}.__init__.sample_wise_grads_per_batch", "contradicts loss", lambda o: o.tracincp(
@@ -298,6 +301,8 @@ ROWS: list[Row] = [
         **o.fast_kwargs(seed="1")), Ty),
     row(f"{R}.__init__.seed", "float", lambda o: TracInCPFastRandProj(
         **o.fast_kwargs(seed=1.5)), Ty),
+    row(f"{R}.__init__.distributed", "int", lambda o: TracInCPFastRandProj(
+        **o.fast_kwargs(distributed=1)), Ty),
     row(f"{R}.__init__.show_progress", "str", lambda o: TracInCPFastRandProj(
         **o.fast_kwargs(show_progress="no")), Ty),
     row(f"{R}.influence.inputs", "no batch dimension", lambda o: o.randproj.influence(
@@ -322,6 +327,7 @@ ROWS: list[Row] = [
     row(f"{R}.load.path", "no index there", lambda o: o.load(path=o.tmp / "nothing"),
         FileNotFoundError),
     row(f"{R}.load.model", "type", lambda o: o.load(model="net"), Ty),
+    row(f"{R}.load.distributed", "str", lambda o: o.load(distributed="no"), Ty),
     row(f"{R}.load.checkpoints", "type", lambda o: o.load(checkpoints=7), Ty),
     row(f"{R}.load.checkpoints", "other checkpoints", lambda o: o.load(
         checkpoints=o.case.checkpoints[:2]), V),

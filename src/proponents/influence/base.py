@@ -23,6 +23,12 @@ from proponents.data import (
     split_batch,
     test_batches,
 )
+from proponents.distributed import (
+    resolve_distributed,
+    sharded_scores,
+    sharded_values,
+    training_facts,
+)
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.model_guard import preserved
 from proponents.scoring import TracInRunner, k_most
@@ -68,6 +74,10 @@ class TracInCPBase(DataInfluence):
             checkpoint into the model. Default: :func:`load_flexible_state_dict`.
         loss_fn: the training loss, or ``None`` to use the model output itself.
         batch_size: batch size used when ``train_dataset`` is a Dataset.
+        distributed: (keyword-only) ``None`` shards the training set over the ranks of an
+            initialised ``torch.distributed`` process group when there is one, ``True``
+            requires one, ``False`` never shards. Every rank must then construct the object
+            and make each call together; see ``docs/distributed.md``.
     """
 
     def __init__(
@@ -78,6 +88,8 @@ class TracInCPBase(DataInfluence):
         checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
         loss_fn: Callable[..., Tensor] | None = None,
         batch_size: int = 1,
+        *,
+        distributed: bool | None = None,
     ) -> None:
         name = self.get_name()
         if not isinstance(model, nn.Module):
@@ -96,6 +108,9 @@ class TracInCPBase(DataInfluence):
         self.checkpoints_load_func = checkpoints_load_func
         self.loss_fn = loss_fn
         self.batch_size = batch_size
+        self._dist = resolve_distributed(distributed, name)
+        if self._dist is not None:
+            self._dist.agree(name, training_facts(self.train_dataloader, self.checkpoints))
 
     @classmethod
     def get_name(cls) -> str:
@@ -188,18 +203,33 @@ class TracInCPBase(DataInfluence):
         test, is_loader = test_batches(inputs, targets, unpack_inputs)
         self._check_targets(targets, is_loader)
         n_test_batches = loader_batches(test) if is_loader else 1  # type: ignore[arg-type]
-        with self._guarded():
-            scores = self._runner().scores(
-                test,
-                is_loader,
+
+        def scores_on(train: DataLoader, n_train: int | None) -> Tensor:
+            with self._guarded():
+                return self._runner().scores(
+                    test,
+                    is_loader,
+                    train,
+                    loader_batches(train),
+                    n_test_batches,
+                    aggregate,
+                    show_progress,
+                    n_train=n_train,
+                    test_chunk=max(self.train_dataloader.batch_size or 0, 256),
+                )
+
+        if self._dist is not None:
+            out = sharded_scores(
+                self._dist,
+                name,
                 self.train_dataloader,
-                loader_batches(self.train_dataloader),
-                n_test_batches,
-                aggregate,
-                show_progress,
-                n_train=self._n_train(),
-                test_chunk=max(self.train_dataloader.batch_size or 0, 256),
+                scores_on,
+                k,
+                proponents,
+                model_device(self.model),
             )
+            return out if isinstance(out, Tensor) else KMostInfluentialResults(*out)
+        scores = scores_on(self.train_dataloader, self._n_train())
         if k is None:
             return scores
         if k > scores.shape[1]:
@@ -215,9 +245,7 @@ class TracInCPBase(DataInfluence):
                 "labels of the test batch"
             )
 
-    def self_influence(
-        self, inputs_dataset: Any = None, show_progress: bool = False
-    ) -> Tensor:
+    def self_influence(self, inputs_dataset: Any = None, show_progress: bool = False) -> Tensor:
         """Self-influence ``sum_c lr_c * ||grad loss(x)||^2`` of each example.
 
         Args:
@@ -241,6 +269,17 @@ class TracInCPBase(DataInfluence):
         else:
             split_batch(inputs_dataset, "inputs_dataset batch")
             data, n_batches = [inputs_dataset], 1
+        if self._dist is not None and isinstance(data, DataLoader):
+
+            def values_on(shard: DataLoader) -> Tensor:
+                with self._guarded():
+                    return self._runner().self_scores(
+                        shard, loader_batches(shard), show_progress, "batches"
+                    )
+
+            return sharded_values(
+                self._dist, self.get_name(), data, values_on, model_device(self.model)
+            )
         with self._guarded():
             return self._runner().self_scores(data, n_batches, show_progress, "batches")
 

@@ -32,6 +32,7 @@ from proponents.data import (
     model_device,
     test_batches,
 )
+from proponents.distributed import merge_key_finite_first, shard_range, sharded_local_rows
 from proponents.errors import (
     ArgumentTypeError,
     IndexMismatchError,
@@ -103,6 +104,8 @@ class TracInCPFast(TracInCPBase):
         batch_size: batch size when ``train_dataset`` is a Dataset.
         vectorize: accepted for compatibility; has no effect (gradients are always
             computed in closed form, batched).
+        distributed: (keyword-only) shard the training set over torch.distributed ranks:
+            ``None`` when a process group is initialised, ``True`` always, ``False`` never.
     """
 
     def __init__(
@@ -115,9 +118,17 @@ class TracInCPFast(TracInCPBase):
         loss_fn: Callable[..., Tensor] | None = None,
         batch_size: int = 1,
         vectorize: bool = False,
+        *,
+        distributed: bool | None = None,
     ) -> None:
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn, batch_size
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            loss_fn,
+            batch_size,
+            distributed=distributed,
         )
         name = self.get_name()
         check_flag(vectorize, "vectorize", name)
@@ -162,6 +173,9 @@ class TracInCPFastRandProj(TracInCPFast):
             embeddings. Never larger than the gradient's own dimension.
         seed: seed of the projection (a local generator; global RNG untouched).
         show_progress: (keyword-only) progress bar while embedding the training set.
+        distributed: (keyword-only) as for :class:`TracInCPFast`. When sharded, each rank
+            embeds and indexes only its own range of the training set (``embeddings`` holds
+            that range) and queries merge the per-rank top ``k``.
     """
 
     def __init__(
@@ -179,6 +193,7 @@ class TracInCPFastRandProj(TracInCPFast):
         seed: int = 0,
         *,
         show_progress: bool = False,
+        distributed: bool | None = None,
         _embeddings: Tensor | None = None,
     ) -> None:
         super().__init__(
@@ -190,6 +205,7 @@ class TracInCPFastRandProj(TracInCPFast):
             loss_fn,
             batch_size,
             vectorize,
+            distributed=distributed,
         )
         name = self.get_name()
         if projection_dim is not None and (
@@ -228,9 +244,26 @@ class TracInCPFastRandProj(TracInCPFast):
         ]
         if _embeddings is not None:  # restoring a saved index: load() sets up the search
             self.embeddings = _embeddings
+            self._offset, self._n_indexed = 0, int(_embeddings.shape[0])
             return
-        self.embeddings = self._embed(self.train_dataloader, True, show_progress, "training set")
-        self.nearest_neighbors.setup(self.embeddings)
+        if self._dist is None:
+            self.embeddings = self._embed(
+                self.train_dataloader, True, show_progress, "training set"
+            )
+            self._offset, self._n_indexed = 0, int(self.embeddings.shape[0])
+        else:
+            local, sizes = sharded_local_rows(
+                self._dist,
+                name,
+                self.train_dataloader,
+                lambda shard: self._embed(shard, True, show_progress, "training set"),
+            )
+            if local is None:
+                local = torch.zeros(0, self.embedding_dim, dtype=dtype, device=device)
+            self.embeddings = local
+            self._offset, self._n_indexed = sum(sizes[: self._dist.rank]), sum(sizes)
+        if self.embeddings.shape[0]:
+            self.nearest_neighbors.setup(self.embeddings)
 
     @property
     def embedding_dim(self) -> int:
@@ -313,7 +346,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 f"{name} does not compute self-influence (its embeddings would only cost "
                 "memory); use TracInCPFast(...).self_influence() or .influence() instead"
             )
-        n_train = int(self.embeddings.shape[0])
+        n_train = self._n_indexed
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, int):
                 raise ArgumentTypeError(f"{name}: k must be an int or None, got {k!r}")
@@ -328,8 +361,28 @@ class TracInCPFastRandProj(TracInCPFast):
                 f"{name}: targets are required; pass the labels of the test batch"
             )
         query = self._embed(test, is_loader, show_progress, "test batch")
+        if self._dist is not None:
+            out = self._dist.score_columns(
+                name,
+                lambda: self._search(query, k, proponents) if len(self.embeddings) else None,
+                k,
+                None,
+                merge_key_finite_first(proponents),
+                query.device,
+            )
+            return out if isinstance(out, Tensor) else KMostInfluentialResults(*out)
         if k is None:
             return query @ self.embeddings.T
+        return KMostInfluentialResults(*self._search(query, k, proponents))
+
+    def _search(
+        self, query: Tensor, k: int | None, proponents: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Scores of this process's embeddings (``k=None``), or its top ``k`` (global indices)."""
+        n_train = int(self.embeddings.shape[0])
+        if k is None:
+            return query @ self.embeddings.T
+        k = min(k, n_train)
         # Examples with non-finite embeddings may be returned first by a search; ask for
         # enough extra neighbours to rank them last, as TracInCPFast does.
         extra = self._nonfinite_rows()
@@ -343,7 +396,7 @@ class TracInCPFastRandProj(TracInCPFast):
             order = torch.sort((~torch.isfinite(scores)).to(torch.int8), dim=1, stable=True)
             keep = order.indices[:, :k]
             indices, scores = indices.gather(1, keep), scores.gather(1, keep)
-        return KMostInfluentialResults(indices, scores)
+        return indices + self._offset, scores
 
     def self_influence(self, inputs_dataset: Any = None, show_progress: bool = False) -> Tensor:
         """Not available here: use :meth:`TracInCPFast.self_influence`."""
@@ -358,7 +411,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "index_format": INDEX_FORMAT,
             "final_fc_layer": self.final_fc_layer_name,
             "checkpoints": [checkpoint_fingerprint(c) for c in self.checkpoints],
-            "dataset_length": int(self.embeddings.shape[0]),
+            "dataset_length": self._n_indexed,
             "projection_dim": self.projection_dim,
             "seed": self.seed,
             "projections": [[p.kind, p.dim] for p in self._projections],
@@ -375,17 +428,32 @@ class TracInCPFastRandProj(TracInCPFast):
         length and the nearest-neighbour settings, and the backend's own index files when
         it can persist them. Writes are atomic.
 
+        When sharded over ranks, every rank must call this with the same ``path``: the
+        shards are gathered and rank 0 writes the whole index (without the backend's
+        files; :meth:`load` rebuilds the search structure of each shard).
+
         Returns:
             The directory written.
         """
-        check_path(path, "path", f"{self.get_name()}.save")
+        name = self.get_name()
+        check_path(path, "path", f"{name}.save")
+        if self._dist is not None:
+            dist = self._dist
+            full = dist.rows(
+                name, lambda: self.embeddings if len(self.embeddings) else None, torch.device("cpu")
+            )
+            dist.run(name, lambda: self._write(path, full) if dist.rank == 0 else None)
+            return Path(path)
+        self._write(path, self.embeddings)
+        self.nearest_neighbors.save(Path(path) / "neighbors")
+        return Path(path)
+
+    def _write(self, path: str | Path, embeddings: Tensor) -> None:
         store = ArrayStore(path)
-        emb = self.embeddings.detach().to("cpu").numpy().astype(np.float32, copy=False)
+        emb = embeddings.detach().to("cpu").numpy().astype(np.float32, copy=False)
         with store.lock(), store.writer(INDEX_KEY, self._index_meta()) as writer:
             writer.put("embeddings", np.ascontiguousarray(emb))
             writer.commit()
-        self.nearest_neighbors.save(Path(path) / "neighbors")
-        return Path(path)
 
     @classmethod
     def load(
@@ -400,6 +468,7 @@ class TracInCPFastRandProj(TracInCPFast):
         checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
         batch_size: int = 1,
         nearest_neighbors: NearestNeighbors | None = None,
+        distributed: bool | None = None,
     ) -> TracInCPFastRandProj:
         """Restore an index written by :meth:`save` without re-embedding the training set.
 
@@ -414,6 +483,8 @@ class TracInCPFastRandProj(TracInCPFast):
             checkpoints_load_func: as for the constructor.
             batch_size: as for the constructor.
             nearest_neighbors: default: a backend rebuilt from the saved settings.
+            distributed: as for the constructor; when sharded, each rank keeps only its
+                range of the saved embeddings and builds its search structure over it.
 
         Raises:
             IndexMismatchError: when the checkpoints, dataset length, layer or loss differ
@@ -449,6 +520,7 @@ class TracInCPFastRandProj(TracInCPFast):
             nearest_neighbors=backend,
             projection_dim=saved["projection_dim"],
             seed=int(saved["seed"]),
+            distributed=distributed,
             _embeddings=torch.empty(int(saved["dataset_length"]), 0),
         )
         n = dataset_length(obj.train_dataloader)
@@ -471,7 +543,14 @@ class TracInCPFastRandProj(TracInCPFast):
             )
         with entry:
             emb = torch.from_numpy(entry.read("embeddings"))
-        obj.embeddings = emb.to(device=model_device(model), dtype=obj.final_fc_layer.weight.dtype)
+        emb = emb.to(device=model_device(model), dtype=obj.final_fc_layer.weight.dtype)
+        if obj._dist is not None:
+            start, stop = shard_range(obj.train_dataloader, obj._dist.rank, obj._dist.world_size)
+            obj.embeddings, obj._offset = emb[start:stop].clone(), start
+            if stop > start:
+                backend.setup(obj.embeddings)
+            return obj
+        obj.embeddings = emb
         backend.load(Path(path) / "neighbors", obj.embeddings)  # saved index, or a rebuild
         return obj
 

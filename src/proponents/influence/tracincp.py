@@ -40,6 +40,8 @@ class TracInCP(TracInCPBase):
             ``None`` differentiates the model output summed over non-batch dimensions.
         batch_size: batch size when ``train_dataset`` is a Dataset.
         sample_wise_grads_per_batch: whether ``loss_fn`` reduces over the batch.
+        distributed: (keyword-only) shard the training set over torch.distributed ranks:
+            ``None`` when a process group is initialised, ``True`` always, ``False`` never.
 
     Memory: one training batch of per-example gradients at a time (for linear layers
     only their inputs and output gradients), the test side's gradients, and the
@@ -56,9 +58,17 @@ class TracInCP(TracInCPBase):
         loss_fn: Callable[..., Tensor] | None = None,
         batch_size: int = 1,
         sample_wise_grads_per_batch: bool = False,
+        *,
+        distributed: bool | None = None,
     ) -> None:
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn, batch_size
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            loss_fn,
+            batch_size,
+            distributed=distributed,
         )
         name = self.get_name()
         if not isinstance(sample_wise_grads_per_batch, bool):

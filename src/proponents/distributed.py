@@ -1,0 +1,436 @@
+"""Sharding the training set over ``torch.distributed`` ranks and combining the results.
+
+When a process group is initialised (``torchrun`` + ``init_process_group``) or
+``distributed=True`` is passed, every rank reads only a contiguous range of the training
+DataLoader's batches (the same batches a single process would form, so the scores are the
+same numbers), and the per-rank results are combined with torch.distributed collectives so
+that every rank returns the single-process answer:
+
+* score matrices: each rank's ``(n_test, n_shard)`` columns, gathered in rank order, which is
+  dataset order;
+* k most influential: each rank's own top ``k`` (with global indices), gathered and merged
+  by the same ordering rule as one process (score, then dataset index);
+* self-influence and embeddings: gathered in rank order.
+
+Every distributed call first lets the ranks compute, then exchanges a small status record
+(``all_gather_object``) before any tensor is moved: when one rank raised, every other rank
+raises :class:`DistributedError` naming that rank and its error, instead of waiting in a
+collective for data that never comes. A rank that dies (killed, out of memory) cannot
+report; then the process group's ``timeout`` (``init_process_group(timeout=...)``) or
+``torchrun``'s worker supervision ends the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
+
+__all__ = ["DistributedContext", "DistributedError", "resolve_distributed", "shard_loader"]
+
+
+class DistributedError(ProponentsError, RuntimeError):
+    """Ranks disagree on their inputs, or another rank failed during a distributed call."""
+
+
+def resolve_distributed(distributed: Any, owner: str) -> DistributedContext | None:
+    """The process group to shard over, or ``None`` to work in this process alone.
+
+    Args:
+        distributed: ``None`` (use an initialised process group with more than one rank
+            when there is one), ``True`` (require one) or ``False`` (never shard).
+        owner: class name for messages.
+
+    Raises:
+        ArgumentTypeError: when ``distributed`` is not None or a bool.
+        InvalidArgumentError: ``distributed=True`` without an initialised process group.
+    """
+    if distributed is not None and not isinstance(distributed, bool):
+        raise ArgumentTypeError(
+            f"{owner}: distributed must be None (automatic), True or False, got {distributed!r}"
+        )
+    if distributed is False:
+        return None
+    available = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not available:
+        if distributed:
+            raise InvalidArgumentError(
+                f"{owner}: distributed=True, but no torch.distributed process group is "
+                "initialised; call torch.distributed.init_process_group() first (torchrun "
+                "sets the environment it reads), or pass distributed=None/False"
+            )
+        return None
+    if torch.distributed.get_world_size() < 2:
+        return None
+    return DistributedContext()
+
+
+def _batches_of(loader: DataLoader, argument: str) -> tuple[list[list[int]], bool]:
+    """The index lists of the loader's batches and whether it batches automatically."""
+    if isinstance(loader.dataset, IterableDataset):
+        raise InvalidArgumentError(
+            f"{argument} is a DataLoader over an IterableDataset, which cannot be split "
+            "into per-rank ranges; pass a map-style Dataset, or distributed=False"
+        )
+    if loader.batch_sampler is not None:
+        return [list(b) for b in loader.batch_sampler], True
+    return [[i] for i in loader.sampler], False  # batch_size=None: every item is a batch
+
+
+def shard_loader(loader: DataLoader, rank: int, world_size: int, argument: str) -> DataLoader:
+    """A DataLoader over rank ``rank``'s contiguous range of ``loader``'s batches.
+
+    The batches are exactly those ``loader`` forms (same indices, same collate function
+    and worker settings); rank ``r`` gets batches ``[r * B // W, (r + 1) * B // W)``.
+    Only those examples are ever read. A rank may get no batch when there are fewer
+    batches than ranks.
+    """
+    batches, auto = _batches_of(loader, argument)
+    lo = rank * len(batches) // world_size
+    hi = (rank + 1) * len(batches) // world_size
+    mine = batches[lo:hi]
+    kwargs: dict[str, Any] = dict(
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+    )
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    if auto:
+        return DataLoader(loader.dataset, batch_sampler=mine, **kwargs)
+    return DataLoader(loader.dataset, batch_size=None, sampler=[b[0] for b in mine], **kwargs)
+
+
+def shard_size(loader: DataLoader) -> int | None:
+    """Examples in a shard made by :func:`shard_loader` (None when items are whole batches)."""
+    if loader.batch_sampler is not None:
+        return sum(len(b) for b in loader.batch_sampler)
+    return None
+
+
+@dataclass
+class _Status:
+    ok: bool
+    message: str = ""
+    shape: tuple[int, ...] | None = None  # None: this rank has nothing to contribute
+    dtype: str = ""
+
+
+class DistributedContext:
+    """The default process group: rank, world size and the collectives used here."""
+
+    def __init__(self) -> None:
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        backend = str(torch.distributed.get_backend())
+        self.comm_device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
+
+    # -- agreement ---------------------------------------------------------------------
+    def agree(self, owner: str, facts: dict[str, Any]) -> None:
+        """Raise the same :class:`DistributedError` on every rank when ``facts`` differ.
+
+        Args:
+            owner: class name for messages.
+            facts: what must be equal on every rank (dataset length, checkpoint
+                fingerprints, ...), keyed by a readable name.
+        """
+        every: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(every, facts)
+        problems = []
+        for key in facts:
+            values = [f.get(key) for f in every]
+            if any(v != values[0] for v in values[1:]):
+                shown = ", ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
+                problems.append(f"{key} differs ({shown})")
+        if problems:
+            raise DistributedError(
+                f"{owner}: the {self.world_size} ranks must use the same training data and "
+                "checkpoints, but " + "; ".join(problems)
+            )
+
+    # -- running and exchanging status ----------------------------------------------------
+    def run(self, owner: str, compute: Callable[[], Any]) -> tuple[Any, list[_Status]]:
+        """Run this rank's part, then tell every rank how every other rank fared.
+
+        Args:
+            owner: class name for messages.
+            compute: this rank's work; returns a tensor (to be gathered later) or ``None``
+                when the rank has nothing to contribute.
+
+        Returns:
+            ``(local_result, statuses)``: statuses hold every rank's tensor shape and dtype.
+
+        Raises:
+            The local exception on a rank that failed, and :class:`DistributedError` naming
+            the failed rank(s) and their errors on the others.
+        """
+        error: Exception | None = None
+        local = None
+        try:
+            local = compute()
+            status = _Status(True)
+            described = local[1] if isinstance(local, tuple) else local
+            if isinstance(described, Tensor):
+                status.shape = tuple(described.shape)
+                status.dtype = str(described.dtype).removeprefix("torch.")
+        except Exception as err:  # reported to the other ranks, then re-raised
+            error = err
+            status = _Status(False, f"{type(err).__name__}: {err}")
+        every: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(every, status)
+        if error is not None:
+            raise error
+        failed = [(r, s.message) for r, s in enumerate(every) if not s.ok]
+        if failed:
+            shown = "; ".join(f"rank {r} failed with {m}" for r, m in failed)
+            raise DistributedError(f"{owner}: {shown}")
+        return local, every
+
+    def sizes(self, every: Sequence[_Status], dim: int) -> list[int]:
+        """Every rank's size along ``dim`` (0 for a rank without a tensor)."""
+        return [0 if s.shape is None else s.shape[dim] for s in every]
+
+    def gather(
+        self, local: Tensor | None, every: Sequence[_Status], dim: int, device: torch.device
+    ) -> Tensor:
+        """Concatenate every rank's tensor along ``dim`` in rank order, on every rank.
+
+        Tensors of different sizes along ``dim`` are padded to the largest for
+        ``all_gather`` and trimmed afterwards; a rank without a tensor contributes an
+        empty one. All other dimensions must agree.
+
+        Args:
+            local: this rank's tensor (``None``: nothing).
+            every: the statuses returned by :meth:`run` for that tensor.
+            dim: the dimension to concatenate along.
+            device: where the result is returned.
+        """
+        template = next((s for s in every if s.shape is not None), None)
+        if template is None or template.shape is None:
+            raise DistributedError("no rank produced a result to gather")
+        dtype = getattr(torch, template.dtype)
+        sizes = self.sizes(every, dim)
+        largest = max(sizes)
+        if local is None:
+            shape = list(template.shape)
+            shape[dim] = 0
+            local = torch.zeros(shape, dtype=dtype)
+        padded = _pad(local.to(self.comm_device, dtype), largest, dim)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, padded.contiguous())
+        trimmed = [p.narrow(dim, 0, n) for p, n in zip(parts, sizes, strict=True)]
+        return torch.cat(trimmed, dim=dim).to(device)
+
+    # -- results ---------------------------------------------------------------------------
+    def score_columns(
+        self,
+        owner: str,
+        compute: Callable[[], Any],
+        k: int | None,
+        top_k: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None,
+        merge_key: Callable[[Tensor], Tensor],
+        device: torch.device,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Scores of this rank's training columns, combined over ranks.
+
+        Args:
+            owner: class name for messages.
+            compute: this rank's ``(n_test, n_shard)`` scores, or ``None`` for no columns;
+                with ``top_k=None`` and an int ``k``, this rank's candidates instead:
+                ``(global indices, scores)`` of shape ``(n_test, <= k)``.
+            k: ``None`` for the whole ``(n_test, n_train)`` matrix in dataset order, else
+                the number of best columns per row.
+            top_k: ``(scores, k) -> (local indices, scores)``, this method's ordering, or
+                ``None`` when ``compute`` returns candidates itself.
+            merge_key: maps candidate scores to the key sorted (descending, stable) to
+                merge the per-rank candidates, which arrive in dataset order.
+            device: where results are returned.
+
+        Returns:
+            The score matrix, or ``(indices, scores)`` of shape ``(n_test, k)``.
+        """
+        local, every = self.run(owner, compute)
+        if k is None:
+            return self.gather(local, every, -1, device)
+        if top_k is None:  # compute() already returned its candidates
+            idx, val = local if local is not None else (None, None)
+            picked = [_Status(True, shape=st.shape, dtype=st.dtype) for st in every]
+        else:
+            offsets = _offsets(self.sizes(every, -1))
+            idx = val = None
+            if local is not None and local.shape[1] > 0:
+                idx, val = top_k(local, min(k, local.shape[1]))
+                idx = idx + offsets[self.rank]
+            picked = [
+                _Status(True)
+                if st.shape is None or st.shape[1] == 0
+                else _Status(True, shape=(st.shape[0], min(k, st.shape[1])), dtype=st.dtype)
+                for st in every
+            ]
+        all_val = self.gather(val, picked, -1, device)
+        for st in picked:
+            st.dtype = "int64" if st.shape is not None else ""
+        all_idx = self.gather(idx, picked, -1, device)
+        order = torch.sort(merge_key(all_val), dim=1, descending=True, stable=True).indices
+        order = order[:, :k]
+        return all_idx.gather(1, order), all_val.gather(1, order)
+
+    def rows(
+        self, owner: str, compute: Callable[[], Tensor | None], device: torch.device
+    ) -> Tensor:
+        """This rank's rows (e.g. self-influence values), concatenated over ranks."""
+        local, every = self.run(owner, compute)
+        return self.gather(local, every, 0, device)
+
+
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out
+
+
+def _pad(t: Tensor, size: int, dim: int) -> Tensor:
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- entry points used by the public classes -------------------------------------------------
+def training_facts(loader: DataLoader, checkpoints: Sequence[Any]) -> dict[str, Any]:
+    """What every rank must agree on before sharding: data size and checkpoint contents."""
+    from proponents.checkpoints import checkpoint_fingerprint
+    from proponents.data import dataset_length, loader_batches
+
+    return {
+        "dataset length": dataset_length(loader),
+        "number of batches": loader_batches(loader),
+        "checkpoints": [checkpoint_fingerprint(c)[:16] for c in checkpoints],
+    }
+
+
+def _local_part(
+    loader: DataLoader, ctx: DistributedContext, argument: str
+) -> tuple[DataLoader, int | None, bool]:
+    shard = shard_loader(loader, ctx.rank, ctx.world_size, argument)
+    return shard, shard_size(shard), len(shard) == 0
+
+
+def sharded_scores(
+    ctx: DistributedContext,
+    owner: str,
+    loader: DataLoader,
+    scores_on: Callable[[DataLoader, int | None], Tensor],
+    k: int | None,
+    proponents: bool,
+    device: torch.device,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """TracIn scores with the training set split over ranks.
+
+    Args:
+        ctx: the process group.
+        owner: class name for messages.
+        loader: the whole training DataLoader (each rank reads only its shard of it).
+        scores_on: ``(shard_loader, shard_size) -> (n_test, n_shard)`` scores.
+        k: ``None`` for the score matrix, else the number of proponents/opponents.
+        proponents: highest (``True``) or lowest scores.
+        device: where the result is returned.
+
+    Returns:
+        The ``(n_test, n_train)`` matrix in dataset order, or ``(indices, scores)`` of
+        shape ``(n_test, k)`` equal to :func:`~proponents.scoring.k_most` of that matrix.
+    """
+    from proponents.scoring import k_most
+
+    shard, n, empty = _local_part(loader, ctx, "train_dataset")
+
+    def key(s: Tensor) -> Tensor:  # the ordering of k_most, as a descending sort key
+        if proponents:
+            return s.nan_to_num(nan=-float("inf"))
+        return -s.nan_to_num(nan=float("inf"))
+
+    return ctx.score_columns(
+        owner,
+        (lambda: None) if empty else (lambda: scores_on(shard, n)),
+        k,
+        lambda s, kk: k_most(s, kk, proponents),
+        key,
+        device,
+    )
+
+
+def sharded_values(
+    ctx: DistributedContext,
+    owner: str,
+    loader: DataLoader,
+    values_on: Callable[[DataLoader], Tensor],
+    device: torch.device,
+    argument: str = "inputs_dataset",
+) -> Tensor:
+    """Per-example values (self-influence, embeddings) with ``loader`` split over ranks.
+
+    Args:
+        values_on: ``shard_loader -> (n_shard, ...)`` values.
+
+    Returns:
+        ``(n, ...)`` values of every example, in dataset order, on every rank.
+    """
+    shard, _, empty = _local_part(loader, ctx, argument)
+    return ctx.rows(owner, (lambda: None) if empty else (lambda: values_on(shard)), device)
+
+
+def merge_key_finite_first(proponents: bool) -> Callable[[Tensor], Tensor]:
+    """Merge key of nearest-neighbour answers: best scores first, non-finite ones last."""
+
+    def key(s: Tensor) -> Tensor:
+        signed = s if proponents else -s
+        return torch.where(torch.isfinite(s), signed, torch.full_like(s, -float("inf")))
+
+    return key
+
+
+def shard_range(loader: DataLoader, rank: int, world_size: int) -> tuple[int, int]:
+    """Positions ``[start, stop)`` (in iteration order) of rank ``rank``'s examples."""
+    batches, _ = _batches_of(loader, "train_dataset")
+    lo = rank * len(batches) // world_size
+    hi = (rank + 1) * len(batches) // world_size
+    start = sum(len(b) for b in batches[:lo])
+    return start, start + sum(len(b) for b in batches[lo:hi])
+
+
+def sharded_local_rows(
+    ctx: DistributedContext,
+    owner: str,
+    loader: DataLoader,
+    values_on: Callable[[DataLoader], Tensor],
+) -> tuple[Tensor | None, list[int]]:
+    """This rank's rows of per-example values, kept local, and every rank's row count.
+
+    Returns:
+        ``(local, sizes)``: ``local`` is ``None`` on a rank with an empty shard.
+    """
+    shard, _, empty = _local_part(loader, ctx, "train_dataset")
+    local, every = ctx.run(owner, (lambda: None) if empty else (lambda: values_on(shard)))
+    return local, ctx.sizes(every, 0)

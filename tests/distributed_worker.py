@@ -1,0 +1,204 @@
+"""Run by tests/test_distributed.py under torchrun: sharded results vs one process.
+
+Every rank computes each method and mode twice, once alone (``distributed=False``) and
+once sharded over the process group, and checks that the two agree. Problems are printed
+as ``MISMATCH ...`` lines; the rank exits with status 1 when there is any.
+
+Usage: ``torchrun --nproc_per_node=2 tests/distributed_worker.py DATA_DIR``
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
+
+FAILURES: list[str] = []
+
+
+def check(what: str, alone, sharded) -> None:
+    if isinstance(alone, tuple):
+        same_idx = torch.equal(alone[0], sharded[0])
+        close = torch.allclose(alone[1], sharded[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+        if not (same_idx and close):
+            FAILURES.append(f"{what}: indices {alone[0].tolist()} vs {sharded[0].tolist()}")
+        return
+    if alone.shape != sharded.shape or not torch.allclose(
+        alone, sharded, rtol=1e-5, atol=1e-6, equal_nan=True
+    ):
+        FAILURES.append(f"{what}: {alone.shape} vs {sharded.shape}")
+
+
+def expect_error(what: str, call, needle: str) -> None:
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - any error type is reported below
+        if needle not in str(err):
+            FAILURES.append(f"{what}: message {err!r} lacks {needle!r}")
+        return
+    FAILURES.append(f"{what}: no error")
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def prepare(folder: Path) -> None:
+    """Write the data and three checkpoints that every rank reads."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(17, 6, generator=g), torch.randint(0, 3, (17,), generator=g)
+    x[9], y[9] = x[2], y[2]  # equal scores in both shards: ties must keep dataset order
+    xt, yt = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+    torch.save({"x": x, "y": y, "xt": xt, "yt": yt}, folder / "data.pt")
+    torch.manual_seed(0)
+    model = MLP()
+    for c, lr in enumerate([0.5, 1.5, 0.25]):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        torch.save(
+            {"model_state_dict": model.state_dict(), "learning_rate": lr}, folder / f"ckpt-{c}.pt"
+        )
+
+
+def main(folder: Path) -> int:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    data = torch.load(folder / "data.pt")
+    ckpts = sorted(str(p) for p in folder.glob("ckpt-*.pt"))
+    model = MLP()
+    train = TensorDataset(data["x"], data["y"])
+    x, y = data["xt"], data["yt"]
+    test_loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+
+    def tracin(batch_size: int, **kw):
+        return TracInCP(
+            model,
+            train,
+            ckpts,
+            loss_fn=loss,
+            batch_size=batch_size,
+            sample_wise_grads_per_batch=True,
+            **kw,
+        )
+
+    def fast(batch_size: int, **kw):
+        return TracInCPFast(model, "fc2", train, ckpts, loss_fn=loss, batch_size=batch_size, **kw)
+
+    # batch_size 3: 6 batches split 3/3; 17: one batch, so rank 0 has an empty shard.
+    for batch_size in (3, 17):
+        for label, build in (("TracInCP", tracin), ("TracInCPFast", fast)):
+            alone, sharded = build(batch_size, distributed=False), build(batch_size)
+            assert sharded._dist is not None
+            tag = f"{label}[batch_size={batch_size}]"
+            for mode, kwargs in (
+                ("scores", {}),
+                ("aggregate", {"aggregate": True}),
+                ("proponents", {"k": 5}),
+                ("opponents", {"k": 5, "proponents": False}),
+                ("k=n", {"k": len(train)}),
+            ):
+                check(
+                    f"{tag} {mode}",
+                    alone.influence((x,), y, **kwargs),
+                    sharded.influence((x,), y, **kwargs),
+                )
+            check(
+                f"{tag} test loader",
+                alone.influence(test_loader, k=4),
+                sharded.influence(test_loader, k=4),
+            )
+            check(f"{tag} self-influence", alone.self_influence(), sharded.self_influence())
+            check(f"{tag} influence()", alone.influence(), sharded.influence())
+            check(
+                f"{tag} self-influence of a loader",
+                alone.self_influence(test_loader),
+                sharded.self_influence(test_loader),
+            )
+            check(
+                f"{tag} self-influence of a batch",
+                alone.self_influence((x, y)),
+                sharded.self_influence((x, y)),
+            )
+
+    for projection_dim in (None, 4):
+        for batch_size in (3, 17):
+            kw = dict(loss_fn=loss, batch_size=batch_size, projection_dim=projection_dim)
+            alone = TracInCPFastRandProj(model, "fc2", train, ckpts, distributed=False, **kw)
+            sharded = TracInCPFastRandProj(model, "fc2", train, ckpts, **kw)
+            tag = f"TracInCPFastRandProj[dim={projection_dim}, batch_size={batch_size}]"
+            for mode, kwargs in (
+                ("scores", {"k": None}),
+                ("proponents", {"k": 5}),
+                ("opponents", {"k": 5, "proponents": False}),
+                ("k=n", {"k": len(train)}),
+            ):
+                check(
+                    f"{tag} {mode}",
+                    alone.influence((x,), y, **kwargs),
+                    sharded.influence((x,), y, **kwargs),
+                )
+            check(
+                f"{tag} test loader",
+                alone.influence(test_loader, k=3),
+                sharded.influence(test_loader, k=3),
+            )
+            path = folder / f"index-{projection_dim}-{batch_size}"
+            sharded.save(path)
+            loaded = TracInCPFastRandProj.load(
+                path, model, ckpts, loss, train_dataset=train, batch_size=batch_size
+            )
+            check(
+                f"{tag} saved and loaded",
+                alone.influence((x,), y, k=5),
+                loaded.influence((x,), y, k=5),
+            )
+
+    # Ranks that disagree on the training data: the same clear error on every rank.
+    n = len(train) - (1 if rank == 1 else 0)
+    short = TensorDataset(data["x"][:n], data["y"][:n])
+    expect_error(
+        "dataset length",
+        lambda: TracInCP(
+            model, short, ckpts, loss_fn=loss, batch_size=3, sample_wise_grads_per_batch=True
+        ),
+        "dataset length differs",
+    )
+    # A rank failing mid-way: the others name it instead of waiting.
+    from proponents.checkpoints import load_flexible_state_dict
+
+    def flaky(m, ckpt):
+        if rank == 1 and ckpt == ckpts[-1]:
+            raise OSError("disk went away")
+        return load_flexible_state_dict(m, ckpt)
+
+    broken = TracInCP(
+        model, train, ckpts, flaky, loss_fn=loss, batch_size=3, sample_wise_grads_per_batch=True
+    )
+    needle = "disk went away" if rank == 1 else "rank 1 failed with CheckpointLoadError"
+    expect_error("failing rank", lambda: broken.influence((x,), y, k=2), needle)
+    expect_error("failing rank, scores", lambda: broken.influence((x,), y), needle)
+
+    dist.barrier()
+    for line in FAILURES:
+        print(f"rank {rank} MISMATCH {line}", flush=True)
+    print(f"rank {rank} checked, {len(FAILURES)} mismatches", flush=True)
+    dist.destroy_process_group()
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

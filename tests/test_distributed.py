@@ -1,0 +1,86 @@
+"""Sharded over two gloo ranks, every method and mode equals the single-process answer.
+
+The test launches ``python -m torch.distributed.run --nproc_per_node=2`` on
+``tests/distributed_worker.py``, which computes everything both ways on each rank and
+prints one ``MISMATCH`` line per difference (it also checks that ranks disagreeing on
+their data, and a rank failing mid-way, give errors on every rank instead of a hang).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from proponents import TracInCP
+from proponents.distributed import resolve_distributed, shard_loader, shard_range
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    _worker_module().prepare(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    for rank in (0, 1):
+        assert f"rank {rank} checked, 0 mismatches" in out, out[-6000:]
+
+
+def test_shards_are_contiguous_and_cover_every_batch():
+    data = TensorDataset(torch.arange(11.0), torch.arange(11))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    seen = []
+    for rank in range(3):
+        shard = shard_loader(loader, rank, 3, "train_dataset")
+        got = [int(v) for _, y in shard for v in y]
+        assert shard_range(loader, rank, 3) == (len(seen), len(seen) + len(got))
+        seen += got
+    assert seen == list(range(11))
+    # batch_size=None: every item is already a batch
+    whole = torch.utils.data.DataLoader(data, batch_size=None)
+    assert [int(y) for _, y in shard_loader(whole, 1, 2, "train_dataset")] == list(range(5, 11))
+
+
+def test_distributed_argument_is_checked(tmp_path):
+    with pytest.raises(ArgumentTypeError, match="distributed"):
+        resolve_distributed("yes", "TracInCP")
+    assert resolve_distributed(None, "TracInCP") is None  # no process group: one process
+    assert resolve_distributed(False, "TracInCP") is None
+    model = nn.Linear(3, 2)
+    torch.save(model.state_dict(), tmp_path / "c.pt")
+    with pytest.raises(InvalidArgumentError, match="init_process_group"):
+        TracInCP(model, TensorDataset(torch.randn(4, 3), torch.arange(4) % 2), tmp_path,
+                 distributed=True)  # fmt: skip
