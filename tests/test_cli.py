@@ -1,0 +1,332 @@
+"""The ``proponents`` command line: demo end to end, explain on a task file, exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the demo/dev extra)")
+pytest.importorskip("matplotlib", reason="the report needs matplotlib (the plot/dev extra)")
+
+from proponents.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_task, main  # noqa: E402
+from proponents.demo import run_demo  # noqa: E402
+
+METHODS = ["tracincp", "fast", "randproj", "similarity"]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- help
+def test_help_for_every_command(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == EXIT_OK
+    assert "demo" in out and "explain" in out
+    code, out, _ = run_cli(capsys, "demo", "--help")
+    assert code == EXIT_OK
+    for option in ("--out", "--noise", "--seed", "--method"):
+        assert option in out
+    code, out, _ = run_cli(capsys, "explain", "--help")
+    assert code == EXIT_OK
+    for option in ("--task", "--checkpoints", "--method", "--k", "--out"):
+        assert option in out
+    for name in ("model", "train_dataset", "test_dataset", "loss_fn", "render"):
+        assert name in out
+
+
+def test_python_dash_m_runs_the_same_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "proponents", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--noise" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["demo", "--noise", "1.5"],
+        ["demo", "--noise", "lots"],
+        ["demo", "--method", "magic"],
+        ["demo", "--k", "0"],
+        ["explain", "--checkpoints", "x"],
+        ["explain", "--task", "t.py"],
+    ],
+)
+def test_bad_arguments_exit_2(capsys, argv):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == EXIT_USAGE
+    assert "error" in err
+
+
+# ----------------------------------------------------------------------------- demo
+def test_demo_finds_the_flipped_labels(capsys, tmp_path):
+    """The default demo: TracInCP self-influence finds >= 80% of 10% flipped labels in the
+    top 10%, and beats random order; the summary prints the figures and the report path."""
+    code, out, err = run_cli(capsys, "demo", "--out", str(tmp_path), "--quiet")
+    assert code == EXIT_OK, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["noise"] == 0.1 and summary["method"] == "tracincp"
+    assert summary["n_flipped"] == round(0.1 * summary["n_train"])
+    detection = summary["detection"]
+    found = detection["TracInCP self-influence"]
+    assert found["0.1"] >= 0.8, detection
+    assert found["0.2"] >= found["0.1"] >= found["0.05"]
+    assert detection["random order (expected)"]["0.1"] == pytest.approx(0.1, abs=0.001)
+    assert summary["test_accuracy"] > 0.85
+    assert f"{found['0.1'] * 100:.1f}%" in out
+    assert "TracInCP self-influence" in out and "final loss" in out and "random order" in out
+    assert str(tmp_path / "report.html") in out
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+    assert (tmp_path / "mislabel_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((tmp_path / "checkpoints").glob("ckpt-*.pt"))) == summary["epochs"]
+    assert summary["seconds"]["total"] < 90
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_demo_small_setting_every_method(capsys, tmp_path, method):
+    code, out, err = run_cli(
+        capsys,
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--method",
+        method,
+        "--epochs",
+        "3",
+        "--k",
+        "3",
+        "--examples",
+        "2",
+        "--noise",
+        "0.2",
+        "--seed",
+        "1",
+        "--quiet",
+    )
+    assert code == EXIT_OK, err
+    for name in ("report.html", "mislabel_curve.png", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert len(list((tmp_path / "checkpoints").glob("ckpt-*.pt"))) == 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_train"] + summary["n_test"] == 1797
+    assert summary["n_flipped"] == round(0.2 * summary["n_train"])
+    assert len(summary["test_indices"]) == 2
+    detection = summary["detection"]
+    assert set(detection) == {
+        summary["suspicion"],
+        "final loss",
+        "random order (expected)",
+        "best possible",
+    }
+    for name, values in detection.items():
+        shares = [values[f] for f in ("0.05", "0.1", "0.2")]
+        assert all(0.0 <= v <= 1.0 for v in shares), (name, values)
+        assert shares == sorted(shares), (name, values)
+        assert values["0.2"] <= detection["best possible"]["0.2"] + 1e-12
+    # Even three epochs rank the flipped labels well above random order.
+    random_order = detection["random order (expected)"]["0.2"]
+    assert detection[summary["suspicion"]]["0.2"] > 1.5 * random_order
+    html = (tmp_path / "report.html").read_text()
+    n_images = html.count("<img")
+    # The plot, 24 suspicious images, and each test digit with k proponents and k opponents.
+    assert n_images == 1 + 24 + 2 * (1 + 2 * 3)
+    assert "Report:" in out
+
+
+def test_demo_is_deterministic_and_leaves_global_state_alone(tmp_path):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    first = run_demo(tmp_path / "a", epochs=2, k=2, n_wrong=1, n_right=1, seed=3)
+    second = run_demo(tmp_path / "b", epochs=2, k=2, n_wrong=1, n_right=1, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.get_num_threads() == threads
+    one = json.loads(first.summary_path.read_text())
+    two = json.loads(second.summary_path.read_text())
+    for key in ("seconds", "report", "figure"):
+        one.pop(key), two.pop(key)
+    assert one == two
+    strip = re.compile(r"proponents-demo|/[ab]/")
+    assert strip.sub("", first.report_path.read_text()) == strip.sub(
+        "", second.report_path.read_text()
+    )
+    ckpt_a = torch.load(tmp_path / "a" / "checkpoints" / "ckpt-2.pt", weights_only=True)
+    ckpt_b = torch.load(tmp_path / "b" / "checkpoints" / "ckpt-2.pt", weights_only=True)
+    for key, value in ckpt_a["model_state_dict"].items():
+        assert torch.equal(value, ckpt_b["model_state_dict"][key]), key
+
+
+# -------------------------------------------------------------------------- explain
+TASK = '''
+"""A toy text task: bags of words, two classes; some label names need escaping."""
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+WORDS = ["good", "bad", "fine", "awful", "<b>bold</b>", "a&b", "ok", "meh"]
+
+class BagOfWords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(len(WORDS), 6)
+        self.hidden = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.hidden(self.embed(tokens).mean(1))))
+
+g = torch.Generator().manual_seed(0)
+tokens = torch.randint(0, len(WORDS), (90, 5), generator=g)
+positive = torch.isin(tokens, torch.tensor([0, 2, 6])).sum(1)
+labels = (positive >= 2).long()
+labels[:6] = 1 - labels[:6]  # six known-wrong training labels
+torch.manual_seed(0)
+model = BagOfWords()
+train_dataset = TensorDataset(tokens[:70], labels[:70])
+test_dataset = TensorDataset(tokens[70:], labels[70:])
+loss_fn = nn.CrossEntropyLoss(reduction="sum")
+label_names = ["negative", "<script>alert(1)</script>"]
+mislabeled = list(range(6))
+batch_size = 32
+
+def render(tokens):
+    return " ".join(WORDS[int(t)] for t in tokens)
+'''
+
+
+@pytest.fixture
+def task(tmp_path) -> tuple[Path, Path]:
+    """A task file and a folder of checkpoints trained on its data."""
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent(TASK))
+    loaded = load_task(path)
+    model, train = loaded.model, loaded.train_dataset
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = train.tensors
+    for epoch in range(1, 5):
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        torch.save(
+            {"model_state_dict": model.state_dict(), "learning_rate": 0.5},
+            ckpts / f"epoch-{epoch}.pt",
+        )
+    return path, ckpts
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_explain_writes_the_report(capsys, tmp_path, task, method):
+    path, ckpts = task
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(
+        capsys,
+        "explain",
+        "--task",
+        str(path),
+        "--checkpoints",
+        str(ckpts),
+        "--method",
+        method,
+        "--k",
+        "4",
+        "--examples",
+        "3",
+        "--out",
+        str(out_dir),
+        "--quiet",
+    )
+    assert code == EXIT_OK, err
+    assert str(out_dir / "report.html") in out
+    html = (out_dir / "report.html").read_text()
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["method"] == method and len(summary["test_indices"]) == 3
+    # Text examples: escaped text, no images except the plot.
+    assert html.count("<img") == 1
+    assert html.count('class="ex-text"') == 24 + 3 * (1 + 2 * 4)
+    assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<b>bold" not in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    assert "a&amp;b" in html
+    # Known-bad labels were given: the detection table is there.
+    detection = summary["detection"]
+    assert 0.0 <= detection["final loss"]["0.1"] <= 1.0
+    assert (out_dir / "mislabel_curve.png").is_file()
+
+
+def test_explain_task_missing_names(capsys, tmp_path):
+    path = tmp_path / "incomplete.py"
+    path.write_text("import torch\nmodel = torch.nn.Linear(2, 2)\ntrain_dataset = [1, 2]\n")
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    code, _, err = run_cli(capsys, "explain", "--task", str(path), "--checkpoints", str(ckpts))
+    assert code == EXIT_USAGE
+    assert "does not define test_dataset, loss_fn" in err
+    assert "model" in err  # the list of what a task file must define
+
+
+def test_explain_task_that_fails_to_load(capsys, tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("x = 1\nraise RuntimeError('no data here')\n")
+    code, _, err = run_cli(capsys, "explain", "--task", str(path), "--checkpoints", str(tmp_path))
+    assert code == EXIT_USAGE
+    assert "(line 2)" in err and "RuntimeError: no data here" in err
+
+
+def test_explain_task_of_wrong_kind(capsys, tmp_path):
+    path = tmp_path / "wrong.py"
+    path.write_text("model = 3\ntrain_dataset = test_dataset = []\nloss_fn = None\n")
+    code, _, err = run_cli(capsys, "explain", "--task", str(path), "--checkpoints", str(tmp_path))
+    assert code == EXIT_USAGE
+    assert "model must be a torch.nn.Module" in err
+
+
+def test_explain_missing_task_or_checkpoints(capsys, tmp_path, task):
+    path, ckpts = task
+    code, _, err = run_cli(
+        capsys, "explain", "--task", str(tmp_path / "nope.py"), "--checkpoints", str(ckpts)
+    )
+    assert code == EXIT_USAGE and "nope.py does not exist" in err
+    code, _, err = run_cli(
+        capsys, "explain", "--task", str(path), "--checkpoints", str(tmp_path / "none")
+    )
+    assert code == EXIT_USAGE and "does not exist" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, "explain", "--task", str(path), "--checkpoints", str(empty))
+    assert code == EXIT_USAGE and str(empty) in err
+
+
+def test_explain_runtime_failure_exits_1(capsys, tmp_path, task):
+    path, _ = task
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"model_state_dict": nn.Linear(3, 3).state_dict()}, bad / "ckpt-1.pt")
+    code, _, err = run_cli(
+        capsys, "explain", "--task", str(path), "--checkpoints", str(bad), "--quiet"
+    )
+    assert code == EXIT_FAILURE
+    assert "proponents explain: failed:" in err and "ckpt-1.pt" in err
+    assert "Traceback" not in err
+    code, _, err = run_cli(
+        capsys, "explain", "--task", str(path), "--checkpoints", str(bad), "--quiet", "--traceback"
+    )
+    assert code == EXIT_FAILURE and "Traceback" in err

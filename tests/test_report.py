@@ -1,0 +1,391 @@
+"""The HTML influence report: content, escaping, self-containment, and a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from proponents import KMostInfluentialResults
+from proponents.errors import InvalidArgumentError
+from proponents.report import InfluenceReport, MissingExtraError, build_report
+from proponents.report.render import as_image, example_html, png_bytes
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (apt-get install -y chromium); the browser checks need it",
+)
+
+
+# ---------------------------------------------------------------------------- data
+def image_case(n_train: int = 30, n_shown: int = 3, k: int = 4) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.rand(n_train, 1, 6, 6, generator=g), torch.arange(n_train) % 3)
+    test = TensorDataset(torch.rand(5, 1, 6, 6, generator=g), torch.tensor([0, 1, 2, 0, 1]))
+    scores = torch.randn(n_shown, n_train, generator=g)
+    top = scores.topk(k, dim=1)
+    bottom = scores.topk(k, dim=1, largest=False)
+    return {
+        "train_dataset": train,
+        "test_dataset": test,
+        "proponents": KMostInfluentialResults(top.indices, top.values),
+        "opponents": KMostInfluentialResults(bottom.indices, bottom.values),
+        "test_indices": [4, 0, 2],
+        "test_predictions": [2, 0, 2],
+        "train_predictions": torch.arange(n_train) % 3,
+        "self_influence": torch.rand(n_train, generator=g),
+        "mislabeled": [1, 5, 7],
+        "baselines": {"final loss": torch.rand(n_train, generator=g)},
+        "label_names": ["zero", "one", "two"],
+    }
+
+
+def text_case() -> dict[str, Any]:
+    words = ["<script>alert('x')</script>", "plain", "a&b", '"quoted"']
+    tokens = torch.arange(8).reshape(4, 2) % 4
+    train = TensorDataset(tokens, torch.tensor([0, 1, 1, 0]))
+    test = TensorDataset(tokens[:2], torch.tensor([1, 0]))
+    return {
+        "train_dataset": train,
+        "test_dataset": test,
+        "proponents": (torch.tensor([[0, 1], [2, 3]]), torch.tensor([[2.0, 1.0], [0.5, 0.1]])),
+        "opponents": (torch.tensor([[3, 2], [1, 0]]), torch.tensor([[-2.0, -1.0], [-3.0, -1.0]])),
+        "test_predictions": [0, 0],
+        "self_influence": torch.tensor([0.1, 4.0, 0.3, 2.0]),
+        "label_names": ["<script>alert(1)</script>", "<i>positive</i>"],
+        "render": lambda t: " ".join(words[int(i)] for i in t),
+    }
+
+
+# ------------------------------------------------------------------------ rendering
+def test_png_writer_round_trips():
+    mpimg = pytest.importorskip("matplotlib.image")
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7), (4, 6, 3), (3, 3, 4)]:
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        path = Path(tempfile.mkdtemp()) / "x.png"
+        path.write_bytes(png_bytes(image))
+        decoded = np.rint(mpimg.imread(path) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(decoded, image)
+
+
+def test_image_detection():
+    assert as_image(torch.rand(8, 8)).shape == (8, 8)
+    assert as_image(torch.rand(1, 8, 8)).shape == (8, 8)
+    assert as_image(torch.rand(1, 1, 8, 8)).shape == (8, 8)
+    assert as_image(torch.rand(3, 5, 6)).shape == (5, 6, 3)
+    assert as_image(np.zeros((5, 6, 3), np.uint8)).shape == (5, 6, 3)
+    assert as_image(torch.full((4, 4), 2.0)).max() == 0  # constant: no division by zero
+    assert as_image(torch.arange(10)) is None  # token ids are text
+    assert as_image(torch.ones(4, 4, dtype=torch.long)) is None
+    assert as_image(torch.rand(7)) is None
+    image = as_image(torch.tensor([[0.0, 0.5], [1.0, float("nan")]]))
+    assert image.tolist() == [[0, 128], [255, 0]]
+
+
+def test_text_is_escaped():
+    html, is_image = example_html("<script>alert(1)</script> & more", alt="x")
+    assert not is_image
+    assert "<script" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in html
+    html, is_image = example_html(torch.rand(1, 8, 8), alt='"><script>')
+    assert is_image and 'alt="&quot;&gt;&lt;script&gt;"' in html
+
+
+# ------------------------------------------------------------------------- building
+def test_report_for_a_notebook_and_a_file(tmp_path):
+    report = build_report(**image_case(), title="My <report>")
+    assert isinstance(report, InfluenceReport)
+    fragment = report._repr_html_()
+    assert fragment.startswith("<style>") and "<html" not in fragment
+    assert "My &lt;report&gt;" in fragment
+    # 24 suspicious cards are capped by the 30 examples; 3 rows of 1 + 4 + 4 cards; the plot.
+    assert fragment.count("<img") == 24 + 3 * 9 + 1
+    assert fragment.count("known bad") >= 1
+    detection = report.figures["detection"]
+    assert set(detection) == {
+        "self-influence",
+        "final loss",
+        "random order (expected)",
+        "best possible",
+    }
+    path = report.save(tmp_path / "out" / "report.html")
+    assert path == tmp_path / "out" / "report.html"
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and fragment in text
+    assert (tmp_path / "out" / "mislabel_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # A folder works too.
+    assert report.save(tmp_path / "out") == path
+
+
+def test_report_is_self_contained():
+    html = build_report(**image_case()).html
+    assert "://" not in html  # no absolute URL anywhere (base64 cannot hold ':')
+    for attr, value in re.findall(r"""\b(src|href|action|srcset)\s*=\s*["']?([^"'\s>]*)""", html):
+        assert value.startswith("data:image/png;base64,"), (attr, value[:40])
+    assert "<script" not in html and "<link" not in html and "@import" not in html
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+
+
+def test_text_examples_and_labels_are_escaped():
+    report = build_report(**text_case())
+    html = report.html
+    assert "<script" not in html and "<i>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # a label
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html  # an example's text
+    assert "a&amp;b" in html and "&quot;quoted&quot;" in html
+    # No known-bad labels: the figure shows the sorted scores instead of a detection curve.
+    assert report.figure_name == "self_influence.png" and "detection" not in report.figures
+    assert report.figures["most_suspicious"] == [1, 3, 2, 0]
+
+
+def test_similarity_results_and_bad_shapes():
+    case = image_case()
+    indices, scores = case["proponents"]
+    case["proponents"] = {"fc": (indices, scores)}
+    build_report(**case)
+    case["proponents"] = {"a": (indices, scores), "b": (indices, scores)}
+    with pytest.raises(InvalidArgumentError, match="2 layers"):
+        build_report(**case)
+    case["proponents"] = (indices, scores[:, :2])
+    with pytest.raises(InvalidArgumentError, match="must both be"):
+        build_report(**case)
+    case["proponents"] = (indices + 100, scores)
+    with pytest.raises(InvalidArgumentError, match="train_dataset has 30"):
+        build_report(**case)
+    case = image_case()
+    case["self_influence"] = torch.rand(3)
+    with pytest.raises(InvalidArgumentError, match="self_influence has 3 entries"):
+        build_report(**case)
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match=r"proponents\[plot\]"):
+        build_report(**image_case())
+    report = build_report(**image_case(), plot_figure=False)
+    assert report.figure_png is None and report.html.count("<img") == 24 + 27
+
+
+# -------------------------------------------------------------------------- browser
+class Chromium:
+    """Headless chromium driven over the DevTools protocol on a pipe (no network port).
+
+    The browser's own proxy points at a dead local port, so nothing could leave the
+    machine; requests the page makes are still reported by the Network domain.
+    """
+
+    FLAGS = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--proxy-server=http://127.0.0.1:9",
+        "--proxy-bypass-list=<-loopback>",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+    ]
+
+    def __init__(self) -> None:
+        self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
+        to_r, self._to_w = os.pipe()
+        self._from_r, from_w = os.pipe()
+
+        def fds() -> None:  # the protocol pipe is fd 3 (commands) and fd 4 (replies)
+            a, b = os.dup(to_r), os.dup(from_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *self.FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-pipe"],
+            pass_fds=(3, 4),
+            preexec_fn=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_r)
+        os.close(from_w)
+        self._buffer = b""
+        self._id = 0
+        self.messages: list[dict[str, Any]] = []
+
+    def _read_until(self, wanted: Any, timeout: float = 60.0) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                message = json.loads(raw)
+                self.messages.append(message)
+                if wanted(message):
+                    return message
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("chromium did not answer in time")
+            if select.select([self._from_r], [], [], left)[0]:
+                chunk = os.read(self._from_r, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("chromium closed its protocol pipe")
+                self._buffer += chunk
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        self._id += 1
+        message: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to_w, json.dumps(message).encode() + b"\0")
+        number = self._id
+        reply = self._read_until(lambda m: m.get("id") == number)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    def open(self, path: Path, script: str) -> tuple[Any, list[str]]:
+        """Load ``path``, wait for its load event, evaluate ``script`` (JSON result).
+
+        Returns:
+            The script's value and the URLs of every request the page made.
+        """
+        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        self.call("Network.enable", {}, session)
+        self.call("Page.enable", {}, session)
+        self.call("Page.navigate", {"url": path.resolve().as_uri()}, session)
+        self._read_until(
+            lambda m: m.get("method") == "Page.loadEventFired" and m.get("sessionId") == session
+        )
+        value = self.call(
+            "Runtime.evaluate", {"expression": script, "returnByValue": True}, session
+        )["result"]["value"]
+        time.sleep(0.2)  # let late requests (none expected) be reported
+        self.call("Runtime.evaluate", {"expression": "0"}, session)
+        urls = [
+            m["params"]["request"]["url"]
+            for m in self.messages
+            if m.get("method") == "Network.requestWillBeSent" and m.get("sessionId") == session
+        ]
+        return json.loads(value), urls
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except Exception:  # noqa: BLE001 - the browser may already be gone
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_w)
+        os.close(self._from_r)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+PAGE_FACTS = """JSON.stringify({
+  images: document.images.length,
+  decoded: [...document.images].filter(i => i.complete && i.naturalWidth > 0).length,
+  plotWidth: (document.querySelector('img.plot') || {naturalWidth: 0}).naturalWidth,
+  scripts: document.scripts.length,
+  text: document.body.innerText,
+  title: document.title,
+})"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed")
+    chromium = Chromium()
+    yield chromium
+    chromium.close()
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory) -> Path:
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the demo/dev extra)")
+    from proponents.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(out, epochs=2, k=3, n_wrong=2, n_right=2).report_path
+
+
+def _network(urls: list[str]) -> list[str]:
+    return [u for u in urls if not u.startswith(("data:", "file:"))]
+
+
+@needs_chromium
+def test_demo_report_renders_offline_in_chromium(browser, demo_report, tmp_path):
+    facts, urls = browser.open(demo_report, PAGE_FACTS)
+    # The plot, 24 suspicious digits, and 4 test digits with 3 proponents and 3 opponents.
+    expected = 1 + 24 + 4 * (1 + 2 * 3)
+    assert facts["images"] == expected
+    assert facts["decoded"] == expected  # every inline PNG decoded and drawn
+    assert facts["plotWidth"] == 640
+    assert "Most suspicious training examples" in facts["text"]
+    assert "which training digits are mislabelled" in facts["title"]
+    assert urls and urls[0].startswith("file:")
+    assert _network(urls) == []
+
+    # The same check does see requests when a page makes them.
+    control = tmp_path / "control.html"
+    control.write_text(
+        '<img src="http://probe.invalid/a.png"><img src="https://probe.invalid/b.png">'
+    )
+    _, control_urls = browser.open(control, "JSON.stringify(0)")
+    assert _network(control_urls) == ["http://probe.invalid/a.png", "https://probe.invalid/b.png"]
+
+
+@needs_chromium
+def test_dumped_dom_holds_the_images():
+    """Chromium's plain --dump-dom (no protocol): the rendered DOM holds every image."""
+    report = build_report(**image_case())
+    with tempfile.TemporaryDirectory() as folder:
+        path = report.save(Path(folder) / "report.html")
+        result = subprocess.run(
+            [
+                CHROMIUM,
+                *Chromium.FLAGS,
+                f"--user-data-dir={folder}/profile",
+                "--dump-dom",
+                path.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    assert dom.count("<img") == 24 + 27 + 1
+    assert dom.count('class="plot"') == 1
+    assert "Most suspicious training examples" in dom
+
+
+@needs_chromium
+def test_escaped_text_shows_as_text_in_chromium(browser, tmp_path):
+    path = build_report(**text_case()).save(tmp_path / "report.html")
+    facts, urls = browser.open(path, PAGE_FACTS)
+    assert facts["scripts"] == 0  # nothing from the data became a script element
+    assert "<script>alert(1)</script>" in facts["text"]  # the label, shown literally
+    assert "<script>alert('x')</script> plain" in facts["text"]
+    assert "<i>positive</i>" in facts["text"]
+    assert facts["images"] == facts["decoded"] == 1  # just the plot
+    assert _network(urls) == []
