@@ -78,6 +78,7 @@ def main(folder: Path) -> int:
     rank = dist.get_rank()
     data = torch.load(folder / "data.pt")
     ckpts = sorted(str(p) for p in folder.glob("ckpt-*.pt"))
+    torch.manual_seed(0)  # the same weights on every rank (SimilarityInfluence uses them)
     model = MLP()
     train = TensorDataset(data["x"], data["y"])
     x, y = data["xt"], data["yt"]
@@ -165,6 +166,25 @@ def main(folder: Path) -> int:
                 f"{tag} saved and loaded",
                 alone.influence((x,), y, k=5),
                 loaded.influence((x,), y, k=5),
+            )
+
+    from proponents import SimilarityInfluence
+
+    for batch_size in (4, 17):
+        for direction in ("max", "min"):
+            kw = dict(similarity_direction=direction, batch_size=batch_size)
+            alone = SimilarityInfluence(
+                model, ["fc1", "fc2"], train, folder / "act-alone", distributed=False, **kw
+            )
+            sharded = SimilarityInfluence(model, ["fc1", "fc2"], train, folder / "act", **kw)
+            a, b = alone.influence(x, top_k=6), sharded.influence(x, top_k=6)
+            for layer in ("fc1", "fc2"):
+                check(f"SimilarityInfluence[{direction}, {batch_size}] {layer}", a[layer], b[layer])
+            again = sharded.influence(x, top_k=len(train))  # from the stored shards
+            check(
+                f"SimilarityInfluence[{direction}, {batch_size}] stored, all",
+                alone.influence(x, top_k=len(train))["fc2"],
+                again["fc2"],
             )
 
     # Ranks that disagree on the training data: the same clear error on every rank.

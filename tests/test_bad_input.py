@@ -344,6 +344,7 @@ ROWS: list[Row] = [
     row(f"{R}.load.nearest_neighbors", "type", lambda o: o.load(nearest_neighbors={}), Ty),
     # ------------------------------------------------------ SimilarityInfluence()
     row(f"{S}.__init__.module", "type", lambda o: o.sim(module=3), Ty),
+    row(f"{S}.__init__.distributed", "str", lambda o: o.sim(distributed="all"), Ty),
     row(f"{S}.__init__.layers", "type", lambda o: o.sim(layers=3), Ty),
     row(f"{S}.__init__.layers", "unknown", lambda o: o.sim(layers="fc9"), V),
     row(f"{S}.__init__.layers", "empty", lambda o: o.sim(layers=[]), V),

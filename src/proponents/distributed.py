@@ -285,9 +285,9 @@ class DistributedContext:
         for st in picked:
             st.dtype = "int64" if st.shape is not None else ""
         all_idx = self.gather(idx, picked, -1, device)
-        order = torch.sort(merge_key(all_val), dim=1, descending=True, stable=True).indices
-        order = order[:, :k]
-        return all_idx.gather(1, order), all_val.gather(1, order)
+        order = torch.sort(merge_key(all_val), dim=-1, descending=True, stable=True).indices
+        order = order[..., :k]
+        return all_idx.gather(-1, order), all_val.gather(-1, order)
 
     def rows(
         self, owner: str, compute: Callable[[], Tensor | None], device: torch.device

@@ -47,6 +47,12 @@ from proponents.data import (
     test_inputs_tuple,
     to_device,
 )
+from proponents.distributed import (
+    DistributedContext,
+    resolve_distributed,
+    shard_loader,
+    shard_range,
+)
 from proponents.errors import (
     ArgumentTypeError,
     BatchFormatError,
@@ -111,6 +117,11 @@ class SimilarityInfluence(DataInfluence):
             channels-last memory layout, which is often much faster for convolutions.
             ``None`` (default) tries it on the first batch and keeps it only when it gives
             the same activations and is faster; ``False`` never; ``True`` always.
+        distributed: (keyword-only) ``None`` splits the source set over the ranks of an
+            initialised ``torch.distributed`` process group (when there is one), ``True``
+            requires one, ``False`` never splits. Each rank stores the activations of its
+            own contiguous range (under ``rank-R-of-W``) and results merge the per-rank
+            ``top_k``; every rank must construct the object and call it together.
         **kwargs: ``replace_nan`` (float): similarity given by the built-in cosine to a
             pair involving an all-zero activation vector (default 0.0).
 
@@ -133,6 +144,7 @@ class SimilarityInfluence(DataInfluence):
         batch_size: int = 1,
         *,
         channels_last: bool | None = None,
+        distributed: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(module, nn.Module):
@@ -208,6 +220,25 @@ class SimilarityInfluence(DataInfluence):
             # Same batches as the DataLoader would collate, by slicing instead of stacking.
             self._fast_tensors = tuple(influence_src_dataset.tensors)
         self._layouts: dict[Any, bool] = {}
+        self._n_local: int | None = None
+        self._dist = resolve_distributed(distributed, "SimilarityInfluence")
+        if self._dist is not None:
+            self._shard(self._dist)
+
+    def _shard(self, dist: DistributedContext) -> None:
+        """Keep only this rank's contiguous range of the source set (own store folder)."""
+        facts = {"dataset length": self._n_src(), "number of batches": loader_batches(self._loader)}
+        dist.agree("SimilarityInfluence", facts)
+        self._n_total = self._n_src()
+        start, stop = shard_range(self._loader, dist.rank, dist.world_size)
+        if self._fast_tensors is not None:
+            self._fast_tensors = tuple(t[start:stop] for t in self._fast_tensors)
+        self._loader = shard_loader(
+            self._loader, dist.rank, dist.world_size, "influence_src_dataset"
+        )
+        self._offset, self._n_local = start, stop - start
+        self._model_dir = self._model_dir / f"rank-{dist.rank}-of-{dist.world_size}"
+        ArrayStore(self._model_dir).ensure_writable()
 
     # ------------------------------------------------------------------------ public
     def influence(  # type: ignore[override]
@@ -267,7 +298,7 @@ class SimilarityInfluence(DataInfluence):
         check_flag(load_src_from_disk, "load_src_from_disk")
         check_flag(load_input_from_disk, "load_input_from_disk")
         check_flag(show_progress, "show_progress")
-        n_src = self._n_src()
+        n_src = self._n_total if self._dist is not None else self._n_src()
         if top_k < 1 or (n_src is not None and top_k > n_src):
             raise InvalidArgumentError(
                 f"top_k={top_k} is out of range: it must be between 1 and the number of "
@@ -300,13 +331,65 @@ class SimilarityInfluence(DataInfluence):
                 fingerprint,
                 device,
             )
+            if self._dist is not None:
+                return self._sharded_search(
+                    self._dist,
+                    test,
+                    top_k,
+                    largest,
+                    fingerprint,
+                    device,
+                    load_src_from_disk,
+                    show_progress,
+                )
             results = self._search(
                 test, top_k, largest, fingerprint, device, load_src_from_disk, show_progress
             )
         return {layer: results[layer] for layer in self.layers}
 
+    def _sharded_search(
+        self,
+        dist: DistributedContext,
+        test: dict[str, Tensor],
+        top_k: int,
+        largest: bool,
+        fingerprint: str,
+        device: torch.device,
+        load_src_from_disk: bool,
+        show_progress: bool,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each rank's top ``top_k`` of its shard, merged over ranks, for every layer."""
+
+        def local() -> tuple[Tensor, Tensor] | None:
+            if not self._n_local:
+                return None
+            found = self._search(
+                test,
+                min(top_k, self._n_local),
+                largest,
+                fingerprint,
+                device,
+                load_src_from_disk,
+                show_progress,
+            )
+            pairs = [found[layer] for layer in self.layers]
+            dtype = pairs[0][1].dtype
+            return (
+                torch.stack([i for i, _ in pairs]) + self._offset,
+                torch.stack([v.to(dtype) for _, v in pairs]),
+            )
+
+        def key(v: Tensor) -> Tensor:
+            return v.nan_to_num(nan=-math.inf) if largest else -v.nan_to_num(nan=math.inf)
+
+        out = dist.score_columns("SimilarityInfluence", local, top_k, None, key, device)
+        assert isinstance(out, tuple)
+        return {layer: (out[0][i], out[1][i]) for i, layer in enumerate(self.layers)}
+
     # ------------------------------------------------------------------- source side
     def _n_src(self) -> int | None:
+        if self._n_local is not None:  # this rank's shard
+            return self._n_local
         if self._fast_tensors is not None:
             return int(self._fast_tensors[0].shape[0])
         return dataset_length(self._loader)
