@@ -330,3 +330,30 @@ def test_explain_runtime_failure_exits_1(capsys, tmp_path, task):
         capsys, "explain", "--task", str(path), "--checkpoints", str(bad), "--quiet", "--traceback"
     )
     assert code == EXIT_FAILURE and "Traceback" in err
+
+
+def test_docs_task_example_runs(capsys, tmp_path, monkeypatch):
+    """The task file and training loop of docs/cli.md work as written."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    task_code, train_code = re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.S)[:2]
+    assert task_code.startswith("# task.py")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "task.py").write_text(task_code)
+    exec(compile(train_code, "docs/cli.md training", "exec"), {})
+    code, out, err = run_cli(
+        capsys,
+        "explain",
+        "--task",
+        "task.py",
+        "--checkpoints",
+        "ckpts",
+        "--k",
+        "8",
+        "--out",
+        "report",
+        "--quiet",
+    )
+    assert code == EXIT_OK, err
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["detection"]["TracInCP self-influence"]["0.1"] >= 0.8
+    assert "Report: report/report.html" in out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import textwrap
 import time
@@ -111,6 +112,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``proponents`` command."""
     from proponents import __version__
+    from proponents.demo.run import EPOCHS
     from proponents.report.analysis import METHODS
 
     parser = _Parser(
@@ -154,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of data split, flips, training")
     demo.add_argument("--method", choices=METHODS, default="tracincp", help=METHOD_HELP)
-    demo.add_argument("--epochs", type=_positive, default=20, help="training epochs (checkpoints)")
+    demo.add_argument(
+        "--epochs", type=_positive, default=EPOCHS, help="training epochs (= checkpoints)"
+    )
     demo.add_argument("--k", type=_positive, default=8, help="proponents/opponents per test digit")
     demo.add_argument(
         "--examples",
@@ -378,7 +382,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         run_method,
     )
     from proponents.report.builder import build_report
-    from proponents.report.plot import require_matplotlib
+    from proponents.report.plot import format_detection, require_matplotlib
 
     start = time.perf_counter()
     task = load_task(args.task)
@@ -484,9 +488,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     top = ", ".join(f"#{i}" for i in report.figures.get("most_suspicious", [])[:5])
     print(f"Explained {len(test_indices)} test examples with {args.method} (k={args.k}).")
     print(f"Most suspicious training examples ({analysis.suspicion_name}): {top}")
-    for name, values in report.figures.get("detection", {}).items():
-        shares = ", ".join(f"top {f * 100:g}%: {v:.1%}" for f, v in values.items())
-        print(f"  known-bad labels found by {name}: {shares}")
+    if report.figures.get("detection"):
+        print("Known-bad labels found when inspecting the most suspicious training examples:")
+        print(format_detection(report.figures["detection"]))
     print(f"Report: {report_path}")
     if report.figure_png is not None:
         print(f"Figure: {report_path.parent / report.figure_name}")
@@ -517,6 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("proponents: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message and exit code 1
         from proponents.errors import ProponentsError
 

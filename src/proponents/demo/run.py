@@ -27,6 +27,7 @@ from proponents.report.plot import (
     DEFAULT_FRACTIONS,
     MissingExtraError,
     detection_table,
+    format_detection,
     require_matplotlib,
 )
 
@@ -93,17 +94,11 @@ class DemoResult:
             f"{self.test_accuracy:.1%} on the test images.",
         ]
         if self.detection:
-            fractions = list(next(iter(self.detection.values())))
-            width = max(len(name) for name in self.detection) + 2
             lines.append("")
             lines.append(
                 "Flipped labels found when inspecting the most suspicious training images:"
             )
-            head = "".join(f"{'top ' + format(f * 100, 'g') + '%':>10}" for f in fractions)
-            lines.append(f"  {'ranking':<{width}}{head}")
-            for name, values in self.detection.items():
-                row = "".join(f"{v * 100:>9.1f}%" for v in values.values())
-                lines.append(f"  {name:<{width}}{row}")
+            lines.append(format_detection(self.detection))
         lines.append("")
         lines.append(
             f"Explained {len(self.test_indices)} test digits (misclassified first) with "
@@ -174,7 +169,7 @@ def run_demo(
             "the demo draws its report with matplotlib, which is not installed; install the "
             'demo extra: pip install "proponents[demo]"'
         ) from exc
-    with _one_thread():
+    with _one_thread(), torch.random.fork_rng(devices=[]):
         return _run(out, noise, seed, method, epochs, k, n_wrong, n_right, show_progress)
 
 
@@ -195,9 +190,8 @@ def _run(
     out.mkdir(parents=True, exist_ok=True)
 
     data = load_digits_data(noise, seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DigitsCNN()
+    torch.manual_seed(seed)  # the initial weights (global state is restored by run_demo)
+    model = DigitsCNN()
     t = time.perf_counter()
     checkpoints = train_with_checkpoints(
         model,
@@ -248,7 +242,8 @@ def _run(
         "training images": f"{len(train_labels)} ({data.flipped.size} labels flipped, "
         f"noise {noise:g})",
         "test images": str(len(test_labels)),
-        "model": f"small CNN, plain SGD (lr {LEARNING_RATE:g}), {epochs} epochs",
+        "model": f"small CNN, plain SGD, {epochs} epochs (lr {LEARNING_RATE:g}, "
+        f"{FINAL_LEARNING_RATE:g} in the last quarter)",
         "checkpoints": f"{len(checkpoints)} (one per epoch)",
         "train accuracy (given labels)": f"{(train_pred == train_labels).mean():.1%}",
         "test accuracy": f"{(test_pred == test_labels).mean():.1%}",

@@ -37,13 +37,16 @@ _STYLE = """
 .prp-report h3{font-size:.95em;margin:.5em 0 .3em;color:#4a5468;font-weight:600}
 .prp-report .sub{color:#5b6577;margin:0 0 .8em}
 .prp-report .note{color:#5b6577;font-size:.92em;max-width:62em}
-.prp-report table.kv,.prp-report table.det{border-collapse:collapse;margin:.4em 0 .8em;
-  font-size:.92em}
-.prp-report table.kv td,.prp-report table.det td,.prp-report table.det th{padding:3px 10px;
+.prp-report dl.kv{display:grid;grid-template-columns:max-content 1fr max-content 1fr;
+  gap:0;margin:.4em 0 .8em;font-size:.92em;max-width:1000px}
+.prp-report dl.kv dt,.prp-report dl.kv dd{margin:0;padding:3px 10px;
+  border-bottom:1px solid #e3e7ef}
+.prp-report dl.kv dt{color:#5b6577}
+.prp-report table.det{border-collapse:collapse;margin:.4em 0 .8em;font-size:.92em}
+.prp-report table.det td,.prp-report table.det th{padding:3px 10px;
   border-bottom:1px solid #e3e7ef;text-align:left}
 .prp-report table.det td.num,.prp-report table.det th.num{text-align:right;
   font-variant-numeric:tabular-nums}
-.prp-report table.kv td:first-child{color:#5b6577}
 .prp-report .top{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .prp-report figure{margin:0}
 .prp-report figure img{max-width:100%;height:auto;border:1px solid #e3e7ef;border-radius:6px}
@@ -309,10 +312,9 @@ class _Examples:
 
 def _kv_table(rows: Mapping[str, Any]) -> str:
     cells = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-        for k, v in rows.items()
+        f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows.items()
     )
-    return f'<table class="kv">{cells}</table>'
+    return f'<dl class="kv">{cells}</dl>'
 
 
 def _detection_html(table: Mapping[str, Mapping[float, float]]) -> str:

@@ -128,6 +128,20 @@ def detection_table(
     return table
 
 
+def format_detection(table: Mapping[str, Mapping[float, float]], indent: str = "  ") -> str:
+    """The detection table as aligned plain text (one ranking per line, shares in %)."""
+    if not table:
+        return ""
+    fractions = list(next(iter(table.values())))
+    width = max(len(name) for name in table) + 2
+    head = "".join(f"{'top ' + format(f * 100, 'g') + '%':>10}" for f in fractions)
+    lines = [f"{indent}{'ranking':<{width}}{head}"]
+    for name, values in table.items():
+        row = "".join(f"{v * 100:>9.1f}%" for v in values.values())
+        lines.append(f"{indent}{name:<{width}}{row}")
+    return "\n".join(lines)
+
+
 def detection_figure_png(
     rankings: Mapping[str, Any],
     bad: Sequence[int] | np.ndarray,
