@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
 from proponents.checkpoints import load_flexible_state_dict
@@ -156,10 +156,23 @@ def predict(
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:
-    """The labels (last element of each item) of a dataset, as an array."""
-    batch = default_collate([dataset[i] for i in range(len(dataset))])  # type: ignore[arg-type]
-    labels = batch[-1] if isinstance(batch, (tuple, list)) else batch
-    return labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    """The labels (last element of each item) of a dataset, as an array.
+
+    A ``TensorDataset``'s last tensor is read directly; other datasets are read item by
+    item, keeping only the labels.
+    """
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[-1].cpu().numpy()
+    labels = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        item = dataset[i]
+        labels.append(item[-1] if isinstance(item, (tuple, list)) and len(item) >= 2 else None)
+    if any(label is None for label in labels):
+        raise InvalidArgumentError(
+            "the dataset's items carry no label; each item must be (*inputs, label)"
+        )
+    stacked = default_collate(labels)
+    return stacked.cpu().numpy() if isinstance(stacked, Tensor) else np.asarray(stacked)
 
 
 def pick_test_examples(
@@ -339,6 +352,7 @@ def run_method(
                 batch_size,
                 projection_dim=projection_dim,
                 seed=seed,
+                show_progress=show_progress,
             )
             notes.append(
                 "Random projections give no self-influence, so the suspicion ranking comes "
