@@ -132,7 +132,8 @@ def predict(
     loss_one = per_example_loss(loss_fn) if loss_fn is not None else None
     preds: list[np.ndarray] = []
     losses: list[np.ndarray] = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # A generator of its own: iterating a DataLoader draws a seed, not from global state.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     try:
         for batch in progress_iter(loader, show_progress, desc, total=len(loader)):
             if isinstance(batch, (tuple, list)) and len(batch) >= 2:
