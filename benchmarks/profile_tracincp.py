@@ -43,7 +43,13 @@ def main() -> None:
     )
     tracin.influence((x_test,), y_test)  # tunes and checks the per-layer strategies
     engine = tracin._engine
-    print("strategies:", {la.name: f"{la.kind}/{la.method}" for la in engine.hooked})
+    print(
+        "strategies:",
+        {
+            la.name: la.kind + (f"/{la.method}" if la.kind == "conv" else "/factored")
+            for la in engine.hooked
+        },
+    )
     batches = [split_batch(b) for b in tracin.train_dataloader]
     test = split_batch((x_test, y_test))
     params, buffers = engine._state()
