@@ -187,9 +187,9 @@ def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> T
         module: the ``nn.Conv1d``/``nn.Conv2d`` layer.
         x: its input ``(B, C, *spatial)``.
         g: the loss gradient at its output ``(B, O, *spatial_out)``.
-        method: ``"unfold"`` (im2col, then one batched matrix product), ``"shifts"`` (one
-            batched matrix product per kernel offset over strided views of the padded
-            input, no im2col buffer) or ``"grouped"`` (one convolution backward with the
+        method: ``"unfold"`` (im2col, then one batched matrix product), ``"shifts"`` (the
+            same columns gathered from strided views of the padded input, one kernel offset
+            at a time, which is often faster than im2col) or ``"grouped"`` (one convolution backward with the
             batch folded into groups). All are exact; which is fastest depends on the
             layer's shape, so the engine times them once.
     """
@@ -237,24 +237,23 @@ def _conv_grads_by_shifts(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> Tensor:
-    batch_size, in_c = x.shape[:2]
+    batch_size = x.shape[0]
     out_c, out_h, out_w = g.shape[1:]
     xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    views = [
+        xp[
+            :,
+            :,
+            ky * dilation[0] : ky * dilation[0] + (out_h - 1) * stride[0] + 1 : stride[0],
+            kx * dilation[1] : kx * dilation[1] + (out_w - 1) * stride[1] + 1 : stride[1],
+        ]
+        for ky in range(kernel[0])
+        for kx in range(kernel[1])
+    ]
+    # (B, C, kh * kw, Ho, Wo): channel-major, then kernel offset, as in the weight layout
+    cols = torch.stack(views, dim=2).reshape(batch_size * groups, -1, out_h * out_w)
     gg = g.reshape(batch_size * groups, out_c // groups, out_h * out_w)
-    per_offset = []
-    for ky in range(kernel[0]):
-        for kx in range(kernel[1]):
-            y0, x0 = ky * dilation[0], kx * dilation[1]
-            view = xp[
-                :,
-                :,
-                y0 : y0 + (out_h - 1) * stride[0] + 1 : stride[0],
-                x0 : x0 + (out_w - 1) * stride[1] + 1 : stride[1],
-            ]
-            cols = view.reshape(batch_size * groups, in_c // groups, out_h * out_w)
-            per_offset.append(torch.bmm(gg, cols.transpose(1, 2)))
-    # (B * G, O / G, C / G, kh * kw) matches the weight layout (O, C / G, kh, kw)
-    w = torch.stack(per_offset, dim=-1)
+    w = torch.bmm(cols, gg.transpose(1, 2)).transpose(1, 2)  # (B * G, O / G, C / G * kh * kw)
     return w.reshape(batch_size, -1)
 
 
