@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
 from conftest import (
     MODELS,
     assert_close,
@@ -13,9 +16,6 @@ from conftest import (
     reference_scores,
     reference_self,
 )
-from torch import nn
-from torch.utils.data import TensorDataset
-
 from proponents import (
     AnnoyNearestNeighbors,
     ExactNearestNeighbors,
@@ -26,13 +26,26 @@ from proponents import (
 )
 from proponents.errors import ArgumentTypeError, IndexMismatchError, InvalidArgumentError
 
-FINAL = {"mlp": "fc2", "cnn": "fc", "embed": "head", "two_input": "out", "regression": "fc",
-         "attention": "head"}
+FINAL = {
+    "mlp": "fc2",
+    "cnn": "fc",
+    "embed": "head",
+    "two_input": "out",
+    "regression": "fc",
+    "attention": "head",
+}
 
 
 def fast(case, cls=TracInCPFast, reduction="sum", **kw):
-    return cls(case.model, FINAL[case.name], case.dataset, case.checkpoints,
-               loss_fn=case.loss_fn(reduction), batch_size=4, **kw)
+    return cls(
+        case.model,
+        FINAL[case.name],
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn(reduction),
+        batch_size=4,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -40,8 +53,15 @@ def test_fast_equals_tracincp_on_the_final_layer_and_the_loop_reference(name, tm
     case = make_case(name, tmp_path)
     layer = [FINAL[name]]
     t = fast(case)
-    full = TracInCP(case.model, case.dataset, case.checkpoints, layers=layer,
-                    loss_fn=case.loss_fn("sum"), batch_size=4, sample_wise_grads_per_batch=True)
+    full = TracInCP(
+        case.model,
+        case.dataset,
+        case.checkpoints,
+        layers=layer,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
     scores = t.influence(case.test_inputs, case.test_labels)
     assert_close(scores, full.influence(case.test_inputs, case.test_labels), rtol=1e-5)
     assert_close(scores, reference_scores(case, layer))
@@ -82,15 +102,22 @@ def test_layer_followed_by_a_nonlinearity_is_exact(tmp_path):
     x, y = torch.randn(10, 4), torch.randn(10, 3)
     path = tmp_path / "c.pt"
     torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.3}, path)
-    t = TracInCPFast(model, model.fc, TensorDataset(x, y), [path],
-                     loss_fn=nn.MSELoss(reduction="sum"), batch_size=3)
+    t = TracInCPFast(
+        model,
+        model.fc,
+        TensorDataset(x, y),
+        [path],
+        loss_fn=nn.MSELoss(reduction="sum"),
+        batch_size=3,
+    )
     scores = t.influence((x[:3],), y[:3])
     rows = []
     m = model.double()
     for i in range(10):
         m.zero_grad()
-        nn.functional.mse_loss(m(x[i : i + 1].double()), y[i : i + 1].double(),
-                               reduction="sum").backward()
+        nn.functional.mse_loss(
+            m(x[i : i + 1].double()), y[i : i + 1].double(), reduction="sum"
+        ).backward()
         rows.append(torch.cat([m.fc.weight.grad.flatten(), m.fc.bias.grad]))
     g = torch.stack(rows)
     assert_close(scores, 0.3 * g[:3] @ g.T)
@@ -98,10 +125,22 @@ def test_layer_followed_by_a_nonlinearity_is_exact(tmp_path):
 
 def test_final_layer_by_module_or_dotted_name(tmp_path):
     case = make_case("attention", tmp_path)
-    by_name = TracInCPFast(case.model, "attn.out_proj", case.dataset, case.checkpoints,
-                           loss_fn=case.loss_fn("sum"), batch_size=5)
-    by_module = TracInCPFast(case.model, case.model.attn.out_proj, case.dataset, case.checkpoints,
-                             loss_fn=case.loss_fn("sum"), batch_size=5)
+    by_name = TracInCPFast(
+        case.model,
+        "attn.out_proj",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=5,
+    )
+    by_module = TracInCPFast(
+        case.model,
+        case.model.attn.out_proj,
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=5,
+    )
     a = by_name.influence(case.test_inputs, case.test_labels)
     assert_close(a, by_module.influence(case.test_inputs, case.test_labels), rtol=1e-6)
     assert_close(a, reference_scores(case, ["attn.out_proj"]))
@@ -110,13 +149,17 @@ def test_final_layer_by_module_or_dotted_name(tmp_path):
 def test_bad_final_layer_and_loss(tmp_path):
     case = make_case("cnn", tmp_path)
     with pytest.raises(InvalidArgumentError, match="Linear layers are: fc"):
-        TracInCPFast(case.model, "conv1", case.dataset, case.checkpoints,
-                     loss_fn=case.loss_fn("sum"))
+        TracInCPFast(
+            case.model, "conv1", case.dataset, case.checkpoints, loss_fn=case.loss_fn("sum")
+        )
     with pytest.raises(InvalidArgumentError, match="fc"):
-        TracInCPFast(case.model, "nope", case.dataset, case.checkpoints, loss_fn=case.loss_fn("sum"))
+        TracInCPFast(
+            case.model, "nope", case.dataset, case.checkpoints, loss_fn=case.loss_fn("sum")
+        )
     with pytest.raises(InvalidArgumentError, match="not a submodule"):
-        TracInCPFast(case.model, nn.Linear(2, 2), case.dataset, case.checkpoints,
-                     loss_fn=case.loss_fn("sum"))
+        TracInCPFast(
+            case.model, nn.Linear(2, 2), case.dataset, case.checkpoints, loss_fn=case.loss_fn("sum")
+        )
     with pytest.raises(ArgumentTypeError, match="final_fc_layer"):
         TracInCPFast(case.model, 3, case.dataset, case.checkpoints, loss_fn=case.loss_fn("sum"))
     with pytest.raises(InvalidArgumentError, match="reduction='none'"):
@@ -198,17 +241,20 @@ def test_projection_is_seeded_unbiased_and_faithful(tmp_path):
     loss = nn.CrossEntropyLoss(reduction="sum")
     exact = TracInCPFast(model, "2", train, paths, loss_fn=loss, batch_size=64).influence((xt,), yt)
     state = torch.get_rng_state()
-    a = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=64,
-                             projection_dim=64, seed=7)
+    a = TracInCPFastRandProj(
+        model, "2", train, paths, loss_fn=loss, batch_size=64, projection_dim=64, seed=7
+    )
     assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
-    b = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=64,
-                             projection_dim=64, seed=7)
+    b = TracInCPFastRandProj(
+        model, "2", train, paths, loss_fn=loss, batch_size=64, projection_dim=64, seed=7
+    )
     assert torch.equal(a.embeddings, b.embeddings)
     assert a.embedding_dim == 2 * 64
     estimates = []
     for seed in range(5):
-        rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=64,
-                                  projection_dim=256, seed=seed)
+        rp = TracInCPFastRandProj(
+            model, "2", train, paths, loss_fn=loss, batch_size=64, projection_dim=256, seed=seed
+        )
         s = rp.influence((xt,), yt, k=None)
         corr = torch.corrcoef(torch.stack([s.flatten(), exact.flatten()]))[0, 1]
         assert corr > 0.85
@@ -242,8 +288,9 @@ def test_kronecker_projection_is_unbiased():
     est = 0
     n = 400
     for seed in range(n):
-        p = GradientProjection.create(30, 40, 64, seed, torch.float64, torch.device("cpu"),
-                                      max_matrix_elements=0)
+        p = GradientProjection.create(
+            30, 40, 64, seed, torch.float64, torch.device("cpu"), max_matrix_elements=0
+        )
         assert p.kind == "kronecker"
         e = p(rep)
         est = est + e @ e.T / n
@@ -257,14 +304,16 @@ def test_kronecker_projection_is_unbiased():
 def test_save_and_load_without_re_embedding(tmp_path):
     model, train, xt, yt, paths = _wide_case(tmp_path, n_train=120)
     loss = nn.CrossEntropyLoss(reduction="sum")
-    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50,
-                              projection_dim=32, seed=3)
+    rp = TracInCPFastRandProj(
+        model, "2", train, paths, loss_fn=loss, batch_size=50, projection_dim=32, seed=3
+    )
     want = rp.influence((xt,), yt, k=6)
     rp.save(tmp_path / "index")
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
-    restored = TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss,
-                                         train_dataset=train)
+    restored = TracInCPFastRandProj.load(
+        tmp_path / "index", model, paths, loss, train_dataset=train
+    )
     assert calls == []  # nothing re-embedded
     handle.remove()
     got = restored.influence((xt,), yt, k=6)
@@ -311,10 +360,12 @@ def test_randproj_ranks_non_finite_training_examples_last(tmp_path):
     x[2, 1] = float("nan")
     data = TensorDataset(x, case.train_labels)
     with pytest.warns(RuntimeWarning, match=r"training examples \[2\]"):
-        rp = TracInCPFastRandProj(case.model, "fc2", data, case.checkpoints,
-                                  loss_fn=case.loss_fn("sum"), batch_size=4)
-    exact = TracInCPFast(case.model, "fc2", data, case.checkpoints, loss_fn=case.loss_fn("sum"),
-                         batch_size=4)
+        rp = TracInCPFastRandProj(
+            case.model, "fc2", data, case.checkpoints, loss_fn=case.loss_fn("sum"), batch_size=4
+        )
+    exact = TracInCPFast(
+        case.model, "fc2", data, case.checkpoints, loss_fn=case.loss_fn("sum"), batch_size=4
+    )
     with pytest.warns(RuntimeWarning):
         want = exact.influence(case.test_inputs, case.test_labels, k=3)
     for proponents in (True, False):

@@ -334,8 +334,10 @@ def _per_example_conv_grads(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
     "conv, shape",
     [
         (nn.Conv2d(3, 4, 3, padding=1), (5, 3, 8, 8)),
-        (nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
-         (3, 4, 9, 7)),
+        (
+            nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+            (3, 4, 9, 7),
+        ),
         (nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2), (4, 2, 11)),
         (nn.Conv1d(4, 4, 1, groups=4), (3, 4, 5)),
     ],
@@ -359,8 +361,15 @@ def test_large_test_batches_are_chunked_with_identical_results(tmp_path):
     runner = t._runner()
     with t._guarded():
         chunked = runner.scores(
-            [Batch(case.train_inputs, case.train_labels, 13)], False, t.train_dataloader,
-            None, 1, False, False, n_train=None, test_chunk=4,
+            [Batch(case.train_inputs, case.train_labels, 13)],
+            False,
+            t.train_dataloader,
+            None,
+            1,
+            False,
+            False,
+            n_train=None,
+            test_chunk=4,
         )
     assert_close(chunked, whole, rtol=1e-6)
     parts = chunk_batch(Batch(case.train_inputs, case.train_labels, 13), 5)

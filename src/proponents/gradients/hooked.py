@@ -189,9 +189,9 @@ def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> T
         g: the loss gradient at its output ``(B, O, *spatial_out)``.
         method: ``"unfold"`` (im2col, then one batched matrix product), ``"shifts"`` (the
             same columns gathered from strided views of the padded input, one kernel offset
-            at a time, which is often faster than im2col) or ``"grouped"`` (one convolution backward with the
-            batch folded into groups). All are exact; which is fastest depends on the
-            layer's shape, so the engine times them once.
+            at a time, which is often faster than im2col) or ``"grouped"`` (one convolution
+            backward with the batch folded into groups). All are exact; which is fastest
+            depends on the layer's shape, so the engine times them once.
     """
     batch_size = x.shape[0]
     kernel, stride, padding, dilation = _conv_geometry(module)
