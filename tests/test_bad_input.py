@@ -305,6 +305,14 @@ ROWS: list[Row] = [
         **o.fast_kwargs(distributed=1)), Ty),
     row(f"{R}.__init__.show_progress", "str", lambda o: TracInCPFastRandProj(
         **o.fast_kwargs(show_progress="no")), Ty),
+    row(f"{R}.__init__.memory_budget", "negative", lambda o: TracInCPFastRandProj(
+        **o.fast_kwargs(memory_budget=-1)), V),
+    row(f"{R}.__init__.memory_budget", "float", lambda o: TracInCPFastRandProj(
+        **o.fast_kwargs(memory_budget=1e6)), Ty),
+    row(f"{R}.__init__.index_dtype", "str", lambda o: TracInCPFastRandProj(
+        **o.fast_kwargs(index_dtype="float16")), Ty),
+    row(f"{R}.__init__.index_dtype", "float64", lambda o: TracInCPFastRandProj(
+        **o.fast_kwargs(index_dtype=torch.float64)), V),
     row(f"{R}.influence.inputs", "no batch dimension", lambda o: o.randproj.influence(
         (torch.tensor(2.0),), o.y), V),
     row(f"{R}.influence.inputs", "shuffling DataLoader", lambda o: o.randproj.influence(
@@ -328,6 +336,10 @@ ROWS: list[Row] = [
         FileNotFoundError),
     row(f"{R}.load.model", "type", lambda o: o.load(model="net"), Ty),
     row(f"{R}.load.distributed", "str", lambda o: o.load(distributed="no"), Ty),
+    row(f"{R}.load.memory_budget", "bool", lambda o: o.load(memory_budget=True), Ty),
+    row(f"{R}.load.memory_budget", "negative", lambda o: o.load(memory_budget=-5), V),
+    row(f"{R}.load.index_dtype", "int dtype", lambda o: o.load(index_dtype=torch.int8), V),
+    row(f"{R}.load.index_dtype", "str", lambda o: o.load(index_dtype="half"), Ty),
     row(f"{R}.load.checkpoints", "type", lambda o: o.load(checkpoints=7), Ty),
     row(f"{R}.load.checkpoints", "other checkpoints", lambda o: o.load(
         checkpoints=o.case.checkpoints[:2]), V),

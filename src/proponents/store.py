@@ -44,6 +44,7 @@ import os
 import re
 import secrets
 import tempfile
+import weakref
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -775,3 +776,115 @@ __all__ = [
     "safe_name",
     "tensor_bytes",
 ]
+
+
+# ------------------------------------------------------------ scratch matrices on disk
+
+#: Mapped matrices whose pages :func:`release_rows` may drop, by the address of their data.
+_MAPPED: dict[int, tuple[Any, int, int]] = {}
+
+
+class DiskMatrix:
+    """A 2-D ``.npy`` file in a scratch directory, filled block by block, then mapped.
+
+    The file is created at its full size up front. :meth:`write` places a block of rows
+    and columns through a short-lived memory map of just those rows, so filling the file
+    never keeps more than one block resident. :meth:`open` maps the whole file read-only
+    and unlinks it (POSIX keeps a mapped file alive until it is unmapped), so nothing is
+    left behind when the mapping is dropped.
+
+    Args:
+        shape: ``(rows, columns)``.
+        dtype: element type.
+        directory: where to put the file; default :func:`tempfile.gettempdir`.
+    """
+
+    def __init__(
+        self, shape: tuple[int, int], dtype: Any, directory: str | os.PathLike[str] | None = None
+    ) -> None:
+        self.dtype = np.dtype(dtype)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._row_bytes = self.shape[1] * self.dtype.itemsize
+        self.offset = _header_reserve(self.dtype, (self.shape[1],))
+        fd, name = tempfile.mkstemp(prefix="proponents-", suffix=".npy", dir=directory)
+        self.path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(_header_bytes(self.dtype, self.shape, self.offset))
+                fh.truncate(self.offset + self.shape[0] * self._row_bytes)
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)
+            raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
+
+    def write(self, row: int, column: int, block: np.ndarray) -> None:
+        """Store ``block`` at rows ``row:row + b`` and columns ``column:column + d``."""
+        b = int(block.shape[0])
+        if b == 0:
+            return
+        window = np.memmap(
+            self.path,
+            dtype=self.dtype,
+            mode="r+",
+            offset=self.offset + row * self._row_bytes,
+            shape=(b, self.shape[1]),
+        )
+        window[:, column : column + block.shape[1]] = block
+        window.flush()
+        del window  # unmapped: the written pages leave this process's resident set
+
+    def open(self) -> np.memmap:
+        """The whole matrix, mapped read-only; the file itself is unlinked."""
+        array = np.memmap(
+            self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape
+        )
+        with contextlib.suppress(OSError):  # Windows: cannot unlink a mapped file
+            self.path.unlink()
+        register_mapped(array)
+        return array
+
+    def discard(self) -> None:
+        """Remove the file (after a failure, before :meth:`open`)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def register_mapped(array: np.memmap) -> None:
+    """Let :func:`release_rows` drop the resident pages of the 2-D memory map ``array``."""
+    mm = getattr(array, "_mmap", None)
+    if mm is None or array.ndim != 2 or array.size == 0:
+        return
+    # numpy maps from ``offset`` rounded down to the allocation granularity.
+    start = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
+    key = int(array.ctypes.data)
+    _MAPPED[key] = (mm, array.offset - start, array.shape[1] * array.itemsize)
+    weakref.finalize(array, _MAPPED.pop, key, None)
+
+
+def is_mapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` starts at the data of a matrix given to :func:`register_mapped`."""
+    return bool(_MAPPED) and tensor.device.type == "cpu" and int(tensor.data_ptr()) in _MAPPED
+
+
+def release_rows(tensor: torch.Tensor, start: int, stop: int) -> None:
+    """Drop rows ``start:stop`` of a mapped matrix from the resident set (no-op otherwise).
+
+    ``tensor`` is the whole matrix (or any view sharing its first row) made by
+    :func:`torch.from_numpy` from an array given to :func:`register_mapped`. The data
+    stays in the page cache and is read back on the next access; only this process's
+    resident memory shrinks, so scanning a mapped matrix block by block keeps the peak
+    bounded by a block rather than growing to the whole file.
+    """
+    if not _MAPPED or tensor.device.type != "cpu":
+        return
+    entry = _MAPPED.get(int(tensor.data_ptr()))
+    if entry is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    mm, base, row_bytes = entry
+    first = base + start * row_bytes
+    last = base + stop * row_bytes
+    page = mmap.PAGESIZE
+    first -= first % page
+    last = min(len(mm), last + (-last) % page)
+    if last > first:
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED, first, last - first)

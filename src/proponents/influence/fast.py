@@ -48,10 +48,51 @@ from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
 from proponents.progress import Progress
 from proponents.projection import GradientProjection
 from proponents.scoring import NonFiniteTracker, TracInRunner
-from proponents.store import ArrayStore
+from proponents.store import ArrayStore, DiskMatrix, is_mapped, register_mapped, release_rows
 
 INDEX_KEY = "tracin-index"
 INDEX_FORMAT = 1
+_INDEX_DTYPES = (torch.float32, torch.float16)
+#: Rows of the embedding matrix handled at a time when it is scanned block by block.
+_SCAN_ROWS = 8192
+
+
+def _check_index_storage(memory_budget: Any, index_dtype: Any, name: str) -> None:
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
+            raise ArgumentTypeError(
+                f"{name}: memory_budget must be an int (bytes) or None, got {memory_budget!r}"
+            )
+        if memory_budget < 0:
+            raise InvalidArgumentError(
+                f"{name}: memory_budget={memory_budget} must be >= 0 bytes (or None for no limit)"
+            )
+    if not isinstance(index_dtype, torch.dtype):
+        raise ArgumentTypeError(
+            f"{name}: index_dtype must be torch.float32 or torch.float16, got {index_dtype!r}"
+        )
+    if index_dtype not in _INDEX_DTYPES:
+        raise InvalidArgumentError(
+            f"{name}: index_dtype must be torch.float32 or torch.float16, got {index_dtype}"
+        )
+
+
+def _mapped_tensor(array: np.ndarray) -> Tensor:
+    """A tensor over a read-only memory map (torch warns about non-writable arrays)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _row_blocks(embeddings: Tensor) -> Any:
+    """``(start, block)`` over the rows; pages of a memory map are dropped after each."""
+    n = int(embeddings.shape[0])
+    for start in range(0, n, _SCAN_ROWS):
+        stop = min(n, start + _SCAN_ROWS)
+        yield start, embeddings[start:stop]
+        release_rows(embeddings, start, stop)
 
 
 def resolve_final_layer(model: nn.Module, final_fc_layer: Any, owner: str) -> str:
@@ -176,6 +217,18 @@ class TracInCPFastRandProj(TracInCPFast):
         distributed: (keyword-only) as for :class:`TracInCPFast`. When sharded, each rank
             embeds and indexes only its own range of the training set (``embeddings`` holds
             that range) and queries merge the per-rank top ``k``.
+        memory_budget: (keyword-only) bytes the training embeddings may take in memory, or
+            ``None`` (no limit). When ``N * embedding_dim * itemsize`` exceeds it (and the
+            training set has a length), the embeddings are written checkpoint by
+            checkpoint into an unlinked scratch ``.npy`` in the temporary directory and
+            ``embeddings`` is a read-only tensor over its memory map. The default exact
+            search and ``k=None`` scores then read it block by block, so resident memory
+            stays well below the matrix size. Backends that copy the data (Faiss, Annoy)
+            still hold their own copy.
+        index_dtype: (keyword-only) ``torch.float32`` (default: full precision, i.e. the
+            final layer's own dtype) or ``torch.float16`` (half the memory or disk). Scores
+            are always computed in at least float32 (float16 blocks are converted before
+            each product).
     """
 
     def __init__(
@@ -194,6 +247,8 @@ class TracInCPFastRandProj(TracInCPFast):
         *,
         show_progress: bool = False,
         distributed: bool | None = None,
+        memory_budget: int | None = None,
+        index_dtype: torch.dtype = torch.float32,
         _embeddings: Tensor | None = None,
     ) -> None:
         super().__init__(
@@ -222,6 +277,9 @@ class TracInCPFastRandProj(TracInCPFast):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ArgumentTypeError(f"{name}: seed must be an int, got {seed!r}")
         check_flag(show_progress, "show_progress", name)
+        _check_index_storage(memory_budget, index_dtype, name)
+        self.memory_budget = memory_budget
+        self.index_dtype = index_dtype
         if nearest_neighbors is not None and not isinstance(nearest_neighbors, NearestNeighbors):
             raise ArgumentTypeError(
                 f"{name}: nearest_neighbors must be a NearestNeighbors instance (e.g. "
@@ -278,35 +336,123 @@ class TracInCPFastRandProj(TracInCPFast):
         total = None if n_batches is None else n_batches * n_ckpt
         blocks: list[Tensor] = []
         runner = self._runner()
-        with self._guarded(), Progress(show_progress, f"{name}: embedding {what}", total) as bar:
-            for c, lr in runner.each_checkpoint(bar, f"embedding {what}"):
-                if lr < 0:
-                    raise InvalidArgumentError(
-                        f"{name}: checkpoint {c + 1} has a negative learning rate ({lr}); "
-                        "embeddings need sqrt(lr)"
-                    )
-                parts = []
-                for batch in runner._batches(data, is_loader, "batch"):
-                    reps = self._engine.compute(batch)
-                    rep = (
-                        reps[0]
-                        if len(reps) == 1
-                        else DenseGrads(torch.cat([as_dense(r) for r in reps], dim=1))
-                    )
-                    parts.append(self._projections[c](rep) * math.sqrt(lr))
-                    bar.update()
-                blocks.append(torch.cat(parts))
-        embeddings = torch.cat(blocks, dim=1)
-        if what == "training set":
+        training = what == "training set"
+        store_dtype = self._storage_dtype() if training else None
+        n_rows = self._training_rows(data) if training else None
+        disk = self._scratch_matrix(n_rows) if training else None
+        # With a known length, each checkpoint's block of columns goes straight into the
+        # final matrix (on disk, or allocated at the first batch), so the matrix is held
+        # once rather than as parts plus their concatenation.
+        matrix: Tensor | None = None
+        column = 0
+        try:
+            with (
+                self._guarded(),
+                Progress(show_progress, f"{name}: embedding {what}", total) as bar,
+            ):
+                for c, lr in runner.each_checkpoint(bar, f"embedding {what}"):
+                    if lr < 0:
+                        raise InvalidArgumentError(
+                            f"{name}: checkpoint {c + 1} has a negative learning rate ({lr}); "
+                            "embeddings need sqrt(lr)"
+                        )
+                    parts = []
+                    row = 0
+                    for batch in runner._batches(data, is_loader, "batch"):
+                        reps = self._engine.compute(batch)
+                        rep = (
+                            reps[0]
+                            if len(reps) == 1
+                            else DenseGrads(torch.cat([as_dense(r) for r in reps], dim=1))
+                        )
+                        part = self._projections[c](rep) * math.sqrt(lr)
+                        if store_dtype is not None:
+                            part = part.to(store_dtype)
+                        if disk is not None:  # this checkpoint's columns of these rows
+                            disk.write(row, column, part.detach().cpu().numpy())
+                        elif n_rows is not None:
+                            if matrix is None:
+                                matrix = part.new_empty(n_rows, self.embedding_dim)
+                            matrix[row : row + part.shape[0], column : column + part.shape[1]] = (
+                                part
+                            )
+                        else:
+                            parts.append(part)
+                        row += int(part.shape[0])
+                        bar.update()
+                    if n_rows is not None and row != n_rows:
+                        raise InvalidArgumentError(
+                            f"{name}: the training data yielded {row} examples but its length "
+                            f"is {n_rows}"
+                        )
+                    if parts:
+                        blocks.append(torch.cat(parts))
+                    del parts
+                    column += self._projections[c].dim
+        except BaseException:
+            if disk is not None:
+                disk.discard()
+            raise
+        if disk is not None:
+            embeddings = _mapped_tensor(disk.open())
+        elif matrix is not None:
+            embeddings = matrix
+        elif blocks:
+            embeddings = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        else:  # no rows at all
+            embeddings = torch.zeros(0, self.embedding_dim, dtype=store_dtype)
+        if training:
             tracker = NonFiniteTracker(name)
-            tracker.add(torch.isfinite(embeddings).all(dim=1), 0, test=False)
+            tracker.add(self._finite_rows(embeddings), 0, test=False)
             tracker.warn()
         return embeddings
+
+    def _training_rows(self, data: Any) -> int | None:
+        """Examples of the training set (of this rank's shard when sharded), if known."""
+        if self._dist is None:
+            return dataset_length(data)
+        start, stop = shard_range(self.train_dataloader, self._dist.rank, self._dist.world_size)
+        return stop - start
+
+    def _storage_dtype(self) -> torch.dtype:
+        """float16 when asked for, else the final layer's own dtype (full precision)."""
+        if self.index_dtype == torch.float16:
+            return torch.float16
+        return self.final_fc_layer.weight.dtype
+
+    def _scratch_matrix(self, n: int | None) -> DiskMatrix | None:
+        """The on-disk matrix for the training embeddings, when they exceed the budget."""
+        if self.memory_budget is None or n is None:
+            return None
+        dtype = torch.empty(0, dtype=self._storage_dtype()).numpy().dtype
+        if n * self.embedding_dim * dtype.itemsize <= self.memory_budget:
+            return None
+        return DiskMatrix((n, self.embedding_dim), dtype)
+
+    @staticmethod
+    def _finite_rows(embeddings: Tensor) -> Tensor:
+        """Whether each row is finite, computed block by block."""
+        if embeddings.shape[0] == 0:
+            return torch.ones(0, dtype=torch.bool, device=embeddings.device)
+        return torch.cat([torch.isfinite(b).all(dim=1) for _, b in _row_blocks(embeddings)])
+
+    def _all_scores(self, query: Tensor) -> Tensor:
+        """``query @ embeddings.T`` in the promoted dtype (at least float32), by row blocks."""
+        emb = self.embeddings
+        dtype = torch.promote_types(query.dtype, emb.dtype)
+        dtype = torch.promote_types(dtype, torch.float32)
+        if not is_mapped(emb) and emb.dtype == dtype:
+            return query.to(dtype) @ emb.T
+        q = query.to(dtype)
+        out = torch.empty(q.shape[0], emb.shape[0], dtype=dtype, device=query.device)
+        for start, block in _row_blocks(emb):
+            out[:, start : start + block.shape[0]] = q @ block.to(query.device, dtype).T
+        return out
 
     def _nonfinite_rows(self) -> int:
         """Number of training examples whose embedding is not finite (computed once)."""
         if getattr(self, "_n_nonfinite", None) is None:
-            self._n_nonfinite = int((~torch.isfinite(self.embeddings).all(dim=1)).sum())
+            self._n_nonfinite = int((~self._finite_rows(self.embeddings)).sum())
         return self._n_nonfinite
 
     def influence(  # type: ignore[override]
@@ -372,7 +518,7 @@ class TracInCPFastRandProj(TracInCPFast):
             )
             return out if isinstance(out, Tensor) else KMostInfluentialResults(*out)
         if k is None:
-            return query @ self.embeddings.T
+            return self._all_scores(query)
         return KMostInfluentialResults(*self._search(query, k, proponents))
 
     def _search(
@@ -381,7 +527,7 @@ class TracInCPFastRandProj(TracInCPFast):
         """Scores of this process's embeddings (``k=None``), or its top ``k`` (global indices)."""
         n_train = int(self.embeddings.shape[0])
         if k is None:
-            return query @ self.embeddings.T
+            return self._all_scores(query)
         k = min(k, n_train)
         # Examples with non-finite embeddings may be returned first by a search; ask for
         # enough extra neighbours to rank them last, as TracInCPFast does.
@@ -450,9 +596,14 @@ class TracInCPFastRandProj(TracInCPFast):
 
     def _write(self, path: str | Path, embeddings: Tensor) -> None:
         store = ArrayStore(path)
-        emb = embeddings.detach().to("cpu").numpy().astype(np.float32, copy=False)
+        # float16 embeddings are saved as float16, anything else as float32; row blocks,
+        # so that a memory-mapped matrix is copied without becoming resident.
+        dtype = torch.float16 if embeddings.dtype == torch.float16 else torch.float32
         with store.lock(), store.writer(INDEX_KEY, self._index_meta()) as writer:
-            writer.put("embeddings", np.ascontiguousarray(emb))
+            if embeddings.shape[0] == 0:
+                writer.put("embeddings", np.zeros(tuple(embeddings.shape), np.float32))
+            for _, block in _row_blocks(embeddings):
+                writer.append("embeddings", block.detach().to("cpu", dtype).numpy())
             writer.commit()
 
     @classmethod
@@ -469,6 +620,8 @@ class TracInCPFastRandProj(TracInCPFast):
         batch_size: int = 1,
         nearest_neighbors: NearestNeighbors | None = None,
         distributed: bool | None = None,
+        memory_budget: int | None = None,
+        index_dtype: torch.dtype | None = None,
     ) -> TracInCPFastRandProj:
         """Restore an index written by :meth:`save` without re-embedding the training set.
 
@@ -484,7 +637,13 @@ class TracInCPFastRandProj(TracInCPFast):
             batch_size: as for the constructor.
             nearest_neighbors: default: a backend rebuilt from the saved settings.
             distributed: as for the constructor; when sharded, each rank keeps only its
-                range of the saved embeddings and builds its search structure over it.
+                range of the saved embeddings (in memory) and builds its search structure
+                over it.
+            memory_budget: as for the constructor. When the embeddings exceed it, the saved
+                file is memory-mapped (read-only) instead of read; if ``index_dtype`` differs
+                from the saved type, they are converted into a scratch file instead.
+            index_dtype: the storage type of the restored embeddings; default: the saved
+                one (float16 stays float16, otherwise the model's final-layer dtype).
 
         Raises:
             IndexMismatchError: when the checkpoints, dataset length, layer or loss differ
@@ -492,6 +651,11 @@ class TracInCPFastRandProj(TracInCPFast):
             FileNotFoundError: when ``path`` holds no index.
         """
         check_path(path, "path", f"{cls.__name__}.load")
+        _check_index_storage(
+            memory_budget,
+            torch.float32 if index_dtype is None else index_dtype,
+            f"{cls.__name__}.load",
+        )
         store = ArrayStore(path)
         manifest, reason = store._read_manifest(INDEX_KEY)
         if manifest is None:
@@ -521,6 +685,7 @@ class TracInCPFastRandProj(TracInCPFast):
             projection_dim=saved["projection_dim"],
             seed=int(saved["seed"]),
             distributed=distributed,
+            memory_budget=memory_budget,
             _embeddings=torch.empty(int(saved["dataset_length"]), 0),
         )
         n = dataset_length(obj.train_dataloader)
@@ -542,8 +707,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 "TracInCPFastRandProj(...) for these checkpoints and data"
             )
         with entry:
-            emb = torch.from_numpy(entry.read("embeddings"))
-        emb = emb.to(device=model_device(model), dtype=obj.final_fc_layer.weight.dtype)
+            emb = obj._restore(entry, index_dtype)
         if obj._dist is not None:
             start, stop = shard_range(obj.train_dataloader, obj._dist.rank, obj._dist.world_size)
             obj.embeddings, obj._offset = emb[start:stop].clone(), start
@@ -553,6 +717,38 @@ class TracInCPFastRandProj(TracInCPFast):
         obj.embeddings = emb
         backend.load(Path(path) / "neighbors", obj.embeddings)  # saved index, or a rebuild
         return obj
+
+    def _restore(self, entry: Any, index_dtype: torch.dtype | None) -> Tensor:
+        """The saved embeddings: mapped, copied to a scratch file, or read, per the budget."""
+        saved = torch.float16 if entry.dtype("embeddings") == np.float16 else torch.float32
+        if index_dtype is None:
+            index_dtype = saved
+        self.index_dtype = index_dtype
+        index_dtype = self._storage_dtype()
+        shape = entry.shape("embeddings")
+        itemsize = torch.empty(0, dtype=index_dtype).element_size()
+        device = model_device(self.model)
+        over = (
+            self.memory_budget is not None
+            and self._dist is None
+            and device.type == "cpu"
+            and shape[0] * shape[1] * itemsize > self.memory_budget
+        )
+        if not over:
+            return torch.from_numpy(entry.read("embeddings")).to(device, index_dtype)
+        if saved == index_dtype:  # map the saved file itself, read-only
+            array = entry.memmap("embeddings")  # copy-on-write: the file is never changed
+            register_mapped(array)
+            return _mapped_tensor(array)
+        disk = DiskMatrix(shape, torch.empty(0, dtype=index_dtype).numpy().dtype)
+        try:
+            for start in range(0, shape[0], _SCAN_ROWS):
+                block = entry.memmap("embeddings", start, start + _SCAN_ROWS)
+                disk.write(start, 0, torch.from_numpy(np.array(block)).to(index_dtype).numpy())
+        except BaseException:
+            disk.discard()
+            raise
+        return _mapped_tensor(disk.open())
 
 
 class _PlaceholderDataset(Dataset):

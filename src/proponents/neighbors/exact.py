@@ -10,6 +10,7 @@ from torch import Tensor
 
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.neighbors.base import IndexedNearestNeighbors, sort_rows
+from proponents.store import release_rows
 
 __all__ = ["ExactNearestNeighbors", "exact_top_k"]
 
@@ -78,6 +79,8 @@ def exact_top_k(
                 scores = q @ block.T
                 values, columns = _block_top_k(scores, min(k, block.shape[0]))
                 columns = columns + start
+                # A memory-mapped matrix: let its pages go once the block has been read.
+                release_rows(data, start, start + block_size)
                 if best_scores is None or best_idx is None:
                     best_scores, best_idx = values, columns
                     continue
