@@ -432,9 +432,12 @@ class TracInCPFastRandProj(TracInCPFast):
     @staticmethod
     def _finite_rows(embeddings: Tensor) -> Tensor:
         """Whether each row is finite, computed block by block."""
-        if embeddings.shape[0] == 0:
-            return torch.ones(0, dtype=torch.bool, device=embeddings.device)
-        return torch.cat([torch.isfinite(b).all(dim=1) for _, b in _row_blocks(embeddings)])
+        # Written into one preallocated vector: keeping a small result per block alive
+        # between the blocks' large temporaries fragments the heap (tens of MiB at 1M rows).
+        out = torch.ones(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+        for start, block in _row_blocks(embeddings):
+            out[start : start + block.shape[0]] = torch.isfinite(block).all(dim=1)
+        return out
 
     def _all_scores(self, query: Tensor) -> Tensor:
         """``query @ embeddings.T`` in the promoted dtype (at least float32), by row blocks."""
