@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 from torch.utils.data import TensorDataset
+
+# Property tests draw the same examples on every run (a green CI stays green); set
+# PROPONENTS_HYPOTHESIS=explore to let hypothesis search with fresh random draws.
+settings.register_profile("stable", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("PROPONENTS_HYPOTHESIS", "stable"))
 
 
 class MLP(nn.Module):
