@@ -374,3 +374,13 @@ def test_randproj_ranks_non_finite_training_examples_last(tmp_path):
         assert torch.isfinite(got.influence_scores).all()
     got = rp.influence(case.test_inputs, case.test_labels, k=3)
     assert torch.equal(got.indices, want.indices)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_gives_the_same_scores_in_either_memory_layout(tmp_path, channels_last):
+    case = make_case("cnn", tmp_path)
+    t = fast(case)
+    t.influence(case.test_inputs, case.test_labels)  # layout chosen by timing here
+    t._engine._channels_last = channels_last  # then forced either way
+    assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case, ["fc"]))
+    assert_close(t.influence(), reference_self(case, ["fc"]))
