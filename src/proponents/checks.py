@@ -7,6 +7,7 @@ inside a computation (or, worse, is silently read as truthy).
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -45,3 +46,26 @@ def check_path(value: Any, argument: str, owner: str | None = None) -> None:
             f"{prefix}{argument} must be a directory path (str or os.PathLike), got "
             f"{type(value).__name__}"
         )
+
+
+def check_int(value: Any, argument: str, or_none: bool = False) -> int:
+    """Return ``value`` as an ``int`` (numpy integers included), else raise naming ``argument``.
+
+    Args:
+        value: the value to check.
+        argument: the parameter name shown in the message.
+        or_none: the caller also accepts ``None`` (checked by the caller); only the
+            message says so.
+
+    Raises:
+        ArgumentTypeError: for a ``bool`` or any non-integer type.
+    """
+    wanted = "an int or None" if or_none else "an int"
+    if isinstance(value, bool):
+        raise ArgumentTypeError(f"{argument} must be {wanted}; got bool ({value})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"{argument} must be {wanted}; got {type(value).__name__} ({value!r})"
+        ) from None

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.checks import check_int
+from proponents.errors import InvalidArgumentError
 from proponents.neighbors.base import IndexedNearestNeighbors, import_extra
 
 __all__ = ["AnnoyNearestNeighbors"]
-
-
-def _int_arg(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise ArgumentTypeError(f"{name} must be an int; got bool ({value})")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ArgumentTypeError(
-            f"{name} must be an int; got {type(value).__name__} ({value!r})"
-        ) from None
 
 
 def _annoy() -> Any:
@@ -68,15 +57,15 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
     def __init__(self, num_trees: int = 10, search_k: int = -1, *, seed: int = 0) -> None:
         super().__init__()
         _annoy()  # fail now, not after the training set has been embedded
-        num_trees = _int_arg(num_trees, "num_trees")
+        num_trees = check_int(num_trees, "num_trees")
         if num_trees < 1:
             raise InvalidArgumentError(f"num_trees must be >= 1; got {num_trees}")
-        search_k = _int_arg(search_k, "search_k")
+        search_k = check_int(search_k, "search_k")
         if search_k == 0 or search_k < -1:
             raise InvalidArgumentError(
                 f"search_k must be -1 (Annoy's default, k * num_trees) or >= 1; got {search_k}"
             )
-        seed = _int_arg(seed, "seed")
+        seed = check_int(seed, "seed")
         if not 0 <= seed < 2**32:
             raise InvalidArgumentError(f"seed must be in 0..2**32-1; got {seed}")
         self.num_trees = num_trees

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.checks import check_int
+from proponents.errors import InvalidArgumentError
 from proponents.neighbors.base import IndexedNearestNeighbors, sort_rows
 from proponents.store import release_rows
 
@@ -129,14 +129,7 @@ class ExactNearestNeighbors(IndexedNearestNeighbors):
 
     def __init__(self, block_size: int = 4096) -> None:
         super().__init__()
-        if isinstance(block_size, bool):
-            raise ArgumentTypeError(f"block_size must be an int; got bool ({block_size})")
-        try:
-            block_size = operator.index(block_size)
-        except TypeError:
-            raise ArgumentTypeError(
-                f"block_size must be an int; got {type(block_size).__name__} ({block_size!r})"
-            ) from None
+        block_size = check_int(block_size, "block_size")
         if block_size < 1:
             raise InvalidArgumentError(f"block_size must be >= 1; got {block_size}")
         self.block_size = block_size

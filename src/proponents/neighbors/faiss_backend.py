@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from proponents.checks import check_int
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.neighbors.base import IndexedNearestNeighbors, import_extra
 
@@ -84,14 +84,7 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
     @nprobe.setter
     def nprobe(self, value: int | None) -> None:
         if value is not None:
-            if isinstance(value, bool):
-                raise ArgumentTypeError(f"nprobe must be an int or None; got bool ({value})")
-            try:
-                value = operator.index(value)
-            except TypeError:
-                raise ArgumentTypeError(
-                    f"nprobe must be an int or None; got {type(value).__name__} ({value!r})"
-                ) from None
+            value = check_int(value, "nprobe", or_none=True)
             if value < 1:
                 raise InvalidArgumentError(f"nprobe must be >= 1; got {value}")
         self._nprobe = value
