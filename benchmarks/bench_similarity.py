@@ -15,7 +15,7 @@ and the scores themselves.
 single layer), each phase in a fresh subprocess; reports the peak resident memory
 above what the process held once the model and the data were in memory.
 
-Run: ``python benchmarks/bench_similarity.py [--repeats 3] [--large]``
+Run: ``python benchmarks/bench_similarity.py [--repeats 3] [--large] [--device cuda]``
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proponents.influence.similarity import SimilarityInfluence  # noqa: E402
-from workloads import BenchCNN, cnn_data, set_threads  # noqa: E402
+from workloads import BenchCNN, cnn_data, device, set_threads, sync, use_device  # noqa: E402
 
 LAYERS = ["conv2", "fc1"]
 
@@ -56,10 +56,13 @@ def _time_pair(make, inputs, top_k):
     """(first-call seconds, repeated-call seconds, first result, repeated result)."""
     with tempfile.TemporaryDirectory() as folder:
         obj = make(folder)
+        sync()
         t0 = time.perf_counter()
         first = obj.influence(inputs, top_k=top_k)
+        sync()
         t1 = time.perf_counter()
         again = obj.influence(inputs, top_k=top_k)
+        sync()
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1, first, again
 
@@ -86,7 +89,7 @@ def _agreement(ours, theirs, tol=1e-5):
 def main_compare(repeats: int) -> None:
     set_threads(2)
     torch.manual_seed(0)
-    model = BenchCNN().eval()
+    model = BenchCNN().to(device()).eval()
     train, test_x, _ = cnn_data(2000, 64)
     captum_cls = _captum()
     top_k = 10
@@ -108,7 +111,10 @@ def main_compare(repeats: int) -> None:
             times[name][1].append(again)
             results[name] = r2
     best = {name: (min(f), min(a)) for name, (f, a) in times.items()}
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, best of {repeats}")
+    print(
+        f"device {device()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"best of {repeats}"
+    )
     print(f"{'':12s} {'first call':>12s} {'repeated':>12s}")
     for name, (f, a) in best.items():
         print(f"{name:12s} {f * 1e3:10.1f}ms {a * 1e3:10.1f}ms")
@@ -230,7 +236,9 @@ if __name__ == "__main__":
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--library", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="device of the default comparison")
     args = parser.parse_args()
+    use_device(args.device)
     if args.phase:
         large_phase(args.phase, args.library, args.dir, args.n)
     elif args.large:

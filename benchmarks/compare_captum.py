@@ -30,14 +30,29 @@ from workloads import (  # noqa: E402
     BenchCNN,
     BenchTransformer,
     cnn_data,
+    device,
     make_checkpoints,
     set_threads,
+    sync,
     transformer_data,
+    use_device,
 )
+
+
+def synced(fn):
+    """``fn`` followed by a wait for the GPU work it queued (a no-op on the CPU)."""
+
+    def call():
+        out = fn()
+        sync()
+        return out
+
+    return call
 
 
 def best_of(fn, repeats: int, warmup: bool = True):
     """Best wall time of ``repeats`` runs after one untimed warm-up run."""
+    fn = synced(fn)
     best, out = float("inf"), None
     if warmup:
         fn()
@@ -54,6 +69,7 @@ def compare(ours_fn, theirs_fn, repeats: int):
     Alternating keeps slow drifts of the machine (other processes, frequency) from
     favouring whichever library happens to be timed first.
     """
+    ours_fn, theirs_fn = synced(ours_fn), synced(theirs_fn)
     ours_out, theirs_out = ours_fn(), theirs_fn()
     best_ours = best_theirs = float("inf")
     for _ in range(repeats):
@@ -83,6 +99,31 @@ def captum_load(model: nn.Module, path: str) -> float:
     return float(ckpt["learning_rate"])
 
 
+def captum_neighbors():
+    """Captum's default search (Annoy), or an exact one where annoy is not installed.
+
+    Returns ``(nearest_neighbors argument, label)``; the exact stand-in implements
+    Captum's ``NearestNeighbors`` interface with one matrix product and a top-k.
+    """
+    try:
+        import annoy  # noqa: F401
+
+        return None, "annoy"
+    except ImportError:
+        from captum.influence._utils.nearest_neighbors import NearestNeighbors
+
+        class ExactForCaptum(NearestNeighbors):
+            def setup(self, data: torch.Tensor) -> None:
+                self.data = data.flatten(1)
+
+            def get_nearest_neighbors(self, query: torch.Tensor, k: int):
+                scores = query.flatten(1) @ self.data.T
+                values, indices = scores.topk(k, dim=1)
+                return indices, values
+
+        return ExactForCaptum(), "exact"
+
+
 def floor_pass(model: nn.Module, train) -> None:
     """One batched forward+backward pass over the training set (batch 128), the floor."""
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -109,7 +150,7 @@ def cnn_benchmark(repeats: int, workdir: Path, skip_default: bool) -> list[dict]
     print("CNN workload: 2,000 train / 64 test, 3 checkpoints, batch 128, CE(sum)")
     torch.manual_seed(0)
     train, x_test, y_test = cnn_data()
-    model = BenchCNN()
+    model = BenchCNN().to(device())
     ckpts = make_checkpoints(model, train, workdir / "cnn")
     loss = nn.CrossEntropyLoss(reduction="sum")
     ours = proponents.TracInCP(
@@ -189,7 +230,7 @@ def fast_benchmark(repeats: int, workdir: Path) -> list[dict]:
     print("Last-layer methods, CNN workload (final layer fc2)")
     torch.manual_seed(0)
     train, x_test, y_test = cnn_data()
-    model = BenchCNN()
+    model = BenchCNN().to(device())
     ckpts = make_checkpoints(model, train, workdir / "fast")
     loss = nn.CrossEntropyLoss(reduction="sum")
     ours = proponents.TracInCPFast(model, "fc2", train, ckpts, loss_fn=loss, batch_size=128)
@@ -205,6 +246,8 @@ def fast_benchmark(repeats: int, workdir: Path) -> list[dict]:
     results.append(row("TracInCPFast scores", t_o, t_c, 3))
     t_o, _, t_c, _ = compare(lambda: ours.influence(), lambda: theirs.self_influence(), repeats)
     results.append(row("TracInCPFast self-influence", t_o, t_c, 3))
+
+    neighbors, search = captum_neighbors()
 
     t_o, rp_o, t_c, rp_c = compare(
         lambda: proponents.TracInCPFastRandProj(
@@ -226,6 +269,7 @@ def fast_benchmark(repeats: int, workdir: Path) -> list[dict]:
             loss_fn=loss,
             batch_size=128,
             projection_dim=100,
+            nearest_neighbors=neighbors,
         ),
         repeats,
     )
@@ -235,7 +279,7 @@ def fast_benchmark(repeats: int, workdir: Path) -> list[dict]:
         lambda: rp_c.influence((x_test, y_test), k=10),
         repeats,
     )
-    results.append(row("TracInCPFastRandProj query k=10 (exact vs annoy)", t_o, t_c, 1))
+    results.append(row(f"TracInCPFastRandProj query k=10 (exact vs {search})", t_o, t_c, 1))
     return results
 
 
@@ -245,15 +289,23 @@ def fidelity_benchmark(workdir: Path, dims=(16, 64, 256), seeds=5) -> list[dict]
     print("Projection fidelity: mean correlation of projected with exact scores, 5 seeds")
     torch.manual_seed(0)
     train, x_test, y_test = cnn_data(n_train=1000)
-    model = BenchCNN()
+    model = BenchCNN().to(device())
     ckpts = make_checkpoints(model, train, workdir / "fid")
     loss = nn.CrossEntropyLoss(reduction="sum")
     # Both libraries compared with their own exact (unprojected) scores.
     exact_o = proponents.TracInCPFastRandProj(
         model, "fc2", train, ckpts, loss_fn=loss, batch_size=128
     ).influence((x_test,), y_test, k=None)
+    neighbors, _ = captum_neighbors()
     exact_c = CaptumRandProj(
-        model, model.fc2, train, ckpts, captum_load, loss_fn=loss, batch_size=128
+        model,
+        model.fc2,
+        train,
+        ckpts,
+        captum_load,
+        loss_fn=loss,
+        batch_size=128,
+        nearest_neighbors=neighbors,
     ).influence((x_test, y_test), k=None)
 
     def corr(a, b):
@@ -284,6 +336,7 @@ def fidelity_benchmark(workdir: Path, dims=(16, 64, 256), seeds=5) -> list[dict]
                 batch_size=128,
                 projection_dim=dim,
                 seed=seed,
+                nearest_neighbors=neighbors,
             )
             theirs.append(corr(c.influence((x_test, y_test), k=None), exact_c))
         mo, mc = sum(ours) / seeds, sum(theirs) / seeds
@@ -349,7 +402,7 @@ def transformer_benchmark(repeats: int, workdir: Path) -> list[dict]:
     print("Transformer workload: 1,000 train / 32 test, 3 checkpoints, d=64, seq 32")
     torch.manual_seed(0)
     train, x_test, y_test = transformer_data()
-    model = BenchTransformer()
+    model = BenchTransformer().to(device())
     ckpts = make_checkpoints(model, train, workdir / "tf")
     ours = proponents.TracInCP(
         model, train, ckpts, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=128
@@ -456,8 +509,16 @@ def main() -> None:
         "--only", choices=["cnn", "transformer", "rss", "fast", "fidelity", "index"], default=None
     )
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="run the in-process workloads (cnn, transformer, fast, fidelity) here, e.g. "
+        "cuda; the subprocess ones (rss, index, --memory) always use the CPU",
+    )
     args = parser.parse_args()
     set_threads(2)
+    use_device(args.device)
+    print(f"device {device()}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.memory:

@@ -3,6 +3,10 @@
 CNN: conv(3->16, 3x3) -> pool -> conv(16->32, 3x3) -> pool -> fc(2048->64) -> fc(64->10)
 on 3x32x32 inputs. Transformer: Embedding, one self-attention block with LayerNorm,
 d=64, sequence length 32.
+
+Everything runs on the CPU unless a script calls :func:`use_device` (``--device cuda``):
+then the data sets are created on that device and scripts move their models there with
+``.to(device())``; timed calls end with :func:`sync` so GPU work is counted.
 """
 
 from __future__ import annotations
@@ -13,6 +17,30 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+
+_DEVICE = torch.device("cpu")
+
+
+def use_device(name: str) -> torch.device:
+    """Create later data sets on ``name`` ("cpu", "cuda", "cuda:1", ...)."""
+    global _DEVICE
+    wanted = torch.device(name)
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this machine has no CUDA device")
+    _DEVICE = wanted
+    return wanted
+
+
+def device() -> torch.device:
+    """The device chosen with :func:`use_device` (the CPU by default)."""
+    return _DEVICE
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so wall-clock timings include it."""
+    if _DEVICE.type == "cuda":
+        torch.cuda.synchronize(_DEVICE)
 
 
 class BenchCNN(nn.Module):
@@ -56,6 +84,7 @@ def cnn_data(n_train: int = 2000, n_test: int = 64, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_test, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    x, y = x.to(_DEVICE), y.to(_DEVICE)
     train = TensorDataset(x[:n_train], y[:n_train])
     return train, x[n_train:], y[n_train:]
 
@@ -64,6 +93,7 @@ def transformer_data(n_train: int = 1000, n_test: int = 32, seed: int = 0, seq: 
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 1000, (n_train + n_test, seq), generator=g)
     y = torch.randint(0, 4, (n_train + n_test,), generator=g)
+    x, y = x.to(_DEVICE), y.to(_DEVICE)
     return TensorDataset(x[:n_train], y[:n_train]), x[n_train:], y[n_train:]
 
 

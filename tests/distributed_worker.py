@@ -5,10 +5,16 @@ once sharded over the process group, and checks that the two agree. Problems are
 as ``MISMATCH ...`` lines; the rank exits with status 1 when there is any.
 
 Usage: ``torchrun --nproc_per_node=2 tests/distributed_worker.py DATA_DIR``
+
+``DIST_BACKEND`` (default ``gloo``) picks the process group's backend and ``DIST_DEVICE``
+(default ``cpu``) where the model and data live; with ``cuda`` each rank uses the GPU
+numbered by its ``LOCAL_RANK`` (modulo the GPUs there are, so gloo ranks may share one),
+and every result must come back on that device.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,9 +26,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
 
 FAILURES: list[str] = []
+DEVICE = torch.device("cpu")
 
 
 def check(what: str, alone, sharded) -> None:
+    for t in sharded if isinstance(sharded, tuple) else (sharded,):
+        if t.device.type != DEVICE.type:
+            FAILURES.append(f"{what}: result on {t.device}, the model is on {DEVICE}")
     if isinstance(alone, tuple):
         same_idx = torch.equal(alone[0], sharded[0])
         close = torch.allclose(alone[1], sharded[1], rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -74,12 +84,16 @@ def prepare(folder: Path) -> None:
 
 
 def main(folder: Path) -> int:
-    dist.init_process_group("gloo")
+    global DEVICE
+    if os.environ.get("DIST_DEVICE", "cpu") == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        DEVICE = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(os.environ.get("DIST_BACKEND", "gloo"))
     rank = dist.get_rank()
-    data = torch.load(folder / "data.pt")
+    data = {k: v.to(DEVICE) for k, v in torch.load(folder / "data.pt").items()}
     ckpts = sorted(str(p) for p in folder.glob("ckpt-*.pt"))
     torch.manual_seed(0)  # the same weights on every rank (SimilarityInfluence uses them)
-    model = MLP()
+    model = MLP().to(DEVICE)
     train = TensorDataset(data["x"], data["y"])
     x, y = data["xt"], data["yt"]
     test_loader = DataLoader(TensorDataset(x, y), batch_size=3)
@@ -187,6 +201,8 @@ def main(folder: Path) -> int:
                 again["fc2"],
             )
 
+    if dist.get_world_size() == 1:  # the fault checks below need a second rank
+        return finish(rank)
     # Ranks that disagree on the training data: the same clear error on every rank.
     n = len(train) - (1 if rank == 1 else 0)
     short = TensorDataset(data["x"][:n], data["y"][:n])
@@ -211,7 +227,10 @@ def main(folder: Path) -> int:
     needle = "disk went away" if rank == 1 else "rank 1 failed with CheckpointLoadError"
     expect_error("failing rank", lambda: broken.influence((x,), y, k=2), needle)
     expect_error("failing rank, scores", lambda: broken.influence((x,), y), needle)
+    return finish(rank)
 
+
+def finish(rank: int) -> int:
     dist.barrier()
     for line in FAILURES:
         print(f"rank {rank} MISMATCH {line}", flush=True)

@@ -45,18 +45,37 @@ def _worker_module():
     return module
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    _worker_module().prepare(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _launch(folder: Path, ranks: int, **env: str) -> None:
+    """Run the worker on ``ranks`` local processes; every rank must report no mismatch."""
+    _worker_module().prepare(folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(tmp_path),
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(folder),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-6000:]
-    for rank in (0, 1):
+    for rank in range(ranks):
         assert f"rank {rank} checked, 0 mismatches" in out, out[-6000:]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    _launch(tmp_path, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend, ranks", [("nccl", 1), ("nccl", 2), ("gloo", 2)])
+def test_ranks_with_the_model_on_cuda(tmp_path, backend, ranks):
+    """Model, data and results on the GPU; ranks share GPUs when there are fewer GPUs.
+
+    nccl refuses two ranks on one GPU, so its two-rank case needs two GPUs; gloo ranks can
+    share one (its collectives go through the CPU).
+    """
+    if backend == "nccl" and ranks > torch.cuda.device_count():
+        pytest.skip(f"nccl with {ranks} ranks needs {ranks} GPUs")
+    _launch(tmp_path, ranks, DIST_BACKEND=backend, DIST_DEVICE="cuda")
 
 
 def test_shards_are_contiguous_and_cover_every_batch():
