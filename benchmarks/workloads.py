@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-
 _DEVICE = torch.device("cpu")
 
 
