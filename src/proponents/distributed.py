@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from proponents.data import TensorRowsLoader
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
 
 __all__ = ["DistributedContext", "DistributedError", "resolve_distributed", "shard_loader"]
@@ -107,7 +108,10 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int, argument: str) 
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     if auto:
-        return DataLoader(loader.dataset, batch_sampler=mine, **kwargs)
+        # keep the batch-slicing loader of a TensorDataset (a user's subclass may take
+        # other constructor arguments, so only our own class is rebuilt as itself)
+        cls = TensorRowsLoader if type(loader) is TensorRowsLoader else DataLoader
+        return cls(loader.dataset, batch_sampler=mine, **kwargs)
     return DataLoader(loader.dataset, batch_size=None, sampler=[b[0] for b in mine], **kwargs)
 
 

@@ -1,0 +1,126 @@
+"""The batch-slicing loader of TensorDatasets yields what a plain DataLoader yields."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from proponents import TracInCPFast
+from proponents.data import TensorRowsLoader, make_loader
+from proponents.distributed import shard_loader
+
+
+def _stored_tensors():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(11, 3, 4, 4, generator=g).to(memory_format=torch.channels_last)
+    features = torch.randn(5, 11, generator=g).t()  # not contiguous
+    labels = torch.randint(0, 3, (11,), generator=g)
+    return images, features, labels
+
+
+def _same_batches(ours, reference) -> None:
+    ours, reference = list(ours), list(reference)
+    assert len(ours) == len(reference)
+    for got, want in zip(ours, reference):
+        assert type(got) is type(want)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a, b)
+            assert a.is_contiguous() == b.is_contiguous()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 11, 20])
+def test_tensor_dataset_batches_equal_a_plain_dataloader(batch_size):
+    data = TensorDataset(*_stored_tensors())
+    loader = make_loader(data, batch_size, "train_dataset")
+    assert type(loader) is TensorRowsLoader
+    assert loader.dataset is data  # the user's dataset stays visible as given
+    _same_batches(loader, DataLoader(data, batch_size=batch_size))
+
+
+def test_subset_with_shuffled_and_negative_indices():
+    data = TensorDataset(*_stored_tensors())
+    subset = Subset(data, [7, -1, 0, 2, 3, 4, -11, 9])
+    loader = make_loader(subset, 3, "train_dataset")
+    assert type(loader) is TensorRowsLoader
+    _same_batches(loader, DataLoader(subset, batch_size=3))
+
+
+def test_out_of_range_subset_index_raises_index_error():
+    data = TensorDataset(*_stored_tensors())
+    with pytest.raises(IndexError):
+        list(make_loader(Subset(data, [0, 11]), 2, "train_dataset"))
+    with pytest.raises(IndexError):
+        list(DataLoader(Subset(data, [0, 11]), batch_size=2))  # the same error type
+
+
+def test_batches_are_fresh_memory():
+    data = TensorDataset(*_stored_tensors())
+    before = [t.clone() for t in data.tensors]
+    for batch in make_loader(data, 4, "train_dataset"):
+        for t in batch:
+            t.zero_()
+    assert all(torch.equal(a, b) for a, b in zip(before, data.tensors))
+
+
+def test_subclasses_keep_their_own_getitem():
+    class Doubled(TensorDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return 2 * x, y
+
+    x, y = torch.arange(6.0).reshape(6, 1), torch.arange(6)
+    loader = make_loader(Doubled(x, y), 4, "train_dataset")
+    assert type(loader) is DataLoader
+    assert torch.equal(torch.cat([b[0] for b in loader]), 2 * x)
+
+
+def test_custom_sampler_or_workers_fall_back_to_per_example_loading():
+    data = TensorDataset(*_stored_tensors())
+    reference = DataLoader(data, batch_size=4, collate_fn=lambda items: len(items))
+    custom = TensorRowsLoader(data, batch_size=4, collate_fn=lambda items: len(items))
+    assert list(custom) == list(reference) == [4, 4, 3]
+
+
+def test_shards_keep_the_slicing_loader():
+    data = TensorDataset(*_stored_tensors())
+    loader = make_loader(data, 2, "train_dataset")
+    for rank in range(3):
+        shard = shard_loader(loader, rank, 3, "train_dataset")
+        assert type(shard) is TensorRowsLoader
+        plain = shard_loader(DataLoader(data, batch_size=2), rank, 3, "train_dataset")
+        _same_batches(shard, plain)
+
+
+def test_a_model_that_edits_its_input_leaves_the_dataset_unchanged(tmp_path):
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.mul_(2.0))  # scales its input in place
+
+    torch.manual_seed(0)
+    model = InPlace()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    kept = x.clone()
+    path = tmp_path / "c.pt"
+    torch.save(model.state_dict(), path)
+    tracin = TracInCPFast(
+        model, "fc", TensorDataset(x, y), [str(path)], loss_fn=nn.CrossEntropyLoss(), batch_size=4
+    )
+    scores = tracin.self_influence()
+    assert torch.equal(x, kept)
+    # the reference: the same self-influence computed from copies of the inputs
+    reference = TracInCPFast(
+        model,
+        "fc",
+        DataLoader(TensorDataset(x.clone(), y), batch_size=4),
+        [str(path)],
+        loss_fn=nn.CrossEntropyLoss(),
+    ).self_influence()
+    torch.testing.assert_close(scores, reference)
