@@ -52,6 +52,15 @@ def _captum():
     return CaptumSimilarity
 
 
+def _cosine_any_device(test: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of flattened rows (zero rows score 0), on the inputs' device."""
+    a, b = test.flatten(1), src.flatten(1)
+    tiny = torch.finfo(a.dtype).tiny
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(tiny)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(tiny)
+    return a @ b.T
+
+
 def _time_pair(make, inputs, top_k):
     """(first-call seconds, repeated-call seconds, first result, repeated result)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -97,8 +106,13 @@ def main_compare(repeats: int) -> None:
     def make_ours(folder):
         return SimilarityInfluence(model, LAYERS, train, folder, batch_size=128)
 
+    extra = {}
+    if device().type == "cuda":  # captum's own cosine mixes devices (a CPU constant)
+        extra["similarity_metric"] = _cosine_any_device
+        print("captum gets a device-safe cosine: its default one fails on CUDA tensors")
+
     def make_captum(folder):
-        return captum_cls(model, LAYERS, train, folder, batch_size=128)
+        return captum_cls(model, LAYERS, train, folder, batch_size=128, **extra)
 
     times = {"captum": ([], []), "proponents": ([], [])}
     results = {}
