@@ -221,8 +221,10 @@ class GradientEngine:
         for method in ("unfold", "shifts", "grouped"):
             try:
                 conv_weight_grads(module, x, g, method)  # warm-up
+                _wait_for(x.device)
                 start = time.perf_counter()
                 conv_weight_grads(module, x, g, method)
+                _wait_for(x.device)
                 elapsed = time.perf_counter() - start
             except RuntimeError:
                 continue
@@ -281,3 +283,9 @@ class GradientEngine:
     def sum_examples(grads: list[Grads]) -> list[Grads]:
         """The gradient summed over examples, as one row per group."""
         return [reps.sum_examples(g) for g in grads]
+
+
+def _wait_for(device: torch.device) -> None:
+    """Let queued GPU work finish, so that a wall-clock timing measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
