@@ -71,6 +71,19 @@ def test_fast_equals_tracincp_on_the_final_layer_and_the_loop_reference(name, tm
     assert torch.equal(top.indices, want.indices[:, :3])
 
 
+def test_frozen_parameters_are_differentiated_and_stay_frozen(tmp_path):
+    case = make_case("cnn", tmp_path)
+    layer = [FINAL["cnn"]]
+    want, want_self = reference_scores(case, layer), reference_self(case, layer)
+    for p in case.model.parameters():
+        p.requires_grad_(False)
+    t = fast(case)
+    assert_close(t.influence(case.test_inputs, case.test_labels), want)
+    assert_close(t.influence(), want_self)
+    assert not any(p.requires_grad for p in case.model.parameters())
+    assert all(p.grad is None for p in case.model.parameters())
+
+
 def test_fast_includes_the_bias(tmp_path):
     case = make_case("mlp", tmp_path)
     with_bias = fast(case).influence(case.test_inputs, case.test_labels)
@@ -198,20 +211,18 @@ def test_randproj_has_no_self_influence(tmp_path):
         rp.influence()
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        lambda: ExactNearestNeighbors(block_size=3),
-        lambda: AnnoyNearestNeighbors(num_trees=50, search_k=100000),
-        lambda: FaissNearestNeighbors("Flat"),
-    ],
-    ids=["exact", "annoy", "faiss"],
-)
-def test_every_backend_gives_the_exact_top_k(tmp_path, backend):
-    if "annoy" in str(backend.__code__.co_names):
-        pytest.importorskip("annoy", reason="optional extra [annoy] not installed")
-    if "Faiss" in str(backend.__code__.co_names):
-        pytest.importorskip("faiss", reason="optional extra [faiss] not installed")
+BACKENDS = {
+    "exact": (None, lambda: ExactNearestNeighbors(block_size=3)),
+    "annoy": ("annoy", lambda: AnnoyNearestNeighbors(num_trees=50, search_k=100000)),
+    "faiss": ("faiss", lambda: FaissNearestNeighbors("Flat")),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_every_backend_gives_the_exact_top_k(tmp_path, name):
+    extra, backend = BACKENDS[name]
+    if extra is not None:
+        pytest.importorskip(extra, reason=f"optional extra [{extra}] not installed")
     case = make_case("mlp", tmp_path)
     rp = fast(case, TracInCPFastRandProj, nearest_neighbors=backend())
     exact = fast(case).influence(case.test_inputs, case.test_labels)

@@ -112,7 +112,7 @@ class GradientEngine:
         """
         params, buffers = self._state()
         if not self._checked:
-            self._choose_layout(params, buffers, batch)
+            self._choose_layout(batch)
             batch = self._in_layout(batch)
             self._check(params, buffers, batch)
         else:
@@ -120,7 +120,7 @@ class GradientEngine:
         out: list[Grads] = []
         if self.hooked:
             layer_reps, self._protect = hooked_pass(
-                self.model, params, buffers, self.hooked, self.loss, batch, self._protect
+                self.model, params, self.hooked, self.loss, batch, self._protect
             )
             out.extend(layer_reps)
         if self.generic is not None:
@@ -133,7 +133,7 @@ class GradientEngine:
             return batch
         return Batch(inputs=_channels_last(batch.inputs), labels=batch.labels, size=batch.size)
 
-    def _choose_layout(self, params: dict, buffers: dict, batch: Batch) -> None:
+    def _choose_layout(self, batch: Batch) -> None:
         """Feed 4-D image batches channels-last when that makes the recorded pass faster.
 
         Only the memory layout changes, not the values; convolutions on the CPU are often
@@ -158,15 +158,7 @@ class GradientEngine:
             self._channels_last = channels_last
             start = time.perf_counter()
             try:
-                record(
-                    self.model,
-                    params,
-                    buffers,
-                    self.hooked,
-                    self.loss,
-                    self._in_layout(batch),
-                    True,
-                )
+                record(self.model, self.hooked, self.loss, self._in_layout(batch), True)
             except RuntimeError:  # e.g. a .view() that needs a contiguous input
                 timings[channels_last] = float("inf")
                 continue
@@ -181,9 +173,7 @@ class GradientEngine:
         that disagrees is moved to the generic path.
         """
         self._checked = True
-        records, self._protect = record(
-            self.model, params, buffers, self.hooked, self.loss, batch, self._protect
-        )
+        records, self._protect = record(self.model, self.hooked, self.loss, batch, self._protect)
         self.hooked = [self._tune(layer, records[layer.name]) for layer in self.hooked]
         layer_reps: list[Grads | None] = []
         for layer in self.hooked:

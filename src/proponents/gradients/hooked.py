@@ -17,12 +17,12 @@ calls, which for factors is a concatenation along the position axis.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from proponents.data import Batch
 from proponents.gradients.loss import LossSpec
@@ -39,8 +39,6 @@ Calls = list[tuple[Tensor, Tensor | None, Tensor]]
 
 def record(
     model: nn.Module,
-    params: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor],
     layers: Sequence[HookedLayer],
     loss: LossSpec,
     batch: Batch,
@@ -48,10 +46,14 @@ def record(
 ) -> tuple[dict[str, Calls], bool]:
     """One forward and backward pass recording, per layer and call, ``(input, grad, output)``.
 
+    The model runs as it is, with its own parameters; for the duration of the pass only
+    the recorded layers' parameters require gradients (so autograd builds no graph for
+    the rest of the network, and frozen layers can still be recorded), and the flags are
+    restored afterwards. Only gradients with respect to the layer outputs are taken, so
+    no parameter's ``.grad`` is touched.
+
     Args:
-        model: the model (only its structure is used; values come from ``params``).
-        params: every parameter of the model by canonical name (detached).
-        buffers: every buffer of the model by name.
+        model: the model, holding the checkpoint's weights.
         layers: the layers to record.
         loss: the per-example loss description.
         batch: the batch, already on the model's device.
@@ -69,21 +71,35 @@ def record(
         module = model.get_submodule(layer.name)
         handles.append(module.register_forward_hook(_recorder(records[layer.name], protect)))
     wanted = {n for layer in layers for n in layer.params}
-    call_params = {n: (p.requires_grad_(True) if n in wanted else p) for n, p in _leaves(params)}
     try:
-        with torch.enable_grad():
-            output = functional_call(model, {**call_params, **buffers}, batch.inputs)
+        with torch.enable_grad(), _differentiating(model, wanted):
+            output = model(*batch.inputs)
             total = loss.batch_total(output, batch.labels, batch.size)
     finally:
         for h in handles:
             h.remove()
     outs = [o for layer in layers for _, o, _ in records[layer.name]]
     if not protect and any(o._version != v for r in records.values() for _, o, v in r):
-        return record(model, params, buffers, layers, loss, batch, protect=True)[0], True
+        return record(model, layers, loss, batch, protect=True)[0], True
     grads = iter(torch.autograd.grad(total, outs, allow_unused=True) if outs else ())
     return {
         layer.name: [(x, next(grads), o) for x, o, _ in records[layer.name]] for layer in layers
     }, protect
+
+
+@contextmanager
+def _differentiating(model: nn.Module, wanted: set[str]) -> Iterator[None]:
+    """Inside, exactly the parameters named in ``wanted`` require gradients."""
+    changed = []
+    for name, p in model.named_parameters():
+        if p.requires_grad != (name in wanted):
+            changed.append(p)
+            p.requires_grad_(name in wanted)
+    try:
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(not p.requires_grad)
 
 
 def represent(
@@ -107,7 +123,6 @@ def represent(
 def hooked_pass(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor],
     layers: Sequence[HookedLayer],
     loss: LossSpec,
     batch: Batch,
@@ -118,13 +133,8 @@ def hooked_pass(
     Returns:
         The representations, and whether outputs needed protection (see :func:`record`).
     """
-    records, protect = record(model, params, buffers, layers, loss, batch, protect)
+    records, protect = record(model, layers, loss, batch, protect)
     return [represent(la, model, records[la.name], batch.size, params) for la in layers], protect
-
-
-def _leaves(params: Mapping[str, Tensor]):
-    for n, p in params.items():
-        yield n, p.detach()
 
 
 def _recorder(store: list[tuple[Tensor, Tensor, int]], protect: bool):
