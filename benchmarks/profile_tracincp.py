@@ -52,7 +52,7 @@ def main() -> None:
     )
     batches = [split_batch(b) for b in tracin.train_dataloader]
     test = split_batch((x_test, y_test))
-    params, buffers = engine._state()
+    params, _ = engine._state()
     test_rep = engine.compute(test)
     best: dict[str, float] = {}
     for _ in range(3):
@@ -68,7 +68,7 @@ def main() -> None:
         for b in batches:
             rec, _ = timed(
                 "forward + backward (recorded)",
-                lambda b=b: hooked.record(model, params, buffers, engine.hooked, engine.loss, b),
+                lambda b=b: hooked.record(model, engine.hooked, engine.loss, b),
             )
             reps = [
                 timed(
