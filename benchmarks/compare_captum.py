@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -496,6 +497,44 @@ def memory_benchmark(workdir: Path) -> None:
     )
 
 
+def across_processes(args: argparse.Namespace) -> None:
+    """Run this script ``args.processes`` times and summarise each row's ratio."""
+    forwarded, skip_next = [], False
+    for arg in sys.argv[1:]:
+        if skip_next:
+            skip_next = False
+        elif arg == "--processes":
+            skip_next = True
+        elif not arg.startswith("--processes="):
+            forwarded.append(arg)
+    runs: list[list[dict]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in range(args.processes):
+            out = Path(tmp) / f"run-{n}.json"
+            cmd = [sys.executable, __file__, *forwarded, "--json", str(out)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            runs.append(json.loads(out.read_text()))
+            print(f"process {n + 1}/{args.processes} done")
+    print(f"median over {args.processes} processes (range in brackets):")
+    summary = []
+    for i, first in enumerate(runs[0]):
+        if "ratio" not in first:
+            continue
+        ratios = sorted(run[i]["ratio"] for run in runs)
+        median = statistics.median(ratios)
+        target = first.get("target")
+        mark = ""
+        if target is not None:
+            # the floor row is a cost (lower is better); every other row a speed-up
+            met = median <= target if "floor" in first["operation"] else median >= target
+            mark = f" (target {target}: {'met' if met else 'MISSED'})"
+        name = first["operation"]
+        print(f"  {name:<48} {median:5.2f}x  [{ratios[0]:.2f} - {ratios[-1]:.2f}]{mark}")
+        summary.append({"operation": name, "median": median, "ratios": ratios})
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -515,7 +554,17 @@ def main() -> None:
         help="run the in-process workloads (cnn, transformer, fast, fidelity) here, e.g. "
         "cuda; the subprocess ones (rss, index, --memory) always use the CPU",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the chosen comparisons in this many fresh processes and report the median "
+        "ratio and its range (allocator state differs between processes; see RESULTS.md)",
+    )
     args = parser.parse_args()
+    if args.processes > 1:
+        across_processes(args)
+        return
     set_threads(2)
     use_device(args.device)
     print(f"device {device()}, torch {torch.__version__}")
