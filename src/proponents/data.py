@@ -163,12 +163,9 @@ class TensorRowsLoader(DataLoader):
             if indices and not 0 <= min(indices) <= max(indices) < n_rows:
                 bad = next(i for i in indices if not 0 <= i < n_rows)
                 raise IndexError(f"index {bad} is out of range for {n_rows} stored rows")
-            if not indices:
-                yield [t[:0].clone(memory_format=torch.contiguous_format) for t in tensors]
-                continue
-            first = indices[0]
-            if indices == list(range(first, first + len(indices))) and first >= 0:
-                stop = first + len(indices)
+            first = indices[0] if indices else 0
+            stop = first + len(indices)
+            if indices == list(range(first, stop)):  # one run of rows (or none): a slice
                 yield [t[first:stop].clone(memory_format=torch.contiguous_format) for t in tensors]
             else:
                 picked = torch.as_tensor(indices, dtype=torch.long)
