@@ -41,3 +41,15 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
         for n, m in model.named_modules(remove_duplicate=False):
             if n in modes:
                 m.training = modes[n]
+
+
+@contextmanager
+def call_scope(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Everything a public call runs inside: the model restored on the way out and in eval
+    mode meanwhile, the global RNG state restored (iterating a ``DataLoader`` draws from
+    it, also on ``device`` when that is a GPU), gradients off unless a step turns them on.
+    """
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with preserved(model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+        model.eval()
+        yield

@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -30,7 +29,7 @@ from proponents.distributed import (
     training_facts,
 )
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
-from proponents.model_guard import preserved
+from proponents.model_guard import call_scope
 from proponents.scoring import TracInRunner, k_most
 
 
@@ -125,11 +124,8 @@ class TracInCPBase(DataInfluence):
     # -- shared behaviour ---------------------------------------------------------------
     @contextmanager
     def _guarded(self) -> Iterator[None]:
-        """Model restored, global RNG state restored (DataLoader iteration draws from it)."""
-        device = model_device(self.model)
-        rng_devices = [device.index or 0] if device.type == "cuda" else []
-        with preserved(self.model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-            self.model.eval()
+        """The scope of one public call (see :func:`proponents.model_guard.call_scope`)."""
+        with call_scope(self.model, model_device(self.model)):
             yield
 
     def _n_train(self) -> int | None:

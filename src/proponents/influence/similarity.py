@@ -65,7 +65,7 @@ from proponents.influence._similarity_metrics import (
     euclidean_distance,
 )
 from proponents.influence.base import DataInfluence
-from proponents.model_guard import preserved
+from proponents.model_guard import call_scope
 from proponents.progress import Progress, progress_iter
 from proponents.store import (
     ArrayStore,
@@ -318,10 +318,7 @@ class SimilarityInfluence(DataInfluence):
             )
         largest = self.similarity_direction == "max"
         device = model_device(self.module)
-        # Iterating a DataLoader draws from the global RNG: fork it, leave the caller's as is.
-        rng_devices = [device.index or 0] if device.type == "cuda" else []
-        with preserved(self.module), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-            self.module.eval()
+        with call_scope(self.module, device):
             fingerprint = model_fingerprint(self.module)
             test = self._test_activations(
                 inputs,
