@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from proponents.allocator import warm_up
+
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[nn.Module]:
@@ -47,8 +49,10 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
 def call_scope(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Everything a public call runs inside: the model restored on the way out and in eval
     mode meanwhile, the global RNG state restored (iterating a ``DataLoader`` draws from
-    it, also on ``device`` when that is a GPU), gradients off unless a step turns them on.
+    it, also on ``device`` when that is a GPU), gradients off unless a step turns them on,
+    and the allocator warmed up once per process (:mod:`proponents.allocator`).
     """
+    warm_up()
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with preserved(model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
         model.eval()
