@@ -25,6 +25,7 @@ from proponents import (
     TracInCPFastRandProj,
 )
 from proponents.errors import ArgumentTypeError, IndexMismatchError, InvalidArgumentError
+from proponents.gradients.engine import GradientEngine
 
 FINAL = {
     "mlp": "fc2",
@@ -387,11 +388,47 @@ def test_randproj_ranks_non_finite_training_examples_last(tmp_path):
     assert torch.equal(got.indices, want.indices)
 
 
+@pytest.mark.parametrize("sub_batch", [None, 1, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fast_gives_the_same_scores_in_either_memory_layout(tmp_path, channels_last):
+def test_fast_gives_the_same_scores_in_any_pass_shape(
+    tmp_path, monkeypatch, channels_last, sub_batch
+):
+    """Memory layout and sub-batch size are chosen by timing; every choice must be exact."""
+
+    def forced(engine, batch):
+        engine._channels_last, engine._sub_batch = channels_last, sub_batch
+
+    monkeypatch.setattr(GradientEngine, "_choose_pass", forced)
     case = make_case("cnn", tmp_path)
-    t = fast(case)
-    t.influence(case.test_inputs, case.test_labels)  # layout chosen by timing here
-    t._engine._channels_last = channels_last  # then forced either way
+    t = fast(case)  # batches of 4: sub-batches of 3 leave a remainder of 1
     assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case, ["fc"]))
     assert_close(t.influence(), reference_self(case, ["fc"]))
+    assert (t._engine._channels_last, t._engine._sub_batch) == (channels_last, sub_batch)
+    rp = fast(case, TracInCPFastRandProj)  # the embeddings go through the same passes
+    assert_close(
+        rp.influence(case.test_inputs, case.test_labels, k=None), reference_scores(case, ["fc"])
+    )
+
+
+def test_pass_shape_is_tuned_only_for_forward_dominated_cpu_passes(tmp_path):
+    case = make_case("cnn", tmp_path, n_train=70, n_test=4)
+    conv = TracInCP(
+        case.model,
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=64,
+        sample_wise_grads_per_batch=True,
+    )
+    conv.influence()  # convolutions differentiated: the backward pass dominates
+    assert conv._engine._sub_batch is None and conv._engine._channels_last is False
+    last = TracInCPFast(
+        case.model,
+        "fc",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=64,
+    )
+    assert_close(last.influence(), reference_self(case, ["fc"]))
+    assert last._engine._sub_batch in (None, 32, 16)  # halved while faster, never below 16
