@@ -75,3 +75,77 @@ def test_opt_out_values(monkeypatch):
     for value, out in (("1", True), ("yes", True), ("0", False), ("", False)):
         monkeypatch.setenv(allocator.OPT_OUT_VARIABLE, value)
         assert allocator._opted_out() is out
+
+
+CHURN = r"""
+import ctypes, json, resource
+from proponents.allocator import keep_freed_memory, warm_up
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+MIB = 2**20
+
+def churn():
+    # 100 MiB of heap in 1 MiB blocks (below glibc's 32 MiB map threshold), written, freed
+    blocks = [libc.malloc(MIB) for _ in range(100)]
+    for b in blocks:
+        ctypes.memset(b, 1, MIB)
+    for b in blocks:
+        libc.free(b)
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    churn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+warm_up()
+churn()
+outside = faults()
+with keep_freed_memory():
+    churn()
+    inside = faults()
+    with keep_freed_memory():  # nested calls keep it on
+        nested = faults()
+    after_nested = faults()
+churn()  # reuses what the call kept, then frees it past the restored threshold
+restored = faults()
+print(json.dumps(dict(outside=outside, inside=inside, nested=nested,
+                      after_nested=after_nested, restored=restored)))
+"""
+
+
+def _churn(extra_env: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("PROPONENTS_KEEP_MALLOC", None)
+    env.update(extra_env)
+    done = subprocess.run(
+        [sys.executable, "-c", CHURN], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="only glibc's allocator is tuned",
+)
+def test_freed_heap_is_kept_inside_a_call_and_released_after():
+    got = _churn({})
+    # 100 MiB freed at the heap's top is over glibc's 64 MiB trim threshold: returned to
+    # the system after each churn, so the next one faults on every page again (25,600).
+    assert got["outside"] > 10_000, got
+    assert got["inside"] < 0.05 * got["outside"], got
+    assert got["nested"] < 0.05 * got["outside"], got
+    assert got["after_nested"] < 0.05 * got["outside"], got  # outer call still running
+    assert got["restored"] > 10_000, got  # trimming is back once the call is over
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="only glibc's allocator is tuned",
+)
+def test_allocator_settings_of_the_user_are_left_alone():
+    got = _churn({"MALLOC_ARENA_MAX": "8"})  # any MALLOC_*_ setting: hands off
+    assert got["inside"] > 10_000, got

@@ -7,17 +7,26 @@ its top. Memory obtained either way is zero pages until first written: one page 
 MiB per layer, so a process in that state spends much of a TracIn pass in the kernel (on
 the benchmark CNN the channels-last forward pass ran 2.5x slower for it).
 
-glibc adjusts both thresholds upward by itself when a program frees a mapped block (the
-map threshold to the block's size, the trim threshold to twice that), up to 32 MiB on
-64-bit systems (``mallopt(3)``, "M_MMAP_THRESHOLD"); most long-running PyTorch programs
-get there on their own sooner or later. :func:`warm_up` gets there at once by allocating
-and freeing one block just under that limit, the first time a public call runs. Nothing
-else changes: blocks of 32 MiB and more are still mapped and unmapped, at most 64 MiB of
-freed heap is kept for reuse, thresholds set explicitly (``mallopt`` or the
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` variables) are left as they are
-(glibc stops adjusting them), and other allocators just see one free block.
+Two measures, both for glibc only:
 
-Set the environment variable ``PROPONENTS_KEEP_MALLOC=1`` to skip it.
+* :func:`warm_up`, once per process. glibc adjusts both thresholds upward by itself when
+  a program frees a mapped block (the map threshold to the block's size, the trim
+  threshold to twice that), up to 32 MiB on 64-bit systems (``mallopt(3)``,
+  "M_MMAP_THRESHOLD"); most long-running PyTorch programs get there on their own sooner
+  or later. Allocating and freeing one block just under that limit gets there at once.
+  Blocks of 32 MiB and more are still mapped and unmapped.
+* :func:`keep_freed_memory`, around each public call. Even at 32 MiB, the heap's top
+  can hold more than the 64 MiB trim threshold once in a while (the heap grows past
+  fragments while a pass runs), and every trim makes the next batches fault again. For
+  the duration of a call the trim threshold is raised to 1 GiB, and on the way out it is
+  put back at the 64 MiB that glibc's own adjustment gives. Memory the call freed may
+  then stay in the process until the next trim; it never holds more than the call's own
+  peak. (Setting a threshold stops glibc's adjustment of the map threshold, which
+  :func:`warm_up` has already taken to its maximum.)
+
+Nothing is done when the process's allocator settings come from the user (the
+``MALLOC_*_`` variables or ``glibc.malloc`` tunables), and nothing when the environment
+variable ``PROPONENTS_KEEP_MALLOC`` is set to anything but ``""`` or ``"0"``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import ctypes
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: Environment variable that turns the warm-up off (any value but "", "0").
 OPT_OUT_VARIABLE = "PROPONENTS_KEEP_MALLOC"
@@ -35,12 +46,32 @@ OPT_OUT_VARIABLE = "PROPONENTS_KEEP_MALLOC"
 #: chunk header and page rounding its size still counts for the adjustment.
 _BLOCK_BYTES = 4 * 2**20 * ctypes.sizeof(ctypes.c_long) - 2**16
 
+#: glibc's ``mallopt`` parameter number for the trim threshold (malloc.h: M_TRIM_THRESHOLD).
+_M_TRIM_THRESHOLD = -1
+#: Trim threshold inside a call, and the one glibc's adjustment reaches (restored after).
+_CALL_TRIM_BYTES = 2**30
+_DYNAMIC_TRIM_BYTES = 2 * _BLOCK_BYTES
+
+#: Variables through which a user sets glibc's allocator up; any of them means hands off.
+_USER_SETTINGS = (
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_ARENA_MAX",
+)
+
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
+_calls_inside = [0]
 
 
 def _opted_out() -> bool:
-    return os.environ.get(OPT_OUT_VARIABLE, "") not in ("", "0")
+    if os.environ.get(OPT_OUT_VARIABLE, "") not in ("", "0"):
+        return True
+    if any(name in os.environ for name in _USER_SETTINGS):
+        return True
+    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -57,6 +88,8 @@ def _libc() -> ctypes.CDLL | None:
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.restype = None
     libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallopt.restype = ctypes.c_int
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return libc
 
 
@@ -69,17 +102,36 @@ def warm_up() -> bool:
         on glibc.
     """
     with _lock:
-        if _state.get("done") or _opted_out():
+        if "done" in _state or _opted_out():
             return False
-        _state["done"] = True
         libc = _libc()
-        if libc is None:
+        block = libc.malloc(_BLOCK_BYTES) if libc is not None else None
+        _state["done"] = bool(block)
+        if not block:  # not glibc, or out of memory: nothing to undo
             return False
-        block = libc.malloc(_BLOCK_BYTES)
-        if not block:  # out of memory: nothing to undo
-            return False
-        libc.free(block)
+        libc.free(block)  # type: ignore[union-attr]
         return True
 
 
-__all__ = ["OPT_OUT_VARIABLE", "warm_up"]
+@contextmanager
+def keep_freed_memory() -> Iterator[None]:
+    """Inside, glibc keeps freed heap memory for reuse (see the module); calls may nest."""
+    warm_up()
+    libc = _libc() if _state.get("done") else None
+    if libc is None:
+        yield
+        return
+    with _lock:
+        _calls_inside[0] += 1
+        if _calls_inside[0] == 1:
+            libc.mallopt(_M_TRIM_THRESHOLD, _CALL_TRIM_BYTES)
+    try:
+        yield
+    finally:
+        with _lock:
+            _calls_inside[0] -= 1
+            if _calls_inside[0] == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, _DYNAMIC_TRIM_BYTES)
+
+
+__all__ = ["OPT_OUT_VARIABLE", "keep_freed_memory", "warm_up"]

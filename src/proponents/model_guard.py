@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from proponents.allocator import warm_up
+from proponents.allocator import keep_freed_memory
 
 
 @contextmanager
@@ -50,10 +50,14 @@ def call_scope(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Everything a public call runs inside: the model restored on the way out and in eval
     mode meanwhile, the global RNG state restored (iterating a ``DataLoader`` draws from
     it, also on ``device`` when that is a GPU), gradients off unless a step turns them on,
-    and the allocator warmed up once per process (:mod:`proponents.allocator`).
+    and glibc's allocator keeping freed memory for reuse (:mod:`proponents.allocator`).
     """
-    warm_up()
     rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with preserved(model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+    with (
+        keep_freed_memory(),
+        preserved(model),
+        torch.random.fork_rng(devices=rng_devices),
+        torch.no_grad(),
+    ):
         model.eval()
         yield
