@@ -35,10 +35,12 @@ def one_pass():
 from proponents.allocator import warm_up
 first, second = warm_up(), warm_up()
 one_pass()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+counts = []
+for _ in range(3):  # the fewest of three passes
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     one_pass()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = min(counts)
 print(json.dumps({"first": first, "second": second, "faults": faults}))
 """
 

@@ -32,6 +32,7 @@ from proponents.gradients.hooked import (
     hooked_pass,
     layout,
     record,
+    record_parts,
     represent,
 )
 from proponents.gradients.loss import LossSpec
@@ -125,23 +126,13 @@ class GradientEngine:
             batch = self._in_layout(batch)
         out: list[Grads] = []
         if self.hooked:
-            out.extend(self._hooked_pass(params, batch))
+            layer_reps, self._protect = hooked_pass(
+                self.model, params, self.hooked, self.loss, batch, self._protect, self._sub_batch
+            )
+            out.extend(layer_reps)
         if self.generic is not None:
             out.extend(DenseGrads(block) for block in self.generic(params, buffers, batch))
         return out
-
-    def _hooked_pass(self, params: dict[str, Tensor], batch: Batch) -> list[Grads]:
-        """The hooked layers' representations, from sub-batches if one was chosen."""
-        parts = chunk_batch(batch, self._sub_batch) if self._sub_batch else [batch]
-        per_part = []
-        for part in parts:
-            layer_reps, self._protect = hooked_pass(
-                self.model, params, self.hooked, self.loss, part, self._protect
-            )
-            per_part.append(layer_reps)
-        if len(per_part) == 1:
-            return per_part[0]
-        return [reps.concat([p[k] for p in per_part]) for k in range(len(self.hooked))]
 
     def _in_layout(self, batch: Batch) -> Batch:
         """``batch`` with its image inputs in the memory layout chosen for this model."""
@@ -207,8 +198,7 @@ class GradientEngine:
         parts = chunk_batch(self._in_layout(batch), sub_batch or batch.size)
         start = time.perf_counter()
         try:
-            for part in parts:
-                record(self.model, self.hooked, self.loss, part, True)
+            record_parts(self.model, self.hooked, self.loss, parts, True)
         except RuntimeError:  # e.g. a .view() that needs a contiguous input
             return float("inf")
         finally:

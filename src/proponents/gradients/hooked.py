@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proponents.data import Batch
+from proponents.data import Batch, chunk_batch
 from proponents.gradients.loss import LossSpec
-from proponents.gradients.representations import DenseGrads, FactoredGrads, Grads
+from proponents.gradients.representations import DenseGrads, FactoredGrads, Grads, concat
 from proponents.gradients.selection import HookedLayer
 
 
@@ -65,26 +65,53 @@ def record(
     Returns:
         The records, and whether protection was needed (callers keep it on from then on).
     """
-    records: dict[str, list[tuple[Tensor, Tensor, int]]] = {layer.name: [] for layer in layers}
-    handles = []
-    for layer in layers:
-        module = model.get_submodule(layer.name)
-        handles.append(module.register_forward_hook(_recorder(records[layer.name], protect)))
+    records, protect = record_parts(model, layers, loss, [batch], protect)
+    return records[0], protect
+
+
+def record_parts(
+    model: nn.Module,
+    layers: Sequence[HookedLayer],
+    loss: LossSpec,
+    parts: Sequence[Batch],
+    protect: bool = False,
+) -> tuple[list[dict[str, Calls]], bool]:
+    """:func:`record` for each of several batches, with hooks and flags set up once."""
+    current: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
+    handles = [
+        model.get_submodule(layer.name).register_forward_hook(
+            _recorder(current, layer.name, protect)
+        )
+        for layer in layers
+    ]
     wanted = {n for layer in layers for n in layer.params}
+    results: list[dict[str, Calls]] = []
+    modified = False
     try:
         with torch.enable_grad(), _differentiating(model, wanted):
-            output = model(*batch.inputs)
-            total = loss.batch_total(output, batch.labels, batch.size)
+            for part in parts:
+                current.clear()
+                current.update((layer.name, []) for layer in layers)
+                output = model(*part.inputs)
+                total = loss.batch_total(output, part.labels, part.size)
+                calls = [c for layer in layers for c in current[layer.name]]
+                if not protect and any(o._version != v for _, o, v in calls):
+                    modified = True
+                    break
+                outs = [o for _, o, _ in calls]
+                grads = iter(torch.autograd.grad(total, outs, allow_unused=True) if outs else ())
+                results.append(
+                    {
+                        layer.name: [(x, next(grads), o) for x, o, _ in current[layer.name]]
+                        for layer in layers
+                    }
+                )
     finally:
         for h in handles:
             h.remove()
-    outs = [o for layer in layers for _, o, _ in records[layer.name]]
-    if not protect and any(o._version != v for r in records.values() for _, o, v in r):
-        return record(model, layers, loss, batch, protect=True)[0], True
-    grads = iter(torch.autograd.grad(total, outs, allow_unused=True) if outs else ())
-    return {
-        layer.name: [(x, next(grads), o) for x, o, _ in records[layer.name]] for layer in layers
-    }, protect
+    if modified:
+        return record_parts(model, layers, loss, parts, protect=True)[0], True
+    return results, protect
 
 
 @contextmanager
@@ -127,19 +154,31 @@ def hooked_pass(
     loss: LossSpec,
     batch: Batch,
     protect: bool = False,
+    sub_batch: int | None = None,
 ) -> tuple[list[Grads], bool]:
     """Per-example gradients of ``layers`` for ``batch``, one representation per layer.
+
+    Args:
+        sub_batch: run the pass over consecutive pieces of at most this many examples
+            (the representations are joined); ``None`` for one pass over the batch.
 
     Returns:
         The representations, and whether outputs needed protection (see :func:`record`).
     """
-    records, protect = record(model, layers, loss, batch, protect)
-    return [represent(la, model, records[la.name], batch.size, params) for la in layers], protect
+    parts = chunk_batch(batch, sub_batch) if sub_batch else [batch]
+    records, protect = record_parts(model, layers, loss, parts, protect)
+    per_part = [
+        [represent(la, model, rec[la.name], part.size, params) for la in layers]
+        for rec, part in zip(records, parts)
+    ]
+    if len(per_part) == 1:
+        return per_part[0], protect
+    return [concat([p[k] for p in per_part]) for k in range(len(layers))], protect
 
 
-def _recorder(store: list[tuple[Tensor, Tensor, int]], protect: bool):
+def _recorder(store: dict[str, list[tuple[Tensor, Tensor, int]]], name: str, protect: bool):
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        store.append((args[0].detach(), output, output._version))
+        store[name].append((args[0].detach(), output, output._version))
         return output.clone() if protect else None
 
     return hook
