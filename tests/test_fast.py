@@ -135,6 +135,7 @@ def test_layer_followed_by_a_nonlinearity_is_exact(tmp_path):
         rows.append(torch.cat([m.fc.weight.grad.flatten(), m.fc.bias.grad]))
     g = torch.stack(rows)
     assert_close(scores, 0.3 * g[:3] @ g.T)
+    assert t._engine._closed_form is False  # the loss does not see fc's output itself
 
 
 def test_final_layer_by_module_or_dotted_name(tmp_path):

@@ -28,6 +28,7 @@ from proponents.gradients import representations as reps
 from proponents.gradients.generic import GenericGradients
 from proponents.gradients.hooked import (
     LayerShapeMismatch,
+    NoClosedForm,
     conv_weight_grads,
     hooked_pass,
     layout,
@@ -53,6 +54,9 @@ def _channels_last(inputs: tuple) -> tuple:
 # timings choose the pass shape (see GradientEngine._choose_pass).
 _MIN_SUB_BATCH = 16
 _TIMING_ROUNDS = 4
+
+# Agreement the closed-form output gradient must reach with autograd's on the first batch.
+_CLOSED_FORM_RTOL = 1e-4
 
 # Relative tolerance of the one-time check of per-layer strategies against autograd.
 _CHECK_RTOL = 1e-3
@@ -87,6 +91,7 @@ class GradientEngine:
         self._protect = False
         self._channels_last = False
         self._sub_batch: int | None = None
+        self._closed_form = False
         self._set_generic()
 
     def _set_generic(self) -> None:
@@ -127,7 +132,14 @@ class GradientEngine:
         out: list[Grads] = []
         if self.hooked:
             layer_reps, self._protect = hooked_pass(
-                self.model, params, self.hooked, self.loss, batch, self._protect, self._sub_batch
+                self.model,
+                params,
+                self.hooked,
+                self.loss,
+                batch,
+                self._protect,
+                self._sub_batch,
+                self._closed_form,
             )
             out.extend(layer_reps)
         if self.generic is not None:
@@ -238,6 +250,35 @@ class GradientEngine:
         if not all(keep):
             self.hooked = [layer for layer, k in zip(self.hooked, keep) if k]
             self._set_generic()
+        self._closed_form = self._closed_form_agrees(batch, records)
+
+    def _closed_form_agrees(self, batch: Batch, records: dict) -> bool:
+        """Whether the closed-form loss gradient reproduces autograd's on the first batch.
+
+        Only tried when a single linear layer is differentiated (TracInCPFast and
+        TracInCPFastRandProj, or TracInCP on one such layer): if its output is the model's
+        output and the loss has a known gradient (see :func:`~proponents.gradients.loss.
+        output_gradient`), passes then need no autograd graph and no backward call.
+        Every example of the batch must agree with autograd to 1e-4 relative.
+        """
+        if len(self.hooked) != 1 or self.hooked[0].kind != "linear" or self.generic is not None:
+            return False
+        name = self.hooked[0].name
+        try:
+            closed, _ = record_parts(self.model, self.hooked, self.loss, [batch], closed_form=True)
+        except NoClosedForm:
+            return False
+        want = [g for _, g, _ in records[name]]
+        got = [g for _, g, _ in closed[0][name]]
+        if len(want) != len(got) or any(g is None for g in want):
+            return False
+        for w, g in zip(want, got):
+            if w.shape != g.shape or not bool(torch.isfinite(w).all()):
+                return False
+            scale = max(float(w.abs().max()), 1e-30)
+            if float((w - g).abs().max()) > _CLOSED_FORM_RTOL * scale:
+                return False
+        return True
 
     def _tune(self, layer: HookedLayer, calls: list) -> HookedLayer:
         """Pick the faster exact method for a convolution by timing both once."""

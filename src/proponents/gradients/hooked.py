@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from proponents.data import Batch, chunk_batch
-from proponents.gradients.loss import LossSpec
+from proponents.gradients.loss import LossSpec, output_gradient
 from proponents.gradients.representations import DenseGrads, FactoredGrads, Grads, concat
 from proponents.gradients.selection import HookedLayer
 
@@ -69,18 +69,33 @@ def record(
     return records[0], protect
 
 
+class NoClosedForm(Exception):
+    """The output gradient of this batch cannot be written in closed form."""
+
+
 def record_parts(
     model: nn.Module,
     layers: Sequence[HookedLayer],
     loss: LossSpec,
     parts: Sequence[Batch],
     protect: bool = False,
+    closed_form: bool = False,
 ) -> tuple[list[dict[str, Calls]], bool]:
-    """:func:`record` for each of several batches, with hooks and flags set up once."""
+    """:func:`record` for each of several batches, with hooks and flags set up once.
+
+    Args:
+        closed_form: take the loss gradient from :func:`~proponents.gradients.loss.
+            output_gradient` instead of autograd, with no graph at all. Only for one
+            layer, called once, whose output is the model's output.
+
+    Raises:
+        NoClosedForm: with ``closed_form=True``, when a part does not meet those
+            conditions or its loss has no closed form (nothing is changed then).
+    """
     current: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
     handles = [
         model.get_submodule(layer.name).register_forward_hook(
-            _recorder(current, layer.name, protect)
+            _recorder(current, layer.name, protect and not closed_form)
         )
         for layer in layers
     ]
@@ -88,6 +103,19 @@ def record_parts(
     results: list[dict[str, Calls]] = []
     modified = False
     try:
+        if closed_form:
+            for part in parts:
+                current.clear()
+                current.update((layer.name, []) for layer in layers)
+                output = model(*part.inputs)
+                calls = current[layers[0].name] if len(layers) == 1 else []
+                grad = None
+                if len(calls) == 1 and calls[0][1] is output:
+                    grad = output_gradient(loss, output, part.labels)
+                if grad is None:
+                    raise NoClosedForm(layers[0].name if layers else "")
+                results.append({layers[0].name: [(calls[0][0], grad, output)]})
+            return results, protect
         with torch.enable_grad(), _differentiating(model, wanted):
             for part in parts:
                 current.clear()
@@ -155,18 +183,28 @@ def hooked_pass(
     batch: Batch,
     protect: bool = False,
     sub_batch: int | None = None,
+    closed_form: bool = False,
 ) -> tuple[list[Grads], bool]:
     """Per-example gradients of ``layers`` for ``batch``, one representation per layer.
 
     Args:
         sub_batch: run the pass over consecutive pieces of at most this many examples
             (the representations are joined); ``None`` for one pass over the batch.
+        closed_form: try the closed-form loss gradient first (see :func:`record_parts`);
+            a batch it does not fit goes through autograd.
 
     Returns:
         The representations, and whether outputs needed protection (see :func:`record`).
     """
     parts = chunk_batch(batch, sub_batch) if sub_batch else [batch]
-    records, protect = record_parts(model, layers, loss, parts, protect)
+    records = None
+    if closed_form:
+        try:
+            records, protect = record_parts(model, layers, loss, parts, protect, True)
+        except NoClosedForm:
+            records = None
+    if records is None:
+        records, protect = record_parts(model, layers, loss, parts, protect)
     per_part = [
         [represent(la, model, rec[la.name], part.size, params) for la in layers]
         for rec, part in zip(records, parts)

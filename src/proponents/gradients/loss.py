@@ -71,6 +71,59 @@ class LossSpec:
         return self.fn(output, labels).sum()
 
 
+def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | None:
+    """Each example's loss gradient with respect to the model output, in closed form.
+
+    Row ``i`` is the gradient of example ``i``'s own loss (see the module) with respect
+    to ``output[i]``: what autograd gives for the summed per-example losses, without a
+    graph or a backward pass. Known forms:
+
+    * no loss: the output summed, gradient all ones;
+    * ``nn.CrossEntropyLoss`` without class weights or label smoothing, on ``(B, C)``
+      logits and integer class labels: ``softmax(output) - onehot(labels)``;
+    * ``nn.MSELoss`` on an output and targets of the same shape: ``2 (output - target)``,
+      divided by the number of entries per example for ``reduction="mean"``.
+
+    Returns:
+        The ``(B, ...)`` gradient, or ``None`` when this loss or these labels have no
+        closed form here (subclasses, other losses, a label equal to ``ignore_index``):
+        the caller then differentiates with autograd.
+    """
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        return None
+    fn = spec.fn
+    if fn is None:
+        return torch.ones_like(output)
+    if type(fn) is torch.nn.CrossEntropyLoss:
+        if (
+            fn.weight is not None
+            or fn.label_smoothing != 0
+            or output.dim() != 2
+            or not isinstance(labels, torch.Tensor)
+            or labels.dim() != 1
+            or labels.dtype != torch.long
+            or labels.shape[0] != output.shape[0]
+            or bool((labels == fn.ignore_index).any())
+        ):
+            return None
+        grad = torch.softmax(output, dim=1)
+        grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1
+        return grad
+    if type(fn) is torch.nn.MSELoss:
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.shape != output.shape
+            or labels.dtype != output.dtype
+            or output.dim() == 0
+        ):
+            return None
+        grad = 2 * (output - labels)
+        if spec.reduction == "mean":
+            grad /= max(1, output[0].numel())
+        return grad
+    return None
+
+
 def resolve_loss(
     loss_fn: Callable[..., torch.Tensor] | None,
     sample_wise_grads_per_batch: bool | None,
