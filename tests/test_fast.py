@@ -433,3 +433,33 @@ def test_pass_shape_is_tuned_only_for_forward_dominated_cpu_passes(tmp_path):
     )
     assert_close(last.influence(), reference_self(case, ["fc"]))
     assert last._engine._sub_batch in (None, 32, 16)  # halved while faster, never below 16
+
+
+def test_pass_shape_is_timed_once_per_model_and_batch_shape(tmp_path, monkeypatch):
+    case = make_case("cnn", tmp_path, n_train=70, n_test=4)
+    timed = []
+    original = GradientEngine._time_pass_shapes
+
+    def counting(engine, batch):
+        timed.append(batch.size)
+        original(engine, batch)
+
+    monkeypatch.setattr(GradientEngine, "_time_pass_shapes", counting)
+
+    def self_influence(batch_size):
+        t = TracInCPFast(
+            case.model,
+            "fc",
+            case.dataset,
+            case.checkpoints,
+            loss_fn=case.loss_fn("sum"),
+            batch_size=batch_size,
+        )
+        return t.influence(), (t._engine._channels_last, t._engine._sub_batch)
+
+    first, shape = self_influence(64)
+    again, same = self_influence(64)  # a second object over the same model: no timing
+    assert timed == [64] and same == shape
+    assert_close(again, first, rtol=1e-6)
+    self_influence(32)  # another batch size is timed for itself
+    assert timed == [64, 32]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +55,13 @@ def _channels_last(inputs: tuple) -> tuple:
 # timings choose the pass shape (see GradientEngine._choose_pass).
 _MIN_SUB_BATCH = 16
 _TIMING_ROUNDS = 4
+
+# Pass shapes chosen so far, per model and _pass_key: timing them again for each new
+# object over the same model (one TracInCPFastRandProj per projection size, say) would
+# cost more than a pass over a small training set.
+_PASS_SHAPES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[bool, int | None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 # Agreement the closed-form output gradient must reach with autograd's on the first batch.
 _CLOSED_FORM_RTOL = 1e-4
@@ -179,13 +187,34 @@ class GradientEngine:
         (standard, and channels-last for 4-D float inputs) and sub-batch size (the
         whole batch, a half, a quarter; never under 16 examples) is timed on the first
         batch, in interleaved rounds so that a slow moment of the machine does not
-        decide, and the fastest is kept if it beats the plain pass by 5%. The user's
+        decide, and the fastest is kept if it beats the plain pass by 5%. The choice is
+        remembered for the model (per layers, batch size, input shapes and thread
+        count), so later objects over the same model do not time again. The user's
         batch size still bounds memory; only the forward pass is split. The strategy
         check that follows verifies the results either way.
         """
         self._channels_last, self._sub_batch = False, None
         if not self._forward_dominated(batch):
             return
+        key = self._pass_key(batch)
+        known = _PASS_SHAPES.setdefault(self.model, {})
+        if key in known:
+            self._channels_last, self._sub_batch = known[key]
+            return
+        self._time_pass_shapes(batch)
+        known[key] = (self._channels_last, self._sub_batch)
+
+    def _pass_key(self, batch: Batch) -> tuple:
+        """What the timing of a pass depends on, besides the model itself."""
+        inputs = tuple(
+            (tuple(a.shape[1:]), a.dtype, a.is_contiguous()) if isinstance(a, Tensor) else None
+            for a in batch.inputs
+        )
+        layers = tuple(layer.name for layer in self.hooked)
+        return layers, batch.size, inputs, torch.get_num_threads()
+
+    def _time_pass_shapes(self, batch: Batch) -> None:
+        """Time every candidate pass shape on ``batch`` and keep the fastest."""
         images = [a for a in batch.inputs if isinstance(a, Tensor) and a.dim() == 4]
         layouts = [False]
         if images and all(a.is_floating_point() for a in images):
