@@ -463,3 +463,27 @@ def test_pass_shape_is_timed_once_per_model_and_batch_shape(tmp_path, monkeypatc
     assert_close(again, first, rtol=1e-6)
     self_influence(32)  # another batch size is timed for itself
     assert timed == [64, 32]
+
+
+def test_pass_shape_is_chosen_again_for_larger_training_batches(tmp_path, monkeypatch):
+    case = make_case("cnn", tmp_path, n_train=70, n_test=16)
+    seen = []
+    original = GradientEngine._choose_pass
+
+    def recording(engine, batch):
+        seen.append(batch.size)
+        original(engine, batch)
+
+    monkeypatch.setattr(GradientEngine, "_choose_pass", recording)
+    t = TracInCPFast(
+        case.model,
+        "fc",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=64,
+    )
+    scores = t.influence(case.test_inputs, case.test_labels)
+    # the test batch (16) first, then the first training batch (64); not the last (6)
+    assert seen == [16, 64]
+    assert_close(scores, reference_scores(case, ["fc"]))

@@ -99,6 +99,7 @@ class GradientEngine:
         self._protect = False
         self._channels_last = False
         self._sub_batch: int | None = None
+        self._shaped_for = 0
         self._closed_form = False
         self._set_generic()
 
@@ -131,12 +132,14 @@ class GradientEngine:
             One representation per hooked layer, then one per generic parameter.
         """
         params, buffers = self._state()
-        if not self._checked:
+        if not self._checked or batch.size > self._shaped_for:
+            # Chosen again for a larger batch: in score mode the first batch is the test
+            # batch, often smaller than the training batches that make up the work.
             self._choose_pass(batch)
-            batch = self._in_layout(batch)
+            self._shaped_for = batch.size
+        batch = self._in_layout(batch)
+        if not self._checked:
             self._check(params, buffers, batch)
-        else:
-            batch = self._in_layout(batch)
         out: list[Grads] = []
         if self.hooked:
             layer_reps, self._protect = hooked_pass(
