@@ -724,3 +724,30 @@ def test_inputs_must_be_one_batch(tmp_path):
     sim = SimilarityInfluence(model, "lin1", train, tmp_path, batch_size=8)
     with pytest.raises(ArgumentTypeError, match="DataLoader"):
         sim.influence(DataLoader(TensorDataset(test)), top_k=2)
+
+
+def test_layout_is_tried_once_per_model_and_weights(tmp_path, monkeypatch):
+    from proponents.influence import similarity as module
+
+    tried = []
+    original = module._close
+
+    def counting(a, b):
+        tried.append(1)
+        return original(a, b)
+
+    monkeypatch.setattr(module, "_close", counting)
+    model = _seeded(ConvNet)
+    train, test = _data(20, 3, shape=(2, 6, 6))
+    expected = _brute(
+        _acts(model, "conv", test), _acts(model, "conv", train.tensors[0]), "cosine", "max", 4
+    )
+    for folder in ("a", "b"):  # two objects over one model: the layouts are tried once
+        sim = SimilarityInfluence(model, "conv", train, tmp_path / folder, batch_size=6)
+        _check(sim.influence(test, top_k=4)["conv"], expected)
+    assert len(tried) == 1
+    with torch.no_grad():
+        model.conv.weight.mul_(1.5)  # other weights: tried again
+    sim = SimilarityInfluence(model, "conv", train, tmp_path / "c", batch_size=6)
+    sim.influence(test, top_k=4)
+    assert len(tried) == 2

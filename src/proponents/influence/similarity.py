@@ -19,6 +19,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -219,7 +220,8 @@ class SimilarityInfluence(DataInfluence):
         ):
             # Same batches as the DataLoader would collate, by slicing instead of stacking.
             self._fast_tensors = tuple(influence_src_dataset.tensors)
-        self._layouts: dict[Any, bool] = {}
+        # Layout choices are remembered per model (see _LAYOUTS), not per object.
+        self._layouts = _LAYOUTS.setdefault(module, {})
         self._n_local: int | None = None
         self._dist = resolve_distributed(distributed, "SimilarityInfluence")
         if self._dist is not None:
@@ -906,11 +908,18 @@ def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
+#: Channels-last decisions per model, keyed by :func:`_layout_signature`: a new object
+#: over the same model and weights (e.g. another activation directory) need not try the
+#: layouts again.
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, bool]] = weakref.WeakKeyDictionary()
+
+
 def _layout_signature(args: tuple[Any, ...], fingerprint: str) -> Any:
     images = [a for a in args if isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()]
     if not images or any(a.device.type != "cpu" for a in images):
         return None
-    return (fingerprint, tuple((tuple(a.shape[1:]), a.dtype) for a in images))
+    shapes = tuple((tuple(a.shape[1:]), a.dtype) for a in images)
+    return fingerprint, shapes, torch.get_num_threads()
 
 
 def _channels_last(args: tuple[Any, ...]) -> tuple[Any, ...]:
