@@ -32,6 +32,7 @@ variable ``PROPONENTS_KEEP_MALLOC`` is set to anything but ``""`` or ``"0"``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -74,6 +75,7 @@ def _opted_out() -> bool:
     return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     """The C library of this process, when it is glibc (the only one this applies to)."""
     if not sys.platform.startswith("linux"):
