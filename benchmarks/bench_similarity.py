@@ -184,6 +184,11 @@ def _rss_now_kib() -> int:
 
 
 def _peak_kib() -> int:
+    """This process's own peak (VmHWM); ru_maxrss starts at the parent's size at fork."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 

@@ -435,7 +435,15 @@ train, x, y = cnn_data(n_train={n_train}, n_test={n_test})
 model = BenchCNN()
 ckpts = json.loads({ckpts!r})
 loss = nn.CrossEntropyLoss(reduction="sum")
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_kib():
+    # VmHWM: this process's own peak. ru_maxrss would start at the parent's resident size
+    # at fork time (Linux keeps it across exec), which decides the figure once the parent
+    # is larger than the child will ever be.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm_kib()
 if lib == "ours":
     import proponents
     t = proponents.TracInCP(model, train, ckpts, loss_fn=loss, batch_size=128,
@@ -450,7 +458,7 @@ else:
     t = TracInCP(model, train, ckpts, load, loss_fn=loss, batch_size=128,
                  sample_wise_grads_per_batch=True)
     s = t.influence((x, y))
-print(json.dumps({{"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({{"peak_mb": hwm_kib() / 1024,
                   "before_mb": base / 1024, "shape": list(s.shape)}}))
 """
 

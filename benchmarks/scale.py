@@ -5,7 +5,7 @@ has 65 x 10 = 650 entries) with projection_dim=64 and one checkpoint. For each N
 a fresh subprocess measures:
 
 * construction time (embedding the training set; the default exact backend builds nothing);
-* peak RSS (``ru_maxrss``) after construction, absolute and above the process's baseline
+* peak RSS (``VmHWM``) after construction, absolute and above the process's baseline
   (imports plus the synthetic data set, measured just before construction);
 * query latency for 100 test examples with k=10: exact search, and Faiss ``Flat`` and
   ``IVF1024,Flat`` (nprobe 16) with their build times and the RSS they add.
@@ -38,6 +38,11 @@ def rss_now_mib() -> float:
 
 
 def peak_mib() -> float:
+    """This process's own peak (VmHWM); ru_maxrss starts at the parent's size at fork."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
