@@ -14,15 +14,17 @@ Two measures, both for glibc only:
   threshold to twice that), up to 32 MiB on 64-bit systems (``mallopt(3)``,
   "M_MMAP_THRESHOLD"); most long-running PyTorch programs get there on their own sooner
   or later. Allocating and freeing one block just under that limit gets there at once.
-  Blocks of 32 MiB and more are still mapped and unmapped.
+  Blocks of 32 MiB and more are still mapped and unmapped; smaller ones now come from
+  the heap, whose freed holes stay resident for reuse, so the process (and code run in
+  it later) can keep more memory than before (figures in the README).
 * :func:`keep_freed_memory`, around each public call. Even at 32 MiB, the heap's top
   can hold more than the 64 MiB trim threshold once in a while (the heap grows past
   fragments while a pass runs), and every trim makes the next batches fault again. For
   the duration of a call the trim threshold is raised to 1 GiB, and on the way out it is
   put back at the 64 MiB that glibc's own adjustment gives. Memory the call freed may
-  then stay in the process until the next trim; it never holds more than the call's own
-  peak. (Setting a threshold stops glibc's adjustment of the map threshold, which
-  :func:`warm_up` has already taken to its maximum.)
+  then stay in the process until the next trim. (Setting a threshold stops glibc's
+  adjustment of the map threshold, which :func:`warm_up` has already taken to its
+  maximum.)
 
 Nothing is done when the process's allocator settings come from the user (the
 ``MALLOC_*_`` variables or ``glibc.malloc`` tunables), and nothing when the environment
