@@ -45,22 +45,29 @@ print(json.dumps({"first": first, "second": second, "faults": faults}))
 """
 
 
-def _run(opt_out: bool) -> dict:
+def _run_script(code: str, extra_env: dict[str, str]) -> dict:
+    """Run ``code`` in a fresh interpreter without allocator settings; its last JSON line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("PROPONENTS_KEEP_MALLOC", None)
-    if opt_out:
-        env["PROPONENTS_KEEP_MALLOC"] = "1"
+    env.update(extra_env)
     done = subprocess.run(
-        [sys.executable, "-c", PASS], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(
+def _run(opt_out: bool) -> dict:
+    return _run_script(PASS, {"PROPONENTS_KEEP_MALLOC": "1"} if opt_out else {})
+
+
+glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="the warm-up only acts on glibc's allocator",
+    reason="only glibc's allocator is tuned",
 )
+
+
+@glibc_only
 def test_warm_up_removes_the_page_faults_of_a_forward_pass():
     warmed = _run(opt_out=False)
     plain = _run(opt_out=True)
@@ -119,20 +126,10 @@ print(json.dumps(dict(outside=outside, inside=inside, nested=nested,
 
 
 def _churn(extra_env: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.pop("PROPONENTS_KEEP_MALLOC", None)
-    env.update(extra_env)
-    done = subprocess.run(
-        [sys.executable, "-c", CHURN], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _run_script(CHURN, extra_env)
 
 
-@pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="only glibc's allocator is tuned",
-)
+@glibc_only
 def test_freed_heap_is_kept_inside_a_call_and_released_after():
     got = _churn({})
     # 100 MiB freed at the heap's top is over glibc's 64 MiB trim threshold: returned to
@@ -144,10 +141,7 @@ def test_freed_heap_is_kept_inside_a_call_and_released_after():
     assert got["restored"] > 10_000, got  # trimming is back once the call is over
 
 
-@pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="only glibc's allocator is tuned",
-)
+@glibc_only
 def test_allocator_settings_of_the_user_are_left_alone():
     got = _churn({"MALLOC_ARENA_MAX": "8"})  # any MALLOC_*_ setting: hands off
     assert got["inside"] > 10_000, got

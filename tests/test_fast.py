@@ -435,16 +435,22 @@ def test_pass_shape_is_tuned_only_for_forward_dominated_cpu_passes(tmp_path):
     assert last._engine._sub_batch in (None, 32, 16)  # halved while faster, never below 16
 
 
+def _batch_sizes_seen_by(monkeypatch, method: str) -> list[int]:
+    """Sizes of the batches that ``GradientEngine.<method>`` is called with, in order."""
+    sizes: list[int] = []
+    original = getattr(GradientEngine, method)
+
+    def spy(engine, batch):
+        sizes.append(batch.size)
+        return original(engine, batch)
+
+    monkeypatch.setattr(GradientEngine, method, spy)
+    return sizes
+
+
 def test_pass_shape_is_timed_once_per_model_and_batch_shape(tmp_path, monkeypatch):
     case = make_case("cnn", tmp_path, n_train=70, n_test=4)
-    timed = []
-    original = GradientEngine._time_pass_shapes
-
-    def counting(engine, batch):
-        timed.append(batch.size)
-        original(engine, batch)
-
-    monkeypatch.setattr(GradientEngine, "_time_pass_shapes", counting)
+    timed = _batch_sizes_seen_by(monkeypatch, "_time_pass_shapes")
 
     def self_influence(batch_size):
         t = TracInCPFast(
@@ -467,14 +473,7 @@ def test_pass_shape_is_timed_once_per_model_and_batch_shape(tmp_path, monkeypatc
 
 def test_pass_shape_is_chosen_again_for_larger_training_batches(tmp_path, monkeypatch):
     case = make_case("cnn", tmp_path, n_train=70, n_test=16)
-    seen = []
-    original = GradientEngine._choose_pass
-
-    def recording(engine, batch):
-        seen.append(batch.size)
-        original(engine, batch)
-
-    monkeypatch.setattr(GradientEngine, "_choose_pass", recording)
+    seen = _batch_sizes_seen_by(monkeypatch, "_choose_pass")
     t = TracInCPFast(
         case.model,
         "fc",
@@ -487,3 +486,27 @@ def test_pass_shape_is_chosen_again_for_larger_training_batches(tmp_path, monkey
     # the test batch (16) first, then the first training batch (64); not the last (6)
     assert seen == [16, 64]
     assert_close(scores, reference_scores(case, ["fc"]))
+
+
+@pytest.mark.parametrize("seconds, rounds", [(0.001, 4), (0.05, 2), (0.5, 1)])
+def test_slow_passes_are_timed_in_fewer_rounds(tmp_path, monkeypatch, seconds, rounds):
+    case = make_case("cnn", tmp_path, n_train=70, n_test=4)
+    calls = []
+
+    def fake_timing(engine, batch, channels_last, sub_batch):
+        calls.append((channels_last, sub_batch))
+        return seconds * (0.5 if (channels_last, sub_batch) == (True, 32) else 1.0)
+
+    monkeypatch.setattr(GradientEngine, "_time_pass", fake_timing)
+    t = TracInCPFast(
+        case.model,
+        "fc",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=64,
+    )
+    assert_close(t.influence(), reference_self(case, ["fc"]))
+    shapes = {(cl, size) for cl in (False, True) for size in (None, 32, 16)}
+    assert set(calls) == shapes and len(calls) == rounds * len(shapes)
+    assert (t._engine._channels_last, t._engine._sub_batch) == (True, 32)  # the fastest

@@ -54,7 +54,8 @@ def _channels_last(inputs: tuple) -> tuple:
 # Smallest sub-batch the forward pass of a batch is split into, and how many rounds of
 # timings choose the pass shape (see GradientEngine._choose_pass).
 _MIN_SUB_BATCH = 16
-_TIMING_ROUNDS = 4
+# (pass time below which, rounds): 4 rounds for passes under 20 ms, 2 under 200 ms, else 1.
+_TIMING_ROUNDS = ((0.02, 4), (0.2, 2))
 
 # Pass shapes chosen so far, per model and _pass_key: timing them again for each new
 # object over the same model (one TracInCPFastRandProj per projection size, say) would
@@ -190,7 +191,9 @@ class GradientEngine:
         (standard, and channels-last for 4-D float inputs) and sub-batch size (the
         whole batch, a half, a quarter; never under 16 examples) is timed on the first
         batch, in interleaved rounds so that a slow moment of the machine does not
-        decide, and the fastest is kept if it beats the plain pass by 5%. The choice is
+        decide (four rounds for passes under 20 ms, two under 200 ms, one above, so a
+        large model pays about six extra batches once), and the fastest is kept if it
+        beats the plain pass by 5%. The choice is
         remembered for the model (per layers, batch size, input shapes and thread
         count), so later objects over the same model do not time again. The user's
         batch size still bounds memory; only the forward pass is split. The strategy
@@ -229,8 +232,12 @@ class GradientEngine:
         if len(shapes) == 1:
             return
         best = dict.fromkeys(shapes, float("inf"))
-        for _ in range(_TIMING_ROUNDS):
-            for shape in shapes:
+        best[shapes[0]] = self._time_pass(batch, *shapes[0])
+        # Short passes are timed in several rounds (a few ms are easily disturbed);
+        # a pass of a large model once per shape, so tuning costs a handful of batches.
+        rounds = next((n for limit, n in _TIMING_ROUNDS if best[shapes[0]] < limit), 1)
+        for r in range(rounds):
+            for shape in shapes[1:] if r == 0 else shapes:
                 best[shape] = min(best[shape], self._time_pass(batch, *shape))
         fastest = min(shapes, key=best.__getitem__)
         if best[fastest] < 0.95 * best[shapes[0]]:
