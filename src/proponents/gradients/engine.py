@@ -309,10 +309,10 @@ class GradientEngine:
             return False
         want = [g for _, g, _ in records[name]]
         got = [g for _, g, _ in closed[0][name]]
-        if len(want) != len(got) or any(g is None for g in want):
+        if len(want) != len(got):
             return False
         for w, g in zip(want, got):
-            if w.shape != g.shape or not bool(torch.isfinite(w).all()):
+            if w is None or g is None or w.shape != g.shape or not bool(torch.isfinite(w).all()):
                 return False
             scale = max(float(w.abs().max()), 1e-30)
             if float((w - g).abs().max()) > _CLOSED_FORM_RTOL * scale:
