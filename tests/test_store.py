@@ -116,6 +116,24 @@ def test_abort_leaves_nothing(tmp_path):
     assert store.load("k", {}) == (None, None)
 
 
+def test_a_discarded_array_leaves_no_file_and_no_trace(tmp_path):
+    store = ArrayStore(tmp_path)
+    with store.writer("k", {}) as writer:
+        writer.append("data", np.ones((3, 2), np.float32))
+        writer.append("side", np.zeros((3, 4), np.float32))
+        writer.put("whole", np.arange(3.0))
+        writer.discard("side")  # streamed, still open
+        writer.discard("whole")  # already finished
+        writer.discard("never-written")  # nothing to do
+        writer.commit()
+    entry, why = store.load("k", {})
+    assert why is None
+    with entry:
+        assert entry.arrays == ["data"]
+        np.testing.assert_array_equal(entry.read("data"), np.ones((3, 2)))
+    assert len([f for f in _files(tmp_path) if f.endswith(".npy")]) == 1
+
+
 def test_uncommitted_writer_is_invisible(tmp_path):
     store = ArrayStore(tmp_path)
     _write(store, "k", {"v": 1}, [np.ones((2, 2), np.float32)])

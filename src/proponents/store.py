@@ -398,6 +398,17 @@ class EntryWriter:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
         self._done[name] = (path, dtype, shape)
 
+    def discard(self, name: str) -> None:
+        """Drop array ``name`` (its temporary file is deleted); the entry commits without it."""
+        self._check_open()
+        if name in self._open:
+            fh, path, *_ = self._open.pop(name)
+            fh.close()
+            _unlink(path)
+        elif name in self._done:
+            path, *_ = self._done.pop(name)
+            _unlink(path)
+
     def rows(self, name: str) -> int:
         """Rows written so far to array ``name``."""
         if name in self._open:

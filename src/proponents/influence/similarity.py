@@ -59,6 +59,7 @@ from proponents.errors import (
     BatchFormatError,
     InvalidArgumentError,
 )
+from proponents.influence._pullback import Pullback, input_rows, may_pull_back
 from proponents.influence._similarity_metrics import (
     BlockScorer,
     builtin_kind,
@@ -81,6 +82,8 @@ from proponents.store import (
 #: Source activations are scored and written in blocks of about this many bytes.
 BLOCK_BYTES = 32 * 2**20
 _SRC_KIND = "similarity/source-activations"
+#: Name of the stored array of source rows pulled back through their (affine) layer.
+PULLBACK = "pullback"
 _INPUT_KIND = "similarity/input-activations"
 _DIRECTIONS = ("max", "min")
 _INIT_KWARGS = ("replace_nan",)
@@ -322,7 +325,7 @@ class SimilarityInfluence(DataInfluence):
         device = model_device(self.module)
         with call_scope(self.module, device):
             fingerprint = model_fingerprint(self.module)
-            test = self._test_activations(
+            test, test_inputs = self._test_activations(
                 inputs,
                 additional_forward_args,
                 load_input_from_disk,
@@ -334,6 +337,7 @@ class SimilarityInfluence(DataInfluence):
                 return self._sharded_search(
                     self._dist,
                     test,
+                    test_inputs,
                     top_k,
                     largest,
                     fingerprint,
@@ -342,7 +346,14 @@ class SimilarityInfluence(DataInfluence):
                     show_progress,
                 )
             results = self._search(
-                test, top_k, largest, fingerprint, device, load_src_from_disk, show_progress
+                test,
+                test_inputs,
+                top_k,
+                largest,
+                fingerprint,
+                device,
+                load_src_from_disk,
+                show_progress,
             )
         return {layer: results[layer] for layer in self.layers}
 
@@ -350,6 +361,7 @@ class SimilarityInfluence(DataInfluence):
         self,
         dist: DistributedContext,
         test: dict[str, Tensor],
+        test_inputs: dict[str, Tensor],
         top_k: int,
         largest: bool,
         fingerprint: str,
@@ -364,6 +376,7 @@ class SimilarityInfluence(DataInfluence):
                 return None
             found = self._search(
                 test,
+                test_inputs,
                 min(top_k, self._n_local),
                 largest,
                 fingerprint,
@@ -421,6 +434,7 @@ class SimilarityInfluence(DataInfluence):
     def _search(
         self,
         test: dict[str, Tensor],
+        test_inputs: dict[str, Tensor],
         top_k: int,
         largest: bool,
         fingerprint: str,
@@ -477,11 +491,21 @@ class SimilarityInfluence(DataInfluence):
                         results.update(built)
             if entries:
                 results.update(
-                    self._score_entries(entries, test, top_k, largest, device, show_progress)
+                    self._score_entries(
+                        entries, test, test_inputs, top_k, largest, device, show_progress
+                    )
                 )
         return results
 
-    def _scorer(self, layer: str, test: Tensor, k: int, largest: bool, rows: int) -> BlockScorer:
+    def _scorer(
+        self,
+        layer: str,
+        test: Tensor,
+        k: int,
+        largest: bool,
+        rows: int,
+        test_rows: Tensor | None = None,
+    ) -> BlockScorer:
         return BlockScorer(
             self.similarity_metric,
             self._kind,
@@ -491,12 +515,26 @@ class SimilarityInfluence(DataInfluence):
             layer,
             max_block_rows=rows,
             replace_nan=self.replace_nan,
+            test_rows=test_rows,
         )
+
+    def _pullback_rows(
+        self, entry: StoredEntry, test_inputs: dict[str, Tensor], layer: str
+    ) -> Tensor | None:
+        """The test rows ``[x, 1]`` that meet the entry's stored pullback, when usable."""
+        if self._kind is None or PULLBACK not in entry.arrays or layer not in test_inputs:
+            return None
+        x = test_inputs[layer]
+        width = entry.shape(PULLBACK)
+        if len(width) != 2 or x[0].numel() + 1 != width[1]:
+            return None
+        return input_rows(x, torch.float64 if x.dtype == torch.float64 else torch.float32)
 
     def _score_entries(
         self,
         entries: dict[str, StoredEntry],
         test: dict[str, Tensor],
+        test_inputs: dict[str, Tensor],
         top_k: int,
         largest: bool,
         device: torch.device,
@@ -504,29 +542,39 @@ class SimilarityInfluence(DataInfluence):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         plans = {}
         for layer, entry in entries.items():
-            shape = entry.shape("activations")
+            rows_in = self._pullback_rows(entry, test_inputs, layer)
+            # the array the matrix products read: the pullback when there is a usable one
+            product = "activations" if rows_in is None else PULLBACK
+            shape = entry.shape(product)
             row_bytes = max(
-                1, int(np.prod(shape[1:], dtype=np.int64)) * entry.dtype("activations").itemsize
+                1, int(np.prod(shape[1:], dtype=np.int64)) * entry.dtype(product).itemsize
             )
-            plans[layer] = (shape[0], max(1, BLOCK_BYTES // row_bytes))
-        total = sum(math.ceil(n / rows) for n, rows in plans.values())
+            plans[layer] = (shape[0], max(1, BLOCK_BYTES // row_bytes), rows_in)
+        total = sum(math.ceil(n / rows) for n, rows, _ in plans.values())
         results = {}
         with Progress(
             show_progress, "SimilarityInfluence: scoring stored activations", total, "block"
         ) as bar:
             for layer, entry in entries.items():
-                n, rows = plans[layer]
+                n, rows, rows_in = plans[layer]
                 _check_top_k(top_k, n)
-                scorer = self._scorer(layer, test[layer], top_k, largest, rows)
+                if rows_in is not None:
+                    rows_in = rows_in.to(device)
+                scorer = self._scorer(layer, test[layer], top_k, largest, rows, rows_in)
                 norms = torch.from_numpy(entry.read("norms"))
                 clean = math.isfinite(float(norms.sum())) and not bool((norms == 0).any())
                 for start in range(0, n, rows):
                     stop = min(n, start + rows)
+                    pulled = None
+                    if rows_in is not None:
+                        pulled = _on(torch.from_numpy(entry.memmap(PULLBACK, start, stop)), device)
+                    # With a pullback, cosine never reads the activations; Euclidean reads
+                    # only the rows whose exact distances it recomputes.
                     block = torch.from_numpy(entry.memmap("activations", start, stop))
-                    if block.device != device:
-                        block = block.to(device)
-                    scorer.update(block, start, norms[start:stop], norms_clean=clean)
-                    del block
+                    if pulled is None or self._kind == "euclidean":
+                        block = _on(block, device)
+                    scorer.update(block, start, norms[start:stop], norms_clean=clean, pulled=pulled)
+                    del block, pulled
                     bar.update()
                 results[layer] = self._finish(scorer)
         return results
@@ -544,9 +592,14 @@ class SimilarityInfluence(DataInfluence):
         show_progress: bool,
         fingerprint: str,
     ) -> dict[str, tuple[Tensor, Tensor]]:
-        """One pass over the source set: compute, store and score the activations."""
+        """One pass over the source set: compute, store and score the activations.
+
+        Layers that a pullback serves get it stored beside their activations, for the
+        later calls that reuse the store.
+        """
         modules = {layer: self.module.get_submodule(layer) for layer in layers}
-        extractor = _Extractor(modules)
+        candidates = _pullback_candidates(modules)
+        extractor = _Extractor(modules, candidates)
         row_bytes = {
             layer: max(1, test[layer][0].numel() * _storage_dtype(test[layer].dtype).itemsize)
             for layer in layers
@@ -568,6 +621,9 @@ class SimilarityInfluence(DataInfluence):
                 layer: stack.enter_context(store.writer(keys[layer], metas[layer]))
                 for layer in layers
             }
+            pullbacks = {
+                layer: _PullbackBuilder(modules[layer], writers[layer]) for layer in candidates
+            }
 
             def flush() -> None:
                 if state["rows"] == 0:
@@ -580,6 +636,8 @@ class SimilarityInfluence(DataInfluence):
                     scorers[layer].update(block, state["start"], norms)
                     writers[layer].append("activations", block.cpu().numpy())
                     writers[layer].append("norms", norms.cpu().numpy())
+                    if layer in pullbacks:
+                        pullbacks[layer].write(block)
                 state["start"] += state["rows"]
                 state["rows"] = 0
 
@@ -602,6 +660,8 @@ class SimilarityInfluence(DataInfluence):
                             f"source batch {i} but {feature_shapes[layer]} before; every "
                             "example must give activations of one shape (pad or resize inputs)"
                         )
+                    if layer in pullbacks:
+                        pullbacks[layer].see(extractor.inputs.get(layer), act)
                     staging[layer].add(act)
                 state["rows"] += size
             flush()
@@ -651,7 +711,12 @@ class SimilarityInfluence(DataInfluence):
         inputs_id: str | None,
         fingerprint: str,
         device: torch.device,
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The test activations per layer, and the inputs of the layers that ran here.
+
+        Layer inputs are captured for the layers a pullback can serve (see
+        :mod:`proponents.influence._pullback`); activations loaded from disk have none.
+        """
         args: tuple[Any, ...] | None = None
         inputs_hash = None
         if isinstance(inputs, (DataLoader, Dataset)):
@@ -707,12 +772,13 @@ class SimilarityInfluence(DataInfluence):
                         stacklevel=4,
                     )
         missing = [layer for layer in self.layers if layer not in acts]
+        layer_inputs: dict[str, Tensor] = {}
         if missing:
             assert args is not None  # guaranteed by the checks above
             modules = {layer: self.module.get_submodule(layer) for layer in missing}
-            computed = self._forward(
-                _Extractor(modules), to_device(args, device), fingerprint, False
-            )
+            extractor = _Extractor(modules, _pullback_candidates(modules))
+            computed = self._forward(extractor, to_device(args, device), fingerprint, False)
+            layer_inputs = extractor.inputs
             if store is not None:
                 with store.lock():
                     for layer in missing:
@@ -727,7 +793,7 @@ class SimilarityInfluence(DataInfluence):
             raise InvalidArgumentError(
                 f"the test activations disagree on the number of examples: {sizes}"
             )
-        return acts
+        return acts, layer_inputs
 
     # ----------------------------------------------------------------------- forward
     def _forward(
@@ -795,20 +861,87 @@ class _Staging:
         return block
 
 
-class _Extractor:
-    """Captures the output tensors of named submodules during one forward pass."""
+class _PullbackBuilder:
+    """Stores one layer's pullback beside its activations, when it serves the layer.
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    The first batch decides: the layer's type and shapes must allow a pullback that
+    saves work (:meth:`Pullback.for_layer`), and it must reproduce the direct inner
+    products of that batch's first examples. A later batch with a differently shaped
+    layer input (possible with strided convolutions) drops it again.
+    """
+
+    def __init__(self, module: nn.Module, writer: Any) -> None:
+        self.module = module
+        self.writer = writer
+        self.pullback: Pullback | None = None
+        self.decided = False
+
+    def see(self, inputs: Tensor | None, outputs: Tensor) -> None:
+        """Take note of one source batch's layer inputs and outputs."""
+        if not self.decided:
+            self.decided = True
+            if inputs is None or inputs.shape[0] != outputs.shape[0] or inputs.shape[0] == 0:
+                return
+            pullback = Pullback.for_layer(
+                self.module, tuple(inputs.shape[1:]), tuple(outputs.shape[1:])
+            )
+            if pullback is None:
+                return
+            few = min(8, int(outputs.shape[0]))
+            try:
+                pulled = pullback.pull(outputs[:few], _pullback_dtype(outputs.dtype))
+                ok = pullback.agrees(inputs[:few], outputs[:few], pulled)
+            except (RuntimeError, ValueError, TypeError):
+                ok = False
+            self.pullback = pullback if ok else None
+        elif self.pullback is not None and (
+            inputs is None or tuple(inputs.shape[1:]) != self.pullback.input_shape
+        ):
+            self.writer.discard(PULLBACK)
+            self.pullback = None
+
+    def write(self, block: Tensor) -> None:
+        """Append the pullback of a block of stored source rows."""
+        if self.pullback is not None:
+            pulled = self.pullback.pull(block, _pullback_dtype(block.dtype))
+            self.writer.append(PULLBACK, pulled.cpu().numpy())
+
+
+def _pullback_candidates(modules: dict[str, nn.Module]) -> list[str]:
+    """The layers whose type may allow a pullback (their inputs are captured)."""
+    return [name for name, module in modules.items() if may_pull_back(module)]
+
+
+def _pullback_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _on(tensor: Tensor, device: torch.device) -> Tensor:
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+class _Extractor:
+    """Captures the output tensors of named submodules during one forward pass.
+
+    For the layers named in ``inputs_of`` the first input tensor is captured as well
+    (into :attr:`inputs`, replaced at every :meth:`run`), for the pullback search.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], inputs_of: Iterable[str] = ()) -> None:
         self.modules = modules
+        self.inputs_of = frozenset(inputs_of)
+        self.inputs: dict[str, Tensor] = {}
         self.clone = False
 
     def run(self, model: nn.Module, args: tuple[Any, ...]) -> dict[str, Tensor]:
         captured: dict[str, Tensor] = {}
         versions: dict[str, int] = {}
+        inputs: dict[str, Tensor] = {}
+        input_versions: dict[str, int] = {}
         clone = self.clone
 
         def hook_for(name: str) -> Callable[..., None]:
-            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            def hook(_module: nn.Module, layer_inputs: Any, output: Any) -> None:
                 if not isinstance(output, Tensor):
                     raise ArgumentTypeError(
                         f"layer {name!r} returns a {type(output).__name__}, not a tensor; "
@@ -817,6 +950,10 @@ class _Extractor:
                 out = output.detach()
                 captured[name] = out.clone() if clone else out
                 versions[name] = out._version
+                if name in self.inputs_of and layer_inputs and isinstance(layer_inputs[0], Tensor):
+                    x = layer_inputs[0].detach()
+                    inputs[name] = x.clone() if clone else x
+                    input_versions[name] = x._version
 
             return hook
 
@@ -832,10 +969,14 @@ class _Extractor:
                 f"layer(s) {missing} did not run during the forward pass, so they have no "
                 "activations; choose layers the model's forward uses"
             )
-        if not clone and any(captured[n]._version != versions[n] for n in captured):
-            # A later in-place operation changed a captured output: capture copies instead.
+        changed = any(captured[n]._version != versions[n] for n in captured) or any(
+            inputs[n]._version != input_versions[n] for n in inputs
+        )
+        if not clone and changed:
+            # A later in-place operation changed a captured tensor: capture copies instead.
             self.clone = True
             return self.run(model, args)
+        self.inputs = inputs
         try:
             n = batch_size_of(args)
         except BatchFormatError:

@@ -1,0 +1,189 @@
+"""Inner products with an affine layer's outputs, taken on the layer's (narrower) input side.
+
+When a layer computes ``y = A x + b`` (``nn.Linear``, ``nn.Conv1d/2d/3d``), the inner
+product of a test activation ``t = A x + b`` with a stored source activation ``s`` is
+
+    ⟨t, s⟩ = ⟨x, Aᵀ s⟩ + ⟨b, s⟩,
+
+an identity, not an approximation. Storing each source row *pulled back* as
+``[Aᵀ s, ⟨b, s⟩]`` (``in_features + 1`` numbers) lets every later query multiply the
+test inputs ``[x, 1]`` with those rows instead of multiplying ``t`` with ``s``: for a
+layer that widens its input (a convolution from 16 to 32 channels at the same
+resolution, a transformer's feed-forward expansion) that is proportionally fewer
+operations. ``Aᵀ s`` is the gradient of ``⟨A x, s⟩`` with respect to ``x``, computed by
+the layer's own adjoint (a matrix product for ``Linear``, PyTorch's convolution input
+gradient for the convolutions).
+
+A pullback is only built for the exact module types above (a subclass may change
+``forward``), with zero padding, and only when it saves at least a third of the work;
+:meth:`Pullback.agrees` checks it against direct inner products on real rows before it
+is stored, so a layer that is not what its type says is simply searched directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+#: Build a pullback only when its rows are at most this fraction of the activations' width.
+MAX_WIDTH_FRACTION = 2 / 3
+
+_CONV_INPUT_GRAD = {
+    nn.Conv1d: torch.nn.grad.conv1d_input,
+    nn.Conv2d: torch.nn.grad.conv2d_input,
+    nn.Conv3d: torch.nn.grad.conv3d_input,
+}
+#: The transposed convolutions, the same adjoint; on the CPU several times faster from
+#: channels-last inputs than the input gradient above.
+_CONV_TRANSPOSE = {
+    nn.Conv1d: (torch.nn.functional.conv_transpose1d, torch.contiguous_format),
+    nn.Conv2d: (torch.nn.functional.conv_transpose2d, torch.channels_last),
+    nn.Conv3d: (torch.nn.functional.conv_transpose3d, torch.channels_last_3d),
+}
+
+
+def may_pull_back(module: nn.Module) -> bool:
+    """Whether ``module``'s type is one a pullback can be built for (shapes decide the rest)."""
+    return type(module) is nn.Linear or type(module) in _CONV_INPUT_GRAD
+
+
+class Pullback:
+    """The adjoint of one affine layer, for rows of a fixed per-example shape.
+
+    Args:
+        module: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (exact type).
+        input_shape: the per-example shape of the layer's input, e.g. ``(16, 16, 16)``.
+        padding: the convolution's padding as a tuple of ints (ignored for Linear).
+    """
+
+    def __init__(
+        self, module: nn.Module, input_shape: tuple[int, ...], padding: tuple[int, ...] = ()
+    ) -> None:
+        self.module = module
+        self.input_shape = tuple(input_shape)
+        self.width = math.prod(self.input_shape) + 1
+        self._padding = padding
+        self._output_padding: tuple[int, ...] | None = None
+
+    @classmethod
+    def for_layer(
+        cls,
+        module: nn.Module,
+        input_shape: tuple[int, ...],
+        output_shape: tuple[int, ...],
+    ) -> Pullback | None:
+        """A pullback for ``module`` when its type allows one and it saves work, else None."""
+        kind = type(module)
+        padding: tuple[int, ...] = ()
+        if kind is nn.Linear:
+            if not input_shape or input_shape[-1] != module.in_features:
+                return None
+        elif kind in _CONV_INPUT_GRAD:
+            resolved = _numeric_padding(module)
+            if resolved is None or len(input_shape) != len(resolved) + 1:
+                return None
+            padding = resolved
+        else:
+            return None
+        if module._forward_hooks or module._forward_pre_hooks:  # noqa: SLF001
+            return None  # a user hook may change what the layer receives or returns
+        width = math.prod(input_shape) + 1
+        if width > MAX_WIDTH_FRACTION * math.prod(output_shape):
+            return None
+        return cls(module, input_shape, padding)
+
+    def pull(self, outputs: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(n, width)`` rows ``[Aᵀ s, ⟨b, s⟩]`` for output rows ``s`` of shape ``(n, *out)``."""
+        m = self.module
+        s = outputs.to(dtype)
+        weight = m.weight.detach().to(dtype)
+        bias = m.bias.detach().to(dtype) if m.bias is not None else None
+        n = int(s.shape[0])
+        if isinstance(m, nn.Linear):
+            pulled = s @ weight  # (n, *, in_features)
+            offset = (s @ bias).reshape(n, -1).sum(1) if bias is not None else None
+        else:
+            pulled = self._conv_adjoint(s, weight)
+            offset = (s.reshape(n, s.shape[1], -1).sum(2) @ bias) if bias is not None else None
+        out = torch.empty(n, self.width, dtype=dtype, device=s.device)
+        out[:, :-1] = pulled.reshape(n, -1)
+        out[:, -1] = offset if offset is not None else 0.0
+        return out
+
+    def _conv_adjoint(self, s: Tensor, weight: Tensor) -> Tensor:
+        m = self.module
+        n = int(s.shape[0])
+        spatial = self.input_shape[1:]
+        if self._output_padding is None:
+            # the transposed convolution's output size must come out as the input's
+            out = s.shape[2:]
+            self._output_padding = tuple(
+                size - ((o - 1) * st - 2 * p + d * (k - 1) + 1)
+                for size, o, st, p, d, k in zip(
+                    spatial, out, m.stride, self._padding, m.dilation, m.kernel_size
+                )
+            )
+        valid = all(
+            0 <= op < max(st, d) for op, st, d in zip(self._output_padding, m.stride, m.dilation)
+        )
+        if not valid:
+            grad = _CONV_INPUT_GRAD[type(m)]
+            return grad(
+                (n, *self.input_shape), weight, s, m.stride, self._padding, m.dilation, m.groups
+            )
+        transpose, layout = _CONV_TRANSPOSE[type(m)]
+        if s.device.type == "cpu":
+            s = s.contiguous(memory_format=layout)
+        return transpose(
+            s, weight, None, m.stride, self._padding, self._output_padding, m.groups, m.dilation
+        )
+
+    def agrees(self, inputs: Tensor, outputs: Tensor, pulled: Tensor) -> bool:
+        """Whether ``[x_i, 1] · pulled_j`` reproduces ``t_i · t_j`` for a few examples.
+
+        ``inputs`` and ``outputs`` are the layer inputs ``x`` and outputs ``t`` of the
+        same examples, ``pulled`` their pullbacks as they will be stored. Compared in
+        float64, up to float32 round-off relative to ``‖t_i‖ ‖t_j‖``.
+        """
+        n = int(outputs.shape[0])
+        if n == 0 or int(inputs.shape[0]) != n or int(pulled.shape[0]) != n:
+            return False
+        t = outputs.reshape(n, -1).double()
+        direct = t @ t.T
+        via = input_rows(inputs, torch.float64) @ pulled.double().T
+        norms = torch.linalg.vector_norm(t, dim=1)
+        scale = norms[:, None] * norms[None, :]
+        tol = 1e-4 * scale + 1e-30
+        return bool(torch.isfinite(via).all()) and bool(((via - direct).abs() <= tol).all())
+
+
+def input_rows(inputs: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(n, in + 1)`` rows ``[x, 1]`` for layer inputs ``x`` of shape ``(n, *in)``."""
+    n = int(inputs.shape[0])
+    out = torch.ones(n, inputs[0].numel() + 1, dtype=dtype, device=inputs.device)
+    out[:, :-1] = inputs.reshape(n, -1)
+    return out
+
+
+def _numeric_padding(module: nn.Module) -> tuple[int, ...] | None:
+    """A convolution's zero padding as ints, or None when it is not symmetric zero padding."""
+    if getattr(module, "padding_mode", "zeros") != "zeros":
+        return None
+    padding = module.padding
+    kernel = tuple(module.kernel_size)
+    dilation = tuple(module.dilation)
+    if padding == "valid":
+        return tuple(0 for _ in kernel)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if any(t % 2 for t in total):
+            return None  # PyTorch pads such kernels asymmetrically
+        return tuple(t // 2 for t in total)
+    if isinstance(padding, tuple) and all(isinstance(p, int) for p in padding):
+        return padding
+    return None
+
+
+__all__ = ["MAX_WIDTH_FRACTION", "Pullback", "input_rows", "may_pull_back"]

@@ -1,0 +1,267 @@
+"""Pullbacks of affine layers: the identity ⟨A x + b, s⟩ = ⟨x, Aᵀ s⟩ + ⟨b, s⟩ in use.
+
+References are float64 inner products of the layer's real outputs; the similarity
+results are compared with a float64 brute force over the stored activations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from proponents.influence import _pullback
+from proponents.influence._pullback import Pullback, input_rows
+from proponents.influence.similarity import (
+    PULLBACK,
+    SimilarityInfluence,
+    cosine_similarity,
+    euclidean_distance,
+)
+from proponents.store import ArrayStore
+from test_similarity import _acts, _brute, _check
+
+LAYERS = [
+    # (module, per-example input shape)
+    (nn.Linear(5, 12), (5,)),
+    (nn.Linear(4, 11, bias=False), (3, 4)),  # a sequence dimension
+    (nn.Conv1d(2, 6, 3, padding=1), (2, 9)),
+    (nn.Conv2d(2, 6, 3, padding=1), (2, 6, 6)),
+    (nn.Conv2d(2, 12, 3, stride=2, padding=1), (2, 7, 7)),  # odd input: output padding 0
+    (nn.Conv2d(2, 16, 3, stride=2, padding=1), (2, 8, 8)),  # even input: output padding 1
+    (nn.Conv2d(2, 8, 3, padding=2, dilation=2), (2, 6, 6)),
+    (nn.Conv2d(4, 8, 3, padding="same", groups=2), (4, 5, 5)),
+    (nn.Conv2d(3, 9, (3, 1), padding="valid", bias=False), (3, 6, 4)),
+    (nn.Conv3d(2, 7, 3, padding=1), (2, 4, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("layer,shape", LAYERS, ids=lambda v: str(v))
+def test_pulled_rows_reproduce_the_inner_products(layer, shape):
+    torch.manual_seed(0)
+    layer = layer.double()
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        t = layer(x)
+    s = torch.randn_like(t)  # any source rows of the output's shape
+    pullback = Pullback.for_layer(layer, shape, tuple(t.shape[1:]))
+    assert pullback is not None
+    pulled = pullback.pull(s, torch.float64)
+    assert pulled.shape == (7, int(np.prod(shape)) + 1)
+    direct = t.reshape(7, -1) @ s.reshape(7, -1).T
+    torch.testing.assert_close(input_rows(x, torch.float64) @ pulled.T, direct)
+    assert pullback.agrees(x, t, pullback.pull(t, torch.float64))
+
+
+def test_layers_without_a_useful_pullback():
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert Pullback.for_layer(nn.Linear(8, 10), (8,), (10,)) is None  # saves too little
+    assert Pullback.for_layer(MyLinear(2, 10), (2,), (10,)) is None  # forward may differ
+    assert Pullback.for_layer(nn.ReLU(), (4,), (4,)) is None
+    reflect = nn.Conv2d(1, 8, 3, padding=1, padding_mode="reflect")
+    assert Pullback.for_layer(reflect, (1, 5, 5), (8, 5, 5)) is None
+    even_same = nn.Conv2d(1, 8, 2, padding="same")  # PyTorch pads it asymmetrically
+    assert Pullback.for_layer(even_same, (1, 5, 5), (8, 5, 5)) is None
+    hooked = nn.Linear(2, 10)
+    hooked.register_forward_hook(lambda m, i, o: o * 3)
+    assert Pullback.for_layer(hooked, (2,), (10,)) is None
+    assert Pullback.for_layer(nn.Linear(2, 10), (2,), (10,)) is not None
+
+
+def test_agrees_rejects_a_wrong_pullback():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 9).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    t = layer(x).detach()
+    pullback = Pullback.for_layer(layer, (3,), (9,))
+    pulled = pullback.pull(t, torch.float64)
+    pulled[2, 1] += 1e-2
+    assert not pullback.agrees(x, t, pulled)
+
+
+class Widening(nn.Module):
+    """A convolution and a linear layer that widen their inputs (both get pullbacks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.up = nn.Linear(6 * 4 * 4, 200)
+        self.head = nn.Linear(200, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = nn.functional.max_pool2d(h, 2).flatten(1)
+        return self.head(torch.tanh(self.up(h)))
+
+
+def _widening_data(n=41, n_test=5, size=8):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n + n_test, 2, size, size, generator=g)
+    y = torch.randint(0, 3, (n + n_test,), generator=g)
+    return TensorDataset(x[:n], y[:n]), x[n:]
+
+
+def _stored_arrays(folder, layer):
+    """Names of the arrays in the stored source entry of ``layer``."""
+    manifest, _ = ArrayStore(folder / "src")._read_manifest(layer)
+    return set(manifest["arrays"]) if manifest else set()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_repeated_calls_through_the_pullback_match_brute_force(
+    tmp_path, monkeypatch, metric, direction
+):
+    import proponents.influence._similarity_metrics as metrics
+
+    torch.manual_seed(0)
+    model = Widening().eval()
+    train, test = _widening_data()
+    layers = ["conv", "up", "head"]
+    functions = {"cosine": cosine_similarity, "euclidean": euclidean_distance}
+    sim = SimilarityInfluence(
+        model,
+        layers,
+        train,
+        tmp_path,
+        similarity_metric=functions[metric],
+        similarity_direction=direction,
+        batch_size=6,  # does not divide 41
+    )
+    src = {layer: _acts(model, layer, train.tensors[0]) for layer in layers}
+    tst = {layer: _acts(model, layer, test) for layer in layers}
+    first = sim.influence(test, top_k=7)
+    assert _stored_arrays(tmp_path, "conv") == {"activations", "norms", PULLBACK}
+    assert _stored_arrays(tmp_path, "up") == {"activations", "norms", PULLBACK}
+    assert _stored_arrays(tmp_path, "head") == {"activations", "norms"}  # narrows: none
+
+    pulled_layers = []
+    update = metrics.BlockScorer.update
+
+    def spy(self, block, start, norms=None, norms_clean=False, pulled=None):
+        if pulled is not None:
+            pulled_layers.append(self.layer)
+        return update(self, block, start, norms, norms_clean, pulled)
+
+    monkeypatch.setattr(metrics.BlockScorer, "update", spy)
+    again = sim.influence(test, top_k=7)
+    assert set(pulled_layers) == {"conv", "up"}
+    for layer in layers:
+        expected = _brute(tst[layer], src[layer], metric, direction, 7)
+        _check(first[layer], expected)
+        _check(again[layer], expected)
+
+
+def test_pullback_rows_are_what_the_layer_gives(tmp_path):
+    """The stored pullback equals [Aᵀ s, ⟨b, s⟩] of the stored activations (float64 check)."""
+    torch.manual_seed(0)
+    model = Widening().eval()
+    train, test = _widening_data()
+    SimilarityInfluence(model, "conv", train, tmp_path, batch_size=10).influence(test)
+    store = ArrayStore(tmp_path / "src")
+    manifest = store._read_manifest("conv")[0]
+    files = {name: tmp_path / "src" / a["file"] for name, a in manifest["arrays"].items()}
+    acts = torch.from_numpy(np.load(files["activations"])).double()
+    pulled = torch.from_numpy(np.load(files[PULLBACK])).double()
+    conv = copy.deepcopy(model.conv).double()
+    x = train.tensors[0].double()
+    with torch.no_grad():
+        t = conv(x)
+    torch.testing.assert_close(t, acts, rtol=1e-5, atol=1e-6)
+    direct = t.reshape(len(x), -1) @ acts.reshape(len(x), -1).T
+    via = input_rows(x, torch.float64) @ pulled.T
+    torch.testing.assert_close(via, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_a_change_of_input_shape_drops_the_pullback(tmp_path):
+    """Stride 2: inputs of 7x7 and 8x8 both give 4x4 outputs; the pullback cannot serve both."""
+    torch.manual_seed(0)
+
+    class Strided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 16, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class MixedSizes(torch.utils.data.Dataset):
+        """Items 4-7 are 7x7, the others 8x8: batches of 4 are uniform."""
+
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(0)
+            self.items = [
+                torch.randn(2, 7 if 4 <= i < 8 else 8, 7 if 4 <= i < 8 else 8, generator=g)
+                for i in range(11)
+            ]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i], 0
+
+    model = Strided().eval()
+    data = MixedSizes()
+    sim = SimilarityInfluence(model, "conv", DataLoader(data, batch_size=4), tmp_path)
+    test = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    first = sim.influence(test, top_k=4)["conv"]
+    assert _stored_arrays(tmp_path, "conv") == {"activations", "norms"}
+    again = sim.influence(test, top_k=4)["conv"]
+    src = torch.cat([_acts(model, "conv", x[None]) for x in data.items])
+    expected = _brute(_acts(model, "conv", test), src, "cosine", "max", 4)
+    _check(first, expected)
+    _check(again, expected)
+    # the same layer over inputs of one size does get a pullback
+    uniform = TensorDataset(torch.randn(6, 2, 8, 8), torch.zeros(6))
+    SimilarityInfluence(model, "conv", uniform, tmp_path / "uniform").influence(test)
+    assert _stored_arrays(tmp_path / "uniform", "conv") == {"activations", "norms", PULLBACK}
+
+
+def test_a_pullback_that_disagrees_is_not_stored(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Widening().eval()
+    train, test = _widening_data()
+    pull = Pullback.pull
+    monkeypatch.setattr(Pullback, "pull", lambda self, s, dtype: pull(self, s, dtype) * 1.01)
+    sim = SimilarityInfluence(model, ["conv", "up"], train, tmp_path, batch_size=8)
+    sim.influence(test, top_k=3)
+    assert _stored_arrays(tmp_path, "conv") == {"activations", "norms"}
+    assert _stored_arrays(tmp_path, "up") == {"activations", "norms"}
+    monkeypatch.setattr(Pullback, "pull", pull)
+    again = sim.influence(test, top_k=3)
+    for layer in ("conv", "up"):
+        expected = _brute(
+            _acts(model, layer, test), _acts(model, layer, train.tensors[0]), "cosine", "max", 3
+        )
+        _check(again[layer], expected)
+
+
+def test_saved_test_activations_use_the_direct_product(tmp_path):
+    """Activations loaded with load_input_from_disk have no layer inputs: direct search."""
+    torch.manual_seed(0)
+    model = Widening().eval()
+    train, test = _widening_data()
+    sim = SimilarityInfluence(model, "conv", train, tmp_path, batch_size=8)
+    first = sim.influence(test, top_k=5, inputs_id="probe")["conv"]
+    again = sim.influence(None, top_k=5, load_input_from_disk=True, inputs_id="probe")["conv"]
+    expected = _brute(
+        _acts(model, "conv", test), _acts(model, "conv", train.tensors[0]), "cosine", "max", 5
+    )
+    _check(first, expected)
+    _check(again, expected)
+
+
+def test_width_rule_is_documented_and_applied():
+    assert 0 < _pullback.MAX_WIDTH_FRACTION < 1
+    # 16 channels in, 32 out at one resolution: half the width, so a pullback
+    assert Pullback.for_layer(nn.Conv2d(16, 32, 3, padding=1), (16, 8, 8), (32, 8, 8))
+    # 3 in, 4 out: three quarters, not enough
+    assert Pullback.for_layer(nn.Conv2d(3, 4, 3, padding=1), (3, 8, 8), (4, 8, 8)) is None
