@@ -37,7 +37,15 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proponents.influence.similarity import SimilarityInfluence  # noqa: E402
-from workloads import BenchCNN, cnn_data, device, set_threads, sync, use_device  # noqa: E402
+from workloads import (  # noqa: E402
+    BenchCNN,
+    cnn_data,
+    device,
+    median_over_processes,
+    set_threads,
+    sync,
+    use_device,
+)
 
 LAYERS = ["conv2", "fc1"]
 
@@ -111,7 +119,7 @@ def _agreement(ours, theirs, tol=1e-5):
     return report
 
 
-def main_compare(repeats: int) -> None:
+def main_compare(repeats: int, json_out: Path | None = None) -> None:
     set_threads(2)
     torch.manual_seed(0)
     model = BenchCNN().to(device()).eval()
@@ -157,6 +165,20 @@ def main_compare(repeats: int) -> None:
     print(
         "agreement with captum:", json.dumps(_agreement(results["proponents"], results["captum"]))
     )
+    if json_out is not None:
+        rows = [
+            {
+                "operation": name,
+                "ours": best["proponents"][i],
+                "captum": best["captum"][i],
+                "ratio": best["captum"][i] / best["proponents"][i],
+                "target": target,
+            }
+            for i, (name, target) in enumerate(
+                (("first call (empty activation directory)", 2), ("repeated call", 5))
+            )
+        ]
+        json_out.write_text(json.dumps(rows))
 
 
 # ------------------------------------------------------------------------------ large
@@ -271,11 +293,21 @@ if __name__ == "__main__":
     parser.add_argument("--library", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="device of the default comparison")
+    parser.add_argument("--json", type=Path, default=None, help="write the ratios as JSON here")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the default comparison in this many fresh processes and report the median "
+        "ratio and its range",
+    )
     args = parser.parse_args()
     use_device(args.device)
-    if args.phase:
+    if args.processes > 1:
+        median_over_processes(__file__, sys.argv[1:], args.processes, args.json)
+    elif args.phase:
         large_phase(args.phase, args.library, args.dir, args.n)
     elif args.large:
         main_large(args.n, args.with_captum)
     else:
-        main_compare(max(2, args.repeats))
+        main_compare(max(2, args.repeats), args.json)

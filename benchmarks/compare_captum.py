@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from workloads import (  # noqa: E402
     cnn_data,
     device,
     make_checkpoints,
+    median_over_processes,
     set_threads,
     sync,
     transformer_data,
@@ -508,40 +508,7 @@ def memory_benchmark(workdir: Path) -> None:
 
 def across_processes(args: argparse.Namespace) -> None:
     """Run this script ``args.processes`` times and summarise each row's ratio."""
-    forwarded, skip_next = [], False
-    for arg in sys.argv[1:]:
-        if skip_next:
-            skip_next = False
-        elif arg == "--processes":
-            skip_next = True
-        elif not arg.startswith("--processes="):
-            forwarded.append(arg)
-    runs: list[list[dict]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in range(args.processes):
-            out = Path(tmp) / f"run-{n}.json"
-            cmd = [sys.executable, __file__, *forwarded, "--json", str(out)]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            runs.append(json.loads(out.read_text()))
-            print(f"process {n + 1}/{args.processes} done")
-    print(f"median over {args.processes} processes (range in brackets):")
-    summary = []
-    for i, first in enumerate(runs[0]):
-        if "ratio" not in first:
-            continue
-        ratios = sorted(run[i]["ratio"] for run in runs)
-        median = statistics.median(ratios)
-        target = first.get("target")
-        mark = ""
-        if target is not None:
-            # the cost-per-checkpoint row is a cost; every other row a speed-up
-            met = median <= target if first.get("lower_is_better") else median >= target
-            mark = f" (target {target}: {'met' if met else 'MISSED'})"
-        name = first["operation"]
-        print(f"  {name:<48} {median:5.2f}x  [{ratios[0]:.2f} - {ratios[-1]:.2f}]{mark}")
-        summary.append({"operation": name, "median": median, "ratios": ratios})
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+    median_over_processes(__file__, sys.argv[1:], args.processes, args.json)
 
 
 SECTIONS = ["cnn", "transformer", "rss", "fast", "fidelity", "index"]

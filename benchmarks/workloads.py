@@ -11,7 +11,12 @@ then the data sets are created on that device and scripts move their models ther
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -127,3 +132,50 @@ def make_checkpoints(
 def set_threads(n: int = 2) -> None:
     torch.set_num_threads(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def median_over_processes(
+    script: str, argv: list[str], processes: int, json_out: Path | None = None
+) -> None:
+    """Run ``script`` with ``argv`` in ``processes`` fresh processes; print median ratios.
+
+    The script must accept ``--json PATH`` and write there a list of rows, each with
+    ``operation`` and, for compared rows, ``ratio`` (optional: ``target``,
+    ``lower_is_better``). ``--processes N`` is removed from ``argv`` before forwarding.
+    A single process can sit in one allocator state for its whole life (RESULTS.md), so
+    the median over fresh processes is the figure to quote.
+    """
+    forwarded, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg == "--processes":
+            skip_next = True
+        elif not arg.startswith("--processes="):
+            forwarded.append(arg)
+    runs: list[list[dict]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in range(processes):
+            out = Path(tmp) / f"run-{n}.json"
+            cmd = [sys.executable, script, *forwarded, "--json", str(out)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            runs.append(json.loads(out.read_text()))
+            print(f"process {n + 1}/{processes} done")
+    print(f"median over {processes} processes (range in brackets):")
+    summary = []
+    for i, first in enumerate(runs[0]):
+        if "ratio" not in first:
+            continue
+        ratios = sorted(run[i]["ratio"] for run in runs)
+        median = statistics.median(ratios)
+        target = first.get("target")
+        mark = ""
+        if target is not None:
+            # a cost row (lower is better) or a speed-up
+            met = median <= target if first.get("lower_is_better") else median >= target
+            mark = f" (target {target}: {'met' if met else 'MISSED'})"
+        name = first["operation"]
+        print(f"  {name:<48} {median:5.2f}x  [{ratios[0]:.2f} - {ratios[-1]:.2f}]{mark}")
+        summary.append({"operation": name, "median": median, "ratios": ratios})
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=2))

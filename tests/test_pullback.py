@@ -18,12 +18,16 @@ from proponents.influence import _pullback
 from proponents.influence._pullback import Pullback, input_rows
 from proponents.influence.similarity import (
     PULLBACK,
+    PULLBACK_SHAPE,
     SimilarityInfluence,
     cosine_similarity,
     euclidean_distance,
 )
 from proponents.store import ArrayStore
 from test_similarity import _acts, _brute, _check
+
+WITH_PULLBACK = {"activations", "norms", PULLBACK, PULLBACK_SHAPE}
+DIRECT_ONLY = {"activations", "norms"}
 
 LAYERS = [
     # (module, per-example input shape)
@@ -108,6 +112,22 @@ def _widening_data(n=41, n_test=5, size=8):
     return TensorDataset(x[:n], y[:n]), x[n:]
 
 
+def _spy_on_pulled_updates(monkeypatch) -> list[str]:
+    """Layers whose blocks are scored through pulled rows, appended as it happens."""
+    import proponents.influence._similarity_metrics as metrics
+
+    seen: list[str] = []
+    update = metrics.BlockScorer.update
+
+    def spy(self, block, start, norms=None, norms_clean=False, pulled=None):
+        if pulled is not None:
+            seen.append(self.layer)
+        return update(self, block, start, norms, norms_clean, pulled)
+
+    monkeypatch.setattr(metrics.BlockScorer, "update", spy)
+    return seen
+
+
 def _stored_arrays(folder, layer):
     """Names of the arrays in the stored source entry of ``layer``."""
     manifest, _ = ArrayStore(folder / "src")._read_manifest(layer)
@@ -119,8 +139,6 @@ def _stored_arrays(folder, layer):
 def test_repeated_calls_through_the_pullback_match_brute_force(
     tmp_path, monkeypatch, metric, direction
 ):
-    import proponents.influence._similarity_metrics as metrics
-
     torch.manual_seed(0)
     model = Widening().eval()
     train, test = _widening_data()
@@ -137,20 +155,13 @@ def test_repeated_calls_through_the_pullback_match_brute_force(
     )
     src = {layer: _acts(model, layer, train.tensors[0]) for layer in layers}
     tst = {layer: _acts(model, layer, test) for layer in layers}
-    first = sim.influence(test, top_k=7)
-    assert _stored_arrays(tmp_path, "conv") == {"activations", "norms", PULLBACK}
-    assert _stored_arrays(tmp_path, "up") == {"activations", "norms", PULLBACK}
-    assert _stored_arrays(tmp_path, "head") == {"activations", "norms"}  # narrows: none
-
-    pulled_layers = []
-    update = metrics.BlockScorer.update
-
-    def spy(self, block, start, norms=None, norms_clean=False, pulled=None):
-        if pulled is not None:
-            pulled_layers.append(self.layer)
-        return update(self, block, start, norms, norms_clean, pulled)
-
-    monkeypatch.setattr(metrics.BlockScorer, "update", spy)
+    pulled_layers = _spy_on_pulled_updates(monkeypatch)
+    first = sim.influence(test, top_k=7)  # scored through the pullback while building
+    assert _stored_arrays(tmp_path, "conv") == WITH_PULLBACK
+    assert _stored_arrays(tmp_path, "up") == WITH_PULLBACK
+    assert _stored_arrays(tmp_path, "head") == DIRECT_ONLY  # narrows: none
+    assert set(pulled_layers) == {"conv", "up"}
+    pulled_layers.clear()
     again = sim.influence(test, top_k=7)
     assert set(pulled_layers) == {"conv", "up"}
     for layer in layers:
@@ -213,7 +224,7 @@ def test_a_change_of_input_shape_drops_the_pullback(tmp_path):
     sim = SimilarityInfluence(model, "conv", DataLoader(data, batch_size=4), tmp_path)
     test = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
     first = sim.influence(test, top_k=4)["conv"]
-    assert _stored_arrays(tmp_path, "conv") == {"activations", "norms"}
+    assert _stored_arrays(tmp_path, "conv") == DIRECT_ONLY
     again = sim.influence(test, top_k=4)["conv"]
     src = torch.cat([_acts(model, "conv", x[None]) for x in data.items])
     expected = _brute(_acts(model, "conv", test), src, "cosine", "max", 4)
@@ -222,7 +233,29 @@ def test_a_change_of_input_shape_drops_the_pullback(tmp_path):
     # the same layer over inputs of one size does get a pullback
     uniform = TensorDataset(torch.randn(6, 2, 8, 8), torch.zeros(6))
     SimilarityInfluence(model, "conv", uniform, tmp_path / "uniform").influence(test)
-    assert _stored_arrays(tmp_path / "uniform", "conv") == {"activations", "norms", PULLBACK}
+    assert _stored_arrays(tmp_path / "uniform", "conv") == WITH_PULLBACK
+
+
+def test_test_inputs_of_another_size_are_searched_directly(tmp_path, monkeypatch):
+    """Source inputs 8x8, test inputs 7x7, same output shape through a stride of 2."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 16, 3, stride=2, padding=1)
+    model = nn.Sequential()
+    model.add_module("conv", conv)
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(13, 2, 8, 8, generator=g), torch.zeros(13))
+    test = torch.randn(4, 2, 7, 7, generator=g)
+    sim = SimilarityInfluence(model, "conv", train, tmp_path, batch_size=5)
+    pulled_layers = _spy_on_pulled_updates(monkeypatch)
+    first = sim.influence(test, top_k=6)["conv"]
+    assert _stored_arrays(tmp_path, "conv") == WITH_PULLBACK
+    again = sim.influence(test, top_k=6)["conv"]
+    assert pulled_layers == []
+    expected = _brute(
+        _acts(model, "conv", test), _acts(model, "conv", train.tensors[0]), "cosine", "max", 6
+    )
+    _check(first, expected)
+    _check(again, expected)
 
 
 def test_a_pullback_that_disagrees_is_not_stored(tmp_path, monkeypatch):
@@ -233,8 +266,8 @@ def test_a_pullback_that_disagrees_is_not_stored(tmp_path, monkeypatch):
     monkeypatch.setattr(Pullback, "pull", lambda self, s, dtype: pull(self, s, dtype) * 1.01)
     sim = SimilarityInfluence(model, ["conv", "up"], train, tmp_path, batch_size=8)
     sim.influence(test, top_k=3)
-    assert _stored_arrays(tmp_path, "conv") == {"activations", "norms"}
-    assert _stored_arrays(tmp_path, "up") == {"activations", "norms"}
+    assert _stored_arrays(tmp_path, "conv") == DIRECT_ONLY
+    assert _stored_arrays(tmp_path, "up") == DIRECT_ONLY
     monkeypatch.setattr(Pullback, "pull", pull)
     again = sim.influence(test, top_k=3)
     for layer in ("conv", "up"):

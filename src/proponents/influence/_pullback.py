@@ -94,8 +94,14 @@ class Pullback:
             return None
         return cls(module, input_shape, padding)
 
-    def pull(self, outputs: Tensor, dtype: torch.dtype) -> Tensor:
-        """``(n, width)`` rows ``[Aᵀ s, ⟨b, s⟩]`` for output rows ``s`` of shape ``(n, *out)``."""
+    def pull(self, outputs: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+        """``(n, width)`` rows ``[Aᵀ s, ⟨b, s⟩]`` for output rows ``s`` of shape ``(n, *out)``.
+
+        Args:
+            outputs: the rows ``s``, in any memory layout.
+            dtype: the dtype to compute and return them in.
+            out: an ``(n, width)`` tensor of that dtype to write them into (saves a copy).
+        """
         m = self.module
         s = outputs.to(dtype)
         weight = m.weight.detach().to(dtype)
@@ -106,9 +112,11 @@ class Pullback:
             offset = (s @ bias).reshape(n, -1).sum(1) if bias is not None else None
         else:
             pulled = self._conv_adjoint(s, weight)
-            offset = (s.reshape(n, s.shape[1], -1).sum(2) @ bias) if bias is not None else None
-        out = torch.empty(n, self.width, dtype=dtype, device=s.device)
-        out[:, :-1] = pulled.reshape(n, -1)
+            # per-channel sums, in whatever layout s has (no copy)
+            offset = s.sum(dim=tuple(range(2, s.dim()))) @ bias if bias is not None else None
+        if out is None:
+            out = torch.empty(n, self.width, dtype=dtype, device=s.device)
+        out[:, :-1].view(n, *self.input_shape).copy_(pulled)  # converts the layout once
         out[:, -1] = offset if offset is not None else 0.0
         return out
 

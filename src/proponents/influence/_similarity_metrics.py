@@ -233,17 +233,20 @@ class BlockScorer:
         # A row with a NaN or an infinite entry has a non-finite norm (and vice versa,
         # unless the norm overflows, which is then treated as non-finite too).
         self.nonfinite_test = int((~torch.isfinite(self.t_norm)).sum())
-        self.pulled = test_rows is not None
+        # Left factors of the block products: from the activations themselves, and from
+        # test_rows for blocks that come with pulled rows.
+        self._left: dict[bool, Tensor] = {}
         if kind is not None:
             self.t_flat = flat
-            rows = flat if test_rows is None else test_rows.to(self.dtype)
-            self.product_width = int(rows.shape[1])
+            inverse = _safe_inverse(self.t_norm)[:, None]
+            for pulled, rows in ((False, flat), (True, test_rows)):
+                if rows is not None:
+                    rows = rows.to(self.dtype)
+                    self._left[pulled] = rows * inverse if kind == "cosine" else rows
             if kind == "cosine":
-                self.t_hat = rows * _safe_inverse(self.t_norm)[:, None]
                 self.t_zero = self.t_norm == 0
                 self.t_has_zero = bool(self.t_zero.any())
             else:
-                self.t_dot = rows
                 self.t_sq = self.t_norm.square()
 
     # -- public ---------------------------------------------------------------------
@@ -266,8 +269,9 @@ class BlockScorer:
                 with ``pulled``).
             norms_clean: the caller has checked that ``norms`` are all finite and
                 non-zero (spares two reductions per block).
-            pulled: ``(b, m)`` rows for the matrix product, when the scorer was made
-                with ``test_rows``.
+            pulled: ``(b, m)`` rows for the matrix product (the scorer must have been
+                made with ``test_rows``); without them the product is taken with
+                ``block``.
         """
         b = int(block.shape[0])
         if b == 0:
@@ -282,8 +286,8 @@ class BlockScorer:
                 f"per example but the source activations have {s.shape[1]}; the inputs must "
                 "produce activations of the same size as the source examples"
             )
-        if (pulled is None) == self.pulled:
-            raise ValueError("pulled rows are given exactly when the scorer has test_rows")
+        if pulled is not None and True not in self._left:
+            raise ValueError("pulled rows need a scorer made with test_rows")
         if pulled is not None:
             if norms is None:
                 raise ValueError("the source norms are needed with pulled rows")
@@ -304,11 +308,14 @@ class BlockScorer:
                 self.nonfinite_src += int((~torch.isfinite(s_norm)).sum())
             has_zero = bool((s_norm == 0).any())
         check_nan = not finite or self.nonfinite_test > 0
+        left = self._left[pulled is not None]
         for chunk, running in zip(self._chunks, self._running):
             if self.kind == "cosine":
-                self._update_cosine(chunk, running, product, s_norm, start, check_nan, has_zero)
+                sim = _cross(left[chunk], product)
+                self._update_cosine(chunk, running, sim, s_norm, start, check_nan, has_zero)
             else:
-                self._update_euclidean(chunk, running, product, s, s_norm, start, check_nan)
+                d2 = _cross(left[chunk], product)
+                self._update_euclidean(chunk, running, d2, s, s_norm, start, check_nan)
 
     def result(self) -> tuple[Tensor, Tensor]:
         """``(indices, values)``, each ``(n_test, k)``, best first."""
@@ -330,13 +337,13 @@ class BlockScorer:
         self,
         chunk: slice,
         running: _Running,
-        product: Tensor,
+        sim: Tensor,
         s_norm: Tensor,
         start: int,
         check_nan: bool,
         has_zero: bool,
     ) -> None:
-        sim = _cross(self.t_hat[chunk], product)
+        """``sim``: the block's ``(rows, b)`` inner products with the unit test rows."""
         sim.div_(s_norm[None, :])
         zeros = self.t_has_zero or has_zero
         if zeros:
@@ -360,13 +367,13 @@ class BlockScorer:
         self,
         chunk: slice,
         running: _Running,
-        product: Tensor,
+        d2: Tensor,
         s: Tensor,
         s_norm: Tensor,
         start: int,
         check_nan: bool,
     ) -> None:
-        d2 = _cross(self.t_dot[chunk], product)
+        """``d2``: the block's ``(rows, b)`` inner products, turned into squared distances."""
         d2.mul_(-2.0).add_(self.t_sq[chunk][:, None]).add_(s_norm.square()[None, :])
         key = _rank_key(d2, self.largest) if check_nan else d2
         kb = min(self.k, d2.shape[1])

@@ -82,8 +82,10 @@ from proponents.store import (
 #: Source activations are scored and written in blocks of about this many bytes.
 BLOCK_BYTES = 32 * 2**20
 _SRC_KIND = "similarity/source-activations"
-#: Name of the stored array of source rows pulled back through their (affine) layer.
+#: Names of the stored array of source rows pulled back through their (affine) layer,
+#: ``(N, in_features + 1)``, and of the per-example layer input shape it was built for.
 PULLBACK = "pullback"
+PULLBACK_SHAPE = "pullback_input_shape"
 _INPUT_KIND = "similarity/input-activations"
 _DIRECTIONS = ("max", "min")
 _INIT_KWARGS = ("replace_nan",)
@@ -482,6 +484,7 @@ class SimilarityInfluence(DataInfluence):
                             keys,
                             metas,
                             test,
+                            test_inputs,
                             top_k,
                             largest,
                             device,
@@ -525,10 +528,13 @@ class SimilarityInfluence(DataInfluence):
         if self._kind is None or PULLBACK not in entry.arrays or layer not in test_inputs:
             return None
         x = test_inputs[layer]
-        width = entry.shape(PULLBACK)
-        if len(width) != 2 or x[0].numel() + 1 != width[1]:
+        if PULLBACK_SHAPE not in entry.arrays or entry.shape(PULLBACK_SHAPE) != (x.dim() - 1,):
             return None
-        return input_rows(x, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if tuple(int(d) for d in entry.read(PULLBACK_SHAPE)) != tuple(x.shape[1:]):
+            return None  # e.g. test images of another size through a strided convolution
+        if entry.shape(PULLBACK) != (entry.shape("activations")[0], x[0].numel() + 1):
+            return None
+        return input_rows(x, _pullback_dtype(x.dtype))
 
     def _score_entries(
         self,
@@ -586,6 +592,7 @@ class SimilarityInfluence(DataInfluence):
         keys: dict[str, str],
         metas: dict[str, dict],
         test: dict[str, Tensor],
+        test_inputs: dict[str, Tensor],
         top_k: int,
         largest: bool,
         device: torch.device,
@@ -594,8 +601,8 @@ class SimilarityInfluence(DataInfluence):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """One pass over the source set: compute, store and score the activations.
 
-        Layers that a pullback serves get it stored beside their activations, for the
-        later calls that reuse the store.
+        Layers that a pullback serves get it stored beside their activations (for later
+        calls that reuse the store) and are already scored through it here.
         """
         modules = {layer: self.module.get_submodule(layer) for layer in layers}
         candidates = _pullback_candidates(modules)
@@ -604,10 +611,23 @@ class SimilarityInfluence(DataInfluence):
             layer: max(1, test[layer][0].numel() * _storage_dtype(test[layer].dtype).itemsize)
             for layer in layers
         }
+        for layer in candidates:  # room for the pulled rows too (the test inputs' width)
+            if layer in test_inputs:
+                row_bytes[layer] += (test_inputs[layer][0].numel() + 1) * 8
         block_rows = max(1, BLOCK_BYTES // sum(row_bytes.values()))
+        test_rows = {
+            layer: input_rows(test_inputs[layer], _pullback_dtype(test_inputs[layer].dtype))
+            for layer in candidates
+            if layer in test_inputs and self._kind is not None
+        }
         scorers = {
             layer: self._scorer(
-                layer, test[layer], top_k, largest, block_rows + int(self.batch_size)
+                layer,
+                test[layer],
+                top_k,
+                largest,
+                block_rows + int(self.batch_size),
+                test_rows.get(layer),
             )
             for layer in layers
         }
@@ -622,8 +642,19 @@ class SimilarityInfluence(DataInfluence):
                 for layer in layers
             }
             pullbacks = {
-                layer: _PullbackBuilder(modules[layer], writers[layer]) for layer in candidates
+                layer: _PullbackBuilder(modules[layer], writers[layer], block_rows)
+                for layer in candidates
             }
+
+            def pulled_rows(layer: str) -> Tensor | None:
+                """This block's pulled rows, when the scorer can use them (same input shape)."""
+                if layer not in pullbacks:
+                    return None
+                rows = pullbacks[layer].take()
+                used = pullbacks[layer].pullback
+                if rows is None or layer not in test_rows or used is None:
+                    return None
+                return rows if used.input_shape == tuple(test_inputs[layer].shape[1:]) else None
 
             def flush() -> None:
                 if state["rows"] == 0:
@@ -633,11 +664,10 @@ class SimilarityInfluence(DataInfluence):
                     flat = block.reshape(block.shape[0], -1)
                     norm_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
                     norms = torch.linalg.vector_norm(flat.to(norm_dtype), dim=1)
-                    scorers[layer].update(block, state["start"], norms)
+                    pulled = pulled_rows(layer)
+                    scorers[layer].update(block, state["start"], norms, pulled=pulled)
                     writers[layer].append("activations", block.cpu().numpy())
                     writers[layer].append("norms", norms.cpu().numpy())
-                    if layer in pullbacks:
-                        pullbacks[layer].write(block)
                 state["start"] += state["rows"]
                 state["rows"] = 0
 
@@ -661,7 +691,7 @@ class SimilarityInfluence(DataInfluence):
                             "example must give activations of one shape (pad or resize inputs)"
                         )
                     if layer in pullbacks:
-                        pullbacks[layer].see(extractor.inputs.get(layer), act)
+                        pullbacks[layer].add(extractor.inputs.get(layer), act)
                     staging[layer].add(act)
                 state["rows"] += size
             flush()
@@ -673,6 +703,8 @@ class SimilarityInfluence(DataInfluence):
                     "its __len__ must match what it yields"
                 )
             _check_top_k(top_k, n_rows)
+            for builder in pullbacks.values():
+                builder.commit()
             for layer in layers:
                 writers[layer].commit()
         return {layer: self._finish(scorers[layer]) for layer in layers}
@@ -840,18 +872,24 @@ class _Staging:
         self.rows = 0
 
     def add(self, act: Tensor) -> None:
-        b = int(act.shape[0])
-        dtype = _storage_dtype(act.dtype)
+        """Append a batch (converted to the stored dtype and the standard layout)."""
+        b, dtype = int(act.shape[0]), _storage_dtype(act.dtype)
+        self.next_rows(b, act.shape[1:], dtype, act.device).copy_(act)
+
+    def next_rows(
+        self, b: int, row_shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """The next ``b`` rows of the buffer (a view, to be filled by the caller)."""
         buf = self.buffer
         if buf is None or self.rows + b > buf.shape[0]:
-            bigger = torch.empty(
-                (max(self.capacity, self.rows + b), *act.shape[1:]), dtype=dtype, device=act.device
-            )
+            shape = (max(self.capacity, self.rows + b), *row_shape)
+            bigger = torch.empty(shape, dtype=dtype, device=device)
             if buf is not None and self.rows:
                 bigger[: self.rows].copy_(buf[: self.rows])
             self.buffer = buf = bigger
-        buf[self.rows : self.rows + b].copy_(act)
+        rows = buf[self.rows : self.rows + b]
         self.rows += b
+        return rows
 
     def take(self) -> Tensor:
         """The rows gathered so far (a view, valid until the next :meth:`add`)."""
@@ -867,44 +905,66 @@ class _PullbackBuilder:
     The first batch decides: the layer's type and shapes must allow a pullback that
     saves work (:meth:`Pullback.for_layer`), and it must reproduce the direct inner
     products of that batch's first examples. A later batch with a differently shaped
-    layer input (possible with strided convolutions) drops it again.
+    layer input (possible with strided convolutions) drops it again. Each batch is
+    pulled back as it comes (in the layout the model produced it in), and the rows are
+    staged and written block by block with the activations.
     """
 
-    def __init__(self, module: nn.Module, writer: Any) -> None:
+    def __init__(self, module: nn.Module, writer: Any, capacity: int) -> None:
         self.module = module
         self.writer = writer
         self.pullback: Pullback | None = None
         self.decided = False
+        self._staging = _Staging(capacity)
 
-    def see(self, inputs: Tensor | None, outputs: Tensor) -> None:
-        """Take note of one source batch's layer inputs and outputs."""
+    def add(self, inputs: Tensor | None, outputs: Tensor) -> None:
+        """Take one source batch's layer inputs and outputs."""
         if not self.decided:
             self.decided = True
-            if inputs is None or inputs.shape[0] != outputs.shape[0] or inputs.shape[0] == 0:
-                return
-            pullback = Pullback.for_layer(
-                self.module, tuple(inputs.shape[1:]), tuple(outputs.shape[1:])
-            )
-            if pullback is None:
-                return
-            few = min(8, int(outputs.shape[0]))
-            try:
-                pulled = pullback.pull(outputs[:few], _pullback_dtype(outputs.dtype))
-                ok = pullback.agrees(inputs[:few], outputs[:few], pulled)
-            except (RuntimeError, ValueError, TypeError):
-                ok = False
-            self.pullback = pullback if ok else None
+            self.pullback = _verified_pullback(self.module, inputs, outputs)
         elif self.pullback is not None and (
             inputs is None or tuple(inputs.shape[1:]) != self.pullback.input_shape
         ):
             self.writer.discard(PULLBACK)
+            self.writer.discard(PULLBACK_SHAPE)
             self.pullback = None
-
-    def write(self, block: Tensor) -> None:
-        """Append the pullback of a block of stored source rows."""
+            self._staging = _Staging(0)
         if self.pullback is not None:
-            pulled = self.pullback.pull(block, _pullback_dtype(block.dtype))
-            self.writer.append(PULLBACK, pulled.cpu().numpy())
+            dtype = _pullback_dtype(outputs.dtype)
+            n = int(outputs.shape[0])
+            rows = self._staging.next_rows(n, (self.pullback.width,), dtype, outputs.device)
+            self.pullback.pull(outputs, dtype, out=rows)
+
+    def take(self) -> Tensor | None:
+        """The pulled rows staged since the last call (now written), or None."""
+        if self.pullback is None or self._staging.rows == 0:
+            return None
+        block = self._staging.take()
+        self.writer.append(PULLBACK, block.cpu().numpy())
+        return block
+
+    def commit(self) -> None:
+        """Record the input shape the pullback was built for (before the entry commits)."""
+        if self.pullback is not None:
+            self.writer.put(PULLBACK_SHAPE, np.array(self.pullback.input_shape, dtype=np.int64))
+
+
+def _verified_pullback(
+    module: nn.Module, inputs: Tensor | None, outputs: Tensor
+) -> Pullback | None:
+    """A pullback of ``module`` that reproduces this batch's inner products, or None."""
+    if inputs is None or inputs.shape[0] != outputs.shape[0] or inputs.shape[0] == 0:
+        return None
+    pullback = Pullback.for_layer(module, tuple(inputs.shape[1:]), tuple(outputs.shape[1:]))
+    if pullback is None:
+        return None
+    few = min(8, int(outputs.shape[0]))
+    try:
+        pulled = pullback.pull(outputs[:few], _pullback_dtype(outputs.dtype))
+        ok = pullback.agrees(inputs[:few], outputs[:few], pulled)
+    except (RuntimeError, ValueError, TypeError):
+        ok = False
+    return pullback if ok else None
 
 
 def _pullback_candidates(modules: dict[str, nn.Module]) -> list[str]:
