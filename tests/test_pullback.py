@@ -1,12 +1,10 @@
-"""Pullbacks of affine layers: the identity ⟨A x + b, s⟩ = ⟨x, Aᵀ s⟩ + ⟨b, s⟩ in use.
+"""Affine layers searched on their input side: ⟨t, A x + b⟩ = ⟨Aᵀ t, x⟩ + ⟨t, b⟩ in use.
 
 References are float64 inner products of the layer's real outputs; the similarity
-results are compared with a float64 brute force over the stored activations.
+results are compared with a float64 brute force over the layer's activations.
 """
 
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import pytest
@@ -15,10 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from proponents.influence import _pullback
-from proponents.influence._pullback import Pullback, input_rows
+from proponents.influence._pullback import Pullback
 from proponents.influence.similarity import (
-    PULLBACK,
-    PULLBACK_SHAPE,
+    LAYER_INPUTS,
     SimilarityInfluence,
     cosine_similarity,
     euclidean_distance,
@@ -26,7 +23,7 @@ from proponents.influence.similarity import (
 from proponents.store import ArrayStore
 from test_similarity import _acts, _brute, _check
 
-WITH_PULLBACK = {"activations", "norms", PULLBACK, PULLBACK_SHAPE}
+WITH_INPUTS = {"activations", "norms", LAYER_INPUTS}
 DIRECT_ONLY = {"activations", "norms"}
 
 LAYERS = [
@@ -45,20 +42,20 @@ LAYERS = [
 
 
 @pytest.mark.parametrize("layer,shape", LAYERS, ids=lambda v: str(v))
-def test_pulled_rows_reproduce_the_inner_products(layer, shape):
+def test_pulled_back_rows_reproduce_the_inner_products(layer, shape):
     torch.manual_seed(0)
     layer = layer.double()
-    x = torch.randn(7, *shape, dtype=torch.float64)
+    x = torch.randn(7, *shape, dtype=torch.float64)  # source inputs
     with torch.no_grad():
-        t = layer(x)
-    s = torch.randn_like(t)  # any source rows of the output's shape
-    pullback = Pullback.for_layer(layer, shape, tuple(t.shape[1:]))
+        s = layer(x)
+    t = torch.randn(5, *s.shape[1:], dtype=torch.float64)  # any test rows of that shape
+    pullback = Pullback.for_layer(layer, shape, tuple(s.shape[1:]))
     assert pullback is not None
-    pulled = pullback.pull(s, torch.float64)
-    assert pulled.shape == (7, int(np.prod(shape)) + 1)
-    direct = t.reshape(7, -1) @ s.reshape(7, -1).T
-    torch.testing.assert_close(input_rows(x, torch.float64) @ pulled.T, direct)
-    assert pullback.agrees(x, t, pullback.pull(t, torch.float64))
+    rows, offsets = pullback.pull(t, torch.float64)
+    assert rows.shape == (5, int(np.prod(shape))) and offsets.shape == (5,)
+    direct = t.reshape(5, -1) @ s.reshape(7, -1).T
+    torch.testing.assert_close(rows @ x.reshape(7, -1).T + offsets[:, None], direct)
+    assert pullback.agrees(x, s)
 
 
 def test_layers_without_a_useful_pullback():
@@ -79,19 +76,27 @@ def test_layers_without_a_useful_pullback():
     assert Pullback.for_layer(nn.Linear(2, 10), (2,), (10,)) is not None
 
 
-def test_agrees_rejects_a_wrong_pullback():
+def test_width_rule():
+    assert 0 < _pullback.MAX_WIDTH_FRACTION < 1
+    # 16 channels in, 32 out at one resolution: half the width, so searched on the input side
+    assert Pullback.for_layer(nn.Conv2d(16, 32, 3, padding=1), (16, 8, 8), (32, 8, 8))
+    # 3 in, 4 out: three quarters, not enough
+    assert Pullback.for_layer(nn.Conv2d(3, 4, 3, padding=1), (3, 8, 8), (4, 8, 8)) is None
+
+
+def test_agrees_rejects_a_layer_that_is_not_what_its_weights_say():
     torch.manual_seed(0)
     layer = nn.Linear(3, 9).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     t = layer(x).detach()
     pullback = Pullback.for_layer(layer, (3,), (9,))
-    pulled = pullback.pull(t, torch.float64)
-    pulled[2, 1] += 1e-2
-    assert not pullback.agrees(x, t, pulled)
+    assert pullback.agrees(x, t)
+    t[2, 1] += 1e-2  # an output the weights do not produce from this input
+    assert not pullback.agrees(x, t)
 
 
 class Widening(nn.Module):
-    """A convolution and a linear layer that widen their inputs (both get pullbacks)."""
+    """A convolution and a linear layer that widen their inputs, and a narrowing head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,8 +117,8 @@ def _widening_data(n=41, n_test=5, size=8):
     return TensorDataset(x[:n], y[:n]), x[n:]
 
 
-def _spy_on_pulled_updates(monkeypatch) -> list[str]:
-    """Layers whose blocks are scored through pulled rows, appended as it happens."""
+def _spy_on_input_side_updates(monkeypatch) -> list[str]:
+    """Layers whose blocks are scored on the input side, appended as it happens."""
     import proponents.influence._similarity_metrics as metrics
 
     seen: list[str] = []
@@ -134,9 +139,13 @@ def _stored_arrays(folder, layer):
     return set(manifest["arrays"]) if manifest else set()
 
 
+def _expected(model, layer, test, src_inputs, metric="cosine", direction="max", k=5):
+    return _brute(_acts(model, layer, test), _acts(model, layer, src_inputs), metric, direction, k)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("direction", ["max", "min"])
-def test_repeated_calls_through_the_pullback_match_brute_force(
+def test_first_and_repeated_calls_on_the_input_side_match_brute_force(
     tmp_path, monkeypatch, metric, direction
 ):
     torch.manual_seed(0)
@@ -153,65 +162,67 @@ def test_repeated_calls_through_the_pullback_match_brute_force(
         similarity_direction=direction,
         batch_size=6,  # does not divide 41
     )
-    src = {layer: _acts(model, layer, train.tensors[0]) for layer in layers}
-    tst = {layer: _acts(model, layer, test) for layer in layers}
-    pulled_layers = _spy_on_pulled_updates(monkeypatch)
-    first = sim.influence(test, top_k=7)  # scored through the pullback while building
-    assert _stored_arrays(tmp_path, "conv") == WITH_PULLBACK
-    assert _stored_arrays(tmp_path, "up") == WITH_PULLBACK
-    assert _stored_arrays(tmp_path, "head") == DIRECT_ONLY  # narrows: none
-    assert set(pulled_layers) == {"conv", "up"}
-    pulled_layers.clear()
+    seen = _spy_on_input_side_updates(monkeypatch)
+    first = sim.influence(test, top_k=7)
+    assert _stored_arrays(tmp_path, "conv") == WITH_INPUTS
+    assert _stored_arrays(tmp_path, "up") == WITH_INPUTS
+    assert _stored_arrays(tmp_path, "head") == DIRECT_ONLY  # narrows: no inputs kept
+    assert set(seen) == {"conv", "up"}
+    seen.clear()
     again = sim.influence(test, top_k=7)
-    assert set(pulled_layers) == {"conv", "up"}
+    assert set(seen) == {"conv", "up"}
     for layer in layers:
-        expected = _brute(tst[layer], src[layer], metric, direction, 7)
+        expected = _expected(model, layer, test, train.tensors[0], metric, direction, 7)
         _check(first[layer], expected)
         _check(again[layer], expected)
 
 
-def test_pullback_rows_are_what_the_layer_gives(tmp_path):
-    """The stored pullback equals [Aᵀ s, ⟨b, s⟩] of the stored activations (float64 check)."""
+def test_kept_inputs_are_the_layer_inputs(tmp_path):
     torch.manual_seed(0)
     model = Widening().eval()
     train, test = _widening_data()
-    SimilarityInfluence(model, "conv", train, tmp_path, batch_size=10).influence(test)
-    store = ArrayStore(tmp_path / "src")
-    manifest = store._read_manifest("conv")[0]
-    files = {name: tmp_path / "src" / a["file"] for name, a in manifest["arrays"].items()}
-    acts = torch.from_numpy(np.load(files["activations"])).double()
-    pulled = torch.from_numpy(np.load(files[PULLBACK])).double()
-    conv = copy.deepcopy(model.conv).double()
-    x = train.tensors[0].double()
+    SimilarityInfluence(model, "up", train, tmp_path, batch_size=10).influence(test)
+    manifest, _ = ArrayStore(tmp_path / "src")._read_manifest("up")
+    kept = np.load(tmp_path / "src" / manifest["arrays"][LAYER_INPUTS]["file"])
+    seen = {}
+    handle = model.up.register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0]))
     with torch.no_grad():
-        t = conv(x)
-    torch.testing.assert_close(t, acts, rtol=1e-5, atol=1e-6)
-    direct = t.reshape(len(x), -1) @ acts.reshape(len(x), -1).T
-    via = input_rows(x, torch.float64) @ pulled.T
-    torch.testing.assert_close(via, direct, rtol=1e-5, atol=1e-5)
+        model(train.tensors[0])
+    handle.remove()
+    np.testing.assert_allclose(kept, seen["x"].numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_a_change_of_input_shape_drops_the_pullback(tmp_path):
-    """Stride 2: inputs of 7x7 and 8x8 both give 4x4 outputs; the pullback cannot serve both."""
+def test_test_inputs_of_another_size_still_use_the_input_side(tmp_path, monkeypatch):
+    """Source inputs 8x8, test inputs 7x7, same output shape through a stride of 2: the
+    identity only needs the test activations, so it still holds."""
     torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(2, 16, 3, stride=2, padding=1))
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(13, 2, 8, 8, generator=g), torch.zeros(13))
+    test = torch.randn(4, 2, 7, 7, generator=g)
+    sim = SimilarityInfluence(model, "conv", train, tmp_path, batch_size=5)
+    seen = _spy_on_input_side_updates(monkeypatch)
+    first = sim.influence(test, top_k=6)["conv"]
+    again = sim.influence(test, top_k=6)["conv"]
+    assert _stored_arrays(tmp_path, "conv") == WITH_INPUTS
+    assert seen == ["conv", "conv"]  # its one block, in each of the two calls
+    expected = _expected(model, "conv", test, train.tensors[0], k=6)
+    _check(first, expected)
+    _check(again, expected)
 
-    class Strided(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(2, 16, 3, stride=2, padding=1)
 
-        def forward(self, x):
-            return self.conv(x)
+def test_a_change_of_input_shape_drops_the_kept_inputs(tmp_path):
+    """Stride 2: inputs of 7x7 and 8x8 both give 4x4 outputs; one input array cannot hold both."""
+    torch.manual_seed(0)
 
     class MixedSizes(torch.utils.data.Dataset):
         """Items 4-7 are 7x7, the others 8x8: batches of 4 are uniform."""
 
         def __init__(self) -> None:
             g = torch.Generator().manual_seed(0)
-            self.items = [
-                torch.randn(2, 7 if 4 <= i < 8 else 8, 7 if 4 <= i < 8 else 8, generator=g)
-                for i in range(11)
-            ]
+            sizes = [7 if 4 <= i < 8 else 8 for i in range(11)]
+            self.items = [torch.randn(2, n, n, generator=g) for n in sizes]
 
         def __len__(self):
             return len(self.items)
@@ -219,7 +230,8 @@ def test_a_change_of_input_shape_drops_the_pullback(tmp_path):
         def __getitem__(self, i):
             return self.items[i], 0
 
-    model = Strided().eval()
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(2, 16, 3, stride=2, padding=1))
     data = MixedSizes()
     sim = SimilarityInfluence(model, "conv", DataLoader(data, batch_size=4), tmp_path)
     test = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -230,40 +242,23 @@ def test_a_change_of_input_shape_drops_the_pullback(tmp_path):
     expected = _brute(_acts(model, "conv", test), src, "cosine", "max", 4)
     _check(first, expected)
     _check(again, expected)
-    # the same layer over inputs of one size does get a pullback
+    # the same layer over inputs of one size does keep them
     uniform = TensorDataset(torch.randn(6, 2, 8, 8), torch.zeros(6))
     SimilarityInfluence(model, "conv", uniform, tmp_path / "uniform").influence(test)
-    assert _stored_arrays(tmp_path / "uniform", "conv") == WITH_PULLBACK
+    assert _stored_arrays(tmp_path / "uniform", "conv") == WITH_INPUTS
 
 
-def test_test_inputs_of_another_size_are_searched_directly(tmp_path, monkeypatch):
-    """Source inputs 8x8, test inputs 7x7, same output shape through a stride of 2."""
-    torch.manual_seed(0)
-    conv = nn.Conv2d(2, 16, 3, stride=2, padding=1)
-    model = nn.Sequential()
-    model.add_module("conv", conv)
-    g = torch.Generator().manual_seed(0)
-    train = TensorDataset(torch.randn(13, 2, 8, 8, generator=g), torch.zeros(13))
-    test = torch.randn(4, 2, 7, 7, generator=g)
-    sim = SimilarityInfluence(model, "conv", train, tmp_path, batch_size=5)
-    pulled_layers = _spy_on_pulled_updates(monkeypatch)
-    first = sim.influence(test, top_k=6)["conv"]
-    assert _stored_arrays(tmp_path, "conv") == WITH_PULLBACK
-    again = sim.influence(test, top_k=6)["conv"]
-    assert pulled_layers == []
-    expected = _brute(
-        _acts(model, "conv", test), _acts(model, "conv", train.tensors[0]), "cosine", "max", 6
-    )
-    _check(first, expected)
-    _check(again, expected)
-
-
-def test_a_pullback_that_disagrees_is_not_stored(tmp_path, monkeypatch):
+def test_a_layer_that_fails_the_check_is_searched_directly(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = Widening().eval()
     train, test = _widening_data()
     pull = Pullback.pull
-    monkeypatch.setattr(Pullback, "pull", lambda self, s, dtype: pull(self, s, dtype) * 1.01)
+
+    def wrong(self, t, dtype):
+        rows, offsets = pull(self, t, dtype)
+        return rows * 1.01, offsets
+
+    monkeypatch.setattr(Pullback, "pull", wrong)
     sim = SimilarityInfluence(model, ["conv", "up"], train, tmp_path, batch_size=8)
     sim.influence(test, top_k=3)
     assert _stored_arrays(tmp_path, "conv") == DIRECT_ONLY
@@ -271,30 +266,31 @@ def test_a_pullback_that_disagrees_is_not_stored(tmp_path, monkeypatch):
     monkeypatch.setattr(Pullback, "pull", pull)
     again = sim.influence(test, top_k=3)
     for layer in ("conv", "up"):
-        expected = _brute(
-            _acts(model, layer, test), _acts(model, layer, train.tensors[0]), "cosine", "max", 3
-        )
-        _check(again[layer], expected)
+        _check(again[layer], _expected(model, layer, test, train.tensors[0], k=3))
 
 
-def test_saved_test_activations_use_the_direct_product(tmp_path):
-    """Activations loaded with load_input_from_disk have no layer inputs: direct search."""
+def test_saved_test_activations_use_the_input_side_too(tmp_path, monkeypatch):
+    """Activations loaded with load_input_from_disk need no test inputs."""
     torch.manual_seed(0)
     model = Widening().eval()
     train, test = _widening_data()
     sim = SimilarityInfluence(model, "conv", train, tmp_path, batch_size=8)
     first = sim.influence(test, top_k=5, inputs_id="probe")["conv"]
+    seen = _spy_on_input_side_updates(monkeypatch)
     again = sim.influence(None, top_k=5, load_input_from_disk=True, inputs_id="probe")["conv"]
-    expected = _brute(
-        _acts(model, "conv", test), _acts(model, "conv", train.tensors[0]), "cosine", "max", 5
-    )
+    assert "conv" in seen
+    expected = _expected(model, "conv", test, train.tensors[0])
     _check(first, expected)
     _check(again, expected)
 
 
-def test_width_rule_is_documented_and_applied():
-    assert 0 < _pullback.MAX_WIDTH_FRACTION < 1
-    # 16 channels in, 32 out at one resolution: half the width, so a pullback
-    assert Pullback.for_layer(nn.Conv2d(16, 32, 3, padding=1), (16, 8, 8), (32, 8, 8))
-    # 3 in, 4 out: three quarters, not enough
-    assert Pullback.for_layer(nn.Conv2d(3, 4, 3, padding=1), (3, 8, 8), (4, 8, 8)) is None
+def test_a_custom_metric_keeps_no_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = Widening().eval()
+    train, test = _widening_data()
+
+    def dot(a, b):
+        return a.flatten(1) @ b.flatten(1).T
+
+    SimilarityInfluence(model, "conv", train, tmp_path, similarity_metric=dot).influence(test)
+    assert _stored_arrays(tmp_path, "conv") == DIRECT_ONLY

@@ -1,23 +1,25 @@
 """Inner products with an affine layer's outputs, taken on the layer's (narrower) input side.
 
-When a layer computes ``y = A x + b`` (``nn.Linear``, ``nn.Conv1d/2d/3d``), the inner
-product of a test activation ``t = A x + b`` with a stored source activation ``s`` is
+When a layer computes ``y = A x + b`` (``nn.Linear``, ``nn.Conv1d/2d/3d``), every stored
+source activation is ``s = A x_s + b`` for the layer input ``x_s`` that produced it, so
+for any test activation ``t``
 
-    ⟨t, s⟩ = ⟨x, Aᵀ s⟩ + ⟨b, s⟩,
+    ⟨t, s⟩ = ⟨Aᵀ t, x_s⟩ + ⟨t, b⟩,
 
-an identity, not an approximation. Storing each source row *pulled back* as
-``[Aᵀ s, ⟨b, s⟩]`` (``in_features + 1`` numbers) lets every later query multiply the
-test inputs ``[x, 1]`` with those rows instead of multiplying ``t`` with ``s``: for a
-layer that widens its input (a convolution from 16 to 32 channels at the same
-resolution, a transformer's feed-forward expansion) that is proportionally fewer
-operations. ``Aᵀ s`` is the gradient of ``⟨A x, s⟩`` with respect to ``x``, computed by
-the layer's own adjoint (a matrix product for ``Linear``, PyTorch's convolution input
-gradient for the convolutions).
+an identity, not an approximation. Keeping the source examples' layer *inputs* beside
+their activations lets every query pull its few test rows back through the layer
+(``Aᵀ t``, the gradient of ``⟨t, A x⟩`` with respect to ``x``: a matrix product for
+``Linear``, a transposed convolution for the convolutions) and multiply them with the
+stored inputs instead of multiplying ``t`` with the activations. For a layer that widens
+its input (a convolution from 16 to 32 channels at one resolution, a transformer's
+feed-forward expansion) that is proportionally fewer operations, and storing the inputs
+costs no arithmetic at all. The test inputs are not needed: ``t`` may come from inputs
+of another size (through a strided convolution) or from saved activations.
 
-A pullback is only built for the exact module types above (a subclass may change
-``forward``), with zero padding, and only when it saves at least a third of the work;
-:meth:`Pullback.agrees` checks it against direct inner products on real rows before it
-is stored, so a layer that is not what its type says is simply searched directly.
+This is used only for the exact module types above (a subclass may change ``forward``),
+with zero padding, no hooks, and only when it saves at least a third of the work;
+:meth:`Pullback.agrees` checks it on real rows before the inputs are stored, so a layer
+that is not what its type says is simply searched directly.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-#: Build a pullback only when its rows are at most this fraction of the activations' width.
+#: Use a pullback only when the layer input is at most this fraction of the output's width.
 MAX_WIDTH_FRACTION = 2 / 3
 
 _CONV_INPUT_GRAD = {
@@ -50,7 +52,7 @@ def may_pull_back(module: nn.Module) -> bool:
 
 
 class Pullback:
-    """The adjoint of one affine layer, for rows of a fixed per-example shape.
+    """The adjoint of one affine layer, for inputs of a fixed per-example shape.
 
     Args:
         module: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (exact type).
@@ -63,7 +65,7 @@ class Pullback:
     ) -> None:
         self.module = module
         self.input_shape = tuple(input_shape)
-        self.width = math.prod(self.input_shape) + 1
+        self.width = math.prod(self.input_shape)
         self._padding = padding
         self._output_padding: tuple[int, ...] | None = None
 
@@ -89,44 +91,40 @@ class Pullback:
             return None
         if module._forward_hooks or module._forward_pre_hooks:  # noqa: SLF001
             return None  # a user hook may change what the layer receives or returns
-        width = math.prod(input_shape) + 1
-        if width > MAX_WIDTH_FRACTION * math.prod(output_shape):
+        if math.prod(input_shape) > MAX_WIDTH_FRACTION * math.prod(output_shape):
             return None
         return cls(module, input_shape, padding)
 
-    def pull(self, outputs: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-        """``(n, width)`` rows ``[Aᵀ s, ⟨b, s⟩]`` for output rows ``s`` of shape ``(n, *out)``.
+    def pull(self, outputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(Aᵀ t, ⟨t, b⟩)`` for rows ``t`` of the output shape ``(n, *out)``.
 
-        Args:
-            outputs: the rows ``s``, in any memory layout.
-            dtype: the dtype to compute and return them in.
-            out: an ``(n, width)`` tensor of that dtype to write them into (saves a copy).
+        Returns:
+            ``(n, width)`` rows ``Aᵀ t`` (flattened input shape) and ``(n,)`` offsets
+            ``⟨t, b⟩`` (zeros without a bias), in ``dtype``.
         """
         m = self.module
-        s = outputs.to(dtype)
+        t = outputs.to(dtype)
         weight = m.weight.detach().to(dtype)
         bias = m.bias.detach().to(dtype) if m.bias is not None else None
-        n = int(s.shape[0])
+        n = int(t.shape[0])
         if isinstance(m, nn.Linear):
-            pulled = s @ weight  # (n, *, in_features)
-            offset = (s @ bias).reshape(n, -1).sum(1) if bias is not None else None
+            pulled = t @ weight  # (n, *, in_features)
+            offset = (t @ bias).reshape(n, -1).sum(1) if bias is not None else None
         else:
-            pulled = self._conv_adjoint(s, weight)
-            # per-channel sums, in whatever layout s has (no copy)
-            offset = s.sum(dim=tuple(range(2, s.dim()))) @ bias if bias is not None else None
-        if out is None:
-            out = torch.empty(n, self.width, dtype=dtype, device=s.device)
-        out[:, :-1].view(n, *self.input_shape).copy_(pulled)  # converts the layout once
-        out[:, -1] = offset if offset is not None else 0.0
-        return out
+            pulled = self._conv_adjoint(t, weight)
+            # per-channel sums, in whatever layout t has (no copy)
+            offset = t.sum(dim=tuple(range(2, t.dim()))) @ bias if bias is not None else None
+        if offset is None:
+            offset = torch.zeros(n, dtype=dtype, device=t.device)
+        return pulled.reshape(n, self.width), offset
 
-    def _conv_adjoint(self, s: Tensor, weight: Tensor) -> Tensor:
+    def _conv_adjoint(self, t: Tensor, weight: Tensor) -> Tensor:
         m = self.module
-        n = int(s.shape[0])
+        n = int(t.shape[0])
         spatial = self.input_shape[1:]
         if self._output_padding is None:
             # the transposed convolution's output size must come out as the input's
-            out = s.shape[2:]
+            out = t.shape[2:]
             self._output_padding = tuple(
                 size - ((o - 1) * st - 2 * p + d * (k - 1) + 1)
                 for size, o, st, p, d, k in zip(
@@ -139,40 +137,32 @@ class Pullback:
         if not valid:
             grad = _CONV_INPUT_GRAD[type(m)]
             return grad(
-                (n, *self.input_shape), weight, s, m.stride, self._padding, m.dilation, m.groups
+                (n, *self.input_shape), weight, t, m.stride, self._padding, m.dilation, m.groups
             )
         transpose, layout = _CONV_TRANSPOSE[type(m)]
-        if s.device.type == "cpu":
-            s = s.contiguous(memory_format=layout)
+        if t.device.type == "cpu":
+            t = t.contiguous(memory_format=layout)
         return transpose(
-            s, weight, None, m.stride, self._padding, self._output_padding, m.groups, m.dilation
+            t, weight, None, m.stride, self._padding, self._output_padding, m.groups, m.dilation
         )
 
-    def agrees(self, inputs: Tensor, outputs: Tensor, pulled: Tensor) -> bool:
-        """Whether ``[x_i, 1] · pulled_j`` reproduces ``t_i · t_j`` for a few examples.
+    def agrees(self, inputs: Tensor, outputs: Tensor) -> bool:
+        """Whether ``⟨Aᵀ t_i, x_j⟩ + ⟨t_i, b⟩`` reproduces ``⟨t_i, t_j⟩`` for a few examples.
 
         ``inputs`` and ``outputs`` are the layer inputs ``x`` and outputs ``t`` of the
-        same examples, ``pulled`` their pullbacks as they will be stored. Compared in
-        float64, up to float32 round-off relative to ``‖t_i‖ ‖t_j‖``.
+        same examples. Compared in float64, up to float32 round-off relative to
+        ``‖t_i‖ ‖t_j‖``.
         """
         n = int(outputs.shape[0])
-        if n == 0 or int(inputs.shape[0]) != n or int(pulled.shape[0]) != n:
+        if n == 0 or int(inputs.shape[0]) != n:
             return False
         t = outputs.reshape(n, -1).double()
+        rows, offsets = self.pull(outputs, torch.float64)
+        via = rows @ inputs.reshape(n, -1).double().T + offsets[:, None]
         direct = t @ t.T
-        via = input_rows(inputs, torch.float64) @ pulled.double().T
         norms = torch.linalg.vector_norm(t, dim=1)
-        scale = norms[:, None] * norms[None, :]
-        tol = 1e-4 * scale + 1e-30
+        tol = 1e-4 * norms[:, None] * norms[None, :] + 1e-30
         return bool(torch.isfinite(via).all()) and bool(((via - direct).abs() <= tol).all())
-
-
-def input_rows(inputs: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(n, in + 1)`` rows ``[x, 1]`` for layer inputs ``x`` of shape ``(n, *in)``."""
-    n = int(inputs.shape[0])
-    out = torch.ones(n, inputs[0].numel() + 1, dtype=dtype, device=inputs.device)
-    out[:, :-1] = inputs.reshape(n, -1)
-    return out
 
 
 def _numeric_padding(module: nn.Module) -> tuple[int, ...] | None:
@@ -194,4 +184,4 @@ def _numeric_padding(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-__all__ = ["MAX_WIDTH_FRACTION", "Pullback", "input_rows", "may_pull_back"]
+__all__ = ["MAX_WIDTH_FRACTION", "Pullback", "may_pull_back"]

@@ -177,11 +177,11 @@ class BlockScorer:
     * ``kind=None``: ``metric(test_rows, block)`` with the activations in their
       original shape, checked to return ``(n_test_rows, n_block)``.
 
-    The matrix products of the two built-ins may instead be taken between other rows with
-    the same inner products: ``test_rows`` here and ``pulled`` rows given to
-    :meth:`update` (a layer's inputs ``[x, 1]`` and the stored sources pulled back through
-    the layer, see :mod:`proponents.influence._pullback`). Norms, zero vectors and exact
-    Euclidean distances still come from the activations themselves.
+    For an affine layer the inner products of the two built-ins may instead be taken on
+    the layer's input side (see :mod:`proponents.influence._pullback`): after
+    :meth:`pull_back`, a block may come with the source examples' layer inputs ``x``
+    (``pulled`` in :meth:`update`), and its inner products are ``⟨Aᵀ t, x⟩ + ⟨t, b⟩``.
+    Norms, zero vectors and exact Euclidean distances still come from the activations.
 
     Args:
         metric: the similarity callable (used when ``kind`` is ``None``).
@@ -192,8 +192,6 @@ class BlockScorer:
         layer: layer name, for messages.
         max_block_rows: the largest block that will be passed to :meth:`update`.
         replace_nan: similarity given to pairs with a zero vector (cosine only).
-        test_rows: ``(n_test, m)`` rows whose inner products with the ``pulled`` rows of
-            every :meth:`update` equal those of the test and source activations.
     """
 
     def __init__(
@@ -206,7 +204,6 @@ class BlockScorer:
         layer: str,
         max_block_rows: int,
         replace_nan: float = 0.0,
-        test_rows: Tensor | None = None,
     ) -> None:
         self.metric = metric
         self.kind = kind
@@ -233,23 +230,43 @@ class BlockScorer:
         # A row with a NaN or an infinite entry has a non-finite norm (and vice versa,
         # unless the norm overflows, which is then treated as non-finite too).
         self.nonfinite_test = int((~torch.isfinite(self.t_norm)).sum())
-        # Left factors of the block products: from the activations themselves, and from
-        # test_rows for blocks that come with pulled rows.
-        self._left: dict[bool, Tensor] = {}
+        # Left factors of the block products (scaled to unit test rows for cosine): the
+        # test activations, and after pull_back, the test rows pulled back with offsets.
+        self._left: Tensor | None = None
+        self._pulled_left: tuple[Tensor, Tensor] | None = None
         if kind is not None:
             self.t_flat = flat
-            inverse = _safe_inverse(self.t_norm)[:, None]
-            for pulled, rows in ((False, flat), (True, test_rows)):
-                if rows is not None:
-                    rows = rows.to(self.dtype)
-                    self._left[pulled] = rows * inverse if kind == "cosine" else rows
+            self._left = flat * self._scale() if kind == "cosine" else flat
             if kind == "cosine":
                 self.t_zero = self.t_norm == 0
                 self.t_has_zero = bool(self.t_zero.any())
             else:
                 self.t_sq = self.t_norm.square()
 
+    def _scale(self) -> Tensor:
+        """``(n_test, 1)`` factors turning test rows into unit rows (0 for zero rows)."""
+        return _safe_inverse(self.t_norm)[:, None]
+
     # -- public ---------------------------------------------------------------------
+    def pull_back(self, rows: Tensor, offsets: Tensor) -> None:
+        """Also accept blocks given as layer inputs (``pulled`` in :meth:`update`).
+
+        Args:
+            rows: ``(n_test, m)`` test activations pulled back through the layer, ``Aᵀ t``.
+            offsets: ``(n_test,)`` inner products ``⟨t, b⟩`` with the layer's bias.
+        """
+        if self.kind is None:
+            raise ValueError("only the built-in metrics take inner products on the input side")
+        rows, offsets = rows.to(self.dtype), offsets.to(self.dtype)[:, None]
+        if self.kind == "cosine":
+            rows, offsets = rows * self._scale(), offsets * self._scale()
+        self._pulled_left = (rows, offsets)
+
+    @property
+    def pulled_back(self) -> bool:
+        """Whether :meth:`pull_back` was called (blocks may come as layer inputs)."""
+        return self._pulled_left is not None
+
     def update(
         self,
         block: Tensor,
@@ -269,9 +286,9 @@ class BlockScorer:
                 with ``pulled``).
             norms_clean: the caller has checked that ``norms`` are all finite and
                 non-zero (spares two reductions per block).
-            pulled: ``(b, m)`` rows for the matrix product (the scorer must have been
-                made with ``test_rows``); without them the product is taken with
-                ``block``.
+            pulled: ``(b, *in_shape)`` layer inputs of the block's source examples,
+                for the inner products on the input side (after :meth:`pull_back`);
+                without them the product is taken with ``block``.
         """
         b = int(block.shape[0])
         if b == 0:
@@ -286,12 +303,14 @@ class BlockScorer:
                 f"per example but the source activations have {s.shape[1]}; the inputs must "
                 "produce activations of the same size as the source examples"
             )
-        if pulled is not None and True not in self._left:
-            raise ValueError("pulled rows need a scorer made with test_rows")
+        if pulled is not None and self._pulled_left is None:
+            raise ValueError("layer inputs can only be scored after pull_back")
         if pulled is not None:
             if norms is None:
                 raise ValueError("the source norms are needed with pulled rows")
-            product = pulled if pulled.dtype == self.dtype else pulled.to(self.dtype)
+            product = pulled.reshape(b, -1)
+            if product.dtype != self.dtype:
+                product = product.to(self.dtype)
         else:
             if s.dtype != self.dtype:
                 s = s.to(self.dtype)
@@ -308,14 +327,18 @@ class BlockScorer:
                 self.nonfinite_src += int((~torch.isfinite(s_norm)).sum())
             has_zero = bool((s_norm == 0).any())
         check_nan = not finite or self.nonfinite_test > 0
-        left = self._left[pulled is not None]
         for chunk, running in zip(self._chunks, self._running):
-            if self.kind == "cosine":
-                sim = _cross(left[chunk], product)
-                self._update_cosine(chunk, running, sim, s_norm, start, check_nan, has_zero)
+            if pulled is None:
+                assert self._left is not None
+                inner = _cross(self._left[chunk], product)
             else:
-                d2 = _cross(left[chunk], product)
-                self._update_euclidean(chunk, running, d2, s, s_norm, start, check_nan)
+                assert self._pulled_left is not None
+                rows, offsets = self._pulled_left
+                inner = _cross(rows[chunk], product).add_(offsets[chunk])
+            if self.kind == "cosine":
+                self._update_cosine(chunk, running, inner, s_norm, start, check_nan, has_zero)
+            else:
+                self._update_euclidean(chunk, running, inner, s, s_norm, start, check_nan)
 
     def result(self) -> tuple[Tensor, Tensor]:
         """``(indices, values)``, each ``(n_test, k)``, best first."""

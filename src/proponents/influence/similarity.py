@@ -59,7 +59,7 @@ from proponents.errors import (
     BatchFormatError,
     InvalidArgumentError,
 )
-from proponents.influence._pullback import Pullback, input_rows, may_pull_back
+from proponents.influence._pullback import MAX_WIDTH_FRACTION, Pullback, may_pull_back
 from proponents.influence._similarity_metrics import (
     BlockScorer,
     builtin_kind,
@@ -82,10 +82,10 @@ from proponents.store import (
 #: Source activations are scored and written in blocks of about this many bytes.
 BLOCK_BYTES = 32 * 2**20
 _SRC_KIND = "similarity/source-activations"
-#: Names of the stored array of source rows pulled back through their (affine) layer,
-#: ``(N, in_features + 1)``, and of the per-example layer input shape it was built for.
-PULLBACK = "pullback"
-PULLBACK_SHAPE = "pullback_input_shape"
+#: Name of the stored array of the source examples' inputs to an affine layer
+#: ``(N, *input_shape)``, kept where they make repeated searches cheaper (see
+#: :mod:`proponents.influence._pullback`).
+LAYER_INPUTS = "layer_inputs"
 _INPUT_KIND = "similarity/input-activations"
 _DIRECTIONS = ("max", "min")
 _INIT_KWARGS = ("replace_nan",)
@@ -327,7 +327,7 @@ class SimilarityInfluence(DataInfluence):
         device = model_device(self.module)
         with call_scope(self.module, device):
             fingerprint = model_fingerprint(self.module)
-            test, test_inputs = self._test_activations(
+            test = self._test_activations(
                 inputs,
                 additional_forward_args,
                 load_input_from_disk,
@@ -339,7 +339,6 @@ class SimilarityInfluence(DataInfluence):
                 return self._sharded_search(
                     self._dist,
                     test,
-                    test_inputs,
                     top_k,
                     largest,
                     fingerprint,
@@ -349,7 +348,6 @@ class SimilarityInfluence(DataInfluence):
                 )
             results = self._search(
                 test,
-                test_inputs,
                 top_k,
                 largest,
                 fingerprint,
@@ -363,7 +361,6 @@ class SimilarityInfluence(DataInfluence):
         self,
         dist: DistributedContext,
         test: dict[str, Tensor],
-        test_inputs: dict[str, Tensor],
         top_k: int,
         largest: bool,
         fingerprint: str,
@@ -378,7 +375,6 @@ class SimilarityInfluence(DataInfluence):
                 return None
             found = self._search(
                 test,
-                test_inputs,
                 min(top_k, self._n_local),
                 largest,
                 fingerprint,
@@ -436,7 +432,6 @@ class SimilarityInfluence(DataInfluence):
     def _search(
         self,
         test: dict[str, Tensor],
-        test_inputs: dict[str, Tensor],
         top_k: int,
         largest: bool,
         fingerprint: str,
@@ -484,7 +479,6 @@ class SimilarityInfluence(DataInfluence):
                             keys,
                             metas,
                             test,
-                            test_inputs,
                             top_k,
                             largest,
                             device,
@@ -494,9 +488,7 @@ class SimilarityInfluence(DataInfluence):
                         results.update(built)
             if entries:
                 results.update(
-                    self._score_entries(
-                        entries, test, test_inputs, top_k, largest, device, show_progress
-                    )
+                    self._score_entries(entries, test, top_k, largest, device, show_progress)
                 )
         return results
 
@@ -507,7 +499,6 @@ class SimilarityInfluence(DataInfluence):
         k: int,
         largest: bool,
         rows: int,
-        test_rows: Tensor | None = None,
     ) -> BlockScorer:
         return BlockScorer(
             self.similarity_metric,
@@ -518,29 +509,22 @@ class SimilarityInfluence(DataInfluence):
             layer,
             max_block_rows=rows,
             replace_nan=self.replace_nan,
-            test_rows=test_rows,
         )
 
-    def _pullback_rows(
-        self, entry: StoredEntry, test_inputs: dict[str, Tensor], layer: str
-    ) -> Tensor | None:
-        """The test rows ``[x, 1]`` that meet the entry's stored pullback, when usable."""
-        if self._kind is None or PULLBACK not in entry.arrays or layer not in test_inputs:
+    def _stored_pullback(self, entry: StoredEntry, test: Tensor, layer: str) -> Pullback | None:
+        """The pullback that scores ``test`` against this entry's stored layer inputs, if any."""
+        if self._kind is None or LAYER_INPUTS not in entry.arrays:
             return None
-        x = test_inputs[layer]
-        if PULLBACK_SHAPE not in entry.arrays or entry.shape(PULLBACK_SHAPE) != (x.dim() - 1,):
-            return None
-        if tuple(int(d) for d in entry.read(PULLBACK_SHAPE)) != tuple(x.shape[1:]):
-            return None  # e.g. test images of another size through a strided convolution
-        if entry.shape(PULLBACK) != (entry.shape("activations")[0], x[0].numel() + 1):
-            return None
-        return input_rows(x, _pullback_dtype(x.dtype))
+        out_shape = tuple(entry.shape("activations")[1:])
+        if tuple(test.shape[1:]) != out_shape:
+            return None  # the direct product reports the mismatch
+        in_shape = tuple(entry.shape(LAYER_INPUTS)[1:])
+        return Pullback.for_layer(self.module.get_submodule(layer), in_shape, out_shape)
 
     def _score_entries(
         self,
         entries: dict[str, StoredEntry],
         test: dict[str, Tensor],
-        test_inputs: dict[str, Tensor],
         top_k: int,
         largest: bool,
         device: torch.device,
@@ -548,33 +532,34 @@ class SimilarityInfluence(DataInfluence):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         plans = {}
         for layer, entry in entries.items():
-            rows_in = self._pullback_rows(entry, test_inputs, layer)
-            # the array the matrix products read: the pullback when there is a usable one
-            product = "activations" if rows_in is None else PULLBACK
+            pullback = self._stored_pullback(entry, test[layer], layer)
+            # the array the matrix products read: the layer inputs when a pullback serves
+            product = "activations" if pullback is None else LAYER_INPUTS
             shape = entry.shape(product)
             row_bytes = max(
                 1, int(np.prod(shape[1:], dtype=np.int64)) * entry.dtype(product).itemsize
             )
-            plans[layer] = (shape[0], max(1, BLOCK_BYTES // row_bytes), rows_in)
+            plans[layer] = (shape[0], max(1, BLOCK_BYTES // row_bytes), pullback)
         total = sum(math.ceil(n / rows) for n, rows, _ in plans.values())
         results = {}
         with Progress(
             show_progress, "SimilarityInfluence: scoring stored activations", total, "block"
         ) as bar:
             for layer, entry in entries.items():
-                n, rows, rows_in = plans[layer]
+                n, rows, pullback = plans[layer]
                 _check_top_k(top_k, n)
-                if rows_in is not None:
-                    rows_in = rows_in.to(device)
-                scorer = self._scorer(layer, test[layer], top_k, largest, rows, rows_in)
+                scorer = self._scorer(layer, test[layer], top_k, largest, rows)
+                if pullback is not None:
+                    scorer.pull_back(*pullback.pull(test[layer], scorer.dtype))
                 norms = torch.from_numpy(entry.read("norms"))
                 clean = math.isfinite(float(norms.sum())) and not bool((norms == 0).any())
                 for start in range(0, n, rows):
                     stop = min(n, start + rows)
                     pulled = None
-                    if rows_in is not None:
-                        pulled = _on(torch.from_numpy(entry.memmap(PULLBACK, start, stop)), device)
-                    # With a pullback, cosine never reads the activations; Euclidean reads
+                    if pullback is not None:
+                        pulled = torch.from_numpy(entry.memmap(LAYER_INPUTS, start, stop))
+                        pulled = _on(pulled, device)
+                    # With layer inputs, cosine never reads the activations; Euclidean reads
                     # only the rows whose exact distances it recomputes.
                     block = torch.from_numpy(entry.memmap("activations", start, stop))
                     if pulled is None or self._kind == "euclidean":
@@ -592,7 +577,6 @@ class SimilarityInfluence(DataInfluence):
         keys: dict[str, str],
         metas: dict[str, dict],
         test: dict[str, Tensor],
-        test_inputs: dict[str, Tensor],
         top_k: int,
         largest: bool,
         device: torch.device,
@@ -601,33 +585,23 @@ class SimilarityInfluence(DataInfluence):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """One pass over the source set: compute, store and score the activations.
 
-        Layers that a pullback serves get it stored beside their activations (for later
-        calls that reuse the store) and are already scored through it here.
+        Affine layers that widen their inputs get the source examples' layer inputs
+        stored beside their activations (see :mod:`proponents.influence._pullback`), and
+        are scored through them here already.
         """
         modules = {layer: self.module.get_submodule(layer) for layer in layers}
-        candidates = _pullback_candidates(modules)
+        candidates = _pullback_candidates(modules) if self._kind is not None else []
         extractor = _Extractor(modules, candidates)
         row_bytes = {
             layer: max(1, test[layer][0].numel() * _storage_dtype(test[layer].dtype).itemsize)
             for layer in layers
         }
-        for layer in candidates:  # room for the pulled rows too (the test inputs' width)
-            if layer in test_inputs:
-                row_bytes[layer] += (test_inputs[layer][0].numel() + 1) * 8
+        for layer in candidates:  # kept inputs are at most this fraction of the outputs
+            row_bytes[layer] += math.ceil(MAX_WIDTH_FRACTION * row_bytes[layer])
         block_rows = max(1, BLOCK_BYTES // sum(row_bytes.values()))
-        test_rows = {
-            layer: input_rows(test_inputs[layer], _pullback_dtype(test_inputs[layer].dtype))
-            for layer in candidates
-            if layer in test_inputs and self._kind is not None
-        }
         scorers = {
             layer: self._scorer(
-                layer,
-                test[layer],
-                top_k,
-                largest,
-                block_rows + int(self.batch_size),
-                test_rows.get(layer),
+                layer, test[layer], top_k, largest, block_rows + int(self.batch_size)
             )
             for layer in layers
         }
@@ -641,20 +615,24 @@ class SimilarityInfluence(DataInfluence):
                 layer: stack.enter_context(store.writer(keys[layer], metas[layer]))
                 for layer in layers
             }
-            pullbacks = {
-                layer: _PullbackBuilder(modules[layer], writers[layer], block_rows)
+            kept = {
+                layer: _KeptInputs(modules[layer], writers[layer], block_rows)
                 for layer in candidates
             }
 
-            def pulled_rows(layer: str) -> Tensor | None:
-                """This block's pulled rows, when the scorer can use them (same input shape)."""
-                if layer not in pullbacks:
+            def kept_inputs(layer: str) -> Tensor | None:
+                """This block's kept layer inputs (now written), to score it with."""
+                if layer not in kept:
                     return None
-                rows = pullbacks[layer].take()
-                used = pullbacks[layer].pullback
-                if rows is None or layer not in test_rows or used is None:
+                inputs = kept[layer].take()
+                pullback = kept[layer].pullback
+                if inputs is None or pullback is None:
                     return None
-                return rows if used.input_shape == tuple(test_inputs[layer].shape[1:]) else None
+                if not scorers[layer].pulled_back:
+                    if tuple(test[layer].shape[1:]) != feature_shapes[layer]:
+                        return None  # the direct product reports the mismatch
+                    scorers[layer].pull_back(*pullback.pull(test[layer], scorers[layer].dtype))
+                return inputs
 
             def flush() -> None:
                 if state["rows"] == 0:
@@ -664,8 +642,8 @@ class SimilarityInfluence(DataInfluence):
                     flat = block.reshape(block.shape[0], -1)
                     norm_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
                     norms = torch.linalg.vector_norm(flat.to(norm_dtype), dim=1)
-                    pulled = pulled_rows(layer)
-                    scorers[layer].update(block, state["start"], norms, pulled=pulled)
+                    inputs = kept_inputs(layer)
+                    scorers[layer].update(block, state["start"], norms, pulled=inputs)
                     writers[layer].append("activations", block.cpu().numpy())
                     writers[layer].append("norms", norms.cpu().numpy())
                 state["start"] += state["rows"]
@@ -690,8 +668,8 @@ class SimilarityInfluence(DataInfluence):
                             f"source batch {i} but {feature_shapes[layer]} before; every "
                             "example must give activations of one shape (pad or resize inputs)"
                         )
-                    if layer in pullbacks:
-                        pullbacks[layer].add(extractor.inputs.get(layer), act)
+                    if layer in kept:
+                        kept[layer].add(extractor.inputs.get(layer), act)
                     staging[layer].add(act)
                 state["rows"] += size
             flush()
@@ -703,8 +681,6 @@ class SimilarityInfluence(DataInfluence):
                     "its __len__ must match what it yields"
                 )
             _check_top_k(top_k, n_rows)
-            for builder in pullbacks.values():
-                builder.commit()
             for layer in layers:
                 writers[layer].commit()
         return {layer: self._finish(scorers[layer]) for layer in layers}
@@ -743,12 +719,7 @@ class SimilarityInfluence(DataInfluence):
         inputs_id: str | None,
         fingerprint: str,
         device: torch.device,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The test activations per layer, and the inputs of the layers that ran here.
-
-        Layer inputs are captured for the layers a pullback can serve (see
-        :mod:`proponents.influence._pullback`); activations loaded from disk have none.
-        """
+    ) -> dict[str, Tensor]:
         args: tuple[Any, ...] | None = None
         inputs_hash = None
         if isinstance(inputs, (DataLoader, Dataset)):
@@ -804,13 +775,12 @@ class SimilarityInfluence(DataInfluence):
                         stacklevel=4,
                     )
         missing = [layer for layer in self.layers if layer not in acts]
-        layer_inputs: dict[str, Tensor] = {}
         if missing:
             assert args is not None  # guaranteed by the checks above
             modules = {layer: self.module.get_submodule(layer) for layer in missing}
-            extractor = _Extractor(modules, _pullback_candidates(modules))
-            computed = self._forward(extractor, to_device(args, device), fingerprint, False)
-            layer_inputs = extractor.inputs
+            computed = self._forward(
+                _Extractor(modules), to_device(args, device), fingerprint, False
+            )
             if store is not None:
                 with store.lock():
                     for layer in missing:
@@ -825,7 +795,7 @@ class SimilarityInfluence(DataInfluence):
             raise InvalidArgumentError(
                 f"the test activations disagree on the number of examples: {sizes}"
             )
-        return acts, layer_inputs
+        return acts
 
     # ----------------------------------------------------------------------- forward
     def _forward(
@@ -899,15 +869,15 @@ class _Staging:
         return block
 
 
-class _PullbackBuilder:
-    """Stores one layer's pullback beside its activations, when it serves the layer.
+class _KeptInputs:
+    """Keeps one layer's source inputs beside its activations, when a pullback serves it.
 
     The first batch decides: the layer's type and shapes must allow a pullback that
     saves work (:meth:`Pullback.for_layer`), and it must reproduce the direct inner
     products of that batch's first examples. A later batch with a differently shaped
-    layer input (possible with strided convolutions) drops it again. Each batch is
-    pulled back as it comes (in the layout the model produced it in), and the rows are
-    staged and written block by block with the activations.
+    layer input (possible with strided convolutions) drops the inputs again. Inputs are
+    staged per batch (converted to the standard layout once) and written block by block
+    with the activations.
     """
 
     def __init__(self, module: nn.Module, writer: Any, capacity: int) -> None:
@@ -925,28 +895,19 @@ class _PullbackBuilder:
         elif self.pullback is not None and (
             inputs is None or tuple(inputs.shape[1:]) != self.pullback.input_shape
         ):
-            self.writer.discard(PULLBACK)
-            self.writer.discard(PULLBACK_SHAPE)
+            self.writer.discard(LAYER_INPUTS)
             self.pullback = None
             self._staging = _Staging(0)
-        if self.pullback is not None:
-            dtype = _pullback_dtype(outputs.dtype)
-            n = int(outputs.shape[0])
-            rows = self._staging.next_rows(n, (self.pullback.width,), dtype, outputs.device)
-            self.pullback.pull(outputs, dtype, out=rows)
+        if self.pullback is not None and inputs is not None:
+            self._staging.add(inputs)
 
     def take(self) -> Tensor | None:
-        """The pulled rows staged since the last call (now written), or None."""
+        """The inputs staged since the last call (now written), or None."""
         if self.pullback is None or self._staging.rows == 0:
             return None
         block = self._staging.take()
-        self.writer.append(PULLBACK, block.cpu().numpy())
+        self.writer.append(LAYER_INPUTS, block.cpu().numpy())
         return block
-
-    def commit(self) -> None:
-        """Record the input shape the pullback was built for (before the entry commits)."""
-        if self.pullback is not None:
-            self.writer.put(PULLBACK_SHAPE, np.array(self.pullback.input_shape, dtype=np.int64))
 
 
 def _verified_pullback(
@@ -955,13 +916,14 @@ def _verified_pullback(
     """A pullback of ``module`` that reproduces this batch's inner products, or None."""
     if inputs is None or inputs.shape[0] != outputs.shape[0] or inputs.shape[0] == 0:
         return None
+    if not inputs.is_floating_point() or inputs.dtype != outputs.dtype:
+        return None
     pullback = Pullback.for_layer(module, tuple(inputs.shape[1:]), tuple(outputs.shape[1:]))
     if pullback is None:
         return None
     few = min(8, int(outputs.shape[0]))
     try:
-        pulled = pullback.pull(outputs[:few], _pullback_dtype(outputs.dtype))
-        ok = pullback.agrees(inputs[:few], outputs[:few], pulled)
+        ok = pullback.agrees(inputs[:few], outputs[:few])
     except (RuntimeError, ValueError, TypeError):
         ok = False
     return pullback if ok else None
@@ -970,10 +932,6 @@ def _verified_pullback(
 def _pullback_candidates(modules: dict[str, nn.Module]) -> list[str]:
     """The layers whose type may allow a pullback (their inputs are captured)."""
     return [name for name, module in modules.items() if may_pull_back(module)]
-
-
-def _pullback_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _on(tensor: Tensor, device: torch.device) -> Tensor:
