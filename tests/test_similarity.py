@@ -447,6 +447,52 @@ def test_damaged_store_is_rebuilt(tmp_path, damage):
         sim.influence(test, top_k=4)
 
 
+@pytest.mark.parametrize("change", ["none", "truncate", "checksum", "replaced"])
+def test_an_entry_kept_open_is_checked_at_every_call(tmp_path, monkeypatch, change):
+    """After a call that read the store, the entry stays open; a later call reuses it only
+    while the manifest bytes and the array files on disk are the ones it opened."""
+    from proponents.store import ArrayStore
+
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    expected = sim.influence(test, top_k=4)["lin2"]  # builds
+    sim.influence(test, top_k=4)  # reads the store, keeps the entry open
+    opened = []
+    open_arrays = ArrayStore._open_arrays
+    monkeypatch.setattr(
+        ArrayStore, "_open_arrays", lambda self, m: opened.append(1) or open_arrays(self, m)
+    )
+    folder = _src_dir(tmp_path)
+    if change == "truncate":
+        (data,) = [f for f in os.listdir(folder) if f.endswith("activations.npy")]
+        with open(folder / data, "r+b") as fh:
+            fh.truncate(os.path.getsize(folder / data) - 4)
+    elif change == "checksum":  # same size, same file, one character different
+        text = (folder / "lin2.json").read_text()
+        i = text.index('"checksum": "') + len('"checksum": "')
+        flipped = "0" if text[i] != "0" else "1"
+        with open(folder / "lin2.json", "r+") as fh:
+            fh.seek(i)
+            fh.write(flipped)
+    elif change == "replaced":  # rebuilt by another object: new files, same content
+        SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10).influence(
+            test, top_k=4, load_src_from_disk=False
+        )
+    if change in ("truncate", "checksum"):
+        with pytest.warns(StoreRebuildWarning, match="damaged|truncated"):
+            result = sim.influence(test, top_k=4)["lin2"]
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = sim.influence(test, top_k=4)["lin2"]
+    if change == "none":
+        assert not opened  # served by the entry kept open
+    elif change == "replaced":
+        assert opened  # the new files were opened, not the unlinked ones reused
+    _check(result, (expected[0], expected[1].double()))
+
+
 def test_load_src_from_disk_false_rebuilds(tmp_path):
     model = _seeded(Net)
     train, test = _data()

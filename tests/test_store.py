@@ -134,6 +134,45 @@ def test_a_discarded_array_leaves_no_file_and_no_trace(tmp_path):
     assert len([f for f in _files(tmp_path) if f.endswith(".npy")]) == 1
 
 
+def test_an_open_entry_is_reused_only_while_nothing_changed(tmp_path):
+    store = ArrayStore(tmp_path)
+    rows = np.arange(12, dtype=np.float32).reshape(6, 2)
+    _write(store, "k", {"v": 1}, [rows])
+    first, _ = store.load("k", {"v": 1})
+    assert store.load("k", {"v": 1}, reuse=first) == (first, None)
+    # a small array is mapped once: later row ranges are views of the same map
+    assert np.shares_memory(first.memmap("data", 0, 3), first.memmap("data", 2, 6))
+    # meta is still compared
+    entry, why = store.load("k", {"v": 2}, reuse=first)
+    assert entry is None and "v" in why
+    # another key, or another store's entry, is never handed back
+    _write(store, "other", {"v": 1}, [rows])
+    other, _ = store.load("other", {"v": 1}, reuse=first)
+    assert other is not first
+    other.close()
+    # a rebuilt entry (new files) is opened afresh
+    _write(store, "k", {"v": 1}, [rows * 2])
+    again, why = store.load("k", {"v": 1}, reuse=first)
+    assert why is None and again is not first
+    np.testing.assert_array_equal(again.read("data"), rows * 2)
+    again.close()
+    first.close()
+    # a closed entry is not reused either
+    fresh, _ = store.load("k", {"v": 1}, reuse=first)
+    assert fresh is not first
+    fresh.close()
+
+
+def test_a_large_array_is_mapped_per_call(tmp_path, monkeypatch):
+    import proponents.store as store_module
+
+    store = ArrayStore(tmp_path)
+    _write(store, "k", {}, [np.ones((6, 2), np.float32)])
+    monkeypatch.setattr(store_module, "KEEP_MAPPED_BYTES", 8)  # 48 bytes is "large" now
+    with store.load("k", {})[0] as entry:
+        assert not np.shares_memory(entry.memmap("data", 0, 3), entry.memmap("data", 2, 6))
+
+
 def test_uncommitted_writer_is_invisible(tmp_path):
     store = ArrayStore(tmp_path)
     _write(store, "k", {"v": 1}, [np.ones((2, 2), np.float32)])

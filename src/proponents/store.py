@@ -60,6 +60,8 @@ try:  # POSIX advisory locks; absent on Windows.
 except ImportError:  # pragma: no cover - exercised on Windows only
     _fcntl = None  # type: ignore[assignment]
 
+#: Arrays up to this size stay mapped while their entry is open (StoredEntry.memmap).
+KEEP_MAPPED_BYTES = 64 * 2**20
 FORMAT_NAME = "proponents.array-store"
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".json"
@@ -265,12 +267,15 @@ class StoredEntry:
         manifest: dict[str, Any],
         files: dict[str, BinaryIO],
         layouts: dict[str, tuple[np.dtype, tuple[int, ...], int]],
+        signature: tuple = (),
     ) -> None:
         self.key = key
         self.manifest = manifest
         self.meta: dict[str, Any] = manifest["meta"]
         self._files = files
         self._layout = layouts
+        self._signature = signature
+        self._maps: dict[str, np.ndarray] = {}
 
     @property
     def arrays(self) -> list[str]:
@@ -288,8 +293,11 @@ class StoredEntry:
     def memmap(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of array ``name`` as a copy-on-write memory map.
 
-        Writing to the result never touches the file. Dropping the result unmaps it,
-        so reading block by block keeps the resident memory bounded.
+        Writing to the result never touches the file. An array of up to
+        :data:`KEEP_MAPPED_BYTES` is mapped once and stays mapped while the entry is
+        open (its rows are views of that map); a larger one is mapped per call and
+        unmapped when the result is dropped, so reading it block by block keeps the
+        resident memory bounded.
         """
         dtype, shape, offset = self._layout[name]
         n = shape[0]
@@ -298,6 +306,16 @@ class StoredEntry:
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         if stop == start or row == 0:
             return np.zeros((stop - start, *shape[1:]), dtype=dtype)
+        if n * row <= KEEP_MAPPED_BYTES:
+            whole = self._maps.get(name)
+            if whole is None:
+                whole = self._maps[name] = self._map_rows(name, 0, n)
+            return whole[start:stop]
+        return self._map_rows(name, start, stop)
+
+    def _map_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        dtype, shape, offset = self._layout[name]
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         array = np.memmap(
             self._files[name],
             dtype=dtype,
@@ -315,8 +333,30 @@ class StoredEntry:
         """The whole array ``name`` as an in-memory numpy array."""
         return np.array(self.memmap(name))
 
+    def opened_from(self, manifest_path: Path) -> bool:
+        """Whether this entry was opened from the manifest at ``manifest_path``."""
+        return bool(self._signature) and self._signature[0][0] == manifest_path
+
+    def unchanged(self) -> bool:
+        """Whether the manifest and array files on disk are still the ones opened here.
+
+        The manifest must hold the very bytes that were validated; each array path must
+        still name the opened file with its size and modification time, so a replaced,
+        rewritten or truncated file is noticed.
+        """
+        if not self._files or not self._signature:
+            return False
+        (manifest_path, text), *arrays = self._signature
+        try:
+            if manifest_path.read_bytes() != text:
+                return False
+            return all(_stat_signature(os.stat(path)) == seen for path, seen in arrays)
+        except OSError:
+            return False
+
     def close(self) -> None:
         """Close the array files."""
+        self._maps = {}
         for fh in self._files.values():
             fh.close()
         self._files = {}
@@ -551,7 +591,12 @@ class ArrayStore:
 
     # -- reading ------------------------------------------------------------------
     def load(
-        self, key: str, meta: Mapping[str, Any], *, ignore: Collection[str] = ()
+        self,
+        key: str,
+        meta: Mapping[str, Any],
+        *,
+        ignore: Collection[str] = (),
+        reuse: StoredEntry | None = None,
     ) -> tuple[StoredEntry | None, str | None]:
         """Open entry ``key`` if it is intact and was built for ``meta``.
 
@@ -559,6 +604,10 @@ class ArrayStore:
             key: the entry name.
             meta: what the entry must have been built for; every field is compared.
             ignore: ``meta`` fields not to compare.
+            reuse: an entry opened earlier by this method. It is returned as it is
+                (no manifest parsing, no file opening) when it is still open, is this
+                key's entry of this store, matches ``meta``, and its files on disk are
+                unchanged (:meth:`StoredEntry.unchanged`).
 
         Returns:
             ``(entry, None)`` when valid (close the entry after use); ``(None, None)``
@@ -567,9 +616,16 @@ class ArrayStore:
         """
         _check_key(key)
         expected = _jsonable(meta, "meta")
+        if (
+            reuse is not None
+            and reuse.opened_from(self._manifest_path(key))
+            and _compare_meta(reuse.meta, expected, ignore) is None
+            and reuse.unchanged()
+        ):
+            return reuse, None
         reason: str | None = None
         for _attempt in range(3):  # the entry may be replaced while we open it
-            manifest, reason = self._read_manifest(key)
+            manifest, reason, text = self._read_manifest_file(key)
             if manifest is None:
                 return None, reason
             reason = _compare_meta(manifest["meta"], expected, ignore)
@@ -577,7 +633,15 @@ class ArrayStore:
                 return None, reason
             opened, reason, missing = self._open_arrays(manifest)
             if opened is not None:
-                return StoredEntry(key, manifest, *opened), None
+                files, layouts = opened
+                signature = ((self._manifest_path(key), text),) + tuple(
+                    (
+                        self.directory / manifest["arrays"][name]["file"],
+                        _stat_signature(os.fstat(fh.fileno())),
+                    )
+                    for name, fh in files.items()
+                )
+                return StoredEntry(key, manifest, files, layouts, signature), None
             if not missing:
                 return None, reason
         return None, reason
@@ -586,13 +650,24 @@ class ArrayStore:
         return self.directory / f"{key}{MANIFEST_SUFFIX}"
 
     def _read_manifest(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        manifest, reason, _ = self._read_manifest_file(key)
+        return manifest, reason
+
+    def _read_manifest_file(self, key: str) -> tuple[dict[str, Any] | None, str | None, bytes]:
+        """``(manifest, reason, text)``: the parsed manifest or why not, and its bytes."""
         path = self._manifest_path(key)
         try:
             text = path.read_bytes()
         except FileNotFoundError:
-            return None, None
+            return None, None, b""
         except OSError as exc:
-            return None, f"its manifest {path.name} cannot be read ({exc.strerror})"
+            return None, f"its manifest {path.name} cannot be read ({exc.strerror})", b""
+        manifest, reason = self._parse_manifest(key, path, text)
+        return manifest, reason, text
+
+    def _parse_manifest(
+        self, key: str, path: Path, text: bytes
+    ) -> tuple[dict[str, Any] | None, str | None]:
         try:
             manifest = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -701,6 +776,11 @@ class ArrayStore:
 
 
 _KEY = re.compile(r"[A-Za-z0-9_%\-][A-Za-z0-9_.%\-]{0,199}")
+
+
+def _stat_signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies one version of a file: device, inode, size, modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _check_key(key: str) -> None:

@@ -236,7 +236,9 @@ class BlockScorer:
         self._pulled_left: tuple[Tensor, Tensor] | None = None
         if kind is not None:
             self.t_flat = flat
-            self._left = flat * self._scale() if kind == "cosine" else flat
+            if kind == "euclidean":
+                self._left = flat  # the cosine factor is made on first use (not needed at
+                # all when every block comes as layer inputs)
             if kind == "cosine":
                 self.t_zero = self.t_norm == 0
                 self.t_has_zero = bool(self.t_zero.any())
@@ -329,7 +331,8 @@ class BlockScorer:
         check_nan = not finite or self.nonfinite_test > 0
         for chunk, running in zip(self._chunks, self._running):
             if pulled is None:
-                assert self._left is not None
+                if self._left is None:
+                    self._left = self.t_flat * self._scale()
                 inner = _cross(self._left[chunk], product)
             else:
                 assert self._pulled_left is not None

@@ -225,6 +225,9 @@ class SimilarityInfluence(DataInfluence):
         ):
             # Same batches as the DataLoader would collate, by slicing instead of stacking.
             self._fast_tensors = tuple(influence_src_dataset.tensors)
+        # Store entries kept open between calls (see _keep_open), closed with the object.
+        self._open_entries: dict[str, StoredEntry] = {}
+        weakref.finalize(self, _close_entries, self._open_entries)
         # Layout choices are remembered per model (see _LAYOUTS), not per object.
         self._layouts = _LAYOUTS.setdefault(module, {})
         self._n_local: int | None = None
@@ -447,50 +450,71 @@ class SimilarityInfluence(DataInfluence):
         reuse = load_src_from_disk and n_src is not None
         entries: dict[str, StoredEntry] = {}
         results: dict[str, tuple[Tensor, Tensor]] = {}
-        with ExitStack() as stack:
-            to_build = []
-            for layer in self.layers:
-                entry, why = store.load(keys[layer], metas[layer]) if reuse else (None, None)
-                if entry is not None:
-                    entries[layer] = stack.enter_context(entry)
-                    continue
-                if why is not None:
-                    warnings.warn(
-                        f"SimilarityInfluence: not using the stored activations of layer "
-                        f"{layer!r} in {str(store.directory)!r} because {why}; recomputing "
-                        "them. (To keep activations of several models or source datasets, "
-                        "give each its own model_id or activation_dir.)",
-                        StoreRebuildWarning,
-                        stacklevel=3,
-                    )
-                to_build.append(layer)
-            if to_build:
-                with store.lock():
-                    if reuse:  # another process may have built them while we waited
-                        for layer in list(to_build):
-                            entry, _ = store.load(keys[layer], metas[layer])
-                            if entry is not None:
-                                entries[layer] = stack.enter_context(entry)
-                                to_build.remove(layer)
-                    if to_build:
-                        built = self._build(
-                            store,
-                            to_build,
-                            keys,
-                            metas,
-                            test,
-                            top_k,
-                            largest,
-                            device,
-                            show_progress,
-                            fingerprint,
-                        )
-                        results.update(built)
-            if entries:
-                results.update(
-                    self._score_entries(entries, test, top_k, largest, device, show_progress)
+        to_build = []
+        for layer in self.layers:
+            entry, why = (
+                store.load(keys[layer], metas[layer], reuse=self._open_entries.get(layer))
+                if reuse
+                else (None, None)
+            )
+            if entry is not None:
+                entries[layer] = self._keep_open(layer, entry)
+                continue
+            self._close_entry(layer)
+            if why is not None:
+                warnings.warn(
+                    f"SimilarityInfluence: not using the stored activations of layer "
+                    f"{layer!r} in {str(store.directory)!r} because {why}; recomputing "
+                    "them. (To keep activations of several models or source datasets, "
+                    "give each its own model_id or activation_dir.)",
+                    StoreRebuildWarning,
+                    stacklevel=3,
                 )
+            to_build.append(layer)
+        if to_build:
+            with store.lock():
+                if reuse:  # another process may have built them while we waited
+                    for layer in list(to_build):
+                        entry, _ = store.load(keys[layer], metas[layer])
+                        if entry is not None:
+                            entries[layer] = self._keep_open(layer, entry)
+                            to_build.remove(layer)
+                if to_build:
+                    built = self._build(
+                        store,
+                        to_build,
+                        keys,
+                        metas,
+                        test,
+                        top_k,
+                        largest,
+                        device,
+                        show_progress,
+                        fingerprint,
+                    )
+                    results.update(built)
+        if entries:
+            results.update(
+                self._score_entries(entries, test, top_k, largest, device, show_progress)
+            )
         return results
+
+    def _keep_open(self, layer: str, entry: StoredEntry) -> StoredEntry:
+        """Remember ``entry`` as the open store entry of ``layer`` (closing an older one).
+
+        A later call hands it back to :meth:`ArrayStore.load`, which returns it as it is
+        while its files are unchanged: no manifest parsing, no file opening, and its
+        smaller arrays stay mapped.
+        """
+        if self._open_entries.get(layer) is not entry:
+            self._close_entry(layer)
+        self._open_entries[layer] = entry
+        return entry
+
+    def _close_entry(self, layer: str) -> None:
+        old = self._open_entries.pop(layer, None)
+        if old is not None:
+            old.close()
 
     def _scorer(
         self,
@@ -927,6 +951,12 @@ def _verified_pullback(
     except (RuntimeError, ValueError, TypeError):
         ok = False
     return pullback if ok else None
+
+
+def _close_entries(entries: dict[str, StoredEntry]) -> None:
+    for entry in entries.values():
+        entry.close()
+    entries.clear()
 
 
 def _pullback_candidates(modules: dict[str, nn.Module]) -> list[str]:
