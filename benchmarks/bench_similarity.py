@@ -169,8 +169,8 @@ def main_compare(repeats: int, json_out: Path | None = None) -> None:
         rows = [
             {
                 "operation": name,
-                "ours": best["proponents"][i],
-                "captum": best["captum"][i],
+                "ours_s": best["proponents"][i],
+                "captum_s": best["captum"][i],
                 "ratio": best["captum"][i] / best["proponents"][i],
                 "target": target,
             }

@@ -141,7 +141,8 @@ def median_over_processes(
 
     The script must accept ``--json PATH`` and write there a list of rows, each with
     ``operation`` and, for compared rows, ``ratio`` (optional: ``target``,
-    ``lower_is_better``). ``--processes N`` is removed from ``argv`` before forwarding.
+    ``lower_is_better``, and the seconds ``ours_s`` and ``captum_s``). ``--processes N``
+    is removed from ``argv`` before forwarding.
     A single process can sit in one allocator state for its whole life (RESULTS.md), so
     the median over fresh processes is the figure to quote.
     """
@@ -175,7 +176,12 @@ def median_over_processes(
             met = median <= target if first.get("lower_is_better") else median >= target
             mark = f" (target {target}: {'met' if met else 'MISSED'})"
         name = first["operation"]
-        print(f"  {name:<48} {median:5.2f}x  [{ratios[0]:.2f} - {ratios[-1]:.2f}]{mark}")
+        times = ""
+        if "ours_s" in first and "captum_s" in first:
+            ours = statistics.median(run[i]["ours_s"] for run in runs)
+            theirs = statistics.median(run[i]["captum_s"] for run in runs)
+            times = f"  (medians: ours {ours * 1e3:.1f} ms, captum {theirs * 1e3:.1f} ms)"
+        print(f"  {name:<48} {median:5.2f}x  [{ratios[0]:.2f} - {ratios[-1]:.2f}]{mark}{times}")
         summary.append({"operation": name, "median": median, "ratios": ratios})
     if json_out:
         json_out.write_text(json.dumps(summary, indent=2))
