@@ -25,24 +25,28 @@ that is not what its type says is simply searched directly.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn import grad as conv_grad
+from torch.nn.modules.conv import _ConvNd
 
 #: Use a pullback only when the layer input is at most this fraction of the output's width.
 MAX_WIDTH_FRACTION = 2 / 3
 
-_CONV_INPUT_GRAD = {
-    nn.Conv1d: torch.nn.grad.conv1d_input,
-    nn.Conv2d: torch.nn.grad.conv2d_input,
-    nn.Conv3d: torch.nn.grad.conv3d_input,
+_CONV_INPUT_GRAD: dict[type, Any] = {
+    nn.Conv1d: conv_grad.conv1d_input,
+    nn.Conv2d: conv_grad.conv2d_input,
+    nn.Conv3d: conv_grad.conv3d_input,
 }
 #: The transposed convolutions, the same adjoint; on the CPU several times faster from
 #: channels-last inputs than the input gradient above.
-_CONV_TRANSPOSE = {
-    nn.Conv1d: (torch.nn.functional.conv_transpose1d, torch.contiguous_format),
-    nn.Conv2d: (torch.nn.functional.conv_transpose2d, torch.channels_last),
-    nn.Conv3d: (torch.nn.functional.conv_transpose3d, torch.channels_last_3d),
+_CONV_TRANSPOSE: dict[type, tuple[Any, torch.memory_format]] = {
+    nn.Conv1d: (F.conv_transpose1d, torch.contiguous_format),
+    nn.Conv2d: (F.conv_transpose2d, torch.channels_last),
+    nn.Conv3d: (F.conv_transpose3d, torch.channels_last_3d),
 }
 
 
@@ -79,10 +83,10 @@ class Pullback:
         """A pullback for ``module`` when its type allows one and it saves work, else None."""
         kind = type(module)
         padding: tuple[int, ...] = ()
-        if kind is nn.Linear:
+        if kind is nn.Linear and isinstance(module, nn.Linear):
             if not input_shape or input_shape[-1] != module.in_features:
                 return None
-        elif kind in _CONV_INPUT_GRAD:
+        elif kind in _CONV_INPUT_GRAD and isinstance(module, _ConvNd):
             resolved = _numeric_padding(module)
             if resolved is None or len(input_shape) != len(resolved) + 1:
                 return None
@@ -104,8 +108,8 @@ class Pullback:
         """
         m = self.module
         t = outputs.to(dtype)
-        weight = m.weight.detach().to(dtype)
-        bias = m.bias.detach().to(dtype) if m.bias is not None else None
+        weight = _tensor(m.weight).detach().to(dtype)
+        bias = _tensor(m.bias).detach().to(dtype) if m.bias is not None else None
         n = int(t.shape[0])
         if isinstance(m, nn.Linear):
             pulled = t @ weight  # (n, *, in_features)
@@ -120,6 +124,7 @@ class Pullback:
 
     def _conv_adjoint(self, t: Tensor, weight: Tensor) -> Tensor:
         m = self.module
+        assert isinstance(m, _ConvNd)
         n = int(t.shape[0])
         spatial = self.input_shape[1:]
         if self._output_padding is None:
@@ -165,7 +170,13 @@ class Pullback:
         return bool(torch.isfinite(via).all()) and bool(((via - direct).abs() <= tol).all())
 
 
-def _numeric_padding(module: nn.Module) -> tuple[int, ...] | None:
+def _tensor(value: Any) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"expected a tensor, got {type(value).__name__}")
+    return value
+
+
+def _numeric_padding(module: _ConvNd) -> tuple[int, ...] | None:
     """A convolution's zero padding as ints, or None when it is not symmetric zero padding."""
     if getattr(module, "padding_mode", "zeros") != "zeros":
         return None

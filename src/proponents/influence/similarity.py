@@ -350,13 +350,7 @@ class SimilarityInfluence(DataInfluence):
                     show_progress,
                 )
             results = self._search(
-                test,
-                top_k,
-                largest,
-                fingerprint,
-                device,
-                load_src_from_disk,
-                show_progress,
+                test, top_k, largest, fingerprint, device, load_src_from_disk, show_progress
             )
         return {layer: results[layer] for layer in self.layers}
 
@@ -516,14 +510,7 @@ class SimilarityInfluence(DataInfluence):
         if old is not None:
             old.close()
 
-    def _scorer(
-        self,
-        layer: str,
-        test: Tensor,
-        k: int,
-        largest: bool,
-        rows: int,
-    ) -> BlockScorer:
+    def _scorer(self, layer: str, test: Tensor, k: int, largest: bool, rows: int) -> BlockScorer:
         return BlockScorer(
             self.similarity_metric,
             self._kind,
@@ -557,13 +544,14 @@ class SimilarityInfluence(DataInfluence):
         plans = {}
         for layer, entry in entries.items():
             pullback = self._stored_pullback(entry, test[layer], layer)
-            # the array the matrix products read: the layer inputs when a pullback serves
-            product = "activations" if pullback is None else LAYER_INPUTS
-            shape = entry.shape(product)
-            row_bytes = max(
-                1, int(np.prod(shape[1:], dtype=np.int64)) * entry.dtype(product).itemsize
-            )
-            plans[layer] = (shape[0], max(1, BLOCK_BYTES // row_bytes), pullback)
+            # What a block reads: the layer inputs when a pullback serves (for cosine,
+            # nothing else), the activations otherwise.
+            read = ["activations"] if pullback is None else [LAYER_INPUTS]
+            if pullback is not None and self._kind == "euclidean":
+                read.append("activations")
+            row_bytes = max(1, sum(_row_bytes(entry, name) for name in read))
+            n = entry.shape("activations")[0]
+            plans[layer] = (n, max(1, BLOCK_BYTES // row_bytes), pullback)
         total = sum(math.ceil(n / rows) for n, rows, _ in plans.values())
         results = {}
         with Progress(
@@ -866,24 +854,18 @@ class _Staging:
         self.rows = 0
 
     def add(self, act: Tensor) -> None:
-        """Append a batch (converted to the stored dtype and the standard layout)."""
-        b, dtype = int(act.shape[0]), _storage_dtype(act.dtype)
-        self.next_rows(b, act.shape[1:], dtype, act.device).copy_(act)
-
-    def next_rows(
-        self, b: int, row_shape: Sequence[int], dtype: torch.dtype, device: torch.device
-    ) -> Tensor:
-        """The next ``b`` rows of the buffer (a view, to be filled by the caller)."""
+        b = int(act.shape[0])
+        dtype = _storage_dtype(act.dtype)
         buf = self.buffer
         if buf is None or self.rows + b > buf.shape[0]:
-            shape = (max(self.capacity, self.rows + b), *row_shape)
-            bigger = torch.empty(shape, dtype=dtype, device=device)
+            bigger = torch.empty(
+                (max(self.capacity, self.rows + b), *act.shape[1:]), dtype=dtype, device=act.device
+            )
             if buf is not None and self.rows:
                 bigger[: self.rows].copy_(buf[: self.rows])
             self.buffer = buf = bigger
-        rows = buf[self.rows : self.rows + b]
+        buf[self.rows : self.rows + b].copy_(act)
         self.rows += b
-        return rows
 
     def take(self) -> Tensor:
         """The rows gathered so far (a view, valid until the next :meth:`add`)."""
@@ -962,6 +944,12 @@ def _close_entries(entries: dict[str, StoredEntry]) -> None:
 def _pullback_candidates(modules: dict[str, nn.Module]) -> list[str]:
     """The layers whose type may allow a pullback (their inputs are captured)."""
     return [name for name, module in modules.items() if may_pull_back(module)]
+
+
+def _row_bytes(entry: StoredEntry, name: str) -> int:
+    """Bytes of one row of array ``name`` of ``entry``."""
+    shape = entry.shape(name)
+    return int(np.prod(shape[1:], dtype=np.int64)) * entry.dtype(name).itemsize
 
 
 def _on(tensor: Tensor, device: torch.device) -> Tensor:
