@@ -294,3 +294,34 @@ def test_a_custom_metric_keeps_no_inputs(tmp_path):
 
     SimilarityInfluence(model, "conv", train, tmp_path, similarity_metric=dot).influence(test)
     assert _stored_arrays(tmp_path, "conv") == DIRECT_ONLY
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_other_model_dtypes_on_the_input_side(tmp_path, monkeypatch, dtype, metric):
+    """float64 goes through the input side in float64. bfloat16 outputs are rounded, so
+    they are not exactly A x + b: the check refuses, and the layers are searched directly."""
+    torch.manual_seed(0)
+    model = Widening().eval().to(dtype)
+    train, test = _widening_data()
+    train = TensorDataset(train.tensors[0].to(dtype), train.tensors[1])
+    test = test.to(dtype)
+    functions = {"cosine": cosine_similarity, "euclidean": euclidean_distance}
+    sim = SimilarityInfluence(
+        model, ["conv", "up"], train, tmp_path, similarity_metric=functions[metric], batch_size=8
+    )
+    seen = _spy_on_input_side_updates(monkeypatch)
+    for _ in range(2):  # built, then read back from the store
+        result = sim.influence(test, top_k=4)
+        for layer in ("conv", "up"):
+            expected = _expected(model, layer, test, train.tensors[0], metric, "max", 4)
+            idx, val = result[layer]
+            assert val.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            _check((idx, val), expected, rtol=1e-5 if dtype == torch.float64 else 1e-2)
+    if dtype == torch.float64:
+        assert set(seen) == {"conv", "up"}
+        manifest, _ = ArrayStore(tmp_path / "src")._read_manifest("conv")
+        assert manifest["arrays"][LAYER_INPUTS]["dtype"] == "<f8"
+    else:
+        assert seen == []
+        assert _stored_arrays(tmp_path, "conv") == DIRECT_ONLY
