@@ -15,7 +15,11 @@ and the scores themselves.
 single layer), each phase in a fresh subprocess; reports the peak resident memory
 above what the process held once the model and the data were in memory.
 
-Run: ``python benchmarks/bench_similarity.py [--repeats 3] [--large] [--device cuda]``
+``--processes N``: the default comparison in N fresh processes, with the median ratio and
+its range (the figures RESULTS.md quotes).
+
+Run: ``python benchmarks/bench_similarity.py [--repeats 3] [--processes 5] [--large]
+[--device cuda]``
 """
 
 from __future__ import annotations
