@@ -14,14 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from proponents.influence import _pullback
 from proponents.influence._pullback import Pullback
-from proponents.influence.similarity import (
-    LAYER_INPUTS,
-    SimilarityInfluence,
-    cosine_similarity,
-    euclidean_distance,
-)
+from proponents.influence.similarity import LAYER_INPUTS, SimilarityInfluence
 from proponents.store import ArrayStore
-from test_similarity import _acts, _brute, _check
+from test_similarity import METRICS, _acts, _brute, _check
 
 WITH_INPUTS = {"activations", "norms", LAYER_INPUTS}
 DIRECT_ONLY = {"activations", "norms"}
@@ -152,13 +147,12 @@ def test_first_and_repeated_calls_on_the_input_side_match_brute_force(
     model = Widening().eval()
     train, test = _widening_data()
     layers = ["conv", "up", "head"]
-    functions = {"cosine": cosine_similarity, "euclidean": euclidean_distance}
     sim = SimilarityInfluence(
         model,
         layers,
         train,
         tmp_path,
-        similarity_metric=functions[metric],
+        similarity_metric=METRICS[metric],
         similarity_direction=direction,
         batch_size=6,  # does not divide 41
     )
@@ -306,9 +300,8 @@ def test_other_model_dtypes_on_the_input_side(tmp_path, monkeypatch, dtype, metr
     train, test = _widening_data()
     train = TensorDataset(train.tensors[0].to(dtype), train.tensors[1])
     test = test.to(dtype)
-    functions = {"cosine": cosine_similarity, "euclidean": euclidean_distance}
     sim = SimilarityInfluence(
-        model, ["conv", "up"], train, tmp_path, similarity_metric=functions[metric], batch_size=8
+        model, ["conv", "up"], train, tmp_path, similarity_metric=METRICS[metric], batch_size=8
     )
     seen = _spy_on_input_side_updates(monkeypatch)
     for _ in range(2):  # built, then read back from the store

@@ -662,34 +662,8 @@ class ArrayStore:
             return None, None, b""
         except OSError as exc:
             return None, f"its manifest {path.name} cannot be read ({exc.strerror})", b""
-        manifest, reason = self._parse_manifest(key, path, text)
+        manifest, reason = _parse_manifest(key, path, text)
         return manifest, reason, text
-
-    def _parse_manifest(
-        self, key: str, path: Path, text: bytes
-    ) -> tuple[dict[str, Any] | None, str | None]:
-        try:
-            manifest = json.loads(text.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None, f"its manifest {path.name} is not valid JSON (damaged)"
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            return None, f"{path.name} is not a manifest of this store (damaged)"
-        if manifest.get("checksum") != _checksum(manifest):
-            return None, f"its manifest {path.name} fails its checksum (damaged)"
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            return None, (
-                f"it was written in store format version {version}, this library "
-                f"reads version {FORMAT_VERSION}"
-            )
-        if (
-            manifest.get("key") != key
-            or not isinstance(manifest.get("meta"), dict)
-            or not isinstance(manifest.get("arrays"), dict)
-            or not manifest["arrays"]
-        ):
-            return None, f"its manifest {path.name} is incomplete (damaged)"
-        return manifest, None
 
     def _open_arrays(
         self, manifest: dict[str, Any]
@@ -776,6 +750,32 @@ class ArrayStore:
 
 
 _KEY = re.compile(r"[A-Za-z0-9_%\-][A-Za-z0-9_.%\-]{0,199}")
+
+
+def _parse_manifest(key: str, path: Path, text: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest of entry ``key`` parsed from ``text`` and checked, or why it is unusable."""
+    try:
+        manifest = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, f"its manifest {path.name} is not valid JSON (damaged)"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return None, f"{path.name} is not a manifest of this store (damaged)"
+    if manifest.get("checksum") != _checksum(manifest):
+        return None, f"its manifest {path.name} fails its checksum (damaged)"
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        return None, (
+            f"it was written in store format version {version}, this library "
+            f"reads version {FORMAT_VERSION}"
+        )
+    if (
+        manifest.get("key") != key
+        or not isinstance(manifest.get("meta"), dict)
+        or not isinstance(manifest.get("arrays"), dict)
+        or not manifest["arrays"]
+    ):
+        return None, f"its manifest {path.name} is incomplete (damaged)"
+    return manifest, None
 
 
 def _stat_signature(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -230,15 +230,16 @@ class BlockScorer:
         # A row with a NaN or an infinite entry has a non-finite norm (and vice versa,
         # unless the norm overflows, which is then treated as non-finite too).
         self.nonfinite_test = int((~torch.isfinite(self.t_norm)).sum())
-        # Left factors of the block products (scaled to unit test rows for cosine): the
-        # test activations, and after pull_back, the test rows pulled back with offsets.
+        # Left factors of the block products (unit test rows for cosine): the test
+        # activations, and after pull_back, the test rows pulled back with their offsets.
+        # The cosine one is made on first use: when every block comes as layer inputs,
+        # it is never needed.
         self._left: Tensor | None = None
         self._pulled_left: tuple[Tensor, Tensor] | None = None
         if kind is not None:
             self.t_flat = flat
             if kind == "euclidean":
-                self._left = flat  # the cosine factor is made on first use (not needed at
-                # all when every block comes as layer inputs)
+                self._left = flat
             if kind == "cosine":
                 self.t_zero = self.t_norm == 0
                 self.t_has_zero = bool(self.t_zero.any())
