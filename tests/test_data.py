@@ -66,6 +66,32 @@ def test_batches_are_fresh_memory():
     assert all(torch.equal(a, b) for a, b in zip(before, data.tensors))
 
 
+def test_batches_in_a_requested_layout_hold_the_same_rows_in_fresh_memory():
+    data = TensorDataset(*_stored_tensors())
+    before = [t.clone() for t in data.tensors]
+    loader = make_loader(data, 4, "train_dataset")
+
+    def layout(t: torch.Tensor) -> torch.memory_format:
+        return torch.channels_last if t.dim() == 4 else torch.contiguous_format
+
+    laid_out = list(loader.batches(layout))
+    plain = list(DataLoader(data, batch_size=4))
+    assert len(laid_out) == len(plain)
+    for got, want in zip(laid_out, plain):
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
+    for images, features, labels in laid_out:
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert not images.is_contiguous()  # really channels-last, not both by accident
+        assert features.is_contiguous() and labels.is_contiguous()
+        for t in (images, features, labels):
+            t.zero_()
+    assert all(torch.equal(a, b) for a, b in zip(before, data.tensors))
+    # a shuffled subset goes through index_select: contiguous whatever the layout says
+    picked = list(make_loader(Subset(data, [3, 1, 2]), 3, "train_dataset").batches(layout))
+    assert picked[0][0].is_contiguous()
+    assert torch.equal(picked[0][0], data.tensors[0][[3, 1, 2]])
+
+
 def test_subclasses_keep_their_own_getitem():
     class Doubled(TensorDataset):
         def __getitem__(self, i):

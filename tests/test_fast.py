@@ -411,6 +411,44 @@ def test_fast_gives_the_same_scores_in_any_pass_shape(
     )
 
 
+def test_channels_last_passes_get_their_training_batches_copied_once_into_that_layout(
+    tmp_path, monkeypatch
+):
+    """The loader copies each batch straight into the layout the engine converts it to."""
+
+    def forced(engine, batch):
+        engine._channels_last, engine._sub_batch = True, None
+
+    monkeypatch.setattr(GradientEngine, "_choose_pass", forced)
+    conversions = []
+    real = torch.Tensor.contiguous
+
+    def counting(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        conversions.append(out is not self)
+        return out
+
+    case = make_case("cnn", tmp_path)
+    t = fast(case)
+    t.influence()  # chooses the layout on the first batch
+    kept = case.dataset.tensors[0].clone()
+    seen = []
+    handle = case.model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting)
+    try:
+        got = t.influence()
+    finally:
+        monkeypatch.undo()
+        handle.remove()
+    assert_close(got, reference_self(case, ["fc"]))
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+    assert not any(conversions)  # nothing left to convert: the loader made them so
+    assert torch.equal(case.dataset.tensors[0], kept)
+    image = case.dataset.tensors[0][:2]
+    assert t._engine.input_layout(image) == torch.channels_last
+    assert t._engine.input_layout(case.dataset.tensors[1]) == torch.contiguous_format
+
+
 def test_pass_shape_is_tuned_only_for_forward_dominated_cpu_passes(tmp_path):
     case = make_case("cnn", tmp_path, n_train=70, n_test=4)
     conv = TracInCP(

@@ -11,7 +11,7 @@ operation instead of indexing and stacking example by example.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,9 @@ from torch.utils.data import (
 )
 
 from proponents.errors import ArgumentTypeError, BatchFormatError, InvalidArgumentError
+
+#: A function naming the memory format a tensor's batch copies should have.
+MemoryFormatOf = Callable[[torch.Tensor], torch.memory_format]
 
 BATCH_CONVENTION = (
     "each batch must be a tuple or list (*model_inputs, label): the model is called as "
@@ -141,6 +144,19 @@ class TensorRowsLoader(DataLoader):
     """
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return self.batches()
+
+    def batches(self, layout: MemoryFormatOf | None = None) -> Iterator[Any]:
+        """The batches, each sliced tensor copied straight into the layout ``layout`` names.
+
+        Args:
+            layout: called with each stored tensor, returns the ``torch.memory_format``
+                its batch copy is made in (``None``: every copy contiguous, as a plain
+                DataLoader's). A consumer that would convert each batch anyway (the
+                gradient engine's channels-last passes) saves a copy per batch this way.
+                Batches taken with ``index_select`` and those of the plain DataLoader
+                path are contiguous whatever ``layout`` says.
+        """
         rows = _tensor_rows(self.dataset)
         if (
             rows is None
@@ -150,9 +166,11 @@ class TensorRowsLoader(DataLoader):
             or self.collate_fn is not default_collate
         ):
             return super().__iter__()
-        return self._slices(*rows)
+        return self._slices(*rows, layout)
 
-    def _slices(self, tensors: tuple[torch.Tensor, ...], row_map: Any) -> Iterator[Any]:
+    def _slices(
+        self, tensors: tuple[torch.Tensor, ...], row_map: Any, layout: MemoryFormatOf | None
+    ) -> Iterator[Any]:
         assert self.batch_sampler is not None
         n_rows = int(tensors[0].shape[0])
         for indices in self.batch_sampler:
@@ -166,7 +184,12 @@ class TensorRowsLoader(DataLoader):
             first = indices[0] if indices else 0
             stop = first + len(indices)
             if indices == list(range(first, stop)):  # one run of rows (or none): a slice
-                yield [t[first:stop].clone(memory_format=torch.contiguous_format) for t in tensors]
+                yield [
+                    t[first:stop].clone(
+                        memory_format=torch.contiguous_format if layout is None else layout(t)
+                    )
+                    for t in tensors
+                ]
             else:
                 picked = torch.as_tensor(indices, dtype=torch.long)
                 yield [t.index_select(0, picked.to(t.device)) for t in tensors]

@@ -18,7 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from proponents.checkpoints import checkpoint_label
-from proponents.data import Batch, batch_to_device, chunk_batch, model_device, split_batch
+from proponents.data import (
+    Batch,
+    TensorRowsLoader,
+    batch_to_device,
+    chunk_batch,
+    model_device,
+    split_batch,
+)
 from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError
 from proponents.gradients.engine import GradientEngine
 from proponents.progress import Progress
@@ -121,6 +128,9 @@ class TracInRunner:
     ) -> Iterable[Batch]:
         """Batches on the model's device; test batches larger than ``chunk`` are split."""
         device = model_device(self.model)
+        if isinstance(source, TensorRowsLoader):
+            # its batch copies are made in the layout the engine converts them to anyway
+            source = source.batches(self.engine.input_layout)
         for b in source:
             batch = split_batch(b, what) if loader else b
             for part in chunk_batch(batch, chunk) if chunk else [batch]:

@@ -42,12 +42,14 @@ from proponents.gradients.representations import DenseGrads, Grads
 from proponents.gradients.selection import HookedLayer, find_hooked_layers
 
 
+def _is_image(a: object) -> bool:
+    """Whether ``a`` is a tensor a channels-last pass converts: 4-D floating point."""
+    return isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()
+
+
 def _channels_last(inputs: tuple) -> tuple:
     return tuple(
-        a.contiguous(memory_format=torch.channels_last)
-        if isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()
-        else a
-        for a in inputs
+        a.contiguous(memory_format=torch.channels_last) if _is_image(a) else a for a in inputs
     )
 
 
@@ -132,7 +134,12 @@ class GradientEngine:
         Returns:
             One representation per hooked layer, then one per generic parameter.
         """
-        params, buffers = self._state()
+        if self._checked and self.generic is None:
+            # the hooked layers only read their own weights (for shapes and dtypes)
+            params = {la.weight: self.model.get_parameter(la.weight) for la in self.hooked}
+            buffers: dict[str, Tensor] = {}
+        else:
+            params, buffers = self._state()
         if not self._checked or batch.size > self._shaped_for:
             # Chosen again for a larger batch: in score mode the first batch is the test
             # batch, often smaller than the training batches that make up the work.
@@ -157,6 +164,17 @@ class GradientEngine:
         if self.generic is not None:
             out.extend(DenseGrads(block) for block in self.generic(params, buffers, batch))
         return out
+
+    def input_layout(self, tensor: Tensor) -> torch.memory_format:
+        """The memory format this engine's passes want ``tensor`` (a batch input) in.
+
+        A data loader that copies each batch anyway can copy into this layout directly
+        (:meth:`proponents.data.TensorRowsLoader.batches`); :meth:`compute` converts
+        whatever arrives, so asking is an optimisation, never a requirement.
+        """
+        if self._channels_last and _is_image(tensor):
+            return torch.channels_last
+        return torch.contiguous_format
 
     def _in_layout(self, batch: Batch) -> Batch:
         """``batch`` with its image inputs in the memory layout chosen for this model."""

