@@ -449,6 +449,47 @@ def test_channels_last_passes_get_their_training_batches_copied_once_into_that_l
     assert t._engine.input_layout(case.dataset.tensors[1]) == torch.contiguous_format
 
 
+def test_a_pass_shape_chosen_again_times_the_standard_layout_as_standard(tmp_path, monkeypatch):
+    """Scores first choose on the (small) test batch; the larger training batches then
+    arrive already channels-last from the loader, and choosing again must still time the
+    standard layout on standard tensors (else both timings are channels-last, the plain
+    shape wins and every later pass runs in the slow layout)."""
+    from proponents.gradients import engine as engine_module
+
+    seen = []
+    real_record, real_time = engine_module.record_parts, GradientEngine._time_pass
+
+    def spy(model, layers, loss, parts, *args, **kwargs):
+        image = parts[0].inputs[0]
+        seen.append(
+            (sum(p.size for p in parts), current[0]._channels_last, not image.is_contiguous())
+        )
+        return real_record(model, layers, loss, parts, *args, **kwargs)
+
+    def timed(engine, batch, channels_last, sub_batch):
+        current[0] = engine
+        real_time(engine, batch, channels_last, sub_batch)
+        return 1.0 if channels_last and sub_batch is None else 2.0  # channels-last wins
+
+    current: list = [None]
+    monkeypatch.setattr(engine_module, "record_parts", spy)
+    monkeypatch.setattr(GradientEngine, "_time_pass", timed)
+    case = make_case("cnn", tmp_path, n_train=40, n_test=3)
+    t = TracInCPFast(
+        case.model,
+        "fc",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=32,
+    )
+    scores = t.influence(case.test_inputs, case.test_labels)
+    assert_close(scores, reference_scores(case, ["fc"]))
+    assert {size for size, _, _ in seen} == {3, 32}  # chosen on the test batch, then again
+    assert all(flag == laid_out for _, flag, laid_out in seen)
+    assert t._engine._channels_last is True
+
+
 def test_pass_shape_is_tuned_only_for_forward_dominated_cpu_passes(tmp_path):
     case = make_case("cnn", tmp_path, n_train=70, n_test=4)
     conv = TracInCP(

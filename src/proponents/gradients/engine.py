@@ -47,6 +47,11 @@ def _is_image(a: object) -> bool:
     return isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()
 
 
+def _channels_last_only(a: Tensor) -> bool:
+    """Whether ``a`` is laid out channels-last (and so not also in the standard layout)."""
+    return not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last)
+
+
 def _channels_last(inputs: tuple) -> tuple:
     return tuple(
         a.contiguous(memory_format=torch.channels_last) if _is_image(a) else a for a in inputs
@@ -220,6 +225,16 @@ class GradientEngine:
         self._channels_last, self._sub_batch = False, None
         if not self._forward_dominated(batch):
             return
+        # A batch may arrive channels-last because the loader already copied it into the
+        # layout chosen for an earlier batch; the standard layout is timed as standard.
+        batch = Batch(
+            inputs=tuple(
+                a.contiguous() if _is_image(a) and _channels_last_only(a) else a
+                for a in batch.inputs
+            ),
+            labels=batch.labels,
+            size=batch.size,
+        )
         key = self._pass_key(batch)
         known = _PASS_SHAPES.setdefault(self.model, {})
         if key in known:
