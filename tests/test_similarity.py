@@ -277,6 +277,23 @@ def test_ties_come_in_index_order(tmp_path):
     assert idx[1].tolist() == [1, 6, 11, 16]
 
 
+@pytest.mark.parametrize("largest", [True, False])
+def test_block_top_keeps_the_lowest_positions_among_ties_at_the_cut_off(largest):
+    """Against a stable sort of each row: small integer scores tie everywhere."""
+    from proponents.influence._similarity_metrics import _block_top
+
+    g = torch.Generator().manual_seed(0)
+    key = torch.randint(0, 4, (50, 40), generator=g).float()
+    key[0] = 1.0  # a row that is one big tie
+    key[1] = torch.arange(40.0)  # and one with none
+    key[2, :3] = float("inf") if largest else float("-inf")
+    for k in (1, 2, 5, 39):
+        want = torch.sort(key, dim=1, descending=largest, stable=True).indices[:, :k]
+        got = _block_top(key, k, largest)
+        assert torch.equal(torch.sort(got, dim=1).values, torch.sort(want, dim=1).values)
+    assert torch.equal(_block_top(key, 40, largest), torch.arange(40).expand(50, -1))
+
+
 def test_zero_vectors_have_cosine_zero(tmp_path):
     class Gate(nn.Module):
         def __init__(self):

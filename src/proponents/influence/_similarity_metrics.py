@@ -124,14 +124,12 @@ def _block_top(key: Tensor, k: int, largest: bool) -> Tensor:
     """
     if k >= key.shape[1]:
         return torch.arange(key.shape[1], device=key.device).expand(key.shape[0], -1)
-    values, pos = torch.topk(key, k, dim=1, largest=largest, sorted=False)
-    if largest:
-        kth = values.min(dim=1, keepdim=True).values
-        contenders = (key >= kth).sum(dim=1)
-    else:
-        kth = values.max(dim=1, keepdim=True).values
-        contenders = (key <= kth).sum(dim=1)
-    rows = torch.nonzero(contenders > k).flatten()
+    # The k+1 best, in order: more than k entries are at least as good as the k-th best
+    # exactly when the (k+1)-th best equals the k-th (it cannot be better), which spares
+    # a pass over the whole block to count them.
+    values, pos = torch.topk(key, k + 1, dim=1, largest=largest, sorted=True)
+    rows = torch.nonzero(values[:, k] == values[:, k - 1]).flatten()
+    pos = pos[:, :k]
     if rows.numel():
         _, order = torch.sort(key[rows], dim=1, descending=largest, stable=True)
         pos = pos.clone()
@@ -222,11 +220,16 @@ class BlockScorer:
         ]
         self._running = [_Running() for _ in self._chunks]
         self.dtype = _compute_dtype(test)
-        flat = test.reshape(self.n_test, -1)
-        if flat.dtype != self.dtype:
-            flat = flat.to(self.dtype)
-        self.features = int(flat.shape[1])
-        self.t_norm = torch.linalg.vector_norm(flat, dim=1)
+        self.features = math.prod(test.shape[1:])
+        # Norms straight from the activations in whatever layout they come (a
+        # channels-last conv output would have to be copied to be flattened); the
+        # flattened rows are made only when a product or a distance needs them.
+        self.t_norm = torch.linalg.vector_norm(
+            test.reshape(self.n_test, -1) if test.dim() < 2 else test,
+            dim=tuple(range(1, max(test.dim(), 2))),
+            dtype=self.dtype,
+        )
+        self._flat: Tensor | None = None
         # A row with a NaN or an infinite entry has a non-finite norm (and vice versa,
         # unless the norm overflows, which is then treated as non-finite too).
         self.nonfinite_test = int((~torch.isfinite(self.t_norm)).sum())
@@ -237,14 +240,19 @@ class BlockScorer:
         self._left: Tensor | None = None
         self._pulled_left: tuple[Tensor, Tensor] | None = None
         if kind is not None:
-            self.t_flat = flat
-            if kind == "euclidean":
-                self._left = flat
             if kind == "cosine":
                 self.t_zero = self.t_norm == 0
                 self.t_has_zero = bool(self.t_zero.any())
             else:
                 self.t_sq = self.t_norm.square()
+
+    @property
+    def t_flat(self) -> Tensor:
+        """The test activations as ``(n_test, features)`` rows in the compute dtype."""
+        if self._flat is None:
+            flat = self.test.reshape(self.n_test, -1)
+            self._flat = flat if flat.dtype == self.dtype else flat.to(self.dtype)
+        return self._flat
 
     def _scale(self) -> Tensor:
         """``(n_test, 1)`` factors turning test rows into unit rows (0 for zero rows)."""
@@ -333,7 +341,8 @@ class BlockScorer:
         for chunk, running in zip(self._chunks, self._running):
             if pulled is None:
                 if self._left is None:
-                    self._left = self.t_flat * self._scale()
+                    cosine = self.kind == "cosine"
+                    self._left = self.t_flat * self._scale() if cosine else self.t_flat
                 inner = _cross(self._left[chunk], product)
             else:
                 assert self._pulled_left is not None
