@@ -37,14 +37,14 @@ FINAL = {
 }
 
 
-def fast(case, cls=TracInCPFast, reduction="sum", **kw):
+def fast(case, cls=TracInCPFast, reduction="sum", batch_size=4, **kw):
     return cls(
         case.model,
         FINAL[case.name],
         case.dataset,
         case.checkpoints,
         loss_fn=case.loss_fn(reduction),
-        batch_size=4,
+        batch_size=batch_size,
         **kw,
     )
 
@@ -475,14 +475,7 @@ def test_a_pass_shape_chosen_again_times_the_standard_layout_as_standard(tmp_pat
     monkeypatch.setattr(engine_module, "record_parts", spy)
     monkeypatch.setattr(GradientEngine, "_time_pass", timed)
     case = make_case("cnn", tmp_path, n_train=40, n_test=3)
-    t = TracInCPFast(
-        case.model,
-        "fc",
-        case.dataset,
-        case.checkpoints,
-        loss_fn=case.loss_fn("sum"),
-        batch_size=32,
-    )
+    t = fast(case, batch_size=32)
     scores = t.influence(case.test_inputs, case.test_labels)
     assert_close(scores, reference_scores(case, ["fc"]))
     assert {size for size, _, _ in seen} == {3, 32}  # chosen on the test batch, then again
