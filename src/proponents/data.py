@@ -338,6 +338,23 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
     ]
 
 
+def is_image(a: object) -> bool:
+    """Whether ``a`` is a tensor a channels-last pass lays out anew: 4-D floating point."""
+    return isinstance(a, torch.Tensor) and a.dim() == 4 and a.is_floating_point()
+
+
+def channels_last_only(a: torch.Tensor) -> bool:
+    """Whether ``a`` is laid out channels-last (and so not also in the standard layout)."""
+    return not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last)
+
+
+def in_channels_last(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with their image tensors channels-last (those already so are not copied)."""
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last) if is_image(a) else a for a in args
+    )
+
+
 def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     """A copy of ``batch`` with its tensors on ``device``."""
     return Batch(

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from proponents.data import Batch, chunk_batch
+from proponents.data import Batch, channels_last_only, chunk_batch, in_channels_last, is_image
 from proponents.gradients import representations as reps
 from proponents.gradients.generic import GenericGradients
 from proponents.gradients.hooked import (
@@ -40,23 +40,6 @@ from proponents.gradients.hooked import (
 from proponents.gradients.loss import LossSpec
 from proponents.gradients.representations import DenseGrads, Grads
 from proponents.gradients.selection import HookedLayer, find_hooked_layers
-
-
-def _is_image(a: object) -> bool:
-    """Whether ``a`` is a tensor a channels-last pass converts: 4-D floating point."""
-    return isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()
-
-
-def _channels_last_only(a: Tensor) -> bool:
-    """Whether ``a`` is laid out channels-last (and so not also in the standard layout)."""
-    return not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last)
-
-
-def _channels_last(inputs: tuple) -> tuple:
-    return tuple(
-        a.contiguous(memory_format=torch.channels_last) if _is_image(a) else a for a in inputs
-    )
-
 
 # Smallest sub-batch the forward pass of a batch is split into, and how many rounds of
 # timings choose the pass shape (see GradientEngine._choose_pass).
@@ -177,7 +160,7 @@ class GradientEngine:
         (:meth:`proponents.data.TensorRowsLoader.batches`); :meth:`compute` converts
         whatever arrives, so asking is an optimisation, never a requirement.
         """
-        if self._channels_last and _is_image(tensor):
+        if self._channels_last and is_image(tensor):
             return torch.channels_last
         return torch.contiguous_format
 
@@ -185,7 +168,7 @@ class GradientEngine:
         """``batch`` with its image inputs in the memory layout chosen for this model."""
         if not self._channels_last:
             return batch
-        return Batch(inputs=_channels_last(batch.inputs), labels=batch.labels, size=batch.size)
+        return Batch(inputs=in_channels_last(batch.inputs), labels=batch.labels, size=batch.size)
 
     def _forward_dominated(self, batch: Batch) -> bool:
         """Whether a pass is mostly the model's forward pass, on the CPU.
@@ -229,8 +212,7 @@ class GradientEngine:
         # layout chosen for an earlier batch; the standard layout is timed as standard.
         batch = Batch(
             inputs=tuple(
-                a.contiguous() if _is_image(a) and _channels_last_only(a) else a
-                for a in batch.inputs
+                a.contiguous() if is_image(a) and channels_last_only(a) else a for a in batch.inputs
             ),
             labels=batch.labels,
             size=batch.size,

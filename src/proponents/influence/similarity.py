@@ -42,6 +42,8 @@ from proponents.checks import check_flag
 from proponents.data import (
     batch_size_of,
     dataset_length,
+    in_channels_last,
+    is_image,
     loader_batches,
     make_loader,
     model_device,
@@ -818,10 +820,10 @@ class SimilarityInfluence(DataInfluence):
         if signature is None or self.channels_last is False:
             return extractor.run(self.module, args)
         if self.channels_last is True:
-            return extractor.run(self.module, _channels_last(args))
+            return extractor.run(self.module, in_channels_last(args))
         known = self._layouts.get(signature)
         if known is not None:
-            return extractor.run(self.module, _channels_last(args) if known else args)
+            return extractor.run(self.module, in_channels_last(args) if known else args)
         if not trial:
             return extractor.run(self.module, args)
         t0 = time.perf_counter()
@@ -829,7 +831,7 @@ class SimilarityInfluence(DataInfluence):
         t_plain = time.perf_counter() - t0
         try:
             t0 = time.perf_counter()
-            other = extractor.run(self.module, _channels_last(args))
+            other = extractor.run(self.module, in_channels_last(args))
             t_cl = time.perf_counter() - t0
             same = all(_close(acts[name], other[name]) for name in acts)
             self._layouts[signature] = same and t_cl < 0.9 * t_plain
@@ -1092,20 +1094,11 @@ _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, bool]] = weakref.WeakKe
 
 
 def _layout_signature(args: tuple[Any, ...], fingerprint: str) -> Any:
-    images = [a for a in args if isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()]
+    images = [a for a in args if is_image(a)]
     if not images or any(a.device.type != "cpu" for a in images):
         return None
     shapes = tuple((tuple(a.shape[1:]), a.dtype) for a in images)
     return fingerprint, shapes, torch.get_num_threads()
-
-
-def _channels_last(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(
-        a.contiguous(memory_format=torch.channels_last)
-        if isinstance(a, Tensor) and a.dim() == 4 and a.is_floating_point()
-        else a
-        for a in args
-    )
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
