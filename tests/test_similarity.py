@@ -294,6 +294,38 @@ def test_block_top_keeps_the_lowest_positions_among_ties_at_the_cut_off(largest)
     assert torch.equal(_block_top(key, 40, largest), torch.arange(40).expand(50, -1))
 
 
+@pytest.mark.parametrize("channels_last", [False, True, None])
+def test_a_model_that_edits_its_input_leaves_the_source_dataset_unchanged(tmp_path, channels_last):
+    """TensorDataset batches are sliced, not collated; the model must still get copies."""
+
+    class Normalising(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.fc = nn.Linear(3 * 6 * 6, 4)
+
+        def forward(self, x):
+            x.sub_(0.5).mul_(2.0)  # normalises its input in place
+            return self.fc(self.conv(x).flatten(1))
+
+    model = _seeded(Normalising)
+    x = torch.randn(10, 2, 6, 6)
+    kept = x.clone()
+    sim = SimilarityInfluence(
+        model,
+        "fc",
+        TensorDataset(x, torch.zeros(10)),
+        tmp_path / "a",
+        batch_size=4,
+        channels_last=channels_last,
+    )
+    got = sim.influence(x[:3].clone(), top_k=4)["fc"]
+    assert torch.equal(x, kept)
+    # the reference: brute force over activations of copies of the inputs
+    src, test = _acts(model, "fc", x.clone()), _acts(model, "fc", x[:3].clone())
+    _check(got, _brute(test, src, "cosine", "max", 4))
+
+
 def test_zero_vectors_have_cosine_zero(tmp_path):
     class Gate(nn.Module):
         def __init__(self):

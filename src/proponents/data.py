@@ -355,6 +355,25 @@ def in_channels_last(args: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
+def copied(args: tuple[Any, ...], channels_last: bool = False) -> tuple[Any, ...]:
+    """Fresh copies of the tensors in ``args``, image tensors channels-last if asked.
+
+    For batches that are views of a user's stored tensors: the model gets memory of its
+    own (an in-place edit of its input cannot reach the dataset), copied once, straight
+    into the layout the pass wants.
+    """
+    return tuple(
+        a.clone(
+            memory_format=torch.channels_last
+            if channels_last and is_image(a)
+            else torch.contiguous_format
+        )
+        if isinstance(a, torch.Tensor)
+        else a
+        for a in args
+    )
+
+
 def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     """A copy of ``batch`` with its tensors on ``device``."""
     return Batch(

@@ -41,6 +41,7 @@ from torch.utils.data import (
 from proponents.checks import check_flag
 from proponents.data import (
     batch_size_of,
+    copied,
     dataset_length,
     in_channels_last,
     is_image,
@@ -403,13 +404,14 @@ class SimilarityInfluence(DataInfluence):
             return int(self._fast_tensors[0].shape[0])
         return dataset_length(self._loader)
 
-    def _src_batches(self) -> tuple[Iterable[Any], int | None]:
+    def _src_batches(self) -> tuple[Iterable[Any], int | None, bool]:
+        """The source batches, their number, and whether they are views of stored tensors."""
         if self._fast_tensors is not None:
             n = int(self._fast_tensors[0].shape[0])
             bs = int(self.batch_size)
             it = ([t[s : s + bs] for t in self._fast_tensors] for s in range(0, n, bs))
-            return it, math.ceil(n / bs)
-        return self._loader, loader_batches(self._loader)
+            return it, math.ceil(n / bs), True
+        return self._loader, loader_batches(self._loader), False
 
     def _src_meta(self, layer: str, fingerprint: str, n_src: int | None, probe: str | None) -> dict:
         return {
@@ -619,7 +621,7 @@ class SimilarityInfluence(DataInfluence):
             )
             for layer in layers
         }
-        batches, n_batches = self._src_batches()
+        batches, n_batches, views = self._src_batches()
         staging = {layer: _Staging(block_rows) for layer in layers}
         feature_shapes: dict[str, tuple[int, ...]] = {}
         state = {"start": 0, "rows": 0}
@@ -668,8 +670,11 @@ class SimilarityInfluence(DataInfluence):
                     batches, show_progress, "SimilarityInfluence: source activations", n_batches
                 )
             ):
-                args = to_device(_source_args(batch), device)
-                acts = self._forward(extractor, args, fingerprint, trial=(i == 0))
+                raw = _source_args(batch)
+                args = to_device(raw, device)
+                # still views of the dataset unless the move to the model's device copied them
+                borrowed = views and any(a is b for a, b in zip(args, raw))
+                acts = self._forward(extractor, args, fingerprint, i == 0, borrowed)
                 size = int(acts[layers[0]].shape[0])
                 if state["rows"] + size > block_rows:
                     flush()
@@ -813,25 +818,41 @@ class SimilarityInfluence(DataInfluence):
 
     # ----------------------------------------------------------------------- forward
     def _forward(
-        self, extractor: _Extractor, args: tuple[Any, ...], fingerprint: str, trial: bool
+        self,
+        extractor: _Extractor,
+        args: tuple[Any, ...],
+        fingerprint: str,
+        trial: bool,
+        borrowed: bool = False,
     ) -> dict[str, Tensor]:
-        """Run the model on ``args`` and capture the layers, choosing the memory layout."""
+        """Run the model on ``args`` and capture the layers, choosing the memory layout.
+
+        Args:
+            borrowed: ``args`` are views of the user's stored tensors; the model then
+                runs on copies (made in the chosen layout, so still one copy per batch).
+        """
+
+        def run(channels_last: bool) -> dict[str, Tensor]:
+            if borrowed:
+                return extractor.run(self.module, copied(args, channels_last))
+            return extractor.run(self.module, in_channels_last(args) if channels_last else args)
+
         signature = _layout_signature(args, fingerprint)
         if signature is None or self.channels_last is False:
-            return extractor.run(self.module, args)
+            return run(False)
         if self.channels_last is True:
-            return extractor.run(self.module, in_channels_last(args))
+            return run(True)
         known = self._layouts.get(signature)
         if known is not None:
-            return extractor.run(self.module, in_channels_last(args) if known else args)
+            return run(known)
         if not trial:
-            return extractor.run(self.module, args)
+            return run(False)
         t0 = time.perf_counter()
-        acts = extractor.run(self.module, args)
+        acts = run(False)
         t_plain = time.perf_counter() - t0
         try:
             t0 = time.perf_counter()
-            other = extractor.run(self.module, in_channels_last(args))
+            other = run(True)
             t_cl = time.perf_counter() - t0
             same = all(_close(acts[name], other[name]) for name in acts)
             self._layouts[signature] = same and t_cl < 0.9 * t_plain
