@@ -67,7 +67,9 @@ def test_batches_are_fresh_memory():
 
 
 def test_batches_in_a_requested_layout_hold_the_same_rows_in_fresh_memory():
-    data = TensorDataset(*_stored_tensors())
+    images, features, labels = _stored_tensors()
+    # 4-D float labels (dense targets) stay in the standard layout: only inputs are asked
+    data = TensorDataset(images, features, labels, torch.randn(11, 3, 2, 2))
     before = [t.clone() for t in data.tensors]
     loader = make_loader(data, 4, "train_dataset")
 
@@ -79,11 +81,11 @@ def test_batches_in_a_requested_layout_hold_the_same_rows_in_fresh_memory():
     assert len(laid_out) == len(plain)
     for got, want in zip(laid_out, plain):
         assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
-    for images, features, labels in laid_out:
+    for images, features, labels, targets in laid_out:
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert not images.is_contiguous()  # really channels-last, not both by accident
-        assert features.is_contiguous() and labels.is_contiguous()
-        for t in (images, features, labels):
+        assert features.is_contiguous() and labels.is_contiguous() and targets.is_contiguous()
+        for t in (images, features, labels, targets):
             t.zero_()
     assert all(torch.equal(a, b) for a, b in zip(before, data.tensors))
     # a shuffled subset goes through index_select: contiguous whatever the layout says

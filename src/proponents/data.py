@@ -150,12 +150,13 @@ class TensorRowsLoader(DataLoader):
         """The batches, each sliced tensor copied straight into the layout ``layout`` names.
 
         Args:
-            layout: called with each stored tensor, returns the ``torch.memory_format``
-                its batch copy is made in (``None``: every copy contiguous, as a plain
-                DataLoader's). A consumer that would convert each batch anyway (the
-                gradient engine's channels-last passes) saves a copy per batch this way.
-                Batches taken with ``index_select`` and those of the plain DataLoader
-                path are contiguous whatever ``layout`` says.
+            layout: called with each stored tensor of the model inputs (all but the last,
+                which holds the labels by the batch convention), returns the
+                ``torch.memory_format`` its batch copy is made in (``None``: every copy
+                contiguous, as a plain DataLoader's). A consumer that would convert each
+                batch anyway (the gradient engine's channels-last passes) saves a copy per
+                batch this way. Labels, batches taken with ``index_select`` and those of
+                the plain DataLoader path are contiguous whatever ``layout`` says.
         """
         rows = _tensor_rows(self.dataset)
         if (
@@ -173,6 +174,7 @@ class TensorRowsLoader(DataLoader):
     ) -> Iterator[Any]:
         assert self.batch_sampler is not None
         n_rows = int(tensors[0].shape[0])
+        inputs = tensors[:-1] if layout is not None else ()
         for indices in self.batch_sampler:
             indices = list(indices)
             if row_map is not None:
@@ -184,12 +186,10 @@ class TensorRowsLoader(DataLoader):
             first = indices[0] if indices else 0
             stop = first + len(indices)
             if indices == list(range(first, stop)):  # one run of rows (or none): a slice
-                yield [
-                    t[first:stop].clone(
-                        memory_format=torch.contiguous_format if layout is None else layout(t)
-                    )
-                    for t in tensors
-                ]
+                # asked batch by batch: the consumer may choose its layout on the first one
+                formats = [layout(t) for t in inputs] if layout is not None else []
+                formats += [torch.contiguous_format] * (len(tensors) - len(formats))
+                yield [t[first:stop].clone(memory_format=f) for t, f in zip(tensors, formats)]
             else:
                 picked = torch.as_tensor(indices, dtype=torch.long)
                 yield [t.index_select(0, picked.to(t.device)) for t in tensors]
