@@ -70,12 +70,20 @@ glibc_only = pytest.mark.skipif(
 @glibc_only
 def test_warm_up_removes_the_page_faults_of_a_forward_pass():
     warmed = _run(opt_out=False)
-    plain = _run(opt_out=True)
     assert (warmed["first"], warmed["second"]) == (True, False)  # once per process
-    assert (plain["first"], plain["second"]) == (False, False)  # opted out: untouched
-    # Activations of 4 batches: ~60 MiB written per pass, i.e. ~15,000 pages.
+    # Activations of 4 batches: ~60 MiB written per pass, i.e. ~15,000 pages; under 5%
+    # of them fault with the warm-up.
+    assert warmed["faults"] < 750, warmed
+    # The reference shows the faults the warm-up removes. Without it, glibc's own
+    # threshold adjustment sometimes settles before the measured passes (in about a
+    # third of fresh processes on the development machine: 0 faults, else ~16,000), so
+    # fresh processes are tried until one shows them.
+    for _ in range(10):
+        plain = _run(opt_out=True)
+        assert (plain["first"], plain["second"]) == (False, False)  # opted out: untouched
+        if plain["faults"] > 2_000:
+            break
     assert plain["faults"] > 2_000, plain
-    assert warmed["faults"] < 0.05 * plain["faults"], (warmed, plain)
 
 
 def test_opt_out_values(monkeypatch):
