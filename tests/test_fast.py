@@ -340,11 +340,18 @@ def test_load_refuses_other_checkpoints_or_data(tmp_path):
     loss = nn.CrossEntropyLoss(reduction="sum")
     rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50)
     rp.save(tmp_path / "index")
-    with pytest.raises(IndexMismatchError, match="checkpoints"):
+    with pytest.raises(IndexMismatchError, match="built from 2, 1 were given"):
         TracInCPFastRandProj.load(tmp_path / "index", model, paths[:1], loss)
+    with pytest.raises(IndexMismatchError, match=r"checkpoint\(s\) \[1, 2\] of 2 differ"):
+        TracInCPFastRandProj.load(tmp_path / "index", model, paths[::-1], loss)
     shorter = TensorDataset(*train[:50])
-    with pytest.raises(IndexMismatchError, match="dataset_length"):
+    with pytest.raises(IndexMismatchError, match="holds 60 examples, the dataset given has 50"):
         TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, train_dataset=shorter)
+    mean = nn.CrossEntropyLoss(reduction="mean")
+    with pytest.raises(IndexMismatchError, match="loss_fn: .*'sum', this one reduces by 'mean'"):
+        TracInCPFastRandProj.load(tmp_path / "index", model, paths, mean)
+    with pytest.raises(IndexMismatchError, match="final_fc_layer: .*'2', not '0'"):
+        TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, final_fc_layer="0")
     with pytest.raises(FileNotFoundError):
         TracInCPFastRandProj.load(tmp_path / "nothing", model, paths, loss)
 

@@ -57,6 +57,43 @@ _INDEX_DTYPES = (torch.float32, torch.float16)
 _SCAN_ROWS = 8192
 
 
+def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """What a saved index was built for that differs from this load, by argument name."""
+    out = []
+    if saved.get("index_format") != expected["index_format"]:
+        out.append(
+            f"it was written in index format {saved.get('index_format')!r}, and this version "
+            f"of proponents reads format {expected['index_format']!r}"
+        )
+    was, now = list(saved.get("checkpoints") or []), expected["checkpoints"]
+    if len(was) != len(now):
+        out.append(f"checkpoints: the index was built from {len(was)}, {len(now)} were given")
+    else:
+        changed = [i + 1 for i, (a, b) in enumerate(zip(was, now)) if a != b]
+        if changed:
+            out.append(
+                f"checkpoints: the contents of checkpoint(s) {changed} of {len(now)} differ "
+                "from those the index was built from"
+            )
+    if saved.get("dataset_length") != expected["dataset_length"]:
+        out.append(
+            f"train_dataset: the index holds {saved.get('dataset_length')} examples, the "
+            f"dataset given has {expected['dataset_length']}"
+        )
+    if saved.get("final_fc_layer") != expected["final_fc_layer"]:
+        out.append(
+            f"final_fc_layer: the index was built for {saved.get('final_fc_layer')!r}, "
+            f"not {expected['final_fc_layer']!r}"
+        )
+    if saved.get("loss_reduction") != expected["loss_reduction"]:
+        out.append(
+            f"loss_fn: the index was built with a loss reducing by "
+            f"{saved.get('loss_reduction')!r}, this one reduces by "
+            f"{expected['loss_reduction']!r} (the scores scale with it)"
+        )
+    return out
+
+
 def _check_index_storage(memory_budget: Any, index_dtype: Any, name: str) -> None:
     if memory_budget is not None:
         if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
@@ -699,6 +736,14 @@ class TracInCPFastRandProj(TracInCPFast):
             "dataset_length": n if n is not None else saved["dataset_length"],
             "loss_reduction": obj._loss.reduction,
         }
+        differences = _index_differences(saved, expected)
+        if differences:
+            raise IndexMismatchError(
+                f"the index in {str(path)!r} was built for other inputs: "
+                + "; ".join(differences)
+                + ". Pass the checkpoints, train_dataset, final_fc_layer and loss_fn it was "
+                "built with, or build a new index with TracInCPFastRandProj(...)"
+            )
         entry, reason = store.load(
             INDEX_KEY,
             expected,
