@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from proponents import TracInCPFast
+from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
 from proponents.data import TensorRowsLoader, make_loader
 from proponents.distributed import shard_loader
 
@@ -152,3 +152,87 @@ def test_a_model_that_edits_its_input_leaves_the_dataset_unchanged(tmp_path):
         loss_fn=nn.CrossEntropyLoss(),
     ).self_influence()
     torch.testing.assert_close(scores, reference)
+
+
+class _Doubling(nn.Module):
+    """The in-place model's arithmetic without the in-place edit: the reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x * 2.0)
+
+
+class _DoublingInPlace(_Doubling):
+    def forward(self, x):
+        return self.fc(x.mul_(2.0))
+
+
+def _three_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model, paths = _DoublingInPlace(), []
+    for c in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        paths.append(str(tmp_path / f"c{c}.pt"))
+        torch.save(model.state_dict(), paths[-1])
+    return model, paths
+
+
+@pytest.mark.parametrize("method", ["fast", "randproj", "tracincp", "tracincp-generic"])
+def test_a_model_that_edits_its_input_gets_the_same_input_at_every_checkpoint(tmp_path, method):
+    """The test batch goes through the model once per checkpoint (and more than once on
+    the first batch, for the checks): each run must see the inputs as given, and the
+    caller's tensors stay untouched."""
+    model, paths = _three_checkpoints(tmp_path)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    xt, yt = torch.randn(3, 4), torch.randint(0, 3, (3,))
+    kept, kept_test = x.clone(), xt.clone()
+
+    def scores(net, test_inputs):
+        train = TensorDataset(x, y)
+        if method == "fast":
+            t = TracInCPFast(net, "fc", train, paths, loss_fn=nn.CrossEntropyLoss(), batch_size=4)
+            return t.influence((test_inputs,), yt), t.self_influence((test_inputs, yt))
+        if method == "randproj":
+            t = TracInCPFastRandProj(
+                net, "fc", train, paths, loss_fn=nn.CrossEntropyLoss(), batch_size=4
+            )
+            return t.influence((test_inputs,), yt, k=None), None
+        t = TracInCP(
+            net,
+            train,
+            paths,
+            layers=["fc"] if method == "tracincp" else None,
+            loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            batch_size=4,
+            sample_wise_grads_per_batch=False,
+        )
+        if method == "tracincp-generic":
+            t._engine.hooked, t._engine._checked = [], True
+            t._engine._set_generic()
+        return t.influence((test_inputs,), yt), t.self_influence((test_inputs, yt))
+
+    got, got_self = scores(model, xt)
+    assert torch.equal(x, kept) and torch.equal(xt, kept_test)
+    reference = _Doubling()
+    want, want_self = scores(reference, kept_test.clone())
+    torch.testing.assert_close(got, want)
+    if want_self is not None:
+        torch.testing.assert_close(got_self, want_self)
+    assert torch.equal(xt, kept_test)
+
+
+def test_a_model_that_leaves_its_input_alone_is_not_given_copies(tmp_path):
+    model, paths = _three_checkpoints(tmp_path)
+    reference = _Doubling()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    for net, edits in ((model, True), (reference, False)):
+        t = TracInCPFast(
+            net, "fc", TensorDataset(x, y), paths, loss_fn=nn.CrossEntropyLoss(), batch_size=4
+        )
+        t.self_influence()
+        assert t._engine._edits_inputs is edits

@@ -319,8 +319,10 @@ def test_a_model_that_edits_its_input_leaves_the_source_dataset_unchanged(tmp_pa
         batch_size=4,
         channels_last=channels_last,
     )
-    got = sim.influence(x[:3].clone(), top_k=4)["fc"]
+    test = x[:3].clone()
+    got = sim.influence(test, top_k=4)["fc"]
     assert torch.equal(x, kept)
+    assert torch.equal(test, kept[:3])  # the test inputs are not edited either
     # the reference: brute force over activations of copies of the inputs
     src, test = _acts(model, "fc", x.clone()), _acts(model, "fc", x[:3].clone())
     _check(got, _brute(test, src, "cosine", "max", 4))

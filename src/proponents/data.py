@@ -374,6 +374,51 @@ def copied(args: tuple[Any, ...], channels_last: bool = False) -> tuple[Any, ...
     )
 
 
+def unshared(moved: Any, given: Any, layout: MemoryFormatOf | None = None) -> Any:
+    """``moved`` (``given`` after :func:`to_device`) with the tensors it still shares with
+    ``given`` replaced by copies, made in the memory format ``layout`` names (contiguous
+    without one); tensors the move already copied are kept as they are.
+
+    For batches the caller holds on to and that are used again (a test batch goes through
+    the model once per checkpoint): a model that edits its input in place then changes a
+    copy, not the caller's tensor and not what the next checkpoint sees.
+    """
+    if isinstance(moved, torch.Tensor):
+        if moved is not given:
+            return moved
+        return moved.clone(
+            memory_format=torch.contiguous_format if layout is None else layout(moved)
+        )
+    if isinstance(moved, tuple):
+        return tuple(unshared(m, g, layout) for m, g in zip(moved, given))
+    if isinstance(moved, list):
+        return [unshared(m, g, layout) for m, g in zip(moved, given)]
+    if isinstance(moved, dict):
+        return {k: unshared(v, given[k], layout) for k, v in moved.items()}
+    return moved
+
+
+def _cloned(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple):
+        return tuple(_cloned(o) for o in obj)
+    if isinstance(obj, list):
+        return [_cloned(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    return obj
+
+
+def copy_batch(batch: Batch) -> Batch:
+    """``batch`` with every tensor (inside tuples, lists and dicts too) cloned, in its layout.
+
+    For a batch the model is run on more than once: each run gets its own copy, so a model
+    that edits its input in place sees the same input every time.
+    """
+    return Batch(inputs=_cloned(batch.inputs), labels=_cloned(batch.labels), size=batch.size)
+
+
 def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     """A copy of ``batch`` with its tensors on ``device``."""
     return Batch(

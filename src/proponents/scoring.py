@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from proponents.checkpoints import checkpoint_label
 from proponents.data import (
@@ -25,6 +26,7 @@ from proponents.data import (
     chunk_batch,
     model_device,
     split_batch,
+    unshared,
 )
 from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError
 from proponents.gradients.engine import GradientEngine
@@ -126,15 +128,30 @@ class TracInRunner:
     def _batches(
         self, source: Iterable[Any], loader: bool, what: str, chunk: int | None = None
     ) -> Iterable[Batch]:
-        """Batches on the model's device; test batches larger than ``chunk`` are split."""
+        """Batches on the model's device; test batches larger than ``chunk`` are split.
+
+        A DataLoader collates fresh tensors on every pass. Batches given as such (the test
+        batch, a single ``inputs_dataset`` batch) are the caller's tensors, used again at
+        every checkpoint: they are copied for each pass (by the move to the model's device
+        if that copies, else here, in the engine's layout), so a model that edits its input
+        in place cannot change them or what the next checkpoint sees.
+        """
         device = model_device(self.model)
+        fresh = isinstance(source, DataLoader)
         if isinstance(source, TensorRowsLoader):
             # its batch copies are made in the layout the engine converts them to anyway
             source = source.batches(self.engine.input_layout)
         for b in source:
             batch = split_batch(b, what) if loader else b
             for part in chunk_batch(batch, chunk) if chunk else [batch]:
-                yield batch_to_device(part, device)
+                moved = batch_to_device(part, device)
+                if not fresh:
+                    moved = Batch(
+                        inputs=unshared(moved.inputs, part.inputs, self.engine.input_layout),
+                        labels=unshared(moved.labels, part.labels),
+                        size=moved.size,
+                    )
+                yield moved
 
     def scores(
         self,

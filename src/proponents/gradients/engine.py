@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from proponents.data import Batch, channels_last_only, chunk_batch, in_channels_last, is_image
+from proponents.data import (
+    Batch,
+    channels_last_only,
+    chunk_batch,
+    copy_batch,
+    in_channels_last,
+    is_image,
+)
 from proponents.gradients import representations as reps
 from proponents.gradients.generic import GenericGradients
 from proponents.gradients.hooked import (
@@ -92,6 +99,9 @@ class GradientEngine:
         self._sub_batch: int | None = None
         self._shaped_for = 0
         self._closed_form = False
+        # Set when the first batch shows the model editing its input in place: every
+        # model run of a batch then gets its own copy (see compute).
+        self._edits_inputs = False
         self._set_generic()
 
     def _set_generic(self) -> None:
@@ -137,6 +147,10 @@ class GradientEngine:
         if not self._checked:
             self._check(params, buffers, batch)
         out: list[Grads] = []
+        # The model may run more than once on this batch (a closed-form attempt, then
+        # autograd; hooked layers, then the generic ones). A model that edits its input
+        # in place gets a copy for each run; any other runs on the batch itself.
+        copies = self._edits_inputs
         if self.hooked:
             layer_reps, self._protect = hooked_pass(
                 self.model,
@@ -147,10 +161,12 @@ class GradientEngine:
                 self._protect,
                 self._sub_batch,
                 self._closed_form,
+                copies,
             )
             out.extend(layer_reps)
         if self.generic is not None:
-            out.extend(DenseGrads(block) for block in self.generic(params, buffers, batch))
+            generic_batch = copy_batch(batch) if copies else batch
+            out.extend(DenseGrads(b) for b in self.generic(params, buffers, generic_batch))
         return out
 
     def input_layout(self, tensor: Tensor) -> torch.memory_format:
@@ -264,7 +280,7 @@ class GradientEngine:
         parts = chunk_batch(self._in_layout(batch), sub_batch or batch.size)
         start = time.perf_counter()
         try:
-            record_parts(self.model, self.hooked, self.loss, parts, True)
+            record_parts(self.model, self.hooked, self.loss, parts, True, copy_inputs=True)
         except RuntimeError:  # e.g. a .view() that needs a contiguous input
             return float("inf")
         finally:
@@ -279,7 +295,10 @@ class GradientEngine:
         that disagrees is moved to the generic path.
         """
         self._checked = True
-        records, self._protect = record(self.model, self.hooked, self.loss, batch, self._protect)
+        # Every run here gets its own copy: the batch itself is still to be scored.
+        records, self._protect = record(
+            self.model, self.hooked, self.loss, batch, self._protect, copy_inputs=True
+        )
         self.hooked = [self._tune(layer, records[layer.name]) for layer in self.hooked]
         layer_reps: list[Grads | None] = []
         for layer in self.hooked:
@@ -319,7 +338,9 @@ class GradientEngine:
             return False
         name = self.hooked[0].name
         try:
-            closed, _ = record_parts(self.model, self.hooked, self.loss, [batch], closed_form=True)
+            closed, _ = record_parts(
+                self.model, self.hooked, self.loss, [batch], closed_form=True, copy_inputs=True
+            )
         except NoClosedForm:
             return False
         want = [g for _, g, _ in records[name]]
@@ -363,16 +384,20 @@ class GradientEngine:
         def pick(x):
             return x[i : i + 1] if isinstance(x, Tensor) and x.dim() > 0 else x
 
-        from torch.utils._pytree import tree_map
+        from torch.utils._pytree import tree_leaves, tree_map
 
         names = [n for layer in self.hooked for n in layer.params]
         leaves = {n: params[n].clone().requires_grad_(True) for n in names}
+        example = copy_batch(batch)
+        inputs = tree_map(pick, example.inputs)
+        versions = [a._version for a in tree_leaves(inputs) if isinstance(a, Tensor)]
         with torch.enable_grad():
-            out = functional_call(
-                self.model, {**params, **leaves, **buffers}, tree_map(pick, batch.inputs)
-            )
-            value = self.loss.example_loss(out, tree_map(pick, batch.labels))
+            out = functional_call(self.model, {**params, **leaves, **buffers}, inputs)
+            value = self.loss.example_loss(out, tree_map(pick, example.labels))
             grads = torch.autograd.grad(value, [leaves[n] for n in names], allow_unused=True)
+        after = [a._version for a in tree_leaves(inputs) if isinstance(a, Tensor)]
+        if after != versions:  # the model edits its input in place
+            self._edits_inputs = True
         return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, grads)}
 
     @staticmethod

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proponents.data import Batch, chunk_batch
-from proponents.gradients.loss import LossSpec, output_gradient
+from proponents.data import Batch, chunk_batch, copy_batch
+from proponents.gradients.loss import LossSpec, labels_fit_closed_form, output_gradient
 from proponents.gradients.representations import DenseGrads, FactoredGrads, Grads, concat
 from proponents.gradients.selection import HookedLayer
 
@@ -43,6 +43,7 @@ def record(
     loss: LossSpec,
     batch: Batch,
     protect: bool = False,
+    copy_inputs: bool = False,
 ) -> tuple[dict[str, Calls], bool]:
     """One forward and backward pass recording, per layer and call, ``(input, grad, output)``.
 
@@ -61,11 +62,12 @@ def record(
             in-place operations after the layer (``ReLU(inplace=True)``) cannot alter the
             tensor whose gradient is taken. Without it, such a modification is detected
             through the tensor's version counter and the pass is redone with protection.
+        copy_inputs: run the model on a copy of the batch (see :func:`record_parts`).
 
     Returns:
         The records, and whether protection was needed (callers keep it on from then on).
     """
-    records, protect = record_parts(model, layers, loss, [batch], protect)
+    records, protect = record_parts(model, layers, loss, [batch], protect, copy_inputs=copy_inputs)
     return records[0], protect
 
 
@@ -80,6 +82,7 @@ def record_parts(
     parts: Sequence[Batch],
     protect: bool = False,
     closed_form: bool = False,
+    copy_inputs: bool = False,
 ) -> tuple[list[dict[str, Calls]], bool]:
     """:func:`record` for each of several batches, with hooks and flags set up once.
 
@@ -87,11 +90,19 @@ def record_parts(
         closed_form: take the loss gradient from :func:`~proponents.gradients.loss.
             output_gradient` instead of autograd, with no graph at all. Only for one
             layer, called once, whose output is the model's output.
+        copy_inputs: run the model on copies of the parts, so that ``parts`` stay as
+            they are for a later pass over the same batch (for a model that edits its
+            input in place; a pass redone with protection copies them again).
 
     Raises:
         NoClosedForm: with ``closed_form=True``, when a part does not meet those
             conditions or its loss has no closed form (nothing is changed then).
     """
+    given = parts
+    if copy_inputs:
+        parts = [copy_batch(part) for part in parts]
+    if closed_form and not all(labels_fit_closed_form(loss, part.labels) for part in parts):
+        raise NoClosedForm(layers[0].name if layers else "")  # before any model run
     current: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
     handles = [
         model.get_submodule(layer.name).register_forward_hook(
@@ -138,7 +149,7 @@ def record_parts(
         for h in handles:
             h.remove()
     if modified:
-        return record_parts(model, layers, loss, parts, protect=True)[0], True
+        return record_parts(model, layers, loss, given, True, copy_inputs=copy_inputs)[0], True
     return results, protect
 
 
@@ -184,6 +195,7 @@ def hooked_pass(
     protect: bool = False,
     sub_batch: int | None = None,
     closed_form: bool = False,
+    copy_inputs: bool = False,
 ) -> tuple[list[Grads], bool]:
     """Per-example gradients of ``layers`` for ``batch``, one representation per layer.
 
@@ -192,6 +204,9 @@ def hooked_pass(
             (the representations are joined); ``None`` for one pass over the batch.
         closed_form: try the closed-form loss gradient first (see :func:`record_parts`);
             a batch it does not fit goes through autograd.
+        copy_inputs: every model run gets its own copy of the batch (for a model seen to
+            edit its input in place: the autograd pass after a failed closed-form one then
+            still sees the batch as given).
 
     Returns:
         The representations, and whether outputs needed protection (see :func:`record`).
@@ -200,11 +215,11 @@ def hooked_pass(
     records = None
     if closed_form:
         try:
-            records, protect = record_parts(model, layers, loss, parts, protect, True)
+            records, protect = record_parts(model, layers, loss, parts, protect, True, copy_inputs)
         except NoClosedForm:
             records = None
     if records is None:
-        records, protect = record_parts(model, layers, loss, parts, protect)
+        records, protect = record_parts(model, layers, loss, parts, protect, False, copy_inputs)
     per_part = [
         [represent(la, model, rec[la.name], part.size, params) for la in layers]
         for rec, part in zip(records, parts)

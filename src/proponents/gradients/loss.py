@@ -71,6 +71,30 @@ class LossSpec:
         return self.fn(output, labels).sum()
 
 
+def labels_fit_closed_form(spec: LossSpec, labels: Any) -> bool:
+    """Whether :func:`output_gradient` can succeed for these labels, before any model run.
+
+    ``False`` for a loss without a closed form here and for labels that rule it out (a
+    cross-entropy label equal to ``ignore_index``, say); ``True`` means only that the
+    output still has to fit.
+    """
+    fn = spec.fn
+    if fn is None:
+        return True
+    if type(fn) is torch.nn.CrossEntropyLoss:
+        return (
+            fn.weight is None
+            and fn.label_smoothing == 0
+            and isinstance(labels, torch.Tensor)
+            and labels.dim() == 1
+            and labels.dtype == torch.long
+            and not bool((labels == fn.ignore_index).any())
+        )
+    if type(fn) is torch.nn.MSELoss:
+        return isinstance(labels, torch.Tensor)
+    return False
+
+
 def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | None:
     """Each example's loss gradient with respect to the model output, in closed form.
 
@@ -96,14 +120,9 @@ def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | 
         return torch.ones_like(output)
     if type(fn) is torch.nn.CrossEntropyLoss:
         if (
-            fn.weight is not None
-            or fn.label_smoothing != 0
-            or output.dim() != 2
-            or not isinstance(labels, torch.Tensor)
-            or labels.dim() != 1
-            or labels.dtype != torch.long
+            output.dim() != 2
+            or not labels_fit_closed_form(spec, labels)
             or labels.shape[0] != output.shape[0]
-            or bool((labels == fn.ignore_index).any())
         ):
             return None
         grad = torch.softmax(output, dim=1)
@@ -111,7 +130,7 @@ def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | 
         return grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((grad.shape[0], 1), -1.0))
     if type(fn) is torch.nn.MSELoss:
         if (
-            not isinstance(labels, torch.Tensor)
+            not labels_fit_closed_form(spec, labels)
             or labels.shape != output.shape
             or labels.dtype != output.dtype
             or output.dim() == 0

@@ -797,9 +797,10 @@ class SimilarityInfluence(DataInfluence):
         if missing:
             assert args is not None  # guaranteed by the checks above
             modules = {layer: self.module.get_submodule(layer) for layer in missing}
-            computed = self._forward(
-                _Extractor(modules), to_device(args, device), fingerprint, False
-            )
+            moved = to_device(args, device)
+            # the caller's own tensors (not copied by a move) are not handed to the model
+            borrowed = any(a is b for a, b in zip(moved, args) if isinstance(a, Tensor))
+            computed = self._forward(_Extractor(modules), moved, fingerprint, False, borrowed)
             if store is not None:
                 with store.lock():
                     for layer in missing:
