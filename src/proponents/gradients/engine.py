@@ -277,10 +277,13 @@ class GradientEngine:
     def _time_pass(self, batch: Batch, channels_last: bool, sub_batch: int | None) -> float:
         """Seconds of one recorded pass over ``batch`` in the given shape (inf if it fails)."""
         self._channels_last = channels_last
-        parts = chunk_batch(self._in_layout(batch), sub_batch or batch.size)
+        # copies made before the clock starts: the batch itself is still to be scored
+        parts = [
+            copy_batch(p) for p in chunk_batch(self._in_layout(batch), sub_batch or batch.size)
+        ]
         start = time.perf_counter()
         try:
-            record_parts(self.model, self.hooked, self.loss, parts, True, copy_inputs=True)
+            record_parts(self.model, self.hooked, self.loss, parts, True)
         except RuntimeError:  # e.g. a .view() that needs a contiguous input
             return float("inf")
         finally:
