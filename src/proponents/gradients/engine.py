@@ -134,7 +134,9 @@ class GradientEngine:
         """
         if self._checked and self.generic is None:
             # the hooked layers only read their own weights (for shapes and dtypes)
-            params = {la.weight: self.model.get_parameter(la.weight) for la in self.hooked}
+            params: dict[str, Tensor] = {
+                la.weight: self.model.get_parameter(la.weight) for la in self.hooked
+            }
             buffers: dict[str, Tensor] = {}
         else:
             params, buffers = self._state()
