@@ -355,23 +355,13 @@ def in_channels_last(args: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-def copied(args: tuple[Any, ...], channels_last: bool = False) -> tuple[Any, ...]:
-    """Fresh copies of the tensors in ``args``, image tensors channels-last if asked.
+def copy_layout(channels_last: bool) -> MemoryFormatOf:
+    """The memory format of batch copies: channels-last for images if asked, else contiguous."""
 
-    For batches that are views of a user's stored tensors: the model gets memory of its
-    own (an in-place edit of its input cannot reach the dataset), copied once, straight
-    into the layout the pass wants.
-    """
-    return tuple(
-        a.clone(
-            memory_format=torch.channels_last
-            if channels_last and is_image(a)
-            else torch.contiguous_format
-        )
-        if isinstance(a, torch.Tensor)
-        else a
-        for a in args
-    )
+    def layout(t: torch.Tensor) -> torch.memory_format:
+        return torch.channels_last if channels_last and is_image(t) else torch.contiguous_format
+
+    return layout
 
 
 def unshared(moved: Any, given: Any, layout: MemoryFormatOf | None = None) -> Any:
@@ -398,25 +388,21 @@ def unshared(moved: Any, given: Any, layout: MemoryFormatOf | None = None) -> An
     return moved
 
 
-def _cloned(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, tuple):
-        return tuple(_cloned(o) for o in obj)
-    if isinstance(obj, list):
-        return [_cloned(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _cloned(v) for k, v in obj.items()}
-    return obj
-
-
 def copy_batch(batch: Batch) -> Batch:
     """``batch`` with every tensor (inside tuples, lists and dicts too) cloned, in its layout.
 
     For a batch the model is run on more than once: each run gets its own copy, so a model
     that edits its input in place sees the same input every time.
     """
-    return Batch(inputs=_cloned(batch.inputs), labels=_cloned(batch.labels), size=batch.size)
+
+    def same(t: torch.Tensor) -> torch.memory_format:
+        return torch.preserve_format
+
+    return Batch(
+        inputs=unshared(batch.inputs, batch.inputs, same),
+        labels=unshared(batch.labels, batch.labels, same),
+        size=batch.size,
+    )
 
 
 def batch_to_device(batch: Batch, device: torch.device) -> Batch:

@@ -41,7 +41,7 @@ from torch.utils.data import (
 from proponents.checks import check_flag
 from proponents.data import (
     batch_size_of,
-    copied,
+    copy_layout,
     dataset_length,
     in_channels_last,
     is_image,
@@ -50,6 +50,7 @@ from proponents.data import (
     model_device,
     test_inputs_tuple,
     to_device,
+    unshared,
 )
 from proponents.distributed import (
     DistributedContext,
@@ -673,8 +674,7 @@ class SimilarityInfluence(DataInfluence):
                 raw = _source_args(batch)
                 args = to_device(raw, device)
                 # still views of the dataset unless the move to the model's device copied them
-                borrowed = views and any(a is b for a, b in zip(args, raw))
-                acts = self._forward(extractor, args, fingerprint, i == 0, borrowed)
+                acts = self._forward(extractor, args, fingerprint, i == 0, raw if views else None)
                 size = int(acts[layers[0]].shape[0])
                 if state["rows"] + size > block_rows:
                     flush()
@@ -799,8 +799,7 @@ class SimilarityInfluence(DataInfluence):
             modules = {layer: self.module.get_submodule(layer) for layer in missing}
             moved = to_device(args, device)
             # the caller's own tensors (not copied by a move) are not handed to the model
-            borrowed = any(a is b for a, b in zip(moved, args) if isinstance(a, Tensor))
-            computed = self._forward(_Extractor(modules), moved, fingerprint, False, borrowed)
+            computed = self._forward(_Extractor(modules), moved, fingerprint, False, args)
             if store is not None:
                 with store.lock():
                     for layer in missing:
@@ -824,19 +823,20 @@ class SimilarityInfluence(DataInfluence):
         args: tuple[Any, ...],
         fingerprint: str,
         trial: bool,
-        borrowed: bool = False,
+        given: tuple[Any, ...] | None = None,
     ) -> dict[str, Tensor]:
         """Run the model on ``args`` and capture the layers, choosing the memory layout.
 
         Args:
-            borrowed: ``args`` are views of the user's stored tensors; the model then
-                runs on copies (made in the chosen layout, so still one copy per batch).
+            given: the caller's tensors ``args`` were moved from (the test inputs, or
+                views of a stored dataset). Those ``args`` still share with them are
+                copied for the model, in the chosen layout (so still one copy per batch):
+                a model that edits its input in place cannot reach the caller's data.
         """
 
         def run(channels_last: bool) -> dict[str, Tensor]:
-            if borrowed:
-                return extractor.run(self.module, copied(args, channels_last))
-            return extractor.run(self.module, in_channels_last(args) if channels_last else args)
+            own = args if given is None else unshared(args, given, copy_layout(channels_last))
+            return extractor.run(self.module, in_channels_last(own) if channels_last else own)
 
         signature = _layout_signature(args, fingerprint)
         if signature is None or self.channels_last is False:
