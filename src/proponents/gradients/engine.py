@@ -29,6 +29,7 @@ from proponents.data import (
     channels_last_only,
     chunk_batch,
     copy_batch,
+    copy_layout,
     in_channels_last,
     is_image,
 )
@@ -178,9 +179,7 @@ class GradientEngine:
         (:meth:`proponents.data.TensorRowsLoader.batches`); :meth:`compute` converts
         whatever arrives, so asking is an optimisation, never a requirement.
         """
-        if self._channels_last and is_image(tensor):
-            return torch.channels_last
-        return torch.contiguous_format
+        return copy_layout(self._channels_last)(tensor)
 
     def _in_layout(self, batch: Batch) -> Batch:
         """``batch`` with its image inputs in the memory layout chosen for this model."""

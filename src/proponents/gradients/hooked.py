@@ -122,7 +122,7 @@ def record_parts(
                 calls = current[layers[0].name] if len(layers) == 1 else []
                 grad = None
                 if len(calls) == 1 and calls[0][1] is output:
-                    grad = output_gradient(loss, output, part.labels)
+                    grad = output_gradient(loss, output, part.labels, labels_checked=True)
                 if grad is None:
                     raise NoClosedForm(layers[0].name if layers else "")
                 results.append({layers[0].name: [(calls[0][0], grad, output)]})

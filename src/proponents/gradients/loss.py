@@ -95,7 +95,9 @@ def labels_fit_closed_form(spec: LossSpec, labels: Any) -> bool:
     return False
 
 
-def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | None:
+def output_gradient(
+    spec: LossSpec, output: Any, labels: Any, labels_checked: bool = False
+) -> torch.Tensor | None:
     """Each example's loss gradient with respect to the model output, in closed form.
 
     Row ``i`` is the gradient of example ``i``'s own loss (see the module) with respect
@@ -107,6 +109,10 @@ def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | 
       logits and integer class labels: ``softmax(output) - onehot(labels)``;
     * ``nn.MSELoss`` on an output and targets of the same shape: ``2 (output - target)``,
       divided by the number of entries per example for ``reduction="mean"``.
+
+    Args:
+        labels_checked: the caller has already seen :func:`labels_fit_closed_form` hold
+            for these labels (it is not asked again).
 
     Returns:
         The ``(B, ...)`` gradient, or ``None`` when this loss or these labels have no
@@ -121,7 +127,7 @@ def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | 
     if type(fn) is torch.nn.CrossEntropyLoss:
         if (
             output.dim() != 2
-            or not labels_fit_closed_form(spec, labels)
+            or not (labels_checked or labels_fit_closed_form(spec, labels))
             or labels.shape[0] != output.shape[0]
         ):
             return None
@@ -130,7 +136,7 @@ def output_gradient(spec: LossSpec, output: Any, labels: Any) -> torch.Tensor | 
         return grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((grad.shape[0], 1), -1.0))
     if type(fn) is torch.nn.MSELoss:
         if (
-            not labels_fit_closed_form(spec, labels)
+            not (labels_checked or labels_fit_closed_form(spec, labels))
             or labels.shape != output.shape
             or labels.dtype != output.dtype
             or output.dim() == 0
