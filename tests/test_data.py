@@ -236,3 +236,93 @@ def test_a_model_that_leaves_its_input_alone_is_not_given_copies(tmp_path):
         )
         t.self_influence()
         assert t._engine._edits_inputs is edits
+
+
+class _ScaledNoVmap(nn.Module):
+    """A Linear layer and a free scale parameter (served by the generic path), with a
+    Python branch on a tensor value that ``torch.func.vmap`` cannot run."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.in_place = in_place
+
+    def forward(self, x):
+        x = x.mul_(2.0) if self.in_place else x * 2.0
+        if float(x.abs().sum()) < 0:  # never true; vmap fails here, after the edit
+            x = -x
+        return self.fc(x) * self.scale
+
+
+@pytest.mark.parametrize("hooked", [True, False])
+def test_the_per_example_fallback_sees_the_input_as_given(tmp_path, hooked):
+    """When vmap fails part-way through a model that has already edited its input, the
+    per-example loop that takes over must start from the batch as it was given."""
+    torch.manual_seed(0)
+    model = _ScaledNoVmap(in_place=True)
+    paths = []
+    for c in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        paths.append(str(tmp_path / f"c{c}.pt"))
+        torch.save(model.state_dict(), paths[-1])
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    xt, yt = torch.randn(3, 4), torch.randint(0, 3, (3,))
+
+    def scores(net):
+        t = TracInCP(
+            net,
+            TensorDataset(x.clone(), y),
+            paths,
+            loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            batch_size=4,
+        )
+        if not hooked:  # every parameter through torch.func
+            t._engine.hooked, t._engine._checked = [], True
+            t._engine._set_generic()
+        with pytest.warns(RuntimeWarning, match="fall back"):
+            got = t.influence((xt.clone(),), yt)
+        return got, t.self_influence()
+
+    got, got_self = scores(model)
+    want, want_self = scores(_ScaledNoVmap(in_place=False))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_self, want_self)
+
+
+class _EditsFromTheSecondCallOn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 1:
+            x.mul_(2.0)
+            if float(x.abs().sum()) < 0:  # vmap fails here, after the edit
+                x = -x
+        return self.fc(x)
+
+
+def test_an_input_edit_that_starts_late_and_defeats_vmap_is_an_error(tmp_path):
+    """A model that leaves its input alone on the first batch is given the later batches
+    without copies; if it then edits one and vmap fails, the batch as given is gone, and
+    the call says so instead of scoring the edited batch."""
+    model = _EditsFromTheSecondCallOn()
+    path = str(tmp_path / "c.pt")
+    torch.save(model.state_dict(), path)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    t = TracInCP(
+        model,
+        TensorDataset(x, y),
+        [path],
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=4,
+    )
+    t._engine.hooked, t._engine._checked = [], True
+    t._engine._set_generic()
+    with pytest.raises(RuntimeError, match="changed its input in place"):
+        t.self_influence()

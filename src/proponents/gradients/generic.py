@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
-from proponents.data import Batch
+from proponents.data import Batch, copy_batch
 from proponents.gradients.loss import LossSpec
 
 
@@ -40,6 +40,11 @@ def _batched(x: Any) -> bool:
     return isinstance(x, Tensor) and x.dim() > 0
 
 
+def _versions(batch: Batch) -> list[int]:
+    """The version counters of the batch's input tensors (an in-place edit bumps one)."""
+    return [t._version for t in tree_leaves(batch.inputs) if isinstance(t, Tensor)]
+
+
 class GenericGradients:
     """Per-example gradients of a fixed list of parameters, one ``(B, P_k)`` block each.
 
@@ -56,6 +61,8 @@ class GenericGradients:
         self.loss = loss
         self.owner = owner
         self.use_loop = False
+        # Whether the model edits its input in place: unknown until vmap has run once.
+        self._edits_inputs: bool | None = None
 
     def __call__(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
@@ -66,9 +73,23 @@ class GenericGradients:
         temporary is made; inner products simply sum over blocks.
         """
         if not self.use_loop:
+            # vmap may fail part-way through the model, after the model edited its input
+            # in place: the loop that takes over must still see the batch as given, so
+            # the attempt runs on a copy until a first success shows whether the model
+            # edits its input at all (and on a copy for good if it does).
+            attempt = batch if self._edits_inputs is False else copy_batch(batch)
+            before = _versions(attempt)
             try:
-                return self._vectorised(params, buffers, batch)
+                out = self._vectorised(params, buffers, attempt)
             except Exception as err:  # noqa: BLE001 - any vmap failure falls back
+                if attempt is batch and _versions(batch) != before:
+                    raise RuntimeError(
+                        f"{self.owner}: torch.func.vmap could not run this model, and the "
+                        "model had already changed its input in place on this batch (it did "
+                        "not on earlier ones), so the per-example fallback cannot start from "
+                        "the batch as given. Make the model's forward leave its input "
+                        "unchanged (e.g. x = x * 2 instead of x.mul_(2))."
+                    ) from err
                 self.use_loop = True
                 warnings.warn(
                     f"{self.owner}: torch.func.vmap could not run this model "
@@ -77,6 +98,10 @@ class GenericGradients:
                     RuntimeWarning,
                     stacklevel=4,
                 )
+            else:
+                if self._edits_inputs is None:
+                    self._edits_inputs = _versions(attempt) != before
+                return out
         return self._looped(params, buffers, batch)
 
     def _split(self, params: Mapping[str, Tensor]) -> tuple[dict, dict]:
