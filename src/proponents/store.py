@@ -118,7 +118,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = flat.contiguous()
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -156,7 +156,7 @@ def hash_object(obj: Any, digest: Any) -> None:
         digest.update(tensor_bytes(obj))
     elif isinstance(obj, np.ndarray):
         digest.update(f"A{obj.dtype.str}{obj.shape}".encode())
-        digest.update(memoryview(np.ascontiguousarray(obj)).cast("B"))
+        digest.update(np.ascontiguousarray(obj).data.cast("B"))
     elif isinstance(obj, (tuple, list)):
         digest.update(f"{type(obj).__name__}{len(obj)}(".encode())
         for item in obj:
@@ -413,7 +413,7 @@ class EntryWriter:
                 f"{tuple(rows.shape[1:])} cannot follow rows of dtype {dtype} and shape {row_shape}"
             )
         try:
-            fh.write(memoryview(rows).cast("B"))
+            fh.write(rows.data.cast("B"))
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
         self._open[name] = (fh, path, dtype, row_shape, reserve, count + rows.shape[0])
@@ -691,8 +691,8 @@ class ArrayStore:
         except OSError as exc:
             return None, f"its array files cannot be read ({exc.strerror})", False
         finally:
-            for fh in files.values():
-                fh.close()
+            for left_open in files.values():
+                left_open.close()
 
     # -- housekeeping -------------------------------------------------------------
     def _create(self, path: Path) -> BinaryIO:

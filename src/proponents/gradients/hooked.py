@@ -270,16 +270,20 @@ def _linear_rep(
     return FactoredGrads(torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1))
 
 
-def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
+def _conv_geometry(module: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], ...]:
+    """Kernel size, stride, padding and dilation as 2-D pairs (a Conv1d as height 1)."""
+    padding = module.padding
+    if isinstance(padding, str):  # "same"/"valid": the layer has resolved it at build time
+        raise ValueError(f"string padding {padding!r} has no per-example gradient path")
     if isinstance(module, nn.Conv1d):
-        (k,), (s,), (p,), (d,) = module.kernel_size, module.stride, module.padding, module.dilation
-        return (1, k), (1, s), (0, p), (1, d)
-    return (
-        tuple(module.kernel_size),
-        tuple(module.stride),
-        tuple(module.padding),
-        tuple(module.dilation),
-    )  # type: ignore[return-value]
+        return (
+            (1, module.kernel_size[0]),
+            (1, module.stride[0]),
+            (0, padding[0]),
+            (1, module.dilation[0]),
+        )
+    pairs = (module.kernel_size, module.stride, padding, module.dilation)
+    return tuple((int(v[0]), int(v[1])) for v in pairs)
 
 
 def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> Tensor:
@@ -295,6 +299,8 @@ def conv_weight_grads(module: nn.Module, x: Tensor, g: Tensor, method: str) -> T
             backward with the batch folded into groups). All are exact; which is fastest
             depends on the layer's shape, so the engine times them once.
     """
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        raise TypeError(f"expected an nn.Conv1d or nn.Conv2d, got {type(module).__name__}")
     batch_size = x.shape[0]
     kernel, stride, padding, dilation = _conv_geometry(module)
     if isinstance(module, nn.Conv1d):

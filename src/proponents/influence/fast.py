@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -216,7 +216,7 @@ class TracInCPFast(TracInCPBase):
                 "nn.CrossEntropyLoss(reduction='sum')"
             )
         self.final_fc_layer_name = resolve_final_layer(model, final_fc_layer, name)
-        self.final_fc_layer = model.get_submodule(self.final_fc_layer_name)
+        self.final_fc_layer = cast(nn.Linear, model.get_submodule(self.final_fc_layer_name))
         self.vectorize = vectorize
         self._loss = resolve_loss(loss_fn, None, name)
         self._selected = resolve_layers(model, [self.final_fc_layer_name], name)
