@@ -170,10 +170,11 @@ class _DoublingInPlace(_Doubling):
         return self.fc(x.mul_(2.0))
 
 
-def _three_checkpoints(tmp_path):
+def _stepped_checkpoints(tmp_path, model=None, n=3):
+    """``n`` checkpoints of ``model`` (default: a _DoublingInPlace), each a random step on."""
     torch.manual_seed(0)
-    model, paths = _DoublingInPlace(), []
-    for c in range(3):
+    model, paths = model if model is not None else _DoublingInPlace(), []
+    for c in range(n):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.3 * torch.randn_like(p))
@@ -187,7 +188,7 @@ def test_a_model_that_edits_its_input_gets_the_same_input_at_every_checkpoint(tm
     """The test batch goes through the model once per checkpoint (and more than once on
     the first batch, for the checks): each run must see the inputs as given, and the
     caller's tensors stay untouched."""
-    model, paths = _three_checkpoints(tmp_path)
+    model, paths = _stepped_checkpoints(tmp_path)
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
     xt, yt = torch.randn(3, 4), torch.randint(0, 3, (3,))
     kept, kept_test = x.clone(), xt.clone()
@@ -227,7 +228,7 @@ def test_a_model_that_edits_its_input_gets_the_same_input_at_every_checkpoint(tm
 
 
 def test_a_model_that_leaves_its_input_alone_is_not_given_copies(tmp_path):
-    model, paths = _three_checkpoints(tmp_path)
+    model, paths = _stepped_checkpoints(tmp_path)
     reference = _Doubling()
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
     for net, edits in ((model, True), (reference, False)):
@@ -259,15 +260,7 @@ class _ScaledNoVmap(nn.Module):
 def test_the_per_example_fallback_sees_the_input_as_given(tmp_path, hooked):
     """When vmap fails part-way through a model that has already edited its input, the
     per-example loop that takes over must start from the batch as it was given."""
-    torch.manual_seed(0)
-    model = _ScaledNoVmap(in_place=True)
-    paths = []
-    for c in range(2):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        paths.append(str(tmp_path / f"c{c}.pt"))
-        torch.save(model.state_dict(), paths[-1])
+    model, paths = _stepped_checkpoints(tmp_path, _ScaledNoVmap(in_place=True), n=2)
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
     xt, yt = torch.randn(3, 4), torch.randint(0, 3, (3,))
 
