@@ -152,7 +152,8 @@ class GradientEngine:
         out: list[Grads] = []
         # The model may run more than once on this batch (a closed-form attempt, then
         # autograd; hooked layers, then the generic ones). A model that edits its input
-        # in place gets a copy for each run; any other runs on the batch itself.
+        # in place gets a copy for each hooked run; the generic run comes last and copies
+        # for its own vmap attempts. Any other model runs on the batch itself.
         copies = self._edits_inputs
         if self.hooked:
             layer_reps, self._protect = hooked_pass(
@@ -168,8 +169,8 @@ class GradientEngine:
             )
             out.extend(layer_reps)
         if self.generic is not None:
-            generic_batch = copy_batch(batch) if copies else batch
-            out.extend(DenseGrads(b) for b in self.generic(params, buffers, generic_batch))
+            # the last run on the batch; GenericGradients copies for its own retries
+            out.extend(DenseGrads(b) for b in self.generic(params, buffers, batch))
         return out
 
     def input_layout(self, tensor: Tensor) -> torch.memory_format:
