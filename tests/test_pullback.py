@@ -318,3 +318,64 @@ def test_other_model_dtypes_on_the_input_side(tmp_path, monkeypatch, dtype, metr
     else:
         assert seen == []
         assert _stored_arrays(tmp_path, "conv") == DIRECT_ONLY
+
+
+@pytest.mark.parametrize("direction", ["min", "max"])
+def test_input_side_euclidean_neighbours_of_near_duplicates_are_exact(
+    tmp_path, monkeypatch, direction
+):
+    """Outputs a hair apart around a large bias: the input-side products carry rounding
+    errors of about 1e-7 ⟨|t|, |b|⟩, far above the squared distances."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64))
+    with torch.no_grad():
+        model[0].bias.mul_(0).add_(300 * torch.randn(64))
+    g = torch.Generator().manual_seed(2)
+    centre = torch.randn(8, generator=g)
+    spread = 10.0 ** torch.empty(124, 1).uniform_(-3, -1, generator=g)
+    x = centre + spread * torch.randn(124, 8, generator=g)
+    train, test = TensorDataset(x[:120], torch.zeros(120)), x[120:]
+    sim = SimilarityInfluence(
+        model,
+        "0",
+        train,
+        tmp_path,
+        similarity_metric=METRICS["euclidean"],
+        similarity_direction=direction,
+        batch_size=50,
+    )
+    seen = _spy_on_input_side_updates(monkeypatch)
+    expected = _expected(model, "0", test, x[:120], "euclidean", direction, 5)
+    for _ in range(2):  # scored while stored, then from the store
+        _check(sim.influence(test, top_k=5)["0"], expected)
+    assert set(seen) == {"0"}
+
+
+def test_the_rounding_bound_covers_float32_products_and_stays_narrow():
+    """The bound behind the Euclidean candidates holds for real float32 products (all-
+    positive terms, where errors cannot cancel by sign) and widens ordinary data little."""
+    from proponents.influence._rounding import dot_error_factor, product_roundoff
+    from proponents.influence._similarity_metrics import BlockScorer, euclidean_distance
+
+    g = torch.Generator().manual_seed(0)
+    u = product_roundoff(torch.float32, torch.device("cpu"))
+    assert u == 2.0**-24
+    before = torch.get_float32_matmul_precision()
+    try:  # reduced-precision products are allowed for: the bound must follow
+        torch.set_float32_matmul_precision("high")
+        assert product_roundoff(torch.float32, torch.device("cpu")) == 2.0**-11
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for n in (16, 1000, 100_000):
+        a = torch.rand(8, n, generator=g) + 0.5
+        b = torch.rand(n, 8, generator=g) + 0.5
+        exact = a.double() @ b.double()
+        error = ((a @ b).double() - exact).abs()
+        assert bool((error <= dot_error_factor(n, u) * exact).all())
+    test, src = torch.randn(16, 512, generator=g), torch.randn(300, 512, generator=g)
+    scorer = BlockScorer(euclidean_distance, "euclidean", test, 10, False, "x", 300)
+    d2 = test @ src.T
+    d2.mul_(-2).add_(test.norm(dim=1)[:, None] ** 2).add_(src.norm(dim=1)[None] ** 2)
+    pos = torch.topk(d2, 10, largest=False).indices
+    width = scorer._candidate_width(d2, pos, slice(0, 16), float(src.norm(dim=1).max()), None)
+    assert 10 <= width <= 12

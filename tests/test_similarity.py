@@ -848,3 +848,35 @@ def test_layout_is_tried_once_per_model_and_weights(tmp_path, monkeypatch):
     sim = SimilarityInfluence(model, "conv", train, tmp_path / "c", batch_size=6)
     sim.influence(test, top_k=4)
     assert len(tried) == 2
+
+
+# ------------------------------------------------------------------ rounding margin
+
+
+def _near_duplicates(n=200, n_test=4, dim=96, scale=300.0, seed=5):
+    """Points a hair apart around one far-off centre: ``‖t‖² + ‖s‖² − 2 t·s`` in float32
+    has a rounding error (about 1e-7 ‖c‖² ≈ 1) far above the squared distances (≤ 1e-2)."""
+    g = torch.Generator().manual_seed(seed)
+    centre = scale * torch.randn(dim, generator=g)
+    spread = 10.0 ** torch.empty(n + n_test, 1).uniform_(-3, -1, generator=g)
+    x = centre + spread * torch.randn(n + n_test, dim, generator=g)
+    return TensorDataset(x[:n], torch.zeros(n)), x[n:]
+
+
+@pytest.mark.parametrize("direction", ["min", "max"])
+def test_euclidean_neighbours_of_near_duplicates_far_from_the_origin_are_exact(tmp_path, direction):
+    model = nn.Sequential(nn.Identity())
+    train, test = _near_duplicates()
+    sim = SimilarityInfluence(
+        model,
+        "0",
+        train,
+        tmp_path,
+        similarity_metric=euclidean_distance,
+        similarity_direction=direction,
+        batch_size=64,
+    )
+    src = train.tensors[0].double()
+    expected = _brute(test.double(), src, "euclidean", direction, 5)
+    for _ in range(2):  # first call (scored while stored) and a call from the store
+        _check(sim.influence(test, top_k=5)["0"], expected)

@@ -567,7 +567,7 @@ class SimilarityInfluence(DataInfluence):
                 _check_top_k(top_k, n)
                 scorer = self._scorer(layer, test[layer], top_k, largest, rows)
                 if pullback is not None:
-                    scorer.pull_back(*pullback.pull(test[layer], scorer.dtype))
+                    _pull_back(scorer, pullback, test[layer])
                 norms = torch.from_numpy(entry.read("norms"))
                 clean = math.isfinite(float(norms.sum())) and not bool((norms == 0).any())
                 for start in range(0, n, rows):
@@ -648,7 +648,7 @@ class SimilarityInfluence(DataInfluence):
                 if not scorers[layer].pulled_back:
                     if tuple(test[layer].shape[1:]) != feature_shapes[layer]:
                         return None  # the direct product reports the mismatch
-                    scorers[layer].pull_back(*pullback.pull(test[layer], scorers[layer].dtype))
+                    _pull_back(scorers[layer], pullback, test[layer])
                 return inputs
 
             def flush() -> None:
@@ -963,6 +963,17 @@ def _close_entries(entries: dict[str, StoredEntry]) -> None:
     for entry in entries.values():
         entry.close()
     entries.clear()
+
+
+def _pull_back(scorer: BlockScorer, pullback: Pullback, test: Tensor) -> None:
+    """Let ``scorer`` take its products on the layer's input side, with what it needs to
+    bound their rounding error (Euclidean distance)."""
+    rows, offsets = pullback.pull(test, scorer.dtype)
+    magnitudes = roundoff = None
+    if scorer.kind == "euclidean":
+        magnitudes = pullback.pull(test, scorer.dtype, absolute=True)
+        roundoff = pullback.roundoff(scorer.dtype, test.device)
+    scorer.pull_back(rows, offsets, magnitudes, roundoff)
 
 
 def _pullback_candidates(modules: dict[str, nn.Module]) -> list[str]:
