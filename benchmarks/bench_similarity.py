@@ -15,11 +15,13 @@ and the scores themselves.
 single layer), each phase in a fresh subprocess; reports the peak resident memory
 above what the process held once the model and the data were in memory.
 
+``--metric euclidean``: the same comparison with Euclidean distance, nearest first.
+
 ``--processes N``: the default comparison in N fresh processes, with the median ratio and
 its range (the figures RESULTS.md quotes).
 
 Run: ``python benchmarks/bench_similarity.py [--repeats 3] [--processes 5] [--large]
-[--device cuda]``
+[--metric euclidean] [--device cuda]``
 """
 
 from __future__ import annotations
@@ -123,19 +125,32 @@ def _agreement(ours, theirs, tol=1e-5):
     return report
 
 
-def main_compare(repeats: int, json_out: Path | None = None) -> None:
+def _metric_arguments(metric: str) -> tuple[dict, dict]:
+    """Keyword arguments selecting ``metric`` for ours and for captum."""
+    if metric == "cosine":
+        return {}, {}
+    from captum.influence._core.similarity_influence import euclidean_distance as theirs
+
+    from proponents import euclidean_distance as ours
+
+    pick = {"similarity_direction": "min"}
+    return {"similarity_metric": ours, **pick}, {"similarity_metric": theirs, **pick}
+
+
+def main_compare(repeats: int, json_out: Path | None = None, metric: str = "cosine") -> None:
     set_threads(2)
     torch.manual_seed(0)
     model = BenchCNN().to(device()).eval()
     train, test_x, _ = cnn_data(2000, 64)
     captum_cls = _captum()
     top_k = 10
+    ours_metric, captum_metric = _metric_arguments(metric)
 
     def make_ours(folder):
-        return SimilarityInfluence(model, LAYERS, train, folder, batch_size=128)
+        return SimilarityInfluence(model, LAYERS, train, folder, batch_size=128, **ours_metric)
 
     def make_captum(folder):
-        return captum_cls(model, LAYERS, train, folder, batch_size=128)
+        return captum_cls(model, LAYERS, train, folder, batch_size=128, **captum_metric)
 
     if device().type == "cuda" and not _captum_runs_on(make_captum, test_x, top_k):
         main_ours_only(make_ours, test_x, top_k, repeats)
@@ -154,7 +169,7 @@ def main_compare(repeats: int, json_out: Path | None = None) -> None:
     best = {name: (min(f), min(a)) for name, (f, a) in times.items()}
     print(
         f"device {device()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"best of {repeats}"
+        f"metric {metric}, best of {repeats}"
     )
     print(f"{'':12s} {'first call':>12s} {'repeated':>12s}")
     for name, (f, a) in best.items():
@@ -299,6 +314,12 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu", help="device of the default comparison")
     parser.add_argument("--json", type=Path, default=None, help="write the ratios as JSON here")
     parser.add_argument(
+        "--metric",
+        choices=["cosine", "euclidean"],
+        default="cosine",
+        help="the similarity of the default comparison (euclidean: nearest first)",
+    )
+    parser.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -314,4 +335,4 @@ if __name__ == "__main__":
     elif args.large:
         main_large(args.n, args.with_captum)
     else:
-        main_compare(max(2, args.repeats), args.json)
+        main_compare(max(2, args.repeats), args.json, args.metric)

@@ -452,9 +452,13 @@ class BlockScorer:
         key = _rank_key(d2, self.largest) if check_nan else d2
         kb = min(self.k, d2.shape[1])
         pos = _block_top(key, kb, self.largest)
-        if bound is not None and kb < d2.shape[1]:
-            width = self._candidate_width(key, pos, chunk, *bound)
-            if width > kb:
+        if bound is not None:
+            # with NaN scores about, every pair is looked at (they are counted)
+            kept = None if check_nan else running.values
+            width = self._candidate_width(key, pos, chunk, *bound, kept)
+            if width == 0:
+                return  # no pair of this block can enter the running top-k
+            if width != kb:
                 pos = _block_top(key, width, self.largest)
         exact = self._exact_distances(chunk, s, pos)
         if check_nan and torch.isnan(exact).any():
@@ -479,28 +483,40 @@ class BlockScorer:
         return float(finite.max()), x_max
 
     def _candidate_width(
-        self, key: Tensor, pos: Tensor, chunk: slice, s_max: float, x_max: float | None
+        self,
+        key: Tensor,
+        pos: Tensor,
+        chunk: slice,
+        s_max: float,
+        x_max: float | None,
+        kept: Tensor | None = None,
     ) -> int:
         """How many of each row's best approximate squared distances to recompute.
 
-        A pair is left out only when its approximate value is worse than the k-th
-        candidate's by more than twice the rounding bound ``E`` of the row: its true value
-        is then worse than every candidate's, since rounding moves each by at most ``E``.
+        Rounding moves each approximate value by at most the row's bound ``E``. A pair is
+        left out when its approximate value is worse than the block's k-th candidate's by
+        more than ``2E`` (its true value is then worse than every candidate's), or worse
+        than the ``k``-th exact distance already ``kept`` (``(rows, k)``, best first) by
+        more than ``E`` (it cannot enter the running top-k: a later block's pair also
+        loses every tie). ``0`` means that no pair of the block can enter.
         """
         error = self._coef * (self.t_norm[chunk] + s_max).square()
         if x_max is not None and self._pulled_error is not None:
             spread, offsets = self._pulled_error
             error = error + spread[chunk] * x_max + offsets[chunk]
         chosen = key.gather(1, pos)
-        if self.largest:
-            cut = chosen.amin(1) - 2 * error
-            inside = key >= cut[:, None]
-        else:
-            cut = chosen.amax(1) + 2 * error
-            inside = key <= cut[:, None]
+        cut = chosen.amin(1) - 2 * error if self.largest else chosen.amax(1) + 2 * error
+        if kept is not None and kept.shape[1] >= self.k:
+            # the k-th kept distance, squared, a hair to the safe side of its rounding
+            worst = kept[:, -1].to(key.dtype).square()
+            slack = 1 - 2.0**-20 if self.largest else 1 + 2.0**-20
+            limit = worst * slack - error if self.largest else worst * slack + error
+            limit = torch.where(torch.isfinite(limit), limit, cut)
+            cut = torch.maximum(cut, limit) if self.largest else torch.minimum(cut, limit)
+        inside = key >= cut[:, None] if self.largest else key <= cut[:, None]
         counts = inside.sum(1)
-        # a row whose cut-off is not finite (NaN or infinite scores) is not widened
-        counts = torch.where(torch.isfinite(cut), counts, torch.zeros_like(counts))
+        # a row whose cut-off is not finite (NaN or infinite scores) keeps its k candidates
+        counts = torch.where(torch.isfinite(cut), counts, torch.full_like(counts, pos.shape[1]))
         return int(counts.max()) if counts.numel() else 0
 
     def _exact_distances(self, chunk: slice, s: Tensor, pos: Tensor) -> Tensor:
