@@ -863,8 +863,16 @@ def _near_duplicates(n=200, n_test=4, dim=96, scale=300.0, seed=5):
     return TensorDataset(x[:n], torch.zeros(n)), x[n:]
 
 
+@pytest.mark.parametrize("small_blocks", [False, True])
 @pytest.mark.parametrize("direction", ["min", "max"])
-def test_euclidean_neighbours_of_near_duplicates_far_from_the_origin_are_exact(tmp_path, direction):
+def test_euclidean_neighbours_of_near_duplicates_far_from_the_origin_are_exact(
+    tmp_path, monkeypatch, direction, small_blocks
+):
+    """Also in blocks of 16 rows, where later blocks are pruned against the kept top-k."""
+    import proponents.influence.similarity as module
+
+    if small_blocks:
+        monkeypatch.setattr(module, "BLOCK_BYTES", 16 * 96 * 4)
     model = nn.Sequential(nn.Identity())
     train, test = _near_duplicates()
     sim = SimilarityInfluence(
@@ -880,3 +888,38 @@ def test_euclidean_neighbours_of_near_duplicates_far_from_the_origin_are_exact(t
     expected = _brute(test.double(), src, "euclidean", direction, 5)
     for _ in range(2):  # first call (scored while stored) and a call from the store
         _check(sim.influence(test, top_k=5)["0"], expected)
+
+
+def test_euclidean_blocks_that_cannot_beat_the_kept_neighbours_are_not_recomputed(
+    tmp_path, monkeypatch
+):
+    """Sources in order of distance, 8 rows per block: after the first block no pair can
+    enter the top 5, so no later pair's exact distance is computed."""
+    import proponents.influence._similarity_metrics as metrics
+    import proponents.influence.similarity as module
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 6, generator=g) * torch.linspace(0.1, 10, 64)[:, None]
+    train, test = TensorDataset(x, torch.zeros(64)), torch.zeros(1, 6)
+    sim = SimilarityInfluence(
+        nn.Sequential(nn.Identity()),
+        "0",
+        train,
+        tmp_path,
+        similarity_metric=euclidean_distance,
+        similarity_direction="min",
+    )
+    sim.influence(test, top_k=5)  # builds the store
+    monkeypatch.setattr(module, "BLOCK_BYTES", 8 * 6 * 4)
+    pairs = []
+    exact = metrics.BlockScorer._exact_distances
+
+    def counted(self, chunk, s, pos):
+        pairs.append(pos.numel())
+        return exact(self, chunk, s, pos)
+
+    monkeypatch.setattr(metrics.BlockScorer, "_exact_distances", counted)
+    _check(
+        sim.influence(test, top_k=5)["0"], _brute(test.double(), x.double(), "euclidean", "min", 5)
+    )
+    assert pairs == [5]
