@@ -158,13 +158,15 @@ def test_first_and_repeated_calls_on_the_input_side_match_brute_force(
     )
     seen = _spy_on_input_side_updates(monkeypatch)
     first = sim.influence(test, top_k=7)
-    assert _stored_arrays(tmp_path, "conv") == WITH_INPUTS
-    assert _stored_arrays(tmp_path, "up") == WITH_INPUTS
+    # Euclidean distance is searched directly: its rounding bound is tight only there
+    widening = {"conv", "up"} if metric == "cosine" else set()
+    for layer in ("conv", "up"):
+        assert _stored_arrays(tmp_path, layer) == (WITH_INPUTS if widening else DIRECT_ONLY)
     assert _stored_arrays(tmp_path, "head") == DIRECT_ONLY  # narrows: no inputs kept
-    assert set(seen) == {"conv", "up"}
+    assert set(seen) == widening
     seen.clear()
     again = sim.influence(test, top_k=7)
-    assert set(seen) == {"conv", "up"}
+    assert set(seen) == widening
     for layer in layers:
         expected = _expected(model, layer, test, train.tensors[0], metric, direction, 7)
         _check(first[layer], expected)
@@ -311,7 +313,7 @@ def test_other_model_dtypes_on_the_input_side(tmp_path, monkeypatch, dtype, metr
             idx, val = result[layer]
             assert val.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
             _check((idx, val), expected, rtol=1e-5 if dtype == torch.float64 else 1e-2)
-    if dtype == torch.float64:
+    if dtype == torch.float64 and metric == "cosine":
         assert set(seen) == {"conv", "up"}
         manifest, _ = ArrayStore(tmp_path / "src")._read_manifest("conv")
         assert manifest["arrays"][LAYER_INPUTS]["dtype"] == "<f8"
@@ -321,11 +323,11 @@ def test_other_model_dtypes_on_the_input_side(tmp_path, monkeypatch, dtype, metr
 
 
 @pytest.mark.parametrize("direction", ["min", "max"])
-def test_input_side_euclidean_neighbours_of_near_duplicates_are_exact(
+def test_euclidean_neighbours_of_near_duplicates_of_a_widening_layer_are_exact(
     tmp_path, monkeypatch, direction
 ):
-    """Outputs a hair apart around a large bias: the input-side products carry rounding
-    errors of about 1e-7 ⟨|t|, |b|⟩, far above the squared distances."""
+    """Outputs a hair apart around a large bias, from a layer cosine similarity would search
+    on its input side: Euclidean distance searches it directly, and exactly."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64))
     with torch.no_grad():
@@ -348,7 +350,8 @@ def test_input_side_euclidean_neighbours_of_near_duplicates_are_exact(
     expected = _expected(model, "0", test, x[:120], "euclidean", direction, 5)
     for _ in range(2):  # scored while stored, then from the store
         _check(sim.influence(test, top_k=5)["0"], expected)
-    assert set(seen) == {"0"}
+    assert seen == []
+    assert _stored_arrays(tmp_path, "0") == DIRECT_ONLY
 
 
 def test_the_rounding_bound_covers_float32_products_and_stays_narrow():
@@ -379,3 +382,35 @@ def test_the_rounding_bound_covers_float32_products_and_stays_narrow():
     pos = torch.topk(d2, 10, largest=False).indices
     width = scorer._candidate_width(d2, pos, slice(0, 16), float(src.norm(dim=1).max()), None)
     assert 10 <= width <= 12
+
+
+def test_cosine_and_euclidean_share_one_store(tmp_path, monkeypatch):
+    """A store built for cosine (with layer inputs) serves Euclidean distance directly, and
+    one built for Euclidean (without them) serves cosine directly: no rebuild either way."""
+    import warnings as _warnings
+
+    torch.manual_seed(0)
+    model = Widening().eval()
+    train, test = _widening_data()
+    x = train.tensors[0]
+    for first, second in (("cosine", "euclidean"), ("euclidean", "cosine")):
+        folder = tmp_path / first
+        SimilarityInfluence(model, "up", train, folder, similarity_metric=METRICS[first]).influence(
+            test
+        )
+        seen = _spy_on_input_side_updates(monkeypatch)
+        direction = "max" if second == "cosine" else "min"
+        sim = SimilarityInfluence(
+            model,
+            "up",
+            train,
+            folder,
+            similarity_metric=METRICS[second],
+            similarity_direction=direction,
+        )
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("error")  # a StoreRebuildWarning would fail here
+            result = sim.influence(test, top_k=6)["up"]
+        _check(result, _expected(model, "up", test, x, second, direction, 6))
+        assert seen == []
+        monkeypatch.undo()

@@ -33,8 +33,6 @@ from torch.nn import functional as F
 from torch.nn import grad as conv_grad
 from torch.nn.modules.conv import _ConvNd
 
-from proponents.influence._rounding import product_roundoff
-
 #: Use a pullback only when the layer input is at most this fraction of the output's width.
 MAX_WIDTH_FRACTION = 2 / 3
 
@@ -101,15 +99,8 @@ class Pullback:
             return None
         return cls(module, input_shape, padding)
 
-    def pull(
-        self, outputs: Tensor, dtype: torch.dtype, absolute: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    def pull(self, outputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(Aᵀ t, ⟨t, b⟩)`` for rows ``t`` of the output shape ``(n, *out)``.
-
-        Args:
-            outputs: ``(n, *out)`` rows in the layer's output shape.
-            dtype: the dtype to compute and return in.
-            absolute: use ``|t|``, ``|A|`` and ``|b|`` instead (for rounding-error bounds).
 
         Returns:
             ``(n, width)`` rows ``Aᵀ t`` (flattened input shape) and ``(n,)`` offsets
@@ -119,9 +110,6 @@ class Pullback:
         t = outputs.to(dtype)
         weight = _tensor(m.weight).detach().to(dtype)
         bias = _tensor(m.bias).detach().to(dtype) if m.bias is not None else None
-        if absolute:
-            t, weight = t.abs(), weight.abs()
-            bias = bias.abs() if bias is not None else None
         n = int(t.shape[0])
         if isinstance(m, nn.Linear):
             pulled = t @ weight  # (n, *, in_features)
@@ -133,10 +121,6 @@ class Pullback:
         if offset is None:
             offset = torch.zeros(n, dtype=dtype, device=t.device)
         return pulled.reshape(n, self.width), offset
-
-    def roundoff(self, dtype: torch.dtype, device: torch.device) -> float:
-        """Unit roundoff of this layer's products (convolutions may run in TF32 on CUDA)."""
-        return product_roundoff(dtype, device, convolution=not isinstance(self.module, nn.Linear))
 
     def _conv_adjoint(self, t: Tensor, weight: Tensor) -> Tensor:
         m = self.module

@@ -26,12 +26,11 @@ import torch
 LAMBDA = 10.0
 
 
-def product_roundoff(dtype: torch.dtype, device: torch.device, convolution: bool = False) -> float:
-    """Unit roundoff of the products a matrix multiply (or convolution) uses for ``dtype``.
+def product_roundoff(dtype: torch.dtype, device: torch.device) -> float:
+    """Unit roundoff of the products a matrix multiply uses for ``dtype`` on ``device``.
 
-    Float32 products may run in TF32 on CUDA (``torch.backends.cuda.matmul.allow_tf32``,
-    and for convolutions ``torch.backends.cudnn.allow_tf32``, on by default) or in
-    reduced precision wherever ``torch.set_float32_matmul_precision`` allows it; the
+    Float32 products may run in TF32 on CUDA (``torch.backends.cuda.matmul.allow_tf32``)
+    or in reduced precision wherever ``torch.set_float32_matmul_precision`` allows it; the
     roundoff returned is the coarsest the settings permit.
     """
     if dtype == torch.float64:
@@ -44,7 +43,6 @@ def product_roundoff(dtype: torch.dtype, device: torch.device, convolution: bool
     tf32 = precision == "high"
     if device.type == "cuda":
         tf32 = tf32 or torch.backends.cuda.matmul.allow_tf32
-        tf32 = tf32 or (convolution and torch.backends.cudnn.allow_tf32)
     return 2.0**-11 if tf32 else 2.0**-24
 
 

@@ -181,11 +181,11 @@ class BlockScorer:
     * ``kind=None``: ``metric(test_rows, block)`` with the activations in their
       original shape, checked to return ``(n_test_rows, n_block)``.
 
-    For an affine layer the inner products of the two built-ins may instead be taken on
+    For an affine layer the inner products of cosine similarity may instead be taken on
     the layer's input side (see :mod:`proponents.influence._pullback`): after
     :meth:`pull_back`, a block may come with the source examples' layer inputs ``x``
     (``pulled`` in :meth:`update`), and its inner products are ``⟨Aᵀ t, x⟩ + ⟨t, b⟩``.
-    Norms, zero vectors and exact Euclidean distances still come from the activations.
+    Norms and zero vectors still come from the activations.
 
     Args:
         metric: the similarity callable (used when ``kind`` is ``None``).
@@ -256,8 +256,6 @@ class BlockScorer:
                 # both squared norms within γ, the three roundings of the sum within 3u
                 u = product_roundoff(self.dtype, self.device)
                 self._coef = dot_error_factor(self.features, u) + 6 * u
-                # after pull_back: 2 × the input-side product's bound, per test row
-                self._pulled_error: tuple[Tensor, Tensor] | None = None
 
     @property
     def t_flat(self) -> Tensor:
@@ -272,41 +270,20 @@ class BlockScorer:
         return _safe_inverse(self.t_norm)[:, None]
 
     # -- public ---------------------------------------------------------------------
-    def pull_back(
-        self,
-        rows: Tensor,
-        offsets: Tensor,
-        magnitudes: tuple[Tensor, Tensor] | None = None,
-        roundoff: float | None = None,
-    ) -> None:
+    def pull_back(self, rows: Tensor, offsets: Tensor) -> None:
         """Also accept blocks given as layer inputs (``pulled`` in :meth:`update`).
+
+        Cosine similarity only: the Euclidean search needs the rounding error of its
+        products bounded, which is tight only for the direct product.
 
         Args:
             rows: ``(n_test, m)`` test activations pulled back through the layer, ``Aᵀ t``.
             offsets: ``(n_test,)`` inner products ``⟨t, b⟩`` with the layer's bias.
-            magnitudes: for Euclidean distance (required there), the same two with every
-                entry of ``t``, ``A`` and ``b`` replaced by its absolute value, from which
-                the rounding error of the input-side products is bounded.
-            roundoff: unit roundoff of the layer's products (Euclidean distance).
         """
-        if self.kind is None:
-            raise ValueError("only the built-in metrics take inner products on the input side")
-        if self.kind == "euclidean":
-            if magnitudes is None or roundoff is None:
-                raise ValueError("Euclidean distance needs the magnitudes and the roundoff")
-            # ⟨Aᵀt, x⟩ + ⟨t, b⟩ differs from ⟨t, s⟩ (s as the layer rounded it) by at most
-            # γ (3 ‖|A|ᵀ|t|‖ ‖x‖ + 2 ⟨|t|, |b|⟩): the rounding of Aᵀt, of its product with
-            # x, and of s itself, each within γ ⟨|A|ᵀ|t|, |x|⟩ + γ ⟨|t|, |b|⟩
-            gamma = dot_error_factor(max(self.features, int(rows.shape[1])) + 1, roundoff)
-            abs_rows, abs_offsets = magnitudes
-            spread = torch.linalg.vector_norm(abs_rows.to(self.dtype), dim=1)
-            self._pulled_error = (
-                2 * gamma * 3 * spread,
-                2 * gamma * 2 * abs_offsets.to(self.dtype),
-            )
+        if self.kind != "cosine":
+            raise ValueError("only cosine similarity takes inner products on the input side")
         rows, offsets = rows.to(self.dtype), offsets.to(self.dtype)[:, None]
-        if self.kind == "cosine":
-            rows, offsets = rows * self._scale(), offsets * self._scale()
+        rows, offsets = rows * self._scale(), offsets * self._scale()
         self._pulled_left = (rows, offsets)
 
     @property
@@ -326,8 +303,7 @@ class BlockScorer:
 
         Args:
             block: ``(b, *features)`` source activations on the scoring device (with
-                ``pulled`` and cosine similarity they are not read at all; for
-                Euclidean distance only the rows of the chosen pairs are).
+                ``pulled`` they are not read at all).
             start: index of the block's first row in the source set.
             norms: ``(b,)`` Euclidean norms of the flattened rows, if known (required
                 with ``pulled``).
@@ -374,7 +350,7 @@ class BlockScorer:
                 self.nonfinite_src += int((~torch.isfinite(s_norm)).sum())
             has_zero = bool((s_norm == 0).any())
         check_nan = not finite or self.nonfinite_test > 0
-        bound = self._source_magnitudes(s_norm, product if pulled is not None else None)
+        s_max = self._largest_finite(s_norm) if self.kind == "euclidean" else None
         for chunk, running in zip(self._chunks, self._running):
             if pulled is None:
                 if self._left is None:
@@ -388,7 +364,7 @@ class BlockScorer:
             if self.kind == "cosine":
                 self._update_cosine(chunk, running, inner, s_norm, start, check_nan, has_zero)
             else:
-                self._update_euclidean(chunk, running, inner, s, s_norm, start, check_nan, bound)
+                self._update_euclidean(chunk, running, inner, s, s_norm, start, check_nan, s_max)
 
     def result(self) -> tuple[Tensor, Tensor]:
         """``(indices, values)``, each ``(n_test, k)``, best first."""
@@ -445,17 +421,17 @@ class BlockScorer:
         s_norm: Tensor,
         start: int,
         check_nan: bool,
-        bound: tuple[float, float | None] | None,
+        s_max: float | None,
     ) -> None:
         """``d2``: the block's ``(rows, b)`` inner products, turned into squared distances."""
         d2.mul_(-2.0).add_(self.t_sq[chunk][:, None]).add_(s_norm.square()[None, :])
         key = _rank_key(d2, self.largest) if check_nan else d2
         kb = min(self.k, d2.shape[1])
         pos = _block_top(key, kb, self.largest)
-        if bound is not None:
+        if s_max is not None:
             # with NaN scores about, every pair is looked at (they are counted)
             kept = None if check_nan else running.values
-            width = self._candidate_width(key, pos, chunk, *bound, kept)
+            width = self._candidate_width(key, pos, chunk, s_max, kept)
             if width == 0:
                 return  # no pair of this block can enter the running top-k
             if width != kb:
@@ -465,22 +441,11 @@ class BlockScorer:
             self.nan_scores += int(torch.isnan(exact).sum())
         running.offer(exact, pos + start, self.k, self.largest, check_nan)
 
-    def _source_magnitudes(
-        self, s_norm: Tensor, pulled: Tensor | None
-    ) -> tuple[float, float | None] | None:
-        """The block's largest finite norm, and its largest layer-input norm when pulled
-        (Euclidean distance only; ``None`` when no row is finite)."""
-        if self.kind != "euclidean":
-            return None
+    @staticmethod
+    def _largest_finite(s_norm: Tensor) -> float | None:
+        """The block's largest finite norm (``None`` when no row is finite)."""
         finite = s_norm[torch.isfinite(s_norm)]
-        if finite.numel() == 0:
-            return None
-        x_max = None
-        if pulled is not None:
-            x_norm = torch.linalg.vector_norm(pulled, dim=1)
-            finite_x = x_norm[torch.isfinite(x_norm)]
-            x_max = float(finite_x.max()) if finite_x.numel() else 0.0
-        return float(finite.max()), x_max
+        return float(finite.max()) if finite.numel() else None
 
     def _candidate_width(
         self,
@@ -488,7 +453,6 @@ class BlockScorer:
         pos: Tensor,
         chunk: slice,
         s_max: float,
-        x_max: float | None,
         kept: Tensor | None = None,
     ) -> int:
         """How many of each row's best approximate squared distances to recompute.
@@ -501,9 +465,6 @@ class BlockScorer:
         loses every tie). ``0`` means that no pair of the block can enter.
         """
         error = self._coef * (self.t_norm[chunk] + s_max).square()
-        if x_max is not None and self._pulled_error is not None:
-            spread, offsets = self._pulled_error
-            error = error + spread[chunk] * x_max + offsets[chunk]
         chosen = key.gather(1, pos)
         cut = chosen.amin(1) - 2 * error if self.largest else chosen.amax(1) + 2 * error
         if kept is not None and kept.shape[1] >= self.k:

@@ -529,7 +529,7 @@ class SimilarityInfluence(DataInfluence):
 
     def _stored_pullback(self, entry: StoredEntry, test: Tensor, layer: str) -> Pullback | None:
         """The pullback that scores ``test`` against this entry's stored layer inputs, if any."""
-        if self._kind is None or LAYER_INPUTS not in entry.arrays:
+        if self._kind != "cosine" or LAYER_INPUTS not in entry.arrays:
             return None
         out_shape = tuple(entry.shape("activations")[1:])
         if tuple(test.shape[1:]) != out_shape:
@@ -549,11 +549,9 @@ class SimilarityInfluence(DataInfluence):
         plans = {}
         for layer, entry in entries.items():
             pullback = self._stored_pullback(entry, test[layer], layer)
-            # What a block reads: the layer inputs when a pullback serves (for cosine,
-            # nothing else), the activations otherwise.
+            # What a block reads: the layer inputs when a pullback serves, the
+            # activations otherwise.
             read = ["activations"] if pullback is None else [LAYER_INPUTS]
-            if pullback is not None and self._kind == "euclidean":
-                read.append("activations")
             row_bytes = max(1, sum(_row_bytes(entry, name) for name in read))
             n = entry.shape("activations")[0]
             plans[layer] = (n, max(1, BLOCK_BYTES // row_bytes), pullback)
@@ -567,7 +565,7 @@ class SimilarityInfluence(DataInfluence):
                 _check_top_k(top_k, n)
                 scorer = self._scorer(layer, test[layer], top_k, largest, rows)
                 if pullback is not None:
-                    _pull_back(scorer, pullback, test[layer])
+                    scorer.pull_back(*pullback.pull(test[layer], scorer.dtype))
                 norms = torch.from_numpy(entry.read("norms"))
                 clean = math.isfinite(float(norms.sum())) and not bool((norms == 0).any())
                 for start in range(0, n, rows):
@@ -576,10 +574,9 @@ class SimilarityInfluence(DataInfluence):
                     if pullback is not None:
                         pulled = torch.from_numpy(entry.memmap(LAYER_INPUTS, start, stop))
                         pulled = _on(pulled, device)
-                    # With layer inputs, cosine never reads the activations; Euclidean reads
-                    # only the rows whose exact distances it recomputes.
+                    # With layer inputs, cosine never reads the activations.
                     block = torch.from_numpy(entry.memmap("activations", start, stop))
-                    if pulled is None or self._kind == "euclidean":
+                    if pulled is None:
                         block = _on(block, device)
                     scorer.update(block, start, norms[start:stop], norms_clean=clean, pulled=pulled)
                     del block, pulled
@@ -607,7 +604,11 @@ class SimilarityInfluence(DataInfluence):
         are scored through them here already.
         """
         modules = {layer: self.module.get_submodule(layer) for layer in layers}
-        candidates = _pullback_candidates(modules) if self._kind is not None else []
+        # Only cosine similarity takes its products on the input side: the rounding bound
+        # that keeps the Euclidean search exact is several times wider there (the
+        # products' magnitudes through |A|), and the extra candidates cost more than the
+        # narrower product saves (docs/similarity.md).
+        candidates = _pullback_candidates(modules) if self._kind == "cosine" else []
         extractor = _Extractor(modules, candidates)
         row_bytes = {
             layer: max(1, test[layer][0].numel() * _storage_dtype(test[layer].dtype).itemsize)
@@ -648,7 +649,7 @@ class SimilarityInfluence(DataInfluence):
                 if not scorers[layer].pulled_back:
                     if tuple(test[layer].shape[1:]) != feature_shapes[layer]:
                         return None  # the direct product reports the mismatch
-                    _pull_back(scorers[layer], pullback, test[layer])
+                    scorers[layer].pull_back(*pullback.pull(test[layer], scorers[layer].dtype))
                 return inputs
 
             def flush() -> None:
@@ -963,17 +964,6 @@ def _close_entries(entries: dict[str, StoredEntry]) -> None:
     for entry in entries.values():
         entry.close()
     entries.clear()
-
-
-def _pull_back(scorer: BlockScorer, pullback: Pullback, test: Tensor) -> None:
-    """Let ``scorer`` take its products on the layer's input side, with what it needs to
-    bound their rounding error (Euclidean distance)."""
-    rows, offsets = pullback.pull(test, scorer.dtype)
-    magnitudes = roundoff = None
-    if scorer.kind == "euclidean":
-        magnitudes = pullback.pull(test, scorer.dtype, absolute=True)
-        roundoff = pullback.roundoff(scorer.dtype, test.device)
-    scorer.pull_back(rows, offsets, magnitudes, roundoff)
 
 
 def _pullback_candidates(modules: dict[str, nn.Module]) -> list[str]:
