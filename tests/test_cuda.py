@@ -251,3 +251,28 @@ def test_similarity_on_cuda(tmp_path):
         assert_close(shared[layer][1], got[layer][1], rtol=1e-4)
     assert_unchanged(case.model, snap)
     _same_rng(rng)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_euclidean_neighbours_of_near_duplicates_on_cuda(tmp_path, monkeypatch, tf32):
+    """With TF32 products allowed the rounding bound widens to match (u = 2^-11), and the
+    neighbours stay exact."""
+    from proponents import euclidean_distance
+    from test_similarity import _brute, _check, _near_duplicates
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    train, test = _near_duplicates()
+    sim = SimilarityInfluence(
+        torch.nn.Sequential(torch.nn.Identity()).cuda(),
+        "0",
+        train,
+        tmp_path,
+        similarity_metric=euclidean_distance,
+        similarity_direction="min",
+        batch_size=64,
+    )
+    expected = _brute(test.double(), train.tensors[0].double(), "euclidean", "min", 5)
+    for _ in range(2):
+        indices, values = sim.influence(test, top_k=5)["0"]
+        _on_cuda(indices, values)
+        _check((indices.cpu(), values.cpu()), expected)
