@@ -354,36 +354,6 @@ def test_euclidean_neighbours_of_near_duplicates_of_a_widening_layer_are_exact(
     assert _stored_arrays(tmp_path, "0") == DIRECT_ONLY
 
 
-def test_the_rounding_bound_covers_float32_products_and_stays_narrow():
-    """The bound behind the Euclidean candidates holds for real float32 products (all-
-    positive terms, where errors cannot cancel by sign) and widens ordinary data little."""
-    from proponents.influence._rounding import dot_error_factor, product_roundoff
-    from proponents.influence._similarity_metrics import BlockScorer, euclidean_distance
-
-    g = torch.Generator().manual_seed(0)
-    u = product_roundoff(torch.float32, torch.device("cpu"))
-    assert u == 2.0**-24
-    before = torch.get_float32_matmul_precision()
-    try:  # reduced-precision products are allowed for: the bound must follow
-        torch.set_float32_matmul_precision("high")
-        assert product_roundoff(torch.float32, torch.device("cpu")) == 2.0**-11
-    finally:
-        torch.set_float32_matmul_precision(before)
-    for n in (16, 1000, 100_000):
-        a = torch.rand(8, n, generator=g) + 0.5
-        b = torch.rand(n, 8, generator=g) + 0.5
-        exact = a.double() @ b.double()
-        error = ((a @ b).double() - exact).abs()
-        assert bool((error <= dot_error_factor(n, u) * exact).all())
-    test, src = torch.randn(16, 512, generator=g), torch.randn(300, 512, generator=g)
-    scorer = BlockScorer(euclidean_distance, "euclidean", test, 10, False, "x", 300)
-    d2 = test @ src.T
-    d2.mul_(-2).add_(test.norm(dim=1)[:, None] ** 2).add_(src.norm(dim=1)[None] ** 2)
-    pos = torch.topk(d2, 10, largest=False).indices
-    width = scorer._candidate_width(d2, pos, slice(0, 16), float(src.norm(dim=1).max()), None)
-    assert 10 <= width <= 12
-
-
 def test_cosine_and_euclidean_share_one_store(tmp_path, monkeypatch):
     """A store built for cosine (with layer inputs) serves Euclidean distance directly, and
     one built for Euclidean (without them) serves cosine directly: no rebuild either way."""
