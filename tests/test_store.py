@@ -15,13 +15,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from proponents.errors import StoreError
-from proponents.store import (
-    FORMAT_VERSION,
-    ArrayStore,
-    dataset_probe,
-    model_fingerprint,
-    safe_name,
-)
+from proponents.fingerprints import dataset_probe, model_fingerprint
+from proponents.store import FORMAT_VERSION, ArrayStore, safe_name
 
 
 def _write(store: ArrayStore, key: str, meta: dict, blocks, extra=None) -> None:

@@ -36,6 +36,7 @@ from proponents.errors import (
     CheckpointNotFoundError,
     InvalidArgumentError,
 )
+from proponents.fingerprints import tensor_bytes
 
 __all__ = [
     "CHECKPOINT_EXTENSIONS",
@@ -249,22 +250,6 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a tensor's values in row-major order (empty for meta tensors)."""
-    tensor = tensor.detach()
-    if tensor.is_sparse:
-        tensor = tensor.to_dense()
-    if tensor.is_quantized:
-        tensor = tensor.dequantize()
-    tensor = tensor.resolve_conj().resolve_neg()
-    if tensor.device.type == "meta" or tensor.numel() == 0:
-        return memoryview(b"")
-    flat = tensor.cpu().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8).numpy().data
-
-
 def _hash_object(obj: Any, update: Callable[[Any], Any]) -> None:
     """Feed a canonical, type-tagged encoding of ``obj`` into ``update``."""
 
@@ -274,7 +259,7 @@ def _hash_object(obj: Any, update: Callable[[Any], Any]) -> None:
 
     if isinstance(obj, torch.Tensor):
         tag("tensor", f"{obj.dtype}|{tuple(obj.shape)}".encode())
-        data = _tensor_bytes(obj)
+        data = tensor_bytes(obj)
         update(f"<data:{data.nbytes}>".encode())
         update(data)
     elif isinstance(obj, Mapping):

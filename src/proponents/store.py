@@ -51,7 +51,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from torch import nn
 
 from proponents.errors import StoreError
 
@@ -105,107 +104,6 @@ def safe_name(name: str) -> str:
         escaped = "%2E" + escaped[1:]
     digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:10]
     return f"{escaped[:80]}-{digest}"
-
-
-# ----------------------------------------------------------------------- fingerprints
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of ``tensor`` (any dtype, any device) in row-major order."""
-    flat = tensor.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    flat = flat.contiguous()
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8).numpy().data
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the class, parameter and buffer names, dtypes, shapes and values.
-
-    Any change to a weight or a buffer (e.g. BatchNorm running statistics), to a dtype
-    or to the architecture's parameter layout changes the fingerprint. Changes to the
-    ``forward`` code that leave every tensor untouched do not.
-    """
-    digest = hashlib.sha256()
-    cls = type(model)
-    digest.update(f"{cls.__module__}.{cls.__qualname__}\n".encode())
-    for kind, items in (
-        ("param", model.named_parameters(remove_duplicate=False)),
-        ("buffer", model.named_buffers(remove_duplicate=False)),
-    ):
-        for name, tensor in items:
-            if tensor is None:
-                continue
-            digest.update(f"{kind}:{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor_bytes(tensor))
-    return digest.hexdigest()
-
-
-def hash_object(obj: Any, digest: Any) -> None:
-    """Feed a structural description of ``obj`` into a hashlib ``digest``.
-
-    Tensors and arrays contribute dtype, shape and values; tuples, lists and dicts
-    recurse; numbers, strings, bytes and ``None`` contribute their value. Other objects
-    contribute their ``tobytes()`` when they have one (e.g. PIL images), else their
-    ``repr`` unless it is the default ``<... at 0x...>`` form, else only their type.
-    """
-    if isinstance(obj, torch.Tensor):
-        digest.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
-        digest.update(tensor_bytes(obj))
-    elif isinstance(obj, np.ndarray):
-        digest.update(f"A{obj.dtype.str}{obj.shape}".encode())
-        digest.update(np.ascontiguousarray(obj).data.cast("B"))
-    elif isinstance(obj, (tuple, list)):
-        digest.update(f"{type(obj).__name__}{len(obj)}(".encode())
-        for item in obj:
-            hash_object(item, digest)
-        digest.update(b")")
-    elif isinstance(obj, Mapping):
-        digest.update(f"M{len(obj)}(".encode())
-        for key in sorted(obj, key=repr):
-            hash_object(key, digest)
-            hash_object(obj[key], digest)
-        digest.update(b")")
-    elif obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
-        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
-    else:
-        digest.update(f"O{type(obj).__module__}.{type(obj).__qualname__}".encode())
-        to_bytes = getattr(obj, "tobytes", None)
-        if callable(to_bytes):
-            try:
-                digest.update(to_bytes())
-                return
-            except Exception:  # noqa: BLE001 - a best-effort description
-                pass
-        text = repr(obj)
-        if " at 0x" not in text:
-            digest.update(text.encode("utf-8", "replace"))
-
-
-def dataset_probe(dataset: Any, n_items: int = 5) -> str | None:
-    """Hash of a few items spread over a map-style dataset (first, last, in between).
-
-    Two datasets of the same length but different content almost always differ in
-    these items, so a store built for one is not served for the other. Returns ``None``
-    when the dataset cannot be indexed.
-    """
-    try:
-        n = len(dataset)
-    except TypeError:
-        return None
-    if n == 0 or not hasattr(dataset, "__getitem__"):
-        return None
-    positions = sorted({round(i * (n - 1) / max(n_items - 1, 1)) for i in range(n_items)})
-    digest = hashlib.sha256(f"{type(dataset).__qualname__}:{n}".encode())
-    try:
-        for i in positions:
-            digest.update(f"[{i}]".encode())
-            hash_object(dataset[i], digest)
-    except Exception:  # noqa: BLE001 - a dataset we cannot index gives no probe
-        return None
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------ npy helpers
@@ -861,11 +759,7 @@ __all__ = [
     "EntryWriter",
     "StoreRebuildWarning",
     "StoredEntry",
-    "dataset_probe",
-    "hash_object",
-    "model_fingerprint",
     "safe_name",
-    "tensor_bytes",
 ]
 
 

@@ -63,6 +63,7 @@ from proponents.errors import (
     BatchFormatError,
     InvalidArgumentError,
 )
+from proponents.fingerprints import dataset_probe, hash_object, model_fingerprint
 from proponents.influence._pullback import MAX_WIDTH_FRACTION, Pullback, may_pull_back
 from proponents.influence._similarity_metrics import (
     BlockScorer,
@@ -73,15 +74,7 @@ from proponents.influence._similarity_metrics import (
 from proponents.influence.base import DataInfluence
 from proponents.model_guard import call_scope
 from proponents.progress import Progress, progress_iter
-from proponents.store import (
-    ArrayStore,
-    StoredEntry,
-    StoreRebuildWarning,
-    dataset_probe,
-    hash_object,
-    model_fingerprint,
-    safe_name,
-)
+from proponents.store import ArrayStore, StoredEntry, StoreRebuildWarning, safe_name
 
 #: Source activations are scored and written in blocks of about this many bytes.
 BLOCK_BYTES = 32 * 2**20

@@ -1,0 +1,224 @@
+"""Content fingerprints of models, tensors and dataset items.
+
+A fingerprint is a SHA-256 hex digest over a canonical description of its subject: a
+store entry or a saved index records the fingerprints of what produced it and is served
+only while they match. :class:`ModelFingerprints` keeps a model's fingerprint between
+calls and recomputes it only when a cheap digest, taken on the model's own device, says
+the weights or buffers may have changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: Width of the matrix a tensor's 32-bit words are laid out in for the cheap digest.
+_DIGEST_COLUMNS = 1024
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor's values in row-major order (empty for meta tensors).
+
+    Any dtype and device; sparse tensors are densified, quantized ones dequantized and
+    lazily conjugated or negated views resolved, so equal values give equal bytes.
+    """
+    tensor = tensor.detach()
+    if tensor.is_sparse:
+        tensor = tensor.to_dense()
+    if tensor.is_quantized:
+        tensor = tensor.dequantize()
+    tensor = tensor.resolve_conj().resolve_neg()
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return memoryview(b"")
+    flat = tensor.cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return flat.view(torch.uint8).numpy().data
+
+
+def _model_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    return [
+        (kind, name, tensor)
+        for kind, items in (
+            ("param", model.named_parameters(remove_duplicate=False)),
+            ("buffer", model.named_buffers(remove_duplicate=False)),
+        )
+        for name, tensor in items
+        if tensor is not None
+    ]
+
+
+def _class_name(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the class, parameter and buffer names, dtypes, shapes and values.
+
+    Any change to a weight or a buffer (e.g. BatchNorm running statistics), to a dtype
+    or to the architecture's parameter layout changes the fingerprint. Changes to the
+    ``forward`` code that leave every tensor untouched do not.
+    """
+    digest = hashlib.sha256(f"{_class_name(model)}\n".encode())
+    for kind, name, tensor in _model_tensors(model):
+        digest.update(f"{kind}:{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _word_sums(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Row and column sums, modulo 2**32, of the tensor's bit patterns read as 32-bit
+    words laid out in rows of :data:`_DIGEST_COLUMNS`, followed by the words of the last
+    partial row; computed where the tensor lives. ``None`` for tensors whose stored bits
+    are not simply their values (sparse, quantized, lazily conjugated or negated, meta)."""
+    t = tensor.detach()
+    if (
+        t.is_sparse
+        or t.is_quantized
+        or t.is_conj()
+        or t.is_neg()
+        or t.device.type == "meta"
+        or t.layout != torch.strided
+    ):
+        return None
+    raw = t.contiguous().reshape(-1).view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.to(torch.int32)
+    full = words.numel() // _DIGEST_COLUMNS * _DIGEST_COLUMNS
+    grid = words[:full].view(-1, _DIGEST_COLUMNS)
+    return torch.cat(
+        [
+            grid.sum(dim=1, dtype=torch.int32),
+            grid.sum(dim=0, dtype=torch.int32),
+            words[full:],
+        ]
+    )
+
+
+def quick_model_digest(model: nn.Module) -> str | None:
+    """A cheap digest of the model's layout and values, or ``None`` where it cannot be
+    taken (see :func:`_word_sums`).
+
+    One pass over the weights and buffers on their own device (no copy to the host
+    beyond about one word per 1,024 of the model); any change to a single value, and any
+    change that is not contrived to keep every row and column sum of the bit patterns,
+    changes it. It stands in for :func:`model_fingerprint` only through
+    :class:`ModelFingerprints`, never on disk.
+    """
+    digest = hashlib.sha256(f"{_class_name(model)}\n".encode())
+    sums: list[torch.Tensor] = []
+    for kind, name, tensor in _model_tensors(model):
+        part = _word_sums(tensor)
+        if part is None:
+            return None
+        digest.update(
+            f"{kind}:{name}:{tensor.dtype}:{tuple(tensor.shape)}:{tensor.device}:"
+            f"{part.numel()}\n".encode()
+        )
+        sums.append(part.to(torch.int32))
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for part in sums:
+        by_device.setdefault(part.device, []).append(part)
+    for parts in by_device.values():  # one transfer per device
+        digest.update(tensor_bytes(torch.cat(parts)))
+    return digest.hexdigest()
+
+
+def hash_object(obj: Any, digest: Any) -> None:
+    """Feed a structural description of ``obj`` into a hashlib ``digest``.
+
+    Tensors and arrays contribute dtype, shape and values; tuples, lists and dicts
+    recurse; numbers, strings, bytes and ``None`` contribute their value. Other objects
+    contribute their ``tobytes()`` when they have one (e.g. PIL images), else their
+    ``repr`` unless it is the default ``<... at 0x...>`` form, else only their type.
+    """
+    if isinstance(obj, torch.Tensor):
+        digest.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
+        digest.update(tensor_bytes(obj))
+    elif isinstance(obj, np.ndarray):
+        digest.update(f"A{obj.dtype.str}{obj.shape}".encode())
+        digest.update(np.ascontiguousarray(obj).data.cast("B"))
+    elif isinstance(obj, (tuple, list)):
+        digest.update(f"{type(obj).__name__}{len(obj)}(".encode())
+        for item in obj:
+            hash_object(item, digest)
+        digest.update(b")")
+    elif isinstance(obj, Mapping):
+        digest.update(f"M{len(obj)}(".encode())
+        for key in sorted(obj, key=repr):
+            hash_object(key, digest)
+            hash_object(obj[key], digest)
+        digest.update(b")")
+    elif obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        digest.update(f"O{type(obj).__module__}.{type(obj).__qualname__}".encode())
+        to_bytes = getattr(obj, "tobytes", None)
+        if callable(to_bytes):
+            try:
+                digest.update(to_bytes())
+                return
+            except Exception:  # noqa: BLE001 - a best-effort description
+                pass
+        text = repr(obj)
+        if " at 0x" not in text:
+            digest.update(text.encode("utf-8", "replace"))
+
+
+def dataset_probe(dataset: Any, n_items: int = 5) -> str | None:
+    """Hash of a few items spread over a map-style dataset (first, last, in between).
+
+    Two datasets of the same length but different content almost always differ in
+    these items, so a store built for one is not served for the other. Returns ``None``
+    when the dataset cannot be indexed.
+    """
+    try:
+        n = len(dataset)
+    except TypeError:
+        return None
+    if n == 0 or not hasattr(dataset, "__getitem__"):
+        return None
+    positions = sorted({round(i * (n - 1) / max(n_items - 1, 1)) for i in range(n_items)})
+    digest = hashlib.sha256(f"{type(dataset).__qualname__}:{n}".encode())
+    try:
+        for i in positions:
+            digest.update(f"[{i}]".encode())
+            hash_object(dataset[i], digest)
+    except Exception:  # noqa: BLE001 - a dataset we cannot index gives no probe
+        return None
+    return digest.hexdigest()
+
+
+class ModelFingerprints:
+    """A model's :func:`model_fingerprint`, kept between calls.
+
+    The SHA-256 is computed again only when :func:`quick_model_digest` changes, so a
+    model that stays the same between calls costs one pass of sums on its own device
+    instead of a copy of every weight to the host and a hash of it.
+    """
+
+    def __init__(self) -> None:
+        self._quick: str | None = None
+        self._fingerprint: str | None = None
+
+    def __call__(self, model: nn.Module) -> str:
+        quick = quick_model_digest(model)
+        if quick is None or quick != self._quick or self._fingerprint is None:
+            self._fingerprint = model_fingerprint(model)
+            self._quick = quick
+        return self._fingerprint
+
+
+__all__ = [
+    "ModelFingerprints",
+    "dataset_probe",
+    "hash_object",
+    "model_fingerprint",
+    "quick_model_digest",
+    "tensor_bytes",
+]
