@@ -456,6 +456,36 @@ def test_stale_store_is_rebuilt_after_weights_change(tmp_path):
         _check(sim.influence(test, top_k=3)["lin2"], expected)
 
 
+def test_a_one_bit_edit_between_calls_is_seen_and_an_unchanged_model_is_not_rehashed(
+    tmp_path, monkeypatch
+):
+    """The same object across calls: the full SHA-256 of the weights is taken only when
+    the on-device digest changes, and an edit no version counter records (one bit,
+    through ``.data``) still rebuilds the store."""
+    import proponents.fingerprints as fp
+
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    calls = {"n": 0}
+    full = fp.model_fingerprint
+    monkeypatch.setattr(
+        fp, "model_fingerprint", lambda m: calls.__setitem__("n", calls["n"] + 1) or full(m)
+    )
+    sim.influence(test, top_k=3)
+    sim.influence(test, top_k=3)
+    assert calls["n"] == 1
+    raw = model.lin1.weight.data.view(-1).view(torch.int32)
+    raw[3] ^= 1  # the lowest mantissa bit of one weight
+    with pytest.warns(StoreRebuildWarning, match="model"):
+        result = sim.influence(test, top_k=3)["lin2"]
+    assert calls["n"] == 2
+    expected = _brute(
+        _acts(model, "lin2", test), _acts(model, "lin2", train.tensors[0]), "cosine", "max", 3
+    )
+    _check(result, expected)
+
+
 def test_store_of_another_dataset_is_not_served(tmp_path):
     model = _seeded(Net)
     train, test = _data()

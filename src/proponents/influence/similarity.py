@@ -63,7 +63,7 @@ from proponents.errors import (
     BatchFormatError,
     InvalidArgumentError,
 )
-from proponents.fingerprints import dataset_probe, hash_object, model_fingerprint
+from proponents.fingerprints import ModelFingerprints, dataset_probe, hash_object
 from proponents.influence._pullback import MAX_WIDTH_FRACTION, Pullback, may_pull_back
 from proponents.influence._similarity_metrics import (
     BlockScorer,
@@ -227,6 +227,8 @@ class SimilarityInfluence(DataInfluence):
         weakref.finalize(self, _close_entries, self._open_entries)
         # Layout choices are remembered per model (see _LAYOUTS), not per object.
         self._layouts = _LAYOUTS.setdefault(module, {})
+        # The model's fingerprint, hashed again only when its weights may have changed.
+        self._fingerprint = ModelFingerprints()
         self._n_local: int | None = None
         self._dist = resolve_distributed(distributed, "SimilarityInfluence")
         if self._dist is not None:
@@ -326,7 +328,7 @@ class SimilarityInfluence(DataInfluence):
         largest = self.similarity_direction == "max"
         device = model_device(self.module)
         with call_scope(self.module, device):
-            fingerprint = model_fingerprint(self.module)
+            fingerprint = self._fingerprint(self.module)
             test = self._test_activations(
                 inputs,
                 additional_forward_args,
