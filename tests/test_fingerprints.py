@@ -23,6 +23,8 @@ class Mixed(nn.Module):
         self.register_buffer("mask", torch.tensor([True, False, True]))  # 3 bytes
         self.register_buffer("codes", torch.arange(5, dtype=torch.uint8))
         self.register_buffer("wide", torch.randn(3, 1024, dtype=torch.float64))
+        # a view that starts half-way into a 32-bit word of its storage
+        self.register_buffer("offset", torch.randn(11).half()[1:9])
 
 
 def _flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
@@ -32,7 +34,7 @@ def _flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["big.weight", "big.bias", "halves", "bf", "count", "mask", "codes", "wide"]
+    "name", ["big.weight", "big.bias", "halves", "bf", "count", "mask", "codes", "wide", "offset"]
 )
 def test_every_single_bit_flip_changes_the_quick_digest(name):
     torch.manual_seed(0)

@@ -88,7 +88,12 @@ def _word_sums(tensor: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     raw = t.contiguous().reshape(-1).view(torch.uint8)
-    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.to(torch.int32)
+    if raw.numel() % 4:
+        words = raw.to(torch.int32)
+    else:
+        if raw.storage_offset() % 4:  # a view that starts between two words
+            raw = raw.clone()
+        words = raw.view(torch.int32)
     full = words.numel() // _DIGEST_COLUMNS * _DIGEST_COLUMNS
     grid = words[:full].view(-1, _DIGEST_COLUMNS)
     return torch.cat(
