@@ -276,3 +276,25 @@ def test_euclidean_neighbours_of_near_duplicates_on_cuda(tmp_path, monkeypatch, 
         indices, values = sim.influence(test, top_k=5)["0"]
         _on_cuda(indices, values)
         _check((indices.cpu(), values.cpu()), expected)
+
+
+def test_the_quick_digest_on_cuda_sees_a_one_bit_edit():
+    """The digest is summed on the GPU: a flipped bit changes it, flipping it back
+    restores it, and the fingerprint cache answers the full SHA-256 throughout."""
+    from torch import nn
+
+    from proponents.fingerprints import ModelFingerprints, model_fingerprint, quick_model_digest
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 40), nn.BatchNorm1d(40)).cuda()
+    model[0].register_buffer("halves", torch.randn(11, device="cuda").half()[1:9])
+    cache = ModelFingerprints()
+    base, full = quick_model_digest(model), cache(model)
+    assert full == model_fingerprint(model)
+    for tensor in (model[0].weight, model[1].running_var, model[0].halves):
+        words = tensor.data.reshape(-1).view(torch.uint8)
+        words[5] ^= 4
+        assert quick_model_digest(model) != base
+        assert cache(model) == model_fingerprint(model) != full
+        words[5] ^= 4
+        assert quick_model_digest(model) == base and cache(model) == full
