@@ -24,7 +24,12 @@ from proponents import (
     TracInCPFast,
     TracInCPFastRandProj,
 )
-from proponents.errors import ArgumentTypeError, IndexMismatchError, InvalidArgumentError
+from proponents.errors import (
+    ArgumentTypeError,
+    CheckpointChangedError,
+    IndexMismatchError,
+    InvalidArgumentError,
+)
 from proponents.gradients.engine import GradientEngine
 
 FINAL = {
@@ -354,6 +359,90 @@ def test_load_refuses_other_checkpoints_or_data(tmp_path):
         TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, final_fc_layer="0")
     with pytest.raises(FileNotFoundError):
         TracInCPFastRandProj.load(tmp_path / "nothing", model, paths, loss)
+
+
+def test_checkpoints_that_change_after_embedding_are_refused(tmp_path):
+    """Queries and save() answer only for the checkpoints the training set was embedded
+    with: other bytes (or a removed file) are refused by name, nothing is saved; a file
+    only touched, or replaced by a copy of itself, still gives the same answers."""
+    import os
+    import shutil
+
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=60)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50)
+    before = rp.influence((xt,), yt, k=None)
+    exact = TracInCPFast(model, "2", train, paths, loss_fn=loss, batch_size=50)
+    assert_close(before, exact.influence((xt,), yt))
+    os.utime(paths[0], ns=(1, 1))  # touched: same bytes
+    copy = tmp_path / "copy.pt"
+    shutil.copy(paths[1], copy)
+    os.replace(copy, paths[1])  # a new inode with the same bytes
+    assert torch.equal(rp.influence((xt,), yt, k=None), before)
+    original = paths[1].read_bytes()
+    state = torch.load(paths[1], weights_only=True)
+    state["model_state_dict"]["2.weight"] += 1.0
+    torch.save(state, paths[1])  # overwritten in place, as a training run would
+    with pytest.raises(CheckpointChangedError, match="c1.pt holds other content"):
+        rp.influence((xt,), yt, k=3)
+    with pytest.raises(CheckpointChangedError, match="c1.pt"):
+        rp.save(tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+    paths[1].write_bytes(original)  # put back: answers again
+    assert torch.equal(rp.influence((xt,), yt, k=None), before)
+    rp.save(tmp_path / "index")
+    paths[0].unlink()
+    with pytest.raises(CheckpointChangedError, match="c0.pt is gone"):
+        rp.influence((xt,), yt, k=3)
+
+
+def test_old_unchanged_checkpoints_are_not_read_again_and_fresh_ones_are(tmp_path, monkeypatch):
+    """A file last modified long before it was recorded is trusted by its stat; a fresh
+    one is hashed at every check, so a same-size rewrite within one timestamp tick (stat
+    identical) is still caught."""
+    import os
+
+    import proponents.checkpoints as ckpts
+
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=60)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    for p in paths:
+        os.utime(p, ns=(10**18, 10**18))  # 2001: long before
+    hashed = []
+    full = ckpts.checkpoint_fingerprint
+    monkeypatch.setattr(ckpts, "checkpoint_fingerprint", lambda c: hashed.append(c) or full(c))
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50)
+    assert len(hashed) == 2  # recorded once
+    rp.influence((xt,), yt, k=3)
+    rp.influence((xt,), yt, k=3)
+    assert len(hashed) == 2  # trusted by stat: no reads
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _, _, _, _, new_paths = _wide_case(fresh, n_train=60)  # written just now
+    rp = TracInCPFastRandProj(model, "2", train, new_paths, loss_fn=loss, batch_size=50)
+    stat = new_paths[0].stat()
+    data = bytearray(new_paths[0].read_bytes())
+    state = torch.load(new_paths[0], weights_only=True)
+    state["model_state_dict"]["2.bias"] += 1.0
+    torch.save(state, new_paths[0])
+    assert new_paths[0].stat().st_size == len(data)
+    os.utime(new_paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same tick
+    assert ckpts.checkpoint_signature(new_paths[0])[2:] == (stat.st_size, stat.st_mtime_ns)
+    with pytest.raises(CheckpointChangedError, match="c0.pt holds other content"):
+        rp.influence((xt,), yt, k=3)
+
+
+def test_a_loaded_checkpoint_object_changed_before_save_is_refused(tmp_path):
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=60)
+    states = [torch.load(p, weights_only=True) for p in paths]
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    rp = TracInCPFastRandProj(model, "2", train, states, loss_fn=loss, batch_size=50)
+    with torch.no_grad():
+        states[0]["model_state_dict"]["0.bias"].add_(1.0)
+    with pytest.raises(CheckpointChangedError, match="checkpoint object #0"):
+        rp.save(tmp_path / "index")
+    assert not (tmp_path / "index").exists()
 
 
 def test_randproj_leaves_the_model_unchanged(tmp_path):

@@ -21,8 +21,9 @@ import numbers
 import os
 import pickle
 import re
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
@@ -32,6 +33,7 @@ from torch import nn
 
 from proponents.errors import (
     ArgumentTypeError,
+    CheckpointChangedError,
     CheckpointLoadError,
     CheckpointNotFoundError,
     InvalidArgumentError,
@@ -40,7 +42,9 @@ from proponents.fingerprints import tensor_bytes
 
 __all__ = [
     "CHECKPOINT_EXTENSIONS",
+    "CheckpointWatch",
     "checkpoint_fingerprint",
+    "checkpoint_signature",
     "checkpoint_label",
     "load_flexible_state_dict",
     "resolve_checkpoints",
@@ -240,6 +244,94 @@ def checkpoint_fingerprint(ckpt: Any) -> str:
         return _file_digest(path).hex()
     _hash_object(ckpt, digest.update)
     return digest.hexdigest()
+
+
+def checkpoint_signature(ckpt: Any) -> tuple | None:
+    """What the file system says about a checkpoint: device, inode, size and modification
+    time of its file (or of every file under its directory, with their names), from
+    ``stat`` calls alone; ``("missing",)`` when the path is gone. ``None`` for a loaded
+    object, which has no such record."""
+    if not _is_path(ckpt):
+        return None
+    path = Path(os.fspath(ckpt))
+
+    def stat_of(file: Path) -> tuple[int, int, int, int]:
+        st = file.stat()
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    try:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            return tuple((f.relative_to(path).as_posix(), stat_of(f)) for f in files)
+        return stat_of(path)
+    except OSError:
+        return ("missing",)
+
+
+class CheckpointWatch:
+    """The checkpoints something was computed from, as they were then.
+
+    Records each checkpoint's :func:`checkpoint_signature` and
+    :func:`checkpoint_fingerprint` when created; :meth:`verify` then says whether they
+    still hold that content. A file whose signature is unchanged is taken as unchanged
+    (no read); one whose signature changed, or was taken within :attr:`RACY_NS` of the
+    file's modification, is hashed again, so a file that was only touched or copied
+    passes, and one with other bytes fails.
+
+    Args:
+        checkpoints: the resolved checkpoints (paths or loaded objects).
+    """
+
+    #: A signature taken less than this long after the file's modification time is not
+    #: trusted (the next check hashes the file): a same-size rewrite within the file
+    #: system's timestamp granularity would leave it unchanged.
+    RACY_NS = 2_000_000_000
+
+    def __init__(self, checkpoints: Sequence[Any]):
+        self.checkpoints = list(checkpoints)
+        self.signatures = [self._trusted(c) for c in self.checkpoints]
+        self.fingerprints = [checkpoint_fingerprint(c) for c in self.checkpoints]
+
+    def _trusted(self, ckpt: Any) -> tuple | None:
+        """The signature, or ``("racy",)`` when a file was modified too recently."""
+        now = time.time_ns()
+        signature = checkpoint_signature(ckpt)
+        if signature is None or signature == ("missing",):
+            return signature
+        stats = [signature] if isinstance(signature[0], int) else [s for _, s in signature]
+        if any(now - stat[3] < self.RACY_NS for stat in stats):
+            return ("racy",)
+        return signature
+
+    def verify(self, owner: str, what: str, objects: bool = False) -> None:
+        """Raise :class:`CheckpointChangedError` when a checkpoint no longer holds the
+        recorded content.
+
+        Args:
+            owner: class name for the message.
+            what: what was computed from the checkpoints (for the message).
+            objects: also hash loaded checkpoint objects again (costly for large ones;
+                otherwise only files and directories are checked).
+        """
+        for index, ckpt in enumerate(self.checkpoints):
+            signature = self._trusted(ckpt)
+            if signature is None and not objects:
+                continue
+            if signature is not None and signature == self.signatures[index] != ("racy",):
+                continue
+            label = checkpoint_label(ckpt, index)
+            if signature == ("missing",):
+                raise CheckpointChangedError(
+                    f"{owner}: {label} is gone; {what} was computed from it. Restore the "
+                    "file, or build again from the checkpoints you have now"
+                )
+            if checkpoint_fingerprint(ckpt) != self.fingerprints[index]:
+                raise CheckpointChangedError(
+                    f"{owner}: {label} holds other content than when {what} was computed "
+                    "from it, so the two no longer match. Restore the checkpoint, or build "
+                    "again from the checkpoints as they are now"
+                )
+            self.signatures[index] = signature  # same bytes (touched, copied or racy)
 
 
 def _file_digest(path: Path) -> bytes:

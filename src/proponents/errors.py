@@ -43,3 +43,7 @@ class IndexMismatchError(ProponentsError, ValueError):
 
 class IndexNotFoundError(ProponentsError, FileNotFoundError):
     """No saved index exists at the given path."""
+
+
+class CheckpointChangedError(ProponentsError, RuntimeError):
+    """A checkpoint no longer holds the content that something was computed from."""

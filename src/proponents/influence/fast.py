@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from proponents.checkpoints import checkpoint_fingerprint, load_flexible_state_dict
+from proponents.checkpoints import CheckpointWatch, load_flexible_state_dict
 from proponents.checks import check_flag, check_path
 from proponents.data import (
     dataset_length,
@@ -327,6 +327,9 @@ class TracInCPFastRandProj(TracInCPFast):
         self.nearest_neighbors = (
             nearest_neighbors if nearest_neighbors is not None else ExactNearestNeighbors()
         )
+        # What the embeddings are computed from, recorded before any checkpoint is read:
+        # queries and save() refuse checkpoints that changed since.
+        self._watch = CheckpointWatch(self.checkpoints)
         layer = self.final_fc_layer
         in_dim = layer.in_features + (1 if layer.bias is not None else 0)
         device = model_device(model)
@@ -519,6 +522,9 @@ class TracInCPFastRandProj(TracInCPFast):
 
         Raises:
             NotImplementedError: when ``inputs`` is None (self-influence: use TracInCPFast).
+            CheckpointChangedError: when a checkpoint file or directory no longer holds the
+                content the training set was embedded with (a touched or copied file with
+                the same bytes passes).
         """
         name = self.get_name()
         for flag, value in (
@@ -546,6 +552,7 @@ class TracInCPFastRandProj(TracInCPFast):
             raise InvalidArgumentError(
                 f"{name}: targets are required; pass the labels of the test batch"
             )
+        self._watch.verify(name, "the training set's embeddings")
         query = self._embed(test, is_loader, show_progress, "test batch")
         if self._dist is not None:
             out = self._dist.score_columns(
@@ -596,7 +603,7 @@ class TracInCPFastRandProj(TracInCPFast):
         return {
             "index_format": INDEX_FORMAT,
             "final_fc_layer": self.final_fc_layer_name,
-            "checkpoints": [checkpoint_fingerprint(c) for c in self.checkpoints],
+            "checkpoints": list(self._watch.fingerprints),
             "dataset_length": self._n_indexed,
             "projection_dim": self.projection_dim,
             "seed": self.seed,
@@ -620,9 +627,15 @@ class TracInCPFastRandProj(TracInCPFast):
 
         Returns:
             The directory written.
+
+        Raises:
+            CheckpointChangedError: when a checkpoint (file, directory or loaded object) no
+                longer holds the content the training set was embedded with; nothing is
+                written.
         """
         name = self.get_name()
         check_path(path, "path", f"{name}.save")
+        self._watch.verify(name, "the training set's embeddings", objects=True)
         if self._dist is not None:
             dist = self._dist
             full = dist.rows(
@@ -732,7 +745,7 @@ class TracInCPFastRandProj(TracInCPFast):
         expected = {
             "index_format": INDEX_FORMAT,
             "final_fc_layer": obj.final_fc_layer_name,
-            "checkpoints": [checkpoint_fingerprint(c) for c in obj.checkpoints],
+            "checkpoints": list(obj._watch.fingerprints),
             "dataset_length": n if n is not None else saved["dataset_length"],
             "loss_reduction": obj._loss.reduction,
         }
