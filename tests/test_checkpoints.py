@@ -818,3 +818,90 @@ def test_fingerprint_of_special_tensors() -> None:
     assert checkpoint_fingerprint({"e": torch.empty(0, 3)}) != checkpoint_fingerprint(
         {"e": torch.empty(3, 0)}
     )
+
+
+# ------------------------------------------------------------------ memory-mapped reads
+
+
+def _mapped_files() -> str:
+    with open("/proc/self/maps") as handle:
+        return handle.read()
+
+
+def _spy_on_torch_load(monkeypatch) -> list[bool]:
+    import proponents.checkpoints as ckpts
+
+    calls: list[bool] = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(bool(kwargs.get("mmap")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpts.torch, "load", spy)
+    return calls
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_zip_checkpoints_are_mapped_and_let_go_legacy_ones_read(tmp_path, monkeypatch):
+    """A zip-format file is read through a memory map, gives the values an ordinary
+    read gives, and leaves no mapping behind; a legacy-format file is read normally."""
+    import gc
+
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(30, 20), nn.BatchNorm1d(20), nn.Linear(20, 4))
+    source[1].running_mean.normal_()
+    for legacy in (False, True):
+        path = tmp_path / f"{'legacy' if legacy else 'zip'}.pt"
+        optimizer = torch.optim.Adam(source.parameters())
+        source(torch.randn(5, 30)).sum().backward()
+        optimizer.step()  # optimizer state beside the weights, which the model never uses
+        torch.save(
+            {"model_state_dict": source.state_dict(), "optimizer": optimizer.state_dict()},
+            path,
+            _use_new_zipfile_serialization=not legacy,
+        )
+        calls = _spy_on_torch_load(monkeypatch)
+        model = nn.Sequential(nn.Linear(30, 20), nn.BatchNorm1d(20), nn.Linear(20, 4))
+        assert load_flexible_state_dict(model, path) == 1.0
+        monkeypatch.undo()
+        assert calls == ([False] if legacy else [True])
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
+        gc.collect()
+        assert str(path) not in _mapped_files()
+
+
+def test_an_archive_whose_record_does_not_fit_its_tensor_is_refused(tmp_path):
+    """A mapped ``torch.load`` does not compare a storage's size with its record: a
+    checkpoint whose pickle claims twice the bytes its weight's record holds loads
+    through a map (reading into the next record) but not through an ordinary read. It
+    must be refused, and the model left as it was."""
+    import zipfile
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(2048))
+            self.b = nn.Parameter(torch.randn(100_000))
+
+    torch.manual_seed(0)
+    model = Two()
+    good = tmp_path / "good.pt"
+    torch.save(model.state_dict(), good)
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):  # the first BININT2 2048 is a's numel
+                assert b"M\x00\x08" in data
+                data = data.replace(b"M\x00\x08", b"M\x00\x10", 1)
+            dst.writestr(info, data)
+    mapped = torch.load(bad, weights_only=True, mmap=True)  # what the map alone accepts
+    assert mapped["a"].untyped_storage().nbytes() == 2 * 2048 * 4
+    del mapped
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointLoadError, match="bad.pt"):
+        load_flexible_state_dict(model, bad)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert load_flexible_state_dict(Two(), good) == 1.0
