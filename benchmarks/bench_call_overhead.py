@@ -10,7 +10,9 @@ examples and 16 test examples, this script times in one process, alternating:
   only when the on-device digest changes);
 * the same query with the digest switched off, so every call hashes all weights (what
   every call cost before the digest existed);
-* the forward pass of the test batch alone, and the guard alone.
+* the forward pass of the test batch alone, and the guard alone;
+* a TracInCPFastRandProj query (k=5) over three checkpoint files of that model, with the
+  default loader's memory-mapped reads and with ordinary reads.
 
 Run: ``python benchmarks/bench_call_overhead.py [--repeats 15] [--device cuda]``
 """
@@ -18,6 +20,7 @@ Run: ``python benchmarks/bench_call_overhead.py [--repeats 15] [--device cuda]``
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -29,8 +32,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proponents.checkpoints as checkpoints  # noqa: E402
 import proponents.fingerprints as fingerprints  # noqa: E402
-from proponents import SimilarityInfluence  # noqa: E402
+from proponents import SimilarityInfluence, TracInCPFastRandProj  # noqa: E402
 from proponents.model_guard import preserved  # noqa: E402
 from workloads import device, set_threads, sync, use_device  # noqa: E402
 
@@ -94,11 +98,39 @@ def main() -> None:
             with preserved(model):
                 pass
 
+        paths, trained = [], copy.deepcopy(model)
+        for c in range(3):
+            with torch.no_grad():
+                for p in trained.parameters():
+                    p.mul_(1.01)
+            paths.append(Path(tmp) / f"checkpoint-{c}.pt")
+            state = {"model_state_dict": trained.state_dict(), "learning_rate": 0.01}
+            torch.save(state, paths[-1])
+        loss = nn.CrossEntropyLoss(reduction="sum")
+        index = TracInCPFastRandProj(
+            model, "6", TensorDataset(x, y), paths, loss_fn=loss, batch_size=500
+        )
+        time.sleep(2.5)  # past the window in which fresh checkpoint files are hashed again
+        labels = torch.randint(0, 10, (16,), device=dev)
+
+        def mapped_query():
+            index.influence((query,), labels, k=5)
+
+        def read_query():
+            original = checkpoints.zipfile.is_zipfile
+            checkpoints.zipfile.is_zipfile = lambda _path: False  # type: ignore[assignment]
+            try:
+                index.influence((query,), labels, k=5)
+            finally:
+                checkpoints.zipfile.is_zipfile = original
+
         rows = {
             "query": query_call,
             "full_hash": full_hash_call,
             "forward": forward,
             "guard": guard,
+            "mapped": mapped_query,
+            "read": read_query,
         }
         times: dict[str, list[float]] = {k: [] for k in rows}
         for fn in rows.values():
@@ -113,6 +145,9 @@ def main() -> None:
     print(f"ratio:                              {med['full_hash'] / med['query']:8.2f}x")
     print(f"forward pass of the test batch:     {med['forward']:8.1f} ms")
     print(f"the guard alone:                    {med['guard']:8.1f} ms")
+    print(f"RandProj query, mapped checkpoints: {med['mapped']:8.1f} ms")
+    print(f"same, checkpoints read normally:    {med['read']:8.1f} ms")
+    print(f"ratio:                              {med['read'] / med['mapped']:8.2f}x")
 
 
 if __name__ == "__main__":
