@@ -905,3 +905,18 @@ def test_an_archive_whose_record_does_not_fit_its_tensor_is_refused(tmp_path):
         load_flexible_state_dict(model, bad)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert load_flexible_state_dict(Two(), good) == 1.0
+
+
+def test_a_checkpoint_with_a_sparse_buffer_loads(tmp_path):
+    """A sparse tensor has no single storage to check against the archive, so the file is
+    read the ordinary way; its buffer (and the dense weights) arrive intact."""
+    torch.manual_seed(0)
+    source = nn.Linear(3, 2)
+    source.register_buffer("adjacency", (torch.eye(3) * 2).to_sparse())
+    path = tmp_path / "sparse.pt"
+    torch.save(source.state_dict(), path)
+    model = nn.Linear(3, 2)
+    model.register_buffer("adjacency", torch.zeros(3, 3).to_sparse())
+    assert load_flexible_state_dict(model, path) == 1.0
+    assert torch.equal(model.adjacency.to_dense(), torch.eye(3) * 2)
+    assert torch.equal(model.weight, source.weight) and torch.equal(model.bias, source.bias)

@@ -559,6 +559,8 @@ def _storages_are_records(content: Any, text: str) -> bool:
 
     def walk(obj: Any) -> None:
         if isinstance(obj, torch.Tensor):
+            if obj.layout != torch.strided or obj.is_quantized:
+                raise ValueError("a tensor without one plain storage")
             storage = obj.untyped_storage()
             if storage.nbytes():
                 storages[storage.data_ptr()] = storage.nbytes()
@@ -569,8 +571,8 @@ def _storages_are_records(content: Any, text: str) -> bool:
             for value in obj:
                 walk(value)
 
-    walk(content)
     try:
+        walk(content)
         records = sorted(_data_records(text))
     except (OSError, zipfile.BadZipFile, struct.error, ValueError):
         return False
@@ -757,7 +759,12 @@ def _fill_tied(state: OrderedDict[str, Any], model_state: Mapping[str, Any]) -> 
     """
     groups: dict[tuple[Any, ...], list[str]] = {}
     for key, tensor in model_state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.numel() > 0 and tensor.device.type != "meta":
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.layout == torch.strided
+            and tensor.numel() > 0
+            and tensor.device.type != "meta"
+        ):
             ident = (
                 tensor.device,
                 tensor.data_ptr(),
