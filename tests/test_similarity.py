@@ -459,9 +459,9 @@ def test_stale_store_is_rebuilt_after_weights_change(tmp_path):
 def test_a_one_bit_edit_between_calls_is_seen_and_an_unchanged_model_is_not_rehashed(
     tmp_path, monkeypatch
 ):
-    """The same object across calls: the full SHA-256 of the weights is taken only when
-    the on-device digest changes, and an edit no version counter records (one bit,
-    through ``.data``) still rebuilds the store."""
+    """The same object, or another over the same model, across calls: the full SHA-256
+    of the weights is taken only when the on-device digest changes, and an edit no
+    version counter records (one bit, through ``.data``) still rebuilds the store."""
     import proponents.fingerprints as fp
 
     model = _seeded(Net)
@@ -474,6 +474,9 @@ def test_a_one_bit_edit_between_calls_is_seen_and_an_unchanged_model_is_not_reha
     )
     sim.influence(test, top_k=3)
     sim.influence(test, top_k=3)
+    assert calls["n"] == 1
+    again = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    again.influence(test, top_k=3)  # another object over the same model starts warm
     assert calls["n"] == 1
     raw = model.lin1.weight.data.view(-1).view(torch.int32)
     raw[3] ^= 1  # the lowest mantissa bit of one weight

@@ -10,6 +10,7 @@ the weights or buffers may have changed.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -219,8 +220,22 @@ class ModelFingerprints:
         return self._fingerprint
 
 
+#: One :class:`ModelFingerprints` per model, shared by every object that fingerprints it.
+_BY_MODEL: weakref.WeakKeyDictionary[nn.Module, ModelFingerprints] = weakref.WeakKeyDictionary()
+
+
+def fingerprints_of(model: nn.Module) -> ModelFingerprints:
+    """The fingerprint cache of ``model``, shared by all callers (so a new
+    ``SimilarityInfluence`` over a model another one has fingerprinted starts warm)."""
+    cache = _BY_MODEL.get(model)
+    if cache is None:
+        cache = _BY_MODEL[model] = ModelFingerprints()
+    return cache
+
+
 __all__ = [
     "ModelFingerprints",
+    "fingerprints_of",
     "dataset_probe",
     "hash_object",
     "model_fingerprint",

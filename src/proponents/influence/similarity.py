@@ -63,7 +63,7 @@ from proponents.errors import (
     BatchFormatError,
     InvalidArgumentError,
 )
-from proponents.fingerprints import ModelFingerprints, dataset_probe, hash_object
+from proponents.fingerprints import dataset_probe, fingerprints_of, hash_object
 from proponents.influence._pullback import MAX_WIDTH_FRACTION, Pullback, may_pull_back
 from proponents.influence._similarity_metrics import (
     BlockScorer,
@@ -227,8 +227,9 @@ class SimilarityInfluence(DataInfluence):
         weakref.finalize(self, _close_entries, self._open_entries)
         # Layout choices are remembered per model (see _LAYOUTS), not per object.
         self._layouts = _LAYOUTS.setdefault(module, {})
-        # The model's fingerprint, hashed again only when its weights may have changed.
-        self._fingerprint = ModelFingerprints()
+        # The model's fingerprint, hashed again only when its weights may have changed
+        # (kept per model, like the layout choices).
+        self._fingerprint = fingerprints_of(module)
         self._n_local: int | None = None
         self._dist = resolve_distributed(distributed, "SimilarityInfluence")
         if self._dist is not None:
