@@ -25,6 +25,8 @@ class Mixed(nn.Module):
         self.register_buffer("wide", torch.randn(3, 1024, dtype=torch.float64))
         # a view that starts half-way into a 32-bit word of its storage
         self.register_buffer("offset", torch.randn(11).half()[1:9])
+        # large enough to be summed on its own rather than in the group of small tensors
+        self.register_buffer("large", torch.randn(300_001))
 
 
 def _flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
@@ -34,7 +36,8 @@ def _flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["big.weight", "big.bias", "halves", "bf", "count", "mask", "codes", "wide", "offset"]
+    "name",
+    ["big.weight", "big.bias", "halves", "bf", "count", "mask", "codes", "wide", "offset", "large"],
 )
 def test_every_single_bit_flip_changes_the_quick_digest(name):
     torch.manual_seed(0)

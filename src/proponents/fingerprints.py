@@ -73,64 +73,73 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _word_sums(tensor: torch.Tensor) -> torch.Tensor | None:
-    """Row and column sums, modulo 2**32, of the tensor's bit patterns read as 32-bit
-    words laid out in rows of :data:`_DIGEST_COLUMNS`, followed by the words of the last
-    partial row; computed where the tensor lives. ``None`` for tensors whose stored bits
-    are not simply their values (sparse, quantized, lazily conjugated or negated, meta)."""
+def _plain_bytes(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor's stored bytes as a flat ``uint8`` tensor on its device, or ``None``
+    for tensors whose stored bits are not simply their values (sparse, quantized, lazily
+    conjugated or negated, meta)."""
     t = tensor.detach()
     if (
-        t.is_sparse
+        t.layout != torch.strided
         or t.is_quantized
         or t.is_conj()
         or t.is_neg()
         or t.device.type == "meta"
-        or t.layout != torch.strided
     ):
         return None
-    raw = t.contiguous().reshape(-1).view(torch.uint8)
+    return t.reshape(-1).view(torch.uint8)  # reshape copies only a non-contiguous tensor
+
+
+def _word_sums(raw: torch.Tensor) -> torch.Tensor:
+    """Row and column sums, modulo 2**32, of the bytes ``raw`` read as 32-bit words laid
+    out in rows of :data:`_DIGEST_COLUMNS` (zero-padded to whole words), followed by the
+    words of the last partial row; computed where the bytes live."""
     if raw.numel() % 4:
-        words = raw.to(torch.int32)
-    else:
-        if raw.storage_offset() % 4:  # a view that starts between two words
-            raw = raw.clone()
-        words = raw.view(torch.int32)
+        raw = torch.cat([raw, raw.new_zeros(4 - raw.numel() % 4)])
+    elif raw.storage_offset() % 4:  # a view that starts between two words
+        raw = raw.clone()
+    words = raw.view(torch.int32)
     full = words.numel() // _DIGEST_COLUMNS * _DIGEST_COLUMNS
     grid = words[:full].view(-1, _DIGEST_COLUMNS)
     return torch.cat(
-        [
-            grid.sum(dim=1, dtype=torch.int32),
-            grid.sum(dim=0, dtype=torch.int32),
-            words[full:],
-        ]
+        [grid.sum(dim=1, dtype=torch.int32), grid.sum(dim=0, dtype=torch.int32), words[full:]]
     )
+
+
+#: Tensors smaller than this many bytes are summed together, one group per device, so
+#: that a model of many small tensors costs a few operations instead of a few per tensor.
+_SMALL_BYTES = 1 << 20
 
 
 def quick_model_digest(model: nn.Module) -> str | None:
     """A cheap digest of the model's layout and values, or ``None`` where it cannot be
-    taken (see :func:`_word_sums`).
+    taken (see :func:`_plain_bytes`).
 
     One pass over the weights and buffers on their own device (no copy to the host
-    beyond about one word per 1,024 of the model); any change to a single value, and any
-    change that is not contrived to keep every row and column sum of the bit patterns,
-    changes it. It stands in for :func:`model_fingerprint` only through
-    :class:`ModelFingerprints`, never on disk.
+    beyond about one word per 1,024 of the model; small tensors are summed as one
+    concatenation per device); any change to a single value, and any change that is not
+    contrived to keep every row and column sum of the bit patterns, changes it. It stands
+    in for :func:`model_fingerprint` only through :class:`ModelFingerprints`, never on
+    disk.
     """
     digest = hashlib.sha256(f"{_class_name(model)}\n".encode())
-    sums: list[torch.Tensor] = []
+    sums: dict[torch.device, list[torch.Tensor]] = {}
+    small: dict[torch.device, list[torch.Tensor]] = {}
     for kind, name, tensor in _model_tensors(model):
-        part = _word_sums(tensor)
-        if part is None:
+        raw = _plain_bytes(tensor)
+        if raw is None:
             return None
+        big = raw.numel() >= _SMALL_BYTES
         digest.update(
             f"{kind}:{name}:{tensor.dtype}:{tuple(tensor.shape)}:{tensor.device}:"
-            f"{part.numel()}\n".encode()
+            f"{raw.numel()}:{'own' if big else 'grouped'}\n".encode()
         )
-        sums.append(part.to(torch.int32))
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for part in sums:
-        by_device.setdefault(part.device, []).append(part)
-    for parts in by_device.values():  # one transfer per device
+        if big:
+            sums.setdefault(raw.device, []).append(_word_sums(raw))
+        else:
+            small.setdefault(raw.device, []).append(raw)
+    for device, raws in small.items():
+        sums.setdefault(device, []).append(_word_sums(torch.cat(raws)))
+    for parts in sums.values():  # one transfer per device
         digest.update(tensor_bytes(torch.cat(parts)))
     return digest.hexdigest()
 
