@@ -40,6 +40,7 @@ step cuda-tests 180 "$py" -m pytest -m cuda -v -p no:cacheprovider tests
 step data-tests 60 "$py" -m pytest -q -p no:cacheprovider tests/test_data.py tests/test_fast.py
 step fast 100 "$py" benchmarks/compare_captum.py --device cuda --only fast --repeats 5
 step similarity 60 "$py" benchmarks/bench_similarity.py --device cuda --repeats 5
+step overhead 60 "$py" benchmarks/bench_call_overhead.py --device cuda --repeats 9
 step cnn 100 "$py" benchmarks/compare_captum.py --device cuda --only cnn --repeats 5 --skip-default
 step profile 90 "$py" benchmarks/profile_calls.py --device cuda --top 25
 step transformer 90 "$py" benchmarks/compare_captum.py --device cuda --only transformer --repeats 5
