@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from conftest import assert_unchanged, model_snapshot
-from proponents import TracInCP, TracInCPFast
+from proponents import TracInCP, TracInCPFast, load_flexible_state_dict
 from proponents.model_guard import preserved
 
 
@@ -117,3 +117,135 @@ def test_an_interrupted_body_still_restores_everything():
     assert model.mid.weight is weight
     assert_unchanged(model, snap)
     assert model.back.weight is model.out.weight
+
+
+# ---------------------------------------------- checkpoints loaded by reference
+
+
+def _copying_loader(m, ckpt):
+    """The default loader under another name: the guard cannot rely on it, so the model
+    gets copies and the checkpoints are copied into them (the reference behaviour)."""
+    return load_flexible_state_dict(m, ckpt)
+
+
+class Aliased(nn.Module):
+    """A forward pass that reaches one weight through an unregistered alias, a module
+    whose own loading code copies into its weight, and a load pre-hook that rescales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.mid = CopiesOnLoad(6, 6)
+        self.out = nn.Linear(6, 3)
+        self.alias = [self.embed.weight]  # a list: not registered
+        self.out._register_load_state_dict_pre_hook(_halve_out_bias)
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.alias[0].T + self.embed.bias)
+        return self.out(torch.tanh(self.mid(h)))
+
+
+class CopiesOnLoad(nn.Linear):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        with torch.no_grad():  # writes into its own weight whatever the caller asked
+            self.weight.copy_(state_dict[prefix + "weight"])
+        rest = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+        missing = args[2]
+        super()._load_from_state_dict(rest, prefix, *args, **kwargs)
+        missing[:] = [k for k in missing if k != prefix + "weight"]
+
+
+def _halve_out_bias(state_dict, prefix, *args):
+    state_dict[prefix + "bias"] = state_dict[prefix + "bias"] / 2
+
+
+def _held(model):
+    return {n: (p, p.data, p.data.clone()) for n, p in model.named_parameters()}
+
+
+def test_default_loads_by_reference_equal_copied_loads_and_touch_nothing_held(tmp_path):
+    """With the default loader the model's parameters are not copied on entry and hold
+    the loaded tensors; scores equal those of copied loads exactly (an alias, a module
+    that copies on load, a rescaling load hook), the user's tensors are never written,
+    not even during the call, and the same objects come back."""
+    torch.manual_seed(0)
+    paths = []
+    for c in range(3):
+        paths.append(tmp_path / f"c{c}.pt")
+        torch.save({"model_state_dict": Aliased().state_dict(), "learning_rate": 0.1}, paths[-1])
+    model = Aliased()
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    held = _held(model)
+    snap = model_snapshot(model)
+    seen: list[bool] = []
+    model.register_forward_hook(
+        lambda *_: seen.append(all(torch.equal(d, v) for _, d, v in held.values()))
+    )
+    loss = nn.CrossEntropyLoss(reduction="none")
+    results = {}
+    for name, loader in (("reference", _copying_loader), ("default", load_flexible_state_dict)):
+        t = TracInCP(model, TensorDataset(x, y), paths, loader, loss_fn=loss, batch_size=5)
+        results[name] = (t.influence((x[:4],), y[:4]), t.self_influence())
+        assert_unchanged(model, snap)
+    assert all(seen) and len(seen) > 0
+    for a, b in zip(results["reference"], results["default"]):
+        assert torch.equal(a, b)
+    for n, p in model.named_parameters():
+        assert p is held[n][0] and torch.equal(p, held[n][2]), n
+    assert model.alias[0] is model.embed.weight
+
+
+def test_loaded_checkpoint_objects_are_not_aliased_by_the_model(tmp_path, monkeypatch):
+    """An already-loaded checkpoint mapping is copied for the model under the default
+    loader: after each load the model holds none of the caller's tensors, and they are
+    left as they were."""
+    import proponents.checkpoints as ckpts
+
+    torch.manual_seed(0)
+    states = [Tied().state_dict() for _ in range(2)]
+    kept = [{k: v.clone() for k, v in s.items()} for s in states]
+    model = Tied()
+    pointers: list[set[int]] = []
+    real = ckpts._load_by_reference
+
+    def recorded(m, state):
+        real(m, state)
+        pointers.append({p.data_ptr() for p in m.parameters()})
+
+    monkeypatch.setattr(ckpts, "_load_by_reference", recorded)
+    x, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    t = TracInCPFast(
+        model,
+        "out",
+        TensorDataset(x, y),
+        states,
+        batch_size=3,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+    )
+    t.self_influence()
+    theirs = {v.data_ptr() for s in states for v in s.values()}
+    assert len(pointers) == 2 and all(not (ptrs & theirs) for ptrs in pointers)
+    for s, k in zip(states, kept):
+        assert all(torch.equal(s[n], k[n]) for n in k)
+
+
+def test_a_model_with_its_own_load_state_dict_gets_copies(tmp_path):
+    class OwnLoad(Tied):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            with torch.no_grad():  # ignores assign: copies into its tensors
+                for name, value in state_dict.items():
+                    self.get_parameter(name).copy_(value)
+            return nn.modules.module._IncompatibleKeys([], [])
+
+    torch.manual_seed(0)
+    paths = []
+    for c in range(2):
+        paths.append(tmp_path / f"c{c}.pt")
+        torch.save(OwnLoad().state_dict(), paths[-1])
+    model = OwnLoad()
+    snap = model_snapshot(model)
+    x, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    t = TracInCP(model, TensorDataset(x, y), paths, loss_fn=loss, batch_size=3)
+    t.self_influence()
+    assert_unchanged(model, snap)

@@ -41,6 +41,7 @@ from proponents.errors import (
     InvalidArgumentError,
 )
 from proponents.fingerprints import tensor_bytes
+from proponents.model_guard import loads_by_reference
 
 __all__ = [
     "CHECKPOINT_EXTENSIONS",
@@ -942,7 +943,50 @@ def load_flexible_state_dict(
 
     placed = _place(state, model_state, target_device)
     try:
-        model.load_state_dict(placed, strict=True)
+        if loads_by_reference():
+            if not _is_path(path):  # the caller's own tensors: the model gets copies
+                placed = _copied(placed)
+            _load_by_reference(model, placed)
+        else:
+            model.load_state_dict(placed, strict=True)
     except Exception as exc:  # report every load failure with the file name
         raise CheckpointLoadError(f"{where} could not be loaded into the model: {exc}") from exc
     return learning_rate
+
+
+def _copied(state: OrderedDict[str, Any]) -> OrderedDict[str, Any]:
+    out: OrderedDict[str, Any] = OrderedDict(
+        (k, v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()
+    )
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
+
+
+def _load_by_reference(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Load ``state`` (strict) so that every parameter and buffer keeps its identity but
+    holds the loaded tensor itself (a memory-mapped read, say) instead of a copy of it.
+
+    ``load_state_dict(assign=True)`` runs every module's own loading code and puts the
+    loaded tensors in new objects without writing into the old ones; each old object
+    then takes the new one's data, cast to its own dtype and device, and goes back in
+    its place, so ties, aliases and references to the model's tensors stay intact.
+    """
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = [
+        (table, name, tensor)
+        for module in model.modules()
+        for table in (module._parameters, module._buffers)
+        for name, tensor in list(table.items())
+        if tensor is not None
+    ]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    finally:
+        with torch.no_grad():
+            for table, name, old in slots:
+                new = table.get(name)
+                if new is not old:
+                    if new is not None:
+                        old.data = new.detach().to(device=old.device, dtype=old.dtype)
+                    table[name] = old

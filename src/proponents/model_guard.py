@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -30,8 +31,32 @@ def _registered(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tenso
     return slots
 
 
+#: Set inside a call whose checkpoint loads must hand the model new tensors instead of
+#: copying into the ones it has (see :func:`preserved` and :func:`loads_by_reference`).
+_BY_REFERENCE: ContextVar[bool] = ContextVar("proponents_loads_by_reference", default=False)
+
+
+def loads_by_reference() -> bool:
+    """Whether checkpoint loads in the current call must give the model's parameters and
+    buffers new tensors to hold (``.data``) rather than copy into the ones they hold:
+    inside :func:`preserved` with ``loads_by_reference=True``, where parameters are not
+    copied on entry and their original values are the ones they hold."""
+    return _BY_REFERENCE.get()
+
+
+def _loads_its_own_way(module: nn.Module) -> bool:
+    """Whether loading a state dict into ``module`` may run code of its own (an override
+    of ``_load_from_state_dict``, as norm layers have, or load hooks), which could copy
+    into its tensors whatever the loader asks for."""
+    return bool(
+        type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+        or module._load_state_dict_pre_hooks
+        or module._load_state_dict_post_hooks
+    )
+
+
 @contextmanager
-def preserved(model: nn.Module) -> Iterator[nn.Module]:
+def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn.Module]:
     """Context manager that restores ``model`` to its state on entry.
 
     Inside, every parameter and buffer keeps its identity but holds a copy of its
@@ -39,8 +64,25 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     set aside untouched and put back on the way out (no copy back). A parameter or
     buffer object that the body replaced in its module (``load_state_dict(...,
     assign=True)``, say) is put back too, so references the user holds stay valid.
+
+    Args:
+        model: the model to guard.
+        loads_by_reference: the body loads checkpoints only through a loader that
+            honours :func:`loads_by_reference` (the default loader does), handing the
+            model new tensors instead of writing into its own. Parameters are then not
+            copied on entry: nothing writes into them. Parameters of modules that load
+            their own way (:func:`_loads_its_own_way`), and all buffers, are copied as
+            always, and so is everything when the model overrides ``load_state_dict``.
     """
     slots = _registered(model)
+    uncopied: set[int] = set()
+    if loads_by_reference and type(model).load_state_dict is nn.Module.load_state_dict:
+        own_way = {
+            id(t) for m in model.modules() if _loads_its_own_way(m) for t in m._parameters.values()
+        }
+        uncopied = {id(t) for _, _, kind, t in slots if kind == "param"} - own_way
+    else:
+        loads_by_reference = False
     originals: dict[int, tuple[torch.Tensor, torch.Tensor | None, bool]] = {}
     for _, _, kind, tensor in slots:
         if id(tensor) in originals:  # tied: one tensor in several slots
@@ -48,17 +90,19 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
         grad = tensor.grad if kind == "param" else None
         originals[id(tensor)] = (tensor.data, grad, tensor.requires_grad)
     modes = {m: m.training for m in model.modules()}
+    token = _BY_REFERENCE.set(loads_by_reference)
     try:
-        copied: set[int] = set()
+        copied: set[int] = set(uncopied)
         with torch.no_grad():
             for _, _, kind, tensor in slots:
+                if kind == "param":
+                    tensor.grad = None
                 if id(tensor) not in copied:  # a tied tensor is copied once
                     copied.add(id(tensor))
                     tensor.data = originals[id(tensor)][0].clone()
-                    if kind == "param":
-                        tensor.grad = None
         yield model
     finally:
+        _BY_REFERENCE.reset(token)
         for module, name, kind, tensor in slots:
             table: dict[str, Any] = module._parameters if kind == "param" else module._buffers
             table[name] = tensor
@@ -72,7 +116,9 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def call_scope(model: nn.Module, device: torch.device) -> Iterator[None]:
+def call_scope(
+    model: nn.Module, device: torch.device, loads_by_reference: bool = False
+) -> Iterator[None]:
     """Everything a public call runs inside: the model restored on the way out and in eval
     mode meanwhile, the global RNG state restored (iterating a ``DataLoader`` draws from
     it, also on ``device`` when that is a GPU), gradients off unless a step turns them on,
@@ -81,7 +127,7 @@ def call_scope(model: nn.Module, device: torch.device) -> Iterator[None]:
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with (
         keep_freed_memory(),
-        preserved(model),
+        preserved(model, loads_by_reference),
         torch.random.fork_rng(devices=rng_devices),
         torch.no_grad(),
     ):

@@ -124,8 +124,14 @@ class TracInCPBase(DataInfluence):
     # -- shared behaviour ---------------------------------------------------------------
     @contextmanager
     def _guarded(self) -> Iterator[None]:
-        """The scope of one public call (see :func:`proponents.model_guard.call_scope`)."""
-        with call_scope(self.model, model_device(self.model)):
+        """The scope of one public call (see :func:`proponents.model_guard.call_scope`).
+
+        With the default loader, checkpoints are loaded by reference (the model's
+        parameters hold the loaded tensors, and are not copied on entry); any other
+        loader writes into the model's tensors, which then hold copies.
+        """
+        by_reference = self.checkpoints_load_func is load_flexible_state_dict
+        with call_scope(self.model, model_device(self.model), loads_by_reference=by_reference):
             yield
 
     def _n_train(self) -> int | None:
