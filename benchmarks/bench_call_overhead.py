@@ -79,6 +79,7 @@ def main() -> None:
         sim.influence(query, top_k=5)  # builds the store
         # a second object on the same store, so the two rows keep separate fingerprints
         hashing = SimilarityInfluence(model, ["4"], TensorDataset(x, y), tmp, batch_size=500)
+        hashing._fingerprint = fingerprints.ModelFingerprints()  # not the model's shared one
 
         def query_call():
             sim.influence(query, top_k=5)
