@@ -2,7 +2,8 @@
 
 Every public call loads checkpoints into the model and switches it to eval mode;
 :func:`preserved` sets the values of every parameter and buffer aside (the
-model works on copies meanwhile), with their gradients, ``requires_grad`` flags
+model works on copies meanwhile, or on checkpoint tensors loaded by reference), with
+their gradients, ``requires_grad`` flags
 and the train/eval mode of every submodule, and puts them back on the way out,
 also when the call is interrupted by an exception or ``KeyboardInterrupt``.
 """
@@ -60,8 +61,9 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
     """Context manager that restores ``model`` to its state on entry.
 
     Inside, every parameter and buffer keeps its identity but holds a copy of its
-    values, and parameters hold no ``.grad``; the original values and gradients are
-    set aside untouched and put back on the way out (no copy back). A parameter or
+    values (except as ``loads_by_reference`` says), and parameters hold no ``.grad``;
+    the original values and gradients are set aside untouched and put back on the way
+    out (no copy back). A parameter or
     buffer object that the body replaced in its module (``load_state_dict(...,
     assign=True)``, say) is put back too, so references the user holds stay valid.
 
