@@ -678,3 +678,35 @@ def test_slow_passes_are_timed_in_fewer_rounds(tmp_path, monkeypatch, seconds, r
     shapes = {(cl, size) for cl in (False, True) for size in (None, 32, 16)}
     assert set(calls) == shapes and len(calls) == rounds * len(shapes)
     assert (t._engine._channels_last, t._engine._sub_batch) == (True, 32)  # the fastest
+
+
+def test_a_parametrized_final_layer_is_exact_in_tracincpfast_and_refused_by_randproj(
+    tmp_path,
+):
+    """With ``weight_norm`` on the final layer, TracInCPFast equals TracInCP restricted to
+    that layer's parameters; TracInCPFastRandProj, whose embeddings assume a plain Linear
+    weight, refuses it by name instead of failing on a shape."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), weight_norm(nn.Linear(6, 3)))
+    path = tmp_path / "c.pt"
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.5}, path)
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    train = TensorDataset(x, y)
+    fast_scores = TracInCPFast(
+        model, "2", train, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4
+    ).influence((x[:3],), y[:3])
+    exact = TracInCP(
+        model,
+        train,
+        [path],
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=4,
+        layers=["2"],
+    ).influence((x[:3],), y[:3])
+    assert_close(fast_scores, exact)
+    with pytest.raises(InvalidArgumentError, match="'2' computes its weight through a param"):
+        TracInCPFastRandProj(
+            model, "2", train, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4
+        )

@@ -375,3 +375,34 @@ def test_large_test_batches_are_chunked_with_identical_results(tmp_path):
     parts = chunk_batch(Batch(case.train_inputs, case.train_labels, 13), 5)
     assert [p.size for p in parts] == [5, 5, 3]
     assert torch.equal(torch.cat([p.inputs[1] for p in parts]), case.train_inputs[1])
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).T
+
+
+def test_parametrized_layers_go_through_the_generic_path(tmp_path):
+    """A Linear whose weight is computed by a parametrization (``weight_norm``, a
+    symmetric constraint) is not served by the per-layer strategy, which needs the weight
+    to be a parameter of its own (construction used to fail with a KeyError); scores and
+    self-influence equal the float64 loop over the parametrization's parameters."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 6), nn.Linear(6, 3))
+    parametrize.register_parametrization(model[2], "weight", _Symmetric())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(17, 6, generator=g), torch.randint(0, 3, (17,), generator=g)
+    paths, lrs = [], [0.5, 1.5]
+    for c, lr in enumerate(lrs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        paths.append(tmp_path / f"c{c}.pt")
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, paths[-1])
+    case = Case("parametrized", model, (x[:13],), y[:13], (x[13:],), y[13:], "ce", paths, lrs)
+    t = tracin(case)
+    assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case))
+    assert_close(t.self_influence(), reference_self(case))

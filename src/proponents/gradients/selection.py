@@ -97,8 +97,9 @@ def find_hooked_layers(model: nn.Module, selected: Sequence[str]) -> list[Hooked
     """Layers of the selection that a per-layer strategy can serve.
 
     A layer qualifies when it is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
-    whose class keeps the standard ``forward``, all of its parameters are selected,
-    and none of them is shared with another module. Convolutions additionally need
+    whose class keeps the standard ``forward``, whose weight is its own parameter (not
+    computed by a parametrization such as ``weight_norm``), all of its parameters are
+    selected, and none of them is shared with another module. Convolutions additionally need
     integer padding with ``padding_mode="zeros"``.
     """
     canonical = dict(model.named_parameters())
@@ -115,6 +116,8 @@ def find_hooked_layers(model: nn.Module, selected: Sequence[str]) -> list[Hooked
             continue
         own = list(m.parameters(recurse=False))
         if any(owners[id(p)] > 1 for p in own):
+            continue
+        if not any(p is m.weight for p in own):  # computed (a parametrization): generic path
             continue
         names = [ident_to_name[id(p)] for p in own]
         if not names or not all(n in chosen for n in names):

@@ -22,6 +22,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from proponents.checkpoints import CheckpointWatch, load_flexible_state_dict
@@ -300,6 +301,14 @@ class TracInCPFastRandProj(TracInCPFast):
             distributed=distributed,
         )
         name = self.get_name()
+        if parametrize.is_parametrized(self.final_fc_layer):
+            raise InvalidArgumentError(
+                f"{name}: final_fc_layer {self.final_fc_layer_name!r} computes its weight "
+                "through a parametrization (weight_norm, say), whose gradient is not the "
+                "factored gradient of a Linear weight that the embeddings project. Use "
+                "TracInCPFast (exact for it), or remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)"
+            )
         if projection_dim is not None and (
             isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
         ):
