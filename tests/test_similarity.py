@@ -986,3 +986,47 @@ def test_euclidean_blocks_that_cannot_beat_the_kept_neighbours_are_not_recompute
         sim.influence(test, top_k=5)["0"], _brute(test.double(), x.double(), "euclidean", "min", 5)
     )
     assert pairs == [5]
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Random noise on every read, from all three global generators."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        jitter = 0.01 * torch.randn(self.x.shape[1]) + random.random() + float(np.random.rand())
+        return self.x[i] + jitter, self.y[i]
+
+
+def test_a_randomly_augmented_dataset_is_not_taken_for_a_new_one(tmp_path):
+    """The content probe reads its items with seeded generators: a dataset with random
+    augmentations reuses its store at the next call (it was rebuilt, with a warning, at
+    every call), a real change of its content is still seen, and the caller's torch,
+    Python and NumPy generators are left where they were."""
+    import random
+
+    import numpy as np
+
+    model = _seeded(Net)
+    train, test = _data()
+    data = _Augmented(train.tensors[0].clone(), train.tensors[1])
+    sim = SimilarityInfluence(model, "lin2", data, tmp_path, batch_size=10)
+    sim.influence(test, top_k=3)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sim.influence(test, top_k=3)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    data.x[-1] += 1.0  # the last item is one of those probed
+    with pytest.warns(StoreRebuildWarning, match="dataset_probe"):
+        sim.influence(test, top_k=3)

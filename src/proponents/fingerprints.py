@@ -10,8 +10,10 @@ the weights or buffers may have changed.
 from __future__ import annotations
 
 import hashlib
+import random
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -189,8 +191,11 @@ def dataset_probe(dataset: Any, n_items: int = 5) -> str | None:
     """Hash of a few items spread over a map-style dataset (first, last, in between).
 
     Two datasets of the same length but different content almost always differ in
-    these items, so a store built for one is not served for the other. Returns ``None``
-    when the dataset cannot be indexed.
+    these items, so a store built for one is not served for the other. The items are
+    read with torch's, Python's and NumPy's random generators seeded alike each time
+    (and put back afterwards), so a dataset with random augmentations gives the same
+    probe at every call instead of looking like a new dataset. Returns ``None`` when
+    the dataset cannot be indexed.
     """
     try:
         n = len(dataset)
@@ -201,12 +206,28 @@ def dataset_probe(dataset: Any, n_items: int = 5) -> str | None:
     positions = sorted({round(i * (n - 1) / max(n_items - 1, 1)) for i in range(n_items)})
     digest = hashlib.sha256(f"{type(dataset).__qualname__}:{n}".encode())
     try:
-        for i in positions:
-            digest.update(f"[{i}]".encode())
-            hash_object(dataset[i], digest)
+        with _seeded_generators():
+            for i in positions:
+                digest.update(f"[{i}]".encode())
+                hash_object(dataset[i], digest)
     except Exception:  # noqa: BLE001 - a dataset we cannot index gives no probe
         return None
     return digest.hexdigest()
+
+
+@contextmanager
+def _seeded_generators(seed: int = 0) -> Iterator[None]:
+    """Seed torch's (CPU), Python's and NumPy's global generators; restore them after."""
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(seed)  # the CPU generator only
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
 
 
 class ModelFingerprints:
