@@ -10,11 +10,13 @@ also when the call is interrupted by an exception or ``KeyboardInterrupt``.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -117,21 +119,44 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
             m.training = training
 
 
+class GlobalRandomState:
+    """The global generators a data pipeline may draw from, as they are now: torch's CPU
+    generator (and that of ``device`` when it is a GPU), Python's ``random`` and NumPy's
+    legacy global generator. :meth:`restore` puts them all back.
+
+    Args:
+        device: the model's device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = (device.index or 0) if device.type == "cuda" else None
+        self.torch = torch.get_rng_state()
+        self.torch_cuda = None if self.cuda is None else torch.cuda.get_rng_state(self.cuda)
+        self.python = random.getstate()
+        self.numpy = np.random.get_state()
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None and self.torch_cuda is not None:
+            torch.cuda.set_rng_state(self.torch_cuda, self.cuda)
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+
+
 @contextmanager
 def call_scope(
     model: nn.Module, device: torch.device, loads_by_reference: bool = False
 ) -> Iterator[None]:
     """Everything a public call runs inside: the model restored on the way out and in eval
-    mode meanwhile, the global RNG state restored (iterating a ``DataLoader`` draws from
-    it, also on ``device`` when that is a GPU), gradients off unless a step turns them on,
+    mode meanwhile, the global random generators restored (iterating a ``DataLoader`` or
+    a dataset with random augmentations draws from them; see :class:`GlobalRandomState`),
+    gradients off unless a step turns them on,
     and glibc's allocator keeping freed memory for reuse (:mod:`proponents.allocator`).
     """
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with (
-        keep_freed_memory(),
-        preserved(model, loads_by_reference),
-        torch.random.fork_rng(devices=rng_devices),
-        torch.no_grad(),
-    ):
-        model.eval()
-        yield
+    generators = GlobalRandomState(device)
+    try:
+        with keep_freed_memory(), preserved(model, loads_by_reference), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        generators.restore()

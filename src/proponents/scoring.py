@@ -30,6 +30,7 @@ from proponents.data import (
 )
 from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError
 from proponents.gradients.engine import GradientEngine
+from proponents.model_guard import GlobalRandomState
 from proponents.progress import Progress
 
 
@@ -116,6 +117,10 @@ class TracInRunner:
         self.checkpoints = checkpoints
         self.load_func = load_func
         self.owner = owner
+        # Every pass over a DataLoader starts from the generators as they were when the
+        # call began, so random augmentations and shuffled worker seeds are the same at
+        # every checkpoint: each example is scored as one input, not a new draw per pass.
+        self.generators = GlobalRandomState(model_device(model))
 
     def each_checkpoint(self, bar: Progress, what: str) -> Iterator[tuple[int, float]]:
         """Load each checkpoint in turn (once) and yield ``(index, learning_rate)``."""
@@ -141,6 +146,8 @@ class TracInRunner:
         if isinstance(source, TensorRowsLoader):
             # its batch copies are made in the layout the engine converts them to anyway
             source = source.batches(self.engine.input_layout)
+        if fresh:
+            self.generators.restore()
         for b in source:
             batch = split_batch(b, what) if loader else b
             for part in chunk_batch(batch, chunk) if chunk else [batch]:
