@@ -173,3 +173,61 @@ def test_wrong_argument_types(case):
         make(case, sample_wise_grads_per_batch="yes")
     with pytest.raises(ArgumentTypeError, match="checkpoints"):
         make(case, ckpts=42)
+
+
+class _DictOutput(nn.Module):
+    """Returns its logits in a dict, as many model libraries do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"logits": self.b(torch.tanh(self.a(x)))}
+
+
+class _Logits(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)["logits"]
+
+
+def test_a_model_that_returns_a_dict_gets_an_error_saying_how_to_fix_it(tmp_path):
+    """A loss that cannot take the model's dict output is reported as such (with the fix),
+    for TracInCP and TracInCPFast; a loss_fn that reads the dict works, and equals the
+    scores of the model wrapped to return its logits."""
+    from proponents import TracInCPFast
+
+    torch.manual_seed(0)
+    model = _DictOutput()
+    path = tmp_path / "c.pt"
+    torch.save(model.state_dict(), path)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    train = TensorDataset(x, y)
+    with pytest.raises(ArgumentTypeError, match="model returned a dict, which loss_fn cannot"):
+        TracInCP(
+            model, train, [path], loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
+        ).self_influence()
+    with pytest.raises(ArgumentTypeError, match=r"model\(x\)\['logits'\]"):
+        TracInCPFast(
+            model, "b", train, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4
+        ).self_influence()
+
+    def reads_the_dict(out, labels):
+        return nn.functional.cross_entropy(out["logits"], labels, reduction="none")
+
+    got = TracInCP(model, train, [path], loss_fn=reads_the_dict, batch_size=4).self_influence()
+    wrapped = _Logits(model)
+    wrapped_path = tmp_path / "wrapped.pt"
+    torch.save(wrapped.state_dict(), wrapped_path)
+    want = TracInCP(
+        wrapped,
+        train,
+        [wrapped_path],
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=4,
+    ).self_influence()
+    torch.testing.assert_close(got, want)

@@ -38,11 +38,27 @@ class LossSpec:
     fn: Callable[..., torch.Tensor] | None
     reduction: str
 
+    def _apply(self, output: Any, labels: Any) -> Any:
+        """``fn(output, labels)``, or ``output.sum()`` without ``fn``; a model output that
+        is not a tensor and that the loss cannot take gets an error saying so."""
+        try:
+            return output.sum() if self.fn is None else self.fn(output, labels)
+        except (TypeError, AttributeError) as err:
+            if isinstance(output, torch.Tensor):
+                raise
+            what = "loss_fn" if self.fn is not None else "loss_fn=None (the output is summed)"
+            raise ArgumentTypeError(
+                f"the model returned a {type(output).__name__}, which {what} cannot take "
+                f"({type(err).__name__}: {err}). Wrap the model so that it returns the "
+                "output tensor (a Module whose forward returns "
+                "model(x)['logits']), or pass a loss_fn that accepts this output"
+            ) from err
+
     def batch_total(self, output: torch.Tensor, labels: Any, batch_size: int) -> torch.Tensor:
         """Sum over the batch of the per-example losses (a scalar)."""
+        value = self._apply(output, labels)
         if self.fn is None:
-            return output.sum()
-        value = self.fn(output, labels)
+            return value
         if not isinstance(value, torch.Tensor):
             raise ArgumentTypeError(
                 f"loss_fn returned {type(value).__name__}; it must return a tensor"
@@ -66,9 +82,7 @@ class LossSpec:
 
     def example_loss(self, output: torch.Tensor, labels: Any) -> torch.Tensor:
         """Loss of one example given as a batch of one (a scalar)."""
-        if self.fn is None:
-            return output.sum()
-        return self.fn(output, labels).sum()
+        return self._apply(output, labels).sum()
 
 
 def labels_fit_closed_form(spec: LossSpec, labels: Any) -> bool:
