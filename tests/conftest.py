@@ -257,3 +257,22 @@ def assert_unchanged(model: nn.Module, snap: dict) -> None:
     assert now["ids"] == snap["ids"]
     for k, v in snap["state"].items():
         assert torch.equal(now["state"][k], v), k
+
+
+class Augmented(torch.utils.data.Dataset):
+    """``(x[i] + noise, y[i])`` with noise of scale ``scale`` drawn at every read from
+    torch's, Python's and NumPy's global generators, like random augmentations."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, scale: float = 0.3) -> None:
+        self.x, self.y, self.scale = x, y, scale
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        import random
+
+        import numpy as np
+
+        draws = torch.randn(self.x.shape[1]) + random.gauss(0, 1) + float(np.random.normal())
+        return self.x[i] + self.scale * draws, self.y[i]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from conftest import assert_close
+from conftest import Augmented, assert_close
 from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
 from proponents.data import TensorRowsLoader, make_loader
 from proponents.distributed import shard_loader
@@ -322,24 +322,6 @@ def test_an_input_edit_that_starts_late_and_defeats_vmap_is_an_error(tmp_path):
         t.self_influence()
 
 
-class _Jittered(torch.utils.data.Dataset):
-    """Random augmentation drawn from torch's, Python's and NumPy's global generators."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        import random
-
-        import numpy as np
-
-        noise = 0.3 * torch.randn(self.x.shape[1]) + random.gauss(0, 0.3) + np.random.normal()
-        return self.x[i] + noise, self.y[i]
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_random_augmentations_are_the_same_draw_at_every_checkpoint(tmp_path, workers):
     """Every pass over the data starts from the generators as the call found them, so
@@ -355,7 +337,7 @@ def test_random_augmentations_are_the_same_draw_at_every_checkpoint(tmp_path, wo
     path = tmp_path / "c.pt"
     torch.save({"model_state_dict": model.state_dict(), "learning_rate": 1.0}, path)
     x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
-    loader = DataLoader(_Jittered(x, y), batch_size=7, num_workers=workers)
+    loader = DataLoader(Augmented(x, y), batch_size=7, num_workers=workers)
     loss = nn.CrossEntropyLoss(reduction="sum")
     one = TracInCPFast(model, "2", loader, [path], loss_fn=loss, batch_size=7)
     three = TracInCPFast(model, "2", loader, [path] * 3, loss_fn=loss, batch_size=7)

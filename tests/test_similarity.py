@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from conftest import assert_unchanged, model_snapshot
+from conftest import Augmented, assert_unchanged, model_snapshot
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, StoreError
 from proponents.influence.similarity import (
     SimilarityInfluence,
@@ -988,24 +988,6 @@ def test_euclidean_blocks_that_cannot_beat_the_kept_neighbours_are_not_recompute
     assert pairs == [5]
 
 
-class _Augmented(torch.utils.data.Dataset):
-    """Random noise on every read, from all three global generators."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        import random
-
-        import numpy as np
-
-        jitter = 0.01 * torch.randn(self.x.shape[1]) + random.random() + float(np.random.rand())
-        return self.x[i] + jitter, self.y[i]
-
-
 def test_a_randomly_augmented_dataset_is_not_taken_for_a_new_one(tmp_path):
     """The content probe reads its items with seeded generators: a dataset with random
     augmentations reuses its store at the next call (it was rebuilt, with a warning, at
@@ -1017,7 +999,7 @@ def test_a_randomly_augmented_dataset_is_not_taken_for_a_new_one(tmp_path):
 
     model = _seeded(Net)
     train, test = _data()
-    data = _Augmented(train.tensors[0].clone(), train.tensors[1])
+    data = Augmented(train.tensors[0].clone(), train.tensors[1], scale=0.01)
     sim = SimilarityInfluence(model, "lin2", data, tmp_path, batch_size=10)
     sim.influence(test, top_k=3)
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
