@@ -249,3 +249,34 @@ def test_a_model_with_its_own_load_state_dict_gets_copies(tmp_path):
     t = TracInCP(model, TensorDataset(x, y), paths, loss_fn=loss, batch_size=3)
     t.self_influence()
     assert_unchanged(model, snap)
+
+
+def test_a_checkpoint_stored_in_another_layout_keeps_the_models_layout(tmp_path, monkeypatch):
+    """Tensors loaded by reference keep the model's strides: a weight stored transposed
+    in memory (or a channels-last convolution) is given to the model in its own layout,
+    and the scores equal those of copied loads."""
+    import proponents.checkpoints as ckpts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3))
+    state = model.state_dict()
+    state["2.weight"] = state["2.weight"].t().contiguous().t()  # column-major
+    state["0.weight"] = state["0.weight"].contiguous(memory_format=torch.channels_last)
+    path = tmp_path / "c.pt"
+    torch.save(state, path)
+    seen: list[bool] = []
+    real = ckpts._load_by_reference
+
+    def recorded(m, st):
+        real(m, st)
+        seen.append(all(p.is_contiguous() for p in m.parameters()))
+
+    monkeypatch.setattr(ckpts, "_load_by_reference", recorded)
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    by_reference = TracInCP(model, TensorDataset(x, y), [path], loss_fn=loss, batch_size=3)
+    copied = TracInCP(
+        model, TensorDataset(x, y), [path], _copying_loader, loss_fn=loss, batch_size=3
+    )
+    assert torch.equal(by_reference.self_influence(), copied.self_influence())
+    assert seen == [True]

@@ -970,8 +970,9 @@ def _load_by_reference(model: nn.Module, state: Mapping[str, Any]) -> None:
 
     ``load_state_dict(assign=True)`` runs every module's own loading code and puts the
     loaded tensors in new objects without writing into the old ones; each old object
-    then takes the new one's data, cast to its own dtype and device, and goes back in
-    its place, so ties, aliases and references to the model's tensors stay intact.
+    then takes the new one's data (in its own dtype, device and strides, see
+    :func:`_in_layout_of`) and goes back in its place, so ties, aliases and references
+    to the model's tensors stay intact.
     """
     slots: list[tuple[dict[str, Any], str, torch.Tensor]] = [
         (table, name, tensor)
@@ -988,5 +989,15 @@ def _load_by_reference(model: nn.Module, state: Mapping[str, Any]) -> None:
                 new = table.get(name)
                 if new is not old:
                     if new is not None:
-                        old.data = new.detach().to(device=old.device, dtype=old.dtype)
+                        old.data = _in_layout_of(old, new.detach())
                     table[name] = old
+
+
+def _in_layout_of(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` as the data of ``old``: itself when dtype, device and strides match, else a
+    fresh tensor with ``old``'s dtype, device and strides holding its values (never
+    ``old``'s own memory, which may be the user's)."""
+    if new.dtype == old.dtype and new.device == old.device and new.stride() == old.stride():
+        return new
+    fresh = torch.empty_strided(old.shape, old.stride(), dtype=old.dtype, device=old.device)
+    return fresh.copy_(new)
