@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from proponents.model_guard import GlobalRandomState
+
 #: Width of the matrix a tensor's 32-bit words are laid out in for the cheap digest.
 _DIGEST_COLUMNS = 1024
 
@@ -218,16 +220,14 @@ def dataset_probe(dataset: Any, n_items: int = 5) -> str | None:
 @contextmanager
 def _seeded_generators(seed: int = 0) -> Iterator[None]:
     """Seed torch's (CPU), Python's and NumPy's global generators; restore them after."""
-    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    saved = GlobalRandomState(torch.device("cpu"))
     torch.default_generator.manual_seed(seed)  # the CPU generator only
     random.seed(seed)
     np.random.seed(seed)
     try:
         yield
     finally:
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
+        saved.restore()
 
 
 class ModelFingerprints:

@@ -248,7 +248,7 @@ class StoredEntry:
         try:
             if manifest_path.read_bytes() != text:
                 return False
-            return all(_stat_signature(os.stat(path)) == seen for path, seen in arrays)
+            return all(file_signature(os.stat(path)) == seen for path, seen in arrays)
         except OSError:
             return False
 
@@ -535,7 +535,7 @@ class ArrayStore:
                 signature = ((self._manifest_path(key), text),) + tuple(
                     (
                         self.directory / manifest["arrays"][name]["file"],
-                        _stat_signature(os.fstat(fh.fileno())),
+                        file_signature(os.fstat(fh.fileno())),
                     )
                     for name, fh in files.items()
                 )
@@ -676,7 +676,7 @@ def _parse_manifest(key: str, path: Path, text: bytes) -> tuple[dict[str, Any] |
     return manifest, None
 
 
-def _stat_signature(st: os.stat_result) -> tuple[int, int, int, int]:
+def file_signature(st: os.stat_result) -> tuple[int, int, int, int]:
     """What identifies one version of a file: device, inode, size, modification time."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
