@@ -3,6 +3,7 @@ against copies taken before the call."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -106,14 +107,11 @@ def test_an_interrupted_body_still_restores_everything():
     model.train()
     snap = model_snapshot(model)
     weight = model.mid.weight
-    try:
-        with preserved(model):
-            model.mid.weight = nn.Parameter(torch.zeros(6, 6))
-            model.out.weight.data.fill_(3.0)
-            model.eval()
-            raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        pass
+    with pytest.raises(KeyboardInterrupt), preserved(model):
+        model.mid.weight = nn.Parameter(torch.zeros(6, 6))
+        model.out.weight.data.fill_(3.0)
+        model.eval()
+        raise KeyboardInterrupt
     assert model.mid.weight is weight
     assert_unchanged(model, snap)
     assert model.back.weight is model.out.weight

@@ -42,6 +42,7 @@ from proponents.errors import (
 )
 from proponents.fingerprints import tensor_bytes
 from proponents.model_guard import loads_by_reference
+from proponents.store import file_signature
 
 __all__ = [
     "CHECKPOINT_EXTENSIONS",
@@ -257,16 +258,11 @@ def checkpoint_signature(ckpt: Any) -> tuple | None:
     if not _is_path(ckpt):
         return None
     path = Path(os.fspath(ckpt))
-
-    def stat_of(file: Path) -> tuple[int, int, int, int]:
-        st = file.stat()
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
     try:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
-            return tuple((f.relative_to(path).as_posix(), stat_of(f)) for f in files)
-        return stat_of(path)
+            return tuple((f.relative_to(path).as_posix(), file_signature(f.stat())) for f in files)
+        return file_signature(path.stat())
     except OSError:
         return ("missing",)
 
@@ -945,7 +941,7 @@ def load_flexible_state_dict(
     try:
         if loads_by_reference():
             if not _is_path(path):  # the caller's own tensors: the model gets copies
-                placed = _copied(placed)
+                placed = _unshared_with(placed, state)
             _load_by_reference(model, placed)
         else:
             model.load_state_dict(placed, strict=True)
@@ -954,9 +950,26 @@ def load_flexible_state_dict(
     return learning_rate
 
 
-def _copied(state: OrderedDict[str, Any]) -> OrderedDict[str, Any]:
+def _unshared_with(
+    state: OrderedDict[str, Any], theirs: Mapping[str, Any]
+) -> OrderedDict[str, Any]:
+    """``state`` with a copy of every tensor that still shares memory with a tensor of
+    ``theirs`` (those that moving or casting did not copy already)."""
+    pointers = {
+        v.untyped_storage().data_ptr()
+        for v in theirs.values()
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided
+    }
+
+    def shared(v: Any) -> bool:
+        return (
+            isinstance(v, torch.Tensor)
+            and v.layout == torch.strided
+            and v.untyped_storage().data_ptr() in pointers
+        )
+
     out: OrderedDict[str, Any] = OrderedDict(
-        (k, v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()
+        (k, v.clone() if shared(v) else v) for k, v in state.items()
     )
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
