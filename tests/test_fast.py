@@ -361,6 +361,38 @@ def test_load_refuses_other_checkpoints_or_data(tmp_path):
         TracInCPFastRandProj.load(tmp_path / "nothing", model, paths, loss)
 
 
+def test_load_refuses_a_dataset_of_the_same_length_with_other_examples(tmp_path):
+    """The index records a sample of the examples it embedded (first, last, three in
+    between): a dataset of the right length with another last example, or the same
+    examples in another order, is refused by name; the same examples behind another
+    wrapper (a DataLoader, a Subset) load, and a re-saved index keeps the sample."""
+    from torch.utils.data import DataLoader, Subset
+
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=60)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50)
+    want = rp.influence((xt,), yt, k=4)
+    rp.save(tmp_path / "index")
+    x, y = train.tensors
+    last_changed = TensorDataset(torch.cat([x[:-1], x[:1]]), y)
+    reversed_order = TensorDataset(x.flip(0), y.flip(0))
+    for other in (last_changed, reversed_order, TensorDataset(x.double(), y)):
+        with pytest.raises(IndexMismatchError, match="train_dataset: it has as many examples"):
+            TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, train_dataset=other)
+    for same in (DataLoader(train, batch_size=7), Subset(train, range(60))):
+        got = TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, train_dataset=same)
+        r = got.influence((xt,), yt, k=4)
+        assert torch.equal(r.indices, want.indices)
+    # restored without the dataset, saved again: the sample still travels with the index
+    bare = TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss)
+    bare.save(tmp_path / "again")
+    with pytest.raises(IndexMismatchError, match="train_dataset: it has as many examples"):
+        TracInCPFastRandProj.load(
+            tmp_path / "again", model, paths, loss, train_dataset=reversed_order
+        )
+    TracInCPFastRandProj.load(tmp_path / "again", model, paths, loss, train_dataset=train)
+
+
 def test_checkpoints_that_change_after_embedding_are_refused(tmp_path):
     """Queries and save() answer only for the checkpoints the training set was embedded
     with: other bytes (or a removed file) are refused by name, nothing is saved; a file

@@ -189,15 +189,17 @@ def hash_object(obj: Any, digest: Any) -> None:
             digest.update(text.encode("utf-8", "replace"))
 
 
-def dataset_probe(dataset: Any, n_items: int = 5) -> str | None:
+def dataset_probe(dataset: Any, n_items: int = 5, include_type: bool = True) -> str | None:
     """Hash of a few items spread over a map-style dataset (first, last, in between).
 
     Two datasets of the same length but different content almost always differ in
     these items, so a store built for one is not served for the other. The items are
     read with torch's, Python's and NumPy's random generators seeded alike each time
     (and put back afterwards), so a dataset with random augmentations gives the same
-    probe at every call instead of looking like a new dataset. Returns ``None`` when
-    the dataset cannot be indexed.
+    probe at every call instead of looking like a new dataset. With ``include_type``
+    false the dataset's class does not count, only its length and the items (the same
+    examples behind another wrapper give the same probe). Returns ``None`` when the
+    dataset cannot be indexed.
     """
     try:
         n = len(dataset)
@@ -206,7 +208,8 @@ def dataset_probe(dataset: Any, n_items: int = 5) -> str | None:
     if n == 0 or not hasattr(dataset, "__getitem__"):
         return None
     positions = sorted({round(i * (n - 1) / max(n_items - 1, 1)) for i in range(n_items)})
-    digest = hashlib.sha256(f"{type(dataset).__qualname__}:{n}".encode())
+    kind = type(dataset).__qualname__ if include_type else "items"
+    digest = hashlib.sha256(f"{kind}:{n}".encode())
     try:
         with _seeded_generators():
             for i in positions:

@@ -40,6 +40,7 @@ from proponents.errors import (
     IndexNotFoundError,
     InvalidArgumentError,
 )
+from proponents.fingerprints import dataset_probe
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
 from proponents.gradients.representations import DenseGrads, as_dense
@@ -81,6 +82,15 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
             f"train_dataset: the index holds {saved.get('dataset_length')} examples, the "
             f"dataset given has {expected['dataset_length']}"
         )
+    else:
+        was_probe, now_probe = saved.get("dataset_probe"), expected.get("dataset_probe")
+        if was_probe is not None and now_probe is not None and was_probe != now_probe:
+            out.append(
+                "train_dataset: it has as many examples as the index, but the examples "
+                "sampled from it (the first, the last and three in between) differ from "
+                "those the index was embedded from (another dataset, order, transform or "
+                "dtype)"
+            )
     if saved.get("final_fc_layer") != expected["final_fc_layer"]:
         out.append(
             f"final_fc_layer: the index was built for {saved.get('final_fc_layer')!r}, "
@@ -339,6 +349,9 @@ class TracInCPFastRandProj(TracInCPFast):
         # What the embeddings are computed from, recorded before any checkpoint is read:
         # queries and save() refuse checkpoints that changed since.
         self._watch = CheckpointWatch(self.checkpoints)
+        # and a sample of the training examples, written with the index so that load()
+        # can refuse a dataset of the same length but other content
+        self._dataset_probe = None if _embeddings is not None else _examples_probe(train_dataset)
         layer = self.final_fc_layer
         in_dim = layer.in_features + (1 if layer.bias is not None else 0)
         device = model_device(model)
@@ -614,6 +627,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "final_fc_layer": self.final_fc_layer_name,
             "checkpoints": list(self._watch.fingerprints),
             "dataset_length": self._n_indexed,
+            "dataset_probe": self._dataset_probe,
             "projection_dim": self.projection_dim,
             "seed": self.seed,
             "projections": [[p.kind, p.dim] for p in self._projections],
@@ -627,8 +641,8 @@ class TracInCPFastRandProj(TracInCPFast):
 
         The directory holds the embeddings as ``.npy`` (no pickle), a JSON manifest with
         the projection seed and shapes, the checkpoints' content fingerprints, the dataset
-        length and the nearest-neighbour settings, and the backend's own index files when
-        it can persist them. Writes are atomic.
+        length and a hash of five of its examples, the nearest-neighbour settings, and the
+        backend's own index files when it can persist them. Writes are atomic.
 
         When sharded over ranks, every rank must call this with the same ``path``: the
         shards are gathered and rank 0 writes the whole index (without the backend's
@@ -692,8 +706,9 @@ class TracInCPFastRandProj(TracInCPFast):
             model: the model (same architecture and layer).
             checkpoints: the same checkpoints (their content is compared).
             loss_fn: the loss used at construction (same reduction).
-            train_dataset: the training data; when given, its length is checked. When
-                omitted, the restored object can answer queries but not re-embed.
+            train_dataset: the training data; when given, its length and a sample of its
+                examples (first, last, three in between) are compared with those embedded.
+                When omitted, the restored object can answer queries but not re-embed.
             final_fc_layer: default: the layer saved in the index.
             checkpoints_load_func: as for the constructor.
             batch_size: as for the constructor.
@@ -708,8 +723,9 @@ class TracInCPFastRandProj(TracInCPFast):
                 one (float16 stays float16, otherwise the model's final-layer dtype).
 
         Raises:
-            IndexMismatchError: when the checkpoints, dataset length, layer or loss differ
-                from those the index was built with (the message names what differs).
+            IndexMismatchError: when the checkpoints, the dataset (length or sampled
+                examples), layer or loss differ from those the index was built with (the
+                message names what differs).
             FileNotFoundError: when ``path`` holds no index.
         """
         check_path(path, "path", f"{cls.__name__}.load")
@@ -728,6 +744,7 @@ class TracInCPFastRandProj(TracInCPFast):
             raise IndexMismatchError(f"the index in {str(path)!r} cannot be used: {reason}")
         saved = manifest["meta"]
         layer = final_fc_layer if final_fc_layer is not None else saved["final_fc_layer"]
+        given_dataset = train_dataset
         if train_dataset is None:
             train_dataset = _PlaceholderDataset(int(saved["dataset_length"]))
         backend = (
@@ -751,11 +768,13 @@ class TracInCPFastRandProj(TracInCPFast):
             _embeddings=torch.empty(int(saved["dataset_length"]), 0),
         )
         n = dataset_length(obj.train_dataloader)
+        probe = None if given_dataset is None else _examples_probe(given_dataset)
         expected = {
             "index_format": INDEX_FORMAT,
             "final_fc_layer": obj.final_fc_layer_name,
             "checkpoints": list(obj._watch.fingerprints),
             "dataset_length": n if n is not None else saved["dataset_length"],
+            "dataset_probe": probe,
             "loss_reduction": obj._loss.reduction,
         }
         differences = _index_differences(saved, expected)
@@ -769,13 +788,21 @@ class TracInCPFastRandProj(TracInCPFast):
         entry, reason = store.load(
             INDEX_KEY,
             expected,
-            ignore=("projection_dim", "seed", "projections", "strategy", "nearest_neighbors"),
+            ignore=(
+                "projection_dim",
+                "seed",
+                "projections",
+                "strategy",
+                "nearest_neighbors",
+                "dataset_probe",
+            ),
         )
         if entry is None:
             raise IndexMismatchError(
                 f"the index in {str(path)!r} does not match: {reason}. Build a new one with "
                 "TracInCPFastRandProj(...) for these checkpoints and data"
             )
+        obj._dataset_probe = saved.get("dataset_probe")  # what the embeddings were made of
         with entry:
             emb = obj._restore(entry, index_dtype)
         if obj._dist is not None:
@@ -819,6 +846,16 @@ class TracInCPFastRandProj(TracInCPFast):
             disk.discard()
             raise
         return _mapped_tensor(disk.open())
+
+
+def _examples_probe(data: Dataset | DataLoader) -> str | None:
+    """:func:`dataset_probe` of the examples behind ``data`` (a DataLoader's dataset).
+
+    The wrapper does not count: an index embedded from a Dataset loads with a DataLoader
+    over it, and the reverse.
+    """
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    return dataset_probe(dataset, include_type=False)
 
 
 class _PlaceholderDataset(Dataset):
