@@ -9,7 +9,11 @@ per-example gradient:
 * ``reduction="sum"``:  ``loss_fn(out, y)`` already is the sum.
 * ``reduction="mean"``: ``batch_size * loss_fn(out, y)`` (the mean over the batch
   times its size; for losses with several entries per example this equals the
-  sum of each example's own mean).
+  sum of each example's own mean). Not for a cross-entropy or NLL loss with class
+  weights or with labels equal to ``ignore_index``: its mean divides by the labels'
+  summed weights (ignored labels weigh 0), so it is not a plain mean over examples.
+  There each example's own loss is evaluated (its weighted loss over its own
+  weights, which is undefined, NaN, for an example whose labels are all ignored).
 * ``loss_fn=None``: the model output summed over all non-batch dimensions.
 """
 
@@ -78,11 +82,67 @@ class LossSpec:
                 f"{tuple(value.shape)}; a reducing loss must return a scalar"
             )
         value = value.reshape(())
-        return value * batch_size if self.reduction == "mean" else value
+        if self.reduction != "mean":
+            return value
+        if _weighted_mean(self.fn, labels):
+            return _own_losses(self.fn, output, labels).sum()
+        return value * batch_size
 
     def example_loss(self, output: torch.Tensor, labels: Any) -> torch.Tensor:
         """Loss of one example given as a batch of one (a scalar)."""
         return self._apply(output, labels).sum()
+
+
+_CLASS_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
+
+
+def _weighted_mean(fn: Any, labels: Any) -> bool:
+    """Whether ``fn``'s "mean" divides by summed label weights rather than the batch size.
+
+    True for a cross-entropy or NLL loss on class indices with class weights, or with a
+    label equal to ``ignore_index`` in the batch (class probabilities are averaged over
+    the batch, weights or not).
+    """
+    if not isinstance(fn, _CLASS_LOSSES) or not isinstance(labels, torch.Tensor):
+        return False
+    if labels.is_floating_point() or labels.is_complex():
+        return False
+    return fn.weight is not None or bool((labels == fn.ignore_index).any())
+
+
+def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: ``fn`` applied to each example alone, for a :func:`_weighted_mean` loss.
+
+    For torch's own two classes this is one batched evaluation: the per-entry losses
+    (already weighted, 0 where ignored) summed per example, over the example's summed
+    label weights. A subclass may compute something else, so it is called on each
+    example in turn (on the model output only; the model is not run again).
+    """
+    if type(fn) not in _CLASS_LOSSES:
+        return torch.stack(
+            [fn(output[i : i + 1], labels[i : i + 1]).reshape(()) for i in range(len(labels))]
+        )
+    if type(fn) is torch.nn.CrossEntropyLoss:
+        entries = torch.nn.functional.cross_entropy(
+            output,
+            labels,
+            weight=fn.weight,
+            ignore_index=fn.ignore_index,
+            reduction="none",
+            label_smoothing=fn.label_smoothing,
+        )
+    else:
+        entries = torch.nn.functional.nll_loss(
+            output, labels, weight=fn.weight, ignore_index=fn.ignore_index, reduction="none"
+        )
+    ignored = labels == fn.ignore_index
+    if fn.weight is None:
+        weights = (~ignored).to(entries.dtype)
+    else:
+        weights = fn.weight.to(entries.dtype)[labels.masked_fill(ignored, 0)]
+        weights = weights.masked_fill(ignored, 0)
+    b = len(labels)
+    return entries.reshape(b, -1).sum(1) / weights.reshape(b, -1).sum(1)
 
 
 def labels_fit_closed_form(spec: LossSpec, labels: Any) -> bool:
