@@ -578,10 +578,11 @@ def test_channels_last_passes_get_their_training_batches_copied_once_into_that_l
 
 
 def test_a_pass_shape_chosen_again_times_the_standard_layout_as_standard(tmp_path, monkeypatch):
-    """Scores first choose on the (small) test batch; the larger training batches then
-    arrive already channels-last from the loader, and choosing again must still time the
-    standard layout on standard tensors (else both timings are channels-last, the plain
-    shape wins and every later pass runs in the slow layout)."""
+    """A first call chooses on a small batch (here the self-influence of three examples);
+    the larger training batches of the next call then arrive already channels-last from
+    the loader, and choosing again must still time the standard layout on standard tensors
+    (else both timings are channels-last, the plain shape wins and every later pass runs
+    in the slow layout)."""
     from proponents.gradients import engine as engine_module
 
     seen = []
@@ -604,9 +605,10 @@ def test_a_pass_shape_chosen_again_times_the_standard_layout_as_standard(tmp_pat
     monkeypatch.setattr(GradientEngine, "_time_pass", timed)
     case = make_case("cnn", tmp_path, n_train=40, n_test=3)
     t = fast(case, batch_size=32)
+    t.self_influence((*case.test_inputs, case.test_labels))
     scores = t.influence(case.test_inputs, case.test_labels)
     assert_close(scores, reference_scores(case, ["fc"]))
-    assert {size for size, _, _ in seen} == {3, 32}  # chosen on the test batch, then again
+    assert {size for size, _, _ in seen} == {3, 32}  # chosen on the small batch, then again
     assert all(flag == laid_out for _, flag, laid_out in seen)
     assert t._engine._channels_last is True
 
@@ -683,9 +685,23 @@ def test_pass_shape_is_chosen_again_for_larger_training_batches(tmp_path, monkey
         batch_size=64,
     )
     scores = t.influence(case.test_inputs, case.test_labels)
-    # the test batch (16) first, then the first training batch (64); not the last (6)
-    assert seen == [16, 64]
+    # settled on the first training batch (64) before the test side (16), which is
+    # smaller and so not timed; never on the last training batch (6)
+    assert seen == [64]
     assert_close(scores, reference_scores(case, ["fc"]))
+    # a first call on a small batch chooses for it, and the training batches choose again
+    seen.clear()
+    again = TracInCPFast(
+        case.model,
+        "fc",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=64,
+    )
+    again.self_influence((*case.test_inputs, case.test_labels))
+    assert_close(again.influence(case.test_inputs, case.test_labels), scores, rtol=1e-5)
+    assert seen == [16, 64]
 
 
 @pytest.mark.parametrize("seconds, rounds", [(0.001, 4), (0.05, 2), (0.5, 1)])

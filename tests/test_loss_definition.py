@@ -112,3 +112,83 @@ def test_mean_losses_that_divide_by_label_weights(tmp_path, method, loss_fn):
                 _assert_same(call(), want)
             warned = any("non-finite" in str(w.message) for w in caught)
             assert warned == bool(want.isnan().any())
+
+
+class _BatchStatsCNN(nn.Module):
+    """Normalises with the statistics of the batch it is given, also in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3, track_running_stats=False)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+class _Column(nn.Module):
+    """A regressor returning ``(B, 1)``, compared with ``(B,)`` targets (broadcasting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5)
+        self.fc2 = nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("first", ["one-test-example", "self-influence"])
+@pytest.mark.parametrize("kind", ["batch-statistics", "broadcast-loss"])
+def test_examples_interacting_in_a_batch_are_seen_after_a_one_example_batch(tmp_path, kind, first):
+    """The strategies are verified on a batch of two or more examples even when the first
+    call differentiates a single test example (before, that one-example check passed and
+    every later training batch used a fast path that mixed the examples of a batch)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    if kind == "batch-statistics":
+        model, final = _BatchStatsCNN(), "fc"
+        xs, xt = torch.randn(8, 2, 4, 4, generator=g), torch.randn(1, 2, 4, 4, generator=g)
+        ys, yt = torch.randint(0, 3, (8,), generator=g), torch.tensor([1])
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        layers = ["conv", "norm", "fc"]
+    else:
+        model, final = _Column(), "fc2"
+        xs, xt = torch.randn(12, 6, generator=g), torch.randn(1, 6, generator=g)
+        ys, yt = torch.randn(12, generator=g), torch.randn(1, generator=g)
+        loss_fn = nn.MSELoss(reduction="sum")
+        layers = ["fc1", "fc2"]
+    paths, lrs = _checkpoints(model, tmp_path)
+    train = TensorDataset(xs, ys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's broadcasting warning
+        want_scores, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, layers)
+        want_fast_scores, want_fast_self = _reference(
+            model, paths, lrs, xs, ys, xt, yt, loss_fn, [final]
+        )
+        for obj, scores, self_inf in (
+            (
+                TracInCP(
+                    model,
+                    train,
+                    paths,
+                    loss_fn=loss_fn,
+                    batch_size=4,
+                    sample_wise_grads_per_batch=True,
+                ),
+                want_scores,
+                want_self,
+            ),
+            (
+                TracInCPFast(model, final, train, paths, loss_fn=loss_fn, batch_size=4),
+                want_fast_scores,
+                want_fast_self,
+            ),
+        ):
+            if first == "one-test-example":
+                _assert_same(obj.influence((xt,), yt), scores)
+                _assert_same(obj.self_influence(), self_inf)
+            else:
+                _assert_same(obj.self_influence(), self_inf)
+                _assert_same(obj.influence((xt,), yt), scores)

@@ -187,25 +187,23 @@ class TracInRunner:
         scores: Tensor | None = None
         with Progress(show_progress, f"{self.owner}: influence", total) as bar:
             for c, lr in self.each_checkpoint(bar, "influence"):
-                test_parts, offset = [], 0
-                for batch in self._batches(test, test_is_loader, "test batch", test_chunk):
-                    rep = self.engine.compute(batch)
-                    if c == 0:
-                        tracker.add(self.engine.finite(rep), offset, test=True)
-                    offset += batch.size
-                    test_parts.append(rep)
-                    bar.update()
-                if not test_parts:
-                    raise InvalidArgumentError(f"{self.owner}: the test inputs hold no batch")
-                test_rep = self.engine.concat(test_parts)
-                if aggregate:
-                    test_rep = self.engine.sum_examples(test_rep)
+                if not self.engine.checked_on_several:
+                    self._prepare(train)
+                test_rep = self._test_side(
+                    test, test_is_loader, test_chunk, aggregate, tracker if c == 0 else None, bar
+                )
+                epoch = self.engine.epoch
                 bar.set_description(
                     f"{self.owner}: influence, checkpoint {c + 1}/{n_ckpt}, training batches"
                 )
                 columns, offset = [], 0
                 for batch in self._batches(train, True, "training batch"):
                     rep = self.engine.compute(batch)
+                    if self.engine.epoch != epoch:
+                        # a check on this batch changed the strategies: the test side's
+                        # representations no longer line up with this batch's
+                        test_rep = self._test_side(test, test_is_loader, test_chunk, aggregate)
+                        epoch = self.engine.epoch
                     block = self.engine.dot(test_rep, rep).mul_(lr)
                     if scores is None and n_train is not None:
                         scores = block.new_zeros(block.shape[0], n_train)
@@ -234,6 +232,47 @@ class TracInRunner:
         tracker.warn()
         assert scores is not None
         return scores
+
+    def _prepare(self, train: Iterable[Any]) -> None:
+        """Let the engine verify its strategies on the first training batch.
+
+        In score mode the test side comes first and is kept for the whole checkpoint; a
+        test batch of one example cannot show examples interacting inside a batch, so the
+        strategies are settled on a training batch before it is differentiated.
+        """
+        for batch in self._batches(train, True, "training batch"):
+            self.engine.prepare(batch)
+            break
+
+    def _test_side(
+        self,
+        test: Iterable[Any],
+        test_is_loader: bool,
+        chunk: int,
+        aggregate: bool,
+        tracker: NonFiniteTracker | None = None,
+        bar: Progress | None = None,
+    ) -> list:
+        """The test batches' representations, joined (or summed, for ``aggregate``).
+
+        Computed again (once) when a check on a later test batch changed the strategies.
+        """
+        epoch = self.engine.epoch
+        parts, offset = [], 0
+        for batch in self._batches(test, test_is_loader, "test batch", chunk):
+            rep = self.engine.compute(batch)
+            if tracker is not None:
+                tracker.add(self.engine.finite(rep), offset, test=True)
+            offset += batch.size
+            parts.append(rep)
+            if bar is not None:
+                bar.update()
+        if not parts:
+            raise InvalidArgumentError(f"{self.owner}: the test inputs hold no batch")
+        if self.engine.epoch != epoch:
+            return self._test_side(test, test_is_loader, chunk, aggregate)
+        joined = self.engine.concat(parts)
+        return self.engine.sum_examples(joined) if aggregate else joined
 
     def self_scores(
         self, data: Iterable[Any], n_batches: int | None, show_progress: bool, what: str

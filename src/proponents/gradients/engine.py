@@ -10,7 +10,10 @@ batched forward/backward pass (:mod:`.hooked`); all other parameters by
 Before the first use, the engine checks the per-layer strategy against plain
 autograd on two single examples; a layer that fails the check (used outside its
 ``forward``, examples interacting inside the batch, batch not in dim 0) is moved
-to the generic path, so the fast path can never change a result.
+to the generic path, so the fast path can never change a result. A batch of one
+example cannot show examples interacting, so after a check on one the next batch
+of two or more is checked again (:attr:`GradientEngine.epoch` counts the changes of
+strategy, after which representations computed before no longer line up).
 """
 
 from __future__ import annotations
@@ -94,7 +97,12 @@ class GradientEngine:
         self.owner = owner
         self.selected = list(selected)
         self.hooked: list[HookedLayer] = find_hooked_layers(model, selected) if fast_layers else []
+        # strategies verified on a batch of two or more examples / on one example only
         self._checked = not self.hooked
+        self._checked_alone = False
+        #: incremented whenever a check changes the strategies (and so the layout of the
+        #: representations): callers holding earlier ones compute them again
+        self.epoch = 0
         self._protect = False
         self._channels_last = False
         self._sub_batch: int | None = None
@@ -141,13 +149,14 @@ class GradientEngine:
             buffers: dict[str, Tensor] = {}
         else:
             params, buffers = self._state()
-        if not self._checked or batch.size > self._shaped_for:
+        check = self._needs_check(batch)
+        if check or batch.size > self._shaped_for:
             # Chosen again for a larger batch: in score mode the first batch is the test
             # batch, often smaller than the training batches that make up the work.
             self._choose_pass(batch)
             self._shaped_for = batch.size
         batch = self._in_layout(batch)
-        if not self._checked:
+        if check:
             self._check(params, buffers, batch)
         out: list[Grads] = []
         # The model may run more than once on this batch (a closed-form attempt, then
@@ -172,6 +181,28 @@ class GradientEngine:
             # the last run on the batch; GenericGradients copies for its own retries
             out.extend(DenseGrads(b) for b in self.generic(params, buffers, batch))
         return out
+
+    @property
+    def checked_on_several(self) -> bool:
+        """Whether the strategies were verified on a batch of two or more examples."""
+        return self._checked
+
+    def _needs_check(self, batch: Batch) -> bool:
+        return not self._checked and (not self._checked_alone or batch.size >= 2)
+
+    def prepare(self, batch: Batch) -> None:
+        """Choose the pass shape and verify the strategies on ``batch``, computing nothing.
+
+        For a caller that is about to compute representations it keeps (the test side of
+        a score matrix) from a batch too small to verify them on: preparing on a training
+        batch first means they are computed once, with strategies that hold.
+        """
+        if not self._needs_check(batch):
+            return
+        params, buffers = self._state()
+        self._choose_pass(batch)
+        self._shaped_for = batch.size
+        self._check(params, buffers, self._in_layout(batch))
 
     def input_layout(self, tensor: Tensor) -> torch.memory_format:
         """The memory format this engine's passes want ``tensor`` (a batch input) in.
@@ -299,7 +330,11 @@ class GradientEngine:
         hooked layer is then compared with autograd on single examples, and a layer
         that disagrees is moved to the generic path.
         """
-        self._checked = True
+        if batch.size >= 2:
+            self._checked = True
+        else:
+            self._checked_alone = True
+        before = self.strategies
         # Every run here gets its own copy: the batch itself is still to be scored.
         records, self._protect = record(
             self.model, self.hooked, self.loss, batch, self._protect, copy_inputs=True
@@ -329,6 +364,8 @@ class GradientEngine:
             self.hooked = [layer for layer, k in zip(self.hooked, keep) if k]
             self._set_generic()
         self._closed_form = self._closed_form_agrees(batch, records)
+        if self.strategies != before:
+            self.epoch += 1
 
     def _closed_form_agrees(self, batch: Batch, records: dict) -> bool:
         """Whether the closed-form loss gradient reproduces autograd's on the first batch.
