@@ -393,6 +393,124 @@ def test_load_refuses_a_dataset_of_the_same_length_with_other_examples(tmp_path)
     TracInCPFastRandProj.load(tmp_path / "again", model, paths, loss, train_dataset=train)
 
 
+def test_float16_index_refuses_embeddings_beyond_its_range(tmp_path):
+    """Embeddings above 65504 would be stored as inf and ranked last as if not finite:
+    float16 storage refuses them, naming the examples a float32 index shows to exceed it
+    (before: a warning about non-finite gradients and wrong rankings)."""
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=40)
+    big = []
+    for i, path in enumerate(paths):
+        state = torch.load(path, weights_only=True)
+        state["learning_rate"] = 1e9 * (i + 1)
+        big.append(tmp_path / f"big{i}.pt")
+        torch.save(state, big[-1])
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    full = TracInCPFastRandProj(model, "2", train, big, loss_fn=loss, batch_size=16)
+    over = (full.embeddings.abs() > 65504).any(dim=1).nonzero().flatten().tolist()
+    assert 0 < len(over) < 40
+    # refused at the first batch that overflows: the first checkpoint's first 16 rows
+    first = full.embeddings[:16, : full.embedding_dim // 2]
+    first_batch = (first.abs() > 65504).any(dim=1).nonzero().flatten().tolist()
+    assert first_batch
+    with pytest.raises(InvalidArgumentError, match="float16 cannot hold") as err:
+        TracInCPFastRandProj(
+            model, "2", train, big, loss_fn=loss, batch_size=16, index_dtype=torch.float16
+        )
+    more = f" and {len(first_batch) - 10} more" if len(first_batch) > 10 else ""
+    assert f"[{', '.join(map(str, first_batch[:10]))}{more}]" in str(err.value)
+    # within range, float16 storage still answers like float32 (to its precision)
+    small = TracInCPFastRandProj(
+        model, "2", train, paths, loss_fn=loss, batch_size=16, index_dtype=torch.float16
+    )
+    exact = TracInCPFast(model, "2", train, paths, loss_fn=loss).influence((xt,), yt)
+    assert_close(small.influence((xt,), yt, k=None), exact, rtol=2e-3)
+
+
+def test_a_float64_index_keeps_its_precision_through_save_and_load(tmp_path):
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=50)
+    model = model.double()
+    train = TensorDataset(train.tensors[0].double(), train.tensors[1])
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=20)
+    assert rp.embeddings.dtype == torch.float64
+    want = rp.influence((xt.double(),), yt, k=None)
+    rp.save(tmp_path / "index")
+    for budget in (None, 1):  # read, and memory-mapped from the saved file
+        back = TracInCPFastRandProj.load(
+            tmp_path / "index", model, paths, loss, train_dataset=train, memory_budget=budget
+        )
+        assert back.embeddings.dtype == torch.float64
+        assert torch.equal(back.influence((xt.double(),), yt, k=None), want)
+
+
+def test_load_refuses_embeddings_of_another_width(tmp_path):
+    """A model whose final layer lost its bias (loaded leniently) gives 8-wide gradients per
+    row instead of 33: refused by name instead of a shape error or silent scores."""
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=30)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=30).save(
+        tmp_path / "index"
+    )
+    other = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
+
+    def lenient(m, path):
+        m.load_state_dict(torch.load(path, weights_only=True)["model_state_dict"], strict=False)
+        return 1.0
+
+    with pytest.raises(IndexMismatchError, match="final_fc_layer: the index holds embeddings"):
+        TracInCPFastRandProj.load(
+            tmp_path / "index", other, paths, loss, checkpoints_load_func=lenient
+        )
+
+
+def test_seed_projection_dim_and_k_take_any_integer_and_refuse_out_of_range_seeds(tmp_path):
+    import numpy as np
+
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=30)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    a = TracInCPFastRandProj(
+        model, "2", train, paths, loss_fn=loss, projection_dim=12, seed=3, batch_size=30
+    )
+    b = TracInCPFastRandProj(
+        model,
+        "2",
+        train,
+        paths,
+        loss_fn=loss,
+        projection_dim=np.int64(12),
+        seed=np.int32(3),
+        batch_size=30,
+    )
+    assert torch.equal(a.embeddings, b.embeddings)
+    ra, rb = a.influence((xt,), yt, k=4), b.influence((xt,), yt, k=np.int64(4))
+    assert torch.equal(ra.indices, rb.indices)
+    for seed in (2**43, -(2**43), 2**45):
+        with pytest.raises(InvalidArgumentError, match="seed=.* is out of range"):
+            TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, seed=seed)
+    TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, seed=2**43 - 1, projection_dim=4)
+
+
+def test_save_refuses_paths_that_cannot_hold_an_index_before_writing(tmp_path, monkeypatch):
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=30)
+    rp = TracInCPFastRandProj(
+        model, "2", train, paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=30
+    )
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InvalidArgumentError, match="path is empty"):
+        rp.save("")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InvalidArgumentError, match="is a file, not a directory"):
+        rp.save(tmp_path / "a-file")
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "neighbors").write_text("mine")
+    with pytest.raises(InvalidArgumentError, match="neighbors' is a file"):
+        rp.save(clash)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["a-file", "clash"])
+    assert sorted(p.name for p in clash.iterdir()) == ["neighbors"]
+
+
 def test_checkpoints_that_change_after_embedding_are_refused(tmp_path):
     """Queries and save() answer only for the checkpoints the training set was embedded
     with: other bytes (or a removed file) are refused by name, nothing is saved; a file

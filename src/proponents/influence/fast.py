@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from proponents.checkpoints import CheckpointWatch, load_flexible_state_dict
-from proponents.checks import check_flag, check_path
+from proponents.checks import check_flag, check_int, check_path
 from proponents.data import (
     dataset_length,
     loader_batches,
@@ -55,6 +55,10 @@ from proponents.store import ArrayStore, DiskMatrix, is_mapped, register_mapped,
 INDEX_KEY = "tracin-index"
 INDEX_FORMAT = 1
 _INDEX_DTYPES = (torch.float32, torch.float16)
+#: Bound on |seed|: checkpoint c's projection generator gets seed * 1_000_003 + c.
+_SEED_LIMIT = 2**43
+#: Largest finite float16 value.
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 #: Rows of the embedding matrix handled at a time when it is scanned block by block.
 _SCAN_ROWS = 8192
 
@@ -95,6 +99,13 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
         out.append(
             f"final_fc_layer: the index was built for {saved.get('final_fc_layer')!r}, "
             f"not {expected['final_fc_layer']!r}"
+        )
+    was_proj, now_proj = saved.get("projections"), expected.get("projections")
+    if was_proj is not None and now_proj is not None and was_proj != now_proj:
+        out.append(
+            "final_fc_layer: the index holds embeddings of widths "
+            f"{[d for _, d in was_proj]} per checkpoint, and this model's layer gives "
+            f"{[d for _, d in now_proj]} (another layer size or bias)"
         )
     if saved.get("loss_reduction") != expected["loss_reduction"]:
         out.append(
@@ -319,19 +330,20 @@ class TracInCPFastRandProj(TracInCPFast):
                 "TracInCPFast (exact for it), or remove the parametrization first "
                 "(torch.nn.utils.parametrize.remove_parametrizations)"
             )
-        if projection_dim is not None and (
-            isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
-        ):
-            raise ArgumentTypeError(
-                f"{name}: projection_dim must be a positive int or None, got {projection_dim!r}"
-            )
-        if projection_dim is not None and projection_dim <= 0:
+        if projection_dim is not None:
+            projection_dim = check_int(projection_dim, f"{name}: projection_dim", or_none=True)
+            if projection_dim <= 0:
+                raise InvalidArgumentError(
+                    f"{name}: projection_dim={projection_dim} must be positive (or None for no "
+                    "projection)"
+                )
+        seed = check_int(seed, f"{name}: seed")
+        if not -_SEED_LIMIT < seed < _SEED_LIMIT:
             raise InvalidArgumentError(
-                f"{name}: projection_dim={projection_dim} must be positive (or None for no "
-                "projection)"
+                f"{name}: seed={seed} is out of range; it must lie strictly between -2**43 and "
+                "2**43 (checkpoint c's projection is drawn from a generator seeded with "
+                "seed * 1000003 + c, which must fit in 64 bits)"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ArgumentTypeError(f"{name}: seed must be an int, got {seed!r}")
         check_flag(show_progress, "show_progress", name)
         _check_index_storage(memory_budget, index_dtype, name)
         self.memory_budget = memory_budget
@@ -429,6 +441,8 @@ class TracInCPFastRandProj(TracInCPFast):
                         )
                         part = self._projections[c](rep) * math.sqrt(lr)
                         if store_dtype is not None:
+                            if store_dtype == torch.float16:
+                                _refuse_float16_overflow(part, row, name)
                             part = part.to(store_dtype)
                         if disk is not None:  # this checkpoint's columns of these rows
                             disk.write(row, column, part.detach().cpu().numpy())
@@ -562,8 +576,7 @@ class TracInCPFastRandProj(TracInCPFast):
             )
         n_train = self._n_indexed
         if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int):
-                raise ArgumentTypeError(f"{name}: k must be an int or None, got {k!r}")
+            k = check_int(k, f"{name}: k", or_none=True)
             if not 1 <= k <= n_train:
                 raise InvalidArgumentError(
                     f"{name}: k={k} is out of range; it must be between 1 and the number of "
@@ -658,6 +671,7 @@ class TracInCPFastRandProj(TracInCPFast):
         """
         name = self.get_name()
         check_path(path, "path", f"{name}.save")
+        _check_index_directory(path, f"{name}.save")
         self._watch.verify(name, "the training set's embeddings", objects=True)
         if self._dist is not None:
             dist = self._dist
@@ -672,9 +686,13 @@ class TracInCPFastRandProj(TracInCPFast):
 
     def _write(self, path: str | Path, embeddings: Tensor) -> None:
         store = ArrayStore(path)
-        # float16 embeddings are saved as float16, anything else as float32; row blocks,
-        # so that a memory-mapped matrix is copied without becoming resident.
-        dtype = torch.float16 if embeddings.dtype == torch.float16 else torch.float32
+        # float16 and float64 embeddings are saved as they are, anything else as float32;
+        # row blocks, so that a memory-mapped matrix is copied without becoming resident.
+        dtype = (
+            embeddings.dtype
+            if embeddings.dtype in (torch.float16, torch.float64)
+            else torch.float32
+        )
         with store.lock(), store.writer(INDEX_KEY, self._index_meta()) as writer:
             if embeddings.shape[0] == 0:
                 writer.put("embeddings", np.zeros(tuple(embeddings.shape), np.float32))
@@ -775,6 +793,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "checkpoints": list(obj._watch.fingerprints),
             "dataset_length": n if n is not None else saved["dataset_length"],
             "dataset_probe": probe,
+            "projections": [[p.kind, p.dim] for p in obj._projections],
             "loss_reduction": obj._loss.reduction,
         }
         differences = _index_differences(saved, expected)
@@ -817,9 +836,11 @@ class TracInCPFastRandProj(TracInCPFast):
 
     def _restore(self, entry: Any, index_dtype: torch.dtype | None) -> Tensor:
         """The saved embeddings: mapped, copied to a scratch file, or read, per the budget."""
-        saved = torch.float16 if entry.dtype("embeddings") == np.float16 else torch.float32
-        if index_dtype is None:
-            index_dtype = saved
+        file_dtype = {np.dtype(np.float16): torch.float16, np.dtype(np.float64): torch.float64}.get(
+            np.dtype(entry.dtype("embeddings")), torch.float32
+        )
+        if index_dtype is None:  # float16 stays float16; anything else is full precision
+            index_dtype = torch.float16 if file_dtype == torch.float16 else torch.float32
         self.index_dtype = index_dtype
         index_dtype = self._storage_dtype()
         shape = entry.shape("embeddings")
@@ -833,7 +854,7 @@ class TracInCPFastRandProj(TracInCPFast):
         )
         if not over:
             return torch.from_numpy(entry.read("embeddings")).to(device, index_dtype)
-        if saved == index_dtype:  # map the saved file itself, read-only
+        if file_dtype == index_dtype:  # map the saved file itself, read-only
             array = entry.memmap("embeddings")  # copy-on-write: the file is never changed
             register_mapped(array)
             return _mapped_tensor(array)
@@ -846,6 +867,49 @@ class TracInCPFastRandProj(TracInCPFast):
             disk.discard()
             raise
         return _mapped_tensor(disk.open())
+
+
+def _check_index_directory(path: str | Path, owner: str) -> None:
+    """Refuse, before anything is written, a path that cannot become an index directory."""
+    if str(path) == "":
+        raise InvalidArgumentError(
+            f"{owner}: path is empty; give the directory to write the index to (it is "
+            "created if missing)"
+        )
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise InvalidArgumentError(
+            f"{owner}: path {str(path)!r} is a file, not a directory; give a directory for "
+            "the index (it is created if missing)"
+        )
+    neighbors = target / "neighbors"
+    if neighbors.exists() and not neighbors.is_dir():
+        raise InvalidArgumentError(
+            f"{owner}: {str(neighbors)!r} is a file; the index keeps its search structure "
+            "in a directory of that name. Remove the file or save to another directory"
+        )
+
+
+def _refuse_float16_overflow(part: Tensor, first_row: int, name: str) -> None:
+    """Raise when finite embeddings of these rows exceed float16's range.
+
+    Stored, they would become infinite and be ranked last as if their gradients were
+    not finite; the error comes at the first such batch, before the rest is embedded.
+    """
+    over = torch.isfinite(part) & (part.abs() > _FLOAT16_MAX)
+    if not bool(over.any()):
+        return
+    rows = (over.any(dim=1).nonzero().flatten() + first_row).tolist()
+    shown = ", ".join(map(str, rows[:10])) + (
+        f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    )
+    largest = float(part[over].abs().max())
+    raise InvalidArgumentError(
+        f"{name}: index_dtype=torch.float16 cannot hold the embeddings of training examples "
+        f"[{shown}]: a value of magnitude {largest:.3g} exceeds float16's largest, "
+        f"{_FLOAT16_MAX:.0f}. Use index_dtype=torch.float32 (the default; with memory_budget= "
+        "it is kept on disk when it does not fit in memory)"
+    )
 
 
 def _examples_probe(data: Dataset | DataLoader) -> str | None:
