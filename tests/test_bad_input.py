@@ -329,8 +329,9 @@ ROWS: list[Row] = [
     row(f"{R}.influence.show_progress", "int", lambda o: o.randproj.influence(
         o.x, o.y, show_progress=1), Ty),
     row(f"{R}.save.path", "type", lambda o: o.randproj.save(3), Ty),
-    row(f"{R}.save.path", "a file", lambda o: o.randproj.save(o.tmp / "a-file"), RuntimeError,
+    row(f"{R}.save.path", "a file", lambda o: o.randproj.save(o.tmp / "a-file"), V,
         "a-file"),
+    row(f"{R}.save.path", "empty", lambda o: o.randproj.save(""), V, "path is empty"),
     row(f"{R}.load.path", "type", lambda o: o.load(path=None), Ty),
     row(f"{R}.load.path", "no index there", lambda o: o.load(path=o.tmp / "nothing"),
         FileNotFoundError),

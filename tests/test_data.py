@@ -1,16 +1,25 @@
-"""The batch-slicing loader of TensorDatasets yields what a plain DataLoader yields."""
+"""Batches: the TensorDataset slicing loader, structured test inputs, targets, batch checks."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from conftest import Augmented, assert_close
+from conftest import Augmented, assert_close, make_case, reference_scores
 from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
-from proponents.data import TensorRowsLoader, make_loader
+from proponents.data import (
+    Batch,
+    TensorRowsLoader,
+    batch_size_of,
+    chunk_batch,
+    make_loader,
+)
+from proponents.data import test_batches as normalise_test_side
 from proponents.distributed import shard_loader
+from proponents.errors import BatchFormatError
 
 
 def _stored_tensors():
@@ -350,3 +359,256 @@ def test_random_augmentations_are_the_same_draw_at_every_checkpoint(tmp_path, wo
     assert torch.equal(one.self_influence(), single)
     test = (x[:4],), y[:4]
     assert_close(three.influence(*test), 3 * one.influence(*test))
+
+
+# --------------------------------------------------------------- structured test inputs
+class _DictNet(nn.Module):
+    """A model called with one dict (or, as _TupleNet, one tuple) of tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.e = nn.Embedding(10, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def parts(self, inp):
+        return inp["x"], inp["tok"]
+
+    def forward(self, inp):
+        x, tok = self.parts(inp)
+        return self.fc(torch.tanh(self.a(x) + self.e(tok).mean(1)))
+
+
+class _TupleNet(_DictNet):
+    def parts(self, inp):
+        return inp[0], inp[1]
+
+
+def _structured(kind, x, tok):
+    return {"x": x, "tok": tok} if kind == "dict" else (x, tok)
+
+
+class _StructuredItems(Dataset):
+    """Items ``(structured input, label)``, collated into dicts/tuples of batches."""
+
+    def __init__(self, kind, x, tok, y):
+        self.kind, self.x, self.tok, self.y = kind, x, tok, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return _structured(self.kind, self.x[i], self.tok[i]), self.y[i]
+
+
+def _structured_setup(tmp_path, kind, n_train=9, n_test=3):
+    torch.manual_seed(0)
+    model = _DictNet() if kind == "dict" else _TupleNet()
+    g = torch.Generator().manual_seed(5)
+    x, tok = torch.randn(n_train, 4, generator=g), torch.randint(0, 10, (n_train, 3), generator=g)
+    y = torch.randint(0, 3, (n_train,), generator=g)
+    xt, tokt = torch.randn(n_test, 4, generator=g), torch.randint(0, 10, (n_test, 3), generator=g)
+    yt = torch.randint(0, 3, (n_test,), generator=g)
+    paths, lrs = [], [0.5, 1.5]
+    for c, lr in enumerate(lrs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        paths.append(tmp_path / f"ckpt-{c}.pt")
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, paths[-1])
+    return model, paths, lrs, (x, tok, y), (xt, tokt, yt)
+
+
+def _loop_grads(model, path, kind, x, tok, y, prefix):
+    """Float64 per-example gradients by plain autograd, one example at a time."""
+    import copy
+
+    net = copy.deepcopy(model).double().eval()
+    net.load_state_dict(torch.load(path, weights_only=True)["model_state_dict"])
+    net.double()
+    params = [p for n, p in net.named_parameters() if n.startswith(prefix)]
+    rows = []
+    for i in range(len(y)):
+        out = net(_structured(kind, x[i : i + 1].double(), tok[i : i + 1]))
+        loss = nn.functional.cross_entropy(out, y[i : i + 1], reduction="sum")
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def _loop_scores(model, paths, lrs, kind, train, test, prefix=""):
+    total = 0
+    for path, lr in zip(paths, lrs):
+        gr = _loop_grads(model, path, kind, *train, prefix)
+        gt = _loop_grads(model, path, kind, *test, prefix)
+        total = total + lr * gt @ gr.T
+    return total
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+@pytest.mark.parametrize("method", ["cp-sum", "cp-none", "fast"])
+def test_a_dict_or_tuple_test_batch_with_unpack_inputs_false_matches_the_loop(
+    tmp_path, kind, method
+):
+    """model(inputs) with inputs a dict or a tuple: the batch size comes from the tensors
+    inside it, and the scores equal a float64 per-example autograd loop."""
+    model, paths, lrs, train, (xt, tokt, yt) = _structured_setup(tmp_path, kind)
+    data = _StructuredItems(kind, *train)
+    if method == "fast":
+        t = TracInCPFast(
+            model, "fc", data, paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4
+        )
+        want = _loop_scores(model, paths, lrs, kind, train, (xt, tokt, yt), prefix="fc.")
+    else:
+        reduction = "sum" if method == "cp-sum" else "none"
+        t = TracInCP(
+            model,
+            data,
+            paths,
+            loss_fn=nn.CrossEntropyLoss(reduction=reduction),
+            batch_size=4,
+            sample_wise_grads_per_batch=reduction == "sum",
+        )
+        want = _loop_scores(model, paths, lrs, kind, train, (xt, tokt, yt))
+    inputs = _structured(kind, xt, tokt)
+    assert_close(t.influence(inputs, yt, unpack_inputs=False), want)
+    top = t.influence(inputs, yt, k=2, unpack_inputs=False)
+    assert_close(top.influence_scores, want.sort(dim=1, descending=True).values[:, :2])
+    # the same test batch through a DataLoader of (input, label) items
+    loader = DataLoader(_StructuredItems(kind, xt, tokt, yt), batch_size=2)
+    assert_close(t.influence(loader), want)
+
+
+def test_a_large_dict_test_batch_is_chunked_like_its_tensors(tmp_path):
+    """A dict test batch larger than a test chunk (256 examples) is split inside the dict,
+    with the labels: the scores still equal the loop's."""
+    model, paths, lrs, train, _ = _structured_setup(tmp_path, "dict", n_train=5, n_test=1)
+    g = torch.Generator().manual_seed(9)
+    xt, tokt = torch.randn(300, 4, generator=g), torch.randint(0, 10, (300, 3), generator=g)
+    yt = torch.randint(0, 3, (300,), generator=g)
+    t = TracInCPFast(
+        model,
+        "fc",
+        _StructuredItems("dict", *train),
+        paths,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=5,
+    )
+    want = _loop_scores(model, paths, lrs, "dict", train, (xt, tokt, yt), prefix="fc.")
+    assert_close(t.influence({"x": xt, "tok": tokt}, yt, unpack_inputs=False), want)
+
+
+def test_batch_size_of_reads_nested_tensors_then_the_labels():
+    x, tok, y = torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3)
+    assert batch_size_of((x,)) == 3
+    assert batch_size_of(({"x": x, "tok": tok},)) == 3
+    assert batch_size_of(((x, [tok]),)) == 3
+    # nested tensors that disagree: the labels decide, else a clear error
+    odd = {"x": x, "table": torch.zeros(7, 4)}
+    assert batch_size_of((odd,), y) == 3
+    with pytest.raises(BatchFormatError, match=r"different first dimensions \(3, 7\)"):
+        batch_size_of((odd,))
+    # inputs without tensors (e.g. strings for a model that tokenizes): the labels
+    assert batch_size_of((["a", "b", "c"],), y) == 3
+    # a tensor without a batch dimension is not silently replaced by the labels
+    with pytest.raises(BatchFormatError, match="batch dimension"):
+        batch_size_of((torch.tensor(1.0),), y)
+
+
+def test_chunk_batch_slices_inside_dicts_and_leaves_other_inputs_whole():
+    x, tok, y = torch.arange(10.0).view(5, 2), torch.arange(5), torch.arange(5) * 10
+    table = torch.ones(3, 3)  # not per example: handed to every chunk
+    batch = Batch(inputs=({"x": x, "tok": [tok], "table": table},), labels=y, size=5)
+    parts = chunk_batch(batch, 2)
+    assert [p.size for p in parts] == [2, 2, 1]
+    for p, start in zip(parts, (0, 2, 4)):
+        stop = start + p.size
+        (inp,) = p.inputs
+        assert torch.equal(inp["x"], x[start:stop]) and torch.equal(inp["tok"][0], tok[start:stop])
+        assert inp["table"] is table
+        assert torch.equal(p.labels, y[start:stop])
+    # inputs in which no tensor carries the examples cannot be split: one chunk
+    words = Batch(inputs=(["w"] * 5,), labels=y, size=5)
+    assert chunk_batch(words, 2) == [words]
+
+
+def test_a_test_batch_of_strings_takes_its_size_from_the_targets():
+    (batch,), is_loader = normalise_test_side(["a", "b"], torch.tensor([0, 1]), unpack_inputs=False)
+    assert not is_loader and batch.size == 2
+
+
+@pytest.mark.parametrize(
+    "given",
+    [[2, 0, 1], (2, 0, 1), np.array([2, 0, 1]), [np.int64(2), np.int64(0), np.int64(1)]],
+    ids=["list", "tuple", "ndarray", "numpy-scalars"],
+)
+def test_numeric_targets_are_converted_like_torch_as_tensor(given):
+    (batch,), _ = normalise_test_side((torch.zeros(3, 2),), given, unpack_inputs=True)
+    assert torch.equal(batch.labels, torch.as_tensor(given))
+    assert batch.labels.dtype == torch.int64
+    floats = [[0.5, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    (batch,), _ = normalise_test_side((torch.zeros(3, 2),), floats, unpack_inputs=True)
+    assert torch.equal(batch.labels, torch.tensor(floats))
+    # anything but numbers is the custom loss's business: passed on as given
+    words = ["cat", "dog", "cow"]
+    (batch,), _ = normalise_test_side((torch.zeros(3, 2),), words, unpack_inputs=True)
+    assert batch.labels is words
+
+
+def test_list_targets_give_the_scores_of_tensor_targets(tmp_path):
+    case = make_case("mlp", tmp_path / "ck")
+    t = TracInCP(
+        case.model,
+        case.dataset,
+        case.checkpoints,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    want = reference_scores(case)
+    assert_close(t.influence(case.test_inputs, case.test_labels.tolist()), want)
+    assert_close(t.influence(case.test_inputs, case.test_labels.numpy()), want)
+    reg = make_case("regression", tmp_path / "reg")
+    t = TracInCP(
+        reg.model,
+        reg.dataset,
+        reg.checkpoints,
+        loss_fn=nn.MSELoss(reduction="sum"),
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    assert_close(t.influence(reg.test_inputs, reg.test_labels.tolist()), reference_scores(reg))
+
+
+# ------------------------------------------------- DataLoaders that yield single examples
+def test_a_dataloader_without_batch_size_is_refused_with_the_fix(tmp_path):
+    """DataLoader(batch_size=None) yields single examples: the feature dimension would be
+    read as the batch; the error names batch_size=None and what to pass instead."""
+    case = make_case("mlp", tmp_path / "ck")
+    unbatched = DataLoader(case.dataset, batch_size=None)
+    t = TracInCP(
+        case.model,
+        unbatched,
+        case.checkpoints,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        sample_wise_grads_per_batch=True,
+    )
+    for call in (lambda: t.influence(case.test_inputs, case.test_labels), t.influence):
+        with pytest.raises(BatchFormatError, match=r"batch_size=None.*batch_size=32"):
+            call()
+    # regression labels of one value per example: the row counts disagree
+    torch.manual_seed(0)
+    net, x, y = nn.Linear(6, 1), torch.randn(8, 6), torch.randn(8, 1)
+    torch.save(net.state_dict(), tmp_path / "lin.pt")
+    t = TracInCP(
+        net,
+        DataLoader(TensorDataset(x, y), batch_size=None),
+        [tmp_path / "lin.pt"],
+        loss_fn=nn.MSELoss(reduction="sum"),
+        sample_wise_grads_per_batch=True,
+    )
+    with pytest.raises(
+        BatchFormatError,
+        match=r"labels with 1 row but model inputs of 6 "
+        r"examples.*batch_size=None",
+    ):
+        t.influence()

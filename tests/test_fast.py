@@ -876,3 +876,26 @@ def test_a_parametrized_final_layer_is_exact_in_tracincpfast_and_refused_by_rand
         TracInCPFastRandProj(
             model, "2", train, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4
         )
+
+
+def test_randproj_answers_an_empty_test_batch_like_a_full_one(tmp_path):
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=30)
+    calls = []
+    rp = TracInCPFastRandProj(
+        model,
+        "2",
+        train,
+        paths,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=30,
+        projection_dim=6,
+    )
+    full, top = rp.influence((xt,), yt, k=None), rp.influence((xt,), yt, k=3)
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    empty, empty_top = rp.influence((xt[:0],), yt[:0], k=None), rp.influence((xt[:0],), yt[:0], k=3)
+    handle.remove()
+    assert calls == []  # no model run
+    assert empty.shape == (0, 30) and empty.dtype == full.dtype
+    assert empty_top.indices.shape == (0, 3) and empty_top.indices.dtype == top.indices.dtype
+    assert empty_top.influence_scores.shape == (0, 3)
+    assert empty_top.influence_scores.dtype == top.influence_scores.dtype

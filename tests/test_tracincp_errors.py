@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
-from conftest import make_case
-from proponents import TracInCP
+from conftest import (
+    assert_close,
+    assert_unchanged,
+    make_case,
+    model_snapshot,
+    reference_scores,
+    reference_self,
+)
+from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
 from proponents.errors import (
     ArgumentTypeError,
     BatchFormatError,
@@ -231,3 +239,137 @@ def test_a_model_that_returns_a_dict_gets_an_error_saying_how_to_fix_it(tmp_path
         batch_size=4,
     ).self_influence()
     torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------- empty test batches
+def _three_methods(case):
+    """TracInCP on both loss settings and TracInCPFast over ``case`` (an "mlp" case)."""
+    return [
+        make(case),
+        make(
+            case,
+            layers=["fc1"],
+            loss_fn=case.loss_fn("none"),
+            sample_wise_grads_per_batch=False,
+        ),
+        TracInCPFast(
+            case.model,
+            "fc2",
+            case.dataset,
+            case.checkpoints,
+            loss_fn=case.loss_fn("sum"),
+            batch_size=4,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_empty_test_batch_gives_empty_results_like_a_full_one(case, dtype):
+    """A test batch of no examples (say, the misclassified ones when there are none) gives
+    what the full batch gives with its rows dropped: same dtypes and device, no crash."""
+    case.model.to(dtype)
+    case.train_inputs = (case.train_inputs[0].to(dtype),)
+    x = case.test_inputs[0].to(dtype)
+    y = case.test_labels
+    n_train = len(case.train_labels)
+    for t in _three_methods(case):
+        full = t.influence((x,), y)
+        empty = t.influence((x[:0],), y[:0])
+        assert empty.shape == (0, n_train)
+        assert empty.dtype == full.dtype == dtype and empty.device == full.device
+        for proponents in (True, False):
+            top = t.influence((x,), y, k=3, proponents=proponents)
+            none = t.influence((x[:0],), y[:0], k=3, proponents=proponents)
+            assert none.indices.shape == none.influence_scores.shape == (0, 3)
+            assert none.indices.dtype == top.indices.dtype == torch.int64
+            assert none.influence_scores.dtype == top.influence_scores.dtype
+        # the summed influence of no examples is zero; its top k are then the first k
+        total = t.influence((x[:0],), y[:0], aggregate=True)
+        assert torch.equal(total, torch.zeros(1, n_train, dtype=dtype))
+        agg = t.influence((x[:0],), y[:0], k=2, aggregate=True)
+        assert agg.indices.tolist() == [[0, 1]]
+        selfs = t.self_influence((x[:0], y[:0]))
+        assert selfs.shape == (0,) and selfs.dtype == t.self_influence((x, y)).dtype
+        with pytest.raises(InvalidArgumentError, match=f"k={n_train + 1}"):
+            t.influence((x[:0],), y[:0], k=n_train + 1)
+        with pytest.raises(InvalidArgumentError, match="targets are required"):
+            t.influence((x[:0],))
+
+
+class _Stream(IterableDataset):
+    """The training examples as a stream without a length."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+
+def test_an_empty_test_batch_over_a_stream_counts_the_training_examples(case):
+    stream = _Stream(*case.train_inputs, case.train_labels)
+    t = make(case, data=stream)
+    n_train = len(case.train_labels)
+    assert t.influence((case.test_inputs[0][:0],), case.test_labels[:0]).shape == (0, n_train)
+    none = t.influence((case.test_inputs[0][:0],), case.test_labels[:0], k=n_train)
+    assert none.indices.shape == (0, n_train)
+    with pytest.raises(InvalidArgumentError, match=f"k={n_train + 1} exceeds the {n_train}"):
+        t.influence((case.test_inputs[0][:0],), case.test_labels[:0], k=n_train + 1)
+
+
+# ------------------------------------------------------------ torch.inference_mode()
+def test_calls_inside_inference_mode_give_the_reference_scores(case):
+    """Inside torch.inference_mode() the calls leave that mode (they need autograd): the
+    scores equal the float64 loop's, and the model and the mode are as they were."""
+    want, want_self = reference_scores(case), reference_self(case)
+    want_fast = reference_scores(case, layers=["fc2"])
+    snap = model_snapshot(case.model)
+    cp = make(case)
+    with torch.inference_mode():
+        fast = TracInCPFast(
+            case.model,
+            "fc2",
+            case.dataset,
+            case.checkpoints,
+            loss_fn=case.loss_fn("sum"),
+            batch_size=4,
+        )
+        proj = TracInCPFastRandProj(
+            case.model,
+            "fc2",
+            case.dataset,
+            case.checkpoints,
+            loss_fn=case.loss_fn("sum"),
+            batch_size=4,
+        )
+        x = case.test_inputs[0] * 1.0  # an inference tensor
+        scores, selfs = cp.influence((x,), case.test_labels), cp.influence()
+        top = cp.influence((x,), case.test_labels, k=2)
+        fast_scores = fast.influence((x,), case.test_labels)
+        proj_scores = proj.influence((x,), case.test_labels, k=None)
+        assert torch.is_inference_mode_enabled()
+    assert_close(scores, want)
+    assert_close(selfs, want_self)
+    assert_close(top.influence_scores, want.sort(dim=1, descending=True).values[:, :2])
+    assert_close(fast_scores, want_fast)
+    assert_close(proj_scores, want_fast)
+    assert_unchanged(case.model, snap)
+    assert not torch.is_inference_mode_enabled()
+
+
+# ------------------------------------------------------------------ integer types of k
+@pytest.mark.parametrize(
+    "k", [np.int64(2), np.int32(2), torch.tensor(2)], ids=["np.int64", "np.int32", "tensor"]
+)
+def test_k_of_any_integer_type_is_an_int(case, k):
+    for t in _three_methods(case)[::2]:
+        want = t.influence(case.test_inputs, case.test_labels, k=2)
+        got = t.influence(case.test_inputs, case.test_labels, k=k)
+        assert torch.equal(got.indices, want.indices)
+        assert torch.equal(got.influence_scores, want.influence_scores)
+
+
+@pytest.mark.parametrize("k", [True, np.float64(2.0), torch.tensor(2.0), "2"])
+def test_k_that_is_not_an_integer_is_refused(case, k):
+    with pytest.raises(ArgumentTypeError, match="k must be an int or None"):
+        make(case).influence(case.test_inputs, case.test_labels, k=k)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import (
@@ -54,15 +55,87 @@ class Batch:
     size: int
 
 
+def _nested_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors inside ``obj`` (tuples, lists and dict values, recursively), in order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _nested_tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _nested_tensors(item)
+
+
 def batch_size_of(inputs: Sequence[Any], labels: Any = None) -> int:
-    """Number of examples in a batch: dim 0 of its first tensor."""
-    for item in (*inputs, labels):
+    """Number of examples in a batch.
+
+    In order of preference: dim 0 of the first model input that is a tensor with a batch
+    dimension; else dim 0 of the tensors nested in the model inputs (inside tuples, lists
+    and dicts, e.g. ``model({"x": ..., "mask": ...})``), when they all agree; else dim 0
+    of ``labels``, when no model input holds a tensor with a batch dimension that could
+    tell (inputs such as lists of strings, or nested tensors of different first sizes).
+
+    Raises:
+        BatchFormatError: when none of these tells the batch size.
+    """
+    for item in inputs:
         if isinstance(item, torch.Tensor) and item.dim() > 0:
             return int(item.shape[0])
+    nested = [t for item in inputs for t in _nested_tensors(item)]
+    sizes = list(dict.fromkeys(int(t.shape[0]) for t in nested if t.dim() > 0))
+    if len(sizes) == 1:
+        return sizes[0]
+    labels_tell = isinstance(labels, torch.Tensor) and labels.dim() > 0
+    if labels_tell and (sizes or not nested):
+        return int(labels.shape[0])
+    if len(sizes) > 1:
+        raise BatchFormatError(
+            "cannot tell the batch size: the tensors inside the model inputs have different "
+            f"first dimensions ({', '.join(map(str, sizes))}); give every tensor the examples "
+            "in dim 0, or labels with one entry per example"
+        )
     raise BatchFormatError(
         "cannot tell the batch size: no model input or label is a tensor with a batch "
         "dimension; pass tensors whose first dimension indexes examples"
     )
+
+
+UNBATCHED_HINT = (
+    "A DataLoader with batch_size=None yields single examples without a batch dimension; "
+    "give it a batch size (DataLoader(dataset, batch_size=32)), or pass the Dataset itself "
+    "with batch_size=N"
+)
+
+
+def _check_labels_fit(inputs: tuple[Any, ...], labels: Any, size: int, what: str) -> None:
+    """Raise when the labels show the batch is one unbatched example, or another size.
+
+    Only when the model inputs hold tensors with a batch dimension (they gave ``size``):
+    then labels that are a 0-dim tensor or a Python number (one example's label), or a
+    tensor with another number of rows, mean the batch is not a batch of ``size`` examples
+    (typically one example from a ``DataLoader(batch_size=None)``, whose feature dimension
+    was read as the batch).
+    """
+    has_batched_tensor = any(t.dim() > 0 for item in inputs for t in _nested_tensors(item))
+    if not has_batched_tensor:
+        return
+    if isinstance(labels, (bool, int, float)) or (
+        isinstance(labels, torch.Tensor) and labels.dim() == 0
+    ):
+        shown = labels.item() if isinstance(labels, torch.Tensor) else labels
+        raise BatchFormatError(
+            f"a {what} has a single label ({shown!r}, no batch dimension), so it is one "
+            f"example rather than a batch; {BATCH_CONVENTION}, with the examples in dim 0 "
+            f"of every tensor. {UNBATCHED_HINT}."
+        )
+    if isinstance(labels, torch.Tensor) and int(labels.shape[0]) != size:
+        rows = int(labels.shape[0])
+        raise BatchFormatError(
+            f"a {what} has labels with {rows} row{'' if rows == 1 else 's'} but model inputs of "
+            f"{size} examples (dim 0 of the input tensors): every tensor must have the "
+            f"examples in dim 0, one label per example. {UNBATCHED_HINT}."
+        )
 
 
 def split_batch(batch: Any, what: str = "training batch") -> Batch:
@@ -85,7 +158,9 @@ def split_batch(batch: Any, what: str = "training batch") -> Batch:
         )
     inputs = tuple(batch[:-1])
     labels = batch[-1]
-    return Batch(inputs=inputs, labels=labels, size=batch_size_of(inputs, labels))
+    size = batch_size_of(inputs, labels)
+    _check_labels_fit(inputs, labels, size, what)
+    return Batch(inputs=inputs, labels=labels, size=size)
 
 
 def make_loader(data: Dataset | DataLoader, batch_size: int | None, argument: str) -> DataLoader:
@@ -224,6 +299,15 @@ def dataset_length(loader: DataLoader) -> int | None:
         return None
 
 
+def count_examples(batches: Iterable[Any], what: str) -> int:
+    """Number of examples in one pass over ``batches`` of ``(*model_inputs, label)``.
+
+    For data without a known length (an ``IterableDataset``): the pass only loads and
+    splits the batches, without running a model.
+    """
+    return sum(split_batch(b, what).size for b in batches)
+
+
 def loader_batches(loader: DataLoader) -> int | None:
     """Number of batches a DataLoader yields, or ``None`` when unknown."""
     try:
@@ -239,6 +323,31 @@ def test_inputs_tuple(inputs: Any, unpack_inputs: bool) -> tuple[Any, ...]:
     return (inputs,)
 
 
+def as_targets(targets: Any) -> Any:
+    """The test ``targets`` as given, or as a tensor when they are plain numbers.
+
+    A (nested) list or tuple of Python or NumPy numbers, or a numeric NumPy array, becomes
+    ``torch.as_tensor(targets)``: integers give an ``int64`` tensor (class indices),
+    floats one of torch's default dtype, exactly as ``torch.as_tensor`` would. Tensors,
+    ``None`` and sequences of anything else (tensors, strings: labels for a custom loss)
+    are returned unchanged.
+    """
+    if isinstance(targets, (list, tuple)) and targets and _numbers(targets):
+        return torch.as_tensor(targets)
+    if isinstance(targets, np.ndarray) and targets.dtype.kind in "biuf":
+        return torch.as_tensor(targets)
+    return targets
+
+
+def _numbers(obj: Any) -> bool:
+    """Whether ``obj`` is a number or a non-empty (nested) list/tuple of numbers only."""
+    if isinstance(obj, (list, tuple)):
+        return bool(obj) and all(_numbers(o) for o in obj)
+    if isinstance(obj, np.generic):
+        return obj.dtype.kind in "biuf"
+    return isinstance(obj, (int, float))
+
+
 def test_batches(
     inputs: Any, targets: Any, unpack_inputs: bool
 ) -> tuple[list[Batch] | DataLoader, bool]:
@@ -246,6 +355,10 @@ def test_batches(
 
     ``inputs`` is either one batch of model inputs (with ``targets`` beside it) or a
     DataLoader of ``(*model_inputs, label)`` batches (then ``targets`` must be None).
+    The size of a single batch is found as :func:`batch_size_of` says: from the tensors
+    in ``inputs`` (also inside tuples, lists and dicts, so ``unpack_inputs=False`` with
+    ``model({"x": ..., "mask": ...})`` works), else from ``targets``. Targets that are
+    plain numbers are converted by :func:`as_targets`.
 
     Returns:
         ``(batches, is_loader)``: an iterable of :class:`Batch` and whether it came from
@@ -262,25 +375,39 @@ def test_batches(
     args = test_inputs_tuple(inputs, unpack_inputs)
     if len(args) == 0:
         raise InvalidArgumentError("inputs is an empty tuple: give at least one model input")
-    try:
-        n = batch_size_of(args)
-    except BatchFormatError as err:
-        raise BatchFormatError(f"inputs: {err}") from None
+    targets = as_targets(targets)
+    n_targets: int | None = None
     if targets is not None:
         if isinstance(targets, torch.Tensor) and targets.dim() > 0:
             n_targets = int(targets.shape[0])
         elif isinstance(targets, (list, tuple)):
             n_targets = len(targets)
+        elif isinstance(targets, torch.Tensor):
+            raise ArgumentTypeError(
+                f"targets is a 0-dim tensor ({targets.item()!r}): give one target per test "
+                "example, with the examples in dim 0 (for a single example, "
+                "targets.reshape(1), and inputs with a batch dimension of 1)"
+            )
         else:
             raise ArgumentTypeError(
                 f"targets must be a tensor with one entry per test example, got "
                 f"{type(targets).__name__}"
             )
-        if n_targets != n:
-            raise InvalidArgumentError(
-                f"targets has {n_targets} entries but inputs hold {n} examples: give one "
-                "target per test example"
-            )
+    # Inputs without any tensor (strings for a model that tokenizes, say) are "of any
+    # type" only with unpack_inputs=False; then the targets count the examples.
+    has_tensors = any(True for a in args for _ in _nested_tensors(a))
+    any_type = not unpack_inputs and not has_tensors
+    try:
+        n = batch_size_of(args, targets if has_tensors or any_type else None)
+    except BatchFormatError as err:
+        if n_targets is None or not any_type:
+            raise BatchFormatError(f"inputs: {err}") from None
+        n = n_targets  # e.g. a list of strings with a list of labels
+    if n_targets is not None and n_targets != n:
+        raise InvalidArgumentError(
+            f"targets has {n_targets} entries but inputs hold {n} examples: give one "
+            "target per test example"
+        )
     return [Batch(inputs=args, labels=targets, size=n)], False
 
 
@@ -315,10 +442,18 @@ def to_device(obj: Any, device: torch.device) -> Any:
 def chunk_batch(batch: Batch, size: int) -> list[Batch]:
     """Split a batch into consecutive batches of at most ``size`` examples.
 
-    Tensors whose first dimension is the batch size are sliced; everything else is
-    passed to every chunk unchanged.
+    Tensors whose first dimension is the batch size are sliced, also inside tuples,
+    lists and dicts; everything else is passed to every chunk unchanged. A batch whose
+    model inputs hold no such tensor (inputs of another kind, such as a list of strings,
+    whose examples cannot be told apart here) is not split.
     """
     if batch.size <= size:
+        return [batch]
+    if not any(
+        t.dim() > 0 and t.shape[0] == batch.size
+        for item in batch.inputs
+        for t in _nested_tensors(item)
+    ):
         return [batch]
 
     def part(x: Any, start: int) -> Any:
@@ -326,6 +461,8 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
             return x[start : start + size]
         if isinstance(x, (tuple, list)):
             return type(x)(part(v, start) for v in x)
+        if isinstance(x, dict):
+            return {k: part(v, start) for k, v in x.items()}
         return x
 
     return [

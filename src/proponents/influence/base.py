@@ -7,13 +7,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from proponents.checkpoints import load_flexible_state_dict, resolve_checkpoints
-from proponents.checks import check_flag
+from proponents.checks import check_flag, check_int
 from proponents.data import (
     Batch,
+    count_examples,
     dataset_length,
     loader_batches,
     make_loader,
@@ -131,23 +133,71 @@ class TracInCPBase(DataInfluence):
         loader writes into the model's tensors, which then hold copies.
         """
         by_reference = self.checkpoints_load_func is load_flexible_state_dict
-        with call_scope(self.model, model_device(self.model), loads_by_reference=by_reference):
+        # Inside torch.inference_mode() every new tensor would be an inference tensor, which
+        # autograd cannot use; the call needs gradients, so it leaves that mode (tensors it
+        # creates are ordinary ones, and the results it returns too).
+        with (
+            torch.inference_mode(False),
+            call_scope(self.model, model_device(self.model), loads_by_reference=by_reference),
+        ):
             yield
 
     def _n_train(self) -> int | None:
         return dataset_length(self.train_dataloader)
 
-    def _check_k(self, k: Any) -> None:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise ArgumentTypeError(
-                f"{self.get_name()}: k must be an int or None, got {type(k).__name__}"
-            )
+    def _check_k(self, k: Any) -> int:
+        """``k`` as an ``int`` (any integer type: ``numpy.int64`` too, not ``bool``)."""
+        name = self.get_name()
+        k = check_int(k, f"{name}: k", or_none=True)
         n = self._n_train()
         if k < 1 or (n is not None and k > n):
             raise InvalidArgumentError(
-                f"{self.get_name()}: k={k} is out of range; it must be between 1 and the "
+                f"{name}: k={k} is out of range; it must be between 1 and the "
                 f"number of training examples ({n})"
             )
+        return k
+
+    def _score_dtype(self) -> torch.dtype:
+        """The dtype of the scores: that of the differentiated parameters (promoted)."""
+        params = dict(self.model.named_parameters())
+        names = getattr(self, "_selected", None) or list(params)
+        dtypes = [params[n].dtype for n in names if n in params]
+        dtype = dtypes[0] if dtypes else torch.get_default_dtype()
+        for other in dtypes[1:]:
+            dtype = torch.promote_types(dtype, other)
+        return dtype
+
+    def _n_train_counted(self) -> int:
+        """Number of training examples: the known length, else counted in one data pass."""
+        n = self._n_train()
+        if n is not None:
+            return n
+        with self._guarded():  # the pass may draw from the global generators
+            return count_examples(self.train_dataloader, "training batch")
+
+    def _empty_influence(
+        self, k: int | None, proponents: bool, aggregate: bool
+    ) -> Tensor | KMostInfluentialResults:
+        """What :meth:`influence` gives for a test batch of no examples, without a model run.
+
+        ``(0, n_train)`` scores (``(1, n_train)`` zeros with ``aggregate``: a sum over no
+        examples), or ``(0, k)`` proponents/opponents with ``int64`` indices; in the
+        scores' dtype, on the model's device.
+        """
+        n_train = self._n_train_counted()
+        if k is not None and k > n_train:
+            raise InvalidArgumentError(
+                f"{self.get_name()}: k={k} exceeds the {n_train} training examples"
+            )
+        scores = torch.zeros(
+            1 if aggregate else 0,
+            n_train,
+            dtype=self._score_dtype(),
+            device=model_device(self.model),
+        )
+        if k is None:
+            return scores
+        return KMostInfluentialResults(*k_most(scores, k, proponents))
 
     # The API's DataInfluence.influence takes (inputs, **kwargs); each method names the
     # arguments it accepts, so this signature is deliberately narrower than the base's.
@@ -172,11 +222,17 @@ class TracInCPBase(DataInfluence):
 
         Args:
             inputs: the test batch — model inputs called as ``model(*inputs)`` when
-                ``unpack_inputs`` and a tuple, else ``model(inputs)`` — or a DataLoader of
-                ``(*model_inputs, label)`` test batches.
-            targets: labels of the test batch (``None`` with a DataLoader, or when the
-                loss needs no labels).
-            k: number of proponents/opponents per test example, ``1..n_train``.
+                ``unpack_inputs`` and a tuple, else ``model(inputs)`` with ``inputs`` of
+                any type (a dict or tuple of tensors, say) — or a DataLoader of
+                ``(*model_inputs, label)`` test batches. The number of test examples is
+                dim 0 of the first input tensor, else of the tensors nested in
+                ``inputs`` (which must agree), else of ``targets``. A batch of no examples
+                gives ``(0, n_train)`` scores or ``(0, k)`` results without a model run.
+            targets: labels of the test batch, one per example (``None`` with a
+                DataLoader, or when the loss needs no labels); a list or NumPy array of
+                numbers is converted as ``torch.as_tensor`` would.
+            k: number of proponents/opponents per test example, ``1..n_train`` (any
+                integer type, e.g. ``numpy.int64``; not ``bool``).
             proponents: ``True`` for proponents, ``False`` for opponents.
             unpack_inputs: whether a tuple ``inputs`` holds several model arguments.
             show_progress: show a progress bar over checkpoints and batches.
@@ -185,7 +241,9 @@ class TracInCPBase(DataInfluence):
                 examples most influential on the batch as a whole.
 
         Returns:
-            A tensor or :class:`KMostInfluentialResults`, on the model's device.
+            A tensor or :class:`KMostInfluentialResults`, on the model's device. The call
+            also works inside ``torch.inference_mode()``: it leaves that mode internally,
+            since it needs autograd.
         """
         name = self.get_name()
         for flag, value in (
@@ -203,9 +261,11 @@ class TracInCPBase(DataInfluence):
                 )
             return self.self_influence(self.train_dataloader, show_progress=show_progress)
         if k is not None:
-            self._check_k(k)
+            k = self._check_k(k)
         test, is_loader = test_batches(inputs, targets, unpack_inputs)
         self._check_targets(targets, is_loader)
+        if not is_loader and all(batch.size == 0 for batch in test):
+            return self._empty_influence(k, proponents, aggregate)
         n_test_batches = loader_batches(test) if is_loader else 1  # type: ignore[arg-type]
 
         def scores_on(train: DataLoader, n_train: int | None) -> Tensor:
@@ -254,7 +314,8 @@ class TracInCPBase(DataInfluence):
 
         Args:
             inputs_dataset: one batch ``(*model_inputs, label)`` or a DataLoader of such
-                batches; ``None`` means the training set.
+                batches; ``None`` means the training set. A batch of no examples gives a
+                ``(0,)`` tensor without a model run.
             show_progress: show a progress bar over checkpoints and batches.
 
         Returns:
@@ -271,7 +332,9 @@ class TracInCPBase(DataInfluence):
             data = make_loader(inputs_dataset, self.batch_size, "inputs_dataset")
             n_batches = loader_batches(data)
         else:
-            split_batch(inputs_dataset, "inputs_dataset batch")
+            if split_batch(inputs_dataset, "inputs_dataset batch").size == 0:
+                # a batch of no examples: no model run, the (0,) result on the model's device
+                return torch.zeros(0, dtype=self._score_dtype(), device=model_device(self.model))
             data, n_batches = [inputs_dataset], 1
         if self._dist is not None and isinstance(data, DataLoader):
 

@@ -588,7 +588,16 @@ class TracInCPFastRandProj(TracInCPFast):
                 f"{name}: targets are required; pass the labels of the test batch"
             )
         self._watch.verify(name, "the training set's embeddings")
-        query = self._embed(test, is_loader, show_progress, "test batch")
+        if not is_loader and all(batch.size == 0 for batch in test):
+            # a batch of no examples: no model run, an empty query of the embeddings' kind
+            query = torch.zeros(
+                0,
+                self.embedding_dim,
+                dtype=self.final_fc_layer.weight.dtype,
+                device=model_device(self.model),
+            )
+        else:
+            query = self._embed(test, is_loader, show_progress, "test batch")
         if self._dist is not None:
             out = self._dist.score_columns(
                 name,
