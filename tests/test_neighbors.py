@@ -579,3 +579,318 @@ def test_unusable_saved_index_is_rebuilt_with_a_warning(tmp_path, name):
     check(tmp_path, data, "is missing")
     (tmp_path / "neighbors.json").write_text("{broken")
     check(tmp_path, data, "neighbors.json could not be read")
+
+
+# -- exact scores: one bit pattern per row, wherever it sits ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("n_base", "copies", "d", "block_size"),
+    [(700, 13, 7, 4096), (1001, 9, 64, 4096), (167, 25, 1000, 4096), (97, 7, 64, 100)],
+)
+@pytest.mark.parametrize("n_query", [1, 3])
+def test_duplicates_in_different_blocks_get_equal_scores_and_rank_in_dataset_order(
+    dtype, n_base, copies, d, block_size, n_query
+):
+    # Row i equals rows i + n_base, i + 2 n_base, ...: copies in every block, the short
+    # last block included (the row counts are not multiples of the block size).
+    g = torch.Generator().manual_seed(n_base + d)
+    base = torch.randn(n_base, d, generator=g, dtype=dtype) * 3
+    data = base.repeat(copies, 1)
+    query = torch.randn(n_query, d, generator=g, dtype=dtype)
+    nn = ExactNearestNeighbors(block_size=block_size)
+    nn.setup(data)
+    full = nn.all_scores(query)
+    assert full.shape == (n_query, n_base * copies) and full.dtype == dtype
+    # Every copy of a row has the same score, bit for bit.
+    by_copy = full.view(n_query, copies, n_base)
+    assert torch.equal(by_copy, by_copy[:, :1].expand_as(by_copy))
+    # And those scores are the inner products (checked against float64).
+    ref = query.double() @ data.double().T
+    torch.testing.assert_close(full.double(), ref, rtol=1e-5, atol=1e-4)
+    for sign in (1, -1):
+        k = 2 * copies + 1
+        indices, scores = nn.get_nearest_neighbors(sign * query, k)
+        # The best row's copies come first, in dataset order, then the next row's.
+        first = indices[:, :copies] % n_base
+        assert torch.equal(first, first[:, :1].expand_as(first))
+        assert torch.equal(indices[:, :copies], indices[:, :1] + n_base * torch.arange(copies))
+        # The answer is the stable sort of the full matrix, scores bit-identical.
+        ordered = torch.sort(sign * full, dim=1, descending=True, stable=True)
+        assert torch.equal(indices, ordered.indices[:, :k])
+        assert torch.equal(scores, ordered.values[:, :k])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_size", [1, 64, 100, 4096])
+def test_exact_top_k_is_the_stable_sort_of_a_float64_reference(dtype, block_size):
+    g = torch.Generator().manual_seed(block_size)
+    data = torch.randn(5000, 33, generator=g).to(dtype)
+    query = torch.randn(20, 33, generator=g).to(dtype)
+    k = 25
+    ref = query.double() @ data.double().T
+    nn = ExactNearestNeighbors(block_size=block_size)
+    nn.setup(data)
+    for sign in (1, -1):
+        ordered = torch.sort(sign * ref, dim=1, descending=True, stable=True)
+        # Only rows without near-ties among their first k + 1 reference scores, where
+        # rounding could not change the order.
+        gaps = ordered.values[:, :k] - ordered.values[:, 1 : k + 1]
+        clear = (gaps > 1e-3).all(dim=1)
+        assert int(clear.sum()) >= 5
+        indices, scores = nn.get_nearest_neighbors(sign * query, k)
+        assert torch.equal(indices[clear], ordered.indices[clear, :k])
+        torch.testing.assert_close(scores.double(), ordered.values[:, :k], rtol=1e-5, atol=1e-4)
+
+
+def test_block_scores_is_the_full_product_on_the_query_device():
+    data, query = random_data(n=300, d=9, n_query=5)
+    out = exact_module.block_scores(query, data, 64)
+    torch.testing.assert_close(out, query @ data.T, rtol=1e-12, atol=1e-12)
+    assert out.device == query.device
+    assert exact_module.block_scores(query, data[:0]).shape == (5, 0)  # no rows (a shard)
+    # float16 data is scored in float32 (at least), one block converted at a time.
+    half = exact_module.block_scores(query.float(), data.half(), 64)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, query.float() @ data.half().float().T)
+    nn = ExactNearestNeighbors(block_size=64)
+    nn.setup(data.half())
+    idx, scores = nn.get_nearest_neighbors(query.half(), 3)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, exact_module.block_scores(query.half(), data.half()).gather(1, idx))
+    with pytest.raises(NearestNeighborsNotReadyError):
+        ExactNearestNeighbors().all_scores(query)
+    with pytest.raises(InvalidArgumentError, match="query has 8 columns"):
+        nn.all_scores(query[:, :8])
+
+
+# -- answers of user-written backends are checked --------------------------------------
+
+
+class Scripted(NearestNeighbors):
+    """A user backend that returns whatever the test gives it."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    def setup(self, data):
+        self.data = data
+
+    def get_nearest_neighbors(self, query, k):
+        return self.answer(query, k)
+
+
+def test_search_converts_numpy_answers_and_sorts_rows():
+    data, query = random_data(n=20, n_query=4)
+
+    def numpy_ascending(q, k):
+        scores = q @ data.T
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        order = order.flip(1)  # worst first: the check sorts the rows
+        return order.numpy().astype("int32"), scores.gather(1, order).numpy()
+
+    nn = Scripted(numpy_ascending)
+    nn.setup(data)
+    indices, scores = nn.search(query, 3, 20)
+    ref_idx, ref_scores = reference_top_k(data, query, 3)
+    assert indices.dtype == torch.long and isinstance(scores, torch.Tensor)
+    assert torch.equal(indices, ref_idx)
+    torch.testing.assert_close(scores, ref_scores)
+    # A well-behaved torch backend passes through unchanged.
+    good = CaptumStyle()
+    good.setup(data)
+    assert torch.equal(good.search(query, 5, 20)[0], reference_top_k(data, query, 5)[0])
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "pattern"),
+    [
+        (lambda q, k: torch.zeros(len(q), k), ArgumentTypeError, "a pair .*got a Tensor"),
+        (
+            lambda q, k: (torch.zeros(len(q), k, dtype=torch.long),) * 3,
+            ArgumentTypeError,
+            "got a tuple of 3 items",
+        ),
+        (
+            lambda q, k: ([[0] * k] * len(q), torch.zeros(len(q), k)),
+            ArgumentTypeError,
+            "indices as a torch.Tensor .*got list",
+        ),
+        (
+            lambda q, k: (torch.zeros(len(q), 1, dtype=torch.long), torch.zeros(len(q), 1)),
+            InvalidArgumentError,
+            r"indices of shape \(4, 1\).*\(n, k\) = \(4, 3\)",
+        ),
+        (
+            lambda q, k: (torch.arange(k).expand(len(q), k), torch.zeros(len(q) + 1, k)),
+            InvalidArgumentError,
+            r"scores of shape \(5, 3\)",
+        ),
+        (
+            lambda q, k: (torch.zeros(len(q), k), torch.zeros(len(q), k)),
+            ArgumentTypeError,
+            "integer indices .*torch.float32",
+        ),
+        (
+            lambda q, k: (torch.arange(k).expand(len(q), k), torch.zeros(len(q), k).long()),
+            ArgumentTypeError,
+            "floating-point scores .*torch.int64",
+        ),
+        (
+            lambda q, k: (torch.arange(18, 18 + k).expand(len(q), k), torch.zeros(len(q), k)),
+            InvalidArgumentError,
+            r"index 20, outside the valid row numbers 0\.\.19",
+        ),
+        (
+            lambda q, k: (-torch.arange(k).expand(len(q), k), torch.zeros(len(q), k)),
+            InvalidArgumentError,
+            "index -2, outside",
+        ),
+        (
+            lambda q, k: (torch.zeros(len(q), k, dtype=torch.long), torch.zeros(len(q), k)),
+            InvalidArgumentError,
+            r"same index twice in row 0 \(\[0, 0, 0\]\)",
+        ),
+    ],
+)
+def test_search_names_the_backend_and_what_is_wrong(answer, error, pattern):
+    data, query = random_data(n=20, n_query=4)
+    nn = Scripted(answer)
+    nn.setup(data)
+    with pytest.raises(error, match=r"Scripted\.get_nearest_neighbors\(query, k=3\)"):
+        nn.search(query, 3, 20)
+    with pytest.raises(error, match=pattern):
+        nn.search(query, 3, 20)
+
+
+def test_search_without_num_items_checks_everything_but_the_upper_bound():
+    data, query = random_data(n=20, n_query=2)
+    nn = Scripted(lambda q, k: (torch.arange(50, 50 + k).expand(len(q), k), torch.zeros(2, k)))
+    nn.setup(data)
+    assert nn.search(query, 2)[0].tolist() == [[50, 51], [50, 51]]
+
+
+# -- settings that cannot fit the data are reported before it exists ---------------------
+
+
+def test_check_fits_is_a_no_op_by_default():
+    for nn in (ExactNearestNeighbors(), CaptumStyle()):
+        assert nn.check_fits(1, 3) is None
+
+
+@pytest.mark.parametrize(
+    ("factory", "nprobe", "n", "pattern"),
+    [
+        ("Flat", 4, 1000, "nprobe=4 applies to IVF indices only"),
+        ("NotAnIndex", None, 1000, r"'NotAnIndex' is not a valid Faiss index for D=16"),
+        ("IVF1024,Flat", None, 40, r"N=40 vectors: an IVF index with 1024 lists needs .*1024"),
+        ("PQ8", None, 100, "a product quantizer with 256 centroids needs at least 256"),
+        ("IVF4,PQ8x4", None, 15, "product quantizer with 16 centroids"),
+        ("OPQ4,IVF8,PQ4", None, 200, "product quantizer with 256 centroids"),
+        ("HNSW32,PQ8", None, 255, "product quantizer with 256 centroids"),
+        ("PQ5", None, 1000, "D=16"),  # 16 dimensions cannot be split into 5 parts
+    ],
+)
+def test_faiss_check_fits_rejects_what_setup_would(factory, nprobe, n, pattern):
+    need_faiss()
+    nn = FaissNearestNeighbors(factory, nprobe=nprobe)
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        nn.check_fits(n, 16)
+    with pytest.raises(InvalidArgumentError):  # the independent judge: setup() itself
+        nn.setup(torch.randn(n, 16))
+
+
+@pytest.mark.parametrize(
+    ("factory", "n"),
+    [("Flat", 1), ("IVF4,Flat", 4), ("PQ8", 256), ("IVF4,PQ4x4", 16), ("HNSW8", 3)],
+)
+def test_faiss_check_fits_accepts_what_setup_builds(factory, n):
+    need_faiss()
+    nn = FaissNearestNeighbors(factory)
+    nn.check_fits(n, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Faiss may warn about few training points
+        nn.setup(torch.randn(n, 16))
+    assert nn.get_nearest_neighbors(torch.randn(2, 16), 1)[0].shape == (2, 1)
+
+
+# -- rows with NaN or infinite entries ------------------------------------------------------
+
+
+def _with_nonfinite_rows(n: int = 200, d: int = 8):
+    data, query = random_data(n=n, d=d, n_query=6, seed=4)
+    data = data.float()
+    data[3, 2] = float("nan")
+    data[50] = float("nan")
+    data[77, 0] = float("inf")
+    data[120, 5] = -float("inf")
+    return data, query.float()
+
+
+FINITE_ONLY = {
+    "annoy": lambda: AnnoyNearestNeighbors(num_trees=5, search_k=200 * 5 * 4),
+    "faiss-ivf": lambda: FaissNearestNeighbors("IVF16,Flat", nprobe=16),
+    "faiss-flat": lambda: FaissNearestNeighbors("Flat"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINITE_ONLY))
+@pytest.mark.parametrize("k", [1, 4, 10, 200])
+def test_nonfinite_rows_are_ranked_as_exact_search_ranks_them(name, k):
+    (need_annoy if name == "annoy" else need_faiss)()
+    data, query = _with_nonfinite_rows()
+    exact = ExactNearestNeighbors()
+    exact.setup(data)
+    nn = FINITE_ONLY[name]()
+    nn.setup(data)  # IVF training on NaN rows used to fail here
+    for q in (query, -query):
+        indices, scores = nn.get_nearest_neighbors(q, k)
+        ref_idx, ref_scores = exact.get_nearest_neighbors(q, k)
+        assert torch.equal(indices, ref_idx)
+        torch.testing.assert_close(scores, ref_scores, equal_nan=True)
+    # The non-finite rows are where a float64 brute force puts them: NaN first, +inf
+    # before every finite score and -inf after.
+    assert torch.equal(
+        nn.get_nearest_neighbors(query, 200)[0], reference_top_k(data, query, 200)[0]
+    )
+
+
+@pytest.mark.parametrize("name", sorted(FINITE_ONLY))
+def test_nonfinite_rows_survive_save_and_load(tmp_path, name):
+    (need_annoy if name == "annoy" else need_faiss)()
+    data, query = _with_nonfinite_rows()
+    nn = FINITE_ONLY[name]()
+    nn.setup(data)
+    before = nn.get_nearest_neighbors(query, 7)
+    assert nn.save(tmp_path) is True
+    fresh = FINITE_ONLY[name]()
+    assert fresh.load(tmp_path, data) is True
+    after = fresh.get_nearest_neighbors(query, 7)
+    assert torch.equal(before[0], after[0])
+    torch.testing.assert_close(before[1], after[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("name", sorted(FINITE_ONLY))
+def test_all_rows_nonfinite_is_answered_exactly(tmp_path, name):
+    (need_annoy if name == "annoy" else need_faiss)()
+    data = torch.full((12, 4), float("nan"))
+    data[::3, 0] = float("inf")
+    nn = FINITE_ONLY[name]()
+    nn.setup(data)
+    query = torch.ones(2, 4)
+    ref = ExactNearestNeighbors()
+    ref.setup(data)
+    assert torch.equal(
+        nn.get_nearest_neighbors(query, 5)[0], ref.get_nearest_neighbors(query, 5)[0]
+    )
+    assert nn.save(tmp_path) is False  # nothing was built, so nothing to save
+    assert FINITE_ONLY[name]().load(tmp_path, data) is False
+
+
+def test_faiss_training_error_counts_the_rows_left_out():
+    need_faiss()
+    data = torch.randn(40, 4)
+    data[:30, 0] = float("nan")
+    with pytest.raises(InvalidArgumentError, match=r"N=10 finite vectors \(30 of the 40 rows"):
+        FaissNearestNeighbors("IVF16,Flat").setup(data)

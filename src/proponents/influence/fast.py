@@ -47,10 +47,11 @@ from proponents.gradients.representations import DenseGrads, as_dense
 from proponents.gradients.selection import named_modules, resolve_layers
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
+from proponents.neighbors.exact import DEFAULT_BLOCK_SIZE, block_scores
 from proponents.progress import Progress
 from proponents.projection import GradientProjection
 from proponents.scoring import NonFiniteTracker, TracInRunner
-from proponents.store import ArrayStore, DiskMatrix, is_mapped, register_mapped, release_rows
+from proponents.store import ArrayStore, DiskMatrix, register_mapped, release_rows
 
 INDEX_KEY = "tracin-index"
 INDEX_FORMAT = 1
@@ -379,6 +380,9 @@ class TracInCPFastRandProj(TracInCPFast):
             self._offset, self._n_indexed = 0, int(_embeddings.shape[0])
             return
         if self._dist is None:
+            n_rows = dataset_length(self.train_dataloader)
+            if n_rows is not None:  # settings the backend cannot build fail before the work
+                self.nearest_neighbors.check_fits(n_rows, self.embedding_dim)
             self.embeddings = self._embed(
                 self.train_dataloader, True, show_progress, "training set"
             )
@@ -516,17 +520,17 @@ class TracInCPFastRandProj(TracInCPFast):
         return out
 
     def _all_scores(self, query: Tensor) -> Tensor:
-        """``query @ embeddings.T`` in the promoted dtype (at least float32), by row blocks."""
-        emb = self.embeddings
-        dtype = torch.promote_types(query.dtype, emb.dtype)
-        dtype = torch.promote_types(dtype, torch.float32)
-        if not is_mapped(emb) and emb.dtype == dtype:
-            return query.to(dtype) @ emb.T
-        q = query.to(dtype)
-        out = torch.empty(q.shape[0], emb.shape[0], dtype=dtype, device=query.device)
-        for start, block in _row_blocks(emb):
-            out[:, start : start + block.shape[0]] = q @ block.to(query.device, dtype).T
-        return out
+        """``query @ embeddings.T`` (at least float32), block by block as exact search does.
+
+        The same blocks as :class:`ExactNearestNeighbors` (of its block size when it is
+        the backend), so ``k=None`` scores and exact top-``k`` results are the same bits,
+        and identical training examples get identical scores wherever they sit.
+        """
+        backend = self.nearest_neighbors
+        size = (
+            backend.block_size if isinstance(backend, ExactNearestNeighbors) else DEFAULT_BLOCK_SIZE
+        )
+        return block_scores(query, self.embeddings, size)
 
     def _nonfinite_rows(self) -> int:
         """Number of training examples whose embedding is not finite (computed once)."""
@@ -625,9 +629,9 @@ class TracInCPFastRandProj(TracInCPFast):
         extra = self._nonfinite_rows()
         kk = min(n_train, k + extra)
         if proponents:
-            indices, scores = self.nearest_neighbors.get_nearest_neighbors(query, kk)
+            indices, scores = self.nearest_neighbors.search(query, kk, n_train)
         else:
-            indices, scores = self.nearest_neighbors.get_nearest_neighbors(-query, kk)
+            indices, scores = self.nearest_neighbors.search(-query, kk, n_train)
             scores = -scores
         if extra:
             order = torch.sort((~torch.isfinite(scores)).to(torch.int8), dim=1, stable=True)

@@ -24,10 +24,11 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
 
     Annoy picks the candidate neighbours (approximately: more trees and a larger
     ``search_k`` find more of the true top-``k``). The returned scores are then
-    recomputed exactly from the stored data, in the promoted dtype of data and query,
-    so every score is the true inner product ``<data[i], query>`` with its true sign,
-    and each row is sorted by it (ties by smaller index). A row for which Annoy finds
-    fewer than ``k`` distinct items is answered by exact search instead.
+    recomputed exactly from the stored data, in the promoted dtype of data and query
+    (at least float32), so every score is the true inner product ``<data[i], query>``
+    with its true sign, and each row is sorted by it (ties by smaller index). A row for
+    which Annoy finds fewer than ``k`` distinct items is answered by exact search
+    instead.
 
     Scores are inner products with the query as given; to find the smallest inner
     products (opponents), query with ``-q`` and negate the scores.
@@ -36,6 +37,10 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
     the data tensor given to :meth:`setup` is also kept, by reference, for rescoring.
     Building adds the rows one by one (Annoy's API), so it is slower than exact search
     to set up; it pays off for large ``N`` and many queries.
+
+    Rows with a NaN or infinite entry (which would spoil the trees) are left out of the
+    index and searched exactly at every query instead, so they are ranked as exact
+    search ranks them.
 
     Args:
         num_trees: number of trees to build, ``>= 1``; more trees, better recall, larger
@@ -53,6 +58,7 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
 
     backend_name: ClassVar[str] = "annoy"
     _index_filename: ClassVar[str] = "neighbors.annoy"
+    _finite_only: ClassVar[bool] = True
 
     def __init__(self, num_trees: int = 10, search_k: int = -1, *, seed: int = 0) -> None:
         super().__init__()

@@ -25,13 +25,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from proponents.checks import check_path
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
+from proponents.store import release_rows
 
 __all__ = [
     "MissingExtraError",
@@ -140,6 +142,117 @@ def check_k(k: Any, num_items: int) -> int:
     return k_int
 
 
+def score_dtype(query_dtype: torch.dtype, data_dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores are computed in: the promoted dtype of both, at least float32."""
+    return torch.promote_types(torch.promote_types(query_dtype, data_dtype), torch.float32)
+
+
+def finite_rows(data: Tensor, block_rows: int = 8192) -> Tensor:
+    """``(N,)`` bool: whether every entry of each row of ``data`` is finite (block by block)."""
+    n = int(data.shape[0])
+    out = torch.ones(n, dtype=torch.bool, device=data.device)
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        out[start:stop] = torch.isfinite(data[start:stop]).all(dim=1)
+        release_rows(data, start, stop)
+    return out
+
+
+def _as_tensor(value: Any, what: str, owner: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, np.ndarray):
+        try:
+            return torch.from_numpy(np.ascontiguousarray(value))
+        except TypeError:
+            raise ArgumentTypeError(
+                f"{owner} returned {what} as a numpy array of dtype {value.dtype}, which "
+                "torch cannot hold; return a numeric torch.Tensor or numpy array"
+            ) from None
+    raise ArgumentTypeError(
+        f"{owner} must return {what} as a torch.Tensor (or a numpy array); got "
+        f"{type(value).__name__}"
+    )
+
+
+def check_neighbors(
+    backend: NearestNeighbors, query: Tensor, k: int, num_items: int | None, result: Any
+) -> tuple[Tensor, Tensor]:
+    """Check and normalise what a backend's ``get_nearest_neighbors(query, k)`` returned.
+
+    Numpy arrays are converted to tensors; indices become ``torch.long`` and both
+    results move to ``query``'s device; each row is re-sorted by score, largest first,
+    ties by smaller index (NaN first), so that any backend's answer follows the same
+    order.
+
+    Args:
+        backend: the backend that answered (named in error messages).
+        query: ``(n, D)`` the query it was given.
+        k: the number of neighbours it was asked for.
+        num_items: ``N``, the number of vectors it indexed, to check the index range;
+            ``None`` to skip that check.
+        result: its return value.
+
+    Returns:
+        ``(indices, scores)``, both ``(n, k)`` on ``query``'s device.
+
+    Raises:
+        ArgumentTypeError: when ``result`` is not a pair of tensors or arrays, the
+            indices are not integers or the scores are not floating point.
+        InvalidArgumentError: when either is not ``(n, k)``, or an index is outside
+            ``0..N-1`` or repeated within a row.
+    """
+    owner = f"{type(backend).__qualname__}.get_nearest_neighbors(query, k={k})"
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        got = f"a {type(result).__name__}"
+        if isinstance(result, (tuple, list)):
+            got += f" of {len(result)} items"
+        raise ArgumentTypeError(
+            f"{owner} must return a pair (indices, scores) of (n, k) tensors; got {got}"
+        )
+    indices = _as_tensor(result[0], "indices", owner)
+    scores = _as_tensor(result[1], "scores", owner)
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        raise ArgumentTypeError(
+            f"{owner} must return integer indices (row numbers of the data given to "
+            f"setup()); got dtype {indices.dtype}"
+        )
+    if not scores.is_floating_point():
+        raise ArgumentTypeError(
+            f"{owner} must return floating-point scores (inner products); got dtype {scores.dtype}"
+        )
+    expected = (int(query.shape[0]), int(k))
+    for what, value in (("indices", indices), ("scores", scores)):
+        if tuple(value.shape) != expected:
+            raise InvalidArgumentError(
+                f"{owner} returned {what} of shape {_shape(value)}; for a query of "
+                f"{expected[0]} rows it must return indices and scores of shape "
+                f"(n, k) = {expected}"
+            )
+    indices = indices.to(device=query.device, dtype=torch.long)
+    scores = scores.to(device=query.device)
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or (num_items is not None and high >= num_items):
+            bad = low if low < 0 else high
+            valid = "0..N-1" if num_items is None else f"0..{num_items - 1}"
+            raise InvalidArgumentError(
+                f"{owner} returned index {bad}, outside the valid row numbers {valid} of "
+                "the data given to setup()"
+            )
+        if k > 1:
+            ordered = torch.sort(indices, dim=1).values
+            repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+            if bool(repeated.any()):
+                row = int(repeated.nonzero()[0, 0])
+                raise InvalidArgumentError(
+                    f"{owner} returned the same index twice in row {row} "
+                    f"({indices[row].tolist()}); each row must list k distinct rows"
+                )
+    scores, indices = sort_rows(scores, indices)
+    return indices, scores
+
+
 def sort_rows(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Sort each row by score, largest first, ties broken by the smaller index.
 
@@ -221,6 +334,52 @@ class NearestNeighbors(ABC):
             ``scores[i, j] = <data[indices[i, j]], query[i]>``, in descending order
             along each row.
         """
+
+    @final
+    def search(self, query: Tensor, k: int, num_items: int | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`get_nearest_neighbors`, with its answer checked; what proponents calls.
+
+        A backend written by a user may return numpy arrays: they are converted to
+        tensors. Indices become ``torch.long``, both results move to ``query``'s device,
+        and each row is sorted by score (largest first, ties by smaller index). Anything
+        else that breaks the contract of :meth:`get_nearest_neighbors` is an error that
+        names the backend class. Not meant to be overridden.
+
+        Args:
+            query: ``(n, D)`` floating-point tensor.
+            k: neighbours per query row.
+            num_items: ``N``, the number of vectors given to :meth:`setup`, to check that
+                every index is a row number; ``None`` skips that check.
+
+        Returns:
+            ``(indices, scores)``, both ``(n, k)`` on ``query``'s device.
+
+        Raises:
+            ArgumentTypeError: when the backend returned something other than a pair of
+                tensors/arrays, non-integer indices or non-floating-point scores.
+            InvalidArgumentError: when a result is not ``(n, k)``, or an index is out of
+                range or repeated within a row.
+        """
+        result = self.get_nearest_neighbors(query, k)
+        return check_neighbors(self, query, k, num_items, result)
+
+    def check_fits(self, num_items: int, dim: int) -> None:
+        """Raise now if :meth:`setup` with ``(num_items, dim)`` data is bound to fail.
+
+        Called before an expensive computation produces the data (TracInCPFastRandProj
+        calls it before embedding the training set), so that settings that cannot work
+        are reported at once. The default checks nothing; backends with settings that
+        depend on the data's size (e.g. a Faiss IVF index needs at least as many vectors
+        as lists) override it.
+
+        Args:
+            num_items: ``N``, the number of vectors that will be indexed.
+            dim: ``D``, their dimension.
+
+        Raises:
+            InvalidArgumentError: when the settings cannot index such data.
+        """
+        return None  # nothing to check by default
 
     def config(self) -> dict[str, Any]:
         """The backend's settings as a JSON-serialisable dict.
@@ -311,9 +470,16 @@ class IndexedNearestNeighbors(NearestNeighbors):
 
     #: Name of the index file inside a save directory, or ``None`` when not persistable.
     _index_filename: ClassVar[str | None] = None
+    #: Whether :meth:`_build` gets only the finite rows (approximate indices, whose
+    #: training or trees a NaN or infinite entry would spoil). The other rows are then
+    #: searched exactly at every query and merged in by :meth:`_rescore`.
+    _finite_only: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._data: Tensor | None = None
+        #: Data rows the index was built from (``None``: all of them) and the rest.
+        self._kept: Tensor | None = None
+        self._nonfinite: Tensor | None = None
 
     # -- settings --------------------------------------------------------------------
 
@@ -360,15 +526,17 @@ class IndexedNearestNeighbors(NearestNeighbors):
         if data.shape[0] == 0:
             raise InvalidArgumentError("data must have at least one row (N >= 1); got N=0")
         self._data = None
-        self._build(data)
+        built = self._split_finite(data)
+        if built is not None:
+            self._build(built)
         self._data = data
 
     def get_nearest_neighbors(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Find, for each query row, the ``k`` stored rows with the largest inner product.
 
         Scores are inner products with ``query`` as given, computed exactly from the
-        stored data (in the promoted dtype of data and query); rows are sorted by score,
-        largest first, ties by smaller index. To find the smallest inner products
+        stored data (in the promoted dtype of data and query, at least float32); rows are
+        sorted by score, largest first, ties by smaller index. To find the smallest inner products
         (opponents), pass ``-query`` and negate the scores.
 
         Args:
@@ -389,12 +557,17 @@ class IndexedNearestNeighbors(NearestNeighbors):
         data = self._require_data()
         query = check_matrix(query, "query", dim=int(data.shape[1]))
         k = check_k(k, int(data.shape[0]))
-        dtype = torch.promote_types(query.dtype, data.dtype)
+        dtype = score_dtype(query.dtype, data.dtype)
         if query.shape[0] == 0:
             return (
                 torch.empty(0, k, dtype=torch.long, device=query.device),
                 torch.empty(0, k, dtype=dtype, device=query.device),
             )
+        if self._kept is not None and self._kept.numel() == 0:  # no finite row: no index
+            from proponents.neighbors.exact import exact_top_k
+
+            indices, scores = exact_top_k(data, query, k)
+            return indices.to(query.device), scores.to(query.device)
         return self._query(query, k)
 
     def save(self, directory: str | os.PathLike[str]) -> bool:
@@ -414,6 +587,8 @@ class IndexedNearestNeighbors(NearestNeighbors):
         if self._index_filename is None:
             return False
         data = self._require_data()
+        if self._kept is not None and self._kept.numel() == 0:
+            return False  # no finite row, so no index was built
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         meta_path = folder / META_FILENAME
@@ -451,19 +626,24 @@ class IndexedNearestNeighbors(NearestNeighbors):
             data: ``(N, D)`` the data the index was built from (kept by reference).
 
         Returns:
-            ``True`` when the saved index was used, ``False`` when it was rebuilt.
+            ``True`` when the saved index was used, ``False`` when it was rebuilt (or,
+            for data without a single finite row, when there is no index to use).
         """
         check_path(directory, "directory", f"{type(self).__name__}.load")
         data = check_matrix(data, "data")
         if self._index_filename is None:
             self.setup(data)
             return False
+        self._data = None
+        built = self._split_finite(data)
+        if built is None:  # no finite row: nothing was built or saved, nothing to read
+            self._data = data
+            return False
         folder = Path(directory)
         problem = self._saved_index_problem(folder, data)
         if problem is None:
             try:
-                self._data = None
-                self._read_index(folder / self._index_filename, data)
+                self._read_index(folder / self._index_filename, built)
                 self._data = data
                 return True
             except Exception as exc:  # a damaged file must not stop the caller
@@ -478,6 +658,21 @@ class IndexedNearestNeighbors(NearestNeighbors):
         return False
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _split_finite(self, data: Tensor) -> Tensor | None:
+        """The rows to build the index from: all, or (``_finite_only``) the finite ones.
+
+        Records which rows were left out; returns ``None`` when no row is left.
+        """
+        self._kept = self._nonfinite = None
+        if not self._finite_only:
+            return data
+        finite = finite_rows(data)
+        if bool(finite.all()):
+            return data
+        self._kept = finite.nonzero().squeeze(1)
+        self._nonfinite = (~finite).nonzero().squeeze(1)
+        return data[self._kept] if self._kept.numel() else None
 
     def _require_data(self) -> Tensor:
         if self._data is None:
@@ -515,13 +710,21 @@ class IndexedNearestNeighbors(NearestNeighbors):
     def _rescore(self, query: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Exact scores for candidate indices, rows sorted; rows short of ``k`` redone exactly.
 
+        When the index was built from the finite rows only (``_finite_only``), candidate
+        positions are mapped back to data rows and the best ``k`` non-finite rows of each
+        query (found exactly) compete with them, so they rank where exact search ranks
+        them (a NaN score first, ``+inf`` before and ``-inf`` after every finite score).
+
         Args:
             query: ``(n, D)`` validated query.
-            candidates: ``(n, k)`` indices from the backend, ``-1`` for missing entries.
+            candidates: ``(n, k)`` positions in the indexed rows from the backend, ``-1``
+                for missing entries.
             k: neighbours per row.
         """
+        from proponents.neighbors.exact import exact_top_k
+
         data = self._require_data()
-        dtype = torch.promote_types(query.dtype, data.dtype)
+        dtype = score_dtype(query.dtype, data.dtype)
         q = query.to(device=data.device, dtype=dtype)
         idx = candidates.to(device=data.device, dtype=torch.long)
         # A backend may come back short (e.g. an IVF index whose probed lists hold fewer
@@ -531,11 +734,18 @@ class IndexedNearestNeighbors(NearestNeighbors):
             ordered = torch.sort(idx, dim=1).values
             short |= (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
         safe = idx.clamp(min=0)
+        if self._kept is not None:
+            # The index holds the finite rows only: map its positions to data rows, and
+            # add the best of the non-finite rows (searched exactly) as candidates.
+            safe = self._kept[safe.clamp(max=self._kept.numel() - 1)]
+            bad = self._nonfinite
+            assert bad is not None
+            bad_idx, _ = exact_top_k(data[bad], q, min(k, int(bad.numel())))
+            safe = torch.cat([safe, bad[bad_idx]], dim=1)
         scores = torch.einsum("nkd,nd->nk", data[safe].to(dtype), q)
         scores, idx = sort_rows(scores, safe)
+        scores, idx = scores[:, :k], idx[:, :k]
         if bool(short.any()):
-            from proponents.neighbors.exact import exact_top_k
-
             rows = short.nonzero().squeeze(1)
             ex_idx, ex_scores = exact_top_k(data, q[rows], k)
             idx[rows] = ex_idx

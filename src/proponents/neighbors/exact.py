@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -9,13 +10,114 @@ from torch import Tensor
 
 from proponents.checks import check_int
 from proponents.errors import InvalidArgumentError
-from proponents.neighbors.base import IndexedNearestNeighbors, sort_rows
+from proponents.neighbors.base import (
+    IndexedNearestNeighbors,
+    check_matrix,
+    score_dtype,
+    sort_rows,
+)
 from proponents.store import release_rows
 
-__all__ = ["ExactNearestNeighbors", "exact_top_k"]
+__all__ = ["ExactNearestNeighbors", "block_scores", "exact_top_k"]
 
 #: Upper bound on the number of entries of one (query rows x data rows) score block.
 _MAX_BLOCK_ENTRIES = 1 << 24
+#: Data rows per block are a multiple of this (see :func:`_block_rows`).
+_ROW_MULTIPLE = 64
+#: Default number of data rows per block.
+DEFAULT_BLOCK_SIZE = 4096
+
+
+def _block_rows(block_size: int, n_items: int) -> int:
+    """The number of data rows every block is multiplied with.
+
+    ``block_size`` rounded up to a multiple of 64, and no more than ``n_items`` rounded up
+    the same way. Every block, the last one included (it is padded with zero rows), then
+    has this one shape. That is what makes the scores of identical rows identical bit for
+    bit: a matrix product rounds differently for a different number of columns, and, in
+    some BLAS kernels, for columns past the last multiple of the kernel's vector width
+    (measured with MKL on AVX-512: odd widths and widths that are not a multiple of 8
+    differ, multiples of 8 never did, for float32 and float64).
+    """
+    rows = max(1, min(block_size, n_items))
+    return -(-rows // _ROW_MULTIPLE) * _ROW_MULTIPLE
+
+
+def _query_rows(block_rows: int) -> int:
+    """Query rows per chunk: about ``2**24`` scores per block, and at least two rows."""
+    return max(2, _MAX_BLOCK_ENTRIES // block_rows)
+
+
+def _score_blocks(
+    query: Tensor, data: Tensor, block_size: int
+) -> Iterator[tuple[int, int, int, Tensor]]:
+    """``query @ data.T`` one (query chunk x data block) piece at a time.
+
+    The one place where exact scores are computed, shared by :func:`exact_top_k` and
+    :func:`block_scores` so that both produce the same bits. The work happens on
+    ``data``'s device, in :func:`score_dtype` of the two inputs. Every product has the
+    same shape: data blocks of :func:`_block_rows` rows (the last one padded with zero
+    rows) and query chunks of at least two rows (a single row is padded with a zero row:
+    a one-row product takes a matrix-vector path whose rounding depends on how the
+    columns are split between threads).
+
+    Yields:
+        ``(q_start, q_stop, start, scores)``: the scores of query rows
+        ``q_start:q_stop`` with data rows ``start:start + scores.shape[1]``.
+    """
+    n_items, dim = int(data.shape[0]), int(data.shape[1])
+    dtype = score_dtype(query.dtype, data.dtype)
+    rows = _block_rows(block_size, n_items)
+    q_all = query.to(device=data.device, dtype=dtype)
+    chunk = _query_rows(rows)
+    padded: Tensor | None = None
+    for q_start in range(0, int(q_all.shape[0]), chunk):
+        q = q_all[q_start : q_start + chunk]
+        q_stop = q_start + int(q.shape[0])
+        if q.shape[0] == 1:
+            q = torch.cat([q, q.new_zeros(1, dim)])
+        for start in range(0, n_items, rows):
+            stop = min(n_items, start + rows)
+            block = data[start:stop].to(dtype)
+            if stop - start < rows:
+                if padded is None:
+                    padded = torch.zeros(rows, dim, dtype=dtype, device=data.device)
+                padded[: stop - start] = block
+                block = padded
+            scores = (q @ block.T)[: q_stop - q_start, : stop - start]
+            # A memory-mapped matrix: let its pages go once the block has been read.
+            release_rows(data, start, stop)
+            yield q_start, q_stop, start, scores
+
+
+def block_scores(
+    query: Tensor, data: Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, device: Any = None
+) -> Tensor:
+    """The full score matrix ``query @ data.T``, computed as :func:`exact_top_k` does.
+
+    Every score is bit-identical to the one :func:`exact_top_k` (hence
+    :class:`ExactNearestNeighbors` with the same ``block_size``) computes for the same
+    query and row, and identical rows of ``data`` get identical scores wherever they sit,
+    so sorting this matrix (stably) gives the exact search's answer. Only one block of
+    ``data`` is converted at a time.
+
+    Args:
+        query: ``(n, D)`` queries (any device; moved to ``data``'s device).
+        data: ``(N, D)`` stored vectors (e.g. a memory-mapped matrix); the products are
+            computed on its device.
+        block_size: data rows per block (rounded up to a multiple of 64).
+        device: where the result is put; default ``query``'s device.
+
+    Returns:
+        ``(n, N)`` scores in :func:`score_dtype` of ``query`` and ``data``.
+    """
+    dtype = score_dtype(query.dtype, data.dtype)
+    target = query.device if device is None else torch.device(device)
+    out = torch.empty(int(query.shape[0]), int(data.shape[0]), dtype=dtype, device=target)
+    with torch.no_grad():
+        for q_start, q_stop, start, scores in _score_blocks(query, data, block_size):
+            out[q_start:q_stop, start : start + scores.shape[1]] = scores
+    return out
 
 
 def _block_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -45,14 +147,17 @@ def _block_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def exact_top_k(
-    data: Tensor, query: Tensor, k: int, block_size: int = 4096
+    data: Tensor, query: Tensor, k: int, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` inner products of each query row with the rows of ``data``.
 
-    The data is scanned in blocks of ``block_size`` rows (and the queries in chunks), so
-    no more than about ``2**24`` scores are held at once beside the running top-``k``.
-    Ties are broken deterministically: among equal scores the smaller row index comes
-    first. NaN scores count as the largest (as in :func:`torch.sort`).
+    The data is scanned in blocks of ``block_size`` rows (rounded up to a multiple of 64;
+    the last block is padded with zero rows) and the queries in chunks, so no more than
+    about ``2**24`` scores are held at once beside the running top-``k``. The scores are
+    bit-identical to those of :func:`block_scores`, and identical rows get identical
+    scores in any block. Ties are broken deterministically: among equal scores the
+    smaller row index comes first. NaN scores count as the largest (as in
+    :func:`torch.sort`).
 
     Args:
         data: ``(N, D)`` stored vectors; the work happens on its device.
@@ -61,29 +166,23 @@ def exact_top_k(
         block_size: data rows per block.
 
     Returns:
-        ``(indices, scores)``, both ``(n, k)`` on ``data``'s device, scores in the
-        promoted dtype of ``data`` and ``query``, each row in descending order.
+        ``(indices, scores)``, both ``(n, k)`` on ``data``'s device, scores in
+        :func:`score_dtype` of ``data`` and ``query``, each row in descending order.
     """
-    n_items = data.shape[0]
-    dtype = torch.promote_types(query.dtype, data.dtype)
-    q_all = query.to(device=data.device, dtype=dtype)
-    query_chunk = max(1, _MAX_BLOCK_ENTRIES // block_size)
-    out_idx: list[Tensor] = []
-    out_scores: list[Tensor] = []
+    n_query = int(query.shape[0])
+    dtype = score_dtype(query.dtype, data.dtype)
+    out_idx = torch.empty(n_query, k, dtype=torch.long, device=data.device)
+    out_scores = torch.empty(n_query, k, dtype=dtype, device=data.device)
+    best_scores: Tensor | None = None
+    best_idx: Tensor | None = None
     with torch.no_grad():
-        for q in q_all.split(query_chunk):
-            best_scores: Tensor | None = None
-            best_idx: Tensor | None = None
-            for start in range(0, n_items, block_size):
-                block = data[start : start + block_size].to(dtype)
-                scores = q @ block.T
-                values, columns = _block_top_k(scores, min(k, block.shape[0]))
-                columns = columns + start
-                # A memory-mapped matrix: let its pages go once the block has been read.
-                release_rows(data, start, start + block_size)
-                if best_scores is None or best_idx is None:
-                    best_scores, best_idx = values, columns
-                    continue
+        for q_start, q_stop, start, scores in _score_blocks(query, data, block_size):
+            values, columns = _block_top_k(scores, min(k, int(scores.shape[1])))
+            columns = columns + start
+            if start == 0:
+                best_scores, best_idx = values, columns
+            else:
+                assert best_scores is not None and best_idx is not None
                 # Every running index is smaller than every index of this block, and both
                 # parts are already ordered, so a stable sort of [running, block] keeps
                 # the smaller index first among equal scores.
@@ -93,20 +192,25 @@ def exact_top_k(
                 order = order[:, :k]
                 best_scores = merged_scores.gather(1, order)
                 best_idx = merged_idx.gather(1, order)
-            assert best_scores is not None and best_idx is not None  # n_items >= 1
-            out_idx.append(best_idx)
-            out_scores.append(best_scores)
-    return torch.cat(out_idx), torch.cat(out_scores)
+            if start + scores.shape[1] == data.shape[0]:  # the last block of this chunk
+                assert best_scores is not None and best_idx is not None
+                out_idx[q_start:q_stop] = best_idx
+                out_scores[q_start:q_stop] = best_scores
+    return out_idx, out_scores
 
 
 class ExactNearestNeighbors(IndexedNearestNeighbors):
     """Exact search: a blocked matrix product with a running top-``k``.
 
-    Every answer is exact (up to floating-point summation order). The data stays on its
-    own device (put it on a GPU to search there); results come back on the query's
-    device. Memory beyond the data is bounded by ``block_size``: at most about ``2**24``
-    scores are held at once. Equal scores are ordered by row index, smaller first, so
-    results are deterministic.
+    Every answer is exact: the scores are those of the full product ``query @ data.T``
+    computed block by block (:func:`block_scores` gives that matrix, bit for bit), and
+    the ``k`` results of a row are the first ``k`` of that row sorted stably, largest
+    first (equal scores by row index, smaller first; NaN first). Every block has the same
+    shape (the last one is padded with zero rows), so identical data rows get identical
+    scores wherever they sit. Scores are computed in the promoted dtype of data and
+    query, at least float32. The data stays on its own device (put it on a GPU to search
+    there); results come back on the query's device. Memory beyond the data is bounded
+    by ``block_size``: at most about ``2**24`` scores are held at once.
 
     Scores are inner products with the query as given; to find the smallest inner
     products (opponents), query with ``-q`` and negate the scores.
@@ -116,7 +220,8 @@ class ExactNearestNeighbors(IndexedNearestNeighbors):
 
     Args:
         block_size: number of data rows multiplied at a time; any positive int (it need
-            not divide ``N``).
+            not divide ``N``); rounded up to a multiple of 64, and lowered to ``N``
+            (rounded up the same way) for smaller data.
 
     Example:
         >>> nn = ExactNearestNeighbors()
@@ -127,7 +232,7 @@ class ExactNearestNeighbors(IndexedNearestNeighbors):
 
     backend_name: ClassVar[str] = "exact"
 
-    def __init__(self, block_size: int = 4096) -> None:
+    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__()
         block_size = check_int(block_size, "block_size")
         if block_size < 1:
@@ -137,6 +242,27 @@ class ExactNearestNeighbors(IndexedNearestNeighbors):
     def config(self) -> dict[str, Any]:
         """``{"backend": "exact", "block_size": ...}``."""
         return {"backend": self.backend_name, "block_size": self.block_size}
+
+    def all_scores(self, query: Tensor) -> Tensor:
+        """The full ``(n, N)`` score matrix, bit-identical to what searches compute.
+
+        Sorting a row of it stably (descending) gives :meth:`get_nearest_neighbors`'s
+        answer for that row, indices and scores.
+
+        Args:
+            query: ``(n, D)`` floating-point tensor, on any device.
+
+        Returns:
+            ``(n, N)`` inner products on ``query``'s device.
+
+        Raises:
+            NearestNeighborsNotReadyError: when :meth:`setup` has not been called.
+            ArgumentTypeError, InvalidArgumentError: for a query that is not an
+                ``(n, D)`` floating-point tensor.
+        """
+        data = self._require_data()
+        query = check_matrix(query, "query", dim=int(data.shape[1]))
+        return block_scores(query, data, self.block_size)
 
     def _build(self, data: Tensor) -> None:
         pass  # the data itself is the index
