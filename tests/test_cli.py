@@ -357,3 +357,69 @@ def test_docs_task_example_runs(capsys, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["detection"]["TracInCP self-influence"]["0.1"] >= 0.8
     assert "Report: report/report.html" in out
+
+
+def test_explain_similarity_layer_must_be_one_name(capsys, tmp_path, task):
+    path, ckpts = task
+    listed = tmp_path / "listed.py"
+    listed.write_text(path.read_text() + "\nsimilarity_layer = ['hidden', 'out']\n")
+    code, _, err = run_cli(
+        capsys, "explain", "--task", str(listed), "--checkpoints", str(ckpts), "--quiet",
+        "--method", "similarity", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == EXIT_USAGE, err
+    assert "similarity_layer must be the name of one module" in err
+    assert "['hidden', 'out']" in err and "Traceback" not in err
+
+
+def test_explain_similarity_without_a_linear_layer_asks_for_similarity_layer(capsys, tmp_path):
+    path = tmp_path / "nolinear.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+            from torch.utils.data import TensorDataset
+
+            class Pooled(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.embed = nn.Embedding(8, 2)
+
+                def forward(self, tokens):
+                    return self.embed(tokens).mean(1)
+
+            tokens = torch.randint(0, 8, (20, 5), generator=torch.Generator().manual_seed(0))
+            labels = torch.arange(20) % 2
+            model = Pooled()
+            train_dataset = TensorDataset(tokens[:15], labels[:15])
+            test_dataset = TensorDataset(tokens[15:], labels[15:])
+            loss_fn = nn.CrossEntropyLoss(reduction="sum")
+            """
+        )
+    )
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    torch.save({"embed.weight": torch.randn(8, 2)}, folder / "ckpt-1.pt")
+    code, _, err = run_cli(
+        capsys, "explain", "--task", str(path), "--checkpoints", str(folder), "--quiet",
+        "--method", "similarity", "--k", "2", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == EXIT_USAGE, err
+    assert "similarity_layer" in err and "'embed'" in err
+    assert "use --method" not in err  # it used to suggest the method that had just failed
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_explain_out_that_cannot_be_a_folder_exits_2(capsys, tmp_path, task, where):
+    path, ckpts = task
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "report"
+    code, _, err = run_cli(
+        capsys, "explain", "--task", str(path), "--checkpoints", str(ckpts), "--quiet",
+        "--method", "similarity", "--out", str(out),
+    )  # fmt: skip
+    assert code == EXIT_USAGE, err
+    assert f"--out {out}" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"

@@ -3,6 +3,8 @@ SHA-256 of every weight (the independent reference)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +119,99 @@ def test_tensors_without_plain_storage_are_always_hashed_in_full(monkeypatch):
     first = cache(model)
     model.sparse = (torch.eye(3) * 2).to_sparse()
     assert cache(model) == model_fingerprint(model) != first
+
+
+class _Doubling(nn.Linear):
+    """A Linear whose forward differs (same weights, same parameter names)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _swaps():
+    """Edits that change what a model computes without touching a weight or buffer."""
+
+    def activation(m):
+        m[1] = nn.Tanh()
+
+    def subclass(m):
+        doubled = _Doubling(5, 8)
+        doubled.load_state_dict(m[0].state_dict())
+        m[0] = doubled
+
+    def setting(m):
+        m[1] = nn.LeakyReLU(0.5)
+
+    return [activation, subclass, setting]
+
+
+@pytest.mark.parametrize("swap", _swaps(), ids=lambda f: f.__name__)
+def test_architecture_changes_without_weight_changes_change_both_digests(swap):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.LeakyReLU(0.1), nn.Linear(8, 2))
+    x = torch.randn(3, 5)
+    before_out = model(x)
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = ModelFingerprints()
+    full, quick, cached = model_fingerprint(model), quick_model_digest(model), cache(model)
+    # a copy with the same structure and weights keeps all three
+    twin = nn.Sequential(nn.Linear(5, 8), nn.LeakyReLU(0.1), nn.Linear(8, 2))
+    twin.load_state_dict(model.state_dict())
+    assert (model_fingerprint(twin), quick_model_digest(twin)) == (full, quick)
+    swap(model)
+    # the reference: same tensors, other outputs
+    after = model.state_dict()
+    assert after.keys() == tensors.keys()
+    assert all(torch.equal(after[k], v) for k, v in tensors.items())
+    assert not torch.allclose(model(x), before_out)
+    assert model_fingerprint(model) != full
+    assert quick_model_digest(model) != quick
+    assert cache(model) == model_fingerprint(model) != cached
+
+
+class _Config:
+    """A plain object with the default repr."""
+
+    def __init__(self, scale, inner=None):
+        self.scale = scale
+        self.inner = inner
+
+
+class _Slotted:
+    __slots__ = ("scale", "__private")
+
+    def __init__(self, scale, private):
+        self.scale = scale
+        self.__private = private
+
+
+def _digest(obj):
+    digest = hashlib.sha256()
+    described = fp.hash_object(obj, digest)
+    return digest.hexdigest(), described
+
+
+def test_hash_object_describes_plain_objects_by_their_attributes():
+    same, described = _digest(_Config(1.0, _Config([1, 2])))
+    assert described and _digest(_Config(1.0, _Config([1, 2]))) == (same, True)
+    assert _digest(_Config(-1.0, _Config([1, 2])))[0] != same
+    assert _digest(_Config(1.0, _Config([1, 3])))[0] != same
+    assert _digest(_Slotted(1, torch.ones(2))) == _digest(_Slotted(1, torch.ones(2)))
+    assert _digest(_Slotted(1, torch.ones(2)))[0] != _digest(_Slotted(1, torch.zeros(2)))[0]
+    assert _digest(_Slotted(1, 2))[0] != _digest(_Slotted(3, 2))[0]
+    # a cycle is described, not followed forever
+    looped = _Config(1.0)
+    looped.inner = looped
+    assert _digest(looped)[1]
+    # a module counts by its weights, not only by its repr
+    torch.manual_seed(0)
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    assert repr(a) == repr(b) and _digest(a)[0] != _digest(b)[0]
+    # what is known only by its address is reported as not described
+    assert not _digest(lambda x: x)[1]
+
+    def scale(x):
+        return 2 * x
+
+    assert not _digest((torch.ones(1), _Config(scale)))[1]
+    assert not _digest(object())[1]

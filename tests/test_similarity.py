@@ -1012,3 +1012,239 @@ def test_a_randomly_augmented_dataset_is_not_taken_for_a_new_one(tmp_path):
     data.x[-1] += 1.0  # the last item is one of those probed
     with pytest.warns(StoreRebuildWarning, match="dataset_probe"):
         sim.influence(test, top_k=3)
+
+
+# ------------------------------------------------------- fixes of the tester's probes
+
+
+def test_an_architecture_change_without_weight_changes_is_not_served_stale(tmp_path):
+    """Replacing a submodule (ReLU by Tanh, a Linear by a subclass with another forward)
+    changes no weight; stored source and saved test activations must still be rebuilt."""
+
+    class Shifted(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 3.0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    train, test = _data()
+    sim = SimilarityInfluence(model, ["1", "2"], train, tmp_path, batch_size=10)
+    sim.influence(test, top_k=4, inputs_id="val")
+    shifted = Shifted(8, 5)
+    shifted.load_state_dict(model[2].state_dict())
+    for swap in (lambda: model.__setitem__(1, nn.Tanh()), lambda: model.__setitem__(2, shifted)):
+        swap()
+        fresh = SimilarityInfluence(model, ["1", "2"], train, tmp_path, batch_size=10)
+        for kwargs in ({}, {"inputs_id": "val", "load_input_from_disk": True}):
+            with pytest.warns(StoreRebuildWarning, match="model"):
+                got = fresh.influence(test, top_k=4, **kwargs)
+            for layer in ("1", "2"):
+                src = _acts(model, layer, train.tensors[0])
+                _check(got[layer], _brute(_acts(model, layer, test), src, "cosine", "max", 4))
+        fresh.influence(test, top_k=4, inputs_id="val")  # saved by the current model
+
+
+def test_a_dataloader_with_a_non_sequential_sampler_gets_a_content_probe(tmp_path):
+    """``sampler=range(n)`` (or a list of indices) reads the dataset in a known order: two
+    datasets of one length, or two orders of one dataset, must not share a store; the
+    probe draws no random number."""
+    import random
+
+    model = _seeded(Net)
+    train, test = _data()
+    other, _ = _data(seed=7)  # same length, different examples
+
+    def loader(data, sampler):
+        return DataLoader(data, batch_size=8, sampler=sampler)
+
+    SimilarityInfluence(model, "lin2", loader(train, range(N_SRC)), tmp_path).influence(
+        test, top_k=3
+    )
+    reversed_order = list(range(N_SRC))[::-1]
+    cases = [(other, range(N_SRC)), (other, reversed_order)]
+    for data, sampler in cases:
+        sim = SimilarityInfluence(model, "lin2", loader(data, sampler), tmp_path)
+        states = torch.get_rng_state(), random.getstate()
+        with pytest.warns(StoreRebuildWarning, match="dataset_probe"):
+            idx, val = sim.influence(test, top_k=3)["lin2"]
+        assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+        rows = data.tensors[0][list(sampler)]
+        _check((idx, val), _brute(_acts(model, "lin2", test), _acts(model, "lin2", rows),
+                                  "cosine", "max", 3))  # fmt: skip
+        with warnings.catch_warnings():  # and reused as it is at the next call
+            warnings.simplefilter("error")
+            sim.influence(test, top_k=3)
+
+
+def test_custom_metric_gets_contiguous_activations_in_channels_last(tmp_path):
+    """A metric that flattens with ``.view`` (as the spec's example does) works on a
+    convolution computed in channels-last layout, at the first and the repeated call."""
+    model = _seeded(ConvNet)
+    train, test = _data(20, 3, shape=(2, 6, 6))
+    seen = []
+
+    def dot(t, s):
+        seen.append((t.is_contiguous(), s.is_contiguous()))
+        return t.view(t.shape[0], -1) @ s.view(s.shape[0], -1).T
+
+    sim = SimilarityInfluence(
+        model, "conv", train, tmp_path, similarity_metric=dot, batch_size=6, channels_last=True
+    )
+    src, tst = _acts(model, "conv", train.tensors[0]), _acts(model, "conv", test)
+    reference = tst @ src.T
+    e_val, e_idx = torch.sort(reference, dim=1, descending=True, stable=True)
+    for _ in range(2):
+        idx, val = sim.influence(test, top_k=4)["conv"]
+        assert torch.equal(idx, e_idx[:, :4])
+        torch.testing.assert_close(val.double(), e_val[:, :4], rtol=1e-5, atol=1e-5)
+    assert set(seen) == {(True, True)}
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_replace_nan_nan_ranks_the_zero_pairs_last(tmp_path, direction):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.zero_()
+    x = torch.randn(20, 4)
+    x[[3, 11]] = 0  # all-zero activations
+    train, test = TensorDataset(x, torch.zeros(20)), torch.randn(3, 4)
+    sim = SimilarityInfluence(model, "0", train, tmp_path, batch_size=8,
+                              replace_nan=float("nan"), similarity_direction=direction)  # fmt: skip
+    # the reference: the 18 non-zero rows ranked by a brute force, then the two NaN pairs
+    kept = [j for j in range(20) if j not in (3, 11)]
+    e_idx, e_val = _brute(_acts(model, "0", test), _acts(model, "0", x[kept]), "cosine",
+                          direction, 18)  # fmt: skip
+    e_idx = torch.tensor(kept)[e_idx]
+    for _ in range(2):  # built, then read from the store
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # asked-for NaN: no warning about the metric
+            idx, val = sim.influence(test, top_k=20)["0"]
+        _check((idx[:, :18], val[:, :18]), (e_idx, e_val))
+        assert idx[:, 18:].tolist() == [[3, 11]] * 3 and bool(val[:, 18:].isnan().all())
+
+
+class _Scale:
+    """A plain config object (default repr) passed to the model."""
+
+    def __init__(self, factor, note=None):
+        self.factor = factor
+        self.note = note
+
+
+def test_saved_test_activations_follow_plain_objects_in_additional_forward_args(tmp_path):
+    model = _seeded(TwoInput)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
+    train = TensorDataset(a, b, torch.zeros(30))
+    ta, tb = torch.randn(3, 4, generator=g), torch.randn(3, 3, generator=g)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, a, b, scale=None):
+            return self.inner(a, b, 1.0 if scale is None else scale.factor)
+
+    wrapped = Wrapped()
+    sim = SimilarityInfluence(wrapped, "inner.mix", train, tmp_path, batch_size=10)
+    sim.influence((ta, tb), top_k=3, additional_forward_args=_Scale(1.0), inputs_id="val")
+    calls = _count_forwards(wrapped)
+    sim.influence((ta, tb), top_k=3, additional_forward_args=_Scale(1.0), inputs_id="val",
+                  load_input_from_disk=True)  # fmt: skip
+    assert calls["n"] == 0  # equal content: reused
+    with pytest.warns(StoreRebuildWarning, match="inputs"):
+        got = sim.influence((ta, tb), top_k=3, additional_forward_args=_Scale(-1.0),
+                            inputs_id="val", load_input_from_disk=True)["inner.mix"]  # fmt: skip
+    src = _acts(model, "mix", a, b)
+    _check(got, _brute(_acts(model, "mix", ta, tb, -1.0), src, "cosine", "max", 3))
+    # an argument known only by its address is never taken for the saved one
+    calls["n"] = 0
+    with pytest.warns(StoreRebuildWarning, match="cannot be described"):
+        sim.influence((ta, tb), top_k=3, additional_forward_args=_Scale(1.0, lambda: 1),
+                      inputs_id="val", load_input_from_disk=True)  # fmt: skip
+    assert calls["n"] == 1
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_euclidean_infinite_rows_rank_as_their_exact_distances(tmp_path, direction):
+    """An infinite test or source entry: the distances are +inf (NaN where infinities
+    meet), ranked as such, NaN last and equal values in index order."""
+    model = _seeded(Net)
+    train, _ = _data()
+    x = train.tensors[0].clone()
+    x[5, 0] = float("inf")  # a source row at +inf distance from every finite test row
+    x[9, 1] = float("nan")
+    test = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
+    test[0] = 0.0
+    test[0, 0] = float("inf")  # every distance of this row is +inf, or NaN
+    sim = SimilarityInfluence(
+        model, "lin1", TensorDataset(x, train.tensors[1]), tmp_path, batch_size=8,
+        similarity_metric=euclidean_distance, similarity_direction=direction,
+    )  # fmt: skip
+    a, b = _acts(model, "lin1", test), _acts(model, "lin1", x)
+    reference = (a[:, None] - b[None]).norm(dim=-1)  # float64, from the differences
+    assert bool(reference[0].isposinf().sum() >= 30) and bool(reference[1:, 5].isposinf().all())
+    worst = float("-inf") if direction == "max" else float("inf")
+    key = torch.where(reference.isnan(), torch.full_like(reference, worst), reference)
+    e_idx = torch.sort(key, dim=1, descending=direction == "max", stable=True)[1][:, :N_SRC]
+    for _ in range(2):  # built, then read from the store
+        with pytest.warns(RuntimeWarning, match="infinite or NaN"):
+            idx, val = sim.influence(test, top_k=N_SRC)["lin1"]
+        assert idx.tolist() == e_idx.tolist()
+        torch.testing.assert_close(val.double(), reference.gather(1, e_idx), equal_nan=True)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_test_activations_of_another_shape_are_refused(tmp_path, metric):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    train = TensorDataset(torch.randn(20, 1, 8, 8), torch.zeros(20))  # (4, 6, 6): 144 features
+    test = torch.randn(2, 1, 6, 11)  # (4, 4, 9): also 144 features
+    sim = SimilarityInfluence(model, "0", train, tmp_path, batch_size=5,
+                              similarity_metric=METRICS[metric])  # fmt: skip
+    for _ in range(2):  # while building, and against the store
+        with pytest.raises(InvalidArgumentError, match=r"\(4, 4, 9\).*\(4, 6, 6\)"):
+            sim.influence(test, top_k=2)
+        sim.influence(torch.randn(2, 1, 8, 8), top_k=2)
+
+
+def test_an_empty_test_batch_gives_empty_results(tmp_path):
+    model = _seeded(Net)
+    train, _ = _data()
+    for metric in ("cosine", "euclidean"):
+        sim = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path / metric,
+                                  batch_size=8, similarity_metric=METRICS[metric])  # fmt: skip
+        for _ in range(2):
+            result = sim.influence(torch.empty(0, 6), top_k=3)
+            for idx, val in result.values():
+                assert idx.shape == val.shape == (0, 3)
+                assert idx.dtype == torch.int64 and val.dtype == torch.float32
+
+
+class _Overstated(Dataset):
+    """Says it has more items than it can return."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x) + 5
+
+    def __getitem__(self, i):
+        if i >= len(self.x):
+            raise IndexError(f"no item {i}")
+        return self.x[i], 0
+
+
+def test_source_loaders_that_break_the_batch_convention_get_clear_errors(tmp_path):
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin1", _Overstated(train.tensors[0]), tmp_path, batch_size=4)
+    with pytest.raises(InvalidArgumentError, match=rf"reports {N_SRC + 5} examples.*after 36"):
+        sim.influence(test, top_k=2)
+    unbatched = DataLoader(train, batch_size=None)
+    sim = SimilarityInfluence(model, "lin1", unbatched, tmp_path)
+    with pytest.raises(InvalidArgumentError, match="batch_size=None.*give the DataLoader a batch"):
+        sim.influence(test, top_k=2)

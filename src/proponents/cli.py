@@ -1,7 +1,8 @@
 """The ``proponents`` command: ``proponents demo`` and ``proponents explain``.
 
 Exit codes: 0 success; 2 a usage problem (bad arguments, a task file that is missing,
-fails to load or lacks a required name, an empty checkpoint folder); 1 a failure while
+fails to load or lacks a required name, an empty checkpoint folder, an output folder that
+cannot be made); 1 a failure while
 running (a checkpoint that does not fit the model, a missing optional dependency, an
 error raised by the model); 130 interrupted.
 """
@@ -224,7 +225,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     n_wrong = (args.examples + 1) // 2
     result = run_demo(
-        args.out,
+        _output_folder(args.out),
         noise=args.noise,
         seed=args.seed,
         method=args.method,
@@ -351,6 +352,13 @@ def load_task(path: str | Path) -> Task:
                 f"task file {task_path}: {name} must be a function, got "
                 f"{type(options[name]).__name__}"
             )
+    layer = options.get("similarity_layer")
+    if layer is not None and (not isinstance(layer, str) or not layer):
+        raise UsageError(
+            f"task file {task_path}: similarity_layer must be the name of one module of the "
+            f"model (a str such as 'fc1' or 'features.3'), got {layer!r}; the similarity "
+            "method compares one layer"
+        )
     batch = options.get("batch_size", 64)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise UsageError(f"task file {task_path}: batch_size must be a positive int, got {batch!r}")
@@ -372,6 +380,30 @@ def _resolve_checkpoints(folder: str) -> list[Any]:
         raise UsageError(str(exc)) from exc
 
 
+def _output_folder(path: str, option: str = "--out") -> Path:
+    """``path`` as a folder that exists and can be written (created if needed).
+
+    Raises:
+        UsageError: it names an existing file, or cannot be created or written.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(
+            f"{option} {folder} is an existing file, not a folder; give a folder to write "
+            "the report into (it is created if needed)"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(
+            f"{option} {folder} cannot be created ({reason}); give a folder you can write to"
+        ) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {folder} is not writable; give a folder you can write to")
+    return folder
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from proponents.checkpoints import load_flexible_state_dict
     from proponents.errors import ArgumentTypeError, InvalidArgumentError
@@ -387,6 +419,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     task = load_task(args.task)
     checkpoints = _resolve_checkpoints(args.checkpoints)
+    out = _output_folder(args.out)
     require_matplotlib()
     options = task.options
     show = not args.quiet
@@ -471,7 +504,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         proponents_title=analysis.proponents_title,
         opponents_title=analysis.opponents_title,
     )
-    out = Path(args.out)
     report_path = report.save(out / "report.html")
     figures = {
         "method": args.method,

@@ -58,19 +58,41 @@ def _model_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     ]
 
 
-def _class_name(model: nn.Module) -> str:
-    cls = type(model)
+def _class_name(obj: object) -> str:
+    cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the class, parameter and buffer names, dtypes, shapes and values.
+def module_structure(model: nn.Module) -> str:
+    """A text description of the module tree: one line per submodule (shared ones
+    under every name they have), with its dotted name, its class (module and qualified
+    name) and its ``extra_repr()`` (the settings a module prints, e.g. a convolution's
+    stride or a LeakyReLU's slope).
 
-    Any change to a weight or a buffer (e.g. BatchNorm running statistics), to a dtype
-    or to the architecture's parameter layout changes the fingerprint. Changes to the
-    ``forward`` code that leave every tensor untouched do not.
+    It changes when a submodule is replaced by one of another class (``nn.ReLU`` by
+    ``nn.Tanh``, a layer by a subclass with its own ``forward``) or with other settings,
+    even when no weight changes. Cheap: no tensor is read.
     """
-    digest = hashlib.sha256(f"{_class_name(model)}\n".encode())
+    lines = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        try:
+            extra = module.extra_repr()
+        except Exception as exc:  # noqa: BLE001 - a broken extra_repr still names its class
+            extra = f"<extra_repr failed: {type(exc).__name__}>"
+        lines.append(f"{name}|{_class_name(module)}|{extra}")
+    return "\n".join(lines) + "\n"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the module structure and the parameter and buffer names, dtypes,
+    shapes and values.
+
+    Any change to a weight or a buffer (e.g. BatchNorm running statistics), to a dtype,
+    to the class or settings of any submodule (see :func:`module_structure`) or to the
+    parameter layout changes the fingerprint. Changes to the ``forward`` code of a class
+    that keep its name, and leave every tensor untouched, do not.
+    """
+    digest = hashlib.sha256(module_structure(model).encode())
     for kind, name, tensor in _model_tensors(model):
         digest.update(f"{kind}:{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
         digest.update(tensor_bytes(tensor))
@@ -115,8 +137,8 @@ _SMALL_BYTES = 1 << 20
 
 
 def quick_model_digest(model: nn.Module) -> str | None:
-    """A cheap digest of the model's layout and values, or ``None`` where it cannot be
-    taken (see :func:`_plain_bytes`).
+    """A cheap digest of the model's module structure (:func:`module_structure`), tensor
+    layout and values, or ``None`` where it cannot be taken (see :func:`_plain_bytes`).
 
     One pass over the weights and buffers on their own device (no copy to the host
     beyond about one word per 1,024 of the model; small tensors are summed as one
@@ -125,7 +147,7 @@ def quick_model_digest(model: nn.Module) -> str | None:
     in for :func:`model_fingerprint` only through :class:`ModelFingerprints`, never on
     disk.
     """
-    digest = hashlib.sha256(f"{_class_name(model)}\n".encode())
+    digest = hashlib.sha256(module_structure(model).encode())
     sums: dict[torch.device, list[torch.Tensor]] = {}
     small: dict[torch.device, list[torch.Tensor]] = {}
     for kind, name, tensor in _model_tensors(model):
@@ -148,45 +170,129 @@ def quick_model_digest(model: nn.Module) -> str | None:
     return digest.hexdigest()
 
 
-def hash_object(obj: Any, digest: Any) -> None:
+def hash_object(obj: Any, digest: Any) -> bool:
     """Feed a structural description of ``obj`` into a hashlib ``digest``.
 
     Tensors and arrays contribute dtype, shape and values; tuples, lists and dicts
-    recurse; numbers, strings, bytes and ``None`` contribute their value. Other objects
-    contribute their ``tobytes()`` when they have one (e.g. PIL images), else their
-    ``repr`` unless it is the default ``<... at 0x...>`` form, else only their type.
+    recurse; numbers, strings, bytes and ``None`` contribute their value. Objects with a
+    ``state_dict()`` (modules, optimizers) contribute it; other objects contribute their
+    ``tobytes()`` when they have one (e.g. PIL images), else their ``repr`` when it is
+    their own, else, for the default ``<... object at 0x...>`` form, their attributes
+    (``__dict__`` and ``__slots__``), recursively.
+
+    Returns:
+        Whether everything was described by content. ``False`` means some part could
+        only be named by its type (a function, an object whose ``repr`` shows an
+        address and which has no attributes to read, nesting deeper than 64 levels):
+        two different objects may then feed the same bytes, so the digest must not be
+        taken to prove that they are equal.
     """
+    return _hash_into(obj, digest, set(), 0)
+
+
+#: Nesting deeper than this is not followed (the object then counts as not described).
+_MAX_DEPTH = 64
+
+
+def _hash_into(obj: Any, digest: Any, active: set[int], depth: int) -> bool:
     if isinstance(obj, torch.Tensor):
         digest.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
         digest.update(tensor_bytes(obj))
-    elif isinstance(obj, np.ndarray):
+        return True
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
         digest.update(f"A{obj.dtype.str}{obj.shape}".encode())
         digest.update(np.ascontiguousarray(obj).data.cast("B"))
-    elif isinstance(obj, (tuple, list)):
-        digest.update(f"{type(obj).__name__}{len(obj)}(".encode())
-        for item in obj:
-            hash_object(item, digest)
-        digest.update(b")")
-    elif isinstance(obj, Mapping):
-        digest.update(f"M{len(obj)}(".encode())
-        for key in sorted(obj, key=repr):
-            hash_object(key, digest)
-            hash_object(obj[key], digest)
-        digest.update(b")")
-    elif obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        return True
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
         digest.update(f"{type(obj).__name__}:{obj!r};".encode())
-    else:
-        digest.update(f"O{type(obj).__module__}.{type(obj).__qualname__}".encode())
-        to_bytes = getattr(obj, "tobytes", None)
-        if callable(to_bytes):
-            try:
-                digest.update(to_bytes())
-                return
-            except Exception:  # noqa: BLE001 - a best-effort description
-                pass
+        return True
+    if depth >= _MAX_DEPTH:
+        digest.update(b"<too deep>")
+        return False
+    if id(obj) in active:  # a reference back to an object being described
+        digest.update(b"<cycle>")
+        return True
+    active.add(id(obj))
+    try:
+        return _hash_composite(obj, digest, active, depth + 1)
+    finally:
+        active.discard(id(obj))
+
+
+def _hash_composite(obj: Any, digest: Any, active: set[int], depth: int) -> bool:
+    if isinstance(obj, np.ndarray):  # of Python objects
+        digest.update(f"A{obj.dtype.str}{obj.shape}".encode())
+        return _hash_into(obj.tolist(), digest, active, depth)
+    if isinstance(obj, (tuple, list)):
+        digest.update(f"{type(obj).__name__}{len(obj)}(".encode())
+        described = all([_hash_into(item, digest, active, depth) for item in obj])
+        digest.update(b")")
+        return described
+    if isinstance(obj, Mapping):
+        digest.update(f"M{len(obj)}(".encode())
+        keys = sorted(obj, key=repr)
+        # keys ordered by a repr that shows an address are in no reproducible order
+        described = not any(
+            not isinstance(key, (str, int, float, bytes, tuple)) and " at 0x" in repr(key)
+            for key in keys
+        )
+        for key in keys:
+            described &= _hash_into(key, digest, active, depth)
+            described &= _hash_into(obj[key], digest, active, depth)
+        digest.update(b")")
+        return described
+    digest.update(f"O{_class_name(obj)}".encode())
+    if isinstance(obj, type):
+        digest.update(f"{obj.__module__}.{obj.__qualname__}".encode())
+        return True
+    state_dict = getattr(obj, "state_dict", None)
+    if callable(state_dict):
+        try:
+            state = state_dict()
+        except Exception:  # noqa: BLE001 - then described like any other object
+            pass
+        else:
+            digest.update(repr(obj).encode("utf-8", "replace"))
+            return _hash_into(state, digest, active, depth)
+    to_bytes = getattr(obj, "tobytes", None)
+    if callable(to_bytes):
+        try:
+            digest.update(to_bytes())
+            return True
+        except Exception:  # noqa: BLE001 - a best-effort description
+            pass
+    if type(obj).__repr__ is not object.__repr__:
         text = repr(obj)
-        if " at 0x" not in text:
-            digest.update(text.encode("utf-8", "replace"))
+        if " at 0x" in text:
+            return False  # named by its address (a function, a lambda): not by content
+        digest.update(text.encode("utf-8", "replace"))
+        return True
+    attributes = _attributes(obj)
+    if attributes is None:
+        return False
+    return _hash_into(attributes, digest, active, depth)
+
+
+def _attributes(obj: Any) -> dict[str, Any] | None:
+    """The instance attributes of ``obj`` (``__dict__`` and every slot of its classes,
+    unset slots as a marker), or ``None`` when it has neither."""
+    found: dict[str, Any] = {}
+    has_any = False
+    own = getattr(obj, "__dict__", None)
+    if isinstance(own, dict):
+        has_any = True
+        found.update({f"dict.{key}": value for key, value in own.items()})
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            has_any = True
+            attr = name
+            if name.startswith("__") and not name.endswith("__"):  # a mangled private name
+                attr = f"_{cls.__name__.lstrip('_')}{name}"
+            found[f"slot.{cls.__qualname__}.{name}"] = getattr(obj, attr, "<unset slot>")
+    return found if has_any else None
 
 
 def dataset_probe(dataset: Any, n_items: int = 5, include_type: bool = True) -> str | None:
@@ -272,6 +378,7 @@ __all__ = [
     "dataset_probe",
     "hash_object",
     "model_fingerprint",
+    "module_structure",
     "quick_model_digest",
     "tensor_bytes",
 ]

@@ -179,7 +179,8 @@ class BlockScorer:
       ones even for near-duplicates far from the origin, and reported values carry no
       cancellation error (a vector's distance to itself is exactly 0).
     * ``kind=None``: ``metric(test_rows, block)`` with the activations in their
-      original shape, checked to return ``(n_test_rows, n_block)``.
+      original shape, as contiguous (row-major) tensors, checked to return
+      ``(n_test_rows, n_block)``.
 
     For an affine layer the inner products of cosine similarity may instead be taken on
     the layer's input side (see :mod:`proponents.influence._pullback`): after
@@ -215,7 +216,9 @@ class BlockScorer:
         self.largest = largest
         self.layer = layer
         self.replace_nan = float(replace_nan)
-        self.test = test
+        # A custom metric gets plain row-major tensors in the layer's shape (a
+        # channels-last conv output would break a metric that flattens with .view()).
+        self.test = test if kind is not None else test.contiguous()
         self.n_test = int(test.shape[0])
         self.device = test.device
         self.nonfinite_src = 0
@@ -226,7 +229,8 @@ class BlockScorer:
         ]
         self._running = [_Running() for _ in self._chunks]
         self.dtype = _compute_dtype(test)
-        self.features = math.prod(test.shape[1:])
+        self.shape = tuple(test.shape[1:])
+        self.features = math.prod(self.shape)
         # Norms straight from the activations in whatever layout they come (a
         # channels-last conv output would have to be copied to be flattened); the
         # flattened rows are made only when a product or a distance needs them.
@@ -319,13 +323,15 @@ class BlockScorer:
         if self.kind is None:
             self._update_custom(block, start)
             return
-        s = block.reshape(b, -1)
-        if s.shape[1] != self.features:
+        if tuple(block.shape[1:]) != self.shape:
             raise InvalidArgumentError(
-                f"layer {self.layer!r}: the test activations have {self.features} features "
-                f"per example but the source activations have {s.shape[1]}; the inputs must "
-                "produce activations of the same size as the source examples"
+                f"layer {self.layer!r}: the test activations have shape {self.shape} per "
+                f"example ({self.features} features) but the source activations have "
+                f"{tuple(block.shape[1:])} ({math.prod(block.shape[1:])}); the test inputs "
+                "must produce activations of the same shape as the source examples (resize "
+                "or pad them as the source inputs are)"
             )
+        s = block.reshape(b, -1)
         if pulled is not None and self._pulled_left is None:
             raise ValueError("layer inputs can only be scored after pull_back")
         if pulled is not None:
@@ -399,10 +405,13 @@ class BlockScorer:
             s_zero, t_zero = s_norm == 0, self.t_zero[chunk]
             sim[:, s_zero] = self.replace_nan
             sim[t_zero, :] = self.replace_nan
+        # replace_nan=NaN puts NaN scores in the block that the metric did not produce:
+        # they must rank last too, but are not counted as the metric's NaN scores.
+        filled_nan = zeros and math.isnan(self.replace_nan)
         key = sim
-        if check_nan:
+        if check_nan or filled_nan:
             key = _rank_key(sim, self.largest)
-            if key is not sim:
+            if key is not sim and check_nan:
                 self.nan_scores += int(torch.isnan(sim).sum())
         kb = min(self.k, key.shape[1])
         pos = _block_top(key, kb, self.largest)
@@ -410,7 +419,7 @@ class BlockScorer:
         values = sim.gather(1, pos).clamp_(-1.0, 1.0)
         if zeros:
             values[s_zero[pos] | t_zero[:, None]] = self.replace_nan
-        running.offer(values, pos + start, self.k, self.largest, check_nan)
+        running.offer(values, pos + start, self.k, self.largest, check_nan or filled_nan)
 
     def _update_euclidean(
         self,
@@ -426,6 +435,8 @@ class BlockScorer:
         """``d2``: the block's ``(rows, b)`` inner products, turned into squared distances."""
         d2.mul_(-2.0).add_(self.t_sq[chunk][:, None]).add_(s_norm.square()[None, :])
         key = _rank_key(d2, self.largest) if check_nan else d2
+        if check_nan:
+            key = self._exact_keys_of_non_finite(key, chunk, s, s_norm)
         kb = min(self.k, d2.shape[1])
         pos = _block_top(key, kb, self.largest)
         if s_max is not None:
@@ -440,6 +451,33 @@ class BlockScorer:
         if check_nan and torch.isnan(exact).any():
             self.nan_scores += int(torch.isnan(exact).sum())
         running.offer(exact, pos + start, self.k, self.largest, check_nan)
+
+    def _exact_keys_of_non_finite(
+        self, key: Tensor, chunk: slice, s: Tensor, s_norm: Tensor
+    ) -> Tensor:
+        """``key`` with the pairs of non-finite test rows and source rows replaced by the
+        ranking keys of their exact distances.
+
+        The shortcut says nothing for a row with an infinite entry: ``inf − inf`` in its
+        product gives NaN where the distance is ``+inf``. Such rows are rare, so their
+        pairs are measured exactly: equal (infinite) distances then come in index order,
+        an infinite distance ranks as one, and only true NaN distances rank last.
+        """
+        bad_rows = torch.nonzero(~torch.isfinite(self.t_norm[chunk])).flatten()
+        bad_cols = torch.nonzero(~torch.isfinite(s_norm)).flatten()
+        if not bad_rows.numel() and not bad_cols.numel():
+            return key
+        key = key.clone()
+        first = chunk.start or 0
+        if bad_rows.numel():
+            every = torch.arange(key.shape[1], device=key.device).expand(bad_rows.numel(), -1)
+            exact = self._exact_distances(bad_rows + first, s, every)
+            key[bad_rows] = _rank_key(exact.to(key.dtype), self.largest)
+        if bad_cols.numel():
+            cols = bad_cols.expand(key.shape[0], -1)
+            exact = self._exact_distances(chunk, s, cols)
+            key[:, bad_cols] = _rank_key(exact.to(key.dtype), self.largest)
+        return key
 
     @staticmethod
     def _largest_finite(s_norm: Tensor) -> float | None:
@@ -480,17 +518,18 @@ class BlockScorer:
         counts = torch.where(torch.isfinite(cut), counts, torch.full_like(counts, pos.shape[1]))
         return int(counts.max()) if counts.numel() else 0
 
-    def _exact_distances(self, chunk: slice, s: Tensor, pos: Tensor) -> Tensor:
-        """Distances of the pairs ``(i, pos[i, j])`` from the differences, in float64.
+    def _exact_distances(self, rows: slice | Tensor, s: Tensor, pos: Tensor) -> Tensor:
+        """Distances of the pairs ``(rows[i], pos[i, j])`` (test row, block row) from the
+        differences, in float64; ``rows`` selects test rows (a slice or their indices).
 
         On the CPU the pairs go through in groups whose float64 differences fit in a
         core's cache (:data:`EXACT_SCRATCH_BYTES`), so the step only streams the chosen
         source rows: 3.5x faster than groups of 64 MiB for 8,192 features.
         """
         n, kb = pos.shape
-        t = self._test_float64()[chunk]
+        t = self._test_float64()[rows]
         features = int(t.shape[1])
-        rows = pos.reshape(-1)
+        picked = pos.reshape(-1)
         owners = torch.arange(n, device=pos.device).repeat_interleave(kb)
         out = torch.empty(n * kb, dtype=torch.float64, device=t.device)
         # a GPU has no such cache to fit, and launching kernels is what costs there
@@ -498,7 +537,7 @@ class BlockScorer:
         step = max(1, scratch // (8 * max(1, features)))
         for first in range(0, n * kb, step):
             pairs = slice(first, first + step)
-            diff = s[rows[pairs]].to(torch.float64).sub_(t[owners[pairs]])
+            diff = s[picked[pairs]].to(torch.float64).sub_(t[owners[pairs]])
             out[pairs] = torch.linalg.vector_norm(diff, dim=1)
         return out.view(n, kb).to(self.dtype)
 
@@ -510,6 +549,7 @@ class BlockScorer:
 
     def _update_custom(self, block: Tensor, start: int) -> None:
         b = int(block.shape[0])
+        block = block.contiguous()
         for chunk, running in zip(self._chunks, self._running):
             test = self.test[chunk]
             sim = self.metric(test, block)

@@ -6,7 +6,7 @@ with the activations of the test inputs by a similarity metric; the ``top_k`` mo
 least) similar source examples are returned per test example.
 
 The store is never trusted blindly: every entry records a fingerprint of the model's
-weights and buffers, the layer, the source dataset's length and a probe of its
+module structure, weights and buffers, the layer, the source dataset's length and a probe of its
 content, and is rebuilt (with a :class:`~proponents.store.StoreRebuildWarning`) when
 any of these changed or the files are damaged.
 """
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import (
+    BatchSampler,
     DataLoader,
     Dataset,
     RandomSampler,
@@ -110,7 +111,7 @@ class SimilarityInfluence(DataInfluence):
             other's activations either way: entries are checked against the weights.
         similarity_metric: ``f(test, src) -> (n_test, n_src)`` scores, given test
             activations ``(n_test, *features)`` and a block of source activations
-            ``(n_src, *features)`` in the layer's own shape. Default
+            ``(n_src, *features)`` in the layer's own shape, as contiguous tensors. Default
             :func:`cosine_similarity`; :func:`euclidean_distance` is the other built-in.
             The two built-ins run on a faster exact path.
         similarity_direction: ``"max"`` returns the highest scores (most similar for
@@ -291,6 +292,7 @@ class SimilarityInfluence(DataInfluence):
             ``(n_test, top_k)`` int64 positions in the source set and ``values`` the
             matching ``(n_test, top_k)`` scores, best first (descending for ``"max"``,
             ascending for ``"min"``; equal scores in index order), on the model's device.
+            An empty test batch gives ``(0, top_k)`` tensors.
 
         Raises:
             InvalidArgumentError: ``top_k`` out of range, a metric returning the wrong
@@ -338,6 +340,9 @@ class SimilarityInfluence(DataInfluence):
                 fingerprint,
                 device,
             )
+            if all(int(t.shape[0]) == 0 for t in test.values()):
+                # no test examples: no rows to rank, and no need to read the source set
+                return {layer: _empty_result(test[layer], top_k) for layer in self.layers}
             if self._dist is not None:
                 return self._sharded_search(
                     self._dist,
@@ -420,12 +425,17 @@ class SimilarityInfluence(DataInfluence):
         }
 
     def _probe(self) -> str | None:
-        data = self._loader.dataset
-        if isinstance(self.influence_src_dataset, DataLoader) and not isinstance(
-            self._loader.sampler, SequentialSampler
-        ):
-            return None
-        return dataset_probe(data)
+        """The source dataset's :func:`dataset_probe`, with the order a DataLoader reads it
+        in when that is not the plain sequential one (see :func:`_sampler_order`)."""
+        probe = dataset_probe(self._loader.dataset)
+        if not isinstance(self.influence_src_dataset, DataLoader):
+            return probe
+        order = _sampler_order(self._loader)
+        if order is None:
+            return probe
+        digest = hashlib.sha256(f"{probe}|".encode())
+        hash_object(order, digest)
+        return digest.hexdigest()
 
     def _search(
         self,
@@ -606,6 +616,17 @@ class SimilarityInfluence(DataInfluence):
         # narrower product saves (docs/similarity.md).
         candidates = _pullback_candidates(modules) if self._kind == "cosine" else []
         extractor = _Extractor(modules, candidates)
+        loader = self._loader
+        if (
+            self._fast_tensors is None
+            and loader.batch_size is None
+            and (loader.batch_sampler is None)
+        ):
+            extractor.hint = (
+                " (influence_src_dataset is a DataLoader with batch_size=None, which passes "
+                "each item on as it is: unless its items are whole batches already, give "
+                "the DataLoader a batch_size, or pass the Dataset itself)"
+            )
         row_bytes = {
             layer: max(1, test[layer][0].numel() * _storage_dtype(test[layer].dtype).itemsize)
             for layer in layers
@@ -663,6 +684,9 @@ class SimilarityInfluence(DataInfluence):
                 state["start"] += state["rows"]
                 state["rows"] = 0
 
+            expected = metas[layers[0]]["dataset_length"]
+            if not views:
+                batches = _reading(batches, expected, lambda: state["start"] + state["rows"])
             for i, batch in enumerate(
                 progress_iter(
                     batches, show_progress, "SimilarityInfluence: source activations", n_batches
@@ -690,7 +714,6 @@ class SimilarityInfluence(DataInfluence):
                 state["rows"] += size
             flush()
             n_rows = state["start"]
-            expected = metas[layers[0]]["dataset_length"]
             if expected is not None and n_rows != expected:
                 raise InvalidArgumentError(
                     f"influence_src_dataset reports {expected} examples but yielded {n_rows}; "
@@ -703,17 +726,23 @@ class SimilarityInfluence(DataInfluence):
 
     def _finish(self, scorer: BlockScorer) -> tuple[Tensor, Tensor]:
         layer = scorer.layer
+        # cosine gives NaN; a distance is +inf, or NaN where a NaN takes part or infinities
+        # of one sign meet
+        scores = {
+            "cosine": "NaN and rank last",
+            "euclidean": "infinite or NaN (NaN ranks last)",
+        }.get(self._kind or "", "what similarity_metric makes of them (NaN ranks last)")
         if scorer.nonfinite_src:
             warnings.warn(
                 f"SimilarityInfluence: {scorer.nonfinite_src} source example(s) have non-finite "
-                f"activations in layer {layer!r}; their scores are NaN and rank last",
+                f"activations in layer {layer!r}; their scores are {scores}",
                 RuntimeWarning,
                 stacklevel=4,
             )
         if scorer.nonfinite_test:
             warnings.warn(
                 f"SimilarityInfluence: {scorer.nonfinite_test} test example(s) have non-finite "
-                f"activations in layer {layer!r}; their scores are NaN",
+                f"activations in layer {layer!r}; their scores are {scores}",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -738,6 +767,7 @@ class SimilarityInfluence(DataInfluence):
     ) -> dict[str, Tensor]:
         args: tuple[Any, ...] | None = None
         inputs_hash = None
+        undescribed = False
         if isinstance(inputs, (DataLoader, Dataset)):
             raise ArgumentTypeError(
                 f"inputs must be a tensor or a tuple of tensors (one test batch), got a "
@@ -752,8 +782,14 @@ class SimilarityInfluence(DataInfluence):
             args = args + _as_tuple(additional_forward_args)
             if inputs_id is not None:
                 digest = hashlib.sha256()
-                hash_object(args, digest)
-                inputs_hash = digest.hexdigest()
+                if hash_object(args, digest):
+                    inputs_hash = digest.hexdigest()
+                else:
+                    # Part of the inputs is known only by its type (e.g. a function): saved
+                    # activations cannot be shown to come from them, so these count as new
+                    # inputs, and what is saved now will not be reused either.
+                    inputs_hash = f"undescribed-{os.urandom(8).hex()}"
+                    undescribed = True
         store = (
             ArrayStore(self._model_dir / "inputs" / safe_name(inputs_id))
             if inputs_id is not None
@@ -782,6 +818,12 @@ class SimilarityInfluence(DataInfluence):
                     raise InvalidArgumentError(
                         f"no usable saved activations for inputs_id={inputs_id!r} and layer "
                         f"{layer!r} ({why or 'none were saved'}); pass inputs to compute them"
+                    )
+                if undescribed and why is not None:
+                    why = (
+                        "the inputs or additional_forward_args hold an object that cannot be "
+                        "described by its content (e.g. a function), so they cannot be "
+                        "compared with the saved ones"
                     )
                 if why is not None:
                     warnings.warn(
@@ -956,6 +998,72 @@ def _verified_pullback(
     return pullback if ok else None
 
 
+def _sampler_order(loader: DataLoader) -> Any:
+    """What decides the order a DataLoader reads its dataset in, when it is not the
+    plain sequential order (``None`` then), described without drawing a random number.
+
+    A sampler or batch sampler that is a sequence (``range``, a list, an array) is
+    described by its indices; any other one only by its class, since iterating it could
+    consume the global random generators (a custom sampler may be random).
+    """
+    sampler, batch_sampler = loader.sampler, loader.batch_sampler
+    parts: list[Any] = []
+    for name, obj in (("sampler", sampler), ("batch_sampler", batch_sampler)):
+        if obj is None or isinstance(obj, SequentialSampler):
+            continue
+        if isinstance(obj, BatchSampler) and (
+            obj.sampler is sampler or isinstance(obj.sampler, SequentialSampler)
+        ):
+            continue  # batches of the sampler above: its order, whatever the batch size
+        if isinstance(obj, range):
+            parts.append((name, obj))
+        elif isinstance(obj, (list, tuple, np.ndarray, Tensor)):
+            parts.append((name, _as_index_array(obj)))
+        else:
+            parts.append((name, f"{type(obj).__module__}.{type(obj).__qualname__}"))
+    return parts or None
+
+
+def _reading(batches: Iterable[Any], expected: int | None, done: Callable[[], int]) -> Any:
+    """``batches``, with an ``IndexError`` raised while reading them (a dataset whose
+    ``__len__`` promises more items than its ``__getitem__`` has) turned into the error
+    that says so; ``done()`` is the number of examples read so far."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except IndexError as exc:
+            detail = f"IndexError: {exc}" if str(exc) else "IndexError"
+            raise InvalidArgumentError(
+                f"influence_src_dataset reports {expected} examples but reading them failed "
+                f"after {done()} ({detail}); its __len__ must match what __getitem__ can "
+                "return"
+            ) from exc
+        yield batch
+
+
+def _empty_result(test: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """``(indices, values)`` of shape ``(0, top_k)`` for an empty test batch, of the
+    dtypes and on the device a non-empty batch would give."""
+    dtype = torch.float64 if test.dtype == torch.float64 else torch.float32
+    return (
+        torch.empty(0, top_k, dtype=torch.int64, device=test.device),
+        torch.empty(0, top_k, dtype=dtype, device=test.device),
+    )
+
+
+def _as_index_array(indices: Any) -> Any:
+    """A sequence of integer indices as one int64 array (hashed in one pass, not index by
+    index); anything else (e.g. ragged lists of batches) as it is."""
+    try:
+        array = np.asarray(indices)
+    except (TypeError, ValueError, RuntimeError):
+        return indices
+    return array.astype(np.int64) if array.dtype.kind in "iu" else indices
+
+
 def _close_entries(entries: dict[str, StoredEntry]) -> None:
     for entry in entries.values():
         entry.close()
@@ -989,6 +1097,8 @@ class _Extractor:
         self.inputs_of = frozenset(inputs_of)
         self.inputs: dict[str, Tensor] = {}
         self.clone = False
+        #: Appended to the message about a first dimension that does not index examples.
+        self.hint = ""
 
     def run(self, model: nn.Module, args: tuple[Any, ...]) -> dict[str, Tensor]:
         captured: dict[str, Tensor] = {}
@@ -1041,8 +1151,9 @@ class _Extractor:
         for name, act in captured.items():
             if act.dim() == 0 or act.shape[0] != n:
                 raise InvalidArgumentError(
-                    f"layer {name!r} gives an activation of shape {tuple(act.shape)} for a batch "
-                    f"of {n} examples; its first dimension must index the examples"
+                    f"layer {name!r} gives an activation of shape {tuple(act.shape)} for model "
+                    f"inputs whose first dimension is {n}; the first dimension of both must "
+                    f"index the examples{self.hint}"
                 )
         return captured
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
 from proponents.checkpoints import load_flexible_state_dict
-from proponents.errors import InvalidArgumentError
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.progress import progress_iter
 from proponents.scoring import k_most
 
@@ -402,7 +402,20 @@ def _call_influence(
 
 
 def _default_similarity_layer(model: nn.Module) -> str:
-    """The module registered just before the last ``nn.Linear`` (its input, usually)."""
+    """The module registered just before the last ``nn.Linear`` (its input, usually).
+
+    Raises:
+        InvalidArgumentError: the model has no ``nn.Linear``, so there is no default; the
+            message asks for ``similarity_layer`` and lists some module names.
+    """
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        names = [name for name, _ in model.named_modules() if name]
+        shown = ", ".join(repr(n) for n in names[:12]) + (", …" if len(names) > 12 else "")
+        raise InvalidArgumentError(
+            "the model has no nn.Linear layer, so there is no default layer to compare; name "
+            "the layer whose activations similarity compares with similarity_layer (in the "
+            f"task file, or run_method(similarity_layer=...)): one of {shown or 'its modules'}"
+        )
     fc = last_linear(model)
     names = [name for name, m in model.named_modules() if name and not list(m.children())]
     position = names.index(fc) if fc in names else -1
@@ -423,6 +436,11 @@ def _run_similarity(
 ) -> Analysis:
     from proponents.influence.similarity import SimilarityInfluence
 
+    if layer is not None and not isinstance(layer, str):
+        raise ArgumentTypeError(
+            f"similarity_layer must be the name of one module (a str), got {layer!r}; the "
+            "similarity method compares one layer"
+        )
     layer = layer if layer is not None else _default_similarity_layer(model)
     seconds: dict[str, float] = {}
     n_train = len(train_dataset)  # type: ignore[arg-type]
