@@ -803,7 +803,7 @@ def test_faiss_check_fits_rejects_what_setup_would(factory, nprobe, n, pattern):
 
 @pytest.mark.parametrize(
     ("factory", "n"),
-    [("Flat", 1), ("IVF4,Flat", 4), ("PQ8", 256), ("IVF4,PQ4x4", 16), ("HNSW8", 3)],
+    [("Flat", 1), ("IVF4,Flat", 4), ("PQ4x4", 16), ("IVF4,PQ4x4", 16), ("HNSW8", 3)],
 )
 def test_faiss_check_fits_accepts_what_setup_builds(factory, n):
     need_faiss()
