@@ -872,6 +872,77 @@ def test_zip_checkpoints_are_mapped_and_let_go_legacy_ones_read(tmp_path, monkey
         assert str(path) not in _mapped_files()
 
 
+class _RenormingEmbedding(nn.Module):
+    """An embedding with ``max_norm``: its forward rescales rows of the weight in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6, max_norm=0.5)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(x).mean(1))
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.serialization, "get_default_mmap_options"),
+    reason="this torch has no mmap options",
+)
+def test_shared_mmap_default_never_lets_a_forward_write_into_the_checkpoint(tmp_path):
+    """With ``torch.load``'s mappings set to ``MAP_SHARED`` process-wide, a mapped load
+    would hand the model file-backed weights, and an embedding's in-place ``max_norm``
+    rescale would be written into the user's checkpoint. Such a file is read the
+    ordinary way: its bytes and modification time are unchanged, and the scores equal
+    those under the default copy-on-write mapping."""
+    import mmap
+
+    from proponents import TracInCPFast
+
+    torch.manual_seed(0)
+    source = _RenormingEmbedding()
+    with torch.no_grad():
+        source.emb.weight.mul_(10)  # every row far above max_norm
+    path = tmp_path / "renorm.pt"
+    torch.save(source.state_dict(), path)
+    before, stat = path.read_bytes(), path.stat()
+    data = torch.utils.data.TensorDataset(torch.randint(0, 12, (10, 4)), torch.randint(0, 3, (10,)))
+
+    def self_influence() -> torch.Tensor:
+        model = _RenormingEmbedding()
+        tracin = TracInCPFast(
+            model,
+            "fc",
+            data,
+            [str(path)],
+            loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+            batch_size=4,
+        )
+        return tracin.self_influence()
+
+    reference = self_influence()
+    previous = torch.serialization.get_default_mmap_options()
+    torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)
+    try:
+        calls = []
+        real = torch.load
+
+        def spy(*args, **kwargs):
+            calls.append(bool(kwargs.get("mmap")))
+            return real(*args, **kwargs)
+
+        torch.load = spy
+        try:
+            shared = self_influence()
+        finally:
+            torch.load = real
+    finally:
+        torch.serialization.set_default_mmap_options(previous)
+    assert calls and not any(calls)
+    assert path.read_bytes() == before
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns
+    torch.testing.assert_close(shared, reference, rtol=0, atol=0)
+
+
 def test_an_archive_whose_record_does_not_fit_its_tensor_is_refused(tmp_path):
     """A mapped ``torch.load`` does not compare a storage's size with its record: a
     checkpoint whose pickle claims twice the bytes its weight's record holds loads

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import math
+import mmap
 import numbers
 import os
 import pickle
@@ -533,9 +534,12 @@ def _torch_load(text: str, device: torch.device) -> Any:
     every tensor's storage is exactly one record of the archive, which ``torch.load``
     checks for ordinary reads but not for mapped ones; anything else (the legacy format,
     a file system that cannot map, a record that does not fit) is read the ordinary way,
-    which reports real damage.
+    which reports real damage. When the process asks ``torch.load`` for shared mappings
+    (``torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)``), the file is read
+    the ordinary way instead: through a shared mapping, a forward pass that edits a weight
+    in place (``nn.Embedding(max_norm=...)``) would write into the user's checkpoint file.
     """
-    if zipfile.is_zipfile(text):
+    if zipfile.is_zipfile(text) and _mappings_are_private():
         try:
             content = torch.load(text, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:
@@ -546,6 +550,15 @@ def _torch_load(text: str, device: torch.device) -> Any:
             return content
         del content
     return torch.load(text, map_location=device, weights_only=True)
+
+
+def _mappings_are_private() -> bool:
+    """Whether ``torch.load(mmap=True)`` would map files copy-on-write (its default)."""
+    get_flags = getattr(torch.serialization, "get_default_mmap_options", None)
+    private = getattr(mmap, "MAP_PRIVATE", None)
+    if get_flags is None or private is None:  # no setting, or Windows: no shared maps
+        return True
+    return bool(get_flags() == private)
 
 
 def _storages_are_records(content: Any, text: str) -> bool:
