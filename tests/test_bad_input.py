@@ -175,6 +175,8 @@ V, Ty = ValueError, TypeError
 ROWS: list[Row] = [
     # ---------------------------------------------------------------- TracInCP()
     row(f"{T}.__init__.model", "type", lambda o: o.tracincp(model="net"), Ty),
+    row(f"{T}.__init__.model", "DataParallel", lambda o: o.tracincp(
+        model=nn.DataParallel(o.case.model)), Ty, "DataParallel", "model.module"),
     row(f"{T}.__init__.train_dataset", "type", lambda o: o.tracincp(train_dataset=[1, 2]), Ty),
     row(f"{T}.__init__.train_dataset", "empty", lambda o: o.tracincp(train_dataset=_empty()), V),
     row(f"{T}.__init__.train_dataset", "shuffling", lambda o: o.tracincp(
@@ -246,6 +248,8 @@ ROWS: list[Row] = [
         show_progress="yes"), Ty),
     # ------------------------------------------------------------- TracInCPFast()
     row(f"{F}.__init__.model", "type", lambda o: TracInCPFast(**o.fast_kwargs(model=None)), Ty),
+    row(f"{F}.__init__.model", "DataParallel", lambda o: TracInCPFast(**o.fast_kwargs(
+        model=nn.DataParallel(o.case.model))), Ty, "DataParallel", "model.module"),
     row(f"{F}.__init__.final_fc_layer", "type", lambda o: TracInCPFast(
         **o.fast_kwargs(final_fc_layer=3)), Ty),
     row(f"{F}.__init__.final_fc_layer", "unknown", lambda o: TracInCPFast(
@@ -275,6 +279,8 @@ ROWS: list[Row] = [
     # ---------------------------------------------------- TracInCPFastRandProj()
     row(f"{R}.__init__.model", "type", lambda o: TracInCPFastRandProj(
         **o.fast_kwargs(model="net")), Ty),
+    row(f"{R}.__init__.model", "DataParallel", lambda o: TracInCPFastRandProj(**o.fast_kwargs(
+        model=nn.DataParallel(o.case.model))), Ty, "DataParallel", "model.module"),
     row(f"{R}.__init__.final_fc_layer", "not Linear", lambda o: TracInCPFastRandProj(
         **o.fast_kwargs(final_fc_layer="act")), V),
     row(f"{R}.__init__.train_dataset", "shuffling", lambda o: TracInCPFastRandProj(
@@ -336,6 +342,8 @@ ROWS: list[Row] = [
     row(f"{R}.load.path", "no index there", lambda o: o.load(path=o.tmp / "nothing"),
         FileNotFoundError),
     row(f"{R}.load.model", "type", lambda o: o.load(model="net"), Ty),
+    row(f"{R}.load.model", "DataParallel", lambda o: o.load(
+        model=nn.DataParallel(o.case.model)), Ty, "DataParallel", "model.module"),
     row(f"{R}.load.distributed", "str", lambda o: o.load(distributed="no"), Ty),
     row(f"{R}.load.memory_budget", "bool", lambda o: o.load(memory_budget=True), Ty),
     row(f"{R}.load.memory_budget", "negative", lambda o: o.load(memory_budget=-5), V),
@@ -357,6 +365,8 @@ ROWS: list[Row] = [
     row(f"{R}.load.nearest_neighbors", "type", lambda o: o.load(nearest_neighbors={}), Ty),
     # ------------------------------------------------------ SimilarityInfluence()
     row(f"{S}.__init__.module", "type", lambda o: o.sim(module=3), Ty),
+    row(f"{S}.__init__.module", "DataParallel", lambda o: o.sim(
+        module=nn.DataParallel(o.case.model)), Ty, "DataParallel", "module.module"),
     row(f"{S}.__init__.distributed", "str", lambda o: o.sim(distributed="all"), Ty),
     row(f"{S}.__init__.layers", "type", lambda o: o.sim(layers=3), Ty),
     row(f"{S}.__init__.layers", "unknown", lambda o: o.sim(layers="fc9"), V),

@@ -11,6 +11,8 @@ import operator
 import os
 from typing import Any
 
+from torch import nn
+
 from proponents.errors import ArgumentTypeError
 
 
@@ -30,6 +32,32 @@ def check_flag(value: Any, argument: str, owner: str | None = None) -> bool:
         prefix = f"{owner}: " if owner else ""
         raise ArgumentTypeError(
             f"{prefix}{argument} must be True or False, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def check_model(value: Any, argument: str, owner: str) -> nn.Module:
+    """Return ``value`` if it is a plain ``nn.Module``, else raise naming ``argument``.
+
+    ``nn.DataParallel`` and ``DistributedDataParallel`` wrappers are refused with the
+    fix: proponents runs the wrapped model itself (``model.module``), one device per
+    process, since a wrapper scatters each batch over replicas that neither
+    ``torch.func`` nor layer hooks can follow. To spread the work over several GPUs,
+    see ``distributed=`` (``docs/distributed.md``).
+
+    Raises:
+        ArgumentTypeError: for anything else, or for such a wrapper.
+    """
+    if not isinstance(value, nn.Module):
+        raise ArgumentTypeError(
+            f"{owner}: {argument} must be a torch.nn.Module, got {type(value).__name__}"
+        )
+    if isinstance(value, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ArgumentTypeError(
+            f"{owner}: {argument} is wrapped in {type(value).__name__}; pass the model it "
+            f"wraps, {argument}.module (layer names then lose their 'module.' prefix; "
+            "checkpoints saved from the wrapper still load). To use several GPUs, run one "
+            "process per GPU with distributed=True (see docs/distributed.md)"
         )
     return value
 

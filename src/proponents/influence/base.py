@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from proponents.checkpoints import load_flexible_state_dict, resolve_checkpoints
-from proponents.checks import check_flag, check_int
+from proponents.checks import check_flag, check_int, check_model
 from proponents.data import (
     Batch,
     count_examples,
@@ -93,10 +93,7 @@ class TracInCPBase(DataInfluence):
         distributed: bool | None = None,
     ) -> None:
         name = self.get_name()
-        if not isinstance(model, nn.Module):
-            raise ArgumentTypeError(
-                f"{name}: model must be a torch.nn.Module, got {type(model).__name__}"
-            )
+        check_model(model, "model", name)
         if not callable(checkpoints_load_func):
             raise ArgumentTypeError(
                 f"{name}: checkpoints_load_func must be callable as f(model, checkpoint), "

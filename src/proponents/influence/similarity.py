@@ -39,7 +39,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from proponents.checks import check_flag
+from proponents.checks import check_flag, check_model
 from proponents.data import (
     batch_size_of,
     copy_layout,
@@ -151,11 +151,7 @@ class SimilarityInfluence(DataInfluence):
         distributed: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(module, nn.Module):
-            raise ArgumentTypeError(
-                f"SimilarityInfluence: module must be a torch.nn.Module, got "
-                f"{type(module).__name__}"
-            )
+        check_model(module, "module", "SimilarityInfluence")
         unknown = sorted(set(kwargs) - set(_INIT_KWARGS))
         if unknown:
             raise ArgumentTypeError(
