@@ -354,6 +354,44 @@ def test_model_with_only_buffers_or_nothing() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_norm_layer_without_its_batch_counter_loads(tmp_path: Path, suffix: str) -> None:
+    """Checkpoints without ``num_batches_tracked`` (pre-0.4.1 PyTorch, or filtered out)
+    load, as ``load_state_dict`` allows: every other entry as stored, the counter zero,
+    and forward passes in both modes equal those of the full checkpoint."""
+    torch.manual_seed(0)
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, momentum=None), nn.Linear(4, 2))
+
+    source = build()
+    source.train()
+    for _ in range(3):
+        source(torch.randn(8, 5))  # running statistics and a counter of 3
+    full = tmp_path / f"full{suffix}"
+    lean = tmp_path / f"lean{suffix}"
+    state = source.state_dict()
+    without = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    if suffix == ".pt":
+        torch.save(state, full)
+        torch.save(without, lean)
+    else:
+        save_file(dict(state), str(full))
+        save_file(without, str(lean))
+    reference, model = build(), build()
+    model[1].num_batches_tracked.fill_(7)  # the model's own count is not kept
+    assert load_flexible_state_dict(reference, full) == 1.0
+    assert load_flexible_state_dict(model, lean) == 1.0
+    assert int(model[1].num_batches_tracked) == 0
+    for key, value in without.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    x = torch.randn(6, 5)
+    for train in (False, True):
+        reference.train(train)
+        model.train(train)
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
 def test_mismatch_lists_missing_and_unexpected_keys_and_file(tmp_path: Path) -> None:
     state = OrderedDict(seeded_net(1).state_dict())
     del state["fc2.bias"]

@@ -761,6 +761,24 @@ def _align_keys(
     return result
 
 
+def _fill_batch_counters(state: OrderedDict[str, Any], model: nn.Module) -> None:
+    """Supply a norm layer's ``num_batches_tracked`` that the checkpoint lacks, as zero.
+
+    Checkpoints written before PyTorch 0.4.1, or by code that filters the counter out,
+    have none; ``load_state_dict`` accepts them (for state dicts without version
+    metadata) by keeping the model's count. A fixed zero instead keeps each checkpoint's
+    load independent of the one before. The counter only steers how training-mode
+    forward passes update the running statistics, never an output, so no score depends
+    on it.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            key = f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+            counter = module.num_batches_tracked
+            if key not in state and isinstance(counter, torch.Tensor):
+                state[key] = torch.zeros((), dtype=counter.dtype)
+
+
 def _fill_tied(state: OrderedDict[str, Any], model_state: Mapping[str, Any]) -> None:
     """Supply model entries that share memory with an entry the checkpoint has.
 
@@ -941,6 +959,7 @@ def load_flexible_state_dict(
     state, raw_lr = _unpack(content, set(model_state), where)
     state = _align_keys(state, model_state, getattr(model_full, "_metadata", None))
     _fill_tied(state, model_state)
+    _fill_batch_counters(state, model)
     _check_fit(state, model_state, model, where)
 
     if safetensors_lr is not None:
