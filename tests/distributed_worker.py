@@ -213,6 +213,24 @@ def main(folder: Path) -> int:
         ),
         "dataset length differs",
     )
+
+    # A training set that cannot be split into ranges is named as the training set.
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(data["x"], data["y"]))
+
+    stream = DataLoader(Stream(), batch_size=3)
+    expect_error(
+        "IterableDataset training set",
+        lambda: TracInCP(model, stream, ckpts, loss_fn=loss, sample_wise_grads_per_batch=True),
+        "train_dataset is a DataLoader over an IterableDataset",
+    )
+    kw = dict(loss_fn=loss, batch_size=3, sample_wise_grads_per_batch=True, distributed=False)
+    check(
+        "IterableDataset, not sharded",
+        TracInCP(model, train, ckpts, **kw).self_influence(),
+        TracInCP(model, stream, ckpts, **kw).self_influence(),
+    )
     # A rank failing mid-way: the others name it instead of waiting.
     from proponents.checkpoints import load_flexible_state_dict
 

@@ -72,13 +72,18 @@ def resolve_distributed(distributed: Any, owner: str) -> DistributedContext | No
     return DistributedContext()
 
 
-def _batches_of(loader: DataLoader, argument: str) -> tuple[list[list[int]], bool]:
-    """The index lists of the loader's batches and whether it batches automatically."""
+def _check_splittable(loader: DataLoader, argument: str) -> None:
+    """Raise naming ``argument`` when ``loader``'s batches cannot be split over ranks."""
     if isinstance(loader.dataset, IterableDataset):
         raise InvalidArgumentError(
             f"{argument} is a DataLoader over an IterableDataset, which cannot be split "
             "into per-rank ranges; pass a map-style Dataset, or distributed=False"
         )
+
+
+def _batches_of(loader: DataLoader, argument: str) -> tuple[list[list[int]], bool]:
+    """The index lists of the loader's batches and whether it batches automatically."""
+    _check_splittable(loader, argument)
     if loader.batch_sampler is not None:
         return [list(b) for b in loader.batch_sampler], True
     return [[i] for i in loader.sampler], False  # batch_size=None: every item is a batch
@@ -324,10 +329,15 @@ def _short(value: Any) -> str:
 
 # -- entry points used by the public classes -------------------------------------------------
 def training_facts(loader: DataLoader, checkpoints: Sequence[Any]) -> dict[str, Any]:
-    """What every rank must agree on before sharding: data size and checkpoint contents."""
+    """What every rank must agree on before sharding: data size and checkpoint contents.
+
+    Raises:
+        InvalidArgumentError: when the training data cannot be split over ranks.
+    """
     from proponents.checkpoints import checkpoint_fingerprint
     from proponents.data import dataset_length, loader_batches
 
+    _check_splittable(loader, "train_dataset")
     return {
         "dataset length": dataset_length(loader),
         "number of batches": loader_batches(loader),

@@ -319,10 +319,11 @@ class TracInCPBase(DataInfluence):
             ``(n,)`` scores on the model's device, in the order of the examples.
         """
         check_flag(show_progress, "show_progress", self.get_name())
+        argument = "inputs_dataset"
         if inputs_dataset is None:
-            inputs_dataset = self.train_dataloader
+            inputs_dataset, argument = self.train_dataloader, "train_dataset"
         if isinstance(inputs_dataset, DataLoader):
-            refuse_shuffled(inputs_dataset, "inputs_dataset")
+            refuse_shuffled(inputs_dataset, argument)
             data: Any = inputs_dataset
             n_batches = loader_batches(inputs_dataset)
         elif isinstance(inputs_dataset, Dataset):
@@ -342,7 +343,7 @@ class TracInCPBase(DataInfluence):
                     )
 
             return sharded_values(
-                self._dist, self.get_name(), data, values_on, model_device(self.model)
+                self._dist, self.get_name(), data, values_on, model_device(self.model), argument
             )
         with self._guarded():
             return self._runner().self_scores(data, n_batches, show_progress, "batches")
