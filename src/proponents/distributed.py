@@ -167,8 +167,10 @@ class DistributedContext:
                 problems.append(f"{key} differs ({shown})")
         if problems:
             raise DistributedError(
-                f"{owner}: the {self.world_size} ranks must use the same training data and "
-                "checkpoints, but " + "; ".join(problems)
+                f"{owner}: the {self.world_size} ranks must agree on "
+                + ", ".join(facts)
+                + ", but "
+                + "; ".join(problems)
             )
 
     # -- running and exchanging status ----------------------------------------------------
