@@ -278,3 +278,37 @@ def test_a_checkpoint_stored_in_another_layout_keeps_the_models_layout(tmp_path,
     )
     assert torch.equal(by_reference.self_influence(), copied.self_influence())
     assert seen == [True]
+
+
+def test_tensors_held_as_plain_attributes_are_put_back(tmp_path):
+    """``nn.utils.spectral_norm`` keeps the normalised weight as a plain attribute that
+    each forward recomputes from the checkpoint's ``weight_orig``; after every method's
+    call, the module holds the same tensor, with the same values, as before."""
+    from proponents import SimilarityInfluence
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.utils.spectral_norm(nn.Linear(5, 4)), nn.ReLU(), nn.Linear(4, 3))
+
+    torch.manual_seed(0)
+    path = tmp_path / "sn.pt"
+    torch.save(build().state_dict(), path)
+    model = build()
+    held = model[0].weight
+    value = held.clone()
+    data = TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
+    x, y = data.tensors[0][:2], data.tensors[1][:2]
+    calls = {
+        "TracInCP": lambda: TracInCP(
+            model, data, [path], loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
+        ).influence(x, y),
+        "TracInCPFast": lambda: TracInCPFast(
+            model, "2", data, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum")
+        ).self_influence(),
+        "SimilarityInfluence": lambda: SimilarityInfluence(
+            model, "0", data, tmp_path / "acts", batch_size=4
+        ).influence(x, top_k=2),
+    }
+    for name, call in calls.items():
+        call()
+        assert model[0].weight is held, name
+        assert torch.equal(model[0].weight, value), name

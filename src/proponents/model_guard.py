@@ -67,7 +67,8 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
     the original values and gradients are set aside untouched and put back on the way
     out (no copy back). A parameter or
     buffer object that the body replaced in its module (``load_state_dict(...,
-    assign=True)``, say) is put back too, so references the user holds stay valid.
+    assign=True)``, say) is put back too, so references the user holds stay valid, and so
+    is every tensor a module holds as a plain attribute (``spectral_norm``'s ``weight``).
 
     Args:
         model: the model to guard.
@@ -94,6 +95,15 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
         grad = tensor.grad if kind == "param" else None
         originals[id(tensor)] = (tensor.data, grad, tensor.requires_grad)
     modes = {m: m.training for m in model.modules()}
+    # Tensors a module keeps as plain attributes, such as the weight that
+    # ``nn.utils.spectral_norm`` recomputes from ``weight_orig`` before each forward:
+    # a forward inside the call replaces them with values of the last checkpoint.
+    attributes = [
+        (m, name, value)
+        for m in model.modules()
+        for name, value in vars(m).items()
+        if isinstance(value, torch.Tensor)
+    ]
     token = _BY_REFERENCE.set(loads_by_reference)
     try:
         copied: set[int] = set(uncopied)
@@ -117,6 +127,8 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
                 tensor.requires_grad_(flag)
         for m, training in modes.items():
             m.training = training
+        for m, name, value in attributes:
+            m.__dict__[name] = value
 
 
 class GlobalRandomState:
