@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -876,6 +878,16 @@ def test_a_parametrized_final_layer_is_exact_in_tracincpfast_and_refused_by_rand
         TracInCPFastRandProj(
             model, "2", train, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4
         )
+    # the hook-based forms keep no weight Parameter at all
+    for wrap in (nn.utils.weight_norm, nn.utils.spectral_norm):
+        with warnings.catch_warnings():  # weight_norm's deprecation notice
+            warnings.simplefilter("ignore")
+            hooked = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), wrap(nn.Linear(6, 3)))
+        torch.save(hooked.state_dict(), tmp_path / "h.pt")
+        with pytest.raises(InvalidArgumentError, match="weight_norm, spectral_norm"):
+            TracInCPFastRandProj(
+                hooked, "2", train, [tmp_path / "h.pt"], loss_fn=nn.CrossEntropyLoss()
+            )
 
 
 def test_randproj_answers_an_empty_test_batch_like_a_full_one(tmp_path):
@@ -899,3 +911,69 @@ def test_randproj_answers_an_empty_test_batch_like_a_full_one(tmp_path):
     assert empty_top.indices.shape == (0, 3) and empty_top.indices.dtype == top.indices.dtype
     assert empty_top.influence_scores.shape == (0, 3)
     assert empty_top.influence_scores.dtype == top.influence_scores.dtype
+
+
+class _BatchCentred(nn.Module):
+    """Examples interact inside a batch of two or more (each hidden vector is pulled
+    towards the batch mean), so the engine's check on such a batch moves the final layer
+    from its hooks to torch.func; a batch of one cannot show it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if h.shape[0] > 1:
+            h = h - 0.5 * h.mean(0, keepdim=True)
+        return self.fc(h)
+
+
+def test_embeddings_line_up_when_a_later_batch_changes_the_strategy(tmp_path):
+    """Training set embedded in batches of one (final layer served by its hooks), then a
+    test batch of four whose check moves the layer to torch.func: both sides must be in
+    the same coordinates. Unprojected scores equal a float64 loop over single examples,
+    projected ones those of an index built in one batch, and a saved index answers the
+    same after loading."""
+    torch.manual_seed(3)
+    paths = []
+    for c in range(2):
+        paths.append(tmp_path / f"c{c}.pt")
+        torch.save({"model_state_dict": _BatchCentred().state_dict(), "lr": 0.5 + c}, paths[-1])
+    data = TensorDataset(torch.randn(7, 5), torch.randint(0, 3, (7,)))
+    xt, yt = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    loss = nn.CrossEntropyLoss(reduction="sum")
+
+    reference = torch.zeros(4, 7, dtype=torch.float64)
+    for c, path in enumerate(paths):
+        m = _BatchCentred().double()
+        m.load_state_dict(torch.load(path)["model_state_dict"])
+
+        def grad(x, y, m=m):
+            m.zero_grad()
+            loss(m(x[None].double()), y[None]).backward()
+            return torch.cat([m.fc.weight.grad.flatten(), m.fc.bias.grad])
+
+        train = torch.stack([grad(*data[i]) for i in range(7)])
+        test = torch.stack([grad(xt[i], yt[i]) for i in range(4)])
+        reference += (0.5 + c) * test @ train.T
+
+    def build(batch_size, projection_dim):
+        return TracInCPFastRandProj(
+            _BatchCentred(), "fc", data, paths, loss_fn=loss, batch_size=batch_size,
+            projection_dim=projection_dim,
+        )  # fmt: skip
+
+    exact = build(1, None)
+    assert set(exact._engine.strategies.values()) == {"linear"}
+    assert_close(exact.influence(xt, yt, k=None), reference, rtol=1e-5)
+    assert set(exact._engine.strategies.values()) == {"generic"}
+    for dim in (4, 8):
+        mixed = build(1, dim)
+        mixed.save(tmp_path / f"index-{dim}")
+        whole = build(7, dim)  # checked on seven examples: torch.func from the start
+        expected = whole.influence(xt, yt, k=None)
+        assert_close(mixed.influence(xt, yt, k=None), expected, rtol=1e-5)
+        loaded = TracInCPFastRandProj.load(tmp_path / f"index-{dim}", _BatchCentred(), paths, loss)
+        assert_close(loaded.influence(xt, yt, k=None), expected, rtol=1e-5)

@@ -43,7 +43,7 @@ from proponents.errors import (
 from proponents.fingerprints import dataset_probe
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
-from proponents.gradients.representations import DenseGrads, as_dense
+from proponents.gradients.representations import DenseGrads, Grads, as_dense
 from proponents.gradients.selection import named_modules, resolve_layers
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
@@ -323,13 +323,17 @@ class TracInCPFastRandProj(TracInCPFast):
             distributed=distributed,
         )
         name = self.get_name()
-        if parametrize.is_parametrized(self.final_fc_layer):
+        layer = self.final_fc_layer
+        if parametrize.is_parametrized(layer) or not isinstance(
+            layer._parameters.get("weight"), nn.Parameter
+        ):
             raise InvalidArgumentError(
                 f"{name}: final_fc_layer {self.final_fc_layer_name!r} computes its weight "
-                "through a parametrization (weight_norm, say), whose gradient is not the "
-                "factored gradient of a Linear weight that the embeddings project. Use "
-                "TracInCPFast (exact for it), or remove the parametrization first "
-                "(torch.nn.utils.parametrize.remove_parametrizations)"
+                "through a parametrization or a forward hook (weight_norm, spectral_norm), "
+                "whose gradient is not the factored gradient of a Linear weight that the "
+                "embeddings project. Use TracInCPFast (exact for it), or remove it first "
+                "(torch.nn.utils.parametrize.remove_parametrizations, or "
+                "torch.nn.utils.remove_weight_norm / remove_spectral_norm)"
             )
         if projection_dim is not None:
             projection_dim = check_int(projection_dim, f"{name}: projection_dim", or_none=True)
@@ -406,6 +410,31 @@ class TracInCPFastRandProj(TracInCPFast):
         """Dimension of one example's embedding (summed over checkpoints)."""
         return sum(p.dim for p in self._projections)
 
+    def _in_layer_layout(self, reps: list[Grads]) -> Grads:
+        """The final layer's per-example gradients as one representation, laid out as the
+        ``(out_features, in_features [+ 1 for the bias])`` matrix the projections expect,
+        whichever strategy computed them.
+
+        The engine serves the layer by its hooks (one factored representation in this
+        layout) or, when a check moves it there (examples that interact inside a batch,
+        say), by ``torch.func`` (one flat gradient per parameter). A check can run at any
+        batch of two or more examples, also a test batch long after the training set was
+        embedded, so both must give the same coordinates: the weight's and the bias's
+        gradients are interleaved row by row, as in the factored form.
+        """
+        if len(reps) == 1:
+            return reps[0]
+        layer = self.final_fc_layer
+        generic = self._engine.generic
+        assert generic is not None and layer.bias is not None and len(reps) == 2
+        by_param = {
+            id(self.model.get_parameter(n)): as_dense(r) for n, r in zip(generic.names, reps)
+        }
+        size = reps[0].size
+        weight = by_param[id(layer.weight)].reshape(size, layer.out_features, -1)
+        bias = by_param[id(layer.bias)].reshape(size, layer.out_features, 1)
+        return DenseGrads(torch.cat([weight, bias], dim=2).reshape(size, -1))
+
     def _embed(self, data: Any, is_loader: bool, show_progress: bool, what: str) -> Tensor:
         """``(n, embedding_dim)`` embeddings of the examples in ``data``."""
         name = self.get_name()
@@ -437,12 +466,7 @@ class TracInCPFastRandProj(TracInCPFast):
                     parts = []
                     row = 0
                     for batch in runner._batches(data, is_loader, "batch"):
-                        reps = self._engine.compute(batch)
-                        rep = (
-                            reps[0]
-                            if len(reps) == 1
-                            else DenseGrads(torch.cat([as_dense(r) for r in reps], dim=1))
-                        )
+                        rep = self._in_layer_layout(self._engine.compute(batch))
                         part = self._projections[c](rep) * math.sqrt(lr)
                         if store_dtype is not None:
                             if store_dtype == torch.float16:
