@@ -357,6 +357,20 @@ def test_load_refuses_other_checkpoints_or_data(tmp_path):
     mean = nn.CrossEntropyLoss(reduction="mean")
     with pytest.raises(IndexMismatchError, match="loss_fn: .*'sum', this one reduces by 'mean'"):
         TracInCPFastRandProj.load(tmp_path / "index", model, paths, mean)
+    # the same reduction, another loss or other settings: the embeddings are of another loss
+    margin = nn.MultiMarginLoss(reduction="sum")
+    with pytest.raises(IndexMismatchError, match="CrossEntropyLoss, this one is .*MultiMarginLoss"):
+        TracInCPFastRandProj.load(tmp_path / "index", model, paths, margin)
+    for other in (
+        nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.1),
+        nn.CrossEntropyLoss(reduction="sum", weight=torch.linspace(1, 2, 8)),
+    ):
+        with pytest.raises(IndexMismatchError, match="CrossEntropyLoss with other settings"):
+            TracInCPFastRandProj.load(tmp_path / "index", model, paths, other)
+    same = TracInCPFastRandProj.load(  # a new object with the same settings is the same loss
+        tmp_path / "index", model, paths, nn.CrossEntropyLoss(reduction="sum")
+    )
+    assert torch.equal(same.embeddings, rp.embeddings)
     with pytest.raises(IndexMismatchError, match="final_fc_layer: .*'2', not '0'"):
         TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, final_fc_layer="0")
     with pytest.raises(FileNotFoundError):

@@ -63,6 +63,38 @@ def _class_name(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def loss_fingerprint(loss_fn: Any) -> dict[str, str]:
+    """What defines a loss function, for comparing the loss of a saved index with the
+    one it is loaded with.
+
+    Returns:
+        ``{"class": ..., "digest": ...}``: the class (module and qualified name) of a
+        loss object, or the qualified name of a plain function; the digest of a loss
+        module covers its state dict (a class-weight buffer) and its plain settings
+        (``reduction``, ``ignore_index``, ``label_smoothing``, ``delta``, ...). Two
+        functions with the same name, lambdas say, are not told apart.
+    """
+    digest = hashlib.sha256()
+    if loss_fn is None:
+        name = "None"
+    elif isinstance(loss_fn, nn.Module):
+        name = _class_name(loss_fn)
+        settings = {
+            key: value
+            for key, value in sorted(vars(loss_fn).items())
+            if not key.startswith("_")
+            and key != "training"
+            and (value is None or isinstance(value, (bool, int, float, str)))
+        }
+        hash_object(settings, digest)
+        hash_object(dict(loss_fn.state_dict()), digest)
+    else:
+        name = getattr(loss_fn, "__module__", "") or ""
+        name += "." + getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    digest.update(name.encode())
+    return {"class": name, "digest": digest.hexdigest()[:16]}
+
+
 def module_structure(model: nn.Module) -> str:
     """A text description of the module tree: one line per submodule (shared ones
     under every name they have), with its dotted name, its class (module and qualified

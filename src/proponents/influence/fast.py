@@ -40,7 +40,7 @@ from proponents.errors import (
     IndexNotFoundError,
     InvalidArgumentError,
 )
-from proponents.fingerprints import dataset_probe
+from proponents.fingerprints import dataset_probe, loss_fingerprint
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
 from proponents.gradients.representations import DenseGrads, Grads, as_dense
@@ -114,6 +114,20 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
             f"{saved.get('loss_reduction')!r}, this one reduces by "
             f"{expected['loss_reduction']!r} (the scores scale with it)"
         )
+    else:
+        was_loss, now_loss = saved.get("loss"), expected.get("loss")
+        if was_loss is not None and now_loss is not None and was_loss != now_loss:
+            same_class = was_loss.get("class") == now_loss.get("class")
+            out.append(
+                f"loss_fn: the index was built with {was_loss.get('class')}"
+                + (
+                    " with other settings or weights (reduction, ignore_index, "
+                    "label_smoothing, class weights, ...)"
+                    if same_class
+                    else f", this one is {now_loss.get('class')}"
+                )
+                + "; its embeddings are gradients of that loss"
+            )
     return out
 
 
@@ -682,6 +696,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "seed": self.seed,
             "projections": [[p.kind, p.dim] for p in self._projections],
             "loss_reduction": self._loss.reduction,
+            "loss": loss_fingerprint(self._loss.fn),
             "strategy": sorted(set(self._engine.strategies.values())),
             "nearest_neighbors": self.nearest_neighbors.config(),
         }
@@ -832,6 +847,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "dataset_probe": probe,
             "projections": [[p.kind, p.dim] for p in obj._projections],
             "loss_reduction": obj._loss.reduction,
+            "loss": loss_fingerprint(obj._loss.fn),
         }
         differences = _index_differences(saved, expected)
         if differences:
@@ -849,6 +865,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 "seed",
                 "projections",
                 "strategy",
+                "loss",  # compared above; indexes written before it was recorded lack it
                 "nearest_neighbors",
                 "dataset_probe",
             ),
