@@ -651,6 +651,22 @@ def test_randproj_ranks_non_finite_training_examples_last(tmp_path):
     assert torch.equal(got.indices, want.indices)
 
 
+def test_infinite_and_nan_scores_rank_last_as_proponents_and_opponents():
+    """k_most (TracInCP and TracInCPFast rankings) puts every non-finite score last, as
+    RandProj's search does; +inf was ranked the top proponent, -inf the top opponent.
+    Reference: the finite scores sorted by hand, then the non-finite in dataset order."""
+    from proponents.scoring import k_most
+
+    inf, nan = float("inf"), float("nan")
+    scores = torch.tensor([[0.5, inf, -2.0, nan, 3.0, -inf, 0.5]])
+    for proponents in (True, False):
+        finite = [0, 2, 4, 6]
+        finite.sort(key=lambda j: -float(scores[0, j]) if proponents else float(scores[0, j]))
+        indices, values = k_most(scores, 7, proponents)
+        assert indices[0].tolist() == finite + [1, 3, 5], proponents
+        assert torch.equal(values.isnan(), scores[:, indices[0]].isnan())
+
+
 @pytest.mark.parametrize("sub_batch", [None, 1, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_gives_the_same_scores_in_any_pass_shape(

@@ -382,10 +382,7 @@ def sharded_scores(
 
     shard, n, empty = _local_part(loader, ctx, "train_dataset")
 
-    def key(s: Tensor) -> Tensor:  # the ordering of k_most, as a descending sort key
-        if proponents:
-            return s.nan_to_num(nan=-float("inf"))
-        return -s.nan_to_num(nan=float("inf"))
+    key = merge_key_finite_first(proponents)  # the ordering of k_most
 
     return ctx.score_columns(
         owner,

@@ -322,6 +322,7 @@ def k_most(scores: Tensor, k: int, proponents: bool) -> tuple[Tensor, Tensor]:
 
     Ties keep dataset order; non-finite scores are ranked last.
     """
-    key = scores.nan_to_num(nan=-math.inf if proponents else math.inf)
-    order = torch.sort(key, dim=1, descending=proponents, stable=True).indices[:, :k]
+    signed = scores if proponents else -scores
+    key = torch.where(torch.isfinite(scores), signed, torch.full_like(signed, -math.inf))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
     return order, scores.gather(1, order)
