@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from conftest import Augmented, assert_close, make_case, reference_scores
+from conftest import Augmented, assert_close, make_case, reference_scores, reference_self
 from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
 from proponents.data import (
     Batch,
@@ -567,6 +567,15 @@ def test_list_targets_give_the_scores_of_tensor_targets(tmp_path):
     want = reference_scores(case)
     assert_close(t.influence(case.test_inputs, case.test_labels.tolist()), want)
     assert_close(t.influence(case.test_inputs, case.test_labels.numpy()), want)
+    # labels as a list in a self-influence batch, and from a collate_fn that returns lists
+    own = reference_self(case)
+    assert_close(t.self_influence((*case.train_inputs, case.train_labels.tolist())), own)
+
+    def listing(items):
+        return torch.stack([x for x, _ in items]), [int(y) for _, y in items]
+
+    listed = DataLoader(case.dataset, batch_size=4, collate_fn=listing)
+    assert_close(t.self_influence(listed), own)
     reg = make_case("regression", tmp_path / "reg")
     t = TracInCP(
         reg.model,

@@ -157,7 +157,7 @@ def split_batch(batch: Any, what: str = "training batch") -> Batch:
             "item is (input, label), e.g. torch.utils.data.TensorDataset(x, y)."
         )
     inputs = tuple(batch[:-1])
-    labels = batch[-1]
+    labels = as_targets(batch[-1])  # plain-number labels (a collate_fn's list) as a tensor
     size = batch_size_of(inputs, labels)
     _check_labels_fit(inputs, labels, size, what)
     return Batch(inputs=inputs, labels=labels, size=size)
