@@ -28,6 +28,7 @@ from proponents.data import (
     split_batch,
     unshared,
 )
+from proponents.distributed import merge_key_finite_first
 from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError
 from proponents.gradients.engine import GradientEngine
 from proponents.model_guard import GlobalRandomState
@@ -322,7 +323,6 @@ def k_most(scores: Tensor, k: int, proponents: bool) -> tuple[Tensor, Tensor]:
 
     Ties keep dataset order; non-finite scores are ranked last.
     """
-    signed = scores if proponents else -scores
-    key = torch.where(torch.isfinite(scores), signed, torch.full_like(signed, -math.inf))
+    key = merge_key_finite_first(proponents)(scores)
     order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
     return order, scores.gather(1, order)
