@@ -201,6 +201,27 @@ def main(folder: Path) -> int:
                 again["fc2"],
             )
 
+    for direction in ("max", "min"):
+        # NaN scores in both shards after the worst infinity, also in both: the merge
+        # must rank them as the single process does (NaN after everything)
+        worst = float("-inf") if direction == "max" else float("inf")
+
+        def nan_and_worst(test, src, worst=worst):
+            v = src[:, 0]
+            out = torch.where(v > 0.5, torch.full_like(v, worst), v)
+            out = torch.where(v < -0.5, torch.full_like(v, float("nan")), out)
+            return out.expand(len(test), -1)
+
+        kw = dict(similarity_direction=direction, batch_size=4, similarity_metric=nan_and_worst)
+        alone = SimilarityInfluence(model, "fc1", train, folder / "nan-alone", distributed=False,
+                                    **kw)  # fmt: skip
+        sharded = SimilarityInfluence(model, "fc1", train, folder / "nan", **kw)
+        check(
+            f"SimilarityInfluence[{direction}] NaN after the worst infinity",
+            alone.influence(x, top_k=len(train))["fc1"],
+            sharded.influence(x, top_k=len(train))["fc1"],
+        )
+
     if dist.get_world_size() == 1:  # the fault checks below need a second rank
         return finish(rank)
     # Ranks that disagree on the training data: the same clear error on every rank.

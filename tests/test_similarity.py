@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import time
@@ -1167,6 +1168,48 @@ def test_saved_test_activations_follow_plain_objects_in_additional_forward_args(
     assert calls["n"] == 1
 
 
+def _lexicographic_ranking(row: list[float], direction: str) -> list[int]:
+    """Positions of ``row`` ranked by (is NaN, score in ``direction``, position)."""
+    sign = -1.0 if direction == "max" else 1.0
+    return sorted(
+        range(len(row)),
+        key=lambda i: (math.isnan(row[i]), 0.0 if math.isnan(row[i]) else sign * row[i], i),
+    )
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5, 8])
+def test_nan_scores_rank_after_the_worst_infinity(tmp_path, direction, top_k):
+    """A custom metric scoring NaN, +inf and -inf: NaN comes after every score, the
+    infinity worst in the direction included, equal scores in index order, whatever the
+    blocks the source set is scored in and whether the activations are stored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(6, 2))  # layer "0": the inputs
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(4))
+    fixed = [float("nan"), float("inf"), 1.0, float("inf"), float("-inf"), float("nan"),
+             float("-inf"), 1.0]  # fmt: skip
+
+    def metric(test, src):  # the score of a source row is decided by its first input
+        return torch.tensor(fixed, dtype=torch.float32)[src[:, 0].long()].expand(len(test), -1)
+
+    x[:, 0] = torch.arange(8.0)
+    train = TensorDataset(x, torch.zeros(8))
+    # the reference, checked by hand once: both NaN (0, 5) after both -inf (4, 6)
+    assert _lexicographic_ranking(fixed, "max") == [1, 3, 2, 7, 4, 6, 0, 5]
+    assert _lexicographic_ranking(fixed, "min") == [4, 6, 2, 7, 1, 3, 0, 5]
+    expected = _lexicographic_ranking(fixed, direction)[:top_k]
+    for batch_size in (1, 3, 8):
+        sim = SimilarityInfluence(model, "0", train, tmp_path / str(batch_size),
+                                  batch_size=batch_size, similarity_metric=metric,
+                                  similarity_direction=direction)  # fmt: skip
+        for _ in range(2):  # built, then read from the store
+            with pytest.warns(RuntimeWarning, match="NaN"):
+                idx, val = sim.influence(x[:2], top_k=top_k)["0"]
+            assert idx.tolist() == [expected] * 2
+            want = torch.tensor([fixed[i] for i in expected]).expand(2, -1)
+            torch.testing.assert_close(val, want, equal_nan=True)
+
+
 @pytest.mark.parametrize("direction", ["max", "min"])
 def test_euclidean_infinite_rows_rank_as_their_exact_distances(tmp_path, direction):
     """An infinite test or source entry: the distances are +inf (NaN where infinities
@@ -1186,9 +1229,8 @@ def test_euclidean_infinite_rows_rank_as_their_exact_distances(tmp_path, directi
     a, b = _acts(model, "lin1", test), _acts(model, "lin1", x)
     reference = (a[:, None] - b[None]).norm(dim=-1)  # float64, from the differences
     assert bool(reference[0].isposinf().sum() >= 30) and bool(reference[1:, 5].isposinf().all())
-    worst = float("-inf") if direction == "max" else float("inf")
-    key = torch.where(reference.isnan(), torch.full_like(reference, worst), reference)
-    e_idx = torch.sort(key, dim=1, descending=direction == "max", stable=True)[1][:, :N_SRC]
+    assert bool(reference[0].isnan().any())  # NaN among the infinite distances of row 0
+    e_idx = torch.tensor([_lexicographic_ranking(row, direction) for row in reference.tolist()])
     for _ in range(2):  # built, then read from the store
         with pytest.warns(RuntimeWarning, match="infinite or NaN"):
             idx, val = sim.influence(test, top_k=N_SRC)["lin1"]

@@ -253,7 +253,7 @@ class DistributedContext:
         compute: Callable[[], Any],
         k: int | None,
         top_k: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None,
-        merge_key: Callable[[Tensor], Tensor],
+        merge_order: Callable[[Tensor], Tensor],
         device: torch.device,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Scores of this rank's training columns, combined over ranks.
@@ -267,8 +267,9 @@ class DistributedContext:
                 the number of best columns per row.
             top_k: ``(scores, k) -> (local indices, scores)``, this method's ordering, or
                 ``None`` when ``compute`` returns candidates itself.
-            merge_key: maps candidate scores to the key sorted (descending, stable) to
-                merge the per-rank candidates, which arrive in dataset order.
+            merge_order: candidate scores ``(n_test, m)`` -> the positions of each row,
+                best first and stable among equals, which merges the per-rank
+                candidates (they arrive rank by rank, each rank's best first).
             device: where results are returned.
 
         Returns:
@@ -296,8 +297,7 @@ class DistributedContext:
         for st in picked:
             st.dtype = "int64" if st.shape is not None else ""
         all_idx = self.gather(idx, picked, -1, device)
-        order = torch.sort(merge_key(all_val), dim=-1, descending=True, stable=True).indices
-        order = order[..., :k]
+        order = merge_order(all_val)[..., :k]
         return all_idx.gather(-1, order), all_val.gather(-1, order)
 
     def rows(
@@ -382,14 +382,12 @@ def sharded_scores(
 
     shard, n, empty = _local_part(loader, ctx, "train_dataset")
 
-    key = merge_key_finite_first(proponents)  # the ordering of k_most
-
     return ctx.score_columns(
         owner,
         (lambda: None) if empty else (lambda: scores_on(shard, n)),
         k,
         lambda s, kk: k_most(s, kk, proponents),
-        key,
+        finite_first_order(proponents),  # the ordering of k_most
         device,
     )
 
@@ -414,14 +412,16 @@ def sharded_values(
     return ctx.rows(owner, (lambda: None) if empty else (lambda: values_on(shard)), device)
 
 
-def merge_key_finite_first(proponents: bool) -> Callable[[Tensor], Tensor]:
-    """Merge key of nearest-neighbour answers: best scores first, non-finite ones last."""
+def finite_first_order(proponents: bool) -> Callable[[Tensor], Tensor]:
+    """The ordering of k-most answers: highest (proponents) or lowest scores first,
+    non-finite ones last, equal scores in their given order."""
 
-    def key(s: Tensor) -> Tensor:
+    def order(s: Tensor) -> Tensor:
         signed = s if proponents else -s
-        return torch.where(torch.isfinite(s), signed, torch.full_like(s, -float("inf")))
+        key = torch.where(torch.isfinite(s), signed, torch.full_like(s, -float("inf")))
+        return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
-    return key
+    return order
 
 
 def shard_range(loader: DataLoader, rank: int, world_size: int) -> tuple[int, int]:

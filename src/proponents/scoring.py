@@ -28,7 +28,7 @@ from proponents.data import (
     split_batch,
     unshared,
 )
-from proponents.distributed import merge_key_finite_first
+from proponents.distributed import finite_first_order
 from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError
 from proponents.gradients.engine import GradientEngine
 from proponents.model_guard import GlobalRandomState
@@ -323,6 +323,5 @@ def k_most(scores: Tensor, k: int, proponents: bool) -> tuple[Tensor, Tensor]:
 
     Ties keep dataset order; non-finite scores are ranked last.
     """
-    key = merge_key_finite_first(proponents)(scores)
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    order = finite_first_order(proponents)(scores)[:, :k]
     return order, scores.gather(1, order)

@@ -112,29 +112,49 @@ def builtin_kind(metric: Callable[..., Tensor]) -> str | None:
 
 
 def _rank_key(values: Tensor, largest: bool) -> Tensor:
-    """``values`` with NaN replaced by the worst possible score, so NaN ranks last."""
+    """``values`` with NaN replaced by the worst possible score (ties it with that score)."""
     if not torch.isnan(values).any():
         return values
     worst = float("-inf") if largest else float("inf")
     return torch.where(torch.isnan(values), torch.full_like(values, worst), values)
 
 
-def _block_top(key: Tensor, k: int, largest: bool) -> Tensor:
-    """Column positions of the ``k`` best entries of each row of ``key``.
+def ranked_order(scores: Tensor, largest: bool, nan_last: bool = True) -> Tensor:
+    """Positions of each row's scores, best first, equal scores in position order.
+
+    With ``nan_last``, NaN scores come after every other score, the worst infinity
+    included (NaN-free rows cost one sort): the order is lexicographic in (is NaN,
+    score, position). Without it, the scores must hold no NaN.
+    """
+    nan = torch.isnan(scores) if nan_last else None
+    if nan is None or not bool(nan.any()):
+        return torch.sort(scores, dim=-1, descending=largest, stable=True).indices
+    order = torch.sort(_rank_key(scores, largest), dim=-1, descending=largest, stable=True)
+    # a stable sort by the NaN flag keeps the score order within each group
+    last = torch.sort(nan.gather(-1, order.indices).to(torch.uint8), dim=-1, stable=True)
+    return order.indices.gather(-1, last.indices)
+
+
+def _block_top(scores: Tensor, k: int, largest: bool, nan_last: bool = False) -> Tensor:
+    """Column positions of the ``k`` best entries of each row of ``scores``.
 
     Ties at the cut-off are resolved in favour of lower positions: when more than ``k``
     entries are at least as good as the k-th best, that row is ranked by a stable sort.
+    With ``nan_last``, NaN entries rank after every other score (see
+    :func:`ranked_order`); without it, ``scores`` must hold no NaN.
     """
-    if k >= key.shape[1]:
-        return torch.arange(key.shape[1], device=key.device).expand(key.shape[0], -1)
+    if k >= scores.shape[1]:
+        return torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
+    key = _rank_key(scores, largest) if nan_last else scores
     # The k+1 best, in order: more than k entries are at least as good as the k-th best
     # exactly when the (k+1)-th best equals the k-th (it cannot be better), which spares
-    # a pass over the whole block to count them.
+    # a pass over the whole block to count them. A NaN ties with the worst score here,
+    # so a row where the two could be confused is always one of those re-ranked.
     values, pos = torch.topk(key, k + 1, dim=1, largest=largest, sorted=True)
     rows = torch.nonzero(values[:, k] == values[:, k - 1]).flatten()
     pos = pos[:, :k]
     if rows.numel():
-        _, order = torch.sort(key[rows], dim=1, descending=largest, stable=True)
+        order = ranked_order(scores[rows], largest, nan_last)
         pos = pos.clone()
         pos[rows] = order[:, :k]
     return pos
@@ -156,9 +176,7 @@ class _Running:
         # Lower index first among equal scores: sort by index, then stably by score.
         indices, order = torch.sort(indices, dim=1, stable=True)
         values = values.gather(1, order)
-        key = _rank_key(values, largest) if check_nan else values
-        _, order = torch.sort(key, dim=1, descending=largest, stable=True)
-        order = order[:, :k]
+        order = ranked_order(values, largest, check_nan)[:, :k]
         self.values = values.gather(1, order)
         self.indices = indices.gather(1, order)
 
@@ -382,10 +400,10 @@ class BlockScorer:
         return torch.cat(idx), torch.cat(val)
 
     # -- per kind -------------------------------------------------------------------
-    def _offer(self, running: _Running, key: Tensor, values: Tensor, start: int) -> None:
-        """Keep the block's best ``k`` per row (by ``key``) in the running top-k."""
-        kb = min(self.k, key.shape[1])
-        pos = _block_top(key, kb, self.largest)
+    def _offer(self, running: _Running, values: Tensor, start: int) -> None:
+        """Keep the block's best ``k`` per row (NaN last) in the running top-k."""
+        kb = min(self.k, values.shape[1])
+        pos = _block_top(values, kb, self.largest, nan_last=True)
         running.offer(values.gather(1, pos), pos + start, self.k, self.largest)
 
     def _update_cosine(
@@ -408,13 +426,10 @@ class BlockScorer:
         # replace_nan=NaN puts NaN scores in the block that the metric did not produce:
         # they must rank last too, but are not counted as the metric's NaN scores.
         filled_nan = zeros and math.isnan(self.replace_nan)
-        key = sim
-        if check_nan or filled_nan:
-            key = _rank_key(sim, self.largest)
-            if key is not sim and check_nan:
-                self.nan_scores += int(torch.isnan(sim).sum())
-        kb = min(self.k, key.shape[1])
-        pos = _block_top(key, kb, self.largest)
+        if check_nan:
+            self.nan_scores += int(torch.isnan(sim).sum())
+        kb = min(self.k, sim.shape[1])
+        pos = _block_top(sim, kb, self.largest, nan_last=check_nan or filled_nan)
         # Rounding can push a cosine a hair past +-1; clamping after selection keeps order.
         values = sim.gather(1, pos).clamp_(-1.0, 1.0)
         if zeros:
@@ -434,11 +449,9 @@ class BlockScorer:
     ) -> None:
         """``d2``: the block's ``(rows, b)`` inner products, turned into squared distances."""
         d2.mul_(-2.0).add_(self.t_sq[chunk][:, None]).add_(s_norm.square()[None, :])
-        key = _rank_key(d2, self.largest) if check_nan else d2
-        if check_nan:
-            key = self._exact_keys_of_non_finite(key, chunk, s, s_norm)
+        key = self._exact_keys_of_non_finite(d2, chunk, s, s_norm) if check_nan else d2
         kb = min(self.k, d2.shape[1])
-        pos = _block_top(key, kb, self.largest)
+        pos = _block_top(key, kb, self.largest, nan_last=check_nan)
         if s_max is not None:
             # with NaN scores about, every pair is looked at (they are counted)
             kept = None if check_nan else running.values
@@ -446,7 +459,7 @@ class BlockScorer:
             if width == 0:
                 return  # no pair of this block can enter the running top-k
             if width != kb:
-                pos = _block_top(key, width, self.largest)
+                pos = _block_top(key, width, self.largest, nan_last=check_nan)
         exact = self._exact_distances(chunk, s, pos)
         if check_nan and torch.isnan(exact).any():
             self.nan_scores += int(torch.isnan(exact).sum())
@@ -472,11 +485,11 @@ class BlockScorer:
         if bad_rows.numel():
             every = torch.arange(key.shape[1], device=key.device).expand(bad_rows.numel(), -1)
             exact = self._exact_distances(bad_rows + first, s, every)
-            key[bad_rows] = _rank_key(exact.to(key.dtype), self.largest)
+            key[bad_rows] = exact.to(key.dtype)
         if bad_cols.numel():
             cols = bad_cols.expand(key.shape[0], -1)
             exact = self._exact_distances(chunk, s, cols)
-            key[:, bad_cols] = _rank_key(exact.to(key.dtype), self.largest)
+            key[:, bad_cols] = exact.to(key.dtype)
         return key
 
     @staticmethod
@@ -569,10 +582,14 @@ class BlockScorer:
             sim = sim.detach().to(self.device)
             if not sim.is_floating_point():
                 sim = sim.to(torch.float32)
-            key = _rank_key(sim, self.largest)
-            if key is not sim:
-                self.nan_scores += int(torch.isnan(sim).sum())
-            self._offer(running, key, sim, start)
+            self.nan_scores += int(torch.isnan(sim).sum())
+            self._offer(running, sim, start)
 
 
-__all__ = ["BlockScorer", "builtin_kind", "cosine_similarity", "euclidean_distance"]
+__all__ = [
+    "BlockScorer",
+    "builtin_kind",
+    "cosine_similarity",
+    "euclidean_distance",
+    "ranked_order",
+]

@@ -33,7 +33,7 @@ from proponents.data import (
     model_device,
     test_batches,
 )
-from proponents.distributed import merge_key_finite_first, shard_range, sharded_local_rows
+from proponents.distributed import finite_first_order, shard_range, sharded_local_rows
 from proponents.errors import (
     ArgumentTypeError,
     IndexMismatchError,
@@ -646,7 +646,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 lambda: self._search(query, k, proponents) if len(self.embeddings) else None,
                 k,
                 None,
-                merge_key_finite_first(proponents),
+                finite_first_order(proponents),
                 query.device,
             )
             return out if isinstance(out, Tensor) else KMostInfluentialResults(*out)

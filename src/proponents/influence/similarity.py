@@ -71,6 +71,7 @@ from proponents.influence._similarity_metrics import (
     builtin_kind,
     cosine_similarity,
     euclidean_distance,
+    ranked_order,
 )
 from proponents.influence.base import DataInfluence
 from proponents.model_guard import call_scope
@@ -387,10 +388,10 @@ class SimilarityInfluence(DataInfluence):
                 torch.stack([v.to(dtype) for _, v in pairs]),
             )
 
-        def key(v: Tensor) -> Tensor:
-            return v.nan_to_num(nan=-math.inf) if largest else -v.nan_to_num(nan=math.inf)
+        def order(v: Tensor) -> Tensor:  # the ordering of the single-process search
+            return ranked_order(v, largest)
 
-        out = dist.score_columns("SimilarityInfluence", local, top_k, None, key, device)
+        out = dist.score_columns("SimilarityInfluence", local, top_k, None, order, device)
         assert isinstance(out, tuple)
         return {layer: (out[0][i], out[1][i]) for i, layer in enumerate(self.layers)}
 
