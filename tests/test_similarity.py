@@ -1210,6 +1210,82 @@ def test_nan_scores_rank_after_the_worst_infinity(tmp_path, direction, top_k):
             torch.testing.assert_close(val, want, equal_nan=True)
 
 
+def _dot_reference(test, src, direction, k):
+    """Float64 inner products by a loop, ranked with ties by index."""
+    scores = [[float(t.double() @ s.double()) for s in src] for t in test]
+    sign = -1.0 if direction == "max" else 1.0
+    idx = [sorted(range(len(row)), key=lambda j: (sign * row[j], j))[:k] for row in scores]
+    val = [[scores[i][j] for j in order] for i, order in enumerate(idx)]
+    return torch.tensor(idx), torch.tensor(val, dtype=torch.float64)
+
+
+def _flat_dot(test, src):
+    return test.flatten(1) @ src.flatten(1).T
+
+
+def test_bfloat16_model_with_a_custom_metric(tmp_path):
+    """A bfloat16 layer: the source activations are stored as float32, and the test
+    activations reach the metric in that dtype too (not bfloat16 against float32)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh()).to(torch.bfloat16)
+    train, test = _data()
+    x = train.tensors[0].bfloat16()
+    seen = []
+
+    def metric(t, s):
+        seen.append((t.dtype, s.dtype))
+        return _flat_dot(t, s)
+
+    sim = SimilarityInfluence(model, "0", TensorDataset(x, train.tensors[1]), tmp_path,
+                              batch_size=8, similarity_metric=metric)  # fmt: skip
+    expected = _dot_reference(_acts(model, "0", test.bfloat16()), _acts(model, "0", x), "max", 5)
+    for _ in range(2):  # built, then read from the store
+        _check(sim.influence(test.bfloat16(), top_k=5)["0"], expected)
+    assert set(seen) == {(torch.float32, torch.float32)}
+
+
+class _Quantized(nn.Module):
+    """Integer (or bool) codes of the inputs: activations that are not floating point."""
+
+    def __init__(self, as_bool: bool) -> None:
+        super().__init__()
+        self.as_bool = as_bool
+
+    def forward(self, x):
+        return x > 0 if self.as_bool else torch.round(2 * x).long()
+
+
+@pytest.mark.parametrize("as_bool", [False, True])
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+def test_integer_and_bool_activations_are_compared_as_values(tmp_path, as_bool, metric):
+    """Integer and bool layer outputs are compared as float32 values (exact for these
+    small codes), ties in index order, as a float64 loop over the codes ranks them."""
+    model = nn.Sequential(_Quantized(as_bool), nn.Identity())
+    train, test = _data()
+    chosen = euclidean_distance if metric == "euclidean" else _flat_dot
+    sim = SimilarityInfluence(model, "0", train, tmp_path, batch_size=8,
+                              similarity_metric=chosen, similarity_direction="min")  # fmt: skip
+    t_codes, s_codes = _acts(model, "0", test), _acts(model, "0", train.tensors[0])
+    if metric == "euclidean":
+        expected = _brute(t_codes, s_codes, "euclidean", "min", 9)
+    else:
+        expected = _dot_reference(t_codes, s_codes, "min", 9)
+    for _ in range(2):  # built, then read from the store
+        _check(sim.influence(test, top_k=9)["0"], expected)
+
+
+def test_complex_activations_are_refused(tmp_path):
+    class Complexify(nn.Module):
+        def forward(self, x):
+            return torch.complex(x, -x)
+
+    model = nn.Sequential(Complexify(), nn.Identity())
+    train, test = _data()
+    sim = SimilarityInfluence(model, "0", train, tmp_path, batch_size=8)
+    with pytest.raises(InvalidArgumentError, match=r"layer '0' gives complex.*view_as_real"):
+        sim.influence(test, top_k=2)
+
+
 @pytest.mark.parametrize("direction", ["max", "min"])
 def test_euclidean_infinite_rows_rank_as_their_exact_distances(tmp_path, direction):
     """An infinite test or source entry: the distances are +inf (NaN where infinities

@@ -1152,7 +1152,15 @@ class _Extractor:
                     f"inputs whose first dimension is {n}; the first dimension of both must "
                     f"index the examples{self.hint}"
                 )
-        return captured
+            if act.is_complex():
+                raise InvalidArgumentError(
+                    f"layer {name!r} gives complex activations ({act.dtype}); similarity is "
+                    "defined for real-valued ones: choose another layer, or wrap this one in a "
+                    "module that returns a real view of it (e.g. torch.view_as_real)"
+                )
+        # Test and source activations meet in the dtype the source ones are stored in
+        # (bfloat16, integer and bool outputs as float32), for every metric.
+        return {name: act.to(_storage_dtype(act.dtype)) for name, act in captured.items()}
 
 
 def _check_layers(module: nn.Module, layers: Any) -> list[str]:
@@ -1208,7 +1216,8 @@ def _as_tuple(extra: Any) -> tuple[Any, ...]:
 
 
 def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype activations are stored in: numpy has no bfloat16."""
+    """The dtype activations are stored and compared in: float32 for every dtype but the
+    three that numpy stores (it has no bfloat16; integer and bool outputs are values)."""
     if dtype in (torch.float64, torch.float32, torch.float16):
         return dtype
     return torch.float32
