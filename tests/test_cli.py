@@ -18,6 +18,7 @@ pytest.importorskip("matplotlib", reason="the report needs matplotlib (the plot/
 
 from proponents.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_task, main  # noqa: E402
 from proponents.demo import run_demo  # noqa: E402
+from proponents.errors import InvalidArgumentError  # noqa: E402
 
 METHODS = ["tracincp", "fast", "randproj", "similarity"]
 
@@ -73,6 +74,39 @@ def test_bad_arguments_exit_2(capsys, argv):
     code, _, err = run_cli(capsys, *argv)
     assert code == EXIT_USAGE
     assert "error" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--seed", "-1"], "--seed: -1 is not a seed"),
+        (["--seed", str(2**64)], "between 0 and 2**64 - 1"),
+        (["--k", "100000"], "k=100000 exceeds the 1397 training digits"),
+    ],
+)
+def test_demo_bad_option_exits_2_before_anything_is_written(capsys, tmp_path, argv, needle):
+    """Out-of-range demo options are usage errors found before training: nothing is
+    written, the output folder is not even made."""
+    from sklearn.datasets import load_digits
+
+    from proponents.demo.digits import N_TEST
+
+    assert len(load_digits().target) - N_TEST == 1397  # the training digits, independently
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "demo", "--out", str(out), "--quiet", *argv)
+    assert code == EXIT_USAGE and needle in err
+    assert not out.exists()
+
+
+def test_run_demo_refuses_bad_seeds_and_k_before_writing(tmp_path):
+    for kwargs, needle in [
+        ({"seed": -1}, "seed must be between 0 and 2\\*\\*64 - 1, got -1"),
+        ({"seed": 1.5}, "seed must be an int, got float"),
+        ({"k": 1398}, "k=1398 exceeds the 1397 training digits"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=needle):
+            run_demo(tmp_path / "out", epochs=1, **kwargs)
+        assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- demo

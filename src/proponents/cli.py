@@ -110,6 +110,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    from proponents.demo.run import SEED_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed between 0 and 2**64 - 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``proponents`` command."""
     from proponents import __version__
@@ -155,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--noise", type=_fraction, default=0.1, help="fraction of training labels flipped"
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of data split, flips, training")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of data split, flips, training")
     demo.add_argument("--method", choices=METHODS, default="tracincp", help=METHOD_HELP)
     demo.add_argument(
         "--epochs", type=_positive, default=EPOCHS, help="training epochs (= checkpoints)"
@@ -222,10 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from proponents.demo import run_demo
+    from proponents.demo.run import check_demo_arguments
+    from proponents.errors import InvalidArgumentError
 
     n_wrong = (args.examples + 1) // 2
-    result = run_demo(
-        _output_folder(args.out),
+    settings = dict(
         noise=args.noise,
         seed=args.seed,
         method=args.method,
@@ -233,8 +246,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         k=args.k,
         n_wrong=n_wrong,
         n_right=args.examples - n_wrong,
-        show_progress=not args.quiet,
     )
+    try:  # before the output folder is made: a bad option leaves nothing behind
+        check_demo_arguments(**settings)
+    except InvalidArgumentError as exc:
+        raise UsageError(str(exc)) from exc
+    result = run_demo(_output_folder(args.out), show_progress=not args.quiet, **settings)
     print(result.summary_text())
     return EXIT_OK
 

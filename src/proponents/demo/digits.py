@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,26 @@ class MissingDemoExtraError(ProponentsError, ImportError):
     """scikit-learn, which holds the demo's data, is not installed."""
 
 
+def _bundled_digits() -> Any:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise MissingDemoExtraError(
+            "the demo uses the 8x8 digits bundled with scikit-learn, which is not installed; "
+            'install it with: pip install "proponents[demo]"'
+        ) from exc
+    return load_digits()
+
+
+def n_training_digits() -> int:
+    """How many digits the demo trains on (all bundled ones but the test images).
+
+    Raises:
+        MissingDemoExtraError: scikit-learn is not installed.
+    """
+    return len(_bundled_digits().target) - N_TEST
+
+
 def load_digits_data(noise: float, seed: int) -> DigitsData:
     """Split the digits into training and test images and flip some training labels.
 
@@ -74,14 +95,7 @@ def load_digits_data(noise: float, seed: int) -> DigitsData:
     Raises:
         MissingDemoExtraError: scikit-learn is not installed.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise MissingDemoExtraError(
-            "the demo uses the 8x8 digits bundled with scikit-learn, which is not installed; "
-            'install it with: pip install "proponents[demo]"'
-        ) from exc
-    digits = load_digits()
+    digits = _bundled_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]
     labels = digits.target.astype(np.int64)
     rng = np.random.default_rng(seed)

@@ -17,6 +17,7 @@ from torch import nn
 from proponents.demo.digits import (
     DigitsCNN,
     load_digits_data,
+    n_training_digits,
     render_digit,
     train_with_checkpoints,
 )
@@ -152,16 +153,9 @@ def run_demo(
         MissingDemoExtraError: scikit-learn is missing.
         MissingExtraError: matplotlib is missing.
     """
-    if method not in METHODS:
-        raise InvalidArgumentError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not 0.0 <= noise < 1.0:
-        raise InvalidArgumentError(f"noise must be at least 0 and below 1, got {noise}")
-    if epochs < 1:
-        raise InvalidArgumentError(f"epochs must be at least 1, got {epochs}")
-    if k < 1:
-        raise InvalidArgumentError(f"k must be at least 1, got {k}")
-    if n_wrong < 0 or n_right < 0:
-        raise InvalidArgumentError("the numbers of test digits to explain must not be negative")
+    check_demo_arguments(
+        noise=noise, seed=seed, method=method, epochs=epochs, k=k, n_wrong=n_wrong, n_right=n_right
+    )
     try:
         require_matplotlib()
     except MissingExtraError as exc:
@@ -171,6 +165,41 @@ def run_demo(
         ) from exc
     with _one_thread(), torch.random.fork_rng(devices=[]):
         return _run(out, noise, seed, method, epochs, k, n_wrong, n_right, show_progress)
+
+
+#: Seeds the demo accepts: what both numpy's and torch's generators take.
+SEED_LIMIT = 2**64
+
+
+def check_demo_arguments(
+    *, noise: float, seed: int, method: str, epochs: int, k: int, n_wrong: int, n_right: int
+) -> None:
+    """Refuse demo arguments out of range before anything is trained or written.
+
+    Raises:
+        InvalidArgumentError: an argument out of range (the message names it).
+        MissingDemoExtraError: scikit-learn, which holds the digits, is missing.
+    """
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= noise < 1.0:
+        raise InvalidArgumentError(f"noise must be at least 0 and below 1, got {noise}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidArgumentError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise InvalidArgumentError(f"seed must be between 0 and 2**64 - 1, got {seed}")
+    if epochs < 1:
+        raise InvalidArgumentError(f"epochs must be at least 1, got {epochs}")
+    if k < 1:
+        raise InvalidArgumentError(f"k must be at least 1, got {k}")
+    n_train = n_training_digits()
+    if k > n_train:
+        raise InvalidArgumentError(
+            f"k={k} exceeds the {n_train} training digits; ask for at most {n_train} "
+            "proponents and opponents"
+        )
+    if n_wrong < 0 or n_right < 0:
+        raise InvalidArgumentError("the numbers of test digits to explain must not be negative")
 
 
 def _run(
