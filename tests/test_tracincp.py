@@ -406,3 +406,41 @@ def test_parametrized_layers_go_through_the_generic_path(tmp_path):
     t = tracin(case)
     assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case))
     assert_close(t.self_influence(), reference_self(case))
+
+
+class _MiddleRowsMix(nn.Module):
+    """An MLP whose hidden rows 1 .. B-2 of a batch are shifted by their mean: examples
+    interact only away from the first and last rows (alone, an example is unchanged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        if h.shape[0] > 2:
+            middle = h[1:-1] + 0.5 * h[1:-1].mean(0, keepdim=True)
+            h = torch.cat([h[:1], middle, h[-1:]])
+        return self.fc2(h)
+
+
+def test_examples_interacting_in_the_middle_rows_are_caught_by_the_check(tmp_path):
+    """The first-batch check of the per-layer strategies also looks at a middle row: a
+    model whose examples interact only in rows 1 .. B-2 goes to the per-example path and
+    gets the scores of each example alone (the float64 loop), not silently wrong ones."""
+    torch.manual_seed(0)
+    model = _MiddleRowsMix()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g)
+    paths, lrs = [], [0.5, 1.5]
+    for c, lr in enumerate(lrs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        paths.append(tmp_path / f"c{c}.pt")
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, paths[-1])
+    case = Case("middle-mix", model, (x[:16],), y[:16], (x[16:],), y[16:], "ce", paths, lrs)
+    t = tracin(case, batch_size=8)
+    assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case))
+    assert_close(t.self_influence(), reference_self(case))

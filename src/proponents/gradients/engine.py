@@ -349,7 +349,8 @@ class GradientEngine:
             except LayerShapeMismatch:
                 layer_reps.append(None)
         keep = [rep is not None for rep in layer_reps]
-        for i in sorted({0, batch.size - 1}):
+        # first, middle and last rows: examples that interact only in part of the batch
+        for i in sorted({0, batch.size // 2, batch.size - 1}):
             truth = self._single_example_grads(params, buffers, batch, i)
             for j, (layer, rep) in enumerate(zip(self.hooked, layer_reps)):
                 if rep is None:
