@@ -19,7 +19,7 @@ from proponents.data import (
 )
 from proponents.data import test_batches as normalise_test_side
 from proponents.distributed import shard_loader
-from proponents.errors import BatchFormatError
+from proponents.errors import BatchFormatError, InvalidArgumentError
 
 
 def _stored_tensors():
@@ -621,3 +621,84 @@ def test_a_dataloader_without_batch_size_is_refused_with_the_fix(tmp_path):
         r"examples.*batch_size=None",
     ):
         t.influence()
+
+
+class _TwoTaskLoss(nn.Module):
+    """Cross-entropy on the first three outputs plus squared error on the last two, for
+    targets given as a pair ``(classes, values)``."""
+
+    reduction = "sum"
+
+    def forward(self, out, targets):
+        classes, values = targets
+        ce = nn.functional.cross_entropy(out[:, :3], classes, reduction="sum")
+        return ce + (out[:, 3:] - values).pow(2).sum()
+
+
+class _TwoTaskItems(Dataset):
+    def __init__(self, x, classes, values) -> None:
+        self.x, self.classes, self.values = x, classes, values
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], (self.classes[i], self.values[i])
+
+
+def _two_task_loop(model, path, x, classes, values):
+    """Float64 per-example gradients of the two-task loss, one example at a time."""
+    import copy
+
+    net = copy.deepcopy(model).double()
+    net.load_state_dict(torch.load(path, weights_only=True)["model_state_dict"])
+    net.double()
+    rows = []
+    for i in range(len(x)):
+        value = _TwoTaskLoss()(net(x[i : i + 1].double()), (classes[i : i + 1], values[i : i + 1]))
+        grads = torch.autograd.grad(value, list(net.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("n_test", [2, 5, 300])
+def test_targets_of_several_tasks_as_a_tuple_of_tensors(tmp_path, n_test):
+    """``targets=(classes, values)``: the examples are counted in the tensors' dim 0, not
+    by the tuple's length (5 test examples used to be refused as '2 entries'), also when a
+    test batch is cut into chunks (300); scores equal a float64 per-example loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+    path = tmp_path / "c.pt"
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.5}, path)
+    g = torch.Generator().manual_seed(2)
+    n = 12 + n_test
+    x = torch.randn(n, 4, generator=g)
+    classes, values = torch.randint(0, 3, (n,), generator=g), torch.randn(n, 2, generator=g)
+    train = _TwoTaskItems(x[:12], classes[:12], values[:12])
+    t = TracInCP(model, train, [str(path)], loss_fn=_TwoTaskLoss(), batch_size=5,
+                 sample_wise_grads_per_batch=True)  # fmt: skip
+    test = (x[12:], (classes[12:], values[12:]))
+    got = t.influence(test[0], test[1])
+    gt = _two_task_loop(model, path, x[12:], classes[12:], values[12:])
+    gr = _two_task_loop(model, path, x[:12], classes[:12], values[:12])
+    assert_close(got, 0.5 * gt @ gr.T)
+    with pytest.raises(InvalidArgumentError, match=r"2 entries \(or 3 rows per task\).*4 examples"):
+        t.influence(x[:4], (classes[:3], values[:3]))
+
+
+def test_a_list_of_per_example_labels_is_cut_with_its_chunks(tmp_path):
+    """Test labels as a list of 0-d tensors (one per example) for a test batch larger than
+    a chunk: each chunk gets its own labels (every chunk used to get all 300)."""
+
+    class StackingLoss(nn.Module):
+        reduction = "sum"
+
+        def forward(self, out, labels):
+            return nn.functional.cross_entropy(out, torch.stack(list(labels)), reduction="sum")
+
+    case = make_case("mlp", tmp_path, n_train=10, n_test=300)
+    paths = [str(p) for p in case.checkpoints]
+    t = TracInCP(case.model, case.dataset, paths, loss_fn=StackingLoss(), batch_size=5,
+                 sample_wise_grads_per_batch=True)  # fmt: skip
+    got = t.influence(case.test_inputs, list(case.test_labels.unbind()))
+    assert_close(got, reference_scores(case))

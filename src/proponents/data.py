@@ -377,11 +377,13 @@ def test_batches(
         raise InvalidArgumentError("inputs is an empty tuple: give at least one model input")
     targets = as_targets(targets)
     n_targets: int | None = None
+    task_rows: int | None = None
     if targets is not None:
         if isinstance(targets, torch.Tensor) and targets.dim() > 0:
             n_targets = int(targets.shape[0])
         elif isinstance(targets, (list, tuple)):
-            n_targets = len(targets)
+            n_targets = len(targets)  # one per example, or:
+            task_rows = _task_rows(targets)  # several tasks' targets, examples in dim 0
         elif isinstance(targets, torch.Tensor):
             raise ArgumentTypeError(
                 f"targets is a 0-dim tensor ({targets.item()!r}): give one target per test "
@@ -403,12 +405,24 @@ def test_batches(
         if n_targets is None or not any_type:
             raise BatchFormatError(f"inputs: {err}") from None
         n = n_targets  # e.g. a list of strings with a list of labels
-    if n_targets is not None and n_targets != n:
+    if n_targets is not None and n not in (n_targets, task_rows):
+        tasks = f" (or {task_rows} rows per task)" if task_rows is not None else ""
         raise InvalidArgumentError(
-            f"targets has {n_targets} entries but inputs hold {n} examples: give one "
-            "target per test example"
+            f"targets has {n_targets} entries{tasks} but inputs hold {n} examples: give one "
+            "target per test example, or for several tasks a tuple of tensors with the "
+            "examples in dim 0"
         )
     return [Batch(inputs=args, labels=targets, size=n)], False
+
+
+def _task_rows(targets: list | tuple) -> int | None:
+    """The common first dimension of a list or tuple of tensors (the targets of several
+    tasks, each with the examples in dim 0), else ``None``."""
+    if targets and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in targets):
+        rows = {int(t.shape[0]) for t in targets}
+        if len(rows) == 1:
+            return rows.pop()
+    return None
 
 
 def iter_test_batches(batches: Iterable[Any], is_loader: bool) -> Iterator[Batch]:
@@ -443,7 +457,8 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
     """Split a batch into consecutive batches of at most ``size`` examples.
 
     Tensors whose first dimension is the batch size are sliced, also inside tuples,
-    lists and dicts; everything else is passed to every chunk unchanged. A batch whose
+    lists and dicts, and so are labels given as a list with one entry per example;
+    everything else is passed to every chunk unchanged. A batch whose
     model inputs hold no such tensor (inputs of another kind, such as a list of strings,
     whose examples cannot be told apart here) is not split.
     """
@@ -465,10 +480,17 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
             return {k: part(v, start) for k, v in x.items()}
         return x
 
+    labels = batch.labels
+    # a list with one label per example (not several tasks' tensors) is sliced itself
+    per_example = (
+        isinstance(labels, (list, tuple))
+        and len(labels) == batch.size
+        and _task_rows(labels) != batch.size
+    )
     return [
         Batch(
             inputs=tuple(part(x, s) for x in batch.inputs),
-            labels=part(batch.labels, s),
+            labels=labels[s : s + size] if per_example else part(labels, s),
             size=min(size, batch.size - s),
         )
         for s in range(0, batch.size, size)
