@@ -702,3 +702,58 @@ def test_a_list_of_per_example_labels_is_cut_with_its_chunks(tmp_path):
                  sample_wise_grads_per_batch=True)  # fmt: skip
     got = t.influence(case.test_inputs, list(case.test_labels.unbind()))
     assert_close(got, reference_scores(case))
+
+
+class _MaskedAttention(nn.Module):
+    """Self-attention over ``(B, T, D)`` with an additive mask given beside the batch;
+    ``scale`` is a free parameter, so the per-example (``torch.func``) path serves it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x, mask):
+        h = self.q(x) * self.scale
+        attended = torch.softmax(h @ h.transpose(1, 2) + mask, dim=-1) @ h
+        return self.out(attended.mean(1))
+
+
+def _masked_loop(model, x, mask, y):
+    """Float64 per-example gradients, each example run alone with the whole mask."""
+    import copy
+
+    net = copy.deepcopy(model).double()
+    rows = []
+    for i in range(len(y)):
+        out = net(x[i : i + 1].double(), mask.double())
+        value = nn.functional.cross_entropy(out, y[i : i + 1], reduction="sum")
+        grads = torch.autograd.grad(value, list(net.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("n_test", [3, 6, 300])
+def test_a_shared_mask_beside_the_batch_reaches_every_example_whole(tmp_path, n_test):
+    """A ``(T, T)`` mask passed with a test batch of another size is common to all
+    examples: the per-example path used to slice it by example (2-8% wrong scores, or
+    a shape error for more examples than T). A mask of shape ``(1, T, T)`` is never
+    taken for per-example rows, whatever the batch size (here also B = T)."""
+    torch.manual_seed(0)
+    model = _MaskedAttention()
+    path = tmp_path / "c.pt"
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 1.0}, path)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10, 4, 3, generator=g), torch.randint(0, 2, (10,), generator=g)
+    xt, yt = torch.randn(n_test, 4, 3, generator=g), torch.randint(0, 2, (n_test,), generator=g)
+    mask = torch.triu(torch.full((4, 4), -1e9), 1)
+    train = TensorDataset(x, mask.expand(10, 4, 4), y)  # the mask of each training item
+    t = TracInCP(model, train, [str(path)], loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                 batch_size=5, sample_wise_grads_per_batch=True)  # fmt: skip
+    expected = _masked_loop(model, xt, mask, yt) @ _masked_loop(model, x, mask, y).T
+    assert_close(t.influence((xt, mask), yt), expected)
+    if n_test == 3:  # four examples as many as the mask's rows: shared only as (1, T, T)
+        xt4, yt4 = torch.cat([xt, x[:1]]), torch.cat([yt, y[:1]])
+        want = _masked_loop(model, xt4, mask, yt4) @ _masked_loop(model, x, mask, y).T
+        assert_close(t.influence((xt4, mask[None]), yt4), want)

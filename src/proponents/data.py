@@ -453,6 +453,12 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def holds_examples(x: Any, n: int) -> bool:
+    """Whether ``x`` is a tensor with one row per example of a batch of ``n``: its dim 0
+    is ``n``. Any other value (a shared ``(T, T)`` mask, a scalar) is common to all."""
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
+
+
 def chunk_batch(batch: Batch, size: int) -> list[Batch]:
     """Split a batch into consecutive batches of at most ``size`` examples.
 
@@ -465,14 +471,12 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
     if batch.size <= size:
         return [batch]
     if not any(
-        t.dim() > 0 and t.shape[0] == batch.size
-        for item in batch.inputs
-        for t in _nested_tensors(item)
+        holds_examples(t, batch.size) for item in batch.inputs for t in _nested_tensors(item)
     ):
         return [batch]
 
     def part(x: Any, start: int) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch.size:
+        if holds_examples(x, batch.size):
             return x[start : start + size]
         if isinstance(x, (tuple, list)):
             return type(x)(part(v, start) for v in x)

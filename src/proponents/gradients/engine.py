@@ -33,6 +33,7 @@ from proponents.data import (
     chunk_batch,
     copy_batch,
     copy_layout,
+    holds_examples,
     in_channels_last,
     is_image,
 )
@@ -425,7 +426,7 @@ class GradientEngine:
         self, params: dict, buffers: dict, batch: Batch, i: int
     ) -> dict[str, Tensor]:
         def pick(x):
-            return x[i : i + 1] if isinstance(x, Tensor) and x.dim() > 0 else x
+            return x[i : i + 1] if holds_examples(x, batch.size) else x
 
         from torch.utils._pytree import tree_leaves, tree_map
 

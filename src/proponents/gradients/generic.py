@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-from proponents.data import Batch, copy_batch
+from proponents.data import Batch, copy_batch, holds_examples
 from proponents.gradients.loss import LossSpec
 
 
@@ -34,10 +34,6 @@ def _math_attention():
     except ImportError:  # torch < 2.3
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
-
-
-def _batched(x: Any) -> bool:
-    return isinstance(x, Tensor) and x.dim() > 0
 
 
 def _versions(batch: Batch) -> list[int]:
@@ -115,14 +111,24 @@ class GenericGradients:
         chosen, const = self._split(params)
         model, loss = self.model, self.loss
 
-        def example_loss(p: dict, inputs: tuple, labels: Any) -> Tensor:
-            one = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, inputs)
-            lab = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, labels)
-            out = functional_call(model, {**const, **p, **buffers}, one)
-            return loss.example_loss(out, lab)
+        n = batch.size
+        # Only tensors with a row per example are mapped over (and get their batch
+        # dimension back inside); a shared one, such as a (T, T) mask, reaches every
+        # example whole.
+        rows_in = [holds_examples(x, n) for x in tree_leaves(batch.inputs)]
+        rows_lab = [holds_examples(x, n) for x in tree_leaves(batch.labels)]
 
-        in_inputs = tree_map(lambda x: 0 if _batched(x) else None, batch.inputs)
-        in_labels = tree_map(lambda x: 0 if _batched(x) else None, batch.labels)
+        def one_example(tree: Any, rows: list[bool]) -> Any:
+            leaves, spec = tree_flatten(tree)
+            return tree_unflatten([x.unsqueeze(0) if r else x for x, r in zip(leaves, rows)], spec)
+
+        def example_loss(p: dict, inputs: tuple, labels: Any) -> Tensor:
+            one = one_example(inputs, rows_in)
+            out = functional_call(model, {**const, **p, **buffers}, one)
+            return loss.example_loss(out, one_example(labels, rows_lab))
+
+        in_inputs = tree_map(lambda x: 0 if holds_examples(x, n) else None, batch.inputs)
+        in_labels = tree_map(lambda x: 0 if holds_examples(x, n) else None, batch.labels)
         with torch.enable_grad(), warnings.catch_warnings(), _math_attention():
             # vmap's notice that an operator runs through its slower fallback is not
             # actionable for our users; results are unaffected.
@@ -140,7 +146,7 @@ class GenericGradients:
         for i in range(batch.size):
 
             def pick(x: Any, i: int = i) -> Any:
-                return x[i : i + 1] if _batched(x) else x
+                return x[i : i + 1] if holds_examples(x, batch.size) else x
 
             leaves = {n: p.clone().requires_grad_(True) for n, p in chosen.items()}
             with torch.enable_grad():
