@@ -757,3 +757,38 @@ def test_a_shared_mask_beside_the_batch_reaches_every_example_whole(tmp_path, n_
         xt4, yt4 = torch.cat([xt, x[:1]]), torch.cat([yt, y[:1]])
         want = _masked_loop(model, xt4, mask, yt4) @ _masked_loop(model, x, mask, y).T
         assert_close(t.influence((xt4, mask[None]), yt4), want)
+
+
+def test_a_batch_sampler_of_some_examples_defines_the_training_set(tmp_path):
+    """A DataLoader whose own batch_sampler picks 9 of 13 examples: the training set is
+    those 9, in the sampler's order (the length used to be taken from the dataset and
+    the second checkpoint's pass refused); scores equal the loop's columns for them."""
+    case = make_case("mlp", tmp_path, n_train=13)
+    order = [[0, 1, 2, 3], [5, 7, 9], [12, 10]]
+    loader = DataLoader(case.dataset, batch_sampler=order)
+    picked = [i for batch in order for i in batch]
+    paths = [str(p) for p in case.checkpoints]
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    expected = reference_scores(case)[:, picked]
+    for t in (
+        TracInCP(case.model, loader, paths, loss_fn=loss, sample_wise_grads_per_batch=True),
+        TracInCPFast(case.model, "fc2", loader, paths, loss_fn=loss),
+        TracInCPFastRandProj(case.model, "fc2", loader, paths, loss_fn=loss),
+    ):
+        layers = None if isinstance(t, TracInCP) else ["fc2"]
+        want = expected if layers is None else reference_scores(case, layers)[:, picked]
+        if isinstance(t, TracInCPFastRandProj):
+            got = t.influence(case.test_inputs, case.test_labels, k=None)
+        else:
+            got = t.influence(case.test_inputs, case.test_labels)
+            assert_close(t.self_influence(), reference_self(case, layers)[picked])
+        assert_close(got, want)
+
+
+def test_a_one_shot_batch_sampler_is_refused(tmp_path):
+    case = make_case("mlp", tmp_path, n_train=13)
+    paths = [str(p) for p in case.checkpoints]
+    one_shot = DataLoader(case.dataset, batch_sampler=iter([[0, 1, 2], [3, 4]]))
+    with pytest.raises(InvalidArgumentError, match="batch_sampler is a one-shot iterator"):
+        TracInCP(case.model, one_shot, paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                 sample_wise_grads_per_batch=True)  # fmt: skip

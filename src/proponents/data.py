@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import (
+    BatchSampler,
     DataLoader,
     Dataset,
     RandomSampler,
@@ -277,7 +278,8 @@ def refuse_shuffled(loader: DataLoader, argument: str) -> None:
     column, so every pass must yield the examples in the same order.
 
     Raises:
-        InvalidArgumentError: naming ``argument``, for a random sampler.
+        InvalidArgumentError: naming ``argument``, for a random sampler, or a sampler or
+            batch sampler that is a one-shot iterator (used up after one pass).
     """
     if isinstance(loader.sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
         raise InvalidArgumentError(
@@ -285,10 +287,30 @@ def refuse_shuffled(loader: DataLoader, argument: str) -> None:
             "in the same order (the scores are summed per position). Pass the Dataset itself, "
             "or a DataLoader with shuffle=False"
         )
+    for kind in ("batch_sampler", "sampler"):
+        given = getattr(loader, kind, None)
+        if given is not None and iter(given) is given:
+            raise InvalidArgumentError(
+                f"{argument}'s {kind} is a one-shot iterator (a generator, say): it is used "
+                "up by one pass, but every checkpoint needs a pass over the same examples; "
+                "give a list (of index lists, for a batch_sampler) or a Sampler object"
+            )
 
 
 def dataset_length(loader: DataLoader) -> int | None:
-    """Number of examples a DataLoader yields, or ``None`` when it cannot be known upfront."""
+    """Number of examples a DataLoader yields, or ``None`` when it cannot be known upfront.
+
+    A ``batch_sampler`` of the user's own (not the DataLoader's batching of its sampler)
+    decides which examples come, so its batches of indices are counted (no data is
+    loaded); a one-shot iterator of batches cannot be counted without being used up.
+    """
+    custom = loader.batch_sampler
+    if custom is not None and not (
+        isinstance(custom, BatchSampler) and custom.sampler is loader.sampler
+    ):
+        if iter(custom) is custom:
+            return None
+        return sum(len(indices) for indices in custom)
     try:
         if loader.batch_sampler is not None and getattr(loader, "drop_last", False):
             return len(loader) * int(loader.batch_size or 1)
