@@ -377,6 +377,25 @@ def test_load_refuses_other_checkpoints_or_data(tmp_path):
         TracInCPFastRandProj.load(tmp_path / "nothing", model, paths, loss)
 
 
+def test_load_refuses_a_tensor_dataset_changed_where_it_is_not_sampled(tmp_path):
+    """One value of one example changed at a position the sample does not read: a
+    TensorDataset's probe covers every value, so the index is refused; the unchanged
+    tensors (a copy of them, too) load."""
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=60)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50).save(
+        tmp_path / "index"
+    )
+    x, y = train.tensors
+    TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss,
+                              train_dataset=TensorDataset(x.clone(), y.clone()))  # fmt: skip
+    changed = x.clone()
+    changed[7, 0] += 1.0  # 7 is not one of the sampled 0, 15, 30, 44, 59
+    with pytest.raises(IndexMismatchError, match="or for a TensorDataset any of its values"):
+        TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss,
+                                  train_dataset=TensorDataset(changed, y))  # fmt: skip
+
+
 def test_load_refuses_a_dataset_of_the_same_length_with_other_examples(tmp_path):
     """The index records a sample of the examples it embedded (first, last, three in
     between): a dataset of the right length with another last example, or the same

@@ -215,3 +215,30 @@ def test_hash_object_describes_plain_objects_by_their_attributes():
 
     assert not _digest((torch.ones(1), _Config(scale)))[1]
     assert not _digest(object())[1]
+
+
+def test_tensor_fingerprint_is_kept_until_a_value_changes(monkeypatch):
+    """The SHA-256 of a tensor is computed once and served again while its values stay
+    (checked by a cheap digest on its device); any change, also one made through NumPy,
+    computes it anew, equal to that of a fresh copy."""
+    from proponents import fingerprints
+
+    calls = {"n": 0}
+    real = fingerprints.hash_object
+
+    def counting(obj, digest):
+        calls["n"] += 1
+        return real(obj, digest)
+
+    monkeypatch.setattr(fingerprints, "hash_object", counting)
+    x = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    first = fingerprints.tensor_fingerprint(x)
+    assert calls["n"] == 1
+    assert fingerprints.tensor_fingerprint(x) == first and calls["n"] == 1
+    original = float(x[31, 4])
+    x.numpy()[31, 4] += 1.0
+    changed = fingerprints.tensor_fingerprint(x)
+    assert changed != first and calls["n"] == 2
+    assert changed == fingerprints.tensor_fingerprint(x.clone())  # a fresh copy: computed
+    x[31, 4] = original  # the same values again: the same fingerprint
+    assert fingerprints.tensor_fingerprint(x) == first

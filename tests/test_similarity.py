@@ -490,6 +490,31 @@ def test_a_one_bit_edit_between_calls_is_seen_and_an_unchanged_model_is_not_reha
     _check(result, expected)
 
 
+@pytest.mark.parametrize("edit", ["in place", "through numpy"])
+def test_a_change_to_an_unsampled_example_of_a_tensor_dataset_rebuilds_the_store(tmp_path, edit):
+    """The probe samples five examples, but covers every value of a TensorDataset: an
+    example changed at a position it does not sample (in place, or through a NumPy view
+    that torch's version counter does not see) is not served from the stale store."""
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    sim.influence(test, top_k=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unchanged: served from the store, no rebuild
+        sim.influence(test, top_k=3)
+    x = train.tensors[0]
+    position = 7  # not one of 0, 9, 18, 27, 36
+    if edit == "in place":
+        x[position] = test[0]
+    else:
+        x.numpy()[position] = test[0].numpy()
+    with pytest.warns(StoreRebuildWarning, match="dataset_probe"):
+        result = sim.influence(test, top_k=3)["lin2"]
+    expected = _brute(_acts(model, "lin2", test), _acts(model, "lin2", x), "cosine", "max", 3)
+    _check(result, expected)
+    assert int(result[0][0, 0]) == position  # the edited example is test 0 itself now
+
+
 def test_store_of_another_dataset_is_not_served(tmp_path):
     model = _seeded(Net)
     train, test = _data()

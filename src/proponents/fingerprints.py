@@ -327,17 +327,25 @@ def _attributes(obj: Any) -> dict[str, Any] | None:
     return found if has_any else None
 
 
+#: Prefix of a probe that also covers the whole content of a dataset's tensors.
+WHOLE_PROBE = "tensors:"
+
+
 def dataset_probe(dataset: Any, n_items: int = 5, include_type: bool = True) -> str | None:
-    """Hash of a few items spread over a map-style dataset (first, last, in between).
+    """Hash of a few items spread over a map-style dataset (first, last, in between),
+    and, for a ``TensorDataset``, of every value of its tensors.
 
     Two datasets of the same length but different content almost always differ in
-    these items, so a store built for one is not served for the other. The items are
-    read with torch's, Python's and NumPy's random generators seeded alike each time
-    (and put back afterwards), so a dataset with random augmentations gives the same
-    probe at every call instead of looking like a new dataset. With ``include_type``
-    false the dataset's class does not count, only its length and the items (the same
-    examples behind another wrapper give the same probe). Returns ``None`` when the
-    dataset cannot be indexed.
+    these items, so a store built for one is not served for the other; for tensors held
+    in memory nothing is left to chance: a change to any value changes the probe (then
+    ``WHOLE_PROBE + items + ":" + tensors``; the tensors' SHA-256 is kept between
+    calls, see :func:`tensor_fingerprint`). Compare probes with :func:`probes_differ`.
+    The items are read with torch's, Python's and NumPy's random generators seeded
+    alike each time (and put back afterwards), so a dataset with random augmentations
+    gives the same probe at every call instead of looking like a new dataset. With
+    ``include_type`` false the dataset's class does not count, only its length and the
+    items (the same examples behind another wrapper give the same items part). Returns
+    ``None`` when the dataset cannot be indexed.
     """
     try:
         n = len(dataset)
@@ -355,7 +363,67 @@ def dataset_probe(dataset: Any, n_items: int = 5, include_type: bool = True) -> 
                 hash_object(dataset[i], digest)
     except Exception:  # noqa: BLE001 - a dataset we cannot index gives no probe
         return None
-    return digest.hexdigest()
+    from torch.utils.data import TensorDataset
+
+    if not isinstance(dataset, TensorDataset):
+        return digest.hexdigest()
+    whole = "".join(tensor_fingerprint(t) for t in dataset.tensors)
+    return f"{WHOLE_PROBE}{digest.hexdigest()}:{hashlib.sha256(whole.encode()).hexdigest()}"
+
+
+def probes_differ(saved: str | None, now: str | None) -> bool:
+    """Whether two :func:`dataset_probe` values show different examples.
+
+    The sampled items must agree; the whole tensors count where both probes cover them
+    (a ``TensorDataset`` and the same examples behind a ``Subset`` agree by their items;
+    a probe written before whole tensors were covered is one of items only). ``None``
+    (no probe) differs from nothing.
+    """
+    if saved is None or now is None:
+        return False
+
+    def parts(probe: str) -> tuple[str, str | None]:
+        if not probe.startswith(WHOLE_PROBE):
+            return probe, None
+        items, _, whole = probe[len(WHOLE_PROBE) :].partition(":")
+        return items, whole
+
+    (items_a, whole_a), (items_b, whole_b) = parts(saved), parts(now)
+    if items_a != items_b:
+        return True
+    return whole_a is not None and whole_b is not None and whole_a != whole_b
+
+
+#: ``id(tensor) -> (weak reference, quick digest, SHA-256)`` of :func:`tensor_fingerprint`.
+_TENSOR_DIGESTS: dict[int, tuple[weakref.ref, str, str]] = {}
+
+
+def tensor_fingerprint(tensor: torch.Tensor) -> str:
+    """SHA-256 over a tensor's dtype, shape and values, kept between calls.
+
+    It is computed again only when a cheap digest of the tensor (row and column sums of
+    its bit patterns, taken on its own device) changes, so asking again for a large
+    dataset's tensors costs one pass of sums, not a copy to the host and a hash.
+    """
+    raw = _plain_bytes(tensor)
+    quick = None
+    if raw is not None:
+        head = f"{tensor.dtype}:{tuple(tensor.shape)}:{tensor.device}:"
+        quick = hashlib.sha256(head.encode() + bytes(tensor_bytes(_word_sums(raw)))).hexdigest()
+        hit = _TENSOR_DIGESTS.get(id(tensor))
+        if hit is not None and hit[0]() is tensor and hit[1] == quick:
+            return hit[2]
+    digest = hashlib.sha256()
+    hash_object(tensor, digest)
+    full = digest.hexdigest()
+    if quick is not None:
+        key = id(tensor)
+
+        def forget(_: weakref.ref) -> None:  # the tensor is gone: its id may be reused
+            _TENSOR_DIGESTS.pop(key, None)
+
+        _TENSOR_DIGESTS[key] = (weakref.ref(tensor, forget), quick, full)
+    return full
 
 
 @contextmanager
@@ -408,6 +476,8 @@ __all__ = [
     "ModelFingerprints",
     "fingerprints_of",
     "dataset_probe",
+    "probes_differ",
+    "tensor_fingerprint",
     "hash_object",
     "model_fingerprint",
     "module_structure",

@@ -40,7 +40,7 @@ from proponents.errors import (
     IndexNotFoundError,
     InvalidArgumentError,
 )
-from proponents.fingerprints import dataset_probe, loss_fingerprint
+from proponents.fingerprints import dataset_probe, loss_fingerprint, probes_differ
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
 from proponents.gradients.representations import DenseGrads, Grads, as_dense
@@ -89,12 +89,12 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
         )
     else:
         was_probe, now_probe = saved.get("dataset_probe"), expected.get("dataset_probe")
-        if was_probe is not None and now_probe is not None and was_probe != now_probe:
+        if probes_differ(was_probe, now_probe):
             out.append(
                 "train_dataset: it has as many examples as the index, but the examples "
-                "sampled from it (the first, the last and three in between) differ from "
-                "those the index was embedded from (another dataset, order, transform or "
-                "dtype)"
+                "sampled from it (the first, the last and three in between), or for a "
+                "TensorDataset any of its values, differ from those the index was embedded "
+                "from (another dataset, order, transform or dtype)"
             )
     if saved.get("final_fc_layer") != expected["final_fc_layer"]:
         out.append(
