@@ -176,6 +176,59 @@ def make_case(name: str, folder: Path, n_train: int = 13, n_test: int = 4, n_ckp
     )
 
 
+class ForwardWatch:
+    """Counts the forward calls of one module (:attr:`calls`), calling :meth:`hit` on each.
+
+    It wraps the ``forward`` of the module's class for that instance instead of
+    registering a hook: hooks are part of a model's fingerprint, so a counting hook
+    would make SimilarityInfluence's store look stale. :meth:`remove` (or leaving the
+    ``with`` block) puts the class back; nested watches must be removed in reverse order.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.calls = 0
+        self.cls = type(module)
+        self.own = self.cls.__dict__.get("forward")
+        original = self.cls.forward
+
+        def forward(m, *args, **kwargs):
+            if m is module:
+                self.calls += 1
+                self.hit()
+            return original(m, *args, **kwargs)
+
+        self.cls.forward = forward
+
+    def hit(self) -> None:
+        """Called at every forward call of the module, after counting it."""
+
+    def remove(self) -> None:
+        if self.own is not None:
+            self.cls.forward = self.own
+        else:
+            del self.cls.forward
+
+    def __enter__(self) -> ForwardWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+@pytest.fixture
+def watch_forwards():
+    """``watch_forwards(module) -> ForwardWatch``, each removed after the test."""
+    watches: list[ForwardWatch] = []
+
+    def start(module: nn.Module) -> ForwardWatch:
+        watches.append(ForwardWatch(module))
+        return watches[-1]
+
+    yield start
+    for watch in reversed(watches):
+        watch.remove()
+
+
 @pytest.fixture(params=list(MODELS))
 def case(request, tmp_path) -> Case:
     return make_case(request.param, tmp_path / request.param)

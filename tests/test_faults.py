@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from conftest import assert_unchanged, model_snapshot
+from conftest import ForwardWatch, assert_unchanged, model_snapshot
 from proponents import SimilarityInfluence, TracInCP, TracInCPFast, TracInCPFastRandProj
 from proponents.errors import (
     CheckpointLoadError,
@@ -95,8 +95,8 @@ def assert_restored(model: nn.Module, snap: dict) -> None:
             assert torch.equal(p.grad, want), n
 
 
-class Tripwire:
-    """A forward hook on ``module`` that raises ``error`` from its ``at``-th call on.
+class Tripwire(ForwardWatch):
+    """Raises ``error`` from the ``at``-th forward call of ``module`` on.
 
     A KeyboardInterrupt is raised once (a user pressing Ctrl-C); any other error is
     raised on every later call too, like a model that really fails (a single failure
@@ -104,18 +104,13 @@ class Tripwire:
     """
 
     def __init__(self, module: nn.Module, error: BaseException, at: int) -> None:
-        self.calls = 0
+        super().__init__(module)
         self.error, self.at = error, at
         self.once = isinstance(error, KeyboardInterrupt)
-        self.handle = module.register_forward_pre_hook(self)
 
-    def __call__(self, module, args):
-        self.calls += 1
+    def hit(self) -> None:
         if self.calls == self.at or (not self.once and 0 < self.at < self.calls):
             raise self.error
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 def count_forwards(module: nn.Module, run: Callable[[], object]) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from conftest import Augmented, assert_unchanged, model_snapshot
+from conftest import Augmented, ForwardWatch, assert_unchanged, model_snapshot
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, StoreError
 from proponents.influence.similarity import (
     SimilarityInfluence,
@@ -404,23 +404,17 @@ def test_model_is_unchanged_and_results_on_model_device(tmp_path):
 # ----------------------------------------------------------------------- the store
 
 
-def _count_forwards(model):
-    calls = {"n": 0}
-    model.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
-    return calls
-
-
 def _src_dir(root):
     return Path(root) / "src"
 
 
-def test_store_is_reused_without_running_the_model(tmp_path):
+def test_store_is_reused_without_running_the_model(tmp_path, watch_forwards):
     model = _seeded(Net)
     train, test = _data()
-    calls = _count_forwards(model)
+    calls = watch_forwards(model)
     sim = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=10)
     first = sim.influence(test, top_k=3)
-    assert calls["n"] == 1 + 4  # test batch + 4 source batches
+    assert calls.calls == 1 + 4  # test batch + 4 source batches
     manifests = {
         f: (_src_dir(tmp_path) / f).read_bytes()
         for f in os.listdir(_src_dir(tmp_path))
@@ -431,7 +425,7 @@ def test_store_is_reused_without_running_the_model(tmp_path):
         again = SimilarityInfluence(
             model, ["lin1", "lin2"], train, tmp_path, batch_size=10
         ).influence(test, top_k=3)
-    assert calls["n"] == 1 + 4 + 1  # only the test batch
+    assert calls.calls == 1 + 4 + 1  # only the test batch
     for f, content in manifests.items():
         assert (_src_dir(tmp_path) / f).read_bytes() == content
     for layer in first:
@@ -513,6 +507,58 @@ def test_a_change_to_an_unsampled_example_of_a_tensor_dataset_rebuilds_the_store
     expected = _brute(_acts(model, "lin2", test), _acts(model, "lin2", x), "cosine", "max", 3)
     _check(result, expected)
     assert int(result[0][0, 0]) == position  # the edited example is test 0 itself now
+
+
+class _Scaled(nn.Module):
+    """A layer whose output is multiplied by a tensor kept as a plain attribute (not a
+    parameter or buffer), which ``forward`` reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.scale = torch.ones(5)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x) * self.scale)
+
+
+@pytest.mark.parametrize("change", ["forward hook", "pre-hook", "global hook", "attribute"])
+def test_a_hook_or_a_plain_tensor_attribute_changing_activations_rebuilds_the_store(
+    tmp_path, change
+):
+    """Activations changed without any weight changing: a forward hook or pre-hook added
+    (on a submodule, or globally), or a tensor attribute ``forward`` reads edited. The
+    store is rebuilt, and the neighbours are those of the activations the model now
+    gives (a brute force over them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Scaled(), nn.Linear(5, 3))
+    train, test = _data()
+    sim = SimilarityInfluence(model, "0", train, tmp_path, batch_size=10,
+                              similarity_metric=euclidean_distance)  # fmt: skip
+    sim.influence(test, top_k=4)
+    weights = torch.linspace(0.2, 3.0, 5)
+    handle = None
+    if change == "forward hook":
+        handle = model[0].register_forward_hook(lambda m, i, o: o * weights)
+    elif change == "pre-hook":
+        handle = model[0].register_forward_pre_hook(lambda m, args: (args[0].flip(1),))
+    elif change == "global hook":
+        from torch.nn.modules.module import register_module_forward_hook
+
+        handle = register_module_forward_hook(
+            lambda m, i, o: o * weights if isinstance(m, _Scaled) else None
+        )
+    else:
+        model[0].scale[:] = weights  # in place: the same attribute, other values
+    try:
+        with pytest.warns(StoreRebuildWarning, match="model"):
+            result = sim.influence(test, top_k=4)["0"]
+        expected = _brute(_acts(model, "0", test), _acts(model, "0", train.tensors[0]),
+                          "euclidean", "max", 4)  # fmt: skip
+        _check(result, expected)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def test_store_of_another_dataset_is_not_served(tmp_path):
@@ -603,34 +649,34 @@ def test_an_entry_kept_open_is_checked_at_every_call(tmp_path, monkeypatch, chan
     _check(result, (expected[0], expected[1].double()))
 
 
-def test_load_src_from_disk_false_rebuilds(tmp_path):
+def test_load_src_from_disk_false_rebuilds(tmp_path, watch_forwards):
     model = _seeded(Net)
     train, test = _data()
-    calls = _count_forwards(model)
+    calls = watch_forwards(model)
     sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
     sim.influence(test, top_k=2)
     token = (_src_dir(tmp_path) / "lin2.json").read_text()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sim.influence(test, top_k=2, load_src_from_disk=False)
-    assert calls["n"] == 2 * (1 + 4)
+    assert calls.calls == 2 * (1 + 4)
     assert (_src_dir(tmp_path) / "lin2.json").read_text() != token
     files = [f for f in os.listdir(_src_dir(tmp_path)) if f.startswith("lin2~")]
     assert len(files) == 2  # the old arrays were removed
 
 
-def test_inputs_id_saves_and_loads_test_activations(tmp_path):
+def test_inputs_id_saves_and_loads_test_activations(tmp_path, watch_forwards):
     model = _seeded(Net)
     train, test = _data()
-    calls = _count_forwards(model)
+    calls = watch_forwards(model)
     sim = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=40)
     first = sim.influence(test, top_k=3, inputs_id="val")
-    assert calls["n"] == 2
+    assert calls.calls == 2
     assert (tmp_path / "inputs" / "val").is_dir()
     # loaded without running the model, with or without the inputs themselves
     for inputs in (test, None):
         got = sim.influence(inputs, top_k=3, inputs_id="val", load_input_from_disk=True)
-        assert calls["n"] == 2
+        assert calls.calls == 2
         assert all(torch.equal(got[k][0], first[k][0]) for k in first)
     # other inputs under the same id: recomputed with a warning, not silently reused
     other = test.flip(0)
@@ -674,12 +720,12 @@ def _build_in_child(root, lock, barrier, queue):
         store._fcntl = None
     torch.set_num_threads(1)
     model = _seeded(Net)
-    calls = _count_forwards(model)
+    calls = ForwardWatch(model)  # the process ends with the test
     train, test = _data(n=400)
     barrier.wait()
     sim = SimilarityInfluence(model, ["lin1", "lin2"], SlowItems(train), root, batch_size=16)
     result = sim.influence(test, top_k=5)
-    queue.put(({k: (v[0].tolist(), v[1].tolist()) for k, v in result.items()}, calls["n"]))
+    queue.put(({k: (v[0].tolist(), v[1].tolist()) for k, v in result.items()}, calls.calls))
 
 
 @pytest.mark.parametrize("lock", [True, False])
@@ -1158,7 +1204,9 @@ class _Scale:
         self.note = note
 
 
-def test_saved_test_activations_follow_plain_objects_in_additional_forward_args(tmp_path):
+def test_saved_test_activations_follow_plain_objects_in_additional_forward_args(
+    tmp_path, watch_forwards
+):
     model = _seeded(TwoInput)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
@@ -1176,21 +1224,21 @@ def test_saved_test_activations_follow_plain_objects_in_additional_forward_args(
     wrapped = Wrapped()
     sim = SimilarityInfluence(wrapped, "inner.mix", train, tmp_path, batch_size=10)
     sim.influence((ta, tb), top_k=3, additional_forward_args=_Scale(1.0), inputs_id="val")
-    calls = _count_forwards(wrapped)
+    calls = watch_forwards(wrapped)
     sim.influence((ta, tb), top_k=3, additional_forward_args=_Scale(1.0), inputs_id="val",
                   load_input_from_disk=True)  # fmt: skip
-    assert calls["n"] == 0  # equal content: reused
+    assert calls.calls == 0  # equal content: reused
     with pytest.warns(StoreRebuildWarning, match="inputs"):
         got = sim.influence((ta, tb), top_k=3, additional_forward_args=_Scale(-1.0),
                             inputs_id="val", load_input_from_disk=True)["inner.mix"]  # fmt: skip
     src = _acts(model, "mix", a, b)
     _check(got, _brute(_acts(model, "mix", ta, tb, -1.0), src, "cosine", "max", 3))
     # an argument known only by its address is never taken for the saved one
-    calls["n"] = 0
+    calls.calls = 0
     with pytest.warns(StoreRebuildWarning, match="cannot be described"):
         sim.influence((ta, tb), top_k=3, additional_forward_args=_Scale(1.0, lambda: 1),
                       inputs_id="val", load_input_from_disk=True)  # fmt: skip
-    assert calls["n"] == 1
+    assert calls.calls == 1
 
 
 def _lexicographic_ranking(row: list[float], direction: str) -> list[int]:

@@ -47,15 +47,42 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def _model_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """Parameters, buffers and the tensors modules keep as plain attributes (a scale a
+    ``forward`` reads, the weight ``spectral_norm`` recomputes), by dotted name."""
+    plain = [
+        (f"{prefix}.{key}" if prefix else key, value)
+        for prefix, module in model.named_modules(remove_duplicate=False)
+        for key, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    ]
     return [
         (kind, name, tensor)
         for kind, items in (
             ("param", model.named_parameters(remove_duplicate=False)),
             ("buffer", model.named_buffers(remove_duplicate=False)),
+            ("attribute", plain),
         )
         for name, tensor in items
         if tensor is not None
     ]
+
+
+def _callable_name(fn: Any) -> str:
+    """Module and qualified name of a function, or of the class of a callable object
+    (a bound method by its function; ``functools.partial`` by what it wraps)."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # bound method
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(named, '__module__', '')}.{named.__qualname__}"
+
+
+def _hook_lines(module: nn.Module) -> str:
+    """The forward (pre-)hooks registered on ``module``, by kind and callable name."""
+    parts: list[str] = []
+    for kind in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = getattr(module, kind, None) or {}
+        parts.extend(f"{kind[1:]}={_callable_name(h)}" for h in hooks.values())
+    return ";".join(parts)
 
 
 def _class_name(obj: object) -> str:
@@ -103,23 +130,31 @@ def module_structure(model: nn.Module) -> str:
 
     It changes when a submodule is replaced by one of another class (``nn.ReLU`` by
     ``nn.Tanh``, a layer by a subclass with its own ``forward``) or with other settings,
-    even when no weight changes. Cheap: no tensor is read.
+    and when a forward hook or pre-hook is added or removed (on a submodule, or globally),
+    even when no weight changes. A hook counts by its callable's name: what a closure
+    captures does not. Cheap: no tensor is read.
     """
+    from torch.nn.modules import module as torch_module
+
     lines = []
     for name, module in model.named_modules(remove_duplicate=False):
         try:
             extra = module.extra_repr()
         except Exception as exc:  # noqa: BLE001 - a broken extra_repr still names its class
             extra = f"<extra_repr failed: {type(exc).__name__}>"
-        lines.append(f"{name}|{_class_name(module)}|{extra}")
+        lines.append(f"{name}|{_class_name(module)}|{extra}|{_hook_lines(module)}")
+    for kind in ("_global_forward_pre_hooks", "_global_forward_hooks"):
+        hooks = getattr(torch_module, kind, None) or {}
+        lines.extend(f"{kind[1:]}={_callable_name(h)}" for h in hooks.values())
     return "\n".join(lines) + "\n"
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the module structure and the parameter and buffer names, dtypes,
-    shapes and values.
+    """SHA-256 over the module structure and the names, dtypes, shapes and values of the
+    parameters, buffers and tensors kept as plain module attributes.
 
-    Any change to a weight or a buffer (e.g. BatchNorm running statistics), to a dtype,
+    Any change to a weight, a buffer (e.g. BatchNorm running statistics) or a plain
+    tensor attribute a ``forward`` reads, to a dtype,
     to the class or settings of any submodule (see :func:`module_structure`) or to the
     parameter layout changes the fingerprint. Changes to the ``forward`` code of a class
     that keep its name, and leave every tensor untouched, do not.
