@@ -148,21 +148,29 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def save_checkpoints(
+    model: nn.Module, folder: Path, lrs: Sequence[float], g: torch.Generator, prefix: str = "ckpt-"
+) -> list[Path]:
+    """One checkpoint per learning rate, ``{"model_state_dict", "learning_rate"}``, each
+    after moving every parameter of ``model`` (in place) by ``0.2 * N(0, 1)`` from ``g``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c, lr in enumerate(lrs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        paths.append(folder / f"{prefix}{c}.pt")
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, paths[-1])
+    return paths
+
+
 def make_case(name: str, folder: Path, n_train: int = 13, n_test: int = 4, n_ckpt: int = 3) -> Case:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     model = MODELS[name]()
     x, y = _data(name, n_train + n_test, g)
     lrs = [0.5, 1.5, 0.25][:n_ckpt]
-    paths = []
-    folder.mkdir(parents=True, exist_ok=True)
-    for c in range(n_ckpt):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-        path = folder / f"ckpt-{c}.pt"
-        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lrs[c]}, path)
-        paths.append(path)
+    paths = save_checkpoints(model, folder, lrs, g)
     return Case(
         name=name,
         model=model,

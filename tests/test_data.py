@@ -8,7 +8,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from conftest import Augmented, assert_close, make_case, reference_scores, reference_self
+from conftest import (
+    Augmented,
+    assert_close,
+    make_case,
+    reference_scores,
+    reference_self,
+    save_checkpoints,
+)
 from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
 from proponents.data import (
     Batch,
@@ -409,13 +416,8 @@ def _structured_setup(tmp_path, kind, n_train=9, n_test=3):
     y = torch.randint(0, 3, (n_train,), generator=g)
     xt, tokt = torch.randn(n_test, 4, generator=g), torch.randint(0, 10, (n_test, 3), generator=g)
     yt = torch.randint(0, 3, (n_test,), generator=g)
-    paths, lrs = [], [0.5, 1.5]
-    for c, lr in enumerate(lrs):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-        paths.append(tmp_path / f"ckpt-{c}.pt")
-        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, paths[-1])
+    lrs = [0.5, 1.5]
+    paths = save_checkpoints(model, tmp_path, lrs, g)
     return model, paths, lrs, (x, tok, y), (xt, tokt, yt)
 
 

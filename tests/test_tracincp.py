@@ -15,6 +15,7 @@ from conftest import (
     model_snapshot,
     reference_scores,
     reference_self,
+    save_checkpoints,
 )
 from proponents import KMostInfluentialResults, TracInCP
 
@@ -395,13 +396,8 @@ def test_parametrized_layers_go_through_the_generic_path(tmp_path):
     parametrize.register_parametrization(model[2], "weight", _Symmetric())
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(17, 6, generator=g), torch.randint(0, 3, (17,), generator=g)
-    paths, lrs = [], [0.5, 1.5]
-    for c, lr in enumerate(lrs):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-        paths.append(tmp_path / f"c{c}.pt")
-        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, paths[-1])
+    lrs = [0.5, 1.5]
+    paths = save_checkpoints(model, tmp_path, lrs, g, prefix="c")
     case = Case("parametrized", model, (x[:13],), y[:13], (x[13:],), y[13:], "ce", paths, lrs)
     t = tracin(case)
     assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case))
@@ -433,13 +429,8 @@ def test_examples_interacting_in_the_middle_rows_are_caught_by_the_check(tmp_pat
     model = _MiddleRowsMix()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g)
-    paths, lrs = [], [0.5, 1.5]
-    for c, lr in enumerate(lrs):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-        paths.append(tmp_path / f"c{c}.pt")
-        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, paths[-1])
+    lrs = [0.5, 1.5]
+    paths = save_checkpoints(model, tmp_path, lrs, g, prefix="c")
     case = Case("middle-mix", model, (x[:16],), y[:16], (x[16:],), y[16:], "ce", paths, lrs)
     t = tracin(case, batch_size=8)
     assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case))
