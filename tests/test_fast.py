@@ -377,6 +377,30 @@ def test_load_refuses_other_checkpoints_or_data(tmp_path):
         TracInCPFastRandProj.load(tmp_path / "nothing", model, paths, loss)
 
 
+def test_an_index_built_from_loaded_checkpoints_loads_with_their_files(tmp_path):
+    """Checkpoints given as loaded objects at build time and as the files they came from
+    at load time: each file is compared by what it loads as, so the index loads and
+    answers as before; a file with other weights is refused as changed content, and
+    loaded objects for an index built from files are refused, saying why."""
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=40)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    objects = [torch.load(p, weights_only=True) for p in paths]
+    rp = TracInCPFastRandProj(model, "2", train, objects, loss_fn=loss, projection_dim=6)
+    want = rp.influence((xt,), yt, k=None)
+    rp.save(tmp_path / "from-objects")
+    loaded = TracInCPFastRandProj.load(tmp_path / "from-objects", model, paths, loss)
+    torch.testing.assert_close(loaded.influence((xt,), yt, k=None), want, rtol=0, atol=0)
+    other = torch.load(paths[1], weights_only=True)
+    other["model_state_dict"]["2.bias"] = other["model_state_dict"]["2.bias"] + 1.0
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(IndexMismatchError, match=r"contents of checkpoint\(s\) \[2\] of 2"):
+        TracInCPFastRandProj.load(tmp_path / "from-objects", model,
+                                  [paths[0], tmp_path / "other.pt"], loss)  # fmt: skip
+    TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss).save(tmp_path / "from-files")
+    with pytest.raises(IndexMismatchError, match=r"1 \(file then, object now\), 2 \(file"):
+        TracInCPFastRandProj.load(tmp_path / "from-files", model, objects, loss)
+
+
 def test_load_refuses_a_tensor_dataset_changed_where_it_is_not_sampled(tmp_path):
     """One value of one example changed at a position the sample does not read: a
     TensorDataset's probe covers every value, so the index is refused; the unchanged

@@ -251,6 +251,22 @@ def checkpoint_fingerprint(ckpt: Any) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_kind(ckpt: Any) -> str:
+    """``"directory"``, ``"file"`` or ``"object"`` (a loaded checkpoint): fingerprints of
+    different kinds are not comparable (file bytes against the loaded tensors)."""
+    if not _is_path(ckpt):
+        return "object"
+    return "directory" if Path(os.fspath(ckpt)).is_dir() else "file"
+
+
+def loaded_fingerprint(path: PathLike) -> str:
+    """:func:`checkpoint_fingerprint` of the object a checkpoint file loads as (read as
+    the default loader reads it, on the CPU): what the file's content is compared by
+    with a checkpoint that was given as a loaded object."""
+    content, _ = _read_file(path, torch.device("cpu"))
+    return checkpoint_fingerprint(content)
+
+
 def checkpoint_signature(ckpt: Any) -> tuple | None:
     """What the file system says about a checkpoint: device, inode, size and modification
     time of its file (or of every file under its directory, with their names), from

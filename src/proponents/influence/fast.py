@@ -15,7 +15,7 @@ product and proponents are a nearest-neighbour query.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +25,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
-from proponents.checkpoints import CheckpointWatch, load_flexible_state_dict
+from proponents.checkpoints import (
+    CheckpointWatch,
+    checkpoint_kind,
+    load_flexible_state_dict,
+    loaded_fingerprint,
+)
 from proponents.checks import check_flag, check_int, check_path
 from proponents.data import (
     dataset_length,
@@ -77,6 +82,18 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
         out.append(f"checkpoints: the index was built from {len(was)}, {len(now)} were given")
     else:
         changed = [i + 1 for i, (a, b) in enumerate(zip(was, now)) if a != b]
+        kinds = expected["checkpoint_kinds"]
+        then = saved.get("checkpoint_kinds") or kinds
+        other_kind = [i for i in changed if then[i - 1] != kinds[i - 1]]
+        if other_kind:
+            shown = ", ".join(f"{i} ({then[i - 1]} then, {kinds[i - 1]} now)" for i in other_kind)
+            out.append(
+                f"checkpoints: checkpoint(s) {shown} are not given as the index was built "
+                "from them, and a file's fingerprint (its bytes) cannot be compared with a "
+                "loaded object's (its tensors): pass each checkpoint as a path or as a "
+                "loaded object, as when the index was built"
+            )
+        changed = [i for i in changed if i not in other_kind]
         if changed:
             out.append(
                 f"checkpoints: the contents of checkpoint(s) {changed} of {len(now)} differ "
@@ -690,6 +707,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "index_format": INDEX_FORMAT,
             "final_fc_layer": self.final_fc_layer_name,
             "checkpoints": list(self._watch.fingerprints),
+            "checkpoint_kinds": [checkpoint_kind(c) for c in self._watch.checkpoints],
             "dataset_length": self._n_indexed,
             "dataset_probe": self._dataset_probe,
             "projection_dim": self.projection_dim,
@@ -843,12 +861,14 @@ class TracInCPFastRandProj(TracInCPFast):
             "index_format": INDEX_FORMAT,
             "final_fc_layer": obj.final_fc_layer_name,
             "checkpoints": list(obj._watch.fingerprints),
+            "checkpoint_kinds": [checkpoint_kind(c) for c in obj._watch.checkpoints],
             "dataset_length": n if n is not None else saved["dataset_length"],
             "dataset_probe": probe,
             "projections": [[p.kind, p.dim] for p in obj._projections],
             "loss_reduction": obj._loss.reduction,
             "loss": loss_fingerprint(obj._loss.fn),
         }
+        _match_files_to_loaded_objects(saved, expected, obj._watch.checkpoints)
         differences = _index_differences(saved, expected)
         if differences:
             raise IndexMismatchError(
@@ -866,6 +886,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 "projections",
                 "strategy",
                 "loss",  # compared above; indexes written before it was recorded lack it
+                "checkpoint_kinds",  # the same
                 "nearest_neighbors",
                 "dataset_probe",
             ),
@@ -964,6 +985,23 @@ def _refuse_float16_overflow(part: Tensor, first_row: int, name: str) -> None:
         f"{_FLOAT16_MAX:.0f}. Use index_dtype=torch.float32 (the default; with memory_budget= "
         "it is kept on disk when it does not fit in memory)"
     )
+
+
+def _match_files_to_loaded_objects(
+    saved: dict[str, Any], expected: dict[str, Any], checkpoints: Sequence[Any]
+) -> None:
+    """Compare a file given for a checkpoint the index was built from as a loaded object
+    by what the file loads as: ``expected`` then holds that object's fingerprint and kind
+    at its position (the reverse, an object for a file, cannot be checked)."""
+    then = saved.get("checkpoint_kinds") or []
+    fingerprints = list(saved.get("checkpoints") or [])
+    if len(then) != len(checkpoints) or len(fingerprints) != len(checkpoints):
+        return
+    for i, ckpt in enumerate(checkpoints):
+        if then[i] != "object" or expected["checkpoint_kinds"][i] != "file":
+            continue
+        expected["checkpoints"][i] = loaded_fingerprint(ckpt)
+        expected["checkpoint_kinds"][i] = "object"
 
 
 def _examples_probe(data: Dataset | DataLoader) -> str | None:
