@@ -119,7 +119,13 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
             f"not {expected['final_fc_layer']!r}"
         )
     was_proj, now_proj = saved.get("projections"), expected.get("projections")
-    if was_proj is not None and now_proj is not None and was_proj != now_proj:
+    # one width per checkpoint: with another number of checkpoints, that is the difference
+    if (
+        was_proj is not None
+        and now_proj is not None
+        and len(was_proj) == len(now_proj)
+        and was_proj != now_proj
+    ):
         out.append(
             "final_fc_layer: the index holds embeddings of widths "
             f"{[d for _, d in was_proj]} per checkpoint, and this model's layer gives "
