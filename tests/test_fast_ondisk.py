@@ -153,3 +153,34 @@ def test_scratch_file_is_unlinked(case, tmp_path, monkeypatch):
     assert is_mapped(disk.embeddings)
     assert list(tmp_path.iterdir()) == []
     assert np.isfinite(disk.embeddings.numpy()).all()
+
+
+def test_a_bfloat16_model_indexes_on_disk_and_loads_like_in_memory(tmp_path):
+    """A bfloat16 final layer: the embeddings are kept as float32 (the same values; NumPy
+    has no bfloat16), so a memory budget puts them on disk instead of failing, and
+    on-disk, in-memory and saved-then-loaded indexes give the same scores as TracInCPFast."""
+    from proponents import TracInCPFast
+
+    bf16 = make_case("mlp", tmp_path / "ckpts")
+    bf16.model.to(torch.bfloat16)
+    for path in bf16.checkpoints:  # the checkpoints in bfloat16 too
+        saved = torch.load(path, weights_only=True)
+        saved["model_state_dict"] = {
+            k: v.to(torch.bfloat16) for k, v in saved["model_state_dict"].items()
+        }
+        torch.save(saved, path)
+    bf16.train_inputs = tuple(t.to(torch.bfloat16) for t in bf16.train_inputs)
+    x, y = tuple(t.to(torch.bfloat16) for t in bf16.test_inputs), bf16.test_labels
+    ram, disk = build(bf16), build(bf16, memory_budget=0)
+    assert ram.embeddings.dtype == torch.float32 and is_mapped(disk.embeddings)
+    assert torch.equal(ram.embeddings, disk.embeddings)
+    expected = TracInCPFast(bf16.model, FINAL, bf16.dataset, bf16.checkpoints,
+                            loss_fn=bf16.loss_fn("sum"), batch_size=4).influence(x, y)  # fmt: skip
+    for index in (ram, disk):
+        torch.testing.assert_close(
+            index.influence(x, y, k=None), expected.float(), rtol=2e-2, atol=1e-2
+        )
+    disk.save(tmp_path / "index")
+    for budget in (None, 0):
+        loaded = load(bf16, tmp_path / "index", memory_budget=budget)
+        assert torch.equal(loaded.influence(x, y, k=None), ram.influence(x, y, k=None))

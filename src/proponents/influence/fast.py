@@ -556,10 +556,13 @@ class TracInCPFastRandProj(TracInCPFast):
         return stop - start
 
     def _storage_dtype(self) -> torch.dtype:
-        """float16 when asked for, else the final layer's own dtype (full precision)."""
+        """float16 when asked for, else the final layer's own dtype (full precision), a
+        bfloat16 layer's embeddings as float32 (the same values; NumPy, which holds
+        them on disk and in saved indexes, has no bfloat16)."""
         if self.index_dtype == torch.float16:
             return torch.float16
-        return self.final_fc_layer.weight.dtype
+        dtype = self.final_fc_layer.weight.dtype
+        return torch.float32 if dtype == torch.bfloat16 else dtype
 
     def _scratch_matrix(self, n: int | None) -> DiskMatrix | None:
         """The on-disk matrix for the training embeddings, when they exceed the budget."""
