@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from conftest import (
     assert_close,
@@ -283,6 +283,10 @@ def test_an_empty_test_batch_gives_empty_results_like_a_full_one(case, dtype):
             assert none.indices.shape == none.influence_scores.shape == (0, 3)
             assert none.indices.dtype == top.indices.dtype == torch.int64
             assert none.influence_scores.dtype == top.influence_scores.dtype
+        # a DataLoader over no examples: the same as the empty batch
+        loader = DataLoader(TensorDataset(x[:0], y[:0]), batch_size=4)
+        assert t.influence(loader).shape == (0, n_train)
+        assert t.influence(loader, k=3).indices.shape == (0, 3)
         # the summed influence of no examples is zero; its top k are then the first k
         total = t.influence((x[:0],), y[:0], aggregate=True)
         assert torch.equal(total, torch.zeros(1, n_train, dtype=dtype))

@@ -261,7 +261,11 @@ class TracInCPBase(DataInfluence):
             k = self._check_k(k)
         test, is_loader = test_batches(inputs, targets, unpack_inputs)
         self._check_targets(targets, is_loader)
-        if not is_loader and all(batch.size == 0 for batch in test):
+        if isinstance(test, DataLoader):
+            empty = dataset_length(test) == 0  # a loader over no examples yields no batch
+        else:
+            empty = all(batch.size == 0 for batch in test)
+        if empty:
             return self._empty_influence(k, proponents, aggregate)
         n_test_batches = loader_batches(test) if is_loader else 1  # type: ignore[arg-type]
 
