@@ -269,8 +269,13 @@ def reference_grads(
             value = nn.functional.cross_entropy(out, labels[i : i + 1])
         else:
             value = nn.functional.mse_loss(out, labels[i : i + 1].double(), reduction="sum")
-        grads = torch.autograd.grad(value, params)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        # a parameter the loss does not reach (a layer run under no_grad) has no gradient
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        dense = [
+            torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g
+            for p, g in zip(params, grads)
+        ]
+        rows.append(torch.cat([g.reshape(-1) for g in dense]))
     return torch.stack(rows)
 
 

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from proponents.data import (
     Batch,
@@ -38,6 +37,7 @@ from proponents.data import (
     is_image,
 )
 from proponents.gradients import representations as reps
+from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
 from proponents.gradients.generic import GenericGradients
 from proponents.gradients.hooked import (
     LayerShapeMismatch,
@@ -114,6 +114,13 @@ class GradientEngine:
         self._edits_inputs = False
         self._set_generic()
 
+    def _demote(self, name: str) -> None:
+        """Move hooked layer ``name`` to the generic path (a new strategy epoch)."""
+        self.hooked = [layer for layer in self.hooked if layer.name != name]
+        self._set_generic()
+        self._closed_form = False
+        self.epoch += 1
+
     def _set_generic(self) -> None:
         taken = {n for layer in self.hooked for n in layer.params}
         names = [n for n in self.selected if n not in taken]
@@ -142,6 +149,7 @@ class GradientEngine:
         Returns:
             One representation per hooked layer, then one per generic parameter.
         """
+        given = batch
         if self._checked and self.generic is None:
             # the hooked layers only read their own weights (for shapes and dtypes)
             params: dict[str, Tensor] = {
@@ -166,17 +174,25 @@ class GradientEngine:
         # for its own vmap attempts. Any other model runs on the batch itself.
         copies = self._edits_inputs
         if self.hooked:
-            layer_reps, self._protect = hooked_pass(
-                self.model,
-                params,
-                self.hooked,
-                self.loss,
-                batch,
-                self._protect,
-                self._sub_batch,
-                self._closed_form,
-                copies,
-            )
+            try:
+                layer_reps, self._protect = hooked_pass(
+                    self.model,
+                    params,
+                    self.hooked,
+                    self.loss,
+                    batch,
+                    self._protect,
+                    self._sub_batch,
+                    self._closed_form,
+                    copies,
+                )
+            except LayerShapeMismatch as mismatch:
+                # A layer that saw the batch whole on the checked batch but not on this one
+                # (a head applied to some of the examples): the generic path serves it.
+                if str(mismatch) not in {layer.name for layer in self.hooked}:
+                    raise
+                self._demote(str(mismatch))
+                return self.compute(given)
             out.extend(layer_reps)
         if self.generic is not None:
             # the last run on the batch; GenericGradients copies for its own retries
@@ -436,13 +452,14 @@ class GradientEngine:
         inputs = tree_map(pick, example.inputs)
         versions = [a._version for a in tree_leaves(inputs) if isinstance(a, Tensor)]
         with torch.enable_grad():
-            out = functional_call(self.model, {**params, **leaves, **buffers}, inputs)
+            slots = slot_names(self.model)
+            out = call_with(self.model, {**params, **leaves, **buffers}, inputs, slots)
             value = self.loss.example_loss(out, tree_map(pick, example.labels))
-            grads = torch.autograd.grad(value, [leaves[n] for n in names], allow_unused=True)
+            grads = grads_or_zeros(value, [leaves[n] for n in names])
         after = [a._version for a in tree_leaves(inputs) if isinstance(a, Tensor)]
         if after != versions:  # the model edits its input in place
             self._edits_inputs = True
-        return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, grads)}
+        return dict(zip(names, grads))
 
     @staticmethod
     def dot(test: list[Grads], train: list[Grads]) -> Tensor:

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from proponents.data import Batch, copy_batch, holds_examples
+from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
 from proponents.gradients.loss import LossSpec
 
 
@@ -110,6 +111,7 @@ class GenericGradients:
     ) -> list[Tensor]:
         chosen, const = self._split(params)
         model, loss = self.model, self.loss
+        slots = slot_names(model)
 
         n = batch.size
         # Only tensors with a row per example are mapped over (and get their batch
@@ -124,7 +126,7 @@ class GenericGradients:
 
         def example_loss(p: dict, inputs: tuple, labels: Any) -> Tensor:
             one = one_example(inputs, rows_in)
-            out = functional_call(model, {**const, **p, **buffers}, one)
+            out = call_with(model, {**const, **p, **buffers}, one, slots)
             return loss.example_loss(out, one_example(labels, rows_lab))
 
         in_inputs = tree_map(lambda x: 0 if holds_examples(x, n) else None, batch.inputs)
@@ -142,6 +144,7 @@ class GenericGradients:
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
     ) -> list[Tensor]:
         chosen, const = self._split(params)
+        slots = slot_names(self.model)
         rows = []
         for i in range(batch.size):
 
@@ -150,17 +153,10 @@ class GenericGradients:
 
             leaves = {n: p.clone().requires_grad_(True) for n, p in chosen.items()}
             with torch.enable_grad():
-                out = functional_call(
-                    self.model, {**const, **leaves, **buffers}, tree_map(pick, batch.inputs)
+                out = call_with(
+                    self.model, {**const, **leaves, **buffers}, tree_map(pick, batch.inputs), slots
                 )
                 value = self.loss.example_loss(out, tree_map(pick, batch.labels))
-                grads = torch.autograd.grad(
-                    value, [leaves[n] for n in self.names], allow_unused=True
-                )
-            rows.append(
-                [
-                    (torch.zeros_like(leaves[n]) if g is None else g).reshape(-1)
-                    for n, g in zip(self.names, grads)
-                ]
-            )
+                grads = grads_or_zeros(value, [leaves[n] for n in self.names])
+            rows.append([g.reshape(-1) for g in grads])
         return [torch.stack([row[k] for row in rows]) for k in range(len(self.names))]

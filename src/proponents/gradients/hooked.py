@@ -104,9 +104,11 @@ def record_parts(
     if closed_form and not all(labels_fit_closed_form(loss, part.labels) for part in parts):
         raise NoClosedForm(layers[0].name if layers else "")  # before any model run
     current: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
+    recording = {"on": True}
     handles = [
         model.get_submodule(layer.name).register_forward_hook(
-            _recorder(current, layer.name, protect and not closed_form)
+            _recorder(current, layer.name, protect and not closed_form, recording),
+            with_kwargs=True,
         )
         for layer in layers
     ]
@@ -131,14 +133,15 @@ def record_parts(
             for part in parts:
                 current.clear()
                 current.update((layer.name, []) for layer in layers)
+                recording["on"] = True
                 output = model(*part.inputs)
                 total = loss.batch_total(output, part.labels, part.size)
                 calls = [c for layer in layers for c in current[layer.name]]
                 if not protect and any(o._version != v for _, o, v in calls):
                     modified = True
                     break
-                outs = [o for _, o, _ in calls]
-                grads = iter(torch.autograd.grad(total, outs, allow_unused=True) if outs else ())
+                recording["on"] = False  # a checkpointed block rerun by backward
+                grads = iter(output_grads(total, [o for _, o, _ in calls]))
                 results.append(
                     {
                         layer.name: [(x, next(grads), o) for x, o, _ in current[layer.name]]
@@ -151,6 +154,20 @@ def record_parts(
     if modified:
         return record_parts(model, layers, loss, given, True, copy_inputs=copy_inputs)[0], True
     return results, protect
+
+
+def output_grads(total: Tensor, outputs: Sequence[Tensor]) -> list[Tensor | None]:
+    """Gradients of ``total`` with respect to recorded layer outputs; ``None`` (a zero
+    gradient) for an output it does not depend on, or that autograd does not track (a
+    layer run under ``torch.no_grad()`` inside the model's ``forward``: its parameters
+    get no gradient, as in training)."""
+    tracked = [i for i, o in enumerate(outputs) if o.requires_grad]
+    out: list[Tensor | None] = [None] * len(outputs)
+    if tracked and total.requires_grad:
+        found = torch.autograd.grad(total, [outputs[i] for i in tracked], allow_unused=True)
+        for i, g in zip(tracked, found):
+            out[i] = g
+    return out
 
 
 @contextmanager
@@ -229,16 +246,33 @@ def hooked_pass(
     return [concat([p[k] for p in per_part]) for k in range(len(layers))], protect
 
 
-def _recorder(store: dict[str, list[tuple[Tensor, Tensor, int]]], name: str, protect: bool):
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        store[name].append((args[0].detach(), output, output._version))
+def _recorder(
+    store: dict[str, list[tuple[Tensor, Tensor, int]]],
+    name: str,
+    protect: bool,
+    recording: dict[str, bool],
+):
+    """A forward hook (``with_kwargs=True``) that records the layer's input and output.
+
+    The input is the first positional argument, or the ``input`` keyword
+    (``self.fc(input=x)``). Calls made while ``recording["on"]`` is false are not
+    recorded: the forward that activation checkpointing reruns during the backward pass.
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+        x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+        if recording["on"] and isinstance(x, Tensor):
+            store[name].append((x.detach(), output, output._version))
         return output.clone() if protect else None
 
     return hook
 
 
 def _check_batch(x: Tensor, batch_size: int, layer: HookedLayer) -> None:
-    if x.dim() == 0 or x.shape[0] != batch_size:
+    """The layer's input must be ``(batch, ...)`` with at least one feature dimension: a
+    1-D input (a Linear applied to a vector parameter) has no batch dimension, even when
+    its length is the batch size."""
+    if x.dim() < 2 or x.shape[0] != batch_size:
         raise LayerShapeMismatch(layer.name)
 
 
