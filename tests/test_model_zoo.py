@@ -176,3 +176,22 @@ def test_scores_and_self_influence_equal_the_float64_loop(tmp_path, name):
         fast = TracInCPFast(case.model, final, case.dataset, paths, loss_fn=loss, batch_size=4)
         want = reference_scores(case, layers=[final])
         assert_close(fast.influence(case.test_inputs, case.test_labels), want)
+
+
+def test_any_name_of_an_aliased_layer_selects_it(tmp_path):
+    """``self.out = self.head``: ``layers=["out"]`` and ``final_fc_layer="out"`` select the
+    head as its first name does (an index records that first name); the block repeated in
+    the ModuleList is one layer under either of its names."""
+    case = _zoo(tmp_path, "aliased")
+    loss = case.loss_fn("sum")
+    paths = [str(p) for p in case.checkpoints]
+    want = reference_scores(case, layers=["head", "blocks.0"])
+    for layers in (["out", "blocks.1"], ["head", "blocks.0"]):
+        t = TracInCP(case.model, case.dataset, paths, loss_fn=loss, batch_size=4, layers=layers,
+                     sample_wise_grads_per_batch=True)  # fmt: skip
+        assert_close(t.influence(case.test_inputs, case.test_labels), want)
+    fast = TracInCPFast(case.model, "out", case.dataset, paths, loss_fn=loss, batch_size=4)
+    assert fast.final_fc_layer_name == "head"
+    assert_close(
+        fast.influence(case.test_inputs, case.test_labels), reference_scores(case, layers=["head"])
+    )

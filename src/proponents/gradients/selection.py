@@ -44,7 +44,14 @@ class HookedLayer:
 
 
 def named_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if n}
+    """Every submodule by every name it has (a module registered twice, as in
+    ``self.out = self.head``, under both), the first name first."""
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if n}
+
+
+def canonical_module_name(model: nn.Module, module: nn.Module) -> str:
+    """The first name of ``module`` in ``model`` (the one ``named_modules()`` gives)."""
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None, owner: str) -> list[str]:
@@ -75,7 +82,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None, owner: 
     modules = named_modules(model)
     unknown = [x for x in layers if x not in modules]
     if unknown:
-        valid = [n for n, m in modules.items() if any(True for _ in m.parameters())]
+        valid = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters())]
         raise InvalidArgumentError(
             f"{owner}: unknown layer name(s) {unknown} in layers; valid names are: "
             f"{', '.join(valid)}"
@@ -110,7 +117,9 @@ def find_hooked_layers(model: nn.Module, selected: Sequence[str]) -> list[Hooked
             owners[id(p)] = owners.get(id(p), 0) + 1
     chosen = set(selected)
     found: list[HookedLayer] = []
-    for name, m in named_modules(model).items():
+    for name, m in model.named_modules():  # a module under two names is hooked once
+        if not name:
+            continue
         kind = _layer_kind(m)
         if kind is None:
             continue

@@ -49,7 +49,7 @@ from proponents.fingerprints import dataset_probe, loss_fingerprint, probes_diff
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
 from proponents.gradients.representations import DenseGrads, Grads, as_dense
-from proponents.gradients.selection import named_modules, resolve_layers
+from proponents.gradients.selection import canonical_module_name, named_modules, resolve_layers
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
 from proponents.neighbors.exact import DEFAULT_BLOCK_SIZE, block_scores
@@ -194,8 +194,8 @@ def _row_blocks(embeddings: Tensor) -> Any:
 
 def resolve_final_layer(model: nn.Module, final_fc_layer: Any, owner: str) -> str:
     """Name of ``final_fc_layer`` (a module of ``model`` or its dotted name); must be Linear."""
-    modules = named_modules(model)
-    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    modules = named_modules(model)  # aliases too: any name of the layer is accepted
+    linear = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
     if isinstance(final_fc_layer, str):
         if final_fc_layer not in modules:
             raise InvalidArgumentError(
@@ -221,7 +221,7 @@ def resolve_final_layer(model: nn.Module, final_fc_layer: Any, owner: str) -> st
             f"{owner}: final_fc_layer {name!r} is a {type(modules[name]).__name__}, but it "
             f"must be an nn.Linear; the model's Linear layers are: {', '.join(linear) or 'none'}"
         )
-    return name
+    return canonical_module_name(model, modules[name])
 
 
 class TracInCPFast(TracInCPBase):
