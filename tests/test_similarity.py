@@ -1439,3 +1439,22 @@ def test_source_loaders_that_break_the_batch_convention_get_clear_errors(tmp_pat
     sim = SimilarityInfluence(model, "lin1", unbatched, tmp_path)
     with pytest.raises(InvalidArgumentError, match="batch_size=None.*give the DataLoader a batch"):
         sim.influence(test, top_k=2)
+
+
+def test_any_name_of_a_layer_registered_twice_is_accepted(tmp_path):
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(6, 4)
+            self.out = self.head  # the same module under a second name
+
+        def forward(self, x):
+            return torch.tanh(self.out(x))
+
+    model = _seeded(Aliased)
+    train, test = _data()
+    expected = _brute(_acts(model, "head", test), _acts(model, "head", train.tensors[0]),
+                      "cosine", "max", 4)  # fmt: skip
+    for name in ("out", "head"):
+        sim = SimilarityInfluence(model, name, train, tmp_path / name, batch_size=10)
+        _check(sim.influence(test, top_k=4)[name], expected)

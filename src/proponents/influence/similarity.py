@@ -1175,7 +1175,8 @@ def _check_layers(module: nn.Module, layers: Any) -> list[str]:
     if not names:
         raise InvalidArgumentError("layers is empty: name at least one layer of the model")
     valid = [name for name, _ in module.named_modules() if name]
-    valid_set = set(valid)
+    # every name of a module registered twice (self.out = self.head) is accepted
+    valid_set = {name for name, _ in module.named_modules(remove_duplicate=False) if name}
     for name in names:
         if name not in valid_set:
             shown = ", ".join(valid[:40]) + (
