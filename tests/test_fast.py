@@ -402,6 +402,32 @@ def test_an_index_built_from_loaded_checkpoints_loads_with_their_files(tmp_path)
         TracInCPFastRandProj.load(tmp_path / "from-files", model, objects, loss)
 
 
+def test_load_compares_the_examples_a_loader_reads_in_its_order(tmp_path):
+    """A DataLoader's sampler or batch sampler decides which examples it reads, in which
+    order: an index built from examples 0-9 (through a batch sampler) loads with any
+    wrapper over those examples in that order (a Subset, the same sampler) and is refused
+    for examples 10-19 or the same ones reversed, which it used to accept."""
+    from torch.utils.data import DataLoader, Subset
+
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=20)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    first = DataLoader(train, batch_sampler=[list(range(0, 6)), list(range(6, 10))])
+    rp = TracInCPFastRandProj(model, "2", first, paths, loss_fn=loss)
+    want = rp.influence((xt,), yt, k=None)
+    rp.save(tmp_path / "index")
+    same = [Subset(train, range(10)), DataLoader(train, sampler=list(range(10)), batch_size=3)]
+    for data in same:
+        got = TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, train_dataset=data)
+        assert torch.equal(got.influence((xt,), yt, k=None), want)
+    others = [
+        DataLoader(train, batch_sampler=[list(range(10, 20))]),
+        DataLoader(train, sampler=list(range(9, -1, -1)), batch_size=4),
+    ]
+    for data in others:
+        with pytest.raises(IndexMismatchError, match="train_dataset: it has as many examples"):
+            TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss, train_dataset=data)
+
+
 def test_load_refuses_a_tensor_dataset_changed_where_it_is_not_sampled(tmp_path):
     """One value of one example changed at a position the sample does not read: a
     TensorDataset's probe covers every value, so the index is refused; the unchanged

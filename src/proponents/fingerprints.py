@@ -406,6 +406,31 @@ def dataset_probe(dataset: Any, n_items: int = 5, include_type: bool = True) -> 
     return f"{WHOLE_PROBE}{digest.hexdigest()}:{hashlib.sha256(whole.encode()).hexdigest()}"
 
 
+def loader_probe(loader: Any, include_type: bool = False) -> str | None:
+    """:func:`dataset_probe` of the examples a DataLoader yields, in the order it yields
+    them: its dataset as it is when it reads it sequentially, else the ``Subset`` of it its
+    sampler or batch sampler picks (their indices are drawn once, with the global
+    generators seeded and put back after, as for the items)."""
+    from torch.utils.data import BatchSampler, SequentialSampler, Subset
+
+    dataset = loader.dataset
+    sampler, batches = loader.sampler, loader.batch_sampler
+    default_batches = batches is None or (
+        isinstance(batches, BatchSampler) and batches.sampler is sampler
+    )
+    if default_batches and (sampler is None or isinstance(sampler, SequentialSampler)):
+        return dataset_probe(dataset, include_type=include_type)
+    try:
+        with _seeded_generators():
+            if default_batches:
+                order = [int(i) for i in sampler]
+            else:
+                order = [int(i) for indices in batches for i in indices]
+    except Exception:  # noqa: BLE001 - indices we cannot read give no probe
+        return None
+    return dataset_probe(Subset(dataset, order), include_type=include_type)
+
+
 def probes_differ(saved: str | None, now: str | None) -> bool:
     """Whether two :func:`dataset_probe` values show different examples.
 
@@ -511,6 +536,7 @@ __all__ = [
     "ModelFingerprints",
     "fingerprints_of",
     "dataset_probe",
+    "loader_probe",
     "probes_differ",
     "tensor_fingerprint",
     "hash_object",

@@ -45,7 +45,12 @@ from proponents.errors import (
     IndexNotFoundError,
     InvalidArgumentError,
 )
-from proponents.fingerprints import dataset_probe, loss_fingerprint, probes_differ
+from proponents.fingerprints import (
+    dataset_probe,
+    loader_probe,
+    loss_fingerprint,
+    probes_differ,
+)
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
 from proponents.gradients.representations import DenseGrads, Grads, as_dense
@@ -1019,8 +1024,9 @@ def _examples_probe(data: Dataset | DataLoader) -> str | None:
     The wrapper does not count: an index embedded from a Dataset loads with a DataLoader
     over it, and the reverse.
     """
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    return dataset_probe(dataset, include_type=False)
+    if isinstance(data, DataLoader):
+        return loader_probe(data)  # the examples in the order the loader reads them
+    return dataset_probe(data, include_type=False)
 
 
 class _PlaceholderDataset(Dataset):
