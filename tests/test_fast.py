@@ -17,6 +17,7 @@ from conftest import (
     model_snapshot,
     reference_scores,
     reference_self,
+    save_checkpoints,
 )
 from proponents import (
     AnnoyNearestNeighbors,
@@ -697,6 +698,42 @@ def test_randproj_k_out_of_range(tmp_path):
     for k in (0, 14):
         with pytest.raises(InvalidArgumentError, match=f"k={k}"):
             rp.influence(case.test_inputs, case.test_labels, k=k)
+
+
+@pytest.mark.parametrize("backend", ["exact", "annoy", "faiss"])
+@pytest.mark.filterwarnings("ignore:TracInCPFast. non-finite loss, gradient or score")
+def test_scores_that_overflow_rank_last_with_every_backend(tmp_path, backend):
+    """Finite embeddings whose product overflows to +-inf: proponents and opponents rank
+    that score last, as TracInCPFast does (RandProj used to put it first), for every
+    nearest-neighbour backend; the k results are k_most of the k=None scores."""
+    from proponents import AnnoyNearestNeighbors, FaissNearestNeighbors
+    from proponents.scoring import k_most
+
+    search = {"exact": ExactNearestNeighbors, "annoy": AnnoyNearestNeighbors,
+              "faiss": FaissNearestNeighbors}[backend]()  # fmt: skip
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(3)
+    paths = save_checkpoints(model, tmp_path, [1.0], g)
+    x, y = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
+    x[4] *= 1e20  # finite input, finite embedding; its products with itself overflow
+    data = TensorDataset(x, y)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    query = ((x[4:5],), y[4:5])
+    with pytest.warns(RuntimeWarning, match=r"training examples \[4\]"):
+        fast = TracInCPFast(model, "2", data, paths, loss_fn=loss)
+        fast.influence(*query)
+    rp = TracInCPFastRandProj(model, "2", data, paths, loss_fn=loss, nearest_neighbors=search)
+    assert bool(torch.isfinite(rp.embeddings).all())
+    full = rp.influence(*query, k=None)
+    assert not bool(torch.isfinite(full[0, 4]))
+    for proponents in (True, False):
+        want = k_most(full, 5, proponents)
+        got = rp.influence(*query, k=5, proponents=proponents)
+        assert got.indices.tolist() == want[0].tolist()
+        assert 4 not in got.indices.tolist()[0]  # the overflowing score is last
+        fast_top = fast.influence(*query, k=5, proponents=proponents)
+        assert got.indices.tolist() == fast_top.indices.tolist()
 
 
 def test_randproj_ranks_non_finite_training_examples_last(tmp_path):

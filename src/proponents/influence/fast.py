@@ -60,7 +60,7 @@ from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
 from proponents.neighbors.exact import DEFAULT_BLOCK_SIZE, block_scores
 from proponents.progress import Progress
 from proponents.projection import GradientProjection
-from proponents.scoring import NonFiniteTracker, TracInRunner
+from proponents.scoring import NonFiniteTracker, TracInRunner, k_most
 from proponents.store import ArrayStore, DiskMatrix, register_mapped, release_rows
 
 INDEX_KEY = "tracin-index"
@@ -706,6 +706,16 @@ class TracInCPFastRandProj(TracInCPFast):
             order = torch.sort((~torch.isfinite(scores)).to(torch.int8), dim=1, stable=True)
             keep = order.indices[:, :k]
             indices, scores = indices.gather(1, keep), scores.gather(1, keep)
+        # A non-finite score left among the k (a product of finite embeddings that
+        # overflows, or fewer than k finite scores): rank that row as TracInCPFast does,
+        # from all its scores, non-finite ones last.
+        rows = (~torch.isfinite(scores)).any(dim=1).nonzero().flatten()
+        if rows.numel():
+            full = self._all_scores(query[rows.to(query.device)])
+            exact_idx, exact_scores = k_most(full, k, proponents)
+            indices, scores = indices.clone(), scores.clone()
+            indices[rows] = exact_idx.to(indices.device)
+            scores[rows] = exact_scores.to(scores.device, scores.dtype)
         return indices + self._offset, scores
 
     def self_influence(self, inputs_dataset: Any = None, show_progress: bool = False) -> Tensor:
