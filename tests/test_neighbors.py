@@ -92,6 +92,24 @@ def _rebuild_warnings_are_errors():
 # -- exact answers ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 9])
+def test_ties_at_the_cut_off_keep_dataset_order_with_every_backend(make_backend, k):
+    """Every row twice (row i + 20 is row i) and a query with all-zero scores: the k-th
+    score ties with scores left out. Faiss hands back any one of equal scores at its
+    cut-off (even a flat index did, giving the higher index); every backend must give
+    the stable sort of a float64 reference, lower index first among equals."""
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(20, 6, generator=g).repeat(2, 1)
+    query = torch.cat([torch.randn(5, 6, generator=g), torch.zeros(1, 6)])
+    nn = make_backend(data.shape[0])
+    nn.setup(data)
+    for sign in (1, -1):  # proponents and opponents
+        indices, scores = nn.get_nearest_neighbors(sign * query, k)
+        want_idx, want_scores = reference_top_k(data, sign * query, k)
+        assert indices.tolist() == want_idx.tolist()
+        torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("k", [1, 5, 40, 60])
 def test_backend_matches_brute_force(make_backend, k):
     data, query = random_data()

@@ -104,12 +104,12 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
         self._index = index
 
     def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        n = query.shape[0]
-        candidates = torch.full((n, k), -1, dtype=torch.long)
+        n, m = query.shape[0], self._candidates(k)
+        candidates = torch.full((n, m), -1, dtype=torch.long)
         rows = query.detach().to("cpu", torch.float32).numpy()
         for i, row in enumerate(rows):
-            found = self._index.get_nns_by_vector(row, k, search_k=self.search_k)
-            candidates[i, : len(found)] = torch.as_tensor(found[:k], dtype=torch.long)
+            found = self._index.get_nns_by_vector(row, m, search_k=self.search_k)
+            candidates[i, : len(found)] = torch.as_tensor(found[:m], dtype=torch.long)
         return self._rescore(query, candidates, k)
 
     def _write_index(self, path: Path) -> None:

@@ -707,6 +707,12 @@ class IndexedNearestNeighbors(NearestNeighbors):
             return f"{self._index_filename} is missing"
         return None
 
+    def _candidates(self, k: int) -> int:
+        """How many candidates to ask the index for: one more than ``k`` (while there are
+        more rows), so that :meth:`_rescore` sees whether the ``k``-th score is tied
+        with one left out."""
+        return k + 1 if k < self.num_items else k
+
     def _rescore(self, query: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Exact scores for candidate indices, rows sorted; rows short of ``k`` redone exactly.
 
@@ -715,10 +721,15 @@ class IndexedNearestNeighbors(NearestNeighbors):
         query (found exactly) compete with them, so they rank where exact search ranks
         them (a NaN score first, ``+inf`` before and ``-inf`` after every finite score).
 
+        An index returns any one of several equal scores at its cut-off (Faiss does, even
+        a flat one), so the ``k`` best need not be the lowest-indexed of them. Given
+        more than ``k`` candidates (:meth:`_candidates`), a row whose ``k``-th exact score
+        equals the next one is redone exactly too: ties then keep dataset order.
+
         Args:
             query: ``(n, D)`` validated query.
-            candidates: ``(n, k)`` positions in the indexed rows from the backend, ``-1``
-                for missing entries.
+            candidates: ``(n, m)`` positions in the indexed rows from the backend, ``-1``
+                for missing entries, ``m >= k``.
             k: neighbours per row.
         """
         from proponents.neighbors.exact import exact_top_k
@@ -744,6 +755,8 @@ class IndexedNearestNeighbors(NearestNeighbors):
             safe = torch.cat([safe, bad[bad_idx]], dim=1)
         scores = torch.einsum("nkd,nd->nk", data[safe].to(dtype), q)
         scores, idx = sort_rows(scores, safe)
+        if scores.shape[1] > k:  # a tie across the cut-off may hide a lower index
+            short |= scores[:, k - 1] == scores[:, k]
         scores, idx = scores[:, :k], idx[:, :k]
         if bool(short.any()):
             rows = short.nonzero().squeeze(1)

@@ -206,7 +206,7 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
         self._index = index
 
     def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        _, found = self._index.search(_as_float32(query), k)
+        _, found = self._index.search(_as_float32(query), self._candidates(k))
         return self._rescore(query, torch.from_numpy(found).long(), k)
 
     def _write_index(self, path: Path) -> None:
