@@ -281,7 +281,8 @@ def test_annoy_short_or_repeated_candidates_fall_back_to_exact():
 
     class Stub:
         def __init__(self) -> None:
-            self.answers = [[0, 1], [4, 4, 5, 6], [7, 8, 9, 10]]
+            # asked for k + 1 = 5 candidates: short, repeated, full
+            self.answers = [[0, 1], [4, 4, 5, 6, 7], [7, 8, 9, 10, 11]]
 
         def get_nns_by_vector(self, vector, n, search_k=-1):
             return self.answers.pop(0)
@@ -290,7 +291,10 @@ def test_annoy_short_or_repeated_candidates_fall_back_to_exact():
     indices, scores = nn.get_nearest_neighbors(query, 4)
     ref_idx, ref_scores = reference_top_k(data, query, 4)
     assert torch.equal(indices[:2], ref_idx[:2])  # short row, repeated row: redone exactly
-    assert sorted(indices[2].tolist()) == [7, 8, 9, 10]  # a full row is only rescored
+    # a full row is only rescored: the best 4 of its 5 candidates by their exact scores
+    candidates = torch.tensor([7, 8, 9, 10, 11])
+    best = (data[candidates] @ query[2]).argsort(descending=True)[:4]
+    assert sorted(indices[2].tolist()) == sorted(candidates[best].tolist())
     expected = torch.einsum("kd,d->k", data[indices[2]], query[2])
     torch.testing.assert_close(scores[2], expected)
     assert (scores[2, :-1] >= scores[2, 1:]).all()
