@@ -403,6 +403,25 @@ def test_an_index_built_from_loaded_checkpoints_loads_with_their_files(tmp_path)
         TracInCPFastRandProj.load(tmp_path / "from-files", model, objects, loss)
 
 
+def test_loading_with_another_backend_builds_it_without_a_warning(tmp_path):
+    """An index saved with exact search, loaded with Faiss: nothing of Faiss was saved, so
+    it is built from the embeddings, silently (it used to warn of a damaged index)."""
+    from proponents import FaissNearestNeighbors
+
+    pytest.importorskip("faiss", reason="the faiss extra is not installed")
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=30)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss)
+    want = rp.influence((xt,), yt, k=4)
+    rp.save(tmp_path / "index")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = TracInCPFastRandProj.load(tmp_path / "index", model, paths, loss,
+                                           nearest_neighbors=FaissNearestNeighbors())  # fmt: skip
+    got = loaded.influence((xt,), yt, k=4)
+    assert got.indices.tolist() == want.indices.tolist()
+
+
 def test_load_compares_the_examples_a_loader_reads_in_its_order(tmp_path):
     """A DataLoader's sampler or batch sampler decides which examples it reads, in which
     order: an index built from examples 0-9 (through a batch sampler) loads with any

@@ -930,7 +930,11 @@ class TracInCPFastRandProj(TracInCPFast):
                 backend.setup(obj.embeddings)
             return obj
         obj.embeddings = emb
-        backend.load(Path(path) / "neighbors", obj.embeddings)  # saved index, or a rebuild
+        saved_backend = (saved.get("nearest_neighbors") or {}).get("backend")
+        if saved_backend != backend.config().get("backend"):
+            backend.setup(obj.embeddings)  # another backend than saved: nothing to read
+        else:
+            backend.load(Path(path) / "neighbors", obj.embeddings)  # saved, or a rebuild
         return obj
 
     def _restore(self, entry: Any, index_dtype: torch.dtype | None) -> Tensor:
