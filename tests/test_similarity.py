@@ -1359,6 +1359,41 @@ def test_complex_activations_are_refused(tmp_path):
         sim.influence(test, top_k=2)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "custom"])
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_a_nan_score_from_an_early_block_stays_last_after_clean_blocks(
+    tmp_path, monkeypatch, metric, direction
+):
+    """A NaN score in the first block of source rows, then blocks without any: the NaN
+    stays last of the running top-k (clean blocks re-sorted it first for "max"), built
+    and from the store, against a float64 brute force with NaN last."""
+    from proponents.influence import similarity as similarity_module
+
+    monkeypatch.setattr(similarity_module, "BLOCK_BYTES", 8 * 4 * 6)  # 6 rows of 8 floats
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(8, 2))
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(2))
+    x[0, 0] = float("nan")
+    test = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    chosen = {"cosine": cosine_similarity, "euclidean": euclidean_distance,
+              "custom": lambda t, s: t @ s.T}[metric]  # fmt: skip
+    sim = SimilarityInfluence(model, "0", TensorDataset(x), tmp_path, batch_size=6,
+                              similarity_metric=chosen, similarity_direction=direction)  # fmt: skip
+    t64, s64 = test.double(), x.double()
+    if metric == "cosine":
+        reference = (t64 / t64.norm(dim=1, keepdim=True)) @ (s64 / s64.norm(dim=1, keepdim=True)).T
+    elif metric == "euclidean":
+        reference = (t64[:, None] - s64[None]).norm(dim=-1)
+    else:
+        reference = t64 @ s64.T
+    expected = [_lexicographic_ranking(row, direction) for row in reference.tolist()]
+    for _ in range(2):  # built, then read from the store
+        with pytest.warns(RuntimeWarning, match="NaN"):
+            idx, val = sim.influence(test, top_k=30)["0"]
+        assert idx.tolist() == expected
+        assert bool(val[:, -1].isnan().all()) and not bool(val[:, :-1].isnan().any())
+
+
 @pytest.mark.parametrize("direction", ["max", "min"])
 def test_euclidean_infinite_rows_rank_as_their_exact_distances(tmp_path, direction):
     """An infinite test or source entry: the distances are +inf (NaN where infinities

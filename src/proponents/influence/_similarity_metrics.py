@@ -166,19 +166,23 @@ class _Running:
     def __init__(self) -> None:
         self.values: Tensor | None = None
         self.indices: Tensor | None = None
+        #: Whether the kept values hold a NaN (a later clean block must still rank it last).
+        self.holds_nan = False
 
     def offer(
         self, values: Tensor, indices: Tensor, k: int, largest: bool, check_nan: bool = True
     ) -> None:
+        nan_last = check_nan or self.holds_nan
         if self.values is not None and self.indices is not None:
             values = torch.cat([self.values, values], dim=1)
             indices = torch.cat([self.indices, indices], dim=1)
         # Lower index first among equal scores: sort by index, then stably by score.
         indices, order = torch.sort(indices, dim=1, stable=True)
         values = values.gather(1, order)
-        order = ranked_order(values, largest, check_nan)[:, :k]
+        order = ranked_order(values, largest, nan_last)[:, :k]
         self.values = values.gather(1, order)
         self.indices = indices.gather(1, order)
+        self.holds_nan = nan_last and bool(torch.isnan(self.values).any())
 
 
 class BlockScorer:
