@@ -1493,3 +1493,40 @@ def test_any_name_of_a_layer_registered_twice_is_accepted(tmp_path):
     for name in ("out", "head"):
         sim = SimilarityInfluence(model, name, train, tmp_path / name, batch_size=10)
         _check(sim.influence(test, top_k=4)[name], expected)
+
+
+def test_a_tensor_dataset_whose_tensors_are_replaced_is_read_as_it_now_is(tmp_path):
+    """``dataset.tensors = (...)`` after construction: the source set is what the dataset
+    holds at the call (the tensors taken at construction were read, and stored under
+    the new content's probe, poisoning the store for every later object)."""
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin1", train, tmp_path, batch_size=10)
+    sim.influence(test, top_k=3)
+    other, _ = _data(seed=9)
+    train.tensors = other.tensors  # same length, other examples
+    expected = _brute(_acts(model, "lin1", test), _acts(model, "lin1", other.tensors[0]),
+                      "cosine", "max", 3)  # fmt: skip
+    with pytest.warns(StoreRebuildWarning, match="dataset_probe"):
+        _check(sim.influence(test, top_k=3)["lin1"], expected)
+    again = SimilarityInfluence(model, "lin1", TensorDataset(*other.tensors), tmp_path,
+                                batch_size=10)  # fmt: skip
+    _check(again.influence(test, top_k=3)["lin1"], expected)  # the store holds the new rows
+
+
+def test_a_tensor_dataset_subclass_is_read_through_its_own_methods(tmp_path):
+    """A TensorDataset subclass whose ``__len__`` says 10 of its 37 rows are examples:
+    it is read as a DataLoader reads it (its own methods), not by slicing all rows."""
+
+    class FirstTen(TensorDataset):
+        def __len__(self) -> int:
+            return 10
+
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin1", FirstTen(*train.tensors), tmp_path, batch_size=4)
+    expected = _brute(_acts(model, "lin1", test), _acts(model, "lin1", train.tensors[0][:10]),
+                      "cosine", "max", 3)  # fmt: skip
+    _check(sim.influence(test, top_k=3)["lin1"], expected)
+    with pytest.raises(InvalidArgumentError, match="top_k=11 is out of range"):
+        sim.influence(test, top_k=11)

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -203,7 +203,9 @@ class SimilarityInfluence(DataInfluence):
 
         self.influence_src_dataset = influence_src_dataset
         self.batch_size = batch_size
-        self._fast_tensors: tuple[Tensor, ...] | None = None
+        #: Rows ``[start, stop)`` of a TensorDataset's tensors read by slicing (``None``:
+        #: through the DataLoader); the tensors themselves are looked up at every call.
+        self._fast_rows: tuple[int, int | None] | None = None
         if isinstance(influence_src_dataset, DataLoader):
             sampler = influence_src_dataset.sampler
             if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
@@ -213,13 +215,9 @@ class SimilarityInfluence(DataInfluence):
                     "passes. Pass the Dataset itself, or a DataLoader with shuffle=False"
                 )
         self._loader = make_loader(influence_src_dataset, batch_size, "influence_src_dataset")
-        if (
-            not isinstance(influence_src_dataset, DataLoader)
-            and isinstance(influence_src_dataset, TensorDataset)
-            and type(influence_src_dataset).__getitem__ is TensorDataset.__getitem__
-        ):
+        if type(influence_src_dataset) is TensorDataset:  # a subclass may change any method
             # Same batches as the DataLoader would collate, by slicing instead of stacking.
-            self._fast_tensors = tuple(influence_src_dataset.tensors)
+            self._fast_rows = (0, None)
         # Store entries kept open between calls (see _keep_open), closed with the object.
         self._open_entries: dict[str, StoredEntry] = {}
         weakref.finalize(self, _close_entries, self._open_entries)
@@ -233,14 +231,24 @@ class SimilarityInfluence(DataInfluence):
         if self._dist is not None:
             self._shard(self._dist)
 
+    def _fast_tensors(self) -> tuple[Tensor, ...] | None:
+        """The source TensorDataset's tensors as they are now (this rank's rows), or
+        ``None`` when the source is read through the DataLoader. Looked up at every call:
+        a dataset whose ``tensors`` were replaced is read as it now is."""
+        if self._fast_rows is None:
+            return None
+        start, stop = self._fast_rows
+        dataset = cast(TensorDataset, self.influence_src_dataset)
+        return tuple(t[start:stop] for t in dataset.tensors)
+
     def _shard(self, dist: DistributedContext) -> None:
         """Keep only this rank's contiguous range of the source set (own store folder)."""
         facts = {"dataset length": self._n_src(), "number of batches": loader_batches(self._loader)}
         dist.agree("SimilarityInfluence", facts)
         self._n_total = self._n_src()
         start, stop = shard_range(self._loader, dist.rank, dist.world_size)
-        if self._fast_tensors is not None:
-            self._fast_tensors = tuple(t[start:stop] for t in self._fast_tensors)
+        if self._fast_rows is not None:
+            self._fast_rows = (start, stop)
         self._loader = shard_loader(
             self._loader, dist.rank, dist.world_size, "influence_src_dataset"
         )
@@ -399,16 +407,18 @@ class SimilarityInfluence(DataInfluence):
     def _n_src(self) -> int | None:
         if self._n_local is not None:  # this rank's shard
             return self._n_local
-        if self._fast_tensors is not None:
-            return int(self._fast_tensors[0].shape[0])
+        fast = self._fast_tensors()
+        if fast is not None:
+            return int(fast[0].shape[0])
         return dataset_length(self._loader)
 
     def _src_batches(self) -> tuple[Iterable[Any], int | None, bool]:
         """The source batches, their number, and whether they are views of stored tensors."""
-        if self._fast_tensors is not None:
-            n = int(self._fast_tensors[0].shape[0])
+        fast = self._fast_tensors()
+        if fast is not None:
+            n = int(fast[0].shape[0])
             bs = int(self.batch_size)
-            it = ([t[s : s + bs] for t in self._fast_tensors] for s in range(0, n, bs))
+            it = ([t[s : s + bs] for t in fast] for s in range(0, n, bs))
             return it, math.ceil(n / bs), True
         return self._loader, loader_batches(self._loader), False
 
@@ -615,7 +625,7 @@ class SimilarityInfluence(DataInfluence):
         extractor = _Extractor(modules, candidates)
         loader = self._loader
         if (
-            self._fast_tensors is None
+            self._fast_rows is None
             and loader.batch_size is None
             and (loader.batch_sampler is None)
         ):
