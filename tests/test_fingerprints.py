@@ -83,6 +83,34 @@ def test_the_quick_digest_sees_moved_values_and_layout_changes():
     assert quick_model_digest(model.double()) != base
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "edit",
+    ["negate all", "negate two rows", "scale by 2", "scale rows by 1/4", "negate one column"],
+)
+def test_the_quick_digest_sees_edits_that_integer_sums_cancel(dtype, edit):
+    """Edits that leave every integer row and column sum of the bits the same modulo 2**32
+    (negating a float adds 2**31 to its word, so whole rows of flips cancel; scaling by a
+    power of two adds the same step to every exponent) still change the digest, and so
+    the full SHA-256 is taken again: a negated model was served stale activations."""
+    torch.manual_seed(0)
+    model = nn.Linear(1024, 8).to(dtype)
+    base = quick_model_digest(model)
+    with torch.no_grad():
+        w = model.weight
+        if edit == "negate all":
+            w.neg_()
+        elif edit == "negate two rows":
+            w[[1, 5]] = -w[[1, 5]]
+        elif edit == "scale by 2":
+            w.mul_(2)
+        elif edit == "scale rows by 1/4":
+            w[:4] *= 0.25
+        else:
+            w[:, 7] = -w[:, 7]
+    assert quick_model_digest(model) != base
+
+
 def test_the_cache_always_answers_the_full_hash_and_hashes_only_after_changes(monkeypatch):
     torch.manual_seed(0)
     model = Mixed()

@@ -183,9 +183,15 @@ def _plain_bytes(tensor: torch.Tensor) -> torch.Tensor | None:
 
 
 def _word_sums(raw: torch.Tensor) -> torch.Tensor:
-    """Row and column sums, modulo 2**32, of the bytes ``raw`` read as 32-bit words laid
-    out in rows of :data:`_DIGEST_COLUMNS` (zero-padded to whole words), followed by the
-    words of the last partial row; computed where the bytes live."""
+    """Sums over the bytes ``raw`` read as 32-bit words (zero-padded to whole words) laid
+    out in rows of :data:`_DIGEST_COLUMNS`: every row's and column's sum of the words as
+    integers modulo 2**32 and every row's sum of the same bits read as float32, followed
+    by the words of the last partial row; computed where the bytes live.
+
+    The integer sums see any change of a single word; the float sums see what integer
+    sums modulo 2**32 cancel: a tensor negated (each word gains 2**31, a whole row of them
+    0 modulo 2**32) or scaled by a power of two (each exponent gains the same step).
+    """
     if raw.numel() % 4:
         raw = torch.cat([raw, raw.new_zeros(4 - raw.numel() % 4)])
     elif raw.storage_offset() % 4:  # a view that starts between two words
@@ -193,8 +199,14 @@ def _word_sums(raw: torch.Tensor) -> torch.Tensor:
     words = raw.view(torch.int32)
     full = words.numel() // _DIGEST_COLUMNS * _DIGEST_COLUMNS
     grid = words[:full].view(-1, _DIGEST_COLUMNS)
+    values = grid.view(torch.float32)  # the same bits; NaN patterns just sum to NaN
     return torch.cat(
-        [grid.sum(dim=1, dtype=torch.int32), grid.sum(dim=0, dtype=torch.int32), words[full:]]
+        [
+            grid.sum(dim=1, dtype=torch.int32),
+            grid.sum(dim=0, dtype=torch.int32),
+            values.sum(dim=1).view(torch.int32),
+            words[full:],
+        ]
     )
 
 
@@ -209,8 +221,9 @@ def quick_model_digest(model: nn.Module) -> str | None:
 
     One pass over the weights and buffers on their own device (no copy to the host
     beyond about one word per 1,024 of the model; small tensors are summed as one
-    concatenation per device); any change to a single value, and any change that is not
-    contrived to keep every row and column sum of the bit patterns, changes it. It stands
+    concatenation per device); any change to a single value, a negation or a scaling by a
+    power of two, and any change that is not contrived to keep every sum of
+    :func:`_word_sums`, changes it. It stands
     in for :func:`model_fingerprint` only through :class:`ModelFingerprints`, never on
     disk.
     """

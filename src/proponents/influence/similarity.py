@@ -624,11 +624,7 @@ class SimilarityInfluence(DataInfluence):
         candidates = _pullback_candidates(modules) if self._kind == "cosine" else []
         extractor = _Extractor(modules, candidates)
         loader = self._loader
-        if (
-            self._fast_rows is None
-            and loader.batch_size is None
-            and (loader.batch_sampler is None)
-        ):
+        if self._fast_rows is None and loader.batch_size is None and (loader.batch_sampler is None):
             extractor.hint = (
                 " (influence_src_dataset is a DataLoader with batch_size=None, which passes "
                 "each item on as it is: unless its items are whole batches already, give "
