@@ -1530,3 +1530,29 @@ def test_a_tensor_dataset_subclass_is_read_through_its_own_methods(tmp_path):
     _check(sim.influence(test, top_k=3)["lin1"], expected)
     with pytest.raises(InvalidArgumentError, match="top_k=11 is out of range"):
         sim.influence(test, top_k=11)
+
+
+def test_a_metric_that_edits_its_arguments_changes_neither_the_store_nor_the_test_rows(
+    tmp_path,
+):
+    """A custom metric that normalises its arguments in place (a cosine by hand): its
+    results equal the cosine brute force, built and from the store, and the store then
+    serves Euclidean distances of the activations as the layer gave them."""
+
+    def cosine_in_place(test, src):
+        test, src = test.view(len(test), -1), src.view(len(src), -1)
+        test /= test.norm(dim=1, keepdim=True)
+        src /= src.norm(dim=1, keepdim=True)
+        return test @ src.T
+
+    model = _seeded(Net)
+    train, test = _data()
+    acts_t, acts_s = _acts(model, "lin1", test), _acts(model, "lin1", train.tensors[0])
+    sim = SimilarityInfluence(model, "lin1", train, tmp_path, batch_size=5,
+                              similarity_metric=cosine_in_place)  # fmt: skip
+    for _ in range(2):  # built, then read from the store
+        _check(sim.influence(test, top_k=6)["lin1"], _brute(acts_t, acts_s, "cosine", "max", 6))
+    near = SimilarityInfluence(model, "lin1", train, tmp_path, batch_size=5,
+                               similarity_metric=euclidean_distance,
+                               similarity_direction="min")  # fmt: skip
+    _check(near.influence(test, top_k=6)["lin1"], _brute(acts_t, acts_s, "euclidean", "min", 6))

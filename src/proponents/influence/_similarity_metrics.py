@@ -201,8 +201,8 @@ class BlockScorer:
       ones even for near-duplicates far from the origin, and reported values carry no
       cancellation error (a vector's distance to itself is exactly 0).
     * ``kind=None``: ``metric(test_rows, block)`` with the activations in their
-      original shape, as contiguous (row-major) tensors, checked to return
-      ``(n_test_rows, n_block)``.
+      original shape, as contiguous (row-major) copies (the metric may change them),
+      checked to return ``(n_test_rows, n_block)``.
 
     For an affine layer the inner products of cosine similarity may instead be taken on
     the layer's input side (see :mod:`proponents.influence._pullback`): after
@@ -566,10 +566,12 @@ class BlockScorer:
 
     def _update_custom(self, block: Tensor, start: int) -> None:
         b = int(block.shape[0])
-        block = block.contiguous()
         for chunk, running in zip(self._chunks, self._running):
-            test = self.test[chunk]
-            sim = self.metric(test, block)
+            # The metric gets copies: one that normalises its arguments in place must not
+            # change the stored activations (or a read-only mapping of them), nor the test
+            # rows the next block is compared with. A copy costs far less than the metric.
+            test = self.test[chunk].clone(memory_format=torch.contiguous_format)
+            sim = self.metric(test, block.clone(memory_format=torch.contiguous_format))
             expected = (int(test.shape[0]), b)
             if not isinstance(sim, Tensor):
                 raise InvalidArgumentError(
