@@ -1556,3 +1556,28 @@ def test_a_metric_that_edits_its_arguments_changes_neither_the_store_nor_the_tes
                                similarity_metric=euclidean_distance,
                                similarity_direction="min")  # fmt: skip
     _check(near.influence(test, top_k=6)["lin1"], _brute(acts_t, acts_s, "euclidean", "min", 6))
+
+
+@pytest.mark.parametrize("model_id", ["src", "inputs", "Inputs"])
+def test_a_model_id_naming_a_folder_of_the_default_model_is_refused(tmp_path, model_id):
+    """``activation_dir/src`` and ``activation_dir/inputs`` belong to ``model_id=""``: a
+    model_id of that name would share its files (saved test activations were lost)."""
+    model = _seeded(Net)
+    train, _ = _data()
+    with pytest.raises(InvalidArgumentError, match=f"model_id={model_id!r} names a folder"):
+        SimilarityInfluence(model, "lin1", train, tmp_path, model_id=model_id)
+
+
+def test_integer_scores_of_a_custom_metric_keep_their_order_and_values(tmp_path):
+    """Integer scores beyond float32's 24 bits (2**30 + i) are ranked and returned exactly
+    (as float64), not rounded to equal float32 values and ranked by index."""
+    x = torch.arange(10.0).reshape(10, 1)
+
+    def score(test, src):
+        return (2**30 + src.reshape(1, -1).long()).expand(test.shape[0], -1)
+
+    sim = SimilarityInfluence(nn.Sequential(nn.Identity()), "0", TensorDataset(x), tmp_path,
+                              batch_size=4, similarity_metric=score)  # fmt: skip
+    idx, val = sim.influence(torch.zeros(1, 1), top_k=3)["0"]
+    assert idx.tolist() == [[9, 8, 7]]
+    assert val.tolist() == [[2**30 + 9, 2**30 + 8, 2**30 + 7]]

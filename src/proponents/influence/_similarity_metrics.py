@@ -586,8 +586,8 @@ class BlockScorer:
                     f"{expected}: one score per (test, source) pair"
                 )
             sim = sim.detach().to(self.device)
-            if not sim.is_floating_point():
-                sim = sim.to(torch.float32)
+            if not sim.is_floating_point():  # integer scores: float64 holds them exactly
+                sim = sim.to(torch.float64)
             self.nan_scores += int(torch.isnan(sim).sum())
             self._offer(running, sim, start)
 

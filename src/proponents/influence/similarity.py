@@ -80,6 +80,8 @@ from proponents.store import ArrayStore, StoredEntry, StoreRebuildWarning, safe_
 
 #: Source activations are scored and written in blocks of about this many bytes.
 BLOCK_BYTES = 32 * 2**20
+#: Folders of ``activation_dir`` itself for ``model_id=""``, so no model_id may name them.
+_RESERVED_DIRS = ("src", "inputs")
 _SRC_KIND = "similarity/source-activations"
 #: Name of the stored array of the source examples' inputs to an affine layer
 #: ``(N, *input_shape)``, kept where they make repeated searches cheaper (see
@@ -108,8 +110,10 @@ class SimilarityInfluence(DataInfluence):
             source activations live in ``activation_dir/model_id/src``.
         model_id: a name for this model (or version of it); activations are kept in a
             subdirectory of that name (escaped, so it cannot point outside
-            ``activation_dir``). Distinct models sharing one directory never see each
-            other's activations either way: entries are checked against the weights.
+            ``activation_dir``; ``"src"`` and ``"inputs"`` are refused: ``model_id=""``
+            keeps its own folders of those names there). Distinct models sharing one
+            directory never see each other's activations either way: entries are
+            checked against the weights.
         similarity_metric: ``f(test, src) -> (n_test, n_src)`` scores, given test
             activations ``(n_test, *features)`` and a block of source activations
             ``(n_src, *features)`` in the layer's own shape, as contiguous tensors. Default
@@ -190,6 +194,12 @@ class SimilarityInfluence(DataInfluence):
         self.channels_last = channels_last
         if not isinstance(model_id, str):
             raise ArgumentTypeError(f"model_id must be a str, got {type(model_id).__name__}")
+        if model_id.lower() in _RESERVED_DIRS:
+            raise InvalidArgumentError(
+                f"model_id={model_id!r} names a folder that activation_dir keeps for "
+                f"model_id='' (its {model_id.lower()}/ folder), so the two would share "
+                "files; choose another model_id"
+            )
         self.model_id = model_id
         if not isinstance(activation_dir, (str, os.PathLike)):
             raise ArgumentTypeError(
