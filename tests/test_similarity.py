@@ -1581,3 +1581,19 @@ def test_integer_scores_of_a_custom_metric_keep_their_order_and_values(tmp_path)
     idx, val = sim.influence(torch.zeros(1, 1), top_k=3)["0"]
     assert idx.tolist() == [[9, 8, 7]]
     assert val.tolist() == [[2**30 + 9, 2**30 + 8, 2**30 + 7]]
+
+
+def test_a_dataloader_yielding_whole_batches_counts_their_examples(tmp_path):
+    """``DataLoader(batches, batch_size=None)``: each item is a whole batch (of 6 and 4
+    examples), so the source set has 10 examples, not 2 (it was refused as yielding more
+    examples than its length)."""
+    model = _seeded(Net)
+    train, test = _data(n=10)
+    x, y = train.tensors
+    loader = DataLoader([(x[:6], y[:6]), (x[6:], y[6:])], batch_size=None)
+    sim = SimilarityInfluence(model, "lin1", loader, tmp_path)
+    expected = _brute(_acts(model, "lin1", test), _acts(model, "lin1", x), "cosine", "max", 10)
+    for _ in range(2):  # built, then read from the store
+        _check(sim.influence(test, top_k=10)["lin1"], expected)
+    with pytest.raises(InvalidArgumentError, match="top_k=11 is out of range"):
+        sim.influence(test, top_k=11)

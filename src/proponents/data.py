@@ -303,7 +303,11 @@ def dataset_length(loader: DataLoader) -> int | None:
     A ``batch_sampler`` of the user's own (not the DataLoader's batching of its sampler)
     decides which examples come, so its batches of indices are counted (no data is
     loaded); a one-shot iterator of batches cannot be counted without being used up.
+    A ``DataLoader(batch_size=None)`` yields its items as they are (whole batches, each
+    of any size): its examples are known only by reading them.
     """
+    if loader.batch_size is None and loader.batch_sampler is None:
+        return None
     custom = loader.batch_sampler
     if custom is not None and not (
         isinstance(custom, BatchSampler) and custom.sampler is loader.sampler
