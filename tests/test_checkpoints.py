@@ -207,6 +207,17 @@ def test_numpy_array_is_still_refused(tmp_path: Path) -> None:
         load_flexible_state_dict(seeded_net(2), path)
 
 
+@pytest.mark.parametrize("content", [b"This is a README", b"PK junk", b"import torch\n"])
+def test_a_text_or_damaged_file_is_called_unreadable_not_unsafe(tmp_path: Path, content) -> None:
+    """A file that is not a pickle at all (the unpickler stops at a byte no pickle has
+    there) is reported as unreadable or damaged, not as holding code to refuse."""
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointLoadError, match="could not be read") as info:
+        load_flexible_state_dict(seeded_net(1), path)
+    assert "refuses to unpickle" not in str(info.value)
+
+
 def test_legacy_serialization_format_loads(tmp_path: Path) -> None:
     source, model = seeded_net(1), seeded_net(2)
     path = tmp_path / "legacy.pt"

@@ -457,3 +457,115 @@ def test_explain_out_that_cannot_be_a_folder_exits_2(capsys, tmp_path, task, whe
     assert code == EXIT_USAGE, err
     assert f"--out {out}" in err and "Traceback" not in err
     assert blocker.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------- task mistakes, output
+def _explain(capsys, path, ckpts, out, *extra):
+    return run_cli(capsys, "explain", "--task", str(path), "--checkpoints", str(ckpts),
+                   "--out", str(out), "--quiet", "--k", "3", *extra)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("addition", "needle"),
+    [
+        ("mislabeled = [-1, 2]", r"mislabeled \[-1\] are outside the 70 training"),
+        ("mislabeled = [1000]", r"mislabeled \[1000\] are outside"),
+        ("mislabeled = ['a']", "mislabeled must be a list of ints or a boolean mask"),
+        ("import numpy as np\nmislabeled = np.ones(5, dtype=bool)", "boolean mask of shape"),
+        ("test_indices = []", "test_indices must be a non-empty list of ints"),
+        ("test_indices = 3", "test_indices must be a non-empty list of ints"),
+        ("test_indices = [True]", "test_indices must be a non-empty list of ints"),
+        ("import sys\nsys.exit(0)", r"called sys.exit\(0\) while loading"),
+        ("loss_fn = nn.CrossEntropyLoss", "loss_fn is the class CrossEntropyLoss"),
+    ],
+)
+def test_task_mistakes_exit_2_naming_the_option_and_leave_no_folder(
+    capsys, tmp_path, task, addition, needle
+):
+    path, ckpts = task
+    path.write_text(path.read_text() + "\n" + addition + "\n")
+    out = tmp_path / "new" / "out"
+    code, _, err = _explain(capsys, path, ckpts, out)
+    assert code == EXIT_USAGE, err
+    assert re.search(needle, err), err
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again
+
+
+def test_a_boolean_mislabeled_mask_marks_those_examples(capsys, tmp_path, task):
+    """``mislabeled`` as a mask of one entry per training example: the report counts the
+    examples it marks (it read the mask's values as indices 0 and 1)."""
+    path, ckpts = task
+    path.write_text(
+        path.read_text() + "\nimport numpy as np\nmislabeled = np.arange(70) % 10 == 0\n"
+    )
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out")
+    assert code == EXIT_OK, err
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "7 labels are known to be wrong" in html
+
+
+def test_a_task_file_with_a_dataclass_loads(tmp_path, task):
+    path, _ = task
+    path.write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n"
+        "@dataclass\nclass Config:\n    lr: float = 0.1\n\ncfg = Config()\n" + path.read_text()
+    )
+    assert load_task(path).options is not None
+
+
+def test_projection_dim_is_refused_for_other_methods(capsys, tmp_path, task):
+    path, ckpts = task
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out", "--projection-dim", "4")
+    assert code == EXIT_USAGE and "--projection-dim is for --method randproj" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_out_is_refused(capsys, tmp_path, task):
+    path, ckpts = task
+    code, _, err = _explain(capsys, path, ckpts, "")
+    assert code == EXIT_USAGE and "--out is empty" in err
+
+
+def test_a_failed_report_write_keeps_the_old_report(capsys, tmp_path, task, monkeypatch):
+    """The report is written through a temporary file: a failure keeps the old one whole
+    (it used to be truncated to 0 bytes), and no temporary file is left."""
+    from proponents.report import builder
+
+    path, ckpts = task
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("OLD")
+    real = Path.write_bytes
+
+    def failing(self, data):
+        if self.name.endswith(".tmp") and "report.html" in self.name:
+            real(self, data[:10])
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(builder.Path, "write_bytes", failing)
+    code, _, err = _explain(capsys, path, ckpts, out)
+    assert code == EXIT_FAILURE and "No space left" in err
+    assert (out / "report.html").read_text() == "OLD"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_demo_refuses_a_checkpoint_folder_holding_other_files(capsys, tmp_path):
+    """``DIR/checkpoints`` with files the demo did not write: exit 2 and every file kept
+    (the demo deleted the user's ckpt-*.pt files there); its own folder is reused."""
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "ckpt-99.pt").write_text("precious")
+    code, _, err = run_cli(capsys, "demo", "--out", str(out), "--epochs", "1", "--quiet",
+                           "--examples", "2", "--k", "2")  # fmt: skip
+    assert code == EXIT_USAGE and "holds files the demo did not write" in err
+    assert (out / "checkpoints" / "ckpt-99.pt").read_text() == "precious"
+    with pytest.raises(InvalidArgumentError, match="holds files the demo did not write"):
+        run_demo(out, epochs=1, k=2, n_wrong=1, n_right=1)
+
+
+def test_demo_randproj_refuses_seeds_beyond_its_projection_seed(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "demo", "--out", str(tmp_path / "o"), "--method",
+                           "randproj", "--seed", str(2**43))  # fmt: skip
+    assert code == EXIT_USAGE and "below 2**43 with method 'randproj'" in err
+    assert not (tmp_path / "o").exists()

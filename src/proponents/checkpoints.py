@@ -435,9 +435,6 @@ def _refusal_detail(message: str) -> str:
     found = re.search(r"GLOBAL\s+([\w.]+)", message)
     if found:
         return f" (it refers to {found.group(1)!r})"
-    found = re.search(r"Unsupported operand \d+", message)
-    if found:
-        return f" ({found.group(0)})"
     return ""
 
 
@@ -519,7 +516,15 @@ def _read_file(path: PathLike, device: torch.device) -> tuple[Any, Any]:
             content = _torch_load(text, device)
     except pickle.UnpicklingError as exc:
         message = str(exc)
-        if "Weights only load failed" in message or "WeightsUnpickler" in message:
+        refused = "Weights only load failed" in message or "WeightsUnpickler" in message
+        opcode = re.search(r"Unsupported operand \d+", message)
+        if refused and opcode and not re.search(r"GLOBAL\s+[\w.]", message):
+            # not a refused object but a byte no pickle has there: text, or damage
+            raise CheckpointLoadError(
+                f"{where} could not be read: it is not a PyTorch checkpoint, or it is "
+                f"truncated or corrupted ({opcode.group(0)} in its pickle data)"
+            ) from exc
+        if refused:
             raise CheckpointLoadError(
                 f"{where} holds pickled Python objects or code"
                 f"{_refusal_detail(message)}, and proponents refuses to unpickle arbitrary "

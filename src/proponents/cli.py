@@ -17,7 +17,8 @@ import sys
 import textwrap
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from proponents.demo import run_demo
-    from proponents.demo.run import check_demo_arguments
+    from proponents.demo.run import check_demo_arguments, check_demo_output
     from proponents.errors import InvalidArgumentError
 
     n_wrong = (args.examples + 1) // 2
@@ -251,7 +252,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         check_demo_arguments(**settings)
     except InvalidArgumentError as exc:
         raise UsageError(str(exc)) from exc
-    result = run_demo(_output_folder(args.out), show_progress=not args.quiet, **settings)
+    with _output_folder(args.out) as out:
+        try:
+            check_demo_output(out)
+        except InvalidArgumentError as exc:
+            raise UsageError(str(exc)) from exc
+        result = run_demo(out, show_progress=not args.quiet, **settings)
     print(result.summary_text())
     return EXIT_OK
 
@@ -311,10 +317,17 @@ def load_task(path: str | Path) -> Task:
     module = importlib.util.module_from_spec(spec)
     folder = str(task_path.resolve().parent)
     sys.path.insert(0, folder)
+    # registered as an imported module is (dataclasses and pickling look it up there)
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         raise
+    except SystemExit as exc:  # sys.exit() or an argument parser in the task file
+        raise UsageError(
+            f"task file {task_path} called sys.exit({exc.code!r}) while loading (an argument "
+            "parser at its top level, say); a task file must only define names"
+        ) from exc
     except BaseException as exc:
         raise UsageError(
             f"task file {task_path} failed while loading{_task_location(exc, task_path)}: "
@@ -357,6 +370,11 @@ def load_task(path: str | Path) -> Task:
             )
         if len(data) == 0:
             raise UsageError(f"task file {task_path}: {name} is empty")
+    if isinstance(module.loss_fn, type):
+        raise UsageError(
+            f"task file {task_path}: loss_fn is the class {module.loss_fn.__name__}, not a loss "
+            f"object; give an instance, e.g. loss_fn = {module.loss_fn.__name__}(reduction='sum')"
+        )
     if not callable(module.loss_fn):
         raise UsageError(
             f"task file {task_path}: loss_fn must be callable as loss_fn(outputs, labels), got "
@@ -397,13 +415,33 @@ def _resolve_checkpoints(folder: str) -> list[Any]:
         raise UsageError(str(exc)) from exc
 
 
-def _output_folder(path: str, option: str = "--out") -> Path:
-    """``path`` as a folder that exists and can be written (created if needed).
+@contextmanager
+def _output_folder(path: str, option: str = "--out") -> Iterator[Path]:
+    """``path`` as a folder that exists and can be written (created if needed), for the
+    body of a ``with``; folders it created are removed again if the body fails before
+    writing into them.
 
     Raises:
-        UsageError: it names an existing file, or cannot be created or written.
+        UsageError: it is empty, names an existing file, or cannot be created or written.
     """
+    if not path:
+        raise UsageError(f"{option} is empty; give the folder to write into")
     folder = Path(path)
+    existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), None)
+    try:
+        yield _make_folder(folder, option)
+    except BaseException:
+        for made in (folder.absolute(), *folder.absolute().parents):
+            if existing is not None and made == existing.absolute():
+                break
+            try:
+                made.rmdir()  # only if still empty
+            except OSError:
+                break
+        raise
+
+
+def _make_folder(folder: Path, option: str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise UsageError(
             f"{option} {folder} is an existing file, not a folder; give a folder to write "
@@ -422,6 +460,19 @@ def _output_folder(path: str, option: str = "--out") -> Path:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.projection_dim is not None and args.method != "randproj":
+        raise UsageError(f"--projection-dim is for --method randproj, not {args.method}")
+    task = load_task(args.task)
+    checkpoints = _resolve_checkpoints(args.checkpoints)
+    with _output_folder(args.out) as out:
+        return _explain(args, task, checkpoints, out, start)
+
+
+def _explain(
+    args: argparse.Namespace, task: Task, checkpoints: list[Any], out: Path, start: float
+) -> int:
+    """The explain command once its inputs are loaded and ``out`` exists."""
     from proponents.checkpoints import load_flexible_state_dict
     from proponents.errors import ArgumentTypeError, InvalidArgumentError
     from proponents.report.analysis import (
@@ -433,10 +484,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from proponents.report.builder import build_report
     from proponents.report.plot import format_detection, require_matplotlib
 
-    start = time.perf_counter()
-    task = load_task(args.task)
-    checkpoints = _resolve_checkpoints(args.checkpoints)
-    out = _output_folder(args.out)
     require_matplotlib()
     options = task.options
     show = not args.quiet
@@ -454,8 +501,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     test_pred, _ = predict(
         task.model, task.test_dataset, None, batch_size, show, "predicting (test)"
     )
+    mislabeled = _indices_option(task, "mislabeled", n_train, "training", allow_mask=True)
     if "test_indices" in options:
-        test_indices = [int(i) for i in options["test_indices"]]
+        test_indices = _indices_option(task, "test_indices", n_test, "test", allow_mask=False)
+        assert test_indices is not None
         bad = [i for i in test_indices if not 0 <= i < n_test]
         if bad:
             raise UsageError(
@@ -490,7 +539,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         # The task's model, layers or loss do not fit the method: a usage problem.
         raise UsageError(f"{args.method} cannot run on this task: {exc}") from exc
 
-    mislabeled = options.get("mislabeled")
     baselines = {"final loss": train_loss} if train_loss is not None else {}
     summary = {
         "task": str(task.path),
@@ -545,6 +593,42 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print(f"Figure: {report_path.parent / report.figure_name}")
     print(f"Time: {time.perf_counter() - start:.1f} s")
     return EXIT_OK
+
+
+def _indices_option(task: Task, name: str, n: int, what: str, allow_mask: bool) -> list[int] | None:
+    """A task option holding example indices, checked: a non-empty sequence of ints in
+    ``[0, n)``, or (``allow_mask``) a boolean mask of ``n`` entries. ``None`` if absent.
+
+    Raises:
+        UsageError: naming the option and what is wrong with it.
+    """
+    import numpy as np
+
+    if name not in task.options:
+        return None
+    value = task.options[name]
+    where = f"task file {task.path}: {name}"
+    try:
+        array = np.asarray(value)
+    except Exception:  # noqa: BLE001 - described below
+        array = np.asarray([None])
+    if allow_mask and array.dtype == bool:
+        if array.shape != (n,):
+            raise UsageError(
+                f"{where} is a boolean mask of shape {array.shape}; it must have one entry "
+                f"per {what} example ({n})"
+            )
+        return [int(i) for i in np.flatnonzero(array)]
+    if array.ndim != 1 or array.dtype.kind not in "iu" or (array.size == 0 and not allow_mask):
+        kind = "a list of ints or a boolean mask" if allow_mask else "a non-empty list of ints"
+        raise UsageError(
+            f"{where} must be {kind} (positions of {what} examples), got {value!r:.80}"
+        )
+    out = [int(i) for i in array]
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"{where} {bad[:10]} are outside the {n} {what} examples")
+    return out
 
 
 # ----------------------------------------------------------------------------- main

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from proponents.errors import ProponentsError
+from proponents.errors import InvalidArgumentError, ProponentsError
 from proponents.progress import Progress
 
 #: Test images held out of the 1797; the rest are training images.
@@ -111,6 +111,27 @@ def load_digits_data(noise: float, seed: int) -> DigitsData:
     return DigitsData(train, test, true_train, flipped.astype(np.int64))
 
 
+#: File the demo leaves in its checkpoint folder: what allows it to replace the folder's
+#: ``ckpt-*.pt`` files at the next run (never files it did not write).
+DEMO_MARKER = ".proponents-demo"
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """Refuse a checkpoint folder that holds files the demo did not write.
+
+    Raises:
+        InvalidArgumentError: the folder exists, is not empty, and has no
+            :data:`DEMO_MARKER`.
+    """
+    if not folder.is_dir() or (folder / DEMO_MARKER).is_file():
+        return
+    if any(folder.iterdir()):
+        raise InvalidArgumentError(
+            f"{folder} holds files the demo did not write, and the demo writes its "
+            "checkpoints there (replacing ckpt-*.pt files); give another output folder"
+        )
+
+
 def train_with_checkpoints(
     model: nn.Module,
     train: TensorDataset,
@@ -134,7 +155,8 @@ def train_with_checkpoints(
         model: the model, trained in place.
         train: the training items ``(x, label)``.
         folder: where ``ckpt-<epoch>.pt`` files are written (created if needed; earlier
-            ``ckpt-*.pt`` files there are removed, so the folder holds this run only).
+            ``ckpt-*.pt`` files there are removed, so the folder holds this run only). A
+            folder the demo did not make (no :data:`DEMO_MARKER` in it) must be empty.
         epochs: number of passes over the data.
         lr: the learning rate.
         final_lr: the learning rate of the last quarter of the epochs.
@@ -145,8 +167,10 @@ def train_with_checkpoints(
     Returns:
         The checkpoint paths, in training order.
     """
+    check_checkpoint_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("ckpt-*.pt"):
+    (folder / DEMO_MARKER).write_text("checkpoints written by proponents demo\n")
+    for old in folder.glob("ckpt-*.pt"):  # an earlier demo's, as the marker says
         old.unlink()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator)

@@ -16,6 +16,7 @@ from torch import nn
 
 from proponents.demo.digits import (
     DigitsCNN,
+    check_checkpoint_folder,
     load_digits_data,
     n_training_digits,
     render_digit,
@@ -156,6 +157,7 @@ def run_demo(
     check_demo_arguments(
         noise=noise, seed=seed, method=method, epochs=epochs, k=k, n_wrong=n_wrong, n_right=n_right
     )
+    check_demo_output(out)
     try:
         require_matplotlib()
     except MissingExtraError as exc:
@@ -169,6 +171,18 @@ def run_demo(
 
 #: Seeds the demo accepts: what both numpy's and torch's generators take.
 SEED_LIMIT = 2**64
+#: ... and with method "randproj", what TracInCPFastRandProj's seed takes.
+RANDPROJ_SEED_LIMIT = 2**43
+
+
+def check_demo_output(out: str | Path) -> None:
+    """Refuse an output folder whose ``checkpoints`` subfolder holds files the demo did
+    not write (it replaces the ``ckpt-*.pt`` files there).
+
+    Raises:
+        InvalidArgumentError: naming the folder.
+    """
+    check_checkpoint_folder(Path(out) / "checkpoints")
 
 
 def check_demo_arguments(
@@ -188,6 +202,10 @@ def check_demo_arguments(
         raise InvalidArgumentError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed < SEED_LIMIT:
         raise InvalidArgumentError(f"seed must be between 0 and 2**64 - 1, got {seed}")
+    if method == "randproj" and seed >= RANDPROJ_SEED_LIMIT:
+        raise InvalidArgumentError(
+            f"seed must be below 2**43 with method 'randproj' (its projection seed), got {seed}"
+        )
     if epochs < 1:
         raise InvalidArgumentError(f"epochs must be at least 1, got {epochs}")
     if k < 1:

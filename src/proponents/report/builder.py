@@ -239,10 +239,23 @@ class InfluenceReport:
         if target.is_dir() or (not target.suffix and not target.exists()):
             target = target / "report.html"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(self.html, encoding="utf-8")
+        # Undecodable bytes of a file name (surrogates) are shown as U+FFFD; each file is
+        # written whole beside its place and moved in, so a failure keeps the old one.
+        _write_whole(target, self.html.encode("utf-8", errors="replace"))
         if self.figure_png is not None:
-            (target.parent / self.figure_name).write_bytes(self.figure_png)
+            _write_whole(target.parent / self.figure_name, self.figure_png)
         return target
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class _Examples:
