@@ -384,3 +384,31 @@ def test_cosine_and_euclidean_share_one_store(tmp_path, monkeypatch):
         _check(result, _expected(model, "up", test, x, second, direction, 6))
         assert seen == []
         monkeypatch.undo()
+
+
+def test_inputs_the_layer_cancels_are_scored_directly(tmp_path):
+    """A Linear whose rows sum to zero cancels an offset added to all but a few inputs:
+    their input-side products carry rounding of the offset's size (neighbours came out
+    in the wrong order). Such blocks are scored on the activations; the neighbours and
+    cosines equal a float64 brute force, built and from the store, and the inputs are
+    still stored (blocks without the offset keep the input side)."""
+    torch.manual_seed(9)
+    lin = nn.Linear(8, 64)
+    with torch.no_grad():
+        lin.weight -= lin.weight.mean(1, keepdim=True)  # lin(x + c) == lin(x)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=g)
+    x[8:] += 1e5
+    test = x[100:101] - 1e5  # source 100 is its exact match
+    x[5] = test[0] + 0.05 * torch.randn(8, generator=g)  # a near match without offset
+    model = nn.Sequential(lin)
+    sim = SimilarityInfluence(model, "0", TensorDataset(x), tmp_path, batch_size=50)
+    with torch.no_grad():
+        acts_s, acts_t = lin(x).double(), lin(test).double()
+    reference = (acts_t / acts_t.norm()) @ (acts_s / acts_s.norm(dim=1, keepdim=True)).T
+    order = torch.sort(reference, dim=1, descending=True, stable=True)
+    for _ in range(2):
+        idx, val = sim.influence(test, top_k=3)["0"]
+        assert idx.tolist() == order.indices[:, :3].tolist()
+        torch.testing.assert_close(val.double(), order.values[:, :3], rtol=0, atol=1e-6)
+    assert _stored_arrays(tmp_path, "0") == WITH_INPUTS

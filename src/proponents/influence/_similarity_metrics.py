@@ -22,6 +22,9 @@ from proponents.influence._rounding import dot_error_factor, product_roundoff
 SCRATCH_BYTES = 64 * 2**20
 #: Bytes of float64 differences per step of the exact Euclidean distances (cache-sized).
 EXACT_SCRATCH_BYTES = 2 * 2**20
+#: How much more rounding the input-side products may carry than the direct ones before
+#: a block is scored directly (see :meth:`BlockScorer._pulled_accurately`).
+PULLBACK_SLACK = 4.0
 
 
 def _flat(x: Tensor, name: str) -> Tensor:
@@ -311,6 +314,28 @@ class BlockScorer:
         rows, offsets = rows.to(self.dtype), offsets.to(self.dtype)[:, None]
         rows, offsets = rows * self._scale(), offsets * self._scale()
         self._pulled_left = (rows, offsets)
+        # ‖Aᵀ t̂‖ of the unit test rows: how much the input side can magnify rounding
+        finite = torch.linalg.vector_norm(rows, dim=1).nan_to_num(0.0, 0.0, 0.0)
+        self._pull_gain = float(finite.max()) if finite.numel() else 0.0
+
+    def _pulled_accurately(self, inputs: Tensor, s_norm: Tensor) -> bool:
+        """Whether the input-side products of this block round about as finely as the
+        direct ones.
+
+        The rounding error of ``⟨Aᵀ t̂, x⟩`` grows with ``‖Aᵀ t̂‖ ‖x‖ √m``, that of the
+        direct ``⟨t̂, s⟩`` with ``‖s‖ √d`` (``m`` input, ``d`` output features). Inputs
+        with large components the layer cancels (an offset in the null space of its
+        weight) make the first far larger than the second, and can reorder neighbours;
+        such a block (any of its rows more than :data:`PULLBACK_SLACK` times) is scored
+        directly.
+        """
+        x_norm = torch.linalg.vector_norm(inputs, dim=1)
+        usable = (s_norm > 0) & torch.isfinite(s_norm) & torch.isfinite(x_norm)
+        if not bool(usable.any()):
+            return True  # zero or non-finite rows are handled by the scoring itself
+        ratio = float((x_norm[usable] / s_norm[usable]).max())
+        m = int(inputs.shape[1])
+        return self._pull_gain * ratio * math.sqrt(m) <= PULLBACK_SLACK * math.sqrt(self.features)
 
     @property
     def pulled_back(self) -> bool:
@@ -362,6 +387,12 @@ class BlockScorer:
             product = pulled.reshape(b, -1)
             if product.dtype != self.dtype:
                 product = product.to(self.dtype)
+            if not self._pulled_accurately(product, norms.to(self.device, self.dtype)):
+                # inputs the layer mostly cancels: their products would carry rounding
+                # far beyond the direct product's, so this block is scored directly
+                pulled = None
+                s = s.to(self.device, self.dtype)
+                product = s
         else:
             if s.dtype != self.dtype:
                 s = s.to(self.dtype)
