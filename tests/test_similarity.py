@@ -1597,3 +1597,9 @@ def test_a_dataloader_yielding_whole_batches_counts_their_examples(tmp_path):
         _check(sim.influence(test, top_k=10)["lin1"], expected)
     with pytest.raises(InvalidArgumentError, match="top_k=11 is out of range"):
         sim.influence(test, top_k=11)
+
+
+def test_a_model_with_lazy_parameters_is_refused_with_the_fix(tmp_path):
+    train, _ = _data()
+    with pytest.raises(InvalidArgumentError, match=r"0\.weight, 0\.bias: lazy modules.*run it"):
+        SimilarityInfluence(nn.Sequential(nn.LazyLinear(3)), "0", train, tmp_path)

@@ -28,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -157,6 +158,17 @@ class SimilarityInfluence(DataInfluence):
         **kwargs: Any,
     ) -> None:
         check_model(module, "module", "SimilarityInfluence")
+        lazy = [
+            name
+            for name, t in (*module.named_parameters(), *module.named_buffers())
+            if isinstance(t, (UninitializedParameter, UninitializedBuffer))
+        ]
+        if lazy:
+            raise InvalidArgumentError(
+                f"SimilarityInfluence: module has parameters whose shapes are not known yet "
+                f"({', '.join(lazy[:5])}: lazy modules such as nn.LazyLinear); run it once on "
+                "a batch of inputs first, so that they are created"
+            )
         unknown = sorted(set(kwargs) - set(_INIT_KWARGS))
         if unknown:
             raise ArgumentTypeError(
