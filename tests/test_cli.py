@@ -477,6 +477,8 @@ def _explain(capsys, path, ckpts, out, *extra):
         ("test_indices = [True]", "test_indices must be a non-empty list of ints"),
         ("import sys\nsys.exit(0)", r"called sys.exit\(0\) while loading"),
         ("loss_fn = nn.CrossEntropyLoss", "loss_fn is the class CrossEntropyLoss"),
+        ("test_dataset = TensorDataset(tokens[70:])", r"test_dataset items must be \(\*inputs"),
+        ("train_dataset = [{'x': t} for t in tokens[:70]]", "item 0 is a dict"),
     ],
 )
 def test_task_mistakes_exit_2_naming_the_option_and_leave_no_folder(

@@ -370,6 +370,20 @@ def load_task(path: str | Path) -> Task:
             )
         if len(data) == 0:
             raise UsageError(f"task file {task_path}: {name} is empty")
+        try:
+            first = data[0]
+        except Exception as exc:
+            raise UsageError(
+                f"task file {task_path}: reading item 0 of {name} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(first, (tuple, list)) or len(first) < 2:
+            shown = type(first).__name__
+            size = f" of {len(first)}" if isinstance(first, (tuple, list)) else ""
+            raise UsageError(
+                f"task file {task_path}: {name} items must be (*inputs, label) tuples, but "
+                f"item 0 is a {shown}{size}; give each example its label (TensorDataset(x, y))"
+            )
     if isinstance(module.loss_fn, type):
         raise UsageError(
             f"task file {task_path}: loss_fn is the class {module.loss_fn.__name__}, not a loss "
