@@ -119,10 +119,10 @@ def _spy_on_input_side_updates(monkeypatch) -> list[str]:
     seen: list[str] = []
     update = metrics.BlockScorer.update
 
-    def spy(self, block, start, norms=None, norms_clean=False, pulled=None):
+    def spy(self, block, start, norms=None, norms_clean=False, pulled=None, input_ratio=None):
         if pulled is not None:
             seen.append(self.layer)
-        return update(self, block, start, norms, norms_clean, pulled)
+        return update(self, block, start, norms, norms_clean, pulled, input_ratio)
 
     monkeypatch.setattr(metrics.BlockScorer, "update", spy)
     return seen

@@ -379,7 +379,12 @@ def _attributes(obj: Any) -> dict[str, Any] | None:
 WHOLE_PROBE = "tensors:"
 
 
-def dataset_probe(dataset: Any, n_items: int = 5, include_type: bool = True) -> str | None:
+def dataset_probe(
+    dataset: Any,
+    n_items: int = 5,
+    include_type: bool = True,
+    versions: dict[int, tuple[int, int]] | None = None,
+) -> str | None:
     """Hash of a few items spread over a map-style dataset (first, last, in between),
     and, for a ``TensorDataset``, of every value of its tensors.
 
@@ -393,7 +398,8 @@ def dataset_probe(dataset: Any, n_items: int = 5, include_type: bool = True) -> 
     gives the same probe at every call instead of looking like a new dataset. With
     ``include_type`` false the dataset's class does not count, only its length and the
     items (the same examples behind another wrapper give the same items part). Returns
-    ``None`` when the dataset cannot be indexed.
+    ``None`` when the dataset cannot be indexed. ``versions`` is passed to
+    :func:`tensor_fingerprint`.
     """
     try:
         n = len(dataset)
@@ -415,7 +421,7 @@ def dataset_probe(dataset: Any, n_items: int = 5, include_type: bool = True) -> 
 
     if not isinstance(dataset, TensorDataset):
         return digest.hexdigest()
-    whole = "".join(tensor_fingerprint(t) for t in dataset.tensors)
+    whole = "".join(tensor_fingerprint(t, versions) for t in dataset.tensors)
     return f"{WHOLE_PROBE}{digest.hexdigest()}:{hashlib.sha256(whole.encode()).hexdigest()}"
 
 
@@ -471,20 +477,35 @@ def probes_differ(saved: str | None, now: str | None) -> bool:
 _TENSOR_DIGESTS: dict[int, tuple[weakref.ref, str, str]] = {}
 
 
-def tensor_fingerprint(tensor: torch.Tensor) -> str:
+def tensor_fingerprint(
+    tensor: torch.Tensor, versions: dict[int, tuple[int, int]] | None = None
+) -> str:
     """SHA-256 over a tensor's dtype, shape and values, kept between calls.
 
-    It is computed again only when a cheap digest of the tensor (row and column sums of
-    its bit patterns, taken on its own device) changes, so asking again for a large
-    dataset's tensors costs one pass of sums, not a copy to the host and a hash.
+    It is computed again only when a cheap digest of the tensor (sums of its bit
+    patterns, taken on its own device) changes, so asking again for a large dataset's
+    tensors costs one pass of sums, not a copy to the host and a hash.
+
+    ``versions`` (a caller's own dict, kept between its calls) skips even that: a tensor
+    whose version counter and storage are the ones this caller last saw is not read at
+    all. Every edit through torch bumps the counter; one through a NumPy view or
+    ``.data`` does not, and is seen only by a caller with another dict (for callers that
+    run often against data of many megabytes, where a pass would cost more than the work).
     """
+    hit = _TENSOR_DIGESTS.get(id(tensor))
+    if hit is not None and hit[0]() is not tensor:
+        hit = None
+    state = (tensor._version, tensor.data_ptr() if tensor.layout == torch.strided else 0)
+    if versions is not None:
+        if hit is not None and versions.get(id(tensor)) == state:
+            return hit[2]
+        versions[id(tensor)] = state
     raw = _plain_bytes(tensor)
     quick = None
     if raw is not None:
         head = f"{tensor.dtype}:{tuple(tensor.shape)}:{tensor.device}:"
         quick = hashlib.sha256(head.encode() + bytes(tensor_bytes(_word_sums(raw)))).hexdigest()
-        hit = _TENSOR_DIGESTS.get(id(tensor))
-        if hit is not None and hit[0]() is tensor and hit[1] == quick:
+        if hit is not None and hit[1] == quick:
             return hit[2]
     digest = hashlib.sha256()
     hash_object(tensor, digest)

@@ -248,6 +248,8 @@ class BlockScorer:
         self.device = test.device
         self.nonfinite_src = 0
         self.nan_scores = 0
+        #: The :meth:`input_ratio` of the last block scored on the input side.
+        self.last_input_ratio: float | None = None
         rows = max(1, SCRATCH_BYTES // (8 * max(1, max_block_rows)))
         self._chunks = [
             slice(r, min(r + rows, self.n_test)) for r in range(0, max(self.n_test, 1), rows)
@@ -318,7 +320,18 @@ class BlockScorer:
         finite = torch.linalg.vector_norm(rows, dim=1).nan_to_num(0.0, 0.0, 0.0)
         self._pull_gain = float(finite.max()) if finite.numel() else 0.0
 
-    def _pulled_accurately(self, inputs: Tensor, s_norm: Tensor) -> bool:
+    @staticmethod
+    def input_ratio(inputs: Tensor, s_norm: Tensor) -> float:
+        """``max ‖x_j‖ / ‖s_j‖`` over a block's rows with a finite, non-zero activation
+        norm (0 when there is none): what :meth:`update` compares input-side rounding
+        by. It depends on the source rows only, so a caller may keep it per block."""
+        x_norm = torch.linalg.vector_norm(inputs, dim=1)
+        usable = (s_norm > 0) & torch.isfinite(s_norm) & torch.isfinite(x_norm)
+        if not bool(usable.any()):
+            return 0.0  # zero or non-finite rows are handled by the scoring itself
+        return float((x_norm[usable] / s_norm[usable]).max())
+
+    def _pulled_accurately(self, ratio: float, m: int) -> bool:
         """Whether the input-side products of this block round about as finely as the
         direct ones.
 
@@ -329,12 +342,6 @@ class BlockScorer:
         such a block (any of its rows more than :data:`PULLBACK_SLACK` times) is scored
         directly.
         """
-        x_norm = torch.linalg.vector_norm(inputs, dim=1)
-        usable = (s_norm > 0) & torch.isfinite(s_norm) & torch.isfinite(x_norm)
-        if not bool(usable.any()):
-            return True  # zero or non-finite rows are handled by the scoring itself
-        ratio = float((x_norm[usable] / s_norm[usable]).max())
-        m = int(inputs.shape[1])
         return self._pull_gain * ratio * math.sqrt(m) <= PULLBACK_SLACK * math.sqrt(self.features)
 
     @property
@@ -349,6 +356,7 @@ class BlockScorer:
         norms: Tensor | None = None,
         norms_clean: bool = False,
         pulled: Tensor | None = None,
+        input_ratio: float | None = None,
     ) -> None:
         """Score source rows ``start : start + len(block)``.
 
@@ -363,6 +371,8 @@ class BlockScorer:
             pulled: ``(b, *in_shape)`` layer inputs of the block's source examples,
                 for the inner products on the input side (after :meth:`pull_back`);
                 without them the product is taken with ``block``.
+            input_ratio: this block's :meth:`input_ratio`, if kept from an earlier call
+                (computed otherwise; :attr:`last_input_ratio` holds it after the call).
         """
         b = int(block.shape[0])
         if b == 0:
@@ -387,7 +397,10 @@ class BlockScorer:
             product = pulled.reshape(b, -1)
             if product.dtype != self.dtype:
                 product = product.to(self.dtype)
-            if not self._pulled_accurately(product, norms.to(self.device, self.dtype)):
+            if input_ratio is None:
+                input_ratio = self.input_ratio(product, norms.to(self.device, self.dtype))
+            self.last_input_ratio = input_ratio
+            if not self._pulled_accurately(input_ratio, int(product.shape[1])):
                 # inputs the layer mostly cancels: their products would carry rounding
                 # far beyond the direct product's, so this block is scored directly
                 pulled = None

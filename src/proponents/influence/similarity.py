@@ -242,6 +242,10 @@ class SimilarityInfluence(DataInfluence):
             self._fast_rows = (0, None)
         # Store entries kept open between calls (see _keep_open), closed with the object.
         self._open_entries: dict[str, StoredEntry] = {}
+        #: Version counters of the source tensors at the last call (see _probe).
+        self._seen_versions: dict[int, tuple[int, int]] = {}
+        #: Per layer, the open entry and its blocks' input ratios (see _score_entries).
+        self._input_ratios: dict[str, tuple[StoredEntry, dict[int, float]]] = {}
         weakref.finalize(self, _close_entries, self._open_entries)
         # Layout choices are remembered per model (see _LAYOUTS), not per object.
         self._layouts = _LAYOUTS.setdefault(module, {})
@@ -456,7 +460,9 @@ class SimilarityInfluence(DataInfluence):
     def _probe(self) -> str | None:
         """The source dataset's :func:`dataset_probe`, with the order a DataLoader reads it
         in when that is not the plain sequential one (see :func:`_sampler_order`)."""
-        probe = dataset_probe(self._loader.dataset)
+        # Asked at every call: this object digests a TensorDataset's tensors again only
+        # after torch edited them (a pass over the source set costs more than a search)
+        probe = dataset_probe(self._loader.dataset, versions=self._seen_versions)
         if not isinstance(self.influence_src_dataset, DataLoader):
             return probe
         order = _sampler_order(self._loader)
@@ -603,6 +609,11 @@ class SimilarityInfluence(DataInfluence):
                     scorer.pull_back(*pullback.pull(test[layer], scorer.dtype))
                 norms = torch.from_numpy(entry.read("norms"))
                 clean = math.isfinite(float(norms.sum())) and not bool((norms == 0).any())
+                # per block, what the input-side rounding check reads from the source
+                # rows: kept with the open entry, so a repeated call reads no norms again
+                kept = self._input_ratios.get(layer)
+                if kept is None or kept[0] is not entry:
+                    kept = self._input_ratios[layer] = (entry, {})
                 for start in range(0, n, rows):
                     stop = min(n, start + rows)
                     pulled = None
@@ -613,7 +624,16 @@ class SimilarityInfluence(DataInfluence):
                     block = torch.from_numpy(entry.memmap("activations", start, stop))
                     if pulled is None:
                         block = _on(block, device)
-                    scorer.update(block, start, norms[start:stop], norms_clean=clean, pulled=pulled)
+                    scorer.update(
+                        block,
+                        start,
+                        norms[start:stop],
+                        norms_clean=clean,
+                        pulled=pulled,
+                        input_ratio=kept[1].get(start),
+                    )
+                    if pulled is not None and scorer.last_input_ratio is not None:
+                        kept[1][start] = scorer.last_input_ratio
                     del block, pulled
                     bar.update()
                 results[layer] = self._finish(scorer)
