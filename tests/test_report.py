@@ -106,6 +106,31 @@ def test_text_is_escaped():
     assert is_image and 'alt="&quot;&gt;&lt;script&gt;"' in html
 
 
+@pytest.mark.parametrize(
+    ("data", "mime"),
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)), "image/jpeg"),
+        (b"GIF89a" + bytes(range(256)), "image/gif"),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(range(256)), "image/webp"),
+    ],
+)
+def test_encoded_images_of_other_formats_are_shown_as_images(data, mime):
+    """render() returning JPEG, GIF or WebP bytes: an image of that type (their bytes
+    were decoded as text, control characters and all, into the page)."""
+    import base64
+
+    html, is_image = example_html(data, alt="x")
+    assert is_image and f'src="data:{mime};base64,{base64.b64encode(data).decode()}"' in html
+
+
+def test_bytes_that_are_neither_text_nor_an_image_are_described_not_dumped():
+    html, is_image = example_html(bytes(range(256)), alt="x")
+    assert not is_image and "&lt;256 bytes: not UTF-8 text" in html
+    assert "\x00" not in html and "\x07" not in html
+    html, _ = example_html("héllo".encode(), alt="x")
+    assert "héllo" in html  # UTF-8 text bytes are text
+
+
 # ------------------------------------------------------------------------- building
 def test_report_for_a_notebook_and_a_file(tmp_path):
     report = build_report(**image_case(), title="My <report>")

@@ -64,9 +64,23 @@ def png_bytes(image: np.ndarray) -> bytes:
     )
 
 
-def data_uri(png: bytes) -> str:
-    """A ``data:image/png;base64,…`` URI holding ``png``."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def data_uri(png: bytes, mime: str = "image/png") -> str:
+    """A ``data:image/png;base64,…`` URI holding ``png`` (or an image of type ``mime``)."""
+    return f"data:{mime};base64," + base64.b64encode(png).decode("ascii")
+
+
+def image_type(data: bytes) -> str | None:
+    """The MIME type of encoded image bytes a browser shows (PNG, JPEG, GIF, WebP), by
+    their signature, or ``None``."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
 
 
 def _to_numpy(value: Any) -> np.ndarray | None:
@@ -130,7 +144,10 @@ def _text_of(value: Any) -> str:
         more = ", …" if flat.size > 64 else ""
         return f"[{shown}{more}]"
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:  # neither text nor an image we know: say what it is
+            return f"<{len(value)} bytes: not UTF-8 text, nor a PNG, JPEG, GIF or WebP image>"
     return value if isinstance(value, str) else repr(value)
 
 
@@ -139,15 +156,17 @@ def example_html(value: Any, alt: str) -> tuple[str, bool]:
 
     Args:
         value: the rendered example: an image array/tensor, an object with ``_repr_png_``
-            (a PIL image, say), PNG ``bytes``, a string, or anything else (shown as its repr).
+            (a PIL image, say), PNG, JPEG, GIF or WebP ``bytes``, UTF-8 text ``bytes``, a
+            string, or anything else (shown as its repr).
         alt: alternative text of the image (escaped here).
 
     Returns:
         ``(html, is_image)``.
     """
     png: bytes | None = None
-    if isinstance(value, bytes) and value.startswith(b"\x89PNG"):
-        png = value
+    mime = "image/png"
+    if isinstance(value, bytes) and image_type(value) is not None:
+        png, mime = value, image_type(value) or mime
     elif hasattr(value, "_repr_png_") and not isinstance(value, (torch.Tensor, np.ndarray)):
         try:
             png = value._repr_png_()
@@ -159,7 +178,8 @@ def example_html(value: Any, alt: str) -> tuple[str, bool]:
             png = png_bytes(enlarge(image))
     if png is not None:
         return (
-            f'<img class="ex-img" src="{data_uri(png)}" alt="{html.escape(alt, quote=True)}">',
+            f'<img class="ex-img" src="{data_uri(png, mime)}" '
+            f'alt="{html.escape(alt, quote=True)}">',
             True,
         )
     text = _text_of(value)
