@@ -1605,3 +1605,18 @@ def test_a_model_with_lazy_parameters_is_refused_with_the_fix(tmp_path):
     train, _ = _data()
     with pytest.raises(InvalidArgumentError, match=r"0\.weight, 0\.bias: lazy modules.*run it"):
         SimilarityInfluence(nn.Sequential(nn.LazyLinear(3)), "0", train, tmp_path)
+
+
+def test_the_public_cosine_scores_a_zero_vector_zero_against_non_finite_ones(tmp_path):
+    """``cosine_similarity`` as a function gives a zero vector 0 against NaN and inf
+    vectors too (it gave NaN), as SimilarityInfluence scores those pairs."""
+    src = torch.tensor([[1.0, float("nan"), 0.0], [float("inf"), 0.0, 0.0], [1.0, 2.0, 3.0]])
+    test = torch.tensor([[0.0, 0.0, 0.0], [3.0, 2.0, 1.0]])
+    got = cosine_similarity(test, src)
+    assert got[0].tolist() == [0.0, 0.0, 0.0]
+    assert bool(got[1, :2].isnan().all()) and abs(float(got[1, 2]) - 10 / 14) < 1e-6
+    assert cosine_similarity(src, torch.zeros(2, 3)).tolist() == [[0.0, 0.0]] * 3
+    sim = SimilarityInfluence(nn.Sequential(nn.Identity()), "0", TensorDataset(src), tmp_path)
+    with pytest.warns(RuntimeWarning):
+        idx, val = sim.influence(test[:1], top_k=3)["0"]
+    assert val.tolist() == [[0.0, 0.0, 0.0]]

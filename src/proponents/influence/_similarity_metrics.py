@@ -43,7 +43,8 @@ def cosine_similarity(test: Tensor, src: Tensor) -> Tensor:
     """Pairwise cosine similarity of flattened feature vectors.
 
     A pair that involves an all-zero vector has similarity 0 (its direction is
-    undefined; 0 is what an orthogonal vector would get).
+    undefined; 0 is what an orthogonal vector would get), also when the other vector is
+    not finite, as :class:`SimilarityInfluence` scores it.
 
     Args:
         test: ``(n_test, *features)``.
@@ -64,7 +65,11 @@ def cosine_similarity(test: Tensor, src: Tensor) -> Tensor:
     s_norm = torch.linalg.vector_norm(s, dim=1)
     t_hat = t * _safe_inverse(t_norm)[:, None]
     s_hat = s * _safe_inverse(s_norm)[:, None]
-    return (t_hat @ s_hat.T).clamp_(-1.0, 1.0)
+    out = (t_hat @ s_hat.T).clamp_(-1.0, 1.0)
+    # a zero vector scores 0 with every vector, a non-finite one too (0 * NaN is NaN)
+    out[t_norm == 0, :] = 0.0
+    out[:, s_norm == 0] = 0.0
+    return out
 
 
 def euclidean_distance(test: Tensor, src: Tensor) -> Tensor:
