@@ -131,6 +131,39 @@ def test_bytes_that_are_neither_text_nor_an_image_are_described_not_dumped():
     assert "héllo" in html  # UTF-8 text bytes are text
 
 
+def test_only_class_predictions_are_marked_wrong():
+    """Class labels with a wrong class prediction get the "wrong" mark; a regression
+    (float labels and predictions) and string labels never do (every card was red)."""
+    from proponents.report.analysis import pick_test_examples
+
+    case = image_case()
+    html = build_report(**case).html
+    assert 'class="wrong">predicted: two' in html  # test #4: label one, predicted two
+    g = torch.Generator().manual_seed(1)
+    for labels in (torch.rand(30, generator=g), None):
+        regression = dict(case, label_names=None)
+        values = torch.rand(30, generator=g)
+        if labels is None:  # string labels through a dataset of (x, str) items
+            regression["train_dataset"] = [(x, "cat") for x, _ in case["train_dataset"]]
+            regression["test_dataset"] = [(x, "dog") for x, _ in case["test_dataset"]]
+        else:
+            regression["train_dataset"] = TensorDataset(case["train_dataset"].tensors[0], labels)
+            regression["test_dataset"] = TensorDataset(
+                case["test_dataset"].tensors[0], torch.rand(5, generator=g)
+            )
+        regression["train_predictions"] = values
+        regression["test_predictions"] = [0.25, 0.5, 0.75]
+        regression["mislabeled"] = regression["baselines"] = None
+        assert 'class="wrong"' not in build_report(**regression).html
+    # without classes nothing is "misclassified": the first examples are taken
+    picked = pick_test_examples(np.array([0.5, 1.5, 2.5]), np.array([1.0, 1.5, 0.0]), 1, 1)
+    assert picked.tolist() == [0, 1]
+    strings = pick_test_examples(np.array(["a", "b", "c"]), np.array([0, 1, 2]), 2, 0)
+    assert strings.tolist() == [0, 1]
+    classes = pick_test_examples(np.array([0, 1, 2]), np.array([0, 2, 2]), 1, 1)
+    assert classes.tolist() == [1, 0]  # misclassified first, then a correct one
+
+
 # ------------------------------------------------------------------------- building
 def test_report_for_a_notebook_and_a_file(tmp_path):
     report = build_report(**image_case(), title="My <report>")

@@ -182,8 +182,13 @@ def pick_test_examples(
     """The first ``n_wrong`` misclassified and first ``n_right`` correct test examples.
 
     When there are fewer of one kind, the other fills the gap, so ``n_wrong + n_right``
-    examples are returned whenever the test set has that many.
+    examples are returned whenever the test set has that many. Without class labels and
+    class predictions (a regression, string labels), nothing is misclassified: the first
+    ``n_wrong + n_right`` examples are returned.
     """
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if labels.dtype.kind not in "iub" or predictions.dtype.kind not in "iub":
+        return np.arange(min(len(labels), n_wrong + n_right), dtype=np.int64)
     wrong = np.flatnonzero(predictions != labels)
     right = np.flatnonzero(predictions == labels)
     take_wrong = min(len(wrong), n_wrong + max(0, n_right - len(right)))

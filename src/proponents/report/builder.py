@@ -312,7 +312,13 @@ class _Examples:
             prediction = self.predictions[index]
         if prediction is not None:
             pred_text = self.label_text(prediction)
-            wrong = label_text is not None and pred_text != label_text
+            # only a class can be wrong: a regression value or a string label is shown
+            wrong = (
+                label_text is not None
+                and _is_class(label)
+                and _is_class(prediction)
+                and pred_text != label_text
+            )
             css = ' class="wrong"' if wrong else ""
             lines.append(f"<span{css}>predicted: {html.escape(pred_text)}</span>")
         if score is not None:
@@ -321,6 +327,21 @@ class _Examples:
         if bad:
             lines.append('<span class="badge">known bad</span>')
         return _Card(body, is_image, lines, bad=bad, test=test)
+
+
+def _is_class(value: Any) -> bool:
+    """Whether ``value`` is one integer (a class index): a Python or NumPy integer, or a
+    one-element integer tensor or array."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    if isinstance(value, torch.Tensor):
+        integer = not (value.dtype.is_floating_point or value.dtype.is_complex)
+        return value.numel() == 1 and integer and value.dtype != torch.bool
+    if isinstance(value, np.ndarray):
+        return value.size == 1 and value.dtype.kind in "iu"
+    return False
 
 
 def _kv_table(rows: Mapping[str, Any]) -> str:
