@@ -794,3 +794,40 @@ def test_a_one_shot_batch_sampler_is_refused(tmp_path):
     with pytest.raises(InvalidArgumentError, match="batch_sampler is a one-shot iterator"):
         TracInCP(case.model, one_shot, paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
                  sample_wise_grads_per_batch=True)  # fmt: skip
+
+
+class _StringLabels(Dataset):
+    def __init__(self, x, y) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], ["zero", "one", "two"][int(self.y[i])]
+
+
+class _NamedClassLoss(nn.Module):
+    """Cross-entropy over labels given as class names (a list of strings per batch)."""
+
+    reduction = "sum"
+
+    def forward(self, out, names):
+        targets = torch.tensor([["zero", "one", "two"].index(n) for n in names])
+        return nn.functional.cross_entropy(out, targets, reduction="sum")
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.func.vmap could not run this model")
+def test_labels_given_as_a_list_of_strings_are_taken_per_example(tmp_path):
+    """Class names as labels, for a loss that maps them to classes: every path that takes
+    one example at a time (the strategy check, the per-example loop) takes that example's
+    name (all of them reached the loss, which then failed on mismatched sizes); the scores
+    equal those of the same data with integer labels and plain cross-entropy."""
+    case = make_case("cnn", tmp_path, n_train=10)  # a conv layer and the generic path
+    paths = [str(p) for p in case.checkpoints]
+    names = _StringLabels(case.train_inputs[0], case.train_labels)
+    t = TracInCP(case.model, names, paths, loss_fn=_NamedClassLoss(), batch_size=4,
+                 sample_wise_grads_per_batch=True)  # fmt: skip
+    test_names = [["zero", "one", "two"][int(v)] for v in case.test_labels]
+    assert_close(t.influence(case.test_inputs, test_names), reference_scores(case))
+    assert_close(t.self_influence(), reference_self(case))

@@ -479,6 +479,28 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def is_label_list(labels: Any, n: int) -> bool:
+    """Whether ``labels`` is a list (or tuple) with one label per example of a batch of
+    ``n`` (strings, say), rather than several tasks' tensors with the examples in dim 0:
+    such a list is sliced itself, never its items."""
+    return isinstance(labels, (list, tuple)) and len(labels) == n and _task_rows(labels) != n
+
+
+def example_labels(labels: Any, i: int, n: int) -> Any:
+    """The labels of example ``i`` of a batch of ``n``, as a batch of one: tensors with a
+    row per example sliced (also inside tuples, lists and dicts), a per-example label
+    list sliced itself (:func:`is_label_list`), anything else as it is."""
+    if is_label_list(labels, n):
+        return labels[i : i + 1]
+    if holds_examples(labels, n):
+        return labels[i : i + 1]
+    if isinstance(labels, (tuple, list)):
+        return type(labels)(example_labels(v, i, n) for v in labels)
+    if isinstance(labels, dict):
+        return {k: example_labels(v, i, n) for k, v in labels.items()}
+    return labels
+
+
 def holds_examples(x: Any, n: int) -> bool:
     """Whether ``x`` is a tensor with one row per example of a batch of ``n``: its dim 0
     is ``n``. Any other value (a shared ``(T, T)`` mask, a scalar) is common to all."""
@@ -511,12 +533,7 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
         return x
 
     labels = batch.labels
-    # a list with one label per example (not several tasks' tensors) is sliced itself
-    per_example = (
-        isinstance(labels, (list, tuple))
-        and len(labels) == batch.size
-        and _task_rows(labels) != batch.size
-    )
+    per_example = is_label_list(labels, batch.size)
     return [
         Batch(
             inputs=tuple(part(x, s) for x in batch.inputs),

@@ -32,6 +32,7 @@ from proponents.data import (
     chunk_batch,
     copy_batch,
     copy_layout,
+    example_labels,
     holds_examples,
     in_channels_last,
     is_image,
@@ -454,7 +455,7 @@ class GradientEngine:
         with torch.enable_grad():
             slots = slot_names(self.model)
             out = call_with(self.model, {**params, **leaves, **buffers}, inputs, slots)
-            value = self.loss.example_loss(out, tree_map(pick, example.labels))
+            value = self.loss.example_loss(out, example_labels(example.labels, i, batch.size))
             grads = grads_or_zeros(value, [leaves[n] for n in names])
         after = [a._version for a in tree_leaves(inputs) if isinstance(a, Tensor)]
         if after != versions:  # the model edits its input in place

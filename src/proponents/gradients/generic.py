@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-from proponents.data import Batch, copy_batch, holds_examples
+from proponents.data import Batch, copy_batch, example_labels, holds_examples
 from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
 from proponents.gradients.loss import LossSpec
 
@@ -156,7 +156,7 @@ class GenericGradients:
                 out = call_with(
                     self.model, {**const, **leaves, **buffers}, tree_map(pick, batch.inputs), slots
                 )
-                value = self.loss.example_loss(out, tree_map(pick, batch.labels))
+                value = self.loss.example_loss(out, example_labels(batch.labels, i, batch.size))
                 grads = grads_or_zeros(value, [leaves[n] for n in self.names])
             rows.append([g.reshape(-1) for g in grads])
         return [torch.stack([row[k] for row in rows]) for k in range(len(self.names))]
