@@ -3,7 +3,8 @@
 Each model here once crashed or gave wrong scores: a submodule registered under two names,
 a layer called with a keyword argument, part of the forward under ``torch.no_grad()``,
 activation checkpointing, a head applied to some of the examples, a Linear applied to a
-parameter vector as long as the batch, a sparse embedding.
+parameter vector as long as the batch, a forward that sorts the batch around a Linear, a
+sparse embedding.
 """
 
 from __future__ import annotations
@@ -106,6 +107,22 @@ class _VectorThroughLinear(nn.Module):
         return self.fc(x * self.proj(self.q))
 
 
+class _SortedInside(nn.Module):
+    """Sorts the batch by its first feature before a Linear and restores the order after
+    (as code that sorts sequences by length does): the Linear sees its rows in an order
+    of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        order = torch.argsort(x[:, 0], descending=True)
+        h = torch.tanh(self.proj(x[order]))
+        return self.fc(h[torch.argsort(order)])
+
+
 class _SparseEmbedding(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -144,6 +161,10 @@ def _zoo(tmp_path, name):
         return _case(tmp_path, _TwoHeads(), (x, task), name)
     if name == "vector":
         return _case(tmp_path, _VectorThroughLinear(), (x,), name)
+    if name == "sorted inside":
+        # the first batch of 4 is already in sorted order: no row check can see it there
+        x[:4, 0] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+        return _case(tmp_path, _SortedInside(), (x,), name)
     assert name == "sparse embedding"
     return _case(tmp_path, _SparseEmbedding(), (torch.randint(0, 9, (16, 3), generator=g),), name)
 
@@ -156,6 +177,7 @@ ZOO = [
     "checkpointed reentrant",
     "two heads",
     "vector",
+    "sorted inside",
     "sparse embedding",
 ]
 

@@ -501,6 +501,26 @@ def example_labels(labels: Any, i: int, n: int) -> Any:
     return labels
 
 
+def reversed_batch(batch: Batch) -> Batch:
+    """``batch`` with its examples in reverse order: every tensor with a row per example
+    flipped in dim 0 (also inside tuples, lists and dicts), a per-example label list
+    reversed, anything else shared as it is."""
+    n = batch.size
+
+    def flip(x: Any) -> Any:
+        if holds_examples(x, n):
+            return x.flip(0)
+        if isinstance(x, (tuple, list)):
+            return type(x)(flip(v) for v in x)
+        if isinstance(x, dict):
+            return {k: flip(v) for k, v in x.items()}
+        return x
+
+    labels = batch.labels
+    flipped = type(labels)(reversed(labels)) if is_label_list(labels, n) else flip(labels)
+    return Batch(inputs=tuple(flip(x) for x in batch.inputs), labels=flipped, size=n)
+
+
 def holds_examples(x: Any, n: int) -> bool:
     """Whether ``x`` is a tensor with one row per example of a batch of ``n``: its dim 0
     is ``n``. Any other value (a shared ``(T, T)`` mask, a scalar) is common to all."""

@@ -19,6 +19,7 @@ strategy, after which representations computed before no longer line up).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import weakref
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from proponents.data import (
     holds_examples,
     in_channels_last,
     is_image,
+    reversed_batch,
 )
 from proponents.gradients import representations as reps
 from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
@@ -367,6 +369,8 @@ class GradientEngine:
             except LayerShapeMismatch:
                 layer_reps.append(None)
         keep = [rep is not None for rep in layer_reps]
+        for j, same in enumerate(self._same_when_reversed(batch, params, layer_reps)):
+            keep[j] = keep[j] and same
         # first, middle and last rows: examples that interact only in part of the batch
         for i in sorted({0, batch.size // 2, batch.size - 1}):
             truth = self._single_example_grads(params, buffers, batch, i)
@@ -385,6 +389,51 @@ class GradientEngine:
         self._closed_form = self._closed_form_agrees(batch, records)
         if self.strategies != before:
             self.epoch += 1
+
+    def _same_when_reversed(
+        self, batch: Batch, params: dict, layer_reps: list[Grads | None]
+    ) -> list[bool]:
+        """Whether each hooked layer gives every example the same gradient when the batch
+        comes in reverse order.
+
+        A ``forward`` that reorders the examples by their values before a layer (sorting
+        by length, say) and restores the order after hands the layer its rows in an order
+        of its own, whatever order they came in: the rows the layer records are then not
+        the examples in batch order, and a row check that happens to sit where the
+        reordering leaves an example in place does not see it. Reversing the batch moves
+        every example; a layer whose gradients do not move with them is not served by
+        its per-layer strategy. Compared by ``‖a_i - b_{B-1-i}‖² = ‖a_i‖² + ‖b_{B-1-i}‖²
+        - 2⟨a_i, b_{B-1-i}⟩``, from the representations' own products (no per-example
+        weight gradients), to 1% of the largest norm (more for a layer in half precision,
+        whose rounding moves with the rows: 100 of its machine epsilons, at most 30%).
+        """
+        n = batch.size
+        if n < 2 or not any(rep is not None for rep in layer_reps):
+            return [True] * len(layer_reps)
+        records, self._protect = record(
+            self.model, self.hooked, self.loss, reversed_batch(batch), self._protect, True
+        )
+        out = []
+        anti = torch.arange(n - 1, -1, -1)
+        for layer, rep in zip(self.hooked, layer_reps):
+            if rep is None:
+                out.append(True)
+                continue
+            try:
+                flipped = represent(layer, self.model, records[layer.name], n, params)
+            except LayerShapeMismatch:
+                out.append(False)
+                continue
+            a, b = reps.sq_norm(rep).double(), reps.sq_norm(flipped).double()
+            cross = reps.dot(rep, flipped).double()
+            rows = torch.arange(n, device=cross.device)
+            gap = a + b[anti.to(b.device)] - 2 * cross[rows, anti.to(cross.device)]
+            scale = float(torch.maximum(a.max(), b.max()))
+            eps = torch.finfo(params[layer.weight].dtype).eps
+            rtol = min(max(1e-2, 100 * eps), 0.3)
+            finite = bool(torch.isfinite(gap).all()) and math.isfinite(scale)
+            out.append(not finite or float(gap.max()) <= rtol**2 * max(scale, 1e-30))
+        return out
 
     def _closed_form_agrees(self, batch: Batch, records: dict) -> bool:
         """Whether the closed-form loss gradient reproduces autograd's on the first batch.
