@@ -74,6 +74,8 @@ _CLOSED_FORM_RTOL = 1e-4
 
 # Relative tolerance of the one-time check of per-layer strategies against autograd.
 _CHECK_RTOL = 1e-3
+#: Examples of the first batch run again in reverse order by the strategy check.
+_REVERSED_EXAMPLES = 16
 
 
 class GradientEngine:
@@ -402,16 +404,21 @@ class GradientEngine:
         the examples in batch order, and a row check that happens to sit where the
         reordering leaves an example in place does not see it. Reversing the batch moves
         every example; a layer whose gradients do not move with them is not served by
-        its per-layer strategy. Compared by ``‖a_i - b_{B-1-i}‖² = ‖a_i‖² + ‖b_{B-1-i}‖²
-        - 2⟨a_i, b_{B-1-i}⟩``, from the representations' own products (no per-example
+        its per-layer strategy. The first :data:`_REVERSED_EXAMPLES` examples (``m``) are
+        run reversed, alone, against their rows in the whole batch, compared by
+        ``‖a_i - b_{m-1-i}‖² = ‖a_i‖² + ‖b_{m-1-i}‖² - 2⟨a_i, b_{m-1-i}⟩``, from the
+        representations' own products (no per-example
         weight gradients), to 1% of the largest norm (more for a layer in half precision,
         whose rounding moves with the rows: 100 of its machine epsilons, at most 30%).
         """
-        n = batch.size
-        if n < 2 or not any(rep is not None for rep in layer_reps):
+        if batch.size < 2 or not any(rep is not None for rep in layer_reps):
             return [True] * len(layer_reps)
+        # the first few examples suffice (any reordering by value moves some of them) and
+        # keep the extra pass small beside the batch's own
+        n = min(batch.size, _REVERSED_EXAMPLES)
+        head = chunk_batch(batch, n)[0]
         records, self._protect = record(
-            self.model, self.hooked, self.loss, reversed_batch(batch), self._protect, True
+            self.model, self.hooked, self.loss, reversed_batch(head), self._protect, True
         )
         out = []
         anti = torch.arange(n - 1, -1, -1)
@@ -424,8 +431,8 @@ class GradientEngine:
             except LayerShapeMismatch:
                 out.append(False)
                 continue
-            a, b = reps.sq_norm(rep).double(), reps.sq_norm(flipped).double()
-            cross = reps.dot(rep, flipped).double()
+            a, b = reps.sq_norm(rep).double()[:n], reps.sq_norm(flipped).double()
+            cross = reps.dot(rep, flipped).double()[:n]
             rows = torch.arange(n, device=cross.device)
             gap = a + b[anti.to(b.device)] - 2 * cross[rows, anti.to(cross.device)]
             scale = float(torch.maximum(a.max(), b.max()))
