@@ -16,7 +16,7 @@ from torch import nn
 pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the demo/dev extra)")
 pytest.importorskip("matplotlib", reason="the report needs matplotlib (the plot/dev extra)")
 
-from proponents.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_task, main  # noqa: E402
+from proponents.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, load_task, main  # noqa: E402
 from proponents.demo import run_demo  # noqa: E402
 from proponents.errors import InvalidArgumentError  # noqa: E402
 
@@ -571,3 +571,34 @@ def test_demo_randproj_refuses_seeds_beyond_its_projection_seed(capsys, tmp_path
                            "randproj", "--seed", str(2**43))  # fmt: skip
     assert code == EXIT_USAGE and "below 2**43 with method 'randproj'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_package_and_the_command_start_without_importing_torch():
+    """``import proponents`` (and the command's module) do not import torch, so an
+    interrupt while torch loads reaches the command's handler; every public name still
+    resolves, to the object of its home module."""
+    code = (
+        "import sys, proponents, proponents.cli\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "import importlib\n"
+        "for name in proponents.__all__:\n"
+        "    home = importlib.import_module(proponents._HOMES[name])\n"
+        "    assert getattr(proponents, name) is getattr(home, name), name\n"
+        "assert sorted(proponents.__all__) == sorted(proponents._HOMES)\n"
+        "assert set(proponents.__all__) <= set(dir(proponents))\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_an_interrupt_while_the_command_starts_exits_130(capsys, monkeypatch):
+    import proponents.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    code, _, err = run_cli(capsys, "demo")
+    assert code == EXIT_INTERRUPTED and "proponents: interrupted" in err
+    assert "Traceback" not in err

@@ -655,11 +655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 success, 1 runtime failure, 2 usage problem, 130 interrupted.
     """
-    parser = build_parser()
     try:
+        parser = build_parser()  # imports torch: Ctrl-C in the first second lands here
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and argparse's usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("proponents: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     try:
         return int(args.handler(args))
     except UsageError as exc:
