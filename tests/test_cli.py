@@ -602,3 +602,26 @@ def test_an_interrupt_while_the_command_starts_exits_130(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "demo")
     assert code == EXIT_INTERRUPTED and "proponents: interrupted" in err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_while_torch_loads_arrives_after_the_import():
+    """An interrupt during torch's import is held back until the import is done, then
+    delivered (an interrupt inside torch's native initialisation aborted the process)."""
+    import signal
+
+    child = (
+        "import signal, sys, time\n"
+        "seen = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: seen.append(hasattr(sys.modules.get('torch'),"
+        " 'Tensor')))\n"
+        "from proponents.cli import _import_torch_whole\n"
+        "print('ready', flush=True)\n"
+        "_import_torch_whole()\n"
+        "time.sleep(0.2)\n"
+        "print(seen, flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.strip() == "[True]"  # handled once, torch complete

@@ -645,6 +645,26 @@ def _indices_option(task: Task, name: str, n: int, what: str, allow_mask: bool) 
     return out
 
 
+def _import_torch_whole() -> None:
+    """Import torch with Ctrl-C held back until it is done (POSIX).
+
+    An interrupt in the middle of torch's native initialisation aborts the process
+    (``terminate called ... KeyboardInterrupt``, exit 134) or leaves NumPy half imported;
+    held back, it arrives right after the import, as a plain ``KeyboardInterrupt``.
+    """
+    import signal
+
+    if "torch" in sys.modules or not hasattr(signal, "pthread_sigmask"):
+        import torch  # noqa: F401
+
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``proponents`` command line.
@@ -656,7 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 success, 1 runtime failure, 2 usage problem, 130 interrupted.
     """
     try:
-        parser = build_parser()  # imports torch: Ctrl-C in the first second lands here
+        _import_torch_whole()
+        parser = build_parser()
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and argparse's usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
