@@ -586,6 +586,8 @@ def test_the_package_and_the_command_start_without_importing_torch():
         "    assert getattr(proponents, name) is getattr(home, name), name\n"
         "assert sorted(proponents.__all__) == sorted(proponents._HOMES)\n"
         "assert set(proponents.__all__) <= set(dir(proponents))\n"
+        "assert proponents.errors.StoreError and proponents.neighbors.ExactNearestNeighbors\n"
+        "assert not hasattr(proponents, 'no_such_name')\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -1620,3 +1620,37 @@ def test_the_public_cosine_scores_a_zero_vector_zero_against_non_finite_ones(tmp
     with pytest.warns(RuntimeWarning):
         idx, val = sim.influence(test[:1], top_k=3)["0"]
     assert val.tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_a_tensor_the_forward_keeps_on_its_module_does_not_invalidate_the_store(tmp_path):
+    """``self.last_hidden = h.detach()`` in ``forward``: the model is left as it was after
+    each call (the attribute it did not have is not left behind, one it had is put back),
+    and a tensor the forward assigns is state, which the fingerprint leaves out: the
+    store is reused, with no rebuild warning, also after the user's own forward."""
+
+    class KeepsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+            self.b = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            self.last_hidden = h.detach()
+            return self.b(h)
+
+    model = _seeded(KeepsLast)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "a", train, tmp_path, batch_size=10)
+    first = sim.influence(test, top_k=3)["a"]
+    assert not hasattr(model, "last_hidden")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reused: no StoreRebuildWarning
+        again = sim.influence(test, top_k=3)["a"]
+    assert torch.equal(first[0], again[0])
+    model(test)  # the user's own call keeps its attribute, which is restored after ours
+    kept = model.last_hidden
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # state the forward writes is no part of the model
+        sim.influence(test, top_k=3)
+    assert model.last_hidden is kept

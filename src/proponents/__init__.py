@@ -12,6 +12,7 @@ loads is then handled by the command itself.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -72,6 +73,9 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
+        # a subpackage (proponents.errors, proponents.neighbors, ...), as after an import
+        if not name.startswith("_") and importlib.util.find_spec(f"proponents.{name}"):
+            return importlib.import_module(f"proponents.{name}")
         raise AttributeError(f"module 'proponents' has no attribute {name!r}")
     value = getattr(importlib.import_module(home), name)
     globals()[name] = value  # the next lookup is a plain attribute

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from proponents.model_guard import GlobalRandomState
+from proponents.model_guard import GlobalRandomState, written_by_forward
 
 #: Width of the matrix a tensor's 32-bit words are laid out in for the cheap digest.
 _DIGEST_COLUMNS = 1024
@@ -48,12 +48,14 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def _model_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     """Parameters, buffers and the tensors modules keep as plain attributes (a scale a
-    ``forward`` reads, the weight ``spectral_norm`` recomputes), by dotted name."""
+    ``forward`` reads), by dotted name; not those a forward was seen to assign (a kept
+    activation, the weight ``spectral_norm`` recomputes: state, see
+    :func:`~proponents.model_guard.written_by_forward`)."""
     plain = [
         (f"{prefix}.{key}" if prefix else key, value)
         for prefix, module in model.named_modules(remove_duplicate=False)
         for key, value in vars(module).items()
-        if isinstance(value, torch.Tensor)
+        if isinstance(value, torch.Tensor) and key not in written_by_forward(module)
     ]
     return [
         (kind, name, tensor)

@@ -11,6 +11,7 @@ also when the call is interrupted by an exception or ``KeyboardInterrupt``.
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -127,8 +128,34 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
                 tensor.requires_grad_(flag)
         for m, training in modes.items():
             m.training = training
+        # A tensor a forward stored on its module during the call (``self.last = h``) is
+        # state the forward writes, not a setting it reads: it is put back as it was (or
+        # removed, if new), and remembered, so that fingerprints leave it out.
+        had = {(id(m), name): value for m, name, value in attributes}
+        for m in model.modules():
+            for name, value in list(vars(m).items()):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                before = had.get((id(m), name))
+                if before is None or value is not before:
+                    written_by_forward(m).add(name)
+                if before is None:
+                    del m.__dict__[name]
         for m, name, value in attributes:
             m.__dict__[name] = value
+
+
+#: Per module, the names of tensor attributes its forward was seen to (re)assign.
+_WRITTEN: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def written_by_forward(module: nn.Module) -> set[str]:
+    """Names of the plain tensor attributes ``module``'s forward assigned during a guarded
+    call (a kept activation, say): state, which fingerprints leave out."""
+    names = _WRITTEN.get(module)
+    if names is None:
+        names = _WRITTEN[module] = set()
+    return names
 
 
 class GlobalRandomState:
