@@ -492,13 +492,21 @@ def example_labels(labels: Any, i: int, n: int) -> Any:
     list sliced itself (:func:`is_label_list`), anything else as it is."""
     if is_label_list(labels, n):
         return labels[i : i + 1]
-    if holds_examples(labels, n):
-        return labels[i : i + 1]
-    if isinstance(labels, (tuple, list)):
-        return type(labels)(example_labels(v, i, n) for v in labels)
-    if isinstance(labels, dict):
-        return {k: example_labels(v, i, n) for k, v in labels.items()}
-    return labels
+    return map_rows(labels, n, lambda x: x[i : i + 1])
+
+
+def map_rows(tree: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``tree`` with ``fn`` applied to every tensor that holds a row per example of a batch
+    of ``n`` (:func:`holds_examples`), also inside tuples, lists and dicts; anything else
+    (a shared mask, a scalar, a string) as it is. One example's rows, a chunk of rows and
+    the rows reversed are all taken through here."""
+    if holds_examples(tree, n):
+        return fn(tree)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map_rows(v, n, fn) for v in tree)
+    if isinstance(tree, dict):
+        return {k: map_rows(v, n, fn) for k, v in tree.items()}
+    return tree
 
 
 def reversed_batch(batch: Batch) -> Batch:
@@ -507,18 +515,15 @@ def reversed_batch(batch: Batch) -> Batch:
     reversed, anything else shared as it is."""
     n = batch.size
 
-    def flip(x: Any) -> Any:
-        if holds_examples(x, n):
-            return x.flip(0)
-        if isinstance(x, (tuple, list)):
-            return type(x)(flip(v) for v in x)
-        if isinstance(x, dict):
-            return {k: flip(v) for k, v in x.items()}
-        return x
+    def flip(x: torch.Tensor) -> torch.Tensor:
+        return x.flip(0)
 
     labels = batch.labels
-    flipped = type(labels)(reversed(labels)) if is_label_list(labels, n) else flip(labels)
-    return Batch(inputs=tuple(flip(x) for x in batch.inputs), labels=flipped, size=n)
+    if is_label_list(labels, n):
+        flipped = type(labels)(reversed(labels))
+    else:
+        flipped = map_rows(labels, n, flip)
+    return Batch(inputs=map_rows(batch.inputs, n, flip), labels=flipped, size=n)
 
 
 def holds_examples(x: Any, n: int) -> bool:
@@ -544,19 +549,13 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
         return [batch]
 
     def part(x: Any, start: int) -> Any:
-        if holds_examples(x, batch.size):
-            return x[start : start + size]
-        if isinstance(x, (tuple, list)):
-            return type(x)(part(v, start) for v in x)
-        if isinstance(x, dict):
-            return {k: part(v, start) for k, v in x.items()}
-        return x
+        return map_rows(x, batch.size, lambda t: t[start : start + size])
 
     labels = batch.labels
     per_example = is_label_list(labels, batch.size)
     return [
         Batch(
-            inputs=tuple(part(x, s) for x in batch.inputs),
+            inputs=part(batch.inputs, s),
             labels=labels[s : s + size] if per_example else part(labels, s),
             size=min(size, batch.size - s),
         )

@@ -34,9 +34,9 @@ from proponents.data import (
     copy_batch,
     copy_layout,
     example_labels,
-    holds_examples,
     in_channels_last,
     is_image,
+    map_rows,
     reversed_batch,
 )
 from proponents.gradients import representations as reps
@@ -498,15 +498,12 @@ class GradientEngine:
     def _single_example_grads(
         self, params: dict, buffers: dict, batch: Batch, i: int
     ) -> dict[str, Tensor]:
-        def pick(x):
-            return x[i : i + 1] if holds_examples(x, batch.size) else x
-
-        from torch.utils._pytree import tree_leaves, tree_map
+        from torch.utils._pytree import tree_leaves
 
         names = [n for layer in self.hooked for n in layer.params]
         leaves = {n: params[n].clone().requires_grad_(True) for n in names}
         example = copy_batch(batch)
-        inputs = tree_map(pick, example.inputs)
+        inputs = map_rows(example.inputs, batch.size, lambda x: x[i : i + 1])
         versions = [a._version for a in tree_leaves(inputs) if isinstance(a, Tensor)]
         with torch.enable_grad():
             slots = slot_names(self.model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-from proponents.data import Batch, copy_batch, example_labels, holds_examples
+from proponents.data import Batch, copy_batch, example_labels, holds_examples, map_rows
 from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
 from proponents.gradients.loss import LossSpec
 
@@ -147,15 +148,10 @@ class GenericGradients:
         slots = slot_names(self.model)
         rows = []
         for i in range(batch.size):
-
-            def pick(x: Any, i: int = i) -> Any:
-                return x[i : i + 1] if holds_examples(x, batch.size) else x
-
+            one = map_rows(batch.inputs, batch.size, itemgetter(slice(i, i + 1)))
             leaves = {n: p.clone().requires_grad_(True) for n, p in chosen.items()}
             with torch.enable_grad():
-                out = call_with(
-                    self.model, {**const, **leaves, **buffers}, tree_map(pick, batch.inputs), slots
-                )
+                out = call_with(self.model, {**const, **leaves, **buffers}, one, slots)
                 value = self.loss.example_loss(out, example_labels(batch.labels, i, batch.size))
                 grads = grads_or_zeros(value, [leaves[n] for n in self.names])
             rows.append([g.reshape(-1) for g in grads])
