@@ -720,7 +720,7 @@ def test_randproj_k_out_of_range(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["exact", "annoy", "faiss"])
-@pytest.mark.filterwarnings("ignore:TracInCPFast. non-finite loss, gradient or score")
+@pytest.mark.filterwarnings("ignore:TracInCPFast. non-finite loss")
 def test_scores_that_overflow_rank_last_with_every_backend(tmp_path, backend):
     """Finite embeddings whose product overflows to +-inf: proponents and opponents rank
     that score last, as TracInCPFast does (RandProj used to put it first), for every

@@ -9,10 +9,12 @@ an interaction, so the strategies must still be verified on a larger batch).
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -35,16 +37,20 @@ def _checkpoints(model: nn.Module, folder, n: int = 2) -> tuple[list, list[float
 
 
 def _own_loss_grads(model, ckpt, x, y, loss_fn, layers) -> torch.Tensor:
-    """Float64 gradients of ``loss_fn`` applied to each example alone."""
+    """Float64 gradients of ``loss_fn`` applied to each example alone; NaN for an example
+    whose own loss is not finite (DESIGN.md §2), even where autograd's gradient is zero."""
     m = copy.deepcopy(model).double().eval()
     m.load_state_dict(torch.load(ckpt, weights_only=True)["model_state_dict"])
     m.double()
-    fn = copy.deepcopy(loss_fn).double()
+    fn = copy.deepcopy(loss_fn)
+    if isinstance(fn, nn.Module):
+        fn = fn.double()
     params = [p for name in layers for p in m.get_submodule(name).parameters()]
     rows = []
     for i in range(len(y)):
         value = fn(m(x[i : i + 1].double()), y[i : i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
+        row = torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
+        rows.append(row if bool(torch.isfinite(value)) else torch.full_like(row, float("nan")))
     return torch.stack(rows)
 
 
@@ -192,3 +198,149 @@ def test_examples_interacting_in_a_batch_are_seen_after_a_one_example_batch(tmp_
             else:
                 _assert_same(obj.self_influence(), self_inf)
                 _assert_same(obj.influence((xt,), yt), scores)
+
+
+def _hinge_mean(out, y):
+    """A perceptron loss averaged over the batch, with no ``reduction`` attribute."""
+    return F.relu(-y * out[:, 0]).mean()
+
+
+class _Scorer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("method", ["tracincp", "fast"])
+def test_a_mean_taken_as_a_sum_is_caught_when_the_checked_rows_have_no_gradient(tmp_path, method):
+    """A loss without a ``reduction`` attribute is taken as a sum (the spec's rule); when it
+    averages, the first-batch check must notice, even where the first, middle and last
+    rows satisfy the hinge (zero gradient, so any scaling agrees with them). Before, the
+    check passed on those rows and every score came out B_train * B_test too small."""
+    torch.manual_seed(0)
+    model = _Scorer()
+    paths, lrs = _checkpoints(model, tmp_path, n=1)
+    m = copy.deepcopy(model)
+    m.load_state_dict(torch.load(paths[0], weights_only=True)["model_state_dict"])
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(10, 3, generator=g)
+    with torch.no_grad():
+        ys = torch.sign(m(xs)[:, 0])
+    ys[[1, 3, 5, 6, 7, 8, 9]] *= -1  # a loss for all rows but 0, 2 and 4 (= 5 // 2)
+    xt, yt = torch.randn(2, 3, generator=g), torch.tensor([1.0, -1.0])
+    layers = ["fc2"] if method == "fast" else ["fc1", "fc2"]
+    want_scores, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, _hinge_mean, layers)
+    others = [1, 3, 5, 6, 7, 8, 9]
+    assert float(want_self[[0, 2, 4]].abs().max()) == 0 < float(want_self[others].min())
+    for call, want in (("influence", want_scores), ("self_influence", want_self)):
+        train = TensorDataset(xs, ys)
+        if method == "fast":
+            obj = TracInCPFast(model, "fc2", train, paths, loss_fn=_hinge_mean, batch_size=5)
+        else:
+            obj = TracInCP(
+                model,
+                train,
+                paths,
+                loss_fn=_hinge_mean,
+                batch_size=5,
+                sample_wise_grads_per_batch=True,
+            )
+        with pytest.warns(UserWarning, match="reduction = 'mean'"):
+            got = obj.influence((xt,), yt) if call == "influence" else obj.self_influence()
+        _assert_same(got, want)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [functools.partial(F.cross_entropy, reduction="mean"), F.cross_entropy],
+    ids=["partial", "default"],
+)
+def test_a_reduction_stated_by_the_signature_is_used(tmp_path, loss_fn):
+    """``partial(F.cross_entropy, reduction="mean")`` and ``F.cross_entropy`` itself average;
+    their signature says so, and the batched path serves them (no fall-back, no warning)
+    with the scores of each example's own loss."""
+    torch.manual_seed(0)
+    model = MLP()
+    paths, lrs = _checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(4)
+    xs, ys = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+    xt, yt = torch.randn(3, 6, generator=g), torch.randint(0, 3, (3,), generator=g)
+    want_scores, _ = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, ["fc1", "fc2"])
+    obj = TracInCP(
+        model,
+        TensorDataset(xs, ys),
+        paths,
+        loss_fn=loss_fn,
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same(obj.influence((xt,), yt), want_scores)
+    assert set(obj._engine.strategies.values()) == {"linear"}
+
+
+class _TokenLoss(nn.Module):
+    """A user's wrapper: states "mean", averages over the labels it does not ignore."""
+
+    reduction = "mean"
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits, target)
+
+
+@pytest.mark.parametrize("method", ["tracincp", "fast"])
+def test_a_wrapped_mean_with_ignored_labels_only_in_a_later_batch(tmp_path, method):
+    """The first batch has no ignored label, so the check sees a plain mean; a later batch
+    with a -100 label is averaged over fewer entries. Each example's own loss is used for
+    such a batch (before: its other examples were scaled by B / kept, (4/3)^2 here), and
+    the example whose only label is ignored has the undefined loss 0/0 (NaN, warned)."""
+    torch.manual_seed(0)
+    model = MLP()
+    paths, lrs = _checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(6)
+    xs, ys = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    ys[5] = -100
+    xt, yt = torch.randn(2, 6, generator=g), torch.tensor([0, 2])
+    layers = ["fc2"] if method == "fast" else ["fc1", "fc2"]
+    loss_fn = _TokenLoss()
+    want_scores, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, layers)
+    assert bool(want_self.isnan().any())
+    for call, want in (("influence", want_scores), ("self_influence", want_self)):
+        train = TensorDataset(xs, ys)
+        if method == "fast":
+            obj = TracInCPFast(model, "fc2", train, paths, loss_fn=loss_fn, batch_size=4)
+        else:
+            obj = TracInCP(
+                model,
+                train,
+                paths,
+                loss_fn=loss_fn,
+                batch_size=4,
+                sample_wise_grads_per_batch=True,
+            )
+        with pytest.warns(RuntimeWarning, match=r"training examples \[5\]"):
+            got = obj.influence((xt,), yt) if call == "influence" else obj.self_influence()
+        _assert_same(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_class_weights_with_labels_of_a_small_integer_dtype(tmp_path, dtype):
+    """Class weights looked up with uint8 labels: a uint8 index is a boolean mask to
+    torch, which raised (or, with as many examples as classes, picked the wrong weights)."""
+    torch.manual_seed(0)
+    model = MLP()
+    paths, lrs = _checkpoints(model, tmp_path)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 3.0]))
+    g = torch.Generator().manual_seed(7)
+    xs, ys = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+    xt, yt = torch.randn(2, 6, generator=g), torch.tensor([0, 2])
+    want, _ = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, ["fc2"])
+    obj = TracInCPFast(
+        model, "fc2", TensorDataset(xs, ys.to(dtype)), paths, loss_fn=loss_fn, batch_size=6
+    )
+    _assert_same(obj.influence((xt,), yt.to(dtype)), want)

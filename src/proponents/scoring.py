@@ -87,8 +87,10 @@ class NonFiniteTracker:
                 parts.append(f"{what} examples {shown}{more}")
         if parts:
             warnings.warn(
-                f"{self.owner}: non-finite loss, gradient or score (a product too large for "
-                "the dtype) for " + "; ".join(parts) + ". Their scores are non-finite and "
+                f"{self.owner}: non-finite loss (an example whose labels are all ignored "
+                "has the undefined loss 0/0 under reduction='mean'), gradient or score (a "
+                "product too large for the dtype) for " + "; ".join(parts) + ". Their "
+                "scores are non-finite and "
                 "rank last among proponents and opponents; all other scores are unaffected.",
                 RuntimeWarning,
                 stacklevel=4,

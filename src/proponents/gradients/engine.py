@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 
@@ -76,6 +77,8 @@ _CLOSED_FORM_RTOL = 1e-4
 _CHECK_RTOL = 1e-3
 #: Examples of the first batch run again in reverse order by the strategy check.
 _REVERSED_EXAMPLES = 16
+#: Batches the strategy check looks at, at most, while none shows a gradient to compare.
+_MAX_CHECKS = 8
 
 
 class GradientEngine:
@@ -106,6 +109,7 @@ class GradientEngine:
         # strategies verified on a batch of two or more examples / on one example only
         self._checked = not self.hooked
         self._checked_alone = False
+        self._checks = 0
         #: incremented whenever a check changes the strategies (and so the layout of the
         #: representations): callers holding earlier ones compute them again
         self.epoch = 0
@@ -352,10 +356,7 @@ class GradientEngine:
         hooked layer is then compared with autograd on single examples, and a layer
         that disagrees is moved to the generic path.
         """
-        if batch.size >= 2:
-            self._checked = True
-        else:
-            self._checked_alone = True
+        self._checks += 1
         before = self.strategies
         # Every run here gets its own copy: the batch itself is still to be scored.
         records, self._protect = record(
@@ -373,8 +374,11 @@ class GradientEngine:
         keep = [rep is not None for rep in layer_reps]
         for j, same in enumerate(self._same_when_reversed(batch, params, layer_reps)):
             keep[j] = keep[j] and same
-        # first, middle and last rows: examples that interact only in part of the batch
-        for i in sorted({0, batch.size // 2, batch.size - 1}):
+        # first, middle and last rows (examples that interact only in part of the batch),
+        # and the same among the rows with a finite, non-zero gradient: a row whose
+        # gradient is zero (a hinge loss it satisfies) agrees with any scaling
+        seen = [rep is None for rep in layer_reps]
+        for i in _rows_to_check(layer_reps, batch.size):
             truth = self._single_example_grads(params, buffers, batch, i)
             for j, (layer, rep) in enumerate(zip(self.hooked, layer_reps)):
                 if rep is None:
@@ -383,14 +387,46 @@ class GradientEngine:
                 want = layout(layer, truth[layer.weight], truth.get(layer.bias or ""))
                 scale = max(float(want.norm()), float(got.norm()), 1e-30)
                 finite = bool(torch.isfinite(want).all() and torch.isfinite(got).all())
-                if finite and float((got - want).norm()) > _CHECK_RTOL * scale:
+                if not finite or scale <= 1e-30:
+                    continue
+                seen[j] = True
+                if float((got - want).norm()) > _CHECK_RTOL * scale:
                     keep[j] = False
+        # A batch of one cannot show examples interacting, and a batch where no checked
+        # row has a gradient shows nothing: the next batch of two or more is checked too
+        # (up to _MAX_CHECKS batches, for a layer whose gradient is always zero).
+        conclusive = batch.size >= 2 and all(seen)
+        if conclusive or self._checks >= _MAX_CHECKS:
+            self._checked = True
+        else:
+            self._checked_alone = True
         if not all(keep):
+            demoted = [layer.name for layer, k in zip(self.hooked, keep) if not k]
             self.hooked = [layer for layer, k in zip(self.hooked, keep) if k]
             self._set_generic()
+            self._warn_undeclared_reduction(demoted)
         self._closed_form = self._closed_form_agrees(batch, records)
         if self.strategies != before:
             self.epoch += 1
+
+    def _warn_undeclared_reduction(self, demoted: list[str]) -> None:
+        """Say why layers left their fast path when the loss's reduction was assumed.
+
+        A loss without a stated reduction is taken as a sum (as the spec says); a loss
+        that averages instead gives per-layer gradients the batch size too small, which
+        the check catches. The scores stay exact (one example at a time), only slower,
+        and one attribute gives the fast path back.
+        """
+        if self.loss.declared or self.loss.reduction != "sum":
+            return
+        warnings.warn(
+            f"{self.owner}: loss_fn has no 'reduction' attribute, so it was taken to sum "
+            "the losses of a batch (as the API specifies), but its gradients on the first "
+            f"batch do not match that; layer(s) {', '.join(demoted)} are now computed one "
+            "example at a time (exact, slower). If loss_fn averages over the batch, set "
+            "loss_fn.reduction = 'mean' (or pass reduction= to it) for the batched path.",
+            stacklevel=2,
+        )
 
     def _same_when_reversed(
         self, batch: Batch, params: dict, layer_reps: list[Grads | None]
@@ -548,6 +584,22 @@ class GradientEngine:
     def sum_examples(grads: list[Grads]) -> list[Grads]:
         """The gradient summed over examples, as one row per group."""
         return [reps.sum_examples(g) for g in grads]
+
+
+def _rows_to_check(layer_reps: list[Grads | None], size: int) -> list[int]:
+    """Rows compared with autograd by the strategy check: the first, middle and last of
+    the batch, and the first, middle and last of those whose gradient is finite and
+    non-zero in some layer (usually the same rows)."""
+    rows = {0, size // 2, size - 1}
+    useful = torch.zeros(size, dtype=torch.bool)
+    for rep in layer_reps:
+        if rep is not None:
+            norms = reps.sq_norm(rep).detach().cpu()
+            useful |= torch.isfinite(norms) & (norms > 0)
+    found = useful.nonzero().flatten().tolist()
+    if found:
+        rows |= {found[0], found[len(found) // 2], found[-1]}
+    return sorted(rows)
 
 
 def _wait_for(device: torch.device) -> None:

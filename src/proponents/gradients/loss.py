@@ -15,10 +15,24 @@ per-example gradient:
   There each example's own loss is evaluated (its weighted loss over its own
   weights, which is undefined, NaN, for an example whose labels are all ignored).
 * ``loss_fn=None``: the model output summed over all non-batch dimensions.
+
+A reducing loss (``sample_wise_grads_per_batch=True``, TracInCPFast) without a
+``reduction`` attribute reduces as its signature says (a ``reduction=`` keyword bound by
+``functools.partial``, or the default, as for ``F.cross_entropy``), else it is taken as
+a sum, as the spec says; the first-batch check (see the engine) catches a mean taken
+as a sum, and then serves the layers one example at a time, with a warning.
+
+An example whose own loss is not finite (an example whose labels are all ignored under
+"mean" has the undefined loss 0/0) gets a NaN gradient wherever its own loss is seen:
+the per-example rows of a "none" loss, the examples' own losses of a weighted "mean",
+and a batch of one. Its scores are then NaN, reported with the engine's non-finite
+warning (DESIGN.md §2), even where autograd's gradient of the NaN is zero.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +51,13 @@ class LossSpec:
     Attributes:
         fn: the user's loss, or ``None`` to differentiate the model output itself.
         reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"output"`` (for ``fn=None``).
+        declared: whether ``fn`` states its reduction (a ``reduction`` attribute or
+            keyword); ``False`` when ``"sum"`` was assumed.
     """
 
     fn: Callable[..., torch.Tensor] | None
     reduction: str
+    declared: bool = True
 
     def _apply(self, output: Any, labels: Any) -> Any:
         """``fn(output, labels)``, or ``output.sum()`` without ``fn``; a model output that
@@ -62,7 +79,7 @@ class LossSpec:
         """Sum over the batch of the per-example losses (a scalar)."""
         value = self._apply(output, labels)
         if self.fn is None:
-            return value
+            return _poisoned(value, _rows_summed(output, batch_size), output)
         if not isinstance(value, torch.Tensor):
             raise ArgumentTypeError(
                 f"loss_fn returned {type(value).__name__}; it must return a tensor"
@@ -75,7 +92,7 @@ class LossSpec:
                     "example (reduction='none'), or pass sample_wise_grads_per_batch=True "
                     "for a loss that reduces with 'sum' or 'mean'"
                 )
-            return value.sum()
+            return _poisoned(value.sum(), _rows_summed(value, batch_size), output)
         if value.dim() != 0 and value.numel() != 1:
             raise InvalidArgumentError(
                 f"loss_fn has reduction={self.reduction!r} but returned shape "
@@ -85,28 +102,72 @@ class LossSpec:
         if self.reduction != "mean":
             return value
         if _weighted_mean(self.fn, labels):
-            return _own_losses(self.fn, output, labels).sum()
+            own = _own_losses(self.fn, output, labels)
+            return _poisoned(own.sum(), own, output)
         return value * batch_size
 
     def example_loss(self, output: torch.Tensor, labels: Any) -> torch.Tensor:
         """Loss of one example given as a batch of one (a scalar)."""
-        return self._apply(output, labels).sum()
+        value = self._apply(output, labels).sum()
+        return _poisoned(value, value.reshape(1), output)
+
+
+def _rows_summed(values: Any, batch_size: int) -> torch.Tensor | None:
+    """``(B,)``: each example's entries of ``values`` summed, or ``None`` when ``values``
+    has no row per example."""
+    if not isinstance(values, torch.Tensor) or values.dim() == 0:
+        return None
+    if values.shape[0] != batch_size:
+        return None
+    return values.reshape(batch_size, -1).sum(1)
+
+
+def _poisoned(total: torch.Tensor, own: torch.Tensor | None, output: Any) -> torch.Tensor:
+    """``total`` plus a term that gives each example whose own loss (``own[i]``) is not
+    finite a NaN gradient at its output row, and every other example none.
+
+    Autograd can give an undefined loss a zero gradient (an example whose labels are all
+    ignored: 0/0 in the forward pass, but its entries are masked out in the backward one);
+    DESIGN.md §2 wants such an example's scores non-finite. The term is
+    ``sum_i output_i.sum() * c_i`` with ``c_i`` 0 or NaN: no data-dependent branch, so
+    it works under ``vmap`` and costs no device synchronisation.
+    """
+    if own is None or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        return total
+    b = own.shape[0]
+    if output.dim() == 0 or output.shape[0] != b or output.numel() == 0:
+        return total
+    nan = torch.tensor(float("nan"), dtype=output.dtype, device=output.device)
+    factor = torch.where(torch.isfinite(own.detach()), torch.zeros_like(nan), nan)
+    return total + (output.reshape(b, -1).sum(1) * factor.to(output.device)).sum()
 
 
 _CLASS_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
 
 
 def _weighted_mean(fn: Any, labels: Any) -> bool:
-    """Whether ``fn``'s "mean" divides by summed label weights rather than the batch size.
+    """Whether ``fn``'s "mean" may divide by something other than the batch size.
 
     True for a cross-entropy or NLL loss on class indices with class weights, or with a
     label equal to ``ignore_index`` in the batch (class probabilities are averaged over
-    the batch, weights or not).
+    the batch, weights or not). For any other "mean" loss on integer labels, true when a
+    label is negative or equals the loss's ``ignore_index`` attribute: no class index is
+    negative, so such a label marks an entry to ignore (``F.cross_entropy``'s default
+    ``ignore_index`` is -100), and a wrapper around torch's losses then averages over
+    the entries it keeps. Each example's own loss is then evaluated, which is exact for
+    any loss, just slower; the first-batch check cannot see this, because the labels
+    that change the divisor may only come in a later batch.
     """
-    if not isinstance(fn, _CLASS_LOSSES) or not isinstance(labels, torch.Tensor):
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
         return False
-    if labels.is_floating_point() or labels.is_complex():
+    if labels.dtype == torch.bool or labels.numel() == 0:
         return False
+    if not isinstance(fn, _CLASS_LOSSES):
+        ignore = getattr(fn, "ignore_index", None)
+        marked = labels < 0
+        if isinstance(ignore, int) and not isinstance(ignore, bool):
+            marked = marked | (labels == ignore)
+        return bool(marked.any())
     return fn.weight is not None or bool((labels == fn.ignore_index).any())
 
 
@@ -139,7 +200,8 @@ def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Te
     if fn.weight is None:
         weights = (~ignored).to(entries.dtype)
     else:
-        weights = fn.weight.to(entries.dtype)[labels.masked_fill(ignored, 0)]
+        # long: a uint8 index would be taken as a boolean mask
+        weights = fn.weight.to(entries.dtype)[labels.masked_fill(ignored, 0).long()]
         weights = weights.masked_fill(ignored, 0)
     b = len(labels)
     return entries.reshape(b, -1).sum(1) / weights.reshape(b, -1).sum(1)
@@ -253,13 +315,18 @@ def resolve_loss(
         raise InvalidArgumentError(
             f"{owner}: loss_fn.reduction is {reduction!r}; it must be one of {REDUCTIONS}"
         )
+    if reduction is None and sample_wise_grads_per_batch is not False:
+        # A per-example setting keeps taking such a loss as it comes (its rows are
+        # checked on every batch), so F.cross_entropy still works with batches of one.
+        reduction = signature_reduction(loss_fn)
+    declared = reduction is not None
     if sample_wise_grads_per_batch is None:
         if reduction == "none":
             raise InvalidArgumentError(
                 f"{owner} needs a loss that reduces over the batch, but loss_fn has "
                 "reduction='none'; use reduction='sum' or 'mean'"
             )
-        return LossSpec(loss_fn, reduction or "sum")
+        return LossSpec(loss_fn, reduction or "sum", declared)
     if sample_wise_grads_per_batch:
         if reduction == "none":
             raise InvalidArgumentError(
@@ -267,11 +334,32 @@ def resolve_loss(
                 "'sum' or 'mean', but loss_fn has reduction='none'; either set "
                 "sample_wise_grads_per_batch=False or use reduction='sum'"
             )
-        return LossSpec(loss_fn, reduction or "sum")
+        return LossSpec(loss_fn, reduction or "sum", declared)
     if reduction in ("sum", "mean"):
         raise InvalidArgumentError(
             f"{owner}: sample_wise_grads_per_batch=False needs a per-example loss "
             f"(reduction='none'), but loss_fn has reduction={reduction!r}; either set "
             "sample_wise_grads_per_batch=True or use reduction='none'"
         )
-    return LossSpec(loss_fn, "none")
+    return LossSpec(loss_fn, "none", declared)
+
+
+def signature_reduction(loss_fn: Callable[..., Any]) -> str | None:
+    """The reduction a loss without a ``reduction`` attribute states in its signature.
+
+    A ``reduction=`` keyword bound by ``functools.partial`` (``partial(F.cross_entropy,
+    reduction="sum")``) or the default of a ``reduction`` parameter (``F.cross_entropy``
+    itself averages); ``None`` when the signature names none of ``"none"``, ``"sum"``,
+    ``"mean"`` or cannot be read.
+    """
+    if isinstance(loss_fn, functools.partial):
+        bound = loss_fn.keywords.get("reduction")
+        if isinstance(bound, str):
+            return bound if bound in REDUCTIONS else None
+    try:
+        param = inspect.signature(loss_fn).parameters.get("reduction")
+    except (TypeError, ValueError):
+        return None
+    if param is None or not isinstance(param.default, str):
+        return None
+    return param.default if param.default in REDUCTIONS else None
