@@ -435,3 +435,73 @@ def test_examples_interacting_in_the_middle_rows_are_caught_by_the_check(tmp_pat
     t = tracin(case, batch_size=8)
     assert_close(t.influence(case.test_inputs, case.test_labels), reference_scores(case))
     assert_close(t.self_influence(), reference_self(case))
+
+
+def _float16_setup(tmp_path):
+    """A float16 regressor whose raw gradient products (~1e7) overflow float16 while the
+    scores, scaled by a learning rate of 1e-5, are far inside its range."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    path = tmp_path / "c.pt"
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 1e-5}, path)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(6, 4, generator=g) * 30).half()
+    y = torch.zeros(6, 1).half()
+    loss_fn = nn.MSELoss(reduction="sum")
+    ref = copy.deepcopy(model).double()
+
+    def grads(i, params):
+        value = loss_fn(ref(x[i : i + 1].double()), y[i : i + 1].double())
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(value, params)])
+
+    return model.half(), [path], x, y, loss_fn, ref, grads
+
+
+@pytest.mark.parametrize("method", ["tracincp", "fast"])
+def test_float16_scores_are_summed_in_float32(tmp_path, method):
+    """Before, the products were formed in float16 and only then scaled by the learning
+    rate: scores of 174 and 4.2 came back infinite (with a warning blaming the dtype)."""
+    from proponents import TracInCPFast
+
+    model, ckpts, x, y, loss_fn, ref, grads = _float16_setup(tmp_path)
+    params = list(ref.parameters()) if method == "tracincp" else list(ref[1].parameters())
+    g = torch.stack([grads(i, params) for i in range(6)])
+    want_self = 1e-5 * g.pow(2).sum(1)
+    want = 1e-5 * g[:2] @ g.T
+    assert float(want.abs().max() * 1e5) > 65504  # the raw products overflow float16
+    data = TensorDataset(x, y)
+    if method == "tracincp":
+        obj = TracInCP(
+            model, data, ckpts, loss_fn=loss_fn, batch_size=3, sample_wise_grads_per_batch=True
+        )
+    else:
+        obj = TracInCPFast(model, "1", data, ckpts, loss_fn=loss_fn, batch_size=3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got_self = obj.self_influence()
+        got = obj.influence((x[:2],), y[:2])
+    assert got_self.dtype == got.dtype == torch.float16
+    # float16 rounding of the gradients themselves: within 1% of the largest score
+    for value, ref in ((got_self, want_self), (got, want)):
+        assert torch.isfinite(value).all()
+        assert float((value.double() - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+
+
+def test_a_non_finite_test_example_is_blamed_alone(tmp_path):
+    """A NaN in one test input makes that test row non-finite; the warning names that test
+    example and no training example (before, every training example was named)."""
+    case = make_case("mlp", tmp_path)
+    xt = case.test_inputs[0][:3].clone()
+    xt[1, 0] = float("nan")
+    obj = TracInCP(
+        case.model, case.dataset, case.checkpoints, loss_fn=case.loss_fn("none"), batch_size=4
+    )
+    with pytest.warns(RuntimeWarning) as caught:
+        scores = obj.influence((xt,), case.test_labels[:3])
+    assert torch.isfinite(scores[[0, 2]]).all() and torch.isnan(scores[1]).all()
+    message = " ".join(str(w.message) for w in caught)
+    assert "test examples [1]" in message and "training examples" not in message

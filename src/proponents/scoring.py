@@ -189,6 +189,7 @@ class TracInRunner:
         total = None if per_ckpt is None else per_ckpt * n_ckpt
         tracker = NonFiniteTracker(self.owner)
         scores: Tensor | None = None
+        dtype: torch.dtype | None = None
         with Progress(show_progress, f"{self.owner}: influence", total) as bar:
             for c, lr in self.each_checkpoint(bar, "influence"):
                 if not self.engine.checked_on_several:
@@ -209,10 +210,11 @@ class TracInRunner:
                         test_rep = self._test_side(test, test_is_loader, test_chunk, aggregate)
                         epoch = self.engine.epoch
                     block = self.engine.dot(test_rep, rep).mul_(lr)
+                    dtype = dtype or self.engine.result_dtype(rep)
                     if scores is None and n_train is not None:
                         scores = block.new_zeros(block.shape[0], n_train)
                     if c == 0:
-                        tracker.add(torch.isfinite(block).all(dim=0), offset, test=False)
+                        tracker.add(self._train_finite(test_rep, rep, block), offset, test=False)
                     if scores is None:
                         columns.append(block)
                     else:
@@ -233,9 +235,18 @@ class TracInRunner:
                         f"checkpoint {c + 1} but {scores.shape[1]} for the first; it must "
                         "yield the same examples in the same order every time"
                     )
+        assert scores is not None and dtype is not None
+        scores = _narrowed(scores, dtype, tracker, dim=0)
         tracker.warn()
-        assert scores is not None
         return scores
+
+    def _train_finite(self, test_rep: list, rep: list, block: Tensor) -> Tensor:
+        """``(B,)``: training examples of a block with finite gradients whose scores with
+        every finite test example are finite (a non-finite test example does not make
+        the training examples it meets non-finite; it is reported on its own)."""
+        ok = self.engine.finite(rep)
+        rows = self.engine.finite(test_rep)
+        return ok & torch.isfinite(block[rows.to(block.device)]).all(dim=0).to(ok.device)
 
     def _prepare(self, train: Iterable[Any]) -> None:
         """Let the engine verify its strategies on the first training batch.
@@ -286,11 +297,14 @@ class TracInRunner:
         total = None if n_batches is None else n_batches * n_ckpt
         tracker = NonFiniteTracker(self.owner)
         result: Tensor | None = None
+        dtype: torch.dtype | None = None
         with Progress(show_progress, f"{self.owner}: self-influence", total) as bar:
             for c, lr in self.each_checkpoint(bar, f"self-influence of {what}"):
                 parts, offset = [], 0
                 for batch in self._batches(data, True, "batch"):
-                    values = self.engine.sq_norm(self.engine.compute(batch)).mul_(lr)
+                    rep = self.engine.compute(batch)
+                    dtype = dtype or self.engine.result_dtype(rep)
+                    values = self.engine.sq_norm(rep).mul_(lr)
                     if c == 0:
                         tracker.add(torch.isfinite(values), offset, test=False)
                     parts.append(values)
@@ -308,9 +322,25 @@ class TracInRunner:
                     )
                 else:
                     result += values
+        assert result is not None and dtype is not None
+        result = _narrowed(result, dtype, tracker)
         tracker.warn()
-        assert result is not None
         return result
+
+
+def _narrowed(
+    scores: Tensor, dtype: torch.dtype, tracker: NonFiniteTracker, dim: int | None = None
+) -> Tensor:
+    """Scores summed in float32 for a 16-bit model, returned in the model's dtype; the
+    training examples whose scores only the cast makes infinite are reported too."""
+    if scores.dtype == dtype:
+        return scores
+    narrow = scores.to(dtype)
+    lost = torch.isfinite(scores) & ~torch.isfinite(narrow)
+    if dim is not None:
+        lost = lost.any(dim=dim)
+    tracker.add(~lost, 0, test=False)
+    return narrow
 
 
 def _check_columns(scores: Tensor, end: int, owner: str) -> None:

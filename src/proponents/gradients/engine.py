@@ -553,19 +553,29 @@ class GradientEngine:
 
     @staticmethod
     def dot(test: list[Grads], train: list[Grads]) -> Tensor:
-        """Summed inner products over all groups, ``(n_test, n_train)``."""
-        total = reps.dot(test[0], train[0])
+        """Summed inner products over all groups, ``(n_test, n_train)`` (in float32 for
+        16-bit gradients: see :func:`~proponents.gradients.representations.widened`)."""
+        total = reps.dot(reps.widened(test[0]), reps.widened(train[0]))
         for t, r in zip(test[1:], train[1:]):
-            total = total + reps.dot(t, r)
+            total = total + reps.dot(reps.widened(t), reps.widened(r))
         return total
 
     @staticmethod
     def sq_norm(grads: list[Grads]) -> Tensor:
-        """Squared norms of the full per-example gradients, ``(B,)``."""
-        total = reps.sq_norm(grads[0])
+        """Squared norms of the full per-example gradients, ``(B,)`` (float32 for 16-bit
+        gradients, as :meth:`dot`)."""
+        total = reps.sq_norm(reps.widened(grads[0]))
         for g in grads[1:]:
-            total = total + reps.sq_norm(g)
+            total = total + reps.sq_norm(reps.widened(g))
         return total
+
+    @staticmethod
+    def result_dtype(grads: list[Grads]) -> torch.dtype:
+        """The dtype scores are returned in: the gradients' own (the model's)."""
+        out = reps.dtype_of(grads[0])
+        for g in grads[1:]:
+            out = torch.promote_types(out, reps.dtype_of(g))
+        return out
 
     @staticmethod
     def finite(grads: list[Grads]) -> Tensor:

@@ -68,6 +68,31 @@ class FactoredGrads:
 Grads = DenseGrads | FactoredGrads
 
 
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def widened(rep: Grads) -> Grads:
+    """``rep`` held in float32 when it is in a 16-bit float type, else ``rep`` itself.
+
+    Products of 16-bit gradients overflow long before the scores do (a learning rate
+    of 1e-5 scales them back into range only after the product), so inner products and
+    norms are formed in float32.
+    """
+    if isinstance(rep, DenseGrads):
+        return DenseGrads(rep.grads.float()) if rep.grads.dtype in _NARROW else rep
+    if rep.a.dtype not in _NARROW and rep.g.dtype not in _NARROW:
+        return rep
+    dense = None if rep._dense is None else rep._dense.float()
+    return FactoredGrads(rep.a.float(), rep.g.float(), dense)
+
+
+def dtype_of(rep: Grads) -> torch.dtype:
+    """The floating dtype the representation was computed in (the layer's)."""
+    if isinstance(rep, DenseGrads):
+        return rep.grads.dtype
+    return torch.promote_types(rep.a.dtype, rep.g.dtype)
+
+
 def as_dense(rep: Grads) -> Tensor:
     """Materialised ``(B, P)`` gradients of any representation."""
     return rep.grads if isinstance(rep, DenseGrads) else rep.dense()
