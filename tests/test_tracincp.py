@@ -297,6 +297,46 @@ def test_vmap_failure_falls_back_to_a_correct_loop_with_one_warning(tmp_path):
     assert_close(scores, g[:2] @ g.T)
 
 
+def test_an_error_of_the_loss_under_vmap_propagates_and_leaves_vmap_in_use(tmp_path):
+    """A loss that fails once with an OSError (a log file it writes, say) while vmap runs:
+    before, that counted as "vmap cannot run this model", the call returned, and the object
+    used the slower loop for good (later calls no longer bit-equal to earlier ones)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    path = tmp_path / "c.pt"
+    torch.save(model.state_dict(), path)
+    fail = {"once": False}
+
+    def loss_fn(out, target):
+        # fails on its first call under torch.func only: the loop would succeed
+        if fail["once"] and torch._C._functorch.is_functorch_wrapped_tensor(out):
+            fail["once"] = False
+            raise OSError("the disk the loss logs to is full")
+        return nn.functional.cross_entropy(out, target, reduction="sum")
+
+    loss_fn.reduction = "sum"
+    t = TracInCP(
+        model,
+        TensorDataset(x, y),
+        [path],
+        loss_fn=loss_fn,
+        batch_size=3,
+        sample_wise_grads_per_batch=True,
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = t.self_influence()
+        fail["once"] = True
+        with pytest.raises(OSError, match="disk"):
+            t.self_influence()
+        assert not fail["once"]
+        again = t.self_influence()
+    assert torch.equal(again, clean)
+
+
 def test_non_finite_examples_are_contained_and_named(tmp_path):
     case = make_case("mlp", tmp_path)
     x = case.train_inputs[0].clone()

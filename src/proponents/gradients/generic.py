@@ -43,6 +43,18 @@ def _versions(batch: Batch) -> list[int]:
     return [t._version for t in tree_leaves(batch.inputs) if isinstance(t, Tensor)]
 
 
+# What torch raises where vmap cannot run a model: a missing batching rule, `.item()` or
+# data-dependent control flow, an in-place write it cannot batch (RuntimeError,
+# NotImplementedError), or a check of an operator on the shapes it sees (ValueError,
+# TypeError, IndexError). Anything else (an OSError of a loss that reads a file, a
+# KeyError, a user's own exception class) is the model's or the loss's own failure: it
+# propagates, as it would from the loop, instead of switching this object to the loop for
+# good. Running out of memory propagates too: a smaller batch_size is the fix, not a
+# permanently slower path.
+_VMAP_FAILURES = (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError)
+_NOT_VMAPS = (torch.OutOfMemoryError, MemoryError)
+
+
 class GenericGradients:
     """Per-example gradients of a fixed list of parameters, one ``(B, P_k)`` block each.
 
@@ -79,7 +91,9 @@ class GenericGradients:
             before = _versions(attempt)
             try:
                 out = self._vectorised(params, buffers, attempt)
-            except Exception as err:  # noqa: BLE001 - any vmap failure falls back
+            except _NOT_VMAPS as err:
+                raise err from None
+            except _VMAP_FAILURES as err:
                 if attempt is batch and _versions(batch) != before:
                     raise RuntimeError(
                         f"{self.owner}: torch.func.vmap could not run this model, and the "
@@ -92,7 +106,8 @@ class GenericGradients:
                 warnings.warn(
                     f"{self.owner}: torch.func.vmap could not run this model "
                     f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); per-example "
-                    "gradients fall back to a slower loop over examples, with identical results",
+                    "gradients fall back to a slower loop over examples (the same values up to "
+                    "float rounding), for this and later calls of this object",
                     RuntimeWarning,
                     stacklevel=4,
                 )
