@@ -312,3 +312,83 @@ def test_tensors_held_as_plain_attributes_are_put_back(tmp_path):
         call()
         assert model[0].weight is held, name
         assert torch.equal(model[0].weight, value), name
+
+
+def _lines_of_put_back() -> int:
+    """How many line events putting a model back takes (for the test below)."""
+    import sys
+
+    import proponents.model_guard as guard
+
+    count = {"n": 0}
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename == guard.__file__ and frame.f_code.co_name == "_put_back":
+
+            def local(frame, event, arg):
+                if event == "line":
+                    count["n"] += 1
+                return local
+
+            return local
+        return None
+
+    model = Tied()
+    sys.settrace(tracer)
+    try:
+        with preserved(model):
+            pass
+    finally:
+        sys.settrace(None)
+    return count["n"]
+
+
+@pytest.mark.parametrize("where", [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
+def test_ctrl_c_while_the_model_is_put_back_still_restores_it(tmp_path, where):
+    """Ctrl-C landing on any line of the restore (here raised by a trace function at that
+    line, which is what Python does with a SIGINT there): before, the model kept the last
+    checkpoint's weights in some tensors, lost its ``.grad`` and stayed in eval mode."""
+    import sys
+
+    import proponents.model_guard as guard
+
+    torch.manual_seed(0)
+    model = Tied().train()
+    x, y = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    snap = model_snapshot(model)
+    t = TracInCP(
+        model,
+        TensorDataset(x, y),
+        _checkpoints(tmp_path),
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    target = max(1, round(where * _lines_of_put_back()))
+    seen = {"n": 0}
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename == guard.__file__ and frame.f_code.co_name == "_put_back":
+
+            def local(frame, event, arg):
+                if event == "line":
+                    seen["n"] += 1
+                    if seen["n"] == target:
+                        raise KeyboardInterrupt
+                return local
+
+            return local
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            t.influence((x[:2],), y[:2])
+    finally:
+        sys.settrace(None)
+    assert seen["n"] >= target
+    assert_unchanged(model, snap)
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, grads[n]), n

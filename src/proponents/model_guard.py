@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -118,31 +118,64 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
         yield model
     finally:
         _BY_REFERENCE.reset(token)
-        for module, name, kind, tensor in slots:
-            table: dict[str, Any] = module._parameters if kind == "param" else module._buffers
-            table[name] = tensor
-            data, grad, flag = originals[id(tensor)]
-            tensor.data = data
-            if kind == "param":
-                tensor.grad = grad
-                tensor.requires_grad_(flag)
-        for m, training in modes.items():
-            m.training = training
-        # A tensor a forward stored on its module during the call (``self.last = h``) is
-        # state the forward writes, not a setting it reads: it is put back as it was (or
-        # removed, if new), and remembered, so that fingerprints leave it out.
-        had = {(id(m), name): value for m, name, value in attributes}
-        for m in model.modules():
-            for name, value in list(vars(m).items()):
-                if not isinstance(value, torch.Tensor):
-                    continue
-                before = had.get((id(m), name))
-                if before is None or value is not before:
-                    written_by_forward(m).add(name)
-                if before is None:
-                    del m.__dict__[name]
-        for m, name, value in attributes:
-            m.__dict__[name] = value
+        _to_the_end(lambda: _put_back(model, slots, originals, modes, attributes))
+
+
+def _to_the_end(action: Callable[[], None]) -> None:
+    """Run ``action`` to its end even when Ctrl-C arrives during it, then re-raise.
+
+    Python raises ``KeyboardInterrupt`` between any two bytecodes, so an interrupt that
+    lands while a model is being put back would leave it half restored (weights of the
+    last checkpoint, lost ``.grad``, eval mode). ``action`` must be idempotent: it is
+    started again from the beginning after each interrupt. Blocking the signal instead
+    would not do: the kernel hands a process's SIGINT to any thread that does not block
+    it (torch's worker threads), and Python then raises in the main thread all the same.
+    """
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            action()
+        except KeyboardInterrupt as err:
+            interrupted = err
+            continue
+        break
+    if interrupted is not None:
+        raise interrupted
+
+
+def _put_back(
+    model: nn.Module,
+    slots: list,
+    originals: dict[int, tuple[torch.Tensor, torch.Tensor | None, bool]],
+    modes: dict[nn.Module, bool],
+    attributes: list[tuple[nn.Module, str, torch.Tensor]],
+) -> None:
+    """Put ``model`` back as :func:`preserved` found it (idempotent)."""
+    for module, name, kind, tensor in slots:
+        table: dict[str, Any] = module._parameters if kind == "param" else module._buffers
+        table[name] = tensor
+        data, grad, flag = originals[id(tensor)]
+        tensor.data = data
+        if kind == "param":
+            tensor.grad = grad
+            tensor.requires_grad_(flag)
+    for m, training in modes.items():
+        m.training = training
+    # A tensor a forward stored on its module during the call (``self.last = h``) is
+    # state the forward writes, not a setting it reads: it is put back as it was (or
+    # removed, if new), and remembered, so that fingerprints leave it out.
+    had = {(id(m), name): value for m, name, value in attributes}
+    for m in model.modules():
+        for name, value in list(vars(m).items()):
+            if not isinstance(value, torch.Tensor):
+                continue
+            before = had.get((id(m), name))
+            if before is None or value is not before:
+                written_by_forward(m).add(name)
+            if before is None:
+                del m.__dict__[name]
+    for m, name, value in attributes:
+        m.__dict__[name] = value
 
 
 #: Per module, the names of tensor attributes its forward was seen to (re)assign.
