@@ -777,6 +777,30 @@ def test_randproj_ranks_non_finite_training_examples_last(tmp_path):
     assert torch.equal(got.indices, want.indices)
 
 
+def test_randproj_over_tensors_made_under_inference_mode(tmp_path):
+    """A training set made under ``torch.inference_mode()`` keeps no version counters; the
+    dataset fingerprint read them and raised. The index is built, saved and loaded, with
+    TracInCPFast's scores."""
+    case = make_case("mlp", tmp_path)
+    with torch.inference_mode():
+        data = TensorDataset(case.train_inputs[0] * 1, case.train_labels * 1)
+    loss = case.loss_fn("sum")
+    rp = TracInCPFastRandProj(case.model, "fc2", data, case.checkpoints, loss_fn=loss, batch_size=4)
+    exact = TracInCPFast(case.model, "fc2", data, case.checkpoints, loss_fn=loss, batch_size=4)
+    want = exact.influence(case.test_inputs, case.test_labels)
+    assert_close(rp.influence(case.test_inputs, case.test_labels, k=None), want)
+    rp.save(tmp_path / "index")
+    back = TracInCPFastRandProj.load(
+        tmp_path / "index",
+        case.model,
+        case.checkpoints,
+        train_dataset=data,
+        loss_fn=loss,
+        batch_size=4,
+    )
+    assert_close(back.influence(case.test_inputs, case.test_labels, k=None), want)
+
+
 def test_infinite_and_nan_scores_rank_last_as_proponents_and_opponents():
     """k_most (TracInCP and TracInCPFast rankings) puts every non-finite score last, as
     RandProj's search does; +inf was ranked the top proponent, -inf the top opponent.

@@ -902,6 +902,29 @@ def test_other_model_dtypes(tmp_path, dtype):
         _check((idx, val), expected, rtol=1e-5 if dtype == torch.float64 else 1e-2)
 
 
+@pytest.mark.parametrize("where", ["call", "data"])
+def test_inference_mode_calls_and_inference_tensors(tmp_path, where):
+    """A call inside ``torch.inference_mode()`` (whose activations keep no version counter)
+    and a source dataset made under it: before, both raised "Inference tensors do not
+    track version counter"."""
+    model = _seeded(Net)
+    train, test = _data()
+    if where == "data":
+        with torch.inference_mode():
+            train = TensorDataset(train.tensors[0] * 1, train.tensors[1] * 1)
+    expected = _brute(
+        _acts(model, "lin2", test), _acts(model, "lin2", train.tensors[0]), "cosine", "max", 3
+    )
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=8)
+    for _ in range(2):  # built, then read back from the store
+        if where == "call":
+            with torch.inference_mode():
+                got = sim.influence(test, top_k=3)["lin2"]
+        else:
+            got = sim.influence(test, top_k=3)["lin2"]
+        _check(got, expected, rtol=1e-5)
+
+
 class Exploding(Dataset):
     def __len__(self):
         return 30

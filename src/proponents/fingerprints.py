@@ -479,6 +479,13 @@ def probes_differ(saved: str | None, now: str | None) -> bool:
 _TENSOR_DIGESTS: dict[int, tuple[weakref.ref, str, str]] = {}
 
 
+def version_counter(tensor: torch.Tensor) -> int | None:
+    """``tensor``'s version counter (bumped by every in-place edit through torch), or
+    ``None`` for a tensor made under ``torch.inference_mode()``, which keeps none: such
+    a tensor is read again wherever a counter would have allowed skipping it."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def tensor_fingerprint(
     tensor: torch.Tensor, versions: dict[int, tuple[int, int]] | None = None
 ) -> str:
@@ -497,8 +504,9 @@ def tensor_fingerprint(
     hit = _TENSOR_DIGESTS.get(id(tensor))
     if hit is not None and hit[0]() is not tensor:
         hit = None
-    state = (tensor._version, tensor.data_ptr() if tensor.layout == torch.strided else 0)
-    if versions is not None:
+    version = version_counter(tensor)
+    state = (version, tensor.data_ptr() if tensor.layout == torch.strided else 0)
+    if versions is not None and version is not None:
         if hit is not None and versions.get(id(tensor)) == state:
             return hit[2]
         versions[id(tensor)] = state

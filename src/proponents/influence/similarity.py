@@ -65,7 +65,12 @@ from proponents.errors import (
     BatchFormatError,
     InvalidArgumentError,
 )
-from proponents.fingerprints import dataset_probe, fingerprints_of, hash_object
+from proponents.fingerprints import (
+    dataset_probe,
+    fingerprints_of,
+    hash_object,
+    version_counter,
+)
 from proponents.influence._pullback import MAX_WIDTH_FRACTION, Pullback, may_pull_back
 from proponents.influence._similarity_metrics import (
     BlockScorer,
@@ -1147,9 +1152,9 @@ class _Extractor:
 
     def run(self, model: nn.Module, args: tuple[Any, ...]) -> dict[str, Tensor]:
         captured: dict[str, Tensor] = {}
-        versions: dict[str, int] = {}
+        versions: dict[str, int | None] = {}
         inputs: dict[str, Tensor] = {}
-        input_versions: dict[str, int] = {}
+        input_versions: dict[str, int | None] = {}
         clone = self.clone
 
         def hook_for(name: str) -> Callable[..., None]:
@@ -1159,13 +1164,15 @@ class _Extractor:
                         f"layer {name!r} returns a {type(output).__name__}, not a tensor; "
                         "choose a layer whose output is a single tensor (e.g. a submodule of it)"
                     )
+                # A tensor made under inference_mode keeps no version counter, so a later
+                # in-place edit of it could not be seen: it is copied at once (None).
                 out = output.detach()
-                captured[name] = out.clone() if clone else out
-                versions[name] = out._version
+                versions[name] = None if clone else version_counter(out)
+                captured[name] = out if versions[name] is not None else out.clone()
                 if name in self.inputs_of and layer_inputs and isinstance(layer_inputs[0], Tensor):
                     x = layer_inputs[0].detach()
-                    inputs[name] = x.clone() if clone else x
-                    input_versions[name] = x._version
+                    input_versions[name] = None if clone else version_counter(x)
+                    inputs[name] = x if input_versions[name] is not None else x.clone()
 
             return hook
 
@@ -1181,8 +1188,13 @@ class _Extractor:
                 f"layer(s) {missing} did not run during the forward pass, so they have no "
                 "activations; choose layers the model's forward uses"
             )
-        changed = any(captured[n]._version != versions[n] for n in captured) or any(
-            inputs[n]._version != input_versions[n] for n in inputs
+        # (a copy, None, cannot have changed)
+        changed = any(
+            versions[n] is not None and version_counter(captured[n]) != versions[n]
+            for n in captured
+        ) or any(
+            input_versions[n] is not None and version_counter(inputs[n]) != input_versions[n]
+            for n in inputs
         )
         if not clone and changed:
             # A later in-place operation changed a captured tensor: capture copies instead.
