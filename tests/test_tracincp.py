@@ -545,3 +545,57 @@ def test_a_non_finite_test_example_is_blamed_alone(tmp_path):
     assert torch.isfinite(scores[[0, 2]]).all() and torch.isnan(scores[1]).all()
     message = " ".join(str(w.message) for w in caught)
     assert "test examples [1]" in message and "training examples" not in message
+
+
+def test_a_subclass_written_for_the_spec_base_class_can_be_created(tmp_path):
+    """The spec's TracInCPBase leaves ``influence`` abstract and says subclasses implement
+    it over private ``_influence``/``_get_k_most_influential``/``_self_influence`` methods;
+    such a subclass was refused for lacking our private ``_runner``."""
+    from proponents import TracInCPBase
+
+    case = make_case("mlp", tmp_path)
+
+    class SquaredInputNorm(TracInCPBase):
+        """A toy method: score = <x_test, x_train>, self-influence ||x||^2."""
+
+        def _train_x(self):
+            return torch.cat([b[0] for b in self.train_dataloader])
+
+        def _influence(self, inputs, targets=None):
+            return inputs[0] @ self._train_x().T
+
+        def _get_k_most_influential(self, inputs, targets=None, k=5, proponents=True):
+            values, indices = self._influence(inputs).topk(k, dim=1, largest=proponents)
+            return KMostInfluentialResults(indices, values)
+
+        def self_influence(self, inputs_dataset=None, show_progress=False):
+            return self._train_x().pow(2).sum(1)
+
+        def influence(
+            self,
+            inputs=None,
+            targets=None,
+            k=None,
+            proponents=True,
+            unpack_inputs=True,
+            show_progress=False,
+        ):
+            if inputs is None:
+                return self.self_influence()
+            if k is None:
+                return self._influence(inputs, targets)
+            return self._get_k_most_influential(inputs, targets, k, proponents)
+
+    obj = SquaredInputNorm(case.model, case.dataset, case.checkpoints, batch_size=5)
+    x = case.train_inputs[0]
+    assert torch.equal(obj.influence(), x.pow(2).sum(1))
+    scores = obj.influence(case.test_inputs)
+    torch.testing.assert_close(scores, case.test_inputs[0] @ x.T)
+    top = obj.influence(case.test_inputs, k=2)
+    assert torch.equal(top.indices, scores.topk(2, dim=1).indices)
+
+    class NoEngine(TracInCPBase):
+        pass
+
+    with pytest.raises(NotImplementedError, match="override influence"):
+        NoEngine(case.model, case.dataset, case.checkpoints).influence(case.test_inputs)

@@ -116,9 +116,18 @@ class TracInCPBase(DataInfluence):
         return cls.__name__
 
     # -- subclass hooks ---------------------------------------------------------------
-    @abc.abstractmethod
     def _runner(self) -> TracInRunner:
-        """The loop runner over this method's gradient engine."""
+        """The loop runner over this method's gradient engine.
+
+        Our own methods provide one; :meth:`influence` and :meth:`self_influence` run on
+        it. A subclass written for the spec's base class overrides those two public
+        methods instead (the spec leaves them abstract) and needs none, so it is not an
+        abstract method here: such a subclass can be created, as with the spec's class.
+        """
+        raise NotImplementedError(
+            f"{self.get_name()} has no gradient engine: override influence() and "
+            "self_influence(), or implement _runner() to use TracInCPBase's own"
+        )
 
     # -- shared behaviour ---------------------------------------------------------------
     @contextmanager
