@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -528,9 +530,13 @@ def test_chunk_batch_slices_inside_dicts_and_leaves_other_inputs_whole():
         assert torch.equal(inp["x"], x[start:stop]) and torch.equal(inp["tok"][0], tok[start:stop])
         assert inp["table"] is table
         assert torch.equal(p.labels, y[start:stop])
-    # inputs in which no tensor carries the examples cannot be split: one chunk
-    words = Batch(inputs=(["w"] * 5,), labels=y, size=5)
-    assert chunk_batch(words, 2) == [words]
+    # one string per example is cut like a tensor's rows
+    names = [f"w{i}" for i in range(5)]
+    words = Batch(inputs=(names,), labels=y, size=5)
+    assert [p.inputs[0] for p in chunk_batch(words, 2)] == [names[:2], names[2:4], names[4:]]
+    # inputs in which nothing carries the examples cannot be split: one chunk
+    other = Batch(inputs=({"scale": 2.0, "mode": "fast"},), labels=y, size=5)
+    assert chunk_batch(other, 2) == [other]
 
 
 def test_a_test_batch_of_strings_takes_its_size_from_the_targets():
@@ -831,3 +837,112 @@ def test_labels_given_as_a_list_of_strings_are_taken_per_example(tmp_path):
     test_names = [["zero", "one", "two"][int(v)] for v in case.test_labels]
     assert_close(t.influence(case.test_inputs, test_names), reference_scores(case))
     assert_close(t.self_influence(), reference_self(case))
+
+
+class _Tokenizing(nn.Module):
+    """Takes a tuple of words (one per example) and, optionally, a float tensor beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(26, 4)
+        self.norm = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, words, extra=None):
+        ids = torch.tensor([[ord(c) - 97 for c in (w * 5)[:5]] for w in words])
+        h = self.norm(self.emb(ids).mean(1))
+        if extra is not None:
+            h = h + extra
+        return self.out(torch.tanh(h))
+
+
+class _Words(Dataset):
+    def __init__(self, words, labels, extra=None) -> None:
+        self.words, self.labels, self.extra = words, labels, extra
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __getitem__(self, i):
+        if self.extra is None:
+            return self.words[i], self.labels[i]
+        return self.words[i], self.extra[i], self.labels[i]
+
+
+@pytest.mark.parametrize("with_tensor", [False, True], ids=["strings-only", "strings-and-tensor"])
+@pytest.mark.parametrize("method", ["cp-none", "cp-sum", "fast"])
+def test_inputs_with_one_string_per_example(tmp_path, method, with_tensor):
+    """A model that tokenizes a tuple of words itself: the words are cut per example
+    like tensor rows (the strategy check, the per-example loop). Before, every example
+    alone was handed all the batch's words: torch's loss raised on B outputs for 1 label."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _Tokenizing()
+    path = tmp_path / "c.pt"
+    torch.save(model.state_dict(), path)
+    words = ["abc", "b", "ccdd", "d", "eeee", "fa", "gbc", "hh", "ia"]
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (9,), generator=g)
+    extra = torch.randn(9, 4, generator=g) if with_tensor else None
+    test_words, test_labels = ["bcd", "aa"], torch.tensor([2, 0])
+    test_extra = torch.randn(2, 4, generator=g) if with_tensor else None
+
+    ref = copy.deepcopy(model).double()
+    names = (
+        ["out.weight", "out.bias"] if method == "fast" else [n for n, _ in ref.named_parameters()]
+    )
+    params = [dict(ref.named_parameters())[n] for n in names]
+
+    def grads(ws, xs, ys):
+        rows = []
+        for i in range(len(ws)):
+            ex = None if xs is None else xs[i : i + 1].double()
+            loss = nn.functional.cross_entropy(ref(ws[i : i + 1], ex), ys[i : i + 1])
+            rows.append(torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)]))
+        return torch.stack(rows)
+
+    want = grads(test_words, test_extra, test_labels) @ grads(words, extra, labels).T
+    data = _Words(words, labels, extra)
+    if method == "fast":
+        obj = TracInCPFast(
+            model, "out", data, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4
+        )
+    else:
+        reduction = "none" if method == "cp-none" else "sum"
+        obj = TracInCP(
+            model,
+            data,
+            [path],
+            loss_fn=nn.CrossEntropyLoss(reduction=reduction),
+            batch_size=4,
+            sample_wise_grads_per_batch=reduction == "sum",
+        )
+    inputs = (test_words,) if not with_tensor else (test_words, test_extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the loop's notice
+        if with_tensor:
+            got = obj.influence(inputs, test_labels)
+        else:
+            got = obj.influence(inputs, test_labels, unpack_inputs=True)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda y: y.numpy().astype(np.int32),
+        lambda y: y.numpy().astype(np.uint16),
+        lambda y: [np.int32(v) for v in y.tolist()],
+    ],
+    ids=["int32-array", "uint16-array", "int32-list"],
+)
+def test_numpy_integer_targets_are_class_indices(tmp_path, make):
+    """NumPy integers of any width are int64 class indices (NumPy's default integer is 32
+    bits on Windows); before, an int32 array stayed int32 and cross-entropy refused it."""
+    case = make_case("mlp", tmp_path)
+    obj = TracInCP(
+        case.model, case.dataset, case.checkpoints, loss_fn=case.loss_fn("none"), batch_size=4
+    )
+    want = obj.influence(case.test_inputs, case.test_labels)
+    assert torch.equal(obj.influence(case.test_inputs, make(case.test_labels)), want)

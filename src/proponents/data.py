@@ -353,16 +353,22 @@ def as_targets(targets: Any) -> Any:
     """The test ``targets`` as given, or as a tensor when they are plain numbers.
 
     A (nested) list or tuple of Python or NumPy numbers, or a numeric NumPy array, becomes
-    ``torch.as_tensor(targets)``: integers give an ``int64`` tensor (class indices),
-    floats one of torch's default dtype, exactly as ``torch.as_tensor`` would. Tensors,
-    ``None`` and sequences of anything else (tensors, strings: labels for a custom loss)
-    are returned unchanged.
+    ``torch.as_tensor(targets)``, except that integers of any width give an ``int64``
+    tensor (class indices, as torch's class losses want; NumPy's default integer is 32
+    bits on Windows), floats keep their dtype (Python floats: torch's default) and bools
+    stay bool. Tensors, ``None`` and sequences of anything else (tensors, strings: labels
+    for a custom loss) are returned unchanged.
     """
     if isinstance(targets, (list, tuple)) and targets and _numbers(targets):
-        return torch.as_tensor(targets)
+        return _long_if_integer(torch.as_tensor(targets))
     if isinstance(targets, np.ndarray) and targets.dtype.kind in "biuf":
-        return torch.as_tensor(targets)
+        return _long_if_integer(torch.as_tensor(targets))
     return targets
+
+
+def _long_if_integer(t: torch.Tensor) -> torch.Tensor:
+    integer = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    return t.long() if integer else t
 
 
 def _numbers(obj: Any) -> bool:
@@ -421,10 +427,12 @@ def test_batches(
                 f"targets must be a tensor with one entry per test example, got "
                 f"{type(targets).__name__}"
             )
-    # Inputs without any tensor (strings for a model that tokenizes, say) are "of any
-    # type" only with unpack_inputs=False; then the targets count the examples.
+    # Inputs without any tensor are "of any type" with unpack_inputs=False, or when they
+    # hold one string per target (words for a model that tokenizes them, say); then the
+    # targets count the examples.
     has_tensors = any(True for a in args for _ in _nested_tensors(a))
-    any_type = not unpack_inputs and not has_tensors
+    strings = n_targets is not None and has_string_rows(args, n_targets)
+    any_type = not has_tensors and (not unpack_inputs or strings)
     try:
         n = batch_size_of(args, targets if has_tensors or any_type else None)
     except BatchFormatError as err:
@@ -497,15 +505,22 @@ def example_labels(labels: Any, i: int, n: int) -> Any:
 
 def map_rows(tree: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``tree`` with ``fn`` applied to every tensor that holds a row per example of a batch
-    of ``n`` (:func:`holds_examples`), also inside tuples, lists and dicts; anything else
-    (a shared mask, a scalar, a string) as it is. One example's rows, a chunk of rows and
-    the rows reversed are all taken through here."""
+    of ``n`` (:func:`holds_examples`), also inside tuples, lists and dicts, and the same
+    rows taken from a list of one string per example (:func:`string_rows`); anything
+    else (a shared mask, a scalar, a string) as it is. One example's rows, a chunk of
+    rows and the rows reversed are all taken through here."""
     if holds_examples(tree, n):
         return fn(tree)
+
+    def inner(v: Any) -> Any:
+        if string_rows(v, n):
+            return type(v)(v[j] for j in fn(torch.arange(n)).tolist())
+        return map_rows(v, n, fn)
+
     if isinstance(tree, (tuple, list)):
-        return type(tree)(map_rows(v, n, fn) for v in tree)
+        return type(tree)(inner(v) for v in tree)
     if isinstance(tree, dict):
-        return {k: map_rows(v, n, fn) for k, v in tree.items()}
+        return {k: inner(v) for k, v in tree.items()}
     return tree
 
 
@@ -526,6 +541,27 @@ def reversed_batch(batch: Batch) -> Batch:
     return Batch(inputs=map_rows(batch.inputs, n, flip), labels=flipped, size=n)
 
 
+def string_rows(x: Any, n: int) -> bool:
+    """Whether ``x`` is a tuple or list of ``n`` strings (or bytes), one per example of a
+    batch of ``n``: what collating a text field gives, for a model that tokenizes its
+    input itself. Only a value *inside* the model inputs counts (:func:`map_rows`): the
+    tuple of model inputs itself is never taken for one."""
+    return (
+        isinstance(x, (tuple, list))
+        and n > 0
+        and len(x) == n
+        and all(isinstance(v, (str, bytes)) for v in x)
+    )
+
+
+def has_string_rows(tree: Any, n: int) -> bool:
+    """Whether a :func:`string_rows` value sits inside ``tree`` (tuples, lists, dicts)."""
+    if not isinstance(tree, (tuple, list, dict)):
+        return False
+    items = tree.values() if isinstance(tree, dict) else tree
+    return any(string_rows(v, n) or has_string_rows(v, n) for v in items)
+
+
 def holds_examples(x: Any, n: int) -> bool:
     """Whether ``x`` is a tensor with one row per example of a batch of ``n``: its dim 0
     is ``n``. Any other value (a shared ``(T, T)`` mask, a scalar) is common to all."""
@@ -537,15 +573,15 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
 
     Tensors whose first dimension is the batch size are sliced, also inside tuples,
     lists and dicts, and so are labels given as a list with one entry per example;
-    everything else is passed to every chunk unchanged. A batch whose
-    model inputs hold no such tensor (inputs of another kind, such as a list of strings,
-    whose examples cannot be told apart here) is not split.
+    everything else is passed to every chunk unchanged; a list of one string per example
+    is cut like a tensor (:func:`string_rows`). A batch whose model inputs hold neither
+    (inputs of another kind, whose examples cannot be told apart here) is not split.
     """
     if batch.size <= size:
         return [batch]
     if not any(
         holds_examples(t, batch.size) for item in batch.inputs for t in _nested_tensors(item)
-    ):
+    ) and not has_string_rows(batch.inputs, batch.size):
         return [batch]
 
     def part(x: Any, start: int) -> Any:

@@ -505,8 +505,8 @@ def tensor_fingerprint(
     if hit is not None and hit[0]() is not tensor:
         hit = None
     version = version_counter(tensor)
-    state = (version, tensor.data_ptr() if tensor.layout == torch.strided else 0)
     if versions is not None and version is not None:
+        state = (version, tensor.data_ptr() if tensor.layout == torch.strided else 0)
         if hit is not None and versions.get(id(tensor)) == state:
             return hit[2]
         versions[id(tensor)] = state

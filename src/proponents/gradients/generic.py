@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-from proponents.data import Batch, copy_batch, example_labels, holds_examples, map_rows
+from proponents.data import (
+    Batch,
+    copy_batch,
+    example_labels,
+    has_string_rows,
+    holds_examples,
+    map_rows,
+)
 from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
 from proponents.gradients.loss import LossSpec
 
@@ -82,6 +89,16 @@ class GenericGradients:
         Blocks are kept apart (not concatenated) so no extra copy of the largest
         temporary is made; inner products simply sum over blocks.
         """
+        if not self.use_loop and has_string_rows(batch.inputs, batch.size):
+            # vmap maps tensors only: each example would be handed every example's string
+            self.use_loop = True
+            warnings.warn(
+                f"{self.owner}: the model inputs hold a list of strings, one per example, "
+                "which torch.func.vmap cannot map over; per-example gradients of the "
+                "parameters outside Linear/Conv layers are taken in a slower loop over examples",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         if not self.use_loop:
             # vmap may fail part-way through the model, after the model edited its input
             # in place: the loop that takes over must still see the batch as given, so
