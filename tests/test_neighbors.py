@@ -315,7 +315,7 @@ def test_query_before_setup(make_backend):
     [
         ([[1.0, 2.0]], ArgumentTypeError, "data must be a torch.Tensor"),
         (torch.zeros(3), InvalidArgumentError, r"data must be a 2-D tensor.*\(3,\)"),
-        (torch.zeros(2, 3, 4), InvalidArgumentError, r"data must be a 2-D.*\(2, 3, 4\)"),
+        (torch.zeros(2, 0, 4), InvalidArgumentError, r"at least one column.*\(2, 0, 4\)"),
         (torch.zeros(3, 2, dtype=torch.long), ArgumentTypeError, "data.*floating-point"),
         (torch.zeros(0, 3), InvalidArgumentError, "data must have at least one row"),
         (torch.zeros(3, 0), InvalidArgumentError, "data must have at least one column"),

@@ -1,15 +1,17 @@
 """Similarity metrics and the blocked top-k search behind :class:`SimilarityInfluence`.
 
-The two public metrics take ``test`` of shape ``(n_test, *features)`` and ``src`` of
-shape ``(n_src, *features)`` and return ``(n_test, n_src)``; feature dimensions are
-flattened. :class:`BlockScorer` compares the test activations with the source
-activations one block at a time and keeps a running top-k, so the source set never has
-to be in memory at once.
+The two public metrics take ``test`` of shape ``(n_test, *features)`` and ``train`` (or
+``src=``) of shape ``(n_train, *features)`` and return ``(n_test, n_train)``; feature
+dimensions are flattened. Their arguments follow Captum's metrics of the same names.
+:class:`BlockScorer` compares the test activations with the source activations one
+block at a time and keeps a running top-k, so the source set never has to be in memory
+at once.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -39,26 +41,79 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def cosine_similarity(test: Tensor, src: Tensor) -> Tensor:
+def _source(train: Tensor | None, src: Tensor | None, metric: str) -> Tensor:
+    """The second argument of a metric, given as ``train`` (Captum's name) or ``src``."""
+    if train is not None and src is not None:
+        raise ArgumentTypeError(
+            f"{metric}() got both train and src, two names for the same argument (the "
+            "source examples' activations); pass only one of them"
+        )
+    if train is not None:
+        return train
+    if src is not None:
+        return src
+    raise ArgumentTypeError(
+        f"{metric}() is missing its second argument train (the source examples' "
+        "activations, (n_train, *features)); src= is accepted as another name for it"
+    )
+
+
+def _check_replace_nan(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"replace_nan must be a number (the similarity given to pairs with an all-zero "
+            f"vector), got {type(value).__name__} ({value!r})"
+        )
+    return float(value)
+
+
+def _flat_pair(test: Tensor, train: Tensor) -> tuple[Tensor, Tensor]:
+    t, s = _flat(test, "test"), _flat(train, "train")
+    if t.shape[1] != s.shape[1]:
+        raise InvalidArgumentError(
+            f"test has {t.shape[1]} features per example and train {s.shape[1]}; they must match"
+        )
+    return t, s
+
+
+def cosine_similarity(
+    test: Tensor,
+    train: Tensor | None = None,
+    replace_nan: float = 0.0,
+    *,
+    src: Tensor | None = None,
+) -> Tensor:
     """Pairwise cosine similarity of flattened feature vectors.
 
-    A pair that involves an all-zero vector has similarity 0 (its direction is
-    undefined; 0 is what an orthogonal vector would get), also when the other vector is
-    not finite, as :class:`SimilarityInfluence` scores it.
+    The arguments follow Captum's ``cosine_similarity(test, train, replace_nan=0)``;
+    ``src=`` is accepted as another name for ``train``.
+
+    The cosine of a pair that involves an all-zero vector is undefined (the vector has
+    no direction): such a pair gets ``replace_nan``, also when the other vector is not
+    finite, as :class:`SimilarityInfluence` scores it. The default 0 is what an
+    orthogonal vector would get; ``float("nan")`` marks those pairs as NaN. (Captum
+    instead puts ``replace_nan`` in every entry of the zero vector before taking the
+    product, which is the same only for 0.)
 
     Args:
         test: ``(n_test, *features)``.
-        src: ``(n_src, *features)`` with the same number of features.
+        train: ``(n_train, *features)`` with the same number of features (the trailing
+            shapes may differ).
+        replace_nan: the similarity of every pair with an all-zero vector; any real
+            number, NaN included.
+        src: (keyword-only) another name for ``train``; give one of the two.
 
     Returns:
-        ``(n_test, n_src)`` similarities in ``[-1, 1]``, in float32 (float64 when
-        either input is float64).
+        ``(n_test, n_train)`` similarities in ``[-1, 1]`` (and ``replace_nan``), in
+        float32 (float64 when either input is float64).
+
+    Raises:
+        ArgumentTypeError: when both or neither of ``train`` and ``src`` are given, an
+            input is not a tensor, or ``replace_nan`` is not a number.
+        InvalidArgumentError: when the numbers of features differ.
     """
-    t, s = _flat(test, "test"), _flat(src, "src")
-    if t.shape[1] != s.shape[1]:
-        raise InvalidArgumentError(
-            f"test has {t.shape[1]} features per example and src {s.shape[1]}; they must match"
-        )
+    value = _check_replace_nan(replace_nan)
+    t, s = _flat_pair(test, _source(train, src, "cosine_similarity"))
     dtype = _compute_dtype(t, s)
     t, s = t.to(dtype), s.to(s.device if s.device == t.device else t.device, dtype)
     t_norm = torch.linalg.vector_norm(t, dim=1)
@@ -66,31 +121,36 @@ def cosine_similarity(test: Tensor, src: Tensor) -> Tensor:
     t_hat = t * _safe_inverse(t_norm)[:, None]
     s_hat = s * _safe_inverse(s_norm)[:, None]
     out = (t_hat @ s_hat.T).clamp_(-1.0, 1.0)
-    # a zero vector scores 0 with every vector, a non-finite one too (0 * NaN is NaN)
-    out[t_norm == 0, :] = 0.0
-    out[:, s_norm == 0] = 0.0
+    # a zero vector gets replace_nan with every vector, a non-finite one too (0 * NaN is NaN)
+    out[t_norm == 0, :] = value
+    out[:, s_norm == 0] = value
     return out
 
 
-def euclidean_distance(test: Tensor, src: Tensor) -> Tensor:
+def euclidean_distance(
+    test: Tensor, train: Tensor | None = None, *, src: Tensor | None = None
+) -> Tensor:
     """Pairwise Euclidean distance of flattened feature vectors.
 
-    Computed from the differences themselves (no ``|a|² + |b|² - 2a·b`` shortcut), so
-    the distance of a vector to itself is exactly 0.
+    The arguments follow Captum's ``euclidean_distance(test, train)``; ``src=`` is
+    accepted as another name for ``train``. Computed from the differences themselves (no
+    ``|a|² + |b|² - 2a·b`` shortcut), so the distance of a vector to itself is exactly 0.
 
     Args:
         test: ``(n_test, *features)``.
-        src: ``(n_src, *features)`` with the same number of features.
+        train: ``(n_train, *features)`` with the same number of features.
+        src: (keyword-only) another name for ``train``; give one of the two.
 
     Returns:
-        ``(n_test, n_src)`` non-negative distances, float32 (float64 when either input
+        ``(n_test, n_train)`` non-negative distances, float32 (float64 when either input
         is float64).
+
+    Raises:
+        ArgumentTypeError: when both or neither of ``train`` and ``src`` are given, or
+            an input is not a tensor.
+        InvalidArgumentError: when the numbers of features differ.
     """
-    t, s = _flat(test, "test"), _flat(src, "src")
-    if t.shape[1] != s.shape[1]:
-        raise InvalidArgumentError(
-            f"test has {t.shape[1]} features per example and src {s.shape[1]}; they must match"
-        )
+    t, s = _flat_pair(test, _source(train, src, "euclidean_distance"))
     dtype = _compute_dtype(t, s)
     t, s = t.to(dtype), s.to(t.device, dtype)
     return torch.cdist(t[None], s[None], compute_mode="donot_use_mm_for_euclid_dist")[0]

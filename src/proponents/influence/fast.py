@@ -58,6 +58,7 @@ from proponents.gradients.selection import canonical_module_name, named_modules,
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
 from proponents.neighbors.exact import DEFAULT_BLOCK_SIZE, block_scores
+from proponents.neighbors.foreign import NearestNeighborsLike, as_nearest_neighbors
 from proponents.progress import Progress
 from proponents.projection import GradientProjection
 from proponents.scoring import NonFiniteTracker, TracInRunner, k_most
@@ -311,7 +312,13 @@ class TracInCPFastRandProj(TracInCPFast):
             loss_fn, batch_size, vectorize: as for :class:`TracInCPFast`.
         nearest_neighbors: the search structure; default :class:`ExactNearestNeighbors`
             (exact answers). :class:`AnnoyNearestNeighbors` and
-            :class:`FaissNearestNeighbors` are optional extras.
+            :class:`FaissNearestNeighbors` are optional extras. Any other instance with
+            ``setup(data)`` and ``get_nearest_neighbors(query, k)`` (e.g. a subclass of
+            Captum's ``NearestNeighbors``) is accepted too: it is wrapped in
+            :class:`~proponents.neighbors.ForeignNearestNeighbors` (kept as
+            ``self.nearest_neighbors``, the object itself as its ``backend``), which
+            uses its choice of neighbours and reports their exact scores. Such a backend
+            is not saved with the index: pass a new instance to :meth:`load` again.
         projection_dim: per-checkpoint embedding dimension, or ``None`` for exact
             embeddings. Never larger than the gradient's own dimension.
         seed: seed of the projection (a local generator; global RNG untouched).
@@ -343,7 +350,7 @@ class TracInCPFastRandProj(TracInCPFast):
         loss_fn: Callable[..., Tensor] | None = None,
         batch_size: int = 1,
         vectorize: bool = False,
-        nearest_neighbors: NearestNeighbors | None = None,
+        nearest_neighbors: NearestNeighborsLike | None = None,
         projection_dim: int | None = None,
         seed: int = 0,
         *,
@@ -395,16 +402,13 @@ class TracInCPFastRandProj(TracInCPFast):
         _check_index_storage(memory_budget, index_dtype, name)
         self.memory_budget = memory_budget
         self.index_dtype = index_dtype
-        if nearest_neighbors is not None and not isinstance(nearest_neighbors, NearestNeighbors):
-            raise ArgumentTypeError(
-                f"{name}: nearest_neighbors must be a NearestNeighbors instance (e.g. "
-                f"ExactNearestNeighbors()), got {type(nearest_neighbors).__name__}"
-            )
+        self.nearest_neighbors: NearestNeighbors = (
+            ExactNearestNeighbors()
+            if nearest_neighbors is None
+            else as_nearest_neighbors(nearest_neighbors, name)
+        )
         self.projection_dim = projection_dim
         self.seed = seed
-        self.nearest_neighbors = (
-            nearest_neighbors if nearest_neighbors is not None else ExactNearestNeighbors()
-        )
         # What the embeddings are computed from, recorded before any checkpoint is read:
         # queries and save() refuse checkpoints that changed since.
         self._watch = CheckpointWatch(self.checkpoints)
@@ -806,7 +810,7 @@ class TracInCPFastRandProj(TracInCPFast):
         final_fc_layer: nn.Module | str | None = None,
         checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
         batch_size: int = 1,
-        nearest_neighbors: NearestNeighbors | None = None,
+        nearest_neighbors: NearestNeighborsLike | None = None,
         distributed: bool | None = None,
         memory_budget: int | None = None,
         index_dtype: torch.dtype | None = None,
@@ -824,7 +828,11 @@ class TracInCPFastRandProj(TracInCPFast):
             final_fc_layer: default: the layer saved in the index.
             checkpoints_load_func: as for the constructor.
             batch_size: as for the constructor.
-            nearest_neighbors: default: a backend rebuilt from the saved settings.
+            nearest_neighbors: default: a built-in backend re-created from the saved
+                settings (its saved index is reused when it still fits). A backend that
+                is not built in (a user-defined class, or one written for Captum) cannot
+                be re-created by name: pass a new instance here; it is set up from the
+                saved embeddings.
             distributed: as for the constructor; when sharded, each rank keeps only its
                 range of the saved embeddings (in memory) and builds its search structure
                 over it.
@@ -859,11 +867,16 @@ class TracInCPFastRandProj(TracInCPFast):
         given_dataset = train_dataset
         if train_dataset is None:
             train_dataset = _PlaceholderDataset(int(saved["dataset_length"]))
-        backend = (
-            nearest_neighbors
-            if nearest_neighbors is not None
-            else NearestNeighbors.from_config(saved["nearest_neighbors"])
-        )
+        if nearest_neighbors is not None:
+            backend = as_nearest_neighbors(nearest_neighbors, f"{cls.__name__}.load")
+        else:
+            try:
+                backend = NearestNeighbors.from_config(saved["nearest_neighbors"])
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(
+                    f"{cls.__name__}.load: the index in {str(path)!r} cannot re-create its "
+                    f"nearest-neighbour backend: {exc}"
+                ) from None
         obj = cls(
             model,
             layer,

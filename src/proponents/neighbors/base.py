@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import operator
 import os
 import warnings
@@ -83,40 +84,58 @@ def _shape(t: Tensor) -> str:
 
 
 def check_matrix(value: Any, name: str, dim: int | None = None) -> Tensor:
-    """Check that ``value`` is a non-empty floating-point matrix.
+    """Check that ``value`` is a non-empty floating-point ``(rows, *features)`` tensor.
+
+    A tensor with more than two dimensions is flattened to ``(rows, D)`` with
+    ``D = prod(features)`` (row ``i`` is ``value[i].flatten()``), as Captum's
+    nearest-neighbour interface does. A query only needs the same number of features as
+    the data, not the same trailing shape: a ``(n, 6)`` query searches ``(N, 3, 2)``
+    data. A 0-D or 1-D tensor is refused (a single vector is ``value[None]``).
 
     Args:
         value: the argument to check.
         name: the argument's name, for error messages.
-        dim: the number of columns it must have, or ``None`` for any positive number.
+        dim: the number of columns (features, after flattening) it must have, or
+            ``None`` for any positive number.
 
     Returns:
-        ``value`` itself (detached from autograd).
+        ``value`` as ``(rows, D)``, detached from autograd: ``value`` itself when it is
+        2-D, else ``value.reshape(rows, D)`` (a view when the layout allows it, a copy
+        otherwise).
 
     Raises:
         ArgumentTypeError: when it is not a floating-point ``torch.Tensor``.
-        InvalidArgumentError: when it is not 2-D, has no columns, or has the wrong number.
+        InvalidArgumentError: when it has fewer than two dimensions, no features, or
+            another number of features than ``dim``.
     """
     if not isinstance(value, Tensor):
         raise ArgumentTypeError(
             f"{name} must be a torch.Tensor of shape (rows, D); got {type(value).__name__}"
         )
-    if value.dim() != 2:
+    if value.dim() < 2:
         raise InvalidArgumentError(
-            f"{name} must be a 2-D tensor of shape (rows, D); got shape {_shape(value)}"
+            f"{name} must be a 2-D tensor of shape (rows, D), or (rows, *features) to be "
+            f"flattened to (rows, D); got shape {_shape(value)} (for a single vector v, "
+            "pass v[None])"
         )
     if not value.is_floating_point():
         raise ArgumentTypeError(
             f"{name} must have a floating-point dtype (e.g. torch.float32); got {value.dtype}"
         )
-    if dim is None and value.shape[1] == 0:
+    shape = _shape(value)
+    flattened = value.dim() > 2
+    if flattened:
+        # math.prod, not -1: a tensor without rows cannot infer the -1
+        value = value.reshape(int(value.shape[0]), math.prod(value.shape[1:]))
+    columns = int(value.shape[1])
+    what = f"shape {shape}" + (f", flattened to {_shape(value)}" if flattened else "")
+    if dim is None and columns == 0:
+        raise InvalidArgumentError(f"{name} must have at least one column (D >= 1); got {what}")
+    if dim is not None and columns != dim:
         raise InvalidArgumentError(
-            f"{name} must have at least one column (D >= 1); got shape {_shape(value)}"
-        )
-    if dim is not None and value.shape[1] != dim:
-        raise InvalidArgumentError(
-            f"{name} has {value.shape[1]} columns, but setup() was given data with D={dim} "
-            f"columns; got {name} of shape {_shape(value)}"
+            f"{name} has {columns} columns{' (features per row)' if flattened else ''}, "
+            f"but setup() was given data with D={dim} columns (features per row, after "
+            f"flattening); got {name} of {what}"
         )
     return value.detach()
 
@@ -176,7 +195,7 @@ def _as_tensor(value: Any, what: str, owner: str) -> Tensor:
 
 
 def check_neighbors(
-    backend: NearestNeighbors, query: Tensor, k: int, num_items: int | None, result: Any
+    backend: object, query: Tensor, k: int, num_items: int | None, result: Any
 ) -> tuple[Tensor, Tensor]:
     """Check and normalise what a backend's ``get_nearest_neighbors(query, k)`` returned.
 
@@ -186,7 +205,7 @@ def check_neighbors(
     order.
 
     Args:
-        backend: the backend that answered (named in error messages).
+        backend: the backend that answered (its class is named in error messages).
         query: ``(n, D)`` the query it was given.
         k: the number of neighbours it was asked for.
         num_items: ``N``, the number of vectors it indexed, to check the index range;
@@ -447,7 +466,11 @@ class NearestNeighbors(ABC):
             known = ", ".join(sorted(NearestNeighbors._registry))
             raise InvalidArgumentError(
                 f"config names backend {name!r}, which is not a built-in backend "
-                f"(known: {known}); construct it yourself and pass the instance"
+                f"(known: {known}), so it cannot be re-created from its settings; "
+                "construct it yourself and pass the instance (to restore a saved "
+                "TracInCPFastRandProj: TracInCPFastRandProj.load(..., "
+                "nearest_neighbors=<a new instance>), which sets it up from the saved "
+                "embeddings)"
             )
         try:
             inspect.signature(backend).bind(**settings)
@@ -514,13 +537,16 @@ class IndexedNearestNeighbors(NearestNeighbors):
         """Index ``data``.
 
         Args:
-            data: ``(N, D)`` floating-point tensor with ``N >= 1`` and ``D >= 1``. It is
-                kept by reference (not copied) to compute exact scores, so do not modify
-                it in place afterwards.
+            data: ``(N, D)`` floating-point tensor with ``N >= 1`` and ``D >= 1``, or
+                ``(N, *features)``, which is flattened to ``(N, D)`` with
+                ``D = prod(features)`` (row ``i`` is ``data[i].flatten()``). It is kept by
+                reference (not copied; a flattened view when its layout allows one) to
+                compute exact scores, so do not modify it in place afterwards.
 
         Raises:
             ArgumentTypeError: when ``data`` is not a floating-point tensor.
-            InvalidArgumentError: when ``data`` is not 2-D or is empty.
+            InvalidArgumentError: when ``data`` has fewer than two dimensions or is
+                empty.
         """
         data = check_matrix(data, "data")
         if data.shape[0] == 0:
@@ -540,7 +566,10 @@ class IndexedNearestNeighbors(NearestNeighbors):
         (opponents), pass ``-query`` and negate the scores.
 
         Args:
-            query: ``(n, D)`` floating-point tensor, on any device.
+            query: ``(n, D)`` floating-point tensor, on any device, or
+                ``(n, *features)``, flattened to ``(n, D)``. Only the number of features
+                must match the data's ``D`` (after flattening), not the trailing shape:
+                a ``(n, 6)`` query searches ``(N, 3, 2)`` data.
             k: neighbours per query row, ``1 <= k <= N``.
 
         Returns:
@@ -551,8 +580,8 @@ class IndexedNearestNeighbors(NearestNeighbors):
             NearestNeighborsNotReadyError: when :meth:`setup` has not been called.
             ArgumentTypeError: when ``query`` is not a floating-point tensor or ``k`` is
                 not an int.
-            InvalidArgumentError: when ``query`` is not 2-D with ``D`` columns, or ``k``
-                is outside ``1..N``.
+            InvalidArgumentError: when ``query`` has fewer than two dimensions or not
+                ``D`` features per row, or ``k`` is outside ``1..N``.
         """
         data = self._require_data()
         query = check_matrix(query, "query", dim=int(data.shape[1]))
@@ -623,7 +652,8 @@ class IndexedNearestNeighbors(NearestNeighbors):
 
         Args:
             directory: the folder given to :meth:`save`.
-            data: ``(N, D)`` the data the index was built from (kept by reference).
+            data: ``(N, D)`` (or ``(N, *features)``, flattened) the data the index was
+                built from (kept by reference).
 
         Returns:
             ``True`` when the saved index was used, ``False`` when it was rebuilt (or,

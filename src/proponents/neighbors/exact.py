@@ -250,7 +250,8 @@ class ExactNearestNeighbors(IndexedNearestNeighbors):
         answer for that row, indices and scores.
 
         Args:
-            query: ``(n, D)`` floating-point tensor, on any device.
+            query: ``(n, D)`` floating-point tensor, on any device (or
+                ``(n, *features)``, flattened to ``(n, D)``).
 
         Returns:
             ``(n, N)`` inner products on ``query``'s device.
@@ -258,7 +259,7 @@ class ExactNearestNeighbors(IndexedNearestNeighbors):
         Raises:
             NearestNeighborsNotReadyError: when :meth:`setup` has not been called.
             ArgumentTypeError, InvalidArgumentError: for a query that is not an
-                ``(n, D)`` floating-point tensor.
+                ``(n, D)`` (or ``(n, *features)``) floating-point tensor.
         """
         data = self._require_data()
         query = check_matrix(query, "query", dim=int(data.shape[1]))

@@ -1,0 +1,366 @@
+"""Drop-in compatibility with code written for Captum's influence API.
+
+Three contracts of that API that proponents follows here:
+
+* nearest-neighbour backends take data and queries of shape ``(N, *)`` and flatten them;
+* TracInCPFastRandProj accepts any backend with ``setup(data)`` and
+  ``get_nearest_neighbors(query, k)`` (e.g. a subclass of Captum's NearestNeighbors);
+* ``cosine_similarity(test, train, replace_nan=0)`` and ``euclidean_distance(test, train)``
+  take Captum's argument names.
+
+The references are independent of the code under test: a brute-force top-k over the
+flattened data, the full TracIn score matrix sorted by hand, and Captum's own metrics
+where Captum's answer is the intended one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from conftest import make_case
+from proponents import (
+    AnnoyNearestNeighbors,
+    ExactNearestNeighbors,
+    FaissNearestNeighbors,
+    TracInCPFastRandProj,
+    cosine_similarity,
+    euclidean_distance,
+)
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
+
+captum_nn = pytest.importorskip("captum.influence._utils.nearest_neighbors")
+captum_sim = pytest.importorskip("captum.influence._core.similarity_influence")
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = {
+    "exact": (None, lambda: ExactNearestNeighbors(block_size=3)),
+    # enough trees and a search_k that visits every node: Annoy's candidates are exact
+    "annoy": ("annoy", lambda: AnnoyNearestNeighbors(num_trees=20, search_k=100_000)),
+    "faiss": ("faiss", lambda: FaissNearestNeighbors("Flat")),
+}
+
+
+def _backend(name):
+    extra, make = BACKENDS[name]
+    if extra is not None and not _has(extra):
+        pytest.skip(f"optional extra [{extra}] not installed")
+    return make()
+
+
+def brute_top_k(data: torch.Tensor, query: torch.Tensor, k: int):
+    """Top-k inner products over the flattened rows, float64, ties by smaller index."""
+    d = data.reshape(data.shape[0], -1).double()
+    q = query.reshape(query.shape[0], -1).double()
+    scores = q @ d.T
+    order = torch.sort(scores, dim=1, descending=True, stable=True)
+    return order.indices[:, :k], order.values[:, :k]
+
+
+# -- 1. nearest-neighbour backends take (N, *) data and queries ---------------------------
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("query_shape", [(5, 3, 2), (5, 6), (5, 2, 3), (5, 6, 1)])
+def test_backends_flatten_n_dimensional_data_and_queries(name, query_shape):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(40, 3, 2, generator=g)
+    query = torch.randn(*query_shape, generator=g)
+    nn_ = _backend(name)
+    nn_.setup(data)
+    indices, scores = nn_.get_nearest_neighbors(query, 4)
+    want_idx, want_scores = brute_top_k(data, query, 4)
+    assert indices.shape == scores.shape == (5, 4)
+    assert torch.equal(indices, want_idx)
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-6)
+    # search() (what TracInCPFastRandProj calls) takes the same shapes
+    assert torch.equal(nn_.search(query, 4, 40)[0], want_idx)
+
+
+def test_exact_all_scores_and_load_take_n_dimensional_data(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(30, 2, 2, 2, generator=g)
+    query = torch.randn(3, 2, 2, 2, generator=g)
+    flat_d, flat_q = data.reshape(30, -1), query.reshape(3, -1)
+    nn_ = ExactNearestNeighbors()
+    assert nn_.load(tmp_path, data) is False  # nothing saved: set up from the data
+    torch.testing.assert_close(nn_.all_scores(query), flat_q @ flat_d.T)
+    assert nn_.num_items == 30
+
+
+@pytest.mark.parametrize("name", ["annoy", "faiss"])
+def test_saved_index_of_n_dimensional_data_is_reused(tmp_path, name):
+    g = torch.Generator().manual_seed(2)
+    data = torch.randn(50, 4, 2, generator=g)
+    query = torch.randn(3, 8, generator=g)
+    first = _backend(name)
+    first.setup(data)
+    assert first.save(tmp_path) is True
+    again = _backend(name)
+    assert again.load(tmp_path, data) is True  # the flattened data matches the saved index
+    assert torch.equal(again.get_nearest_neighbors(query, 5)[0], brute_top_k(data, query, 5)[0])
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_query_with_another_number_of_features_is_refused(name):
+    nn_ = _backend(name)
+    nn_.setup(torch.randn(20, 3, 2))
+    for bad in (torch.randn(2, 7), torch.randn(2, 2, 2), torch.randn(2, 3, 3)):
+        with pytest.raises(InvalidArgumentError, match=r"query has \d+ columns.*D=6"):
+            nn_.get_nearest_neighbors(bad, 2)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_one_dimensional_inputs_are_still_refused(name):
+    nn_ = _backend(name)
+    with pytest.raises(InvalidArgumentError, match=r"data must be a 2-D tensor.*\(6,\)"):
+        nn_.setup(torch.randn(6))
+    nn_.setup(torch.randn(10, 6))
+    with pytest.raises(InvalidArgumentError, match=r"query must be a 2-D tensor.*\(6,\)"):
+        nn_.get_nearest_neighbors(torch.randn(6), 2)
+    with pytest.raises(InvalidArgumentError, match="data must have at least one column"):
+        nn_.setup(torch.randn(10, 0, 3))
+    with pytest.raises(InvalidArgumentError, match="data must have at least one row"):
+        nn_.setup(torch.randn(0, 2, 3))
+
+
+# -- 2. TracInCPFastRandProj accepts Captum-style backends --------------------------------
+
+
+class CaptumBruteForce(captum_nn.NearestNeighbors):
+    """A backend written against Captum's interface: not a proponents NearestNeighbors."""
+
+    def __init__(self) -> None:
+        self.setup_calls = 0
+        self.marker = "mine"
+
+    def setup(self, data):
+        self.setup_calls += 1
+        self.data = data.reshape(len(data), -1)
+
+    def get_nearest_neighbors(self, query, k):
+        scores, indices = (query.reshape(len(query), -1) @ self.data.T).topk(k, dim=1)
+        return indices, scores
+
+
+class Sloppy:
+    """Duck-typed (no base class): numpy results, ascending order, rounded float64 scores."""
+
+    def setup(self, data):
+        self.data = data.detach().double().numpy()
+
+    def get_nearest_neighbors(self, query, k):
+        scores = query.detach().double().numpy() @ self.data.T
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k][:, ::-1]
+        approx = np.round(np.take_along_axis(scores, top, axis=1), 1)
+        return np.ascontiguousarray(top.astype(np.int32)), np.ascontiguousarray(approx)
+
+
+def _randproj(case, **kw):
+    return TracInCPFastRandProj(
+        case.model,
+        "fc2",
+        TensorDataset(*case.train_inputs, case.train_labels),
+        case.checkpoints,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=4,
+        **kw,
+    )
+
+
+def _reference(rp, case, k, proponents):
+    """Top-k from the full score matrix (no nearest-neighbour search involved)."""
+    full = rp.influence(case.test_inputs, case.test_labels, k=None).double()
+    order = torch.sort(full, dim=1, descending=proponents, stable=True)
+    return order.indices[:, :k], order.values[:, :k]
+
+
+@pytest.mark.parametrize("backend", [CaptumBruteForce, Sloppy])
+def test_randproj_accepts_a_captum_style_backend(tmp_path, backend):
+    case = make_case("mlp", tmp_path)
+    rp = _randproj(case, nearest_neighbors=backend())
+    for proponents in (True, False):
+        got = rp.influence(case.test_inputs, case.test_labels, k=4, proponents=proponents)
+        want_idx, want_scores = _reference(rp, case, 4, proponents)
+        assert torch.equal(got.indices, want_idx)
+        # scores are the exact TracIn scores, whatever precision the backend reports
+        torch.testing.assert_close(got.influence_scores.double(), want_scores, rtol=1e-5, atol=0)
+        assert got.indices.dtype == torch.long
+        assert got.influence_scores.dtype == rp.embeddings.dtype
+
+
+def test_randproj_accepts_captums_own_annoy_backend(tmp_path):
+    if not _has("annoy"):
+        pytest.skip("annoy not installed")
+    case = make_case("mlp", tmp_path)
+    rp = _randproj(case, nearest_neighbors=captum_nn.AnnoyNearestNeighbors(num_trees=50))
+    got = rp.influence(case.test_inputs, case.test_labels, k=3)
+    # Annoy's candidates may be approximate; the scores reported for them are exact
+    full = rp.influence(case.test_inputs, case.test_labels, k=None)
+    torch.testing.assert_close(got.influence_scores, full.gather(1, got.indices))
+    assert (got.influence_scores[:, :-1] >= got.influence_scores[:, 1:]).all()
+
+
+def test_the_wrapped_backend_stays_reachable(tmp_path):
+    case = make_case("mlp", tmp_path)
+    mine = CaptumBruteForce()
+    rp = _randproj(case, nearest_neighbors=mine)
+    assert rp.nearest_neighbors.backend is mine
+    assert rp.nearest_neighbors.marker == "mine"  # attributes are looked up on it
+    assert mine.setup_calls == 1
+    assert mine.data.shape == rp.embeddings.shape
+    assert rp.nearest_neighbors.config()["backend"].endswith("CaptumBruteForce")
+
+
+def test_save_and_load_with_a_captum_style_backend(tmp_path):
+    case = make_case("mlp", tmp_path / "case")
+    rp = _randproj(case, nearest_neighbors=CaptumBruteForce())
+    before = rp.influence(case.test_inputs, case.test_labels, k=4)
+    rp.save(tmp_path / "index")
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    with pytest.raises(InvalidArgumentError, match=r"CaptumBruteForce.*nearest_neighbors="):
+        TracInCPFastRandProj.load(tmp_path / "index", case.model, case.checkpoints, loss)
+    fresh = CaptumBruteForce()
+    back = TracInCPFastRandProj.load(
+        tmp_path / "index", case.model, case.checkpoints, loss, nearest_neighbors=fresh
+    )
+    assert fresh.setup_calls == 1  # rebuilt from the saved embeddings
+    after = back.influence(case.test_inputs, case.test_labels, k=4)
+    assert torch.equal(after.indices, before.indices)
+    torch.testing.assert_close(after.influence_scores, before.influence_scores)
+
+
+class WrongShape(CaptumBruteForce):
+    def get_nearest_neighbors(self, query, k):
+        indices, scores = super().get_nearest_neighbors(query, k)
+        return indices[:, :-1], scores[:, :-1]
+
+
+def test_a_broken_captum_style_answer_names_the_backend(tmp_path):
+    case = make_case("mlp", tmp_path)
+    rp = _randproj(case, nearest_neighbors=WrongShape())
+    with pytest.raises(InvalidArgumentError, match=r"WrongShape\.get_nearest_neighbors"):
+        rp.influence(case.test_inputs, case.test_labels, k=3)
+
+
+class OnlySetup:
+    def setup(self, data):
+        pass
+
+
+class NotCallable:
+    setup = None
+    get_nearest_neighbors = None
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [
+        ("annoy", "str"),
+        ({}, "dict"),
+        (OnlySetup(), "get_nearest_neighbors"),
+        (NotCallable(), "setup"),
+        (CaptumBruteForce, r"a class.*CaptumBruteForce\(\)"),
+        (ExactNearestNeighbors, r"a class.*ExactNearestNeighbors\(\)"),
+    ],
+)
+def test_objects_that_are_not_backends_are_refused(tmp_path, value, pattern):
+    case = make_case("mlp", tmp_path)
+    with pytest.raises(ArgumentTypeError, match=pattern):
+        _randproj(case, nearest_neighbors=value)
+
+
+# -- 3. Captum's names for the similarity metrics -----------------------------------------
+
+
+def _pairs():
+    g = torch.Generator().manual_seed(0)
+    test = torch.randn(3, 2, 4, generator=g)
+    train = torch.randn(5, 2, 4, generator=g)
+    test[2] = 0  # zero vectors: cosine undefined
+    train[1] = 0
+    return test, train
+
+
+def test_metric_signatures_start_with_captums():
+    cos = list(inspect.signature(cosine_similarity).parameters)
+    euc = list(inspect.signature(euclidean_distance).parameters)
+    assert cos[:3] == list(inspect.signature(captum_sim.cosine_similarity).parameters)
+    assert euc[:2] == list(inspect.signature(captum_sim.euclidean_distance).parameters)
+
+
+def test_cosine_similarity_takes_captums_arguments():
+    test, train = _pairs()
+    want = captum_sim.cosine_similarity(test, train)  # replace_nan=0: zero pairs score 0
+    for got in (
+        cosine_similarity(test, train),
+        cosine_similarity(test, train=train),
+        cosine_similarity(test=test, train=train, replace_nan=0),
+        cosine_similarity(test, src=train),  # the earlier keyword still works
+        cosine_similarity(test, train, 0),
+    ):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("value", [-2.0, 0.5, 7])
+def test_replace_nan_is_the_score_of_pairs_with_a_zero_vector(value):
+    test, train = _pairs()
+    got = cosine_similarity(test, train, replace_nan=value)
+    flat_t, flat_s = test.reshape(3, -1).double(), train.reshape(5, -1).double()
+    ref = torch.nn.functional.cosine_similarity(flat_t[:, None], flat_s[None], dim=2)
+    undefined = torch.zeros(3, 5, dtype=torch.bool)
+    undefined[2, :] = True
+    undefined[:, 1] = True
+    assert (got[undefined] == value).all()
+    torch.testing.assert_close(got[~undefined].double(), ref[~undefined])
+
+
+def test_replace_nan_nan_gives_nan_and_bad_values_are_refused():
+    test, train = _pairs()
+    got = cosine_similarity(test, train, replace_nan=float("nan"))
+    assert torch.isnan(got[2]).all() and torch.isnan(got[:, 1]).all()
+    assert int(torch.isnan(got).sum()) == 5 + 3 - 1
+    for bad in ("0", None, True, torch.tensor(0.0)):
+        with pytest.raises(ArgumentTypeError, match="replace_nan must be a number"):
+            cosine_similarity(test, train, replace_nan=bad)
+
+
+def test_train_and_src_cannot_both_be_given_or_both_be_missing():
+    test, train = _pairs()
+    with pytest.raises(TypeError, match="train.*src|src.*train"):
+        cosine_similarity(test, train, src=train)
+    with pytest.raises(TypeError, match="train"):
+        cosine_similarity(test)
+    with pytest.raises(TypeError, match="train.*src|src.*train"):
+        euclidean_distance(test, train=train, src=train)
+    with pytest.raises(TypeError, match="train"):
+        euclidean_distance(test)
+
+
+def test_euclidean_distance_takes_captums_arguments():
+    test, train = _pairs()
+    want = captum_sim.euclidean_distance(test, train)
+    for got in (
+        euclidean_distance(test, train),
+        euclidean_distance(test, train=train),
+        euclidean_distance(test=test, train=train),
+        euclidean_distance(test, src=train),
+    ):
+        torch.testing.assert_close(got, want)
+    ref = torch.stack([torch.stack([(a - b).norm() for b in train]) for a in test])
+    torch.testing.assert_close(euclidean_distance(test, train), ref)
+    assert math.isclose(float(euclidean_distance(test, test)[0, 0]), 0.0)
