@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import itertools
 import json
 import os
 import re
@@ -14,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import proponents.store as store_module
 from proponents.errors import StoreError
 from proponents.fingerprints import dataset_probe, model_fingerprint
 from proponents.store import FORMAT_VERSION, ArrayStore, safe_name
@@ -159,8 +163,6 @@ def test_an_open_entry_is_reused_only_while_nothing_changed(tmp_path):
 
 
 def test_a_large_array_is_mapped_per_call(tmp_path, monkeypatch):
-    import proponents.store as store_module
-
     store = ArrayStore(tmp_path)
     _write(store, "k", {}, [np.ones((6, 2), np.float32)])
     monkeypatch.setattr(store_module, "KEEP_MAPPED_BYTES", 8)  # 48 bytes is "large" now
@@ -208,6 +210,127 @@ def test_leftovers_of_a_crashed_build_are_removed(tmp_path):
     (tmp_path / "k~deadbeef~data.npy").write_bytes(b"orphan")
     _write(store, "k", {}, [np.ones((2, 2), np.float32)])
     assert len(_files(tmp_path)) == 2
+
+
+class _Tripwire:
+    """Raises ``error`` at the ``at``-th step of a store write, counting every write to a
+    file the store opened for writing, and each rename both before and after it happens
+    (so a failure right after a rename took effect is tried too)."""
+
+    def __init__(self, at: int, error) -> None:
+        self.at, self.error, self.steps, self.fired = at, error, 0, False
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == self.at:
+            self.fired = True
+            raise self.error()
+
+    def install(self, patch: pytest.MonkeyPatch) -> None:
+        trip, real_replace = self, os.replace
+
+        class Wired:
+            def __init__(self, fh) -> None:
+                self._fh = fh
+
+            def write(self, data):
+                trip.step()
+                return self._fh.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self._fh, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._fh.close()
+
+        def opener(path, mode="r", *args, **kwargs):
+            fh = builtins.open(path, mode, *args, **kwargs)
+            return Wired(fh) if "w" in mode or "x" in mode else fh
+
+        def replace(src, dst):
+            trip.step()
+            real_replace(src, dst)
+            trip.step()
+
+        patch.setattr(store_module, "open", opener, raising=False)
+        patch.setattr(os, "replace", replace)
+
+
+WRITE_ERRORS = {
+    "disk-full": lambda: OSError(errno.ENOSPC, "No space left on device"),
+    "interrupt": KeyboardInterrupt,
+}
+
+
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("error", list(WRITE_ERRORS))
+def test_a_write_failing_at_any_step_leaves_no_file(tmp_path, monkeypatch, error, existing):
+    # Every step is tried: the first write of a streamed array, its rows, the header of
+    # a whole array and of the streamed one, each rename, the manifest and its replace.
+    for at in itertools.count(1):
+        directory = tmp_path / str(at)
+        store = ArrayStore(directory)
+        store.ensure_writable()
+        if existing:
+            _write(store, "k", {"v": 1}, [np.ones((2, 2), np.float32)])
+        before = _files(directory)
+        trip = _Tripwire(at, WRITE_ERRORS[error])
+        with monkeypatch.context() as patch:
+            trip.install(patch)
+            try:
+                blocks = [np.zeros((3, 2), np.float32)] * 2
+                _write(store, "k", {"v": 2}, blocks, extra=np.arange(4.0))
+            except (OSError, StoreError, KeyboardInterrupt):
+                assert trip.fired
+        if not trip.fired:
+            break
+        entry, why = store.load("k", {"v": 2})
+        if entry is None:  # not committed: the old entry as it was, and no other file
+            assert _files(directory) == before, at
+            if existing:
+                assert store.load("k", {"v": 1})[1] is None
+        else:  # failed after its manifest was in place: the new entry, and no other file
+            entry.close()
+            assert len(_files(directory)) == 3, (at, _files(directory))
+    assert at > 10
+
+
+def test_an_interrupted_write_probe_leaves_no_file(tmp_path, monkeypatch):
+    store = ArrayStore(tmp_path / "s")
+    real_close = os.close
+
+    def close(fd):
+        real_close(fd)
+        raise KeyboardInterrupt  # as a Ctrl-C between creating the probe and removing it
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "close", close)
+        with pytest.raises(KeyboardInterrupt):
+            store.ensure_writable()
+    assert os.listdir(tmp_path / "s") == []
+
+
+def test_the_next_build_removes_stale_probes_and_orphans_but_no_user_file(tmp_path):
+    token = "0123456789abcdef"
+    stale = [  # what a killed process can leave: probes (old and new style), orphans
+        ".tmp~probeab1_x9zq",
+        f".tmp~probe{token}",
+        f"k~{token}~data.npy",
+        f".tmp~k~{token}~data.npy",
+        f".tmp~k~{token}.json",
+    ]
+    users = ["notes.txt", ".tmp~probe-notes.txt", "k~notes.txt", "k~beef.json", ".tmp~k~mine"]
+    for name in stale + users:
+        (tmp_path / name).write_bytes(b"x")
+    store = ArrayStore(tmp_path)
+    _write(store, "k", {}, [np.ones((2, 2), np.float32)])
+    files = set(_files(tmp_path))
+    assert users and set(users) <= files
+    ours = files - set(users)
+    assert len(ours) == 2 and "k.json" in ours, ours  # the manifest and its one array
 
 
 def _manifest(tmp_path, key="k"):

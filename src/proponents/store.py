@@ -12,8 +12,10 @@ Guarantees:
 
 * **Atomic.** Array files are written under a temporary name, renamed to a name that
   carries a fresh random token, and only then is the manifest replaced with
-  :func:`os.replace`. A reader sees the old entry or the new one, never half of one; a
-  crash leaves at most unreferenced files, which the next builder removes. Array files
+  :func:`os.replace`. A reader sees the old entry or the new one, never half of one. A
+  write that fails or is interrupted (an exception, ``KeyboardInterrupt``) removes its
+  own files before the exception leaves it; a killed process leaves at most
+  unreferenced files and write probes, which the next builder removes. Array files
   are never modified once they are referenced, so a reader that has opened one keeps a
   consistent view even while another process replaces the entry.
 * **Validated.** :meth:`ArrayStore.load` returns an entry only when the manifest parses,
@@ -67,6 +69,9 @@ MANIFEST_SUFFIX = ".json"
 _SEP = "~"  # never produced by safe_name, so it splits file names unambiguously
 _TMP = ".tmp" + _SEP
 _LOCK_NAME = ".lock"
+# The write probes of ensure_writable: ".tmp~probe" and a random suffix (16 hex digits;
+# 8 characters from tempfile.mkstemp in earlier versions).
+_PROBE = re.compile(r"\.tmp~probe[a-z0-9_]{8,16}")
 _PLAIN = re.compile(r"[a-z0-9_][a-z0-9_.\-]{0,99}")
 _ALLOWED = re.compile(r"[A-Za-z0-9_.\-]")
 
@@ -282,6 +287,10 @@ class EntryWriter:
         self.token = secrets.token_hex(8)
         self._open: dict[str, tuple[BinaryIO, Path, np.dtype, tuple[int, ...], int, int]] = {}
         self._done: dict[str, tuple[Path, np.dtype, tuple[int, ...]]] = {}
+        # Every temporary file this writer may have made. A path goes in before its file
+        # is created and stays until commit() has renamed the file or it is deleted, so
+        # abort() finds it whichever step failed or was interrupted.
+        self._temporary: set[Path] = set()
         self._closed = False
 
     def _tmp_path(self, name: str) -> Path:
@@ -301,9 +310,10 @@ class EntryWriter:
             row_shape = tuple(rows.shape[1:])
             reserve = _header_reserve(dtype, row_shape)
             path = self._tmp_path(name)
+            self._temporary.add(path)
             fh = self._store._create(path)
+            state = self._open[name] = (fh, path, dtype, row_shape, reserve, 0)
             fh.write(b"\0" * reserve)
-            state = (fh, path, dtype, row_shape, reserve, 0)
         fh, path, dtype, row_shape, reserve, count = state
         if rows.dtype != dtype or tuple(rows.shape[1:]) != row_shape:
             raise StoreError(
@@ -325,15 +335,20 @@ class EntryWriter:
         self._finish(name)
 
     def _finish(self, name: str) -> None:
-        fh, path, dtype, row_shape, reserve, count = self._open.pop(name)
+        fh, path, dtype, row_shape, reserve, count = self._open[name]
         shape = (count, *row_shape)
         try:
             fh.seek(0)
             fh.write(_header_bytes(dtype, shape, reserve))
             fh.close()
         except OSError as exc:
-            fh.close()
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        finally:
+            # Closed whatever happened (closing twice is harmless). After a failure the
+            # file is in neither _open nor _done, but still in _temporary for abort().
+            with contextlib.suppress(OSError):
+                fh.close()
+            del self._open[name]
         self._done[name] = (path, dtype, shape)
 
     def discard(self, name: str) -> None:
@@ -341,11 +356,14 @@ class EntryWriter:
         self._check_open()
         if name in self._open:
             fh, path, *_ = self._open.pop(name)
-            fh.close()
+            with contextlib.suppress(OSError):  # flushing may fail: the file goes anyway
+                fh.close()
             _unlink(path)
+            self._temporary.discard(path)
         elif name in self._done:
             path, *_ = self._done.pop(name)
             _unlink(path)
+            self._temporary.discard(path)
 
     def rows(self, name: str) -> int:
         """Rows written so far to array ``name``."""
@@ -358,47 +376,62 @@ class EntryWriter:
     def commit(self) -> None:
         """Make the entry visible: rename the arrays, then replace the manifest."""
         self._check_open()
-        for name in list(self._open):
-            self._finish(name)
-        if not self._done:
+        if not self._open and not self._done:
             raise StoreError(f"entry {self.key!r} has no arrays to commit")
         directory = self._store.directory
-        arrays: dict[str, Any] = {}
-        for name, (tmp, dtype, shape) in self._done.items():
-            final = f"{self.key}{_SEP}{self.token}{_SEP}{name}.npy"
-            try:
-                os.replace(tmp, directory / final)
-            except OSError as exc:
-                raise StoreError(f"cannot rename {tmp}: {exc.strerror or exc}") from exc
-            arrays[name] = {
-                "file": final,
-                "dtype": np.lib.format.dtype_to_descr(dtype),
-                "shape": list(shape),
+        names = [*self._done, *self._open]
+        finals = {name: f"{self.key}{_SEP}{self.token}{_SEP}{name}.npy" for name in names}
+        try:
+            for name in list(self._open):
+                self._finish(name)
+            arrays: dict[str, Any] = {}
+            for name, (tmp, dtype, shape) in self._done.items():
+                try:
+                    os.replace(tmp, directory / finals[name])
+                except OSError as exc:
+                    raise StoreError(f"cannot rename {tmp}: {exc.strerror or exc}") from exc
+                arrays[name] = {
+                    "file": finals[name],
+                    "dtype": np.lib.format.dtype_to_descr(dtype),
+                    "shape": list(shape),
+                }
+            manifest = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "key": self.key,
+                "token": self.token,
+                "meta": self.meta,
+                "arrays": arrays,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
-        self._done = {}
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "key": self.key,
-            "token": self.token,
-            "meta": self.meta,
-            "arrays": arrays,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        manifest["checksum"] = _checksum(manifest)
-        previous = self._store._manifest_token(self.key)
-        self._store._write_manifest(self.key, manifest)
+            manifest["checksum"] = _checksum(manifest)
+            previous = self._store._manifest_token(self.key)
+            self._store._write_manifest(self.key, manifest)
+            self._store._cleanup(self.key, keep=self.token, displaced=previous)
+        except BaseException:
+            # Failed or interrupted. If our manifest made it into place, the entry is
+            # committed and only the files of the entry it displaced are left to remove.
+            # Otherwise no entry refers to the arrays renamed so far: they go with the
+            # temporary files.
+            if self._store._manifest_token(self.key) == self.token:
+                self._store._cleanup(self.key, keep=self.token, displaced=previous)
+            else:
+                for final in finals.values():
+                    _unlink(directory / final)
+                self.abort()
+            self._closed = True
+            raise
+        self._done, self._temporary = {}, set()
         self._closed = True
-        self._store._cleanup(self.key, keep=self.token, displaced=previous)
 
     def abort(self) -> None:
         """Delete every temporary file of this writer."""
-        for fh, path, *_ in self._open.values():
-            fh.close()
+        for fh, *_ in self._open.values():
+            with contextlib.suppress(OSError):  # flushing may fail again, e.g. on a full disk
+                fh.close()
+        for path in self._temporary:
             _unlink(path)
-        for path, *_ in self._done.values():
-            _unlink(path)
-        self._open, self._done = {}, {}
+        self._open, self._done, self._temporary = {}, {}, set()
         self._closed = True
 
     def _check_open(self) -> None:
@@ -438,17 +471,42 @@ class ArrayStore:
         Raises:
             StoreError: naming the directory and the reason.
         """
+        # The probe is named before it is created, so the finally clause removes it
+        # whatever interrupts us (mkstemp would hand its name back only after creating it).
+        # os.unlink is called inline, on a str: entering Python code first (_unlink, or a
+        # Path's __fspath__) would give a pending KeyboardInterrupt a chance to skip it.
+        probe = os.path.join(self.directory, f"{_TMP}probe{secrets.token_hex(8)}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=_TMP + "probe", dir=self.directory)
-            os.close(fd)
-            os.unlink(probe)
+            try:
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            finally:
+                try:
+                    os.unlink(probe)
+                except OSError:
+                    pass  # never created, or already removed by another builder's sweep
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise StoreError(
                 f"cannot write to the directory {str(self.directory)!r} ({reason}); pass a "
                 "directory you can create and write files in"
             ) from exc
+        self._remove_stale_probes()
+
+    def _remove_stale_probes(self) -> None:
+        """Delete probe files left by a process killed in the middle of ensure_writable.
+
+        Only names of our probes (``.tmp~probe`` and a random suffix) are touched. A
+        probe of another process running now may go too; that does it no harm, as its
+        own removal tolerates a missing file.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for fname in names:
+            if _PROBE.fullmatch(fname):
+                _unlink(self.directory / fname)
 
     def writer(self, key: str, meta: Mapping[str, Any]) -> EntryWriter:
         """A writer for entry ``key`` built for ``meta`` (a JSON-compatible mapping)."""
@@ -619,6 +677,9 @@ class ArrayStore:
                 f"cannot write the manifest of {key!r} in {str(self.directory)!r}: "
                 f"{exc.strerror or exc}"
             ) from exc
+        except BaseException:  # e.g. KeyboardInterrupt: the temporary manifest goes too
+            _unlink(tmp)
+            raise
 
     def _cleanup(self, key: str, keep: str | None, displaced: str | None) -> None:
         """Remove array files of ``key`` no manifest refers to.
@@ -626,17 +687,22 @@ class ArrayStore:
         While this store holds :meth:`lock` (and locks work here), no other builder is
         mid-write, so every unreferenced file (including leftovers of crashed builds)
         can go. Otherwise only the files of the entry just displaced are removed.
+
+        Only names a writer of ``key`` makes are considered (``<key>~<token>~<array>.npy``,
+        and ``.tmp~`` before it or ``.tmp~<key>~<token>.json``), so a file of the user's
+        that merely starts with the key stays.
         """
         try:
             names = os.listdir(self.directory)
         except OSError:
             return
+        ours = re.compile(rf"{re.escape(key)}{_SEP}([0-9a-f]+)(?:{_SEP}[^{_SEP}]+\.npy|(\.json))")
         for fname in names:
-            parts = fname[len(_TMP) :] if fname.startswith(_TMP) else fname
-            fields = parts.split(_SEP)
-            if len(fields) < 2 or fields[0] != key:
+            temporary = fname.startswith(_TMP)
+            match = ours.fullmatch(fname[len(_TMP) :] if temporary else fname)
+            if match is None or (match.group(2) and not temporary):
                 continue
-            token = fields[1].split(".")[0]
+            token = match.group(1)
             if token == keep:
                 continue
             if not self._locked and token != displaced:
