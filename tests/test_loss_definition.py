@@ -205,16 +205,6 @@ def _hinge_mean(out, y):
     return F.relu(-y * out[:, 0]).mean()
 
 
-class _Scorer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(3, 4)
-        self.fc2 = nn.Linear(4, 1)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 @pytest.mark.parametrize("method", ["tracincp", "fast"])
 def test_a_mean_taken_as_a_sum_is_caught_when_the_checked_rows_have_no_gradient(tmp_path, method):
     """A loss without a ``reduction`` attribute is taken as a sum (the spec's rule); when it
@@ -222,16 +212,16 @@ def test_a_mean_taken_as_a_sum_is_caught_when_the_checked_rows_have_no_gradient(
     rows satisfy the hinge (zero gradient, so any scaling agrees with them). Before, the
     check passed on those rows and every score came out B_train * B_test too small."""
     torch.manual_seed(0)
-    model = _Scorer()
+    model = _Column()
     paths, lrs = _checkpoints(model, tmp_path, n=1)
     m = copy.deepcopy(model)
     m.load_state_dict(torch.load(paths[0], weights_only=True)["model_state_dict"])
     g = torch.Generator().manual_seed(3)
-    xs = torch.randn(10, 3, generator=g)
+    xs = torch.randn(10, 6, generator=g)
     with torch.no_grad():
         ys = torch.sign(m(xs)[:, 0])
     ys[[1, 3, 5, 6, 7, 8, 9]] *= -1  # a loss for all rows but 0, 2 and 4 (= 5 // 2)
-    xt, yt = torch.randn(2, 3, generator=g), torch.tensor([1.0, -1.0])
+    xt, yt = torch.randn(2, 6, generator=g), torch.tensor([1.0, -1.0])
     layers = ["fc2"] if method == "fast" else ["fc1", "fc2"]
     want_scores, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, _hinge_mean, layers)
     others = [1, 3, 5, 6, 7, 8, 9]

@@ -314,29 +314,37 @@ def test_tensors_held_as_plain_attributes_are_put_back(tmp_path):
         assert torch.equal(model[0].weight, value), name
 
 
-def _lines_of_put_back() -> int:
-    """How many line events putting a model back takes (for the test below)."""
-    import sys
-
+def _tracing_put_back(on_line):
+    """A trace function calling ``on_line()`` at every line the model guard runs while
+    putting a model back (for the tests below)."""
     import proponents.model_guard as guard
-
-    count = {"n": 0}
 
     def tracer(frame, event, arg):
         if frame.f_code.co_filename == guard.__file__ and frame.f_code.co_name == "_put_back":
 
             def local(frame, event, arg):
                 if event == "line":
-                    count["n"] += 1
+                    on_line()
                 return local
 
             return local
         return None
 
-    model = Tied()
-    sys.settrace(tracer)
+    return tracer
+
+
+def _lines_of_put_back() -> int:
+    """How many line events putting a model back takes."""
+    import sys
+
+    count = {"n": 0}
+
+    def on_line():
+        count["n"] += 1
+
+    sys.settrace(_tracing_put_back(on_line))
     try:
-        with preserved(model):
+        with preserved(Tied()):
             pass
     finally:
         sys.settrace(None)
@@ -349,8 +357,6 @@ def test_ctrl_c_while_the_model_is_put_back_still_restores_it(tmp_path, where):
     line, which is what Python does with a SIGINT there): before, the model kept the last
     checkpoint's weights in some tensors, lost its ``.grad`` and stayed in eval mode."""
     import sys
-
-    import proponents.model_guard as guard
 
     torch.manual_seed(0)
     model = Tied().train()
@@ -369,20 +375,12 @@ def test_ctrl_c_while_the_model_is_put_back_still_restores_it(tmp_path, where):
     target = max(1, round(where * _lines_of_put_back()))
     seen = {"n": 0}
 
-    def tracer(frame, event, arg):
-        if frame.f_code.co_filename == guard.__file__ and frame.f_code.co_name == "_put_back":
+    def on_line():
+        seen["n"] += 1
+        if seen["n"] == target:
+            raise KeyboardInterrupt
 
-            def local(frame, event, arg):
-                if event == "line":
-                    seen["n"] += 1
-                    if seen["n"] == target:
-                        raise KeyboardInterrupt
-                return local
-
-            return local
-        return None
-
-    sys.settrace(tracer)
+    sys.settrace(_tracing_put_back(on_line))
     try:
         with pytest.raises(KeyboardInterrupt):
             t.influence((x[:2],), y[:2])
