@@ -617,7 +617,15 @@ def test_ctrl_c_while_torch_loads_arrives_after_the_import():
         "signal.signal(signal.SIGINT, lambda *a: seen.append(hasattr(sys.modules.get('torch'),"
         " 'Tensor')))\n"
         "from proponents.cli import _import_torch_whole\n"
-        "print('ready', flush=True)\n"
+        # 'ready' once the signal is blocked (printed before, a loaded machine could let
+        # the interrupt arrive before the import started)
+        "block = signal.pthread_sigmask\n"
+        "def announced(how, mask):\n"
+        "    old = block(how, mask)\n"
+        "    if how == signal.SIG_BLOCK:\n"
+        "        print('ready', flush=True)\n"
+        "    return old\n"
+        "signal.pthread_sigmask = announced\n"
         "_import_torch_whole()\n"
         "time.sleep(0.2)\n"
         "print(seen, flush=True)\n"
