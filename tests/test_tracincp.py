@@ -599,3 +599,37 @@ def test_a_subclass_written_for_the_spec_base_class_can_be_created(tmp_path):
 
     with pytest.raises(NotImplementedError, match="override influence"):
         NoEngine(case.model, case.dataset, case.checkpoints).influence(case.test_inputs)
+
+
+def test_warnings_name_the_callers_line(tmp_path):
+    """Every warning is attributed to the line that called the public method (before, the
+    non-finite warning of influence() and the vmap notice named library files, and
+    Python's default filter then showed each once per library line)."""
+    import warnings
+
+    case = make_case("mlp", tmp_path)
+    x = case.train_inputs[0].clone()
+    x[1, 0] = float("nan")
+    data = TensorDataset(x, case.train_labels)
+    cp = TracInCP(case.model, data, case.checkpoints, loss_fn=case.loss_fn("none"), batch_size=4)
+    loop = TracInCP(
+        DataDependent(),
+        TensorDataset(torch.randn(5, 4), torch.randint(0, 2, (5,))),
+        [save_checkpoints(DataDependent(), tmp_path / "dd", [1.0], torch.Generator())[0]],
+        layers=["norm"],
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        sample_wise_grads_per_batch=True,
+    )
+    calls = [
+        lambda: cp.influence(case.test_inputs, case.test_labels),
+        lambda: cp.influence(case.test_inputs, case.test_labels, k=2),
+        lambda: cp.influence(),
+        lambda: cp.self_influence(),
+        lambda: loop.influence((torch.randn(2, 4),), torch.tensor([0, 1])),
+    ]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert caught
+        assert {w.filename for w in caught} == {__file__}, [(w.filename, w.lineno) for w in caught]

@@ -10,7 +10,6 @@ batch size and the score matrix itself (``4 * n_test * n_train`` bytes in float3
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from proponents.errors import CheckpointLoadError, InvalidArgumentError, Propone
 from proponents.gradients.engine import GradientEngine
 from proponents.model_guard import GlobalRandomState
 from proponents.progress import Progress
+from proponents.user_warnings import warn
 
 
 def load_checkpoint(
@@ -86,14 +86,13 @@ class NonFiniteTracker:
                 more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
                 parts.append(f"{what} examples {shown}{more}")
         if parts:
-            warnings.warn(
+            warn(
                 f"{self.owner}: non-finite loss (an example whose labels are all ignored "
                 "has the undefined loss 0/0 under reduction='mean'), gradient or score (a "
                 "product too large for the dtype) for " + "; ".join(parts) + ". Their "
                 "scores are non-finite and "
                 "rank last among proponents and opponents; all other scores are unaffected.",
                 RuntimeWarning,
-                stacklevel=4,
             )
 
 

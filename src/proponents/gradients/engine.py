@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 import weakref
 from collections.abc import Sequence
 
@@ -56,6 +55,7 @@ from proponents.gradients.hooked import (
 from proponents.gradients.loss import LossSpec
 from proponents.gradients.representations import DenseGrads, Grads
 from proponents.gradients.selection import HookedLayer, find_hooked_layers
+from proponents.user_warnings import warn
 
 # Smallest sub-batch the forward pass of a batch is split into, and how many rounds of
 # timings choose the pass shape (see GradientEngine._choose_pass).
@@ -419,13 +419,12 @@ class GradientEngine:
         """
         if self.loss.declared or self.loss.reduction != "sum":
             return
-        warnings.warn(
+        warn(
             f"{self.owner}: loss_fn has no 'reduction' attribute, so it was taken to sum "
             "the losses of a batch (as the API specifies), but its gradients on the first "
             f"batch do not match that; layer(s) {', '.join(demoted)} are now computed one "
             "example at a time (exact, slower). If loss_fn averages over the batch, set "
             "loss_fn.reduction = 'mean' (or pass reduction= to it) for the batched path.",
-            stacklevel=2,
         )
 
     def _same_when_reversed(

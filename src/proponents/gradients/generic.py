@@ -30,6 +30,7 @@ from proponents.data import (
 )
 from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
 from proponents.gradients.loss import LossSpec
+from proponents.user_warnings import warn
 
 
 def _math_attention():
@@ -92,12 +93,11 @@ class GenericGradients:
         if not self.use_loop and has_string_rows(batch.inputs, batch.size):
             # vmap maps tensors only: each example would be handed every example's string
             self.use_loop = True
-            warnings.warn(
+            warn(
                 f"{self.owner}: the model inputs hold a list of strings, one per example, "
                 "which torch.func.vmap cannot map over; per-example gradients of the "
                 "parameters outside Linear/Conv layers are taken in a slower loop over examples",
                 RuntimeWarning,
-                stacklevel=4,
             )
         if not self.use_loop:
             # vmap may fail part-way through the model, after the model edited its input
@@ -120,13 +120,12 @@ class GenericGradients:
                         "unchanged (e.g. x = x * 2 instead of x.mul_(2))."
                     ) from err
                 self.use_loop = True
-                warnings.warn(
+                warn(
                     f"{self.owner}: torch.func.vmap could not run this model "
                     f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); per-example "
                     "gradients fall back to a slower loop over examples (the same values up to "
                     "float rounding), for this and later calls of this object",
                     RuntimeWarning,
-                    stacklevel=4,
                 )
             else:
                 if self._edits_inputs is None:

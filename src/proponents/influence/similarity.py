@@ -18,7 +18,6 @@ import hashlib
 import math
 import os
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
@@ -83,6 +82,7 @@ from proponents.influence.base import DataInfluence
 from proponents.model_guard import call_scope
 from proponents.progress import Progress, progress_iter
 from proponents.store import ArrayStore, StoredEntry, StoreRebuildWarning, safe_name
+from proponents.user_warnings import warn
 
 #: Source activations are scored and written in blocks of about this many bytes.
 BLOCK_BYTES = 32 * 2**20
@@ -507,13 +507,12 @@ class SimilarityInfluence(DataInfluence):
                 continue
             self._close_entry(layer)
             if why is not None:
-                warnings.warn(
+                warn(
                     f"SimilarityInfluence: not using the stored activations of layer "
                     f"{layer!r} in {str(store.directory)!r} because {why}; recomputing "
                     "them. (To keep activations of several models or source datasets, "
                     "give each its own model_id or activation_dir.)",
                     StoreRebuildWarning,
-                    stacklevel=3,
                 )
             to_build.append(layer)
         if to_build:
@@ -783,25 +782,22 @@ class SimilarityInfluence(DataInfluence):
             "euclidean": "infinite or NaN (NaN ranks last)",
         }.get(self._kind or "", "what similarity_metric makes of them (NaN ranks last)")
         if scorer.nonfinite_src:
-            warnings.warn(
+            warn(
                 f"SimilarityInfluence: {scorer.nonfinite_src} source example(s) have non-finite "
                 f"activations in layer {layer!r}; their scores are {scores}",
                 RuntimeWarning,
-                stacklevel=4,
             )
         if scorer.nonfinite_test:
-            warnings.warn(
+            warn(
                 f"SimilarityInfluence: {scorer.nonfinite_test} test example(s) have non-finite "
                 f"activations in layer {layer!r}; their scores are {scores}",
                 RuntimeWarning,
-                stacklevel=4,
             )
         elif scorer.nan_scores and not scorer.nonfinite_src:
-            warnings.warn(
+            warn(
                 f"SimilarityInfluence: similarity_metric returned {scorer.nan_scores} NaN "
                 f"score(s) for layer {layer!r}; they rank last",
                 RuntimeWarning,
-                stacklevel=4,
             )
         return scorer.result()
 
@@ -876,11 +872,10 @@ class SimilarityInfluence(DataInfluence):
                         "compared with the saved ones"
                     )
                 if why is not None:
-                    warnings.warn(
+                    warn(
                         f"SimilarityInfluence: not using the saved activations of inputs_id="
                         f"{inputs_id!r} for layer {layer!r} because {why}; recomputing them",
                         StoreRebuildWarning,
-                        stacklevel=4,
                     )
         missing = [layer for layer in self.layers if layer not in acts]
         if missing:

@@ -21,7 +21,6 @@ import json
 import math
 import operator
 import os
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch import Tensor
 from proponents.checks import check_path
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
 from proponents.store import release_rows
+from proponents.user_warnings import warn
 
 __all__ = [
     "MissingExtraError",
@@ -678,11 +678,10 @@ class IndexedNearestNeighbors(NearestNeighbors):
                 return True
             except Exception as exc:  # a damaged file must not stop the caller
                 problem = f"its index file could not be read ({type(exc).__name__}: {exc})"
-        warnings.warn(
+        warn(
             f"not using the saved {self.config()['backend']} nearest-neighbour index in "
             f"{folder}: {problem}; rebuilding it from the data",
             RuntimeWarning,
-            stacklevel=2,
         )
         self.setup(data)
         return False
