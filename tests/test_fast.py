@@ -1157,3 +1157,34 @@ def test_embeddings_line_up_when_a_later_batch_changes_the_strategy(tmp_path):
         assert_close(mixed.influence(xt, yt, k=None), expected, rtol=1e-5)
         loaded = TracInCPFastRandProj.load(tmp_path / f"index-{dim}", _BatchCentred(), paths, loss)
         assert_close(loaded.influence(xt, yt, k=None), expected, rtol=1e-5)
+
+
+def test_an_index_saved_when_a_signature_mean_was_taken_as_a_sum_still_loads(tmp_path, monkeypatch):
+    """Indexes saved before reductions were read from signatures recorded
+    ``F.cross_entropy`` as a sum; their embeddings are the same (each example's own loss),
+    so they load, with the same answers (before: IndexMismatchError)."""
+    import torch.nn.functional as F
+
+    import proponents.gradients.loss as loss_module
+
+    case = make_case("mlp", tmp_path)
+    data = case.dataset
+    with monkeypatch.context() as m:
+        m.setattr(loss_module, "signature_reduction", lambda fn: None)  # the old reading
+        old = TracInCPFastRandProj(
+            case.model, "fc2", data, case.checkpoints, loss_fn=F.cross_entropy, batch_size=4
+        )
+        assert old._loss.reduction == "sum"
+        want = old.influence(case.test_inputs, case.test_labels, k=None)
+        old.save(tmp_path / "index")
+    back = TracInCPFastRandProj.load(
+        tmp_path / "index",
+        case.model,
+        case.checkpoints,
+        loss_fn=F.cross_entropy,
+        train_dataset=data,
+    )
+    assert back._loss.reduction == "mean"
+    assert_close(back.influence(case.test_inputs, case.test_labels, k=None), want)
+    exact = TracInCPFast(case.model, "fc2", data, case.checkpoints, loss_fn=F.cross_entropy)
+    assert_close(exact.influence(case.test_inputs, case.test_labels), want)

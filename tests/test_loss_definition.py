@@ -45,6 +45,12 @@ def _own_loss_grads(model, ckpt, x, y, loss_fn, layers) -> torch.Tensor:
     fn = copy.deepcopy(loss_fn)
     if isinstance(fn, nn.Module):
         fn = fn.double()
+    if isinstance(fn, functools.partial):  # class weights in float64 too
+        bound = {
+            k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in fn.keywords.items()
+        }
+        fn = functools.partial(fn.func, *fn.args, **bound)
     params = [p for name in layers for p in m.get_submodule(name).parameters()]
     rows = []
     for i in range(len(y)):
@@ -334,3 +340,121 @@ def test_class_weights_with_labels_of_a_small_integer_dtype(tmp_path, dtype):
         model, "fc2", TensorDataset(xs, ys.to(dtype)), paths, loss_fn=loss_fn, batch_size=6
     )
     _assert_same(obj.influence((xt,), yt.to(dtype)), want)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        functools.partial(F.cross_entropy, weight=torch.tensor([1.0, 3.0, 0.5])),
+        functools.partial(F.cross_entropy, ignore_index=2),
+    ],
+    ids=["partial-weight", "partial-ignore-index"],
+)
+def test_a_partial_with_class_weights_or_an_ignored_label(tmp_path, loss_fn):
+    """A partial binding class weights or ``ignore_index`` averages over label weights, not
+    examples. The first batch holds one class only (where a weighted mean equals a plain
+    one), so only reading the bound keywords gives each example its own loss; before, a
+    read "mean" scaled every batch by B (0.97 relative error, or 4/3 on the batch that
+    holds the ignored label)."""
+    torch.manual_seed(0)
+    model = MLP()
+    paths, lrs = _checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(8)
+    xs = torch.randn(8, 6, generator=g)
+    ys = torch.tensor([0, 0, 0, 0, 1, 2, 1, 0])
+    xt, yt = torch.randn(2, 6, generator=g), torch.tensor([1, 0])
+    want_scores, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, ["fc1", "fc2"])
+    obj = TracInCP(
+        model,
+        TensorDataset(xs, ys),
+        paths,
+        loss_fn=loss_fn,
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the NaN of the ignored example
+        _assert_same(obj.influence((xt,), yt), want_scores)
+        _assert_same(obj.self_influence(), want_self)
+
+
+class _DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}
+
+
+def test_a_mean_loss_over_a_dict_output_with_an_ignored_label(tmp_path):
+    """Evaluating each example's own loss cuts a dict output per example (it sliced the
+    dict itself: TypeError)."""
+    torch.manual_seed(0)
+    model = _DictOut()
+    path = tmp_path / "c.pt"
+    torch.save(model.state_dict(), path)
+
+    class Loss(nn.Module):
+        reduction = "mean"
+
+        def forward(self, out, y):
+            return F.cross_entropy(out["logits"], y)
+
+    g = torch.Generator().manual_seed(9)
+    xs, ys = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    ys[5] = -100
+    obj = TracInCP(
+        model,
+        TensorDataset(xs, ys),
+        [path],
+        loss_fn=Loss(),
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    ref = copy.deepcopy(model).double()
+    want = []
+    for i in range(8):
+        value = F.cross_entropy(ref(xs[i : i + 1].double())["logits"], ys[i : i + 1])
+        row = torch.cat([t.reshape(-1) for t in torch.autograd.grad(value, list(ref.parameters()))])
+        want.append(row.pow(2).sum() if bool(torch.isfinite(value)) else torch.tensor(float("nan")))
+    with pytest.warns(RuntimeWarning, match=r"training examples \[5\]"):
+        _assert_same(obj.self_influence(), torch.stack(want))
+
+
+def test_a_sorting_forward_is_caught_also_when_an_example_has_no_loss(tmp_path):
+    """An example whose only label is ignored has NaN gradients; the reversed-batch check
+    used to give up on the whole layer at the first non-finite row, so a forward that
+    sorts the batch around a layer was served by the fast path (0.6 relative error)."""
+
+    class Sorting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 5)
+            self.b = nn.Linear(5, 3)
+
+        def forward(self, x):
+            order = torch.argsort(x[:, 0])  # b sees the rows sorted by their first input
+            return self.b(torch.tanh(self.a(x))[order])[torch.argsort(order)]
+
+    torch.manual_seed(0)
+    model = Sorting()
+    paths, lrs = _checkpoints(model, tmp_path, n=1)
+    g = torch.Generator().manual_seed(10)
+    xs = torch.randn(7, 6, generator=g)
+    # sorting swaps rows 2 and 5 only, which no row check looks at (0, 3, 6; and 1, 4, 6
+    # among the rows with a gradient): only the reversed pass can see it
+    xs[:, 0] = torch.tensor([0.0, 1, 5, 3, 4, 2, 6])
+    ys = torch.tensor([-100, 1, 2, 0, 1, 2, 0])
+    loss_fn = nn.CrossEntropyLoss()
+    _, want_self = _reference(model, paths, lrs, xs, ys, xs[:1], ys[:1], loss_fn, ["a", "b"])
+    obj = TracInCP(
+        model,
+        TensorDataset(xs, ys),
+        paths,
+        loss_fn=loss_fn,
+        batch_size=7,
+        sample_wise_grads_per_batch=True,
+    )
+    with pytest.warns(RuntimeWarning, match=r"training examples \[0\]"):
+        _assert_same(obj.self_influence(), want_self)

@@ -243,6 +243,9 @@ class TracInRunner:
         """``(B,)``: training examples of a block with finite gradients whose scores with
         every finite test example are finite (a non-finite test example does not make
         the training examples it meets non-finite; it is reported on its own)."""
+        columns = torch.isfinite(block).all(dim=0)
+        if bool(columns.all()):  # the usual case: nothing to tell apart
+            return columns
         ok = self.engine.finite(rep)
         rows = self.engine.finite(test_rep)
         return ok & torch.isfinite(block[rows.to(block.device)]).all(dim=0).to(ok.device)

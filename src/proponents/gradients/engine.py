@@ -19,7 +19,6 @@ strategy, after which representations computed before no longer line up).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import weakref
 from collections.abc import Sequence
@@ -378,6 +377,7 @@ class GradientEngine:
         # and the same among the rows with a finite, non-zero gradient: a row whose
         # gradient is zero (a hinge loss it satisfies) agrees with any scaling
         seen = [rep is None for rep in layer_reps]
+        by_mean = [True] * len(layer_reps)
         for i in _rows_to_check(layer_reps, batch.size):
             truth = self._single_example_grads(params, buffers, batch, i)
             for j, (layer, rep) in enumerate(zip(self.hooked, layer_reps)):
@@ -392,6 +392,10 @@ class GradientEngine:
                 seen[j] = True
                 if float((got - want).norm()) > _CHECK_RTOL * scale:
                     keep[j] = False
+                    # what a mean taken as a sum gives: the batch size too small
+                    by_mean[j] = by_mean[j] and float(
+                        (got * batch.size - want).norm()
+                    ) <= _CHECK_RTOL * max(float(want.norm()), 1e-30)
         # A batch of one cannot show examples interacting, and a batch where no checked
         # row has a gradient shows nothing: the next batch of two or more is checked too
         # (up to _MAX_CHECKS batches, for a layer whose gradient is always zero).
@@ -402,9 +406,13 @@ class GradientEngine:
             self._checked_alone = True
         if not all(keep):
             demoted = [layer.name for layer, k in zip(self.hooked, keep) if not k]
+            averaging = [
+                layer.name for layer, k, m in zip(self.hooked, keep, by_mean) if not k and m
+            ]
             self.hooked = [layer for layer, k in zip(self.hooked, keep) if k]
             self._set_generic()
-            self._warn_undeclared_reduction(demoted)
+            if averaging:
+                self._warn_undeclared_reduction(demoted)
         self._closed_form = self._closed_form_agrees(batch, records)
         if self.strategies != before:
             self.epoch += 1
@@ -418,7 +426,7 @@ class GradientEngine:
         and one attribute gives the fast path back.
         """
         if self.loss.declared or self.loss.reduction != "sum":
-            return
+            return  # (called only when the gradients are the batch size too small)
         warn(
             f"{self.owner}: loss_fn has no 'reduction' attribute, so it was taken to sum "
             "the losses of a batch (as the API specifies), but its gradients on the first "
@@ -469,12 +477,18 @@ class GradientEngine:
             a, b = reps.sq_norm(rep).double()[:n], reps.sq_norm(flipped).double()
             cross = reps.dot(rep, flipped).double()[:n]
             rows = torch.arange(n, device=cross.device)
-            gap = a + b[anti.to(b.device)] - 2 * cross[rows, anti.to(cross.device)]
-            scale = float(torch.maximum(a.max(), b.max()))
+            b = b[anti.to(b.device)]
+            gap = a + b - 2 * cross[rows, anti.to(cross.device)]
+            # examples with a non-finite gradient (an undefined loss, say) say nothing;
+            # the others still must move with the batch
+            usable = torch.isfinite(gap) & torch.isfinite(a) & torch.isfinite(b)
+            if not bool(usable.any()):
+                out.append(True)
+                continue
+            scale = float(torch.maximum(a[usable].max(), b[usable].max()))
             eps = torch.finfo(params[layer.weight].dtype).eps
             rtol = min(max(1e-2, 100 * eps), 0.3)
-            finite = bool(torch.isfinite(gap).all()) and math.isfinite(scale)
-            out.append(not finite or float(gap.max()) <= rtol**2 * max(scale, 1e-30))
+            out.append(float(gap[usable].max()) <= rtol**2 * max(scale, 1e-30))
         return out
 
     def _closed_form_agrees(self, batch: Batch, records: dict) -> bool:
@@ -499,13 +513,26 @@ class GradientEngine:
         got = [g for _, g, _ in closed[0][name]]
         if len(want) != len(got):
             return False
+        compared = False
         for w, g in zip(want, got):
-            if w is None or g is None or w.shape != g.shape or not bool(torch.isfinite(w).all()):
+            if w is None or g is None or w.shape != g.shape:
                 return False
+            # rows non-finite in both (a NaN input, say) are left out of the comparison;
+            # a row only autograd makes non-finite (an undefined loss) rules the closed
+            # form out, since it would score that example; every other row must agree
+            rows = torch.isfinite(w.reshape(w.shape[0], -1)).all(1)
+            if bool((~rows & torch.isfinite(g.reshape(g.shape[0], -1)).all(1)).any()):
+                return False
+            if not bool(rows.any()):
+                continue
+            w, g = w[rows], g[rows]
             scale = max(float(w.abs().max()), 1e-30)
-            if float((w - g).abs().max()) > _CLOSED_FORM_RTOL * scale:
+            if not bool(torch.isfinite(g).all()) or float((w - g).abs().max()) > (
+                _CLOSED_FORM_RTOL * scale
+            ):
                 return False
-        return True
+            compared = True
+        return compared
 
     def _tune(self, layer: HookedLayer, calls: list) -> HookedLayer:
         """Pick the faster exact method for a convolution by timing both once."""

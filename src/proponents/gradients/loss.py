@@ -35,10 +35,13 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
+from proponents.data import map_rows
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -53,11 +56,19 @@ class LossSpec:
         reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"output"`` (for ``fn=None``).
         declared: whether ``fn`` states its reduction (a ``reduction`` attribute or
             keyword); ``False`` when ``"sum"`` was assumed.
+        weighted, ignore_index: what a loss other than torch's own class losses states
+            about class weights and an ignored label (see :func:`_weighted_mean`).
     """
 
     fn: Callable[..., torch.Tensor] | None
     reduction: str
     declared: bool = True
+    #: for a loss that is not torch's CrossEntropyLoss/NLLLoss: the class weights and the
+    #: ignored label it states (:func:`stated_setting`; -100 when it states none)
+    weighted: bool = False
+    ignore_index: int = -100
+    #: the reduction was read from ``fn``'s signature (no ``reduction`` attribute)
+    by_signature: bool = False
 
     def _apply(self, output: Any, labels: Any) -> Any:
         """``fn(output, labels)``, or ``output.sum()`` without ``fn``; a model output that
@@ -101,7 +112,7 @@ class LossSpec:
         value = value.reshape(())
         if self.reduction != "mean":
             return value
-        if _weighted_mean(self.fn, labels):
+        if _weighted_mean(self, labels):
             own = _own_losses(self.fn, output, labels)
             return _poisoned(own.sum(), own, output)
         return value * batch_size
@@ -132,10 +143,24 @@ def _poisoned(total: torch.Tensor, own: torch.Tensor | None, output: Any) -> tor
     ``sum_i output_i.sum() * c_i`` with ``c_i`` 0 or NaN: no data-dependent branch, so
     it works under ``vmap`` and costs no device synchronisation.
     """
-    if own is None or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+    if own is None:
         return total
     b = own.shape[0]
-    if output.dim() == 0 or output.shape[0] != b or output.numel() == 0:
+    # the output itself, or (a dict or tuple of outputs) its first floating tensor with
+    # a row per example
+    output = next(
+        (
+            t
+            for t in tree_leaves(output)
+            if isinstance(t, torch.Tensor)
+            and t.is_floating_point()
+            and t.dim() > 0
+            and t.shape[0] == b
+            and t.numel() > 0
+        ),
+        None,
+    )
+    if output is None:
         return total
     nan = torch.tensor(float("nan"), dtype=output.dtype, device=output.device)
     factor = torch.where(torch.isfinite(own.detach()), torch.zeros_like(nan), nan)
@@ -145,30 +170,46 @@ def _poisoned(total: torch.Tensor, own: torch.Tensor | None, output: Any) -> tor
 _CLASS_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
 
 
-def _weighted_mean(fn: Any, labels: Any) -> bool:
-    """Whether ``fn``'s "mean" may divide by something other than the batch size.
+def _weighted_mean(spec: LossSpec, labels: Any) -> bool:
+    """Whether ``spec.fn``'s "mean" may divide by something other than the batch size.
 
     True for a cross-entropy or NLL loss on class indices with class weights, or with a
     label equal to ``ignore_index`` in the batch (class probabilities are averaged over
-    the batch, weights or not). For any other "mean" loss on integer labels, true when a
-    label is negative or equals the loss's ``ignore_index`` attribute: no class index is
-    negative, so such a label marks an entry to ignore (``F.cross_entropy``'s default
-    ``ignore_index`` is -100), and a wrapper around torch's losses then averages over
-    the entries it keeps. Each example's own loss is then evaluated, which is exact for
-    any loss, just slower; the first-batch check cannot see this, because the labels
-    that change the divisor may only come in a later batch.
+    the batch, weights or not). For any other "mean" loss on integer labels, the same
+    holds for the class weights and ``ignore_index`` it states (:func:`stated_setting`:
+    an attribute, a ``functools.partial`` keyword or a signature default), and a label
+    equal to -100 (torch's default ``ignore_index``, which a wrapper around
+    ``F.cross_entropy`` inherits without stating it) counts as ignored too. Each
+    example's own loss is then evaluated, which is exact for any loss, just slower; the
+    first-batch check cannot see this, because the labels that change the divisor may
+    only come in a later batch.
     """
+    fn = spec.fn
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
         return False
     if labels.dtype == torch.bool or labels.numel() == 0:
         return False
     if not isinstance(fn, _CLASS_LOSSES):
-        ignore = getattr(fn, "ignore_index", None)
-        marked = labels < 0
-        if isinstance(ignore, int) and not isinstance(ignore, bool):
-            marked = marked | (labels == ignore)
-        return bool(marked.any())
+        return spec.weighted or bool((labels == spec.ignore_index).any())
     return fn.weight is not None or bool((labels == fn.ignore_index).any())
+
+
+def stated_setting(fn: Any, name: str) -> Any:
+    """The value ``fn`` states for its setting ``name``: an attribute, else a keyword a
+    ``functools.partial`` binds, else the default of a parameter of that name in its
+    signature (``F.cross_entropy``'s ``ignore_index=-100``); ``None`` when none says."""
+    value = getattr(fn, name, None)
+    if value is not None:
+        return value
+    if isinstance(fn, functools.partial) and fn.keywords.get(name) is not None:
+        return fn.keywords[name]
+    try:
+        param = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    return param.default
 
 
 def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -180,9 +221,13 @@ def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Te
     example in turn (on the model output only; the model is not run again).
     """
     if type(fn) not in _CLASS_LOSSES:
-        return torch.stack(
-            [fn(output[i : i + 1], labels[i : i + 1]).reshape(()) for i in range(len(labels))]
-        )
+        b = len(labels)
+
+        def alone(i: int) -> torch.Tensor:
+            rows = map_rows(output, b, itemgetter(slice(i, i + 1)))
+            return fn(rows, labels[i : i + 1]).reshape(())
+
+        return torch.stack([alone(i) for i in range(b)])
     if type(fn) is torch.nn.CrossEntropyLoss:
         entries = torch.nn.functional.cross_entropy(
             output,
@@ -315,10 +360,12 @@ def resolve_loss(
         raise InvalidArgumentError(
             f"{owner}: loss_fn.reduction is {reduction!r}; it must be one of {REDUCTIONS}"
         )
+    by_signature = False
     if reduction is None and sample_wise_grads_per_batch is not False:
         # A per-example setting keeps taking such a loss as it comes (its rows are
         # checked on every batch), so F.cross_entropy still works with batches of one.
         reduction = signature_reduction(loss_fn)
+        by_signature = reduction is not None
     declared = reduction is not None
     if sample_wise_grads_per_batch is None:
         if reduction == "none":
@@ -326,7 +373,7 @@ def resolve_loss(
                 f"{owner} needs a loss that reduces over the batch, but loss_fn has "
                 "reduction='none'; use reduction='sum' or 'mean'"
             )
-        return LossSpec(loss_fn, reduction or "sum", declared)
+        return _spec(loss_fn, reduction or "sum", declared, by_signature)
     if sample_wise_grads_per_batch:
         if reduction == "none":
             raise InvalidArgumentError(
@@ -334,14 +381,26 @@ def resolve_loss(
                 "'sum' or 'mean', but loss_fn has reduction='none'; either set "
                 "sample_wise_grads_per_batch=False or use reduction='sum'"
             )
-        return LossSpec(loss_fn, reduction or "sum", declared)
+        return _spec(loss_fn, reduction or "sum", declared, by_signature)
     if reduction in ("sum", "mean"):
         raise InvalidArgumentError(
             f"{owner}: sample_wise_grads_per_batch=False needs a per-example loss "
             f"(reduction='none'), but loss_fn has reduction={reduction!r}; either set "
             "sample_wise_grads_per_batch=True or use reduction='none'"
         )
-    return LossSpec(loss_fn, "none", declared)
+    return _spec(loss_fn, "none", declared)
+
+
+def _spec(
+    fn: Callable[..., Any], reduction: str, declared: bool, by_signature: bool = False
+) -> LossSpec:
+    """A :class:`LossSpec` with the weights and ignored label ``fn`` states, read once."""
+    if isinstance(fn, _CLASS_LOSSES):
+        return LossSpec(fn, reduction, declared, by_signature=by_signature)
+    ignore = stated_setting(fn, "ignore_index")
+    ignore = ignore if isinstance(ignore, int) and not isinstance(ignore, bool) else -100
+    weighted = isinstance(stated_setting(fn, "weight"), torch.Tensor)
+    return LossSpec(fn, reduction, declared, weighted, ignore, by_signature)
 
 
 def signature_reduction(loss_fn: Callable[..., Any]) -> str | None:

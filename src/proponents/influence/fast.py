@@ -137,7 +137,17 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
             f"{[d for _, d in was_proj]} per checkpoint, and this model's layer gives "
             f"{[d for _, d in now_proj]} (another layer size or bias)"
         )
-    if saved.get("loss_reduction") != expected["loss_reduction"]:
+    was_reduction = saved.get("loss_reduction")
+    if (
+        was_reduction == "sum"
+        and expected["loss_reduction"] == "mean"
+        and expected.get("loss_reduction_by_signature")
+    ):
+        # An index written before reductions were read from signatures took such a loss
+        # (F.cross_entropy) as a sum; its embeddings are each example's own loss
+        # gradients all the same (the strategy check saw the mean), so they still match.
+        was_reduction = "mean"
+    if was_reduction != expected["loss_reduction"]:
         out.append(
             f"loss_fn: the index was built with a loss reducing by "
             f"{saved.get('loss_reduction')!r}, this one reduces by "
@@ -244,7 +254,8 @@ class TracInCPFast(TracInCPBase):
         checkpoints: directory, list of paths, or iterator of paths/loaded objects.
         checkpoints_load_func: ``f(model, checkpoint) -> learning_rate``.
         loss_fn: a loss that reduces over the batch with ``"sum"`` or ``"mean"``
-            (no ``reduction`` attribute means ``"sum"``). Required.
+            (without a ``reduction`` attribute, as its signature says: a ``reduction=``
+            bound by ``functools.partial`` or defaulted, else ``"sum"``). Required.
         batch_size: batch size when ``train_dataset`` is a Dataset.
         vectorize: accepted for compatibility; has no effect (gradients are always
             computed in closed form, batched).
@@ -903,6 +914,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "dataset_probe": probe,
             "projections": [[p.kind, p.dim] for p in obj._projections],
             "loss_reduction": obj._loss.reduction,
+            "loss_reduction_by_signature": obj._loss.by_signature,
             "loss": loss_fingerprint(obj._loss.fn),
         }
         _match_files_to_loaded_objects(saved, expected, obj._watch.checkpoints)
@@ -923,6 +935,8 @@ class TracInCPFastRandProj(TracInCPFast):
                 "projections",
                 "strategy",
                 "loss",  # compared above; indexes written before it was recorded lack it
+                "loss_reduction",  # compared above (a reduction once assumed is accepted)
+                "loss_reduction_by_signature",
                 "checkpoint_kinds",  # the same
                 "nearest_neighbors",
                 "dataset_probe",
