@@ -238,6 +238,20 @@ def test_user_model_is_unchanged(tmp_path):
     assert_unchanged(model, snap)
 
 
+def test_progress_counts_a_large_test_batch_once(tmp_path, capsys):
+    """A test batch of more than 256 examples is differentiated in pieces; the bar counts
+    it as one step of its total (before, each piece ticked: 16 steps of a total of 12,
+    and tqdm dropped the percentage)."""
+    case = make_case("mlp", tmp_path)
+    t = tracin(case)
+    x = torch.randn(600, 6)
+    y = torch.randint(0, 3, (600,))
+    t.influence((x,), y, show_progress=True)
+    err = capsys.readouterr().err
+    last = [line for line in err.replace("\r", "\n").split("\n") if line.strip()][-1]
+    assert "100%" in last and "12/12" in last, last
+
+
 def test_progress_bars_name_the_class_and_the_work(tmp_path, capsys):
     case = make_case("mlp", tmp_path)
     t = tracin(case)

@@ -377,3 +377,29 @@ def test_k_of_any_integer_type_is_an_int(case, k):
 def test_k_that_is_not_an_integer_is_refused(case, k):
     with pytest.raises(ArgumentTypeError, match="k must be an int or None"):
         make(case).influence(case.test_inputs, case.test_labels, k=k)
+
+
+@pytest.mark.parametrize("cls", [TracInCP, TracInCPFast, TracInCPFastRandProj])
+def test_a_loss_class_instead_of_an_instance_names_the_fix(case, cls):
+    """``loss_fn=nn.CrossEntropyLoss`` (no parentheses) passed the constructors and failed
+    later inside torch ("Boolean value of Tensor ... is ambiguous")."""
+    args = [case.model, case.dataset, case.checkpoints]
+    if cls is not TracInCP:
+        args.insert(1, "fc2")
+    with pytest.raises(ArgumentTypeError, match=r"class CrossEntropyLoss.*CrossEntropyLoss\("):
+        cls(*args, loss_fn=nn.CrossEntropyLoss)
+
+
+def test_arguments_without_effect_in_self_influence_mode_are_named(case):
+    """``influence(k=3)`` without inputs is the self-influence (as in the spec); the
+    arguments that do nothing there are named in a warning instead of passing unseen."""
+    t = make(case)
+    want = t.self_influence()
+    with pytest.warns(UserWarning, match=r"k=3, proponents=False has no effect"):
+        got = t.influence(k=3, proponents=False)
+    assert torch.equal(got, want)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(t.influence(), want)

@@ -134,7 +134,12 @@ class TracInRunner:
             yield c, lr
 
     def _batches(
-        self, source: Iterable[Any], loader: bool, what: str, chunk: int | None = None
+        self,
+        source: Iterable[Any],
+        loader: bool,
+        what: str,
+        chunk: int | None = None,
+        batch_done: Callable[[], None] | None = None,
     ) -> Iterable[Batch]:
         """Batches on the model's device; test batches larger than ``chunk`` are split.
 
@@ -143,6 +148,9 @@ class TracInRunner:
         every checkpoint: they are copied for each pass (by the move to the model's device
         if that copies, else here, in the engine's layout), so a model that edits its input
         in place cannot change them or what the next checkpoint sees.
+
+        ``batch_done`` is called once the last piece of each batch has been used (a
+        progress bar counts batches, however many pieces they are split into).
         """
         device = model_device(self.model)
         fresh = isinstance(source, DataLoader)
@@ -162,6 +170,8 @@ class TracInRunner:
                         size=moved.size,
                     )
                 yield moved
+            if batch_done is not None:
+                batch_done()
 
     def scores(
         self,
@@ -276,14 +286,13 @@ class TracInRunner:
         """
         epoch = self.engine.epoch
         parts, offset = [], 0
-        for batch in self._batches(test, test_is_loader, "test batch", chunk):
+        done = None if bar is None else bar.update
+        for batch in self._batches(test, test_is_loader, "test batch", chunk, done):
             rep = self.engine.compute(batch)
             if tracker is not None:
                 tracker.add(self.engine.finite(rep), offset, test=True)
             offset += batch.size
             parts.append(rep)
-            if bar is not None:
-                bar.update()
         if not parts:
             raise InvalidArgumentError(f"{self.owner}: the test inputs hold no batch")
         if self.engine.epoch != epoch:

@@ -355,6 +355,12 @@ def resolve_loss(
             f"{owner}: loss_fn must be callable (e.g. nn.CrossEntropyLoss()), "
             f"got {type(loss_fn).__name__}"
         )
+    if isinstance(loss_fn, type):
+        example = "reduction='none'" if sample_wise_grads_per_batch is False else "reduction='sum'"
+        raise ArgumentTypeError(
+            f"{owner}: loss_fn is the class {loss_fn.__name__}, not a loss; pass an instance, "
+            f"e.g. loss_fn={loss_fn.__name__}({example})"
+        )
     reduction = getattr(loss_fn, "reduction", None)
     if reduction is not None and reduction not in REDUCTIONS:
         raise InvalidArgumentError(

@@ -33,6 +33,7 @@ from proponents.distributed import (
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.model_guard import call_scope
 from proponents.scoring import TracInRunner, k_most
+from proponents.user_warnings import warn
 
 
 class KMostInfluentialResults(NamedTuple):
@@ -264,6 +265,21 @@ class TracInCPBase(DataInfluence):
                 raise InvalidArgumentError(
                     f"{name}: targets were given without inputs; pass the test inputs too, or "
                     "neither for self-influence"
+                )
+            unused = [
+                f"{arg}={value!r}"
+                for arg, value, default in (
+                    ("k", k, None),
+                    ("proponents", proponents, True),
+                    ("aggregate", aggregate, False),
+                )
+                if value is not default
+            ]
+            if unused:
+                warn(
+                    f"{name}: influence() without inputs gives the self-influence of every "
+                    f"training example; {', '.join(unused)} has no effect there (pass test "
+                    "inputs for proponents or opponents)"
                 )
             return self.self_influence(self.train_dataloader, show_progress=show_progress)
         if k is not None:
