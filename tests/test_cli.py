@@ -479,6 +479,9 @@ def _explain(capsys, path, ckpts, out, *extra):
         ("loss_fn = nn.CrossEntropyLoss", "loss_fn is the class CrossEntropyLoss"),
         ("test_dataset = TensorDataset(tokens[70:])", r"test_dataset items must be \(\*inputs"),
         ("train_dataset = [{'x': t} for t in tokens[:70]]", "item 0 is a dict"),
+        ("label_names = 5", "label_names must be a list of class names"),
+        ("label_names = 'abc'", r"label_names must be a list.*got str 'abc'"),
+        ("def render(x):\n    return 1 / 0", r"render\(\*inputs\) failed on item 0.*Zero"),
     ],
 )
 def test_task_mistakes_exit_2_naming_the_option_and_leave_no_folder(

@@ -447,3 +447,21 @@ def test_escaped_text_shows_as_text_in_chromium(browser, tmp_path):
     assert "<i>positive</i>" in facts["text"]
     assert facts["images"] == facts["decoded"] == 1  # just the plot
     assert _network(urls) == []
+
+
+def test_a_failing_render_names_render_and_the_example():
+    """A ``render`` that raises on some example: the error says it was render() and on
+    which example (it was the bare ZeroDivisionError)."""
+    from proponents.errors import RenderError
+
+    case = image_case()
+    shown = []
+
+    def render(x):
+        shown.append(1)
+        if len(shown) == 4:
+            raise ZeroDivisionError("division by zero")
+        return x
+
+    with pytest.raises(RenderError, match=r"render\(\) raised ZeroDivisionError.*#\d+"):
+        build_report(**case, render=render)

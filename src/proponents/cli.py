@@ -401,6 +401,24 @@ def load_task(path: str | Path) -> Task:
                 f"task file {task_path}: {name} must be a function, got "
                 f"{type(options[name]).__name__}"
             )
+    render = options.get("render")
+    if render is not None:
+        # tried on one example now, not after every influence pass has run
+        try:
+            render(*tuple(module.train_dataset[0])[:-1])
+        except Exception as exc:
+            raise UsageError(
+                f"task file {task_path}: render(*inputs) failed on item 0 of train_dataset: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    names = options.get("label_names")
+    if names is not None and (
+        isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple, dict))
+    ):
+        raise UsageError(
+            f"task file {task_path}: label_names must be a list of class names (index i is "
+            f"label i) or a dict {{label: name}}, got {type(names).__name__} {names!r}"
+        )
     layer = options.get("similarity_layer")
     if layer is not None and (not isinstance(layer, str) or not layer):
         raise UsageError(

@@ -47,3 +47,7 @@ class IndexNotFoundError(ProponentsError, FileNotFoundError):
 
 class CheckpointChangedError(ProponentsError, RuntimeError):
     """A checkpoint no longer holds the content that something was computed from."""
+
+
+class RenderError(ProponentsError, RuntimeError):
+    """A ``render`` function given for a report failed on an example."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, RenderError
 from proponents.report import plot
 from proponents.report.render import data_uri, default_render, example_html
 
@@ -301,7 +301,16 @@ class _Examples:
                 f"index {index} is out of range for {self.what} of {n} examples"
             )
         inputs, label = split_item(self.data[index])
-        shown = self.render(*inputs) if self.render is not None else default_render(inputs)
+        if self.render is None:
+            shown = default_render(inputs)
+        else:
+            try:
+                shown = self.render(*inputs)
+            except Exception as err:  # noqa: BLE001 - any failure of the user's function
+                raise RenderError(
+                    f"render() raised {type(err).__name__}: {err} for {self.what} #{index}; "
+                    "it is called as render(*inputs) with the example's model inputs"
+                ) from err
         label_text = self.label_text(label) if label is not None else None
         alt = f"{self.what} #{index}" + (f", label {label_text}" if label_text else "")
         body, is_image = example_html(shown, alt)
