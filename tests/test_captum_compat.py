@@ -364,3 +364,14 @@ def test_euclidean_distance_takes_captums_arguments():
     ref = torch.stack([torch.stack([(a - b).norm() for b in train]) for a in test])
     torch.testing.assert_close(euclidean_distance(test, train), ref)
     assert math.isclose(float(euclidean_distance(test, test)[0, 0]), 0.0)
+
+
+@pytest.mark.parametrize("metric", [cosine_similarity, euclidean_distance])
+def test_metrics_take_sides_without_rows(metric):
+    """A side of no rows gives an empty score matrix of the right shape (a raw reshape
+    RuntimeError before); (n, *features) sides are flattened as the store flattens."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 2, generator=g), torch.randn(4, 6, generator=g)
+    assert metric(torch.zeros(0, 6), b).shape == (0, 4)
+    assert metric(a, torch.zeros(0, 3, 2)).shape == (2, 0)
+    torch.testing.assert_close(metric(a, b), metric(a.reshape(2, 6), b))

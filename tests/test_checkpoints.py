@@ -338,6 +338,18 @@ def test_explicit_device_argument_is_used() -> None:
     assert_same_state(model, source)
 
 
+def test_a_cuda_device_this_machine_lacks_is_named() -> None:
+    """``device="cuda:N"`` beyond the machine's devices (any CUDA device on a CPU-only
+    build) is a typed error naming the value; torch's own was an AssertionError."""
+    from proponents.errors import InvalidArgumentError
+
+    source, model = seeded_net(1), seeded_net(2)
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    with pytest.raises(InvalidArgumentError, match=rf"device '{missing}'.*CUDA device"):
+        load_flexible_state_dict(model, source.state_dict(), device=missing)
+    assert not torch.equal(model.fc1.weight, source.fc1.weight)  # nothing was loaded
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_checkpoint_loads_into_cuda_model(tmp_path: Path) -> None:

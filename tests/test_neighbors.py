@@ -546,6 +546,21 @@ def test_save_and_load_round_trip(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", PERSISTABLE)
+@pytest.mark.parametrize("where", ["the path", "a folder above it"])
+def test_saving_where_a_file_is_names_the_file(tmp_path, name, where):
+    """Before, a bare FileExistsError from mkdir; the user's file is left alone."""
+    data, _ = random_data(n=30)
+    nn = BACKENDS[name](30)
+    nn.setup(data)
+    blocker = tmp_path / "taken"
+    blocker.write_text("mine")
+    target = blocker if where == "the path" else blocker / "index"
+    with pytest.raises(InvalidArgumentError, match=r"'.*taken' is a file, not a directory"):
+        nn.save(target)
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", PERSISTABLE)
 def test_query_time_settings_do_not_invalidate_a_saved_index(tmp_path, name):
     data, query = random_data(n=60)
     nn = BACKENDS[name](60)

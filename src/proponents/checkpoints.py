@@ -414,9 +414,19 @@ def _as_device(device: Any) -> torch.device:
             f"CUDA index, got {type(device).__name__}"
         )
     try:
-        return torch.device(device)
+        out = torch.device(device)
     except RuntimeError as exc:
         raise InvalidArgumentError(f"device {device!r} is not a valid device: {exc}") from None
+    if out.type == "cuda" and (
+        not torch.cuda.is_available()
+        or (out.index is not None and out.index >= torch.cuda.device_count())
+    ):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise InvalidArgumentError(
+            f"device {device!r}: this machine has {have} CUDA device(s) for PyTorch; give "
+            "'cpu' or an existing device, or leave device=None for the model's own device"
+        )
+    return out
 
 
 def _short_repr(obj: Any, limit: int = 80) -> str:

@@ -34,7 +34,8 @@ def _flat(x: Tensor, name: str) -> Tensor:
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise InvalidArgumentError(f"{name} must have a batch dimension, got a 0-d tensor")
-    return x.reshape(x.shape[0], -1)
+    # math.prod, not -1: a tensor of no rows cannot infer the -1
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:

@@ -609,8 +609,12 @@ class IndexedNearestNeighbors(NearestNeighbors):
         Returns:
             ``True`` when files were written, ``False`` for a backend with nothing to save.
 
+        Args:
+            directory: the folder to write to (created if missing).
+
         Raises:
             NearestNeighborsNotReadyError: when :meth:`setup` has not been called.
+            InvalidArgumentError: when ``directory`` (or a folder above it) is a file.
         """
         check_path(directory, "directory", f"{type(self).__name__}.save")
         if self._index_filename is None:
@@ -619,6 +623,12 @@ class IndexedNearestNeighbors(NearestNeighbors):
         if self._kept is not None and self._kept.numel() == 0:
             return False  # no finite row, so no index was built
         folder = Path(directory)
+        blocking = next((f for f in (folder, *folder.parents) if f.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.save: {str(blocking)!r} is a file, not a directory; "
+                "give a directory to write the index to (it is created if missing)"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         meta_path = folder / META_FILENAME
         # Remove the old description first: an interrupted save then reads as "no index".
