@@ -141,6 +141,9 @@ def test_k_of_wrong_type(case):
 def test_targets_length_differs(case):
     with pytest.raises(InvalidArgumentError, match="targets has 3 entries but inputs hold 4"):
         make(case).influence(case.test_inputs, case.test_labels[:3])
+    # one example without its batch dimension: the message says how to give one
+    with pytest.raises(InvalidArgumentError, match=r"hold 6 examples.*x\[None\]"):
+        make(case).influence((case.test_inputs[0][0],), case.test_labels[:1])
 
 
 def test_missing_targets_with_a_loss(case):

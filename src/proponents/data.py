@@ -442,9 +442,10 @@ def test_batches(
     if n_targets is not None and n not in (n_targets, task_rows):
         tasks = f" (or {task_rows} rows per task)" if task_rows is not None else ""
         raise InvalidArgumentError(
-            f"targets has {n_targets} entries{tasks} but inputs hold {n} examples: give one "
-            "target per test example, or for several tasks a tuple of tensors with the "
-            "examples in dim 0"
+            f"targets has {n_targets} entries{tasks} but inputs hold {n} examples (dim 0 "
+            "of the first input tensor): give one target per test example, or for several "
+            "tasks a tuple of tensors with the examples in dim 0; a single example needs "
+            "its batch dimension too (x[None], targets of shape (1,))"
         )
     return [Batch(inputs=args, labels=targets, size=n)], False
 
