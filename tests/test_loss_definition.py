@@ -70,6 +70,20 @@ def _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, layers):
     return scores, self_inf
 
 
+def _tracin(method: str, model, data, paths, loss_fn, batch_size: int):
+    """TracInCPFast on ``fc2`` for ``"fast"``, else TracInCP over a reducing loss."""
+    if method == "fast":
+        return TracInCPFast(model, "fc2", data, paths, loss_fn=loss_fn, batch_size=batch_size)
+    return TracInCP(
+        model,
+        data,
+        paths,
+        loss_fn=loss_fn,
+        batch_size=batch_size,
+        sample_wise_grads_per_batch=True,
+    )
+
+
 def _assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
     got, want = got.double(), want.double()
     assert torch.equal(torch.isnan(got), torch.isnan(want))
@@ -104,17 +118,7 @@ def test_mean_losses_that_divide_by_label_weights(tmp_path, method, loss_fn):
     want_scores, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, layers)
     train = TensorDataset(xs, ys)
     for batch_size in (1, 5, 23):
-        if method == "fast":
-            obj = TracInCPFast(model, "fc2", train, paths, loss_fn=loss_fn, batch_size=batch_size)
-        else:
-            obj = TracInCP(
-                model,
-                train,
-                paths,
-                loss_fn=loss_fn,
-                batch_size=batch_size,
-                sample_wise_grads_per_batch=True,
-            )
+        obj = _tracin(method, model, train, paths, loss_fn, batch_size)
         for call, want in (
             (lambda o=obj: o.influence((xt,), yt), want_scores),
             (obj.self_influence, want_self),
@@ -234,17 +238,7 @@ def test_a_mean_taken_as_a_sum_is_caught_when_the_checked_rows_have_no_gradient(
     assert float(want_self[[0, 2, 4]].abs().max()) == 0 < float(want_self[others].min())
     for call, want in (("influence", want_scores), ("self_influence", want_self)):
         train = TensorDataset(xs, ys)
-        if method == "fast":
-            obj = TracInCPFast(model, "fc2", train, paths, loss_fn=_hinge_mean, batch_size=5)
-        else:
-            obj = TracInCP(
-                model,
-                train,
-                paths,
-                loss_fn=_hinge_mean,
-                batch_size=5,
-                sample_wise_grads_per_batch=True,
-            )
+        obj = _tracin(method, model, train, paths, _hinge_mean, 5)
         with pytest.warns(UserWarning, match="reduction = 'mean'"):
             got = obj.influence((xt,), yt) if call == "influence" else obj.self_influence()
         _assert_same(got, want)
@@ -266,14 +260,7 @@ def test_a_reduction_stated_by_the_signature_is_used(tmp_path, loss_fn):
     xs, ys = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
     xt, yt = torch.randn(3, 6, generator=g), torch.randint(0, 3, (3,), generator=g)
     want_scores, _ = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, ["fc1", "fc2"])
-    obj = TracInCP(
-        model,
-        TensorDataset(xs, ys),
-        paths,
-        loss_fn=loss_fn,
-        batch_size=4,
-        sample_wise_grads_per_batch=True,
-    )
+    obj = _tracin("tracincp", model, TensorDataset(xs, ys), paths, loss_fn, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _assert_same(obj.influence((xt,), yt), want_scores)
@@ -308,17 +295,7 @@ def test_a_wrapped_mean_with_ignored_labels_only_in_a_later_batch(tmp_path, meth
     assert bool(want_self.isnan().any())
     for call, want in (("influence", want_scores), ("self_influence", want_self)):
         train = TensorDataset(xs, ys)
-        if method == "fast":
-            obj = TracInCPFast(model, "fc2", train, paths, loss_fn=loss_fn, batch_size=4)
-        else:
-            obj = TracInCP(
-                model,
-                train,
-                paths,
-                loss_fn=loss_fn,
-                batch_size=4,
-                sample_wise_grads_per_batch=True,
-            )
+        obj = _tracin(method, model, train, paths, loss_fn, 4)
         with pytest.warns(RuntimeWarning, match=r"training examples \[5\]"):
             got = obj.influence((xt,), yt) if call == "influence" else obj.self_influence()
         _assert_same(got, want)
@@ -364,14 +341,7 @@ def test_a_partial_with_class_weights_or_an_ignored_label(tmp_path, loss_fn):
     ys = torch.tensor([0, 0, 0, 0, 1, 2, 1, 0])
     xt, yt = torch.randn(2, 6, generator=g), torch.tensor([1, 0])
     want_scores, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, ["fc1", "fc2"])
-    obj = TracInCP(
-        model,
-        TensorDataset(xs, ys),
-        paths,
-        loss_fn=loss_fn,
-        batch_size=4,
-        sample_wise_grads_per_batch=True,
-    )
+    obj = _tracin("tracincp", model, TensorDataset(xs, ys), paths, loss_fn, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the NaN of the ignored example
         _assert_same(obj.influence((xt,), yt), want_scores)
@@ -448,13 +418,6 @@ def test_a_sorting_forward_is_caught_also_when_an_example_has_no_loss(tmp_path):
     ys = torch.tensor([-100, 1, 2, 0, 1, 2, 0])
     loss_fn = nn.CrossEntropyLoss()
     _, want_self = _reference(model, paths, lrs, xs, ys, xs[:1], ys[:1], loss_fn, ["a", "b"])
-    obj = TracInCP(
-        model,
-        TensorDataset(xs, ys),
-        paths,
-        loss_fn=loss_fn,
-        batch_size=7,
-        sample_wise_grads_per_batch=True,
-    )
+    obj = _tracin("tracincp", model, TensorDataset(xs, ys), paths, loss_fn, 7)
     with pytest.warns(RuntimeWarning, match=r"training examples \[0\]"):
         _assert_same(obj.self_influence(), want_self)
