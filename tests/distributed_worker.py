@@ -4,7 +4,12 @@ Every rank computes each method and mode twice, once alone (``distributed=False`
 once sharded over the process group, and checks that the two agree. Problems are printed
 as ``MISMATCH ...`` lines; the rank exits with status 1 when there is any.
 
-Usage: ``torchrun --nproc_per_node=2 tests/distributed_worker.py DATA_DIR``
+Usage: ``torchrun --nproc_per_node=2 tests/distributed_worker.py DATA_DIR [SCENARIO]``
+
+``SCENARIO`` is ``equal`` (default: every method and mode), or one of the smaller checks
+of :data:`SCENARIOS` (a failure at query time, a training DataLoader whose items are whole
+batches, non-finite warnings). ``DIST_TIMEOUT_S`` bounds every collective (the process
+group's ``timeout``), so a rank left waiting fails instead of hanging.
 
 ``DIST_BACKEND`` (default ``gloo``) picks the process group's backend and ``DIST_DEVICE``
 (default ``cpu``) where the model and data live; with ``cuda`` each rank uses the GPU
@@ -15,7 +20,10 @@ and every result must come back on that device.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,7 +31,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
+from proponents import SimilarityInfluence, TracInCP, TracInCPFast, TracInCPFastRandProj
+from proponents.checkpoints import load_flexible_state_dict
 
 FAILURES: list[str] = []
 DEVICE = torch.device("cpu")
@@ -83,12 +92,16 @@ def prepare(folder: Path) -> None:
         )
 
 
-def main(folder: Path) -> int:
+def main(folder: Path, scenario: str = "equal") -> int:
     global DEVICE
     if os.environ.get("DIST_DEVICE", "cpu") == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         DEVICE = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group(os.environ.get("DIST_BACKEND", "gloo"))
+    timeout = timedelta(seconds=float(os.environ.get("DIST_TIMEOUT_S", 1800)))
+    dist.init_process_group(os.environ.get("DIST_BACKEND", "gloo"), timeout=timeout)
+    if scenario != "equal":
+        SCENARIOS[scenario](folder, dist.get_rank())
+        return finish(dist.get_rank())
     rank = dist.get_rank()
     data = {k: v.to(DEVICE) for k, v in torch.load(folder / "data.pt").items()}
     ckpts = sorted(str(p) for p in folder.glob("ckpt-*.pt"))
@@ -182,8 +195,6 @@ def main(folder: Path) -> int:
                 loaded.influence((x,), y, k=5),
             )
 
-    from proponents import SimilarityInfluence
-
     for batch_size in (4, 17):
         for direction in ("max", "min"):
             kw = dict(similarity_direction=direction, batch_size=batch_size)
@@ -252,9 +263,8 @@ def main(folder: Path) -> int:
         TracInCP(model, train, ckpts, **kw).self_influence(),
         TracInCP(model, stream, ckpts, **kw).self_influence(),
     )
-    # A rank failing mid-way: the others name it instead of waiting.
-    from proponents.checkpoints import load_flexible_state_dict
 
+    # A rank failing mid-way: the others name it instead of waiting.
     def flaky(m, ckpt):
         if rank == 1 and ckpt == ckpts[-1]:
             raise OSError("disk went away")
@@ -269,6 +279,159 @@ def main(folder: Path) -> int:
     return finish(rank)
 
 
+def _loaded(folder: Path):
+    data = {k: v.to(DEVICE) for k, v in torch.load(folder / "data.pt").items()}
+    ckpts = sorted(str(p) for p in folder.glob("ckpt-*.pt"))
+    torch.manual_seed(0)
+    return data, ckpts, MLP().to(DEVICE), nn.CrossEntropyLoss(reduction="sum")
+
+
+def query_failure(folder: Path, rank: int) -> None:
+    """A checkpoint or forward pass failing on rank 1 at query time, after construction
+    succeeded everywhere: rank 1 raises its error, rank 0 names it (no hang)."""
+    data, ckpts, model, loss = _loaded(folder)
+    train = TensorDataset(data["x"], data["y"])
+    x, y = data["xt"], data["yt"]
+    armed = False
+
+    def flaky(m, ckpt):
+        if armed and rank == 1 and ckpt == ckpts[-1]:
+            raise OSError("disk went away")
+        return load_flexible_state_dict(m, ckpt)
+
+    rand = TracInCPFastRandProj(model, "fc2", train, ckpts, flaky, loss_fn=loss, batch_size=3)
+    fast = TracInCPFast(model, "fc2", train, ckpts, flaky, loss_fn=loss, batch_size=3)
+
+    class Flaky(MLP):
+        def forward(self, x):
+            if armed and rank == 1:
+                raise RuntimeError("forward failed on rank 1")
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    similar = SimilarityInfluence(Flaky().to(DEVICE), "fc1", train, folder / "act", batch_size=3)
+    armed = True
+    for label, obj in (("TracInCPFastRandProj", rand), ("TracInCPFast", fast)):
+        needle = "disk went away" if rank == 1 else "rank 1 failed with CheckpointLoadError"
+        expect_error(f"{label} query failure, k=2", lambda o=obj: o.influence((x,), y, k=2), needle)
+        expect_error(f"{label} query failure, scores", lambda o=obj: o.influence((x,), y, k=None),
+                     needle)  # fmt: skip
+    needle = "forward failed on rank 1" if rank == 1 else "rank 1 failed with RuntimeError"
+    expect_error("SimilarityInfluence query failure", lambda: similar.influence(x, top_k=2), needle)
+    armed = False  # the objects work again afterwards, on every rank
+    check("TracInCPFastRandProj after a failure", fast.influence((x,), y),
+          rand.influence((x,), y, k=None))  # fmt: skip
+
+
+def whole_batches(folder: Path, rank: int) -> None:
+    """A training DataLoader(batch_size=None) whose items are batches of 3, 1, 5, 4, 4
+    examples: built, saved and loaded sharded, TracInCPFastRandProj equals one process."""
+    data, ckpts, model, loss = _loaded(folder)
+    x, y = data["x"], data["y"]
+    xt, yt = data["xt"], data["yt"]
+
+    class Batches(torch.utils.data.Dataset):
+        cuts = [0, 3, 4, 9, 13, 17]
+
+        def __len__(self) -> int:
+            return len(self.cuts) - 1
+
+        def __getitem__(self, i):
+            return x[self.cuts[i] : self.cuts[i + 1]], y[self.cuts[i] : self.cuts[i + 1]]
+
+    train = DataLoader(Batches(), batch_size=None)
+    kw = dict(loss_fn=loss, projection_dim=4)
+    alone = TracInCPFastRandProj(model, "fc2", train, ckpts, distributed=False, **kw)
+    sharded = TracInCPFastRandProj(model, "fc2", train, ckpts, **kw)
+    assert sharded._dist is not None
+    path = folder / "index-whole-batches"
+    sharded.save(path)
+    loaded = TracInCPFastRandProj.load(path, model, ckpts, loss, train_dataset=train)
+    for label, obj in (("built", sharded), ("loaded", loaded)):
+        for mode, kwargs in (
+            ("scores", {"k": None}),
+            ("proponents", {"k": 5}),
+            ("opponents", {"k": 5, "proponents": False}),
+            ("k=n", {"k": len(x)}),
+        ):
+            check(
+                f"whole batches, {label}, {mode}",
+                alone.influence((xt,), yt, **kwargs),
+                obj.influence((xt,), yt, **kwargs),
+            )
+    fast = TracInCPFast(model, "fc2", train, ckpts, loss_fn=loss)
+    expect_error("whole batches, TracInCPFast k > n", lambda: fast.influence((xt,), yt, k=18),
+                 "k=18 exceeds the 17 training examples")  # fmt: skip
+    expect_error(
+        "whole batches, SimilarityInfluence",
+        lambda: SimilarityInfluence(model, "fc1", train, folder / "act-whole"),
+        "batch_size=None",
+    )
+
+
+def _named(call) -> list[str]:
+    """The example lists named by the non-finite warnings of ``call()``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [
+        repr(re.findall(r"(training|test) examples (\[[^]]*\])", str(w.message)))
+        for w in caught
+        if "non-finite" in str(w.message)
+    ]
+
+
+def nonfinite(folder: Path, rank: int) -> None:
+    """A NaN training example in rank 1's shard and a NaN test example: every rank warns
+    with the dataset positions a single process names."""
+    data, ckpts, model, loss = _loaded(folder)
+    x, y = data["x"].clone(), data["y"]
+    x[13, 0] = float("nan")  # batch_size 2: row 5 of rank 1's shard, examples [8, 17)
+    train = TensorDataset(x, y)
+    xt = data["xt"].clone()
+    xt[1, 0] = float("nan")
+    yt = data["yt"]
+    good = data["xt"]
+
+    def build(label: str, **kw):
+        if label == "TracInCP":
+            return TracInCP(model, train, ckpts, loss_fn=loss, batch_size=2,
+                            sample_wise_grads_per_batch=True, **kw)  # fmt: skip
+        return TracInCPFast(model, "fc2", train, ckpts, loss_fn=loss, batch_size=2, **kw)
+
+    for label in ("TracInCP", "TracInCPFast"):
+        alone, sharded = build(label, distributed=False), build(label)
+        for call in ("influence", "self_influence"):
+            one = _named(lambda o=alone, c=call: _call(o, c, good, yt))
+            many = _named(lambda o=sharded, c=call: _call(o, c, good, yt))
+            if one != many or "13" not in "".join(one):
+                FAILURES.append(f"{label}.{call} non-finite warning: {one} alone, {many} sharded")
+    kw = dict(loss_fn=loss, batch_size=2)
+    one = _named(lambda: TracInCPFastRandProj(model, "fc2", train, ckpts, distributed=False, **kw))
+    rand = None
+
+    def build_rand():
+        nonlocal rand
+        rand = TracInCPFastRandProj(model, "fc2", train, ckpts, **kw)
+
+    many = _named(build_rand)
+    if one != many or "13" not in "".join(one):
+        FAILURES.append(f"TracInCPFastRandProj embedding warning: {one} alone, {many} sharded")
+    assert rand is not None
+    for k in (None, 3):
+        many = _named(lambda k=k: rand.influence((xt,), yt, k=k))
+        if many != [repr([("test", "[1]")])]:
+            FAILURES.append(f"TracInCPFastRandProj NaN test example, k={k}: warnings {many}")
+
+
+def _call(obj, call: str, x, y):
+    return obj.influence((x,), y, k=3) if call == "influence" else obj.self_influence()
+
+
+SCENARIOS = {"query-failure": query_failure, "whole-batches": whole_batches,
+             "nonfinite": nonfinite}  # fmt: skip
+
+
 def finish(rank: int) -> int:
     dist.barrier()
     for line in FAILURES:
@@ -279,4 +442,4 @@ def finish(rank: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), *sys.argv[2:]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from proponents import TracInCP
-from proponents.distributed import resolve_distributed, shard_loader, shard_range
+from proponents.distributed import even_rows, resolve_distributed, shard_loader, shard_range
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -45,23 +46,58 @@ def _worker_module():
     return module
 
 
-def _launch(folder: Path, ranks: int, **env: str) -> None:
-    """Run the worker on ``ranks`` local processes; every rank must report no mismatch."""
+def _launch(
+    folder: Path, ranks: int, scenario: str = "equal", timeout: float = 180, **env: str
+) -> None:
+    """Run the worker on ``ranks`` local processes; every rank must report no mismatch.
+
+    A run past ``timeout`` seconds (a rank left waiting in a collective) fails the test:
+    torchrun and its workers are killed as one process group, so none is left behind.
+    """
     _worker_module().prepare(folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(folder),
+        scenario,
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-6000:]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the ranks did not finish within {timeout} s (a hang):\n{out[-6000:]}")
+    assert proc.returncode == 0, out[-6000:]
     for rank in range(ranks):
         assert f"rank {rank} checked, 0 mismatches" in out, out[-6000:]
 
 
 def test_two_ranks_equal_one_process(tmp_path):
     _launch(tmp_path, 2)
+
+
+def test_a_failure_at_query_time_is_named_on_every_rank(tmp_path):
+    """The test side of TracInCPFastRandProj and SimilarityInfluence runs inside the
+    status exchange: rank 1's failing checkpoint or forward pass is its own error there
+    and a DistributedError naming rank 1 on rank 0 (before: rank 0 waited forever)."""
+    _launch(tmp_path, 2, "query-failure", timeout=120, DIST_TIMEOUT_S="30")
+
+
+def test_training_items_that_are_whole_batches(tmp_path):
+    """DataLoader(batch_size=None): sharded TracInCPFastRandProj (built, and loaded from
+    its index) equals one process (before: construction crashed, and a load kept the
+    wrong rows); k beyond the dataset and SimilarityInfluence are refused on every rank."""
+    _launch(tmp_path, 2, "whole-batches", timeout=120, DIST_TIMEOUT_S="30")
+
+
+def test_nonfinite_warnings_name_dataset_positions_on_every_rank(tmp_path):
+    """A NaN training example in rank 1's shard is named by its dataset position, by
+    every rank, as one process names it (before: only rank 1, with its shard position)."""
+    _launch(tmp_path, 2, "nonfinite", timeout=120, DIST_TIMEOUT_S="30")
 
 
 @pytest.mark.cuda
@@ -91,6 +127,10 @@ def test_shards_are_contiguous_and_cover_every_batch():
     # batch_size=None: every item is already a batch
     whole = torch.utils.data.DataLoader(data, batch_size=None)
     assert [int(y) for _, y in shard_loader(whole, 1, 2, "train_dataset")] == list(range(5, 11))
+    # ... whose sizes are not known without reading them: no range (sizes come from results)
+    assert shard_range(whole, 1, 2) is None
+    # a saved index is split by rows: contiguous, in rank order, covering every row
+    assert [even_rows(11, r, 3) for r in range(3)] == [(0, 3), (3, 7), (7, 11)]
 
 
 def test_distributed_argument_is_checked(tmp_path):

@@ -31,6 +31,7 @@ from proponents.errors import (
     ArgumentTypeError,
     CheckpointChangedError,
     IndexMismatchError,
+    IndexNotFoundError,
     InvalidArgumentError,
 )
 from proponents.gradients.engine import GradientEngine
@@ -1188,3 +1189,48 @@ def test_an_index_saved_when_a_signature_mean_was_taken_as_a_sum_still_loads(tmp
     assert_close(back.influence(case.test_inputs, case.test_labels, k=None), want)
     exact = TracInCPFast(case.model, "fc2", data, case.checkpoints, loss_fn=F.cross_entropy)
     assert_close(exact.influence(case.test_inputs, case.test_labels), want)
+
+
+def _nonfinite_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call()
+    return out, [str(w.message) for w in caught if "non-finite" in str(w.message)]
+
+
+def test_randproj_warns_about_a_non_finite_test_example_as_fast_does(tmp_path):
+    """A NaN test input: one warning naming test example 1, as TracInCPFast gives, and
+    the other rows equal TracInCPFast's (before: NaN scores and no warning)."""
+    case = make_case("mlp", tmp_path)
+    x = case.test_inputs[0].clone()
+    x[1, 0] = float("nan")
+    exact, want = _nonfinite_warnings(lambda: fast(case).influence((x,), case.test_labels))
+    assert len(want) == 1 and "test examples [1]" in want[0]
+    rp = fast(case, TracInCPFastRandProj)
+    for k in (None, 3):
+        out, got = _nonfinite_warnings(lambda k=k: rp.influence((x,), case.test_labels, k=k))
+        assert got == [want[0].replace("TracInCPFast:", "TracInCPFastRandProj:")]
+        scores = out if k is None else out.influence_scores
+        assert not torch.isfinite(scores[1]).any()
+        rows = [0, 2, 3]
+        if k is None:
+            assert_close(scores[rows], exact[rows], rtol=1e-5)
+        else:
+            top = torch.sort(exact[rows], dim=1, descending=True)
+            assert torch.equal(out.indices[rows], top.indices[:, :3])
+
+
+def test_randproj_load_of_a_file_says_no_index_is_there(tmp_path):
+    case = make_case("mlp", tmp_path)
+    path = tmp_path / "index.pt"
+    path.write_bytes(b"not an index")
+    with pytest.raises(IndexNotFoundError, match=r"index\.pt' is a file, not a directory"):
+        TracInCPFastRandProj.load(path, case.model, case.checkpoints, case.loss_fn("sum"))
+    with pytest.raises(FileNotFoundError):  # IndexNotFoundError is one
+        TracInCPFastRandProj.load(path, case.model, case.checkpoints, case.loss_fn("sum"))
+
+
+@pytest.mark.parametrize("method", ["save", "self_influence", "load", "influence"])
+def test_randproj_public_methods_document_their_arguments_and_errors(method):
+    doc = getattr(TracInCPFastRandProj, method).__doc__ or ""
+    assert "\n        Args:\n" in doc and "\n        Raises:\n" in doc, doc

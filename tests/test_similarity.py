@@ -1677,3 +1677,35 @@ def test_a_tensor_the_forward_keeps_on_its_module_does_not_invalidate_the_store(
         warnings.simplefilter("error")  # state the forward writes is no part of the model
         sim.influence(test, top_k=3)
     assert model.last_hidden is kept
+
+
+def test_top_k_takes_any_integer_type_but_bool(tmp_path):
+    """A NumPy or other integer top_k gives the int answer (before: refused as not an
+    int); a bool is still refused."""
+    model = _seeded(Net)
+    train, test = _data()
+    sim = SimilarityInfluence(model, "lin1", train, tmp_path, batch_size=8)
+    want = _brute(_acts(model, "lin1", test), _acts(model, "lin1", train.tensors[0]),
+                  "cosine", "max", 2)  # fmt: skip
+    for top_k in (np.int64(2), np.int32(2), torch.tensor(2)):
+        _check(sim.influence(test, top_k=top_k)["lin1"], want)
+    with pytest.raises(ArgumentTypeError, match="top_k must be an int; got bool"):
+        sim.influence(test, top_k=True)
+    with pytest.raises(ArgumentTypeError, match="top_k must be an int; got float"):
+        sim.influence(test, top_k=2.0)
+
+
+def test_activation_dir_that_is_empty_or_a_file_is_refused(tmp_path, monkeypatch):
+    model = _seeded(Net)
+    train, _ = _data()
+    monkeypatch.chdir(tmp_path)  # where '' would have put the activations
+    with pytest.raises(InvalidArgumentError, match="activation_dir is empty.*'.' for the current"):
+        SimilarityInfluence(model, "lin1", train, "")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "acts").write_text("a file")
+    with pytest.raises(InvalidArgumentError, match=r"activation_dir '.*acts' is a file"):
+        SimilarityInfluence(model, "lin1", train, tmp_path / "acts")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "m1").write_text("a file")
+    with pytest.raises(InvalidArgumentError, match=r"model_id folder '.*m1' is a file"):
+        SimilarityInfluence(model, "lin1", train, tmp_path / "dir", model_id="m1")

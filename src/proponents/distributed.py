@@ -23,7 +23,7 @@ report; then the process group's ``timeout`` (``init_process_group(timeout=...)`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -133,6 +133,9 @@ class _Status:
     message: str = ""
     shape: tuple[int, ...] | None = None  # None: this rank has nothing to contribute
     dtype: str = ""
+    # the non-finite reports held back on this rank: (owner, training rows of its
+    # shard, test rows), made dataset positions once every rank's size is known
+    nonfinite: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
 
 
 class DistributedContext:
@@ -174,13 +177,25 @@ class DistributedContext:
             )
 
     # -- running and exchanging status ----------------------------------------------------
-    def run(self, owner: str, compute: Callable[[], Any]) -> tuple[Any, list[_Status]]:
+    def run(
+        self, owner: str, compute: Callable[[], Any], rows_dim: int | None = None
+    ) -> tuple[Any, list[_Status]]:
         """Run this rank's part, then tell every rank how every other rank fared.
+
+        The non-finite warnings of ``compute`` (see
+        :class:`~proponents.scoring.NonFiniteTracker`) are held back and travel with the
+        status: after the exchange every rank gives the same warning, with the training
+        rows of each rank's shard shifted by the examples of the ranks before it (its
+        offset in the dataset, counted along ``rows_dim`` of the ranks' tensors). Test
+        rows are not shifted: every rank computes the whole test side.
 
         Args:
             owner: class name for messages.
             compute: this rank's work; returns a tensor (to be gathered later) or ``None``
                 when the rank has nothing to contribute.
+            rows_dim: the dimension of the result that indexes this rank's training
+                examples, or ``None`` when it does not (its training rows are then
+                reported as they are).
 
         Returns:
             ``(local_result, statuses)``: statuses hold every rank's tensor shape and dtype.
@@ -189,11 +204,16 @@ class DistributedContext:
             The local exception on a rank that failed, and :class:`DistributedError` naming
             the failed rank(s) and their errors on the others.
         """
+        from proponents.scoring import deferred_nonfinite
+
         error: Exception | None = None
         local = None
         try:
-            local = compute()
-            status = _Status(True)
+            with deferred_nonfinite() as held:
+                local = compute()
+            status = _Status(
+                True, nonfinite=[(t.owner, sorted(t.train), sorted(t.test)) for t in held]
+            )
             described = local[1] if isinstance(local, tuple) else local
             if isinstance(described, Tensor):
                 status.shape = tuple(described.shape)
@@ -209,7 +229,24 @@ class DistributedContext:
         if failed:
             shown = "; ".join(f"rank {r} failed with {m}" for r, m in failed)
             raise DistributedError(f"{owner}: {shown}")
+        self._report_nonfinite(every, rows_dim)
         return local, every
+
+    def _report_nonfinite(self, every: Sequence[_Status], rows_dim: int | None) -> None:
+        """Give every rank's held-back non-finite reports, in dataset positions, as one
+        warning per owner (the same on every rank)."""
+        from proponents.scoring import report_nonfinite
+
+        if not any(s.nonfinite for s in every):
+            return
+        offsets = (
+            _offsets(self.sizes(every, rows_dim)) if rows_dim is not None else [0] * len(every)
+        )
+        report_nonfinite(
+            (owner, [i + offset for i in train], test)
+            for status, offset in zip(every, offsets, strict=True)
+            for owner, train, test in status.nonfinite
+        )
 
     def sizes(self, every: Sequence[_Status], dim: int) -> list[int]:
         """Every rank's size along ``dim`` (0 for a rank without a tensor)."""
@@ -275,9 +312,15 @@ class DistributedContext:
         Returns:
             The score matrix, or ``(indices, scores)`` of shape ``(n_test, k)``.
         """
-        local, every = self.run(owner, compute)
+        # the rows of the result are training examples when it is this rank's columns
+        columns = k is None or top_k is not None
+        local, every = self.run(owner, compute, -1 if columns else None)
         if k is None:
             return self.gather(local, every, -1, device)
+        if top_k is not None:
+            total = sum(self.sizes(every, -1))
+            if k > total:  # the single-process check, made once the sizes are known
+                raise InvalidArgumentError(f"{owner}: k={k} exceeds the {total} training examples")
         if top_k is None:  # compute() already returned its candidates
             idx, val = local if local is not None else (None, None)
             picked = [_Status(True, shape=st.shape, dtype=st.dtype) for st in every]
@@ -304,7 +347,7 @@ class DistributedContext:
         self, owner: str, compute: Callable[[], Tensor | None], device: torch.device
     ) -> Tensor:
         """This rank's rows (e.g. self-influence values), concatenated over ranks."""
-        local, every = self.run(owner, compute)
+        local, every = self.run(owner, compute, 0)
         return self.gather(local, every, 0, device)
 
 
@@ -424,13 +467,25 @@ def finite_first_order(proponents: bool) -> Callable[[Tensor], Tensor]:
     return order
 
 
-def shard_range(loader: DataLoader, rank: int, world_size: int) -> tuple[int, int]:
-    """Positions ``[start, stop)`` (in iteration order) of rank ``rank``'s examples."""
-    batches, _ = _batches_of(loader, "train_dataset")
+def shard_range(loader: DataLoader, rank: int, world_size: int) -> tuple[int, int] | None:
+    """Positions ``[start, stop)`` (in iteration order) of rank ``rank``'s examples.
+
+    ``None`` for a ``DataLoader(batch_size=None)``: its items are whole batches, whose
+    numbers of examples are known only by reading them (the ranks' sizes then come from
+    their results, see :func:`sharded_local_rows`).
+    """
+    batches, auto = _batches_of(loader, "train_dataset")
+    if not auto:
+        return None
     lo = rank * len(batches) // world_size
     hi = (rank + 1) * len(batches) // world_size
     start = sum(len(b) for b in batches[:lo])
     return start, start + sum(len(b) for b in batches[lo:hi])
+
+
+def even_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[r * n // W, (r + 1) * n // W)``: rank ``rank``'s share of ``n`` stored rows."""
+    return rank * n // world_size, (rank + 1) * n // world_size
 
 
 def sharded_local_rows(
@@ -445,5 +500,5 @@ def sharded_local_rows(
         ``(local, sizes)``: ``local`` is ``None`` on a rank with an empty shard.
     """
     shard, _, empty = _local_part(loader, ctx, "train_dataset")
-    local, every = ctx.run(owner, (lambda: None) if empty else (lambda: values_on(shard)))
+    local, every = ctx.run(owner, (lambda: None) if empty else (lambda: values_on(shard)), 0)
     return local, ctx.sizes(every, 0)

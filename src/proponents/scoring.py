@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -66,7 +68,14 @@ def load_checkpoint(
 
 
 class NonFiniteTracker:
-    """Collects examples with non-finite gradients and warns once, naming them."""
+    """Collects examples with non-finite gradients and warns once, naming them.
+
+    Indices are positions in the data the tracker's caller iterated over. When that is
+    one rank's shard of the training set, the rank's call runs inside
+    :func:`deferred_nonfinite`: :meth:`warn` then hands the indices to it instead of
+    warning, and the distributed layer (which knows every shard's offset once the ranks
+    have exchanged their sizes) warns on every rank with dataset positions.
+    """
 
     def __init__(self, owner: str):
         self.owner = owner
@@ -79,6 +88,10 @@ class NonFiniteTracker:
             (self.test if test else self.train).update(int(i) + offset for i in bad)
 
     def warn(self) -> None:
+        deferred = _DEFERRED.get()
+        if deferred is not None:
+            deferred.append(self)
+            return
         parts = []
         for what, idx in (("training", self.train), ("test", self.test)):
             if idx:
@@ -94,6 +107,40 @@ class NonFiniteTracker:
                 "rank last among proponents and opponents; all other scores are unaffected.",
                 RuntimeWarning,
             )
+
+
+#: Trackers whose warning is held back (see :func:`deferred_nonfinite`), or ``None``.
+_DEFERRED: ContextVar[list[NonFiniteTracker] | None] = ContextVar(
+    "proponents_deferred_nonfinite", default=None
+)
+
+
+@contextmanager
+def deferred_nonfinite() -> Iterator[list[NonFiniteTracker]]:
+    """Hold back the non-finite warnings of the trackers that warn inside this block.
+
+    Yields the list that receives them (with their indices as the trackers collected
+    them), for the caller to shift to dataset positions and report with
+    :func:`report_nonfinite`.
+    """
+    held: list[NonFiniteTracker] = []
+    token = _DEFERRED.set(held)
+    try:
+        yield held
+    finally:
+        _DEFERRED.reset(token)
+
+
+def report_nonfinite(reports: Iterable[tuple[str, Iterable[int], Iterable[int]]]) -> None:
+    """Warn once per owner about ``(owner, training indices, test indices)`` reports
+    (several reports of one owner are merged), as :meth:`NonFiniteTracker.warn` does."""
+    merged: dict[str, NonFiniteTracker] = {}
+    for owner, train, test in reports:
+        tracker = merged.setdefault(owner, NonFiniteTracker(owner))
+        tracker.train.update(int(i) for i in train)
+        tracker.test.update(int(i) for i in test)
+    for tracker in merged.values():
+        tracker.warn()
 
 
 class TracInRunner:

@@ -38,7 +38,12 @@ from proponents.data import (
     model_device,
     test_batches,
 )
-from proponents.distributed import finite_first_order, shard_range, sharded_local_rows
+from proponents.distributed import (
+    even_rows,
+    finite_first_order,
+    shard_range,
+    sharded_local_rows,
+)
 from proponents.errors import (
     ArgumentTypeError,
     IndexMismatchError,
@@ -562,18 +567,20 @@ class TracInCPFastRandProj(TracInCPFast):
             embeddings = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         else:  # no rows at all
             embeddings = torch.zeros(0, self.embedding_dim, dtype=store_dtype)
-        if training:
-            tracker = NonFiniteTracker(name)
-            tracker.add(self._finite_rows(embeddings), 0, test=False)
-            tracker.warn()
+        # one warning naming the examples whose embedding is not finite: training rows
+        # (of this rank's shard when sharded; the warning shows dataset positions) or test
+        # examples, as TracInCPFast names them
+        tracker = NonFiniteTracker(name)
+        tracker.add(self._finite_rows(embeddings), 0, test=not training)
+        tracker.warn()
         return embeddings
 
     def _training_rows(self, data: Any) -> int | None:
         """Examples of the training set (of this rank's shard when sharded), if known."""
         if self._dist is None:
             return dataset_length(data)
-        start, stop = shard_range(self.train_dataloader, self._dist.rank, self._dist.world_size)
-        return stop - start
+        span = shard_range(self.train_dataloader, self._dist.rank, self._dist.world_size)
+        return None if span is None else span[1] - span[0]  # None: items are whole batches
 
     def _storage_dtype(self) -> torch.dtype:
         """float16 when asked for, else the final layer's own dtype (full precision), a
@@ -675,27 +682,32 @@ class TracInCPFastRandProj(TracInCPFast):
             raise InvalidArgumentError(
                 f"{name}: targets are required; pass the labels of the test batch"
             )
-        self._watch.verify(name, "the training set's embeddings")
-        if not is_loader and all(batch.size == 0 for batch in test):
-            # a batch of no examples: no model run, an empty query of the embeddings' kind
-            query = torch.zeros(
-                0,
-                self.embedding_dim,
-                dtype=self.final_fc_layer.weight.dtype,
-                device=model_device(self.model),
-            )
-        else:
-            query = self._embed(test, is_loader, show_progress, "test batch")
+
+        def query_side() -> Tensor:
+            self._watch.verify(name, "the training set's embeddings")
+            if not is_loader and all(batch.size == 0 for batch in test):
+                # a batch of no examples: no model run, an empty query of the embeddings' kind
+                return torch.zeros(
+                    0,
+                    self.embedding_dim,
+                    dtype=self.final_fc_layer.weight.dtype,
+                    device=model_device(self.model),
+                )
+            return self._embed(test, is_loader, show_progress, "test batch")
+
         if self._dist is not None:
+            # The test side runs inside the status exchange, on every rank (also one
+            # without training rows): a rank whose checkpoint or test batch fails raises
+            # its error, and the others name it instead of waiting for its candidates.
+            def local() -> Tensor | tuple[Tensor, Tensor] | None:
+                query = query_side()
+                return self._search(query, k, proponents) if len(self.embeddings) else None
+
             out = self._dist.score_columns(
-                name,
-                lambda: self._search(query, k, proponents) if len(self.embeddings) else None,
-                k,
-                None,
-                finite_first_order(proponents),
-                query.device,
+                name, local, k, None, finite_first_order(proponents), model_device(self.model)
             )
             return out if isinstance(out, Tensor) else KMostInfluentialResults(*out)
+        query = query_side()
         if k is None:
             return self._all_scores(query)
         return KMostInfluentialResults(*self._search(query, k, proponents))
@@ -734,7 +746,19 @@ class TracInCPFastRandProj(TracInCPFast):
         return indices + self._offset, scores
 
     def self_influence(self, inputs_dataset: Any = None, show_progress: bool = False) -> Tensor:
-        """Not available here: use :meth:`TracInCPFast.self_influence`."""
+        """Not available here: use :meth:`TracInCPFast.self_influence`.
+
+        The embeddings are kept for queries against test examples; self-influence needs
+        no embeddings, and :class:`TracInCPFast` with the same arguments computes it
+        exactly (``(n,)`` values).
+
+        Args:
+            inputs_dataset: accepted for the signature of :class:`TracInCPBase`; unused.
+            show_progress: accepted for the signature of :class:`TracInCPBase`; unused.
+
+        Raises:
+            NotImplementedError: always, naming :meth:`TracInCPFast.self_influence`.
+        """
         raise NotImplementedError(
             f"{self.get_name()} does not compute self-influence; use "
             "TracInCPFast(...).self_influence(), which needs no embeddings"
@@ -770,25 +794,40 @@ class TracInCPFastRandProj(TracInCPFast):
         shards are gathered and rank 0 writes the whole index (without the backend's
         files; :meth:`load` rebuilds the search structure of each shard).
 
+        Args:
+            path: the directory to write (``str`` or ``os.PathLike``); created when
+                missing. An index already there is replaced.
+
         Returns:
             The directory written.
 
         Raises:
+            ArgumentTypeError: when ``path`` is not a ``str`` or ``os.PathLike``.
+            InvalidArgumentError: when ``path`` is empty, is a file, or holds a file named
+                ``neighbors`` (where the search structure's directory goes); nothing is
+                written.
             CheckpointChangedError: when a checkpoint (file, directory or loaded object) no
                 longer holds the content the training set was embedded with; nothing is
                 written.
+            DistributedError: when sharded and another rank failed while gathering or
+                writing.
         """
         name = self.get_name()
         check_path(path, "path", f"{name}.save")
         _check_index_directory(path, f"{name}.save")
-        self._watch.verify(name, "the training set's embeddings", objects=True)
         if self._dist is not None:
             dist = self._dist
-            full = dist.rows(
-                name, lambda: self.embeddings if len(self.embeddings) else None, torch.device("cpu")
-            )
+
+            def mine() -> Tensor | None:
+                # inside the status exchange: a rank whose checkpoints changed raises its
+                # error there, and the others name it instead of waiting for its rows
+                self._watch.verify(name, "the training set's embeddings", objects=True)
+                return self.embeddings if len(self.embeddings) else None
+
+            full = dist.rows(name, mine, torch.device("cpu"))
             dist.run(name, lambda: self._write(path, full) if dist.rank == 0 else None)
             return Path(path)
+        self._watch.verify(name, "the training set's embeddings", objects=True)
         self._write(path, self.embeddings)
         self.nearest_neighbors.save(Path(path) / "neighbors")
         return Path(path)
@@ -857,9 +896,15 @@ class TracInCPFastRandProj(TracInCPFast):
             IndexMismatchError: when the checkpoints, the dataset (length or sampled
                 examples), layer or loss differ from those the index was built with (the
                 message names what differs).
-            FileNotFoundError: when ``path`` holds no index.
+            IndexNotFoundError: (a ``FileNotFoundError``) when ``path`` holds no index or
+                is a file rather than a directory.
         """
         check_path(path, "path", f"{cls.__name__}.load")
+        if Path(path).exists() and not Path(path).is_dir():
+            raise IndexNotFoundError(
+                f"{cls.__name__}.load: path {str(path)!r} is a file, not a directory; give "
+                "the directory that TracInCPFastRandProj.save wrote the index to"
+            )
         _check_index_storage(
             memory_budget,
             torch.float32 if index_dtype is None else index_dtype,
@@ -951,7 +996,10 @@ class TracInCPFastRandProj(TracInCPFast):
         with entry:
             emb = obj._restore(entry, index_dtype)
         if obj._dist is not None:
-            start, stop = shard_range(obj.train_dataloader, obj._dist.rank, obj._dist.world_size)
+            # Each rank keeps an even share of the saved rows (any contiguous ranges in
+            # rank order give the same answers; the training DataLoader's batches cannot
+            # say where a range starts when its items are whole batches).
+            start, stop = even_rows(int(emb.shape[0]), obj._dist.rank, obj._dist.world_size)
             obj.embeddings, obj._offset = emb[start:stop].clone(), start
             if stop > start:
                 backend.setup(obj.embeddings)

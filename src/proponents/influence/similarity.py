@@ -39,7 +39,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from proponents.checks import check_flag, check_model
+from proponents.checks import check_flag, check_int, check_model
 from proponents.data import (
     batch_size_of,
     copy_layout,
@@ -112,8 +112,9 @@ class SimilarityInfluence(DataInfluence):
             used as given. An item that is a tuple or list ``(*model_inputs, label)``
             feeds ``module(*item[:-1])`` (a 1-tuple feeds its only element); any other
             item is passed to the model as it is.
-        activation_dir: directory for the stored activations, created if needed. The
-            source activations live in ``activation_dir/model_id/src``.
+        activation_dir: directory for the stored activations, created if needed (not
+            empty: give ``"."`` for the current directory). The source activations live
+            in ``activation_dir/model_id/src``.
         model_id: a name for this model (or version of it); activations are kept in a
             subdirectory of that name (escaped, so it cannot point outside
             ``activation_dir``; ``"src"`` and ``"inputs"`` are refused: ``model_id=""``
@@ -143,6 +144,8 @@ class SimilarityInfluence(DataInfluence):
     Raises:
         InvalidArgumentError: unknown layer names (the valid ones are listed), a
             direction other than ``"max"``/``"min"``, a bad batch size.
+            An empty ``activation_dir``, or one (or its ``model_id`` folder) that is a
+            file. Under ``distributed``, a source DataLoader with ``batch_size=None``.
         ArgumentTypeError: arguments of the wrong type, unknown keyword arguments.
         StoreError: ``activation_dir`` cannot be created or written.
     """
@@ -224,8 +227,19 @@ class SimilarityInfluence(DataInfluence):
                 f"{type(activation_dir).__name__}"
             )
         self.activation_dir = os.fspath(activation_dir)
+        if self.activation_dir == "":
+            raise InvalidArgumentError(
+                "activation_dir is empty; give the directory to keep the activations in "
+                "(it is created if missing; '.' for the current directory)"
+            )
         root = Path(os.path.abspath(self.activation_dir))
         self._model_dir = root / safe_name(model_id) if model_id else root
+        for folder, what in ((root, "activation_dir"), (self._model_dir, "its model_id folder")):
+            if folder.exists() and not folder.is_dir():
+                raise InvalidArgumentError(
+                    f"{what} {str(folder)!r} is a file, not a directory; give a directory "
+                    "for the stored activations (it is created if missing)"
+                )
         ArrayStore(self._model_dir).ensure_writable()
 
         self.influence_src_dataset = influence_src_dataset
@@ -277,7 +291,16 @@ class SimilarityInfluence(DataInfluence):
         facts = {"dataset length": self._n_src(), "number of batches": loader_batches(self._loader)}
         dist.agree("SimilarityInfluence", facts)
         self._n_total = self._n_src()
-        start, stop = shard_range(self._loader, dist.rank, dist.world_size)
+        span = shard_range(self._loader, dist.rank, dist.world_size)
+        if span is None:
+            raise InvalidArgumentError(
+                "SimilarityInfluence: influence_src_dataset is a DataLoader with "
+                "batch_size=None (each item a whole batch), whose items cannot be counted "
+                "as examples without reading them, so no rank would know where its range "
+                "starts; under distributed, pass a DataLoader that batches (batch_size=...) "
+                "or the Dataset itself, or pass distributed=False"
+            )
+        start, stop = span
         if self._fast_rows is not None:
             self._fast_rows = (start, stop)
         self._loader = shard_loader(
@@ -341,8 +364,7 @@ class SimilarityInfluence(DataInfluence):
                 f"SimilarityInfluence.influence got unexpected keyword argument(s) {unknown}; "
                 f"the accepted extra keywords are {list(_INFLUENCE_KWARGS)}"
             )
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise ArgumentTypeError(f"top_k must be an int, got {type(top_k).__name__}")
+        top_k = check_int(top_k, "SimilarityInfluence.influence: top_k")
         check_flag(load_src_from_disk, "load_src_from_disk")
         check_flag(load_input_from_disk, "load_input_from_disk")
         check_flag(show_progress, "show_progress")
@@ -367,15 +389,24 @@ class SimilarityInfluence(DataInfluence):
         largest = self.similarity_direction == "max"
         device = model_device(self.module)
         with call_scope(self.module, device):
-            fingerprint = self._fingerprint(self.module)
-            test = self._test_activations(
-                inputs,
-                additional_forward_args,
-                load_input_from_disk,
-                inputs_id,
-                fingerprint,
-                device,
-            )
+
+            def test_side() -> tuple[str, dict[str, Tensor]]:
+                fingerprint = self._fingerprint(self.module)
+                return fingerprint, self._test_activations(
+                    inputs,
+                    additional_forward_args,
+                    load_input_from_disk,
+                    inputs_id,
+                    fingerprint,
+                    device,
+                )
+
+            if self._dist is not None:
+                # inside a status exchange: a rank whose test side fails raises its error
+                # and the others name it, instead of waiting for its candidates
+                (fingerprint, test), _ = self._dist.run("SimilarityInfluence", test_side)
+            else:
+                fingerprint, test = test_side()
             if all(int(t.shape[0]) == 0 for t in test.values()):
                 # no test examples: no rows to rank, and no need to read the source set
                 return {layer: _empty_result(test[layer], top_k) for layer in self.layers}
