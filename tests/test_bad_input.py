@@ -387,6 +387,7 @@ ROWS: list[Row] = [
     row(f"{S}.__init__.batch_size", "zero", lambda o: o.sim(batch_size=0), V),
     row(f"{S}.__init__.batch_size", "float", lambda o: o.sim(batch_size=1.5), V),
     row(f"{S}.__init__.channels_last", "str", lambda o: o.sim(channels_last="auto"), Ty),
+    row(f"{S}.__init__.channels_last", "int 1", lambda o: o.sim(channels_last=1), Ty),
     row(f"{S}.__init__.kwargs", "unknown keyword", lambda o: o.sim(colour="red"), Ty,
         "colour"),
     row(f"{S}.__init__.kwargs", "replace_nan type", lambda o: o.sim(replace_nan="x"), Ty,

@@ -1234,3 +1234,24 @@ def test_randproj_load_of_a_file_says_no_index_is_there(tmp_path):
 def test_randproj_public_methods_document_their_arguments_and_errors(method):
     doc = getattr(TracInCPFastRandProj, method).__doc__ or ""
     assert "\n        Args:\n" in doc and "\n        Raises:\n" in doc, doc
+
+
+def test_memory_budget_takes_numpy_integers(tmp_path):
+    """``memory_budget=np.int64(...)`` was refused ("must be an int"); it is an integer."""
+    import numpy as np
+
+    case = make_case("mlp", tmp_path)
+    loss = case.loss_fn("sum")
+    rp = TracInCPFastRandProj(
+        case.model,
+        "fc2",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=loss,
+        batch_size=4,
+        memory_budget=np.int64(1),
+    )
+    assert type(rp.memory_budget) is int
+    exact = TracInCPFast(case.model, "fc2", case.dataset, case.checkpoints, loss_fn=loss)
+    want = exact.influence(case.test_inputs, case.test_labels)
+    assert_close(rp.influence(case.test_inputs, case.test_labels, k=None), want)

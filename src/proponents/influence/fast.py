@@ -175,12 +175,11 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
     return out
 
 
-def _check_index_storage(memory_budget: Any, index_dtype: Any, name: str) -> None:
+def _check_index_storage(memory_budget: Any, index_dtype: Any, name: str) -> int | None:
+    """Check the index storage settings; ``memory_budget`` as an ``int`` (NumPy integers
+    too) or ``None``."""
     if memory_budget is not None:
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
-            raise ArgumentTypeError(
-                f"{name}: memory_budget must be an int (bytes) or None, got {memory_budget!r}"
-            )
+        memory_budget = check_int(memory_budget, f"{name}: memory_budget (bytes)", or_none=True)
         if memory_budget < 0:
             raise InvalidArgumentError(
                 f"{name}: memory_budget={memory_budget} must be >= 0 bytes (or None for no limit)"
@@ -193,6 +192,7 @@ def _check_index_storage(memory_budget: Any, index_dtype: Any, name: str) -> Non
         raise InvalidArgumentError(
             f"{name}: index_dtype must be torch.float32 or torch.float16, got {index_dtype}"
         )
+    return memory_budget
 
 
 def _mapped_tensor(array: np.ndarray) -> Tensor:
@@ -415,7 +415,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 "seed * 1000003 + c, which must fit in 64 bits)"
             )
         check_flag(show_progress, "show_progress", name)
-        _check_index_storage(memory_budget, index_dtype, name)
+        memory_budget = _check_index_storage(memory_budget, index_dtype, name)
         self.memory_budget = memory_budget
         self.index_dtype = index_dtype
         self.nearest_neighbors: NearestNeighbors = (
@@ -905,7 +905,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 f"{cls.__name__}.load: path {str(path)!r} is a file, not a directory; give "
                 "the directory that TracInCPFastRandProj.save wrote the index to"
             )
-        _check_index_storage(
+        memory_budget = _check_index_storage(
             memory_budget,
             torch.float32 if index_dtype is None else index_dtype,
             f"{cls.__name__}.load",

@@ -207,7 +207,7 @@ class SimilarityInfluence(DataInfluence):
         if isinstance(replace_nan, bool) or not isinstance(replace_nan, (int, float)):
             raise ArgumentTypeError(f"replace_nan must be a number, got {replace_nan!r}")
         self.replace_nan = float(replace_nan)
-        if channels_last not in (None, True, False):
+        if not (channels_last is None or isinstance(channels_last, bool)):
             raise ArgumentTypeError(
                 f"channels_last must be None (automatic), True or False, got {channels_last!r}"
             )
