@@ -480,6 +480,7 @@ def _explain(capsys, path, ckpts, out, *extra):
         ("test_dataset = TensorDataset(tokens[70:])", r"test_dataset items must be \(\*inputs"),
         ("train_dataset = [{'x': t} for t in tokens[:70]]", "item 0 is a dict"),
         ("label_names = 5", "label_names must be a list of class names"),
+        ("label_names = {0, 1, 2}", "label_names must be a list of class names"),
         ("label_names = 'abc'", r"label_names must be a list.*got str 'abc'"),
         ("def render(x):\n    return 1 / 0", r"render\(\*inputs\) failed on item 0.*Zero"),
     ],
@@ -638,3 +639,14 @@ def test_ctrl_c_while_torch_loads_arrives_after_the_import():
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and out.strip() == "[True]"  # handled once, torch complete
+
+
+def test_label_names_as_a_numpy_array_name_the_classes(capsys, tmp_path, task):
+    """A NumPy array of names is indexed like a list (it was refused for a moment)."""
+    path, ckpts = task
+    path.write_text(
+        path.read_text() + "\nimport numpy as np\nlabel_names = np.array(['neg', 'pos'])\n"
+    )
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out")
+    assert code == EXIT_OK, err
+    assert "label: neg" in (tmp_path / "out" / "report.html").read_text()

@@ -412,9 +412,8 @@ def load_task(path: str | Path) -> Task:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
     names = options.get("label_names")
-    if names is not None and (
-        isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple, dict))
-    ):
+    # a sequence (list, tuple, NumPy array) or a mapping; a string is a sequence of letters
+    if names is not None and (isinstance(names, (str, bytes)) or not hasattr(names, "__getitem__")):
         raise UsageError(
             f"task file {task_path}: label_names must be a list of class names (index i is "
             f"label i) or a dict {{label: name}}, got {type(names).__name__} {names!r}"
