@@ -421,3 +421,34 @@ def test_a_sorting_forward_is_caught_also_when_an_example_has_no_loss(tmp_path):
     obj = _tracin("tracincp", model, TensorDataset(xs, ys), paths, loss_fn, 7)
     with pytest.warns(RuntimeWarning, match=r"training examples \[0\]"):
         _assert_same(obj.self_influence(), want_self)
+
+
+@pytest.mark.parametrize("layers", [None, ["0"]])
+def test_an_undefined_loss_stays_nan_below_a_relu_that_is_off(tmp_path, layers):
+    """The NaN that marks an example without a loss of its own (its only label ignored,
+    under "mean") was sent back from the model output; a ReLU that is off for the example
+    turned it into 0 for the layers below (finite 0 scores, no warning). It is now put on
+    the gradients at each differentiated layer itself."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model[0].bias.zero_()
+    path = tmp_path / "c.pt"
+    torch.save(model.state_dict(), path)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=1)
+    x, y = torch.tensor([[1.0, 2.0], [2.0, 0.5]]), torch.tensor([0, 2])
+    xt, yt = torch.tensor([[-1.0, -1.0], [1.0, 1.0]]), torch.tensor([1, 1])  # ReLUs off / on
+    obj = TracInCP(
+        model,
+        TensorDataset(x, y),
+        [path],
+        layers=layers,
+        loss_fn=loss_fn,
+        batch_size=2,
+        sample_wise_grads_per_batch=True,
+    )
+    with pytest.warns(RuntimeWarning, match=r"test examples \[0, 1\]"):
+        scores = obj.influence((xt,), yt)
+    assert torch.isnan(scores).all()
+    with pytest.warns(RuntimeWarning, match=r"training examples \[0, 1\]"):
+        assert torch.isnan(obj.self_influence((xt, yt))).all()

@@ -572,6 +572,8 @@ class GradientEngine:
             out = call_with(self.model, {**params, **leaves, **buffers}, inputs, slots)
             value = self.loss.example_loss(out, example_labels(example.labels, i, batch.size))
             grads = grads_or_zeros(value, [leaves[n] for n in names])
+            if not bool(torch.isfinite(value.detach())):  # an undefined loss: NaN scores
+                grads = [torch.full_like(g, float("nan")) for g in grads]
         after = [a._version for a in tree_leaves(inputs) if isinstance(a, Tensor)]
         if after != versions:  # the model edits its input in place
             self._edits_inputs = True

@@ -1,6 +1,6 @@
 """Per-example gradients of any differentiable parameters with ``torch.func``.
 
-``vmap(grad(loss_of_one_example))`` evaluates each example as a batch of one,
+``vmap(grad_and_value(loss_of_one_example))`` evaluates each example as a batch of one,
 vectorised across the batch: no Python loop over examples. Where ``vmap`` cannot
 run a model (an operator without a batching rule, data-dependent control flow),
 :class:`GenericGradients` falls back once, with a warning, to a per-example
@@ -10,6 +10,7 @@ autograd loop that gives the same numbers more slowly.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from proponents.data import (
@@ -29,7 +30,7 @@ from proponents.data import (
     map_rows,
 )
 from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
-from proponents.gradients.loss import LossSpec
+from proponents.gradients.loss import LossSpec, nan_where_undefined
 from proponents.user_warnings import warn
 
 
@@ -167,10 +168,12 @@ class GenericGradients:
             # vmap's notice that an operator runs through its slower fallback is not
             # actionable for our users; results are unaffected.
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            per_example = vmap(grad(example_loss), in_dims=(None, in_inputs, in_labels))(
-                chosen, batch.inputs, batch.labels
-            )
-        return [per_example[n].reshape(batch.size, -1) for n in self.names]
+            per_example, values = vmap(
+                grad_and_value(example_loss), in_dims=(None, in_inputs, in_labels)
+            )(chosen, batch.inputs, batch.labels)
+        return [
+            nan_where_undefined(per_example[n].reshape(batch.size, -1), values) for n in self.names
+        ]
 
     def _looped(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
@@ -185,5 +188,6 @@ class GenericGradients:
                 out = call_with(self.model, {**const, **leaves, **buffers}, one, slots)
                 value = self.loss.example_loss(out, example_labels(batch.labels, i, batch.size))
                 grads = grads_or_zeros(value, [leaves[n] for n in self.names])
-            rows.append([g.reshape(-1) for g in grads])
+            undefined = not bool(torch.isfinite(value.detach()))
+            rows.append([g.reshape(-1) * (math.nan if undefined else 1.0) for g in grads])
         return [torch.stack([row[k] for row in rows]) for k in range(len(self.names))]

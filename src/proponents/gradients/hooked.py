@@ -135,8 +135,10 @@ def record_parts(
                 current.update((layer.name, []) for layer in layers)
                 recording["on"] = True
                 output = model(*part.inputs)
-                total = loss.batch_total(output, part.labels, part.size)
                 calls = [c for layer in layers for c in current[layer.name]]
+                total = loss.batch_total(
+                    output, part.labels, part.size, marked=[o for _, o, _ in calls]
+                )
                 if not protect and any(o._version != v for _, o, v in calls):
                     modified = True
                     break

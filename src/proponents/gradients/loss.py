@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from proponents.data import map_rows
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
@@ -86,11 +85,23 @@ class LossSpec:
                 "model(x)['logits']), or pass a loss_fn that accepts this output"
             ) from err
 
-    def batch_total(self, output: torch.Tensor, labels: Any, batch_size: int) -> torch.Tensor:
-        """Sum over the batch of the per-example losses (a scalar)."""
+    def batch_total(
+        self,
+        output: torch.Tensor,
+        labels: Any,
+        batch_size: int,
+        marked: Sequence[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        """Sum over the batch of the per-example losses (a scalar).
+
+        Args:
+            marked: tensors (recorded layer outputs) whose gradients are taken from this
+                total: where an example's own loss is known and not finite, its rows of
+                their gradients are made NaN (:func:`_poisoned`).
+        """
         value = self._apply(output, labels)
         if self.fn is None:
-            return _poisoned(value, _rows_summed(output, batch_size), output)
+            return _poisoned(value, _rows_summed(output, batch_size), marked)
         if not isinstance(value, torch.Tensor):
             raise ArgumentTypeError(
                 f"loss_fn returned {type(value).__name__}; it must return a tensor"
@@ -103,24 +114,36 @@ class LossSpec:
                     "example (reduction='none'), or pass sample_wise_grads_per_batch=True "
                     "for a loss that reduces with 'sum' or 'mean'"
                 )
-            return _poisoned(value.sum(), _rows_summed(value, batch_size), output)
+            return _poisoned(value.sum(), _rows_summed(value, batch_size), marked)
         if value.dim() != 0 and value.numel() != 1:
             raise InvalidArgumentError(
                 f"loss_fn has reduction={self.reduction!r} but returned shape "
                 f"{tuple(value.shape)}; a reducing loss must return a scalar"
             )
         value = value.reshape(())
+        if batch_size == 1:  # the batch is the example alone: its loss is the value
+            return _poisoned(value, value.reshape(1), marked)
         if self.reduction != "mean":
             return value
         if _weighted_mean(self, labels):
             own = _own_losses(self.fn, output, labels)
-            return _poisoned(own.sum(), own, output)
+            return _poisoned(own.sum(), own, marked)
         return value * batch_size
 
     def example_loss(self, output: torch.Tensor, labels: Any) -> torch.Tensor:
-        """Loss of one example given as a batch of one (a scalar)."""
-        value = self._apply(output, labels).sum()
-        return _poisoned(value, value.reshape(1), output)
+        """Loss of one example given as a batch of one (a scalar). Callers make the
+        gradients of an example whose loss is not finite NaN (:func:`nan_where_undefined`)."""
+        return self._apply(output, labels).sum()
+
+
+def nan_where_undefined(grads: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """``(B, P)`` per-example gradients with the rows of examples whose own loss
+    (``losses``, ``(B,)``) is not finite set to NaN (DESIGN.md §2: autograd can give an
+    undefined loss a zero gradient, e.g. an example whose labels are all ignored)."""
+    bad = ~torch.isfinite(losses.detach().reshape(-1)).to(grads.device)
+    if grads.shape[0] != bad.shape[0]:
+        return grads
+    return grads.masked_fill(bad.reshape(-1, *([1] * (grads.dim() - 1))), float("nan"))
 
 
 def _rows_summed(values: Any, batch_size: int) -> torch.Tensor | None:
@@ -133,38 +156,37 @@ def _rows_summed(values: Any, batch_size: int) -> torch.Tensor | None:
     return values.reshape(batch_size, -1).sum(1)
 
 
-def _poisoned(total: torch.Tensor, own: torch.Tensor | None, output: Any) -> torch.Tensor:
+def _poisoned(
+    total: torch.Tensor, own: torch.Tensor | None, marked: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """``total`` plus a term that gives each example whose own loss (``own[i]``) is not
-    finite a NaN gradient at its output row, and every other example none.
+    finite a NaN gradient at its rows of every tensor in ``marked``, and every other
+    example none.
 
     Autograd can give an undefined loss a zero gradient (an example whose labels are all
     ignored: 0/0 in the forward pass, but its entries are masked out in the backward one);
     DESIGN.md §2 wants such an example's scores non-finite. The term is
-    ``sum_i output_i.sum() * c_i`` with ``c_i`` 0 or NaN: no data-dependent branch, so
-    it works under ``vmap`` and costs no device synchronisation.
+    ``sum_t sum_i t_i.sum() * c_i`` with ``c_i`` 0 or NaN, added on the very tensors the
+    gradients are taken at (a NaN sent back from the output would be zeroed by a ReLU
+    that is off); no data-dependent branch, and no device synchronisation.
     """
     if own is None:
         return total
     b = own.shape[0]
-    # the output itself, or (a dict or tuple of outputs) its first floating tensor with
-    # a row per example
-    output = next(
-        (
-            t
-            for t in tree_leaves(output)
-            if isinstance(t, torch.Tensor)
+    for t in marked:
+        if not (
+            isinstance(t, torch.Tensor)
             and t.is_floating_point()
+            and t.requires_grad
             and t.dim() > 0
             and t.shape[0] == b
             and t.numel() > 0
-        ),
-        None,
-    )
-    if output is None:
-        return total
-    nan = torch.tensor(float("nan"), dtype=output.dtype, device=output.device)
-    factor = torch.where(torch.isfinite(own.detach()), torch.zeros_like(nan), nan)
-    return total + (output.reshape(b, -1).sum(1) * factor.to(output.device)).sum()
+        ):
+            continue
+        nan = torch.tensor(float("nan"), dtype=t.dtype, device=t.device)
+        factor = torch.where(torch.isfinite(own.detach()).to(t.device), torch.zeros_like(nan), nan)
+        total = total + (t.reshape(b, -1).sum(1) * factor).sum()
+    return total
 
 
 _CLASS_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
