@@ -216,11 +216,12 @@ def _hinge_mean(out, y):
 
 
 @pytest.mark.parametrize("method", ["tracincp", "fast"])
-def test_a_mean_taken_as_a_sum_is_caught_when_the_checked_rows_have_no_gradient(tmp_path, method):
-    """A loss without a ``reduction`` attribute is taken as a sum (the spec's rule); when it
-    averages, the first-batch check must notice, even where the first, middle and last
-    rows satisfy the hinge (zero gradient, so any scaling agrees with them). Before, the
-    check passed on those rows and every score came out B_train * B_test too small."""
+def test_an_unstated_mean_is_scored_by_each_examples_own_loss(tmp_path, method):
+    """A loss without a ``reduction`` attribute or parameter that averages: each example's
+    own loss is evaluated, so it is exact whatever the batch shows. Before, it was taken as
+    a sum and only the first-batch check could catch it; here the first, middle and last
+    rows satisfy the hinge (zero gradient, so any scaling agrees with them), the check
+    passed, and every score came out B_train * B_test too small."""
     torch.manual_seed(0)
     model = _Column()
     paths, lrs = _checkpoints(model, tmp_path, n=1)
@@ -239,9 +240,12 @@ def test_a_mean_taken_as_a_sum_is_caught_when_the_checked_rows_have_no_gradient(
     for call, want in (("influence", want_scores), ("self_influence", want_self)):
         train = TensorDataset(xs, ys)
         obj = _tracin(method, model, train, paths, _hinge_mean, 5)
-        with pytest.warns(UserWarning, match="reduction = 'mean'"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             got = obj.influence((xt,), yt) if call == "influence" else obj.self_influence()
         _assert_same(got, want)
+        # the batched path serves it: nothing had to move to the per-example one
+        assert set(obj._engine.strategies.values()) == {"linear"}
 
 
 @pytest.mark.parametrize(
@@ -452,3 +456,30 @@ def test_an_undefined_loss_stays_nan_below_a_relu_that_is_off(tmp_path, layers):
     assert torch.isnan(scores).all()
     with pytest.warns(RuntimeWarning, match=r"training examples \[0, 1\]"):
         assert torch.isnan(obj.self_influence((xt, yt))).all()
+
+
+def _token_mean(out, target):
+    """A wrapper that averages over the labels it keeps, stating nothing."""
+    return F.cross_entropy(out, target)
+
+
+@pytest.mark.parametrize("method", ["tracincp", "fast"])
+def test_an_unstated_mean_with_ignored_labels_whatever_the_call_history(tmp_path, method):
+    """The batches a check sees cannot show such a mean when at most one label counts in
+    them; later batches were not compared again, so a first query with labels [-100, 1]
+    left a second query scored a third too small. Each example's own loss is used now:
+    both queries equal the float64 loop, the ignored examples NaN."""
+    torch.manual_seed(0)
+    model = MLP()
+    paths, lrs = _checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(11)
+    xs, ys = torch.randn(6, 6, generator=g), torch.tensor([0, -100, 2, 1, -100, 0])
+    first_x, first_y = torch.randn(2, 6, generator=g), torch.tensor([-100, 1])
+    second_x, second_y = torch.randn(3, 6, generator=g), torch.tensor([0, 1, 2])
+    layers = ["fc2"] if method == "fast" else ["fc1", "fc2"]
+    obj = _tracin(method, model, TensorDataset(xs, ys), paths, _token_mean, 1)
+    for xt, yt in ((first_x, first_y), (second_x, second_y)):
+        want, _ = _reference(model, paths, lrs, xs, ys, xt, yt, _token_mean, layers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the ignored examples' NaN
+            _assert_same(obj.influence((xt,), yt), want)

@@ -54,7 +54,6 @@ from proponents.gradients.hooked import (
 from proponents.gradients.loss import LossSpec
 from proponents.gradients.representations import DenseGrads, Grads
 from proponents.gradients.selection import HookedLayer, find_hooked_layers
-from proponents.user_warnings import warn
 
 # Smallest sub-batch the forward pass of a batch is split into, and how many rounds of
 # timings choose the pass shape (see GradientEngine._choose_pass).
@@ -377,7 +376,6 @@ class GradientEngine:
         # and the same among the rows with a finite, non-zero gradient: a row whose
         # gradient is zero (a hinge loss it satisfies) agrees with any scaling
         seen = [rep is None for rep in layer_reps]
-        by_mean = [True] * len(layer_reps)
         for i in _rows_to_check(layer_reps, batch.size):
             truth = self._single_example_grads(params, buffers, batch, i)
             for j, (layer, rep) in enumerate(zip(self.hooked, layer_reps)):
@@ -392,10 +390,6 @@ class GradientEngine:
                 seen[j] = True
                 if float((got - want).norm()) > _CHECK_RTOL * scale:
                     keep[j] = False
-                    # what a mean taken as a sum gives: the batch size too small
-                    by_mean[j] = by_mean[j] and float(
-                        (got * batch.size - want).norm()
-                    ) <= _CHECK_RTOL * max(float(want.norm()), 1e-30)
         # A batch of one cannot show examples interacting, and a batch where no checked
         # row has a gradient shows nothing: the next batch of two or more is checked too
         # (up to _MAX_CHECKS batches, for a layer whose gradient is always zero).
@@ -405,35 +399,11 @@ class GradientEngine:
         else:
             self._checked_alone = True
         if not all(keep):
-            demoted = [layer.name for layer, k in zip(self.hooked, keep) if not k]
-            averaging = [
-                layer.name for layer, k, m in zip(self.hooked, keep, by_mean) if not k and m
-            ]
             self.hooked = [layer for layer, k in zip(self.hooked, keep) if k]
             self._set_generic()
-            if averaging:
-                self._warn_undeclared_reduction(demoted)
         self._closed_form = self._closed_form_agrees(batch, records)
         if self.strategies != before:
             self.epoch += 1
-
-    def _warn_undeclared_reduction(self, demoted: list[str]) -> None:
-        """Say why layers left their fast path when the loss's reduction was assumed.
-
-        A loss without a stated reduction is taken as a sum (as the spec says); a loss
-        that averages instead gives per-layer gradients the batch size too small, which
-        the check catches. The scores stay exact (one example at a time), only slower,
-        and one attribute gives the fast path back.
-        """
-        if self.loss.declared or self.loss.reduction != "sum":
-            return  # (called only when the gradients are the batch size too small)
-        warn(
-            f"{self.owner}: loss_fn has no 'reduction' attribute, so it was taken to sum "
-            "the losses of a batch (as the API specifies), but its gradients on the first "
-            f"batch do not match that; layer(s) {', '.join(demoted)} are now computed one "
-            "example at a time (exact, slower). If loss_fn averages over the batch, set "
-            "loss_fn.reduction = 'mean' (or pass reduction= to it) for the batched path.",
-        )
 
     def _same_when_reversed(
         self, batch: Batch, params: dict, layer_reps: list[Grads | None]

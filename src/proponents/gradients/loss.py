@@ -18,15 +18,16 @@ per-example gradient:
 
 A reducing loss (``sample_wise_grads_per_batch=True``, TracInCPFast) without a
 ``reduction`` attribute reduces as its signature says (a ``reduction=`` keyword bound by
-``functools.partial``, or the default, as for ``F.cross_entropy``), else it is taken as
-a sum, as the spec says; the first-batch check (see the engine) catches a mean taken
-as a sum, and then serves the layers one example at a time, with a warning.
+``functools.partial``, or the default, as for ``F.cross_entropy``). Where nothing says
+(a ``def`` or lambda), the spec would assume a sum; here each example's own loss is
+evaluated instead (:func:`each_alone`), which is exact for whatever the loss does.
 
 An example whose own loss is not finite (an example whose labels are all ignored under
 "mean" has the undefined loss 0/0) gets a NaN gradient wherever its own loss is seen:
-the per-example rows of a "none" loss, the examples' own losses of a weighted "mean",
-and a batch of one. Its scores are then NaN, reported with the engine's non-finite
-warning (DESIGN.md §2), even where autograd's gradient of the NaN is zero.
+the per-example rows of a "none" loss, the examples' own losses of a weighted "mean" or
+of a loss that states no reduction, and a batch of one. Its scores are then NaN, reported
+with the engine's non-finite warning (DESIGN.md §2), even where autograd's gradient of the
+NaN is zero.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from operator import itemgetter
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
-from proponents.data import map_rows
+from proponents.data import example_labels, holds_examples, map_rows
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -54,7 +56,8 @@ class LossSpec:
         fn: the user's loss, or ``None`` to differentiate the model output itself.
         reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"output"`` (for ``fn=None``).
         declared: whether ``fn`` states its reduction (a ``reduction`` attribute or
-            keyword); ``False`` when ``"sum"`` was assumed.
+            keyword); ``False`` when nothing says (``reduction`` is then ``"sum"``, for
+            the shape check and the saved index, and each example's own loss is used).
         weighted, ignore_index: what a loss other than torch's own class losses states
             about class weights and an ignored label (see :func:`_weighted_mean`).
     """
@@ -99,6 +102,12 @@ class LossSpec:
                 total: where an example's own loss is known and not finite, its rows of
                 their gradients are made NaN (:func:`_poisoned`).
         """
+        if self.fn is not None and not self.declared and self.reduction != "none":
+            # A loss that does not say how it reduces: each example's own loss is
+            # evaluated (DESIGN.md §2), so a wrapper that averages (over the labels it
+            # keeps, say) is scored exactly; the spec's assumed sum is not needed.
+            own = each_alone(self.fn, output, labels, batch_size)
+            return _poisoned(own.sum(), own, marked)
         value = self._apply(output, labels)
         if self.fn is None:
             return _poisoned(value, _rows_summed(output, batch_size), marked)
@@ -134,6 +143,40 @@ class LossSpec:
         """Loss of one example given as a batch of one (a scalar). Callers make the
         gradients of an example whose loss is not finite NaN (:func:`nan_where_undefined`)."""
         return self._apply(output, labels).sum()
+
+
+def each_alone(fn: Callable[..., Any], output: Any, labels: Any, b: int) -> torch.Tensor:
+    """``(B,)``: ``fn`` applied to each example of a batch of ``b`` alone (its rows of the
+    model output and its labels, as a batch of one), summed to a scalar per example.
+
+    One ``torch.func.vmap`` over the rows where the output and labels are tensors;
+    otherwise, or where vmap cannot run ``fn``, a loop over the examples. The model is
+    not run again.
+    """
+    leaves = [*tree_leaves(output), *tree_leaves(labels)]
+    if all(isinstance(t, torch.Tensor) for t in leaves):
+        from torch.func import vmap
+
+        def dims(tree: Any) -> Any:
+            return tree_map(lambda t: 0 if holds_examples(t, b) else None, tree)
+
+        def alone(out: Any, lab: Any) -> torch.Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0), out)
+            return fn(one, tree_map(lambda t: t.unsqueeze(0), lab)).sum()
+
+        out_dims, lab_dims = dims(output), dims(labels)
+        if any(d == 0 for d in tree_leaves(out_dims)):
+            try:
+                return vmap(alone, in_dims=(out_dims, lab_dims))(output, labels)
+            except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
+                pass  # what vmap cannot run: the loop below
+    rows = [
+        fn(map_rows(output, b, itemgetter(slice(i, i + 1))), example_labels(labels, i, b))
+        for i in range(b)
+    ]
+    return torch.stack(
+        [r.sum() if isinstance(r, torch.Tensor) else torch.as_tensor(r) for r in rows]
+    )
 
 
 def nan_where_undefined(grads: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:

@@ -260,7 +260,8 @@ class TracInCPFast(TracInCPBase):
         checkpoints_load_func: ``f(model, checkpoint) -> learning_rate``.
         loss_fn: a loss that reduces over the batch with ``"sum"`` or ``"mean"``
             (without a ``reduction`` attribute, as its signature says: a ``reduction=``
-            bound by ``functools.partial`` or defaulted, else ``"sum"``). Required.
+            bound by ``functools.partial`` or defaulted; a loss that says nothing is
+            scored by each example's own loss). Required.
         batch_size: batch size when ``train_dataset`` is a Dataset.
         vectorize: accepted for compatibility; has no effect (gradients are always
             computed in closed form, batched).
