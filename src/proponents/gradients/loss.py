@@ -286,13 +286,7 @@ def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Te
     example in turn (on the model output only; the model is not run again).
     """
     if type(fn) not in _CLASS_LOSSES:
-        b = len(labels)
-
-        def alone(i: int) -> torch.Tensor:
-            rows = map_rows(output, b, itemgetter(slice(i, i + 1)))
-            return fn(rows, labels[i : i + 1]).reshape(())
-
-        return torch.stack([alone(i) for i in range(b)])
+        return each_alone(fn, output, labels, len(labels))
     if type(fn) is torch.nn.CrossEntropyLoss:
         entries = torch.nn.functional.cross_entropy(
             output,
