@@ -38,6 +38,16 @@ FAILURES: list[str] = []
 DEVICE = torch.device("cpu")
 
 
+def _query_modes(n: int) -> list[tuple[str, dict]]:
+    """The influence() modes compared between a sharded and a single-process object."""
+    return [
+        ("scores", {"k": None}),
+        ("proponents", {"k": 5}),
+        ("opponents", {"k": 5, "proponents": False}),
+        ("k=n", {"k": n}),
+    ]
+
+
 def check(what: str, alone, sharded) -> None:
     for t in sharded if isinstance(sharded, tuple) else (sharded,):
         if t.device.type != DEVICE.type:
@@ -168,12 +178,7 @@ def main(folder: Path, scenario: str = "equal") -> int:
             alone = TracInCPFastRandProj(model, "fc2", train, ckpts, distributed=False, **kw)
             sharded = TracInCPFastRandProj(model, "fc2", train, ckpts, **kw)
             tag = f"TracInCPFastRandProj[dim={projection_dim}, batch_size={batch_size}]"
-            for mode, kwargs in (
-                ("scores", {"k": None}),
-                ("proponents", {"k": 5}),
-                ("opponents", {"k": 5, "proponents": False}),
-                ("k=n", {"k": len(train)}),
-            ):
+            for mode, kwargs in _query_modes(len(train)):
                 check(
                     f"{tag} {mode}",
                     alone.influence((x,), y, **kwargs),
@@ -348,12 +353,7 @@ def whole_batches(folder: Path, rank: int) -> None:
     sharded.save(path)
     loaded = TracInCPFastRandProj.load(path, model, ckpts, loss, train_dataset=train)
     for label, obj in (("built", sharded), ("loaded", loaded)):
-        for mode, kwargs in (
-            ("scores", {"k": None}),
-            ("proponents", {"k": 5}),
-            ("opponents", {"k": 5, "proponents": False}),
-            ("k=n", {"k": len(x)}),
-        ):
+        for mode, kwargs in _query_modes(len(x)):
             check(
                 f"whole batches, {label}, {mode}",
                 alone.influence((xt,), yt, **kwargs),
