@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from proponents import SimilarityInfluence, TracInCP, TracInCPFast, TracInCPFastRandProj
 from proponents.checkpoints import load_flexible_state_dict
+from proponents.influence.similarity import cosine_similarity, euclidean_distance
 
 FAILURES: list[str] = []
 DEVICE = torch.device("cpu")
@@ -381,6 +382,14 @@ def _named(call) -> list[str]:
     ]
 
 
+def _messages(call) -> list[str]:
+    """The SimilarityInfluence warnings of ``call()``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "SimilarityInfluence" in str(w.message)]
+
+
 def nonfinite(folder: Path, rank: int) -> None:
     """A NaN training example in rank 1's shard and a NaN test example: every rank warns
     with the dataset positions a single process names."""
@@ -422,6 +431,25 @@ def nonfinite(folder: Path, rank: int) -> None:
         many = _named(lambda k=k: rand.influence((xt,), yt, k=k))
         if many != [repr([("test", "[1]")])]:
             FAILURES.append(f"TracInCPFastRandProj NaN test example, k={k}: warnings {many}")
+
+    # SimilarityInfluence counts rather than names: NaN source rows in both shards (2 and
+    # 13) and a NaN test row give, on every rank, the counts of one process (before: each
+    # rank warned its own share, and a rank without NaN rows said nothing)
+    xs = x.clone()
+    xs[2, 0] = float("nan")
+    source = TensorDataset(xs, y)
+    for metric in (cosine_similarity, euclidean_distance):
+        kw = dict(batch_size=4, similarity_metric=metric)
+        alone = SimilarityInfluence(model, "fc1", source, folder / f"sim-alone-{rank}",
+                                    distributed=False, **kw)  # fmt: skip
+        sharded = SimilarityInfluence(model, "fc1", source, folder / "sim-nan", **kw)
+        for test in (good, xt):
+            one = _messages(lambda o=alone, t=test: o.influence(t, top_k=3))
+            many = _messages(lambda o=sharded, t=test: o.influence(t, top_k=3))
+            if one != many or not any("2 source example" in m for m in one):
+                FAILURES.append(
+                    f"SimilarityInfluence[{metric.__name__}] warnings: {one} alone, {many} sharded"
+                )
 
 
 def _call(obj, call: str, x, y):

@@ -96,7 +96,9 @@ def test_training_items_that_are_whole_batches(tmp_path):
 
 def test_nonfinite_warnings_name_dataset_positions_on_every_rank(tmp_path):
     """A NaN training example in rank 1's shard is named by its dataset position, by
-    every rank, as one process names it (before: only rank 1, with its shard position)."""
+    every rank, as one process names it (before: only rank 1, with its shard position).
+    SimilarityInfluence's counts of NaN source rows in both shards are one process's
+    counts on every rank (before: each rank counted its own share)."""
     _launch(tmp_path, 2, "nonfinite", timeout=120, DIST_TIMEOUT_S="30")
 
 

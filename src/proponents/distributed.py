@@ -136,6 +136,8 @@ class _Status:
     # the non-finite reports held back on this rank: (owner, training rows of its
     # shard, test rows), made dataset positions once every rank's size is known
     nonfinite: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    # what the caller's ``notes`` gave on this rank (small and picklable)
+    notes: Any = None
 
 
 class DistributedContext:
@@ -178,7 +180,11 @@ class DistributedContext:
 
     # -- running and exchanging status ----------------------------------------------------
     def run(
-        self, owner: str, compute: Callable[[], Any], rows_dim: int | None = None
+        self,
+        owner: str,
+        compute: Callable[[], Any],
+        rows_dim: int | None = None,
+        notes: Callable[[], Any] | None = None,
     ) -> tuple[Any, list[_Status]]:
         """Run this rank's part, then tell every rank how every other rank fared.
 
@@ -196,9 +202,12 @@ class DistributedContext:
             rows_dim: the dimension of the result that indexes this rank's training
                 examples, or ``None`` when it does not (its training rows are then
                 reported as they are).
+            notes: called once ``compute`` has succeeded; what it returns (small and
+                picklable) travels with the status, as ``status.notes``.
 
         Returns:
-            ``(local_result, statuses)``: statuses hold every rank's tensor shape and dtype.
+            ``(local_result, statuses)``: statuses hold every rank's tensor shape and dtype
+            (and notes).
 
         Raises:
             The local exception on a rank that failed, and :class:`DistributedError` naming
@@ -212,7 +221,9 @@ class DistributedContext:
             with deferred_nonfinite() as held:
                 local = compute()
             status = _Status(
-                True, nonfinite=[(t.owner, sorted(t.train), sorted(t.test)) for t in held]
+                True,
+                nonfinite=[(t.owner, sorted(t.train), sorted(t.test)) for t in held],
+                notes=None if notes is None else notes(),
             )
             described = local[1] if isinstance(local, tuple) else local
             if isinstance(described, Tensor):
@@ -292,6 +303,8 @@ class DistributedContext:
         top_k: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None,
         merge_order: Callable[[Tensor], Tensor],
         device: torch.device,
+        notes: Callable[[], Any] | None = None,
+        read_notes: Callable[[list[Any]], None] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Scores of this rank's training columns, combined over ranks.
 
@@ -308,13 +321,18 @@ class DistributedContext:
                 best first and stable among equals, which merges the per-rank
                 candidates (they arrive rank by rank, each rank's best first).
             device: where results are returned.
+            notes: see :meth:`run`.
+            read_notes: given every rank's notes, in rank order, on every rank once the
+                exchange has succeeded.
 
         Returns:
             The score matrix, or ``(indices, scores)`` of shape ``(n_test, k)``.
         """
         # the rows of the result are training examples when it is this rank's columns
         columns = k is None or top_k is not None
-        local, every = self.run(owner, compute, -1 if columns else None)
+        local, every = self.run(owner, compute, -1 if columns else None, notes)
+        if read_notes is not None:
+            read_notes([s.notes for s in every])
         if k is None:
             return self.gather(local, every, -1, device)
         if top_k is not None:

@@ -13,6 +13,7 @@ any of these changed or the files are damaged.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import math
@@ -272,6 +273,8 @@ class SimilarityInfluence(DataInfluence):
         # (kept per model, like the layout choices).
         self._fingerprint = fingerprints_of(module)
         self._n_local: int | None = None
+        # under distributed, what a rank's scoring met, held back for the merged warnings
+        self._held_anomalies: list[_Anomalies] | None = None
         self._dist = resolve_distributed(distributed, "SimilarityInfluence")
         if self._dist is not None:
             self._shard(self._dist)
@@ -439,18 +442,24 @@ class SimilarityInfluence(DataInfluence):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """Each rank's top ``top_k`` of its shard, merged over ranks, for every layer."""
 
+        held: list[_Anomalies] = []
+
         def local() -> tuple[Tensor, Tensor] | None:
             if not self._n_local:
                 return None
-            found = self._search(
-                test,
-                min(top_k, self._n_local),
-                largest,
-                fingerprint,
-                device,
-                load_src_from_disk,
-                show_progress,
-            )
+            self._held_anomalies = held
+            try:
+                found = self._search(
+                    test,
+                    min(top_k, self._n_local),
+                    largest,
+                    fingerprint,
+                    device,
+                    load_src_from_disk,
+                    show_progress,
+                )
+            finally:
+                self._held_anomalies = None
             pairs = [found[layer] for layer in self.layers]
             dtype = pairs[0][1].dtype
             return (
@@ -461,7 +470,13 @@ class SimilarityInfluence(DataInfluence):
         def order(v: Tensor) -> Tensor:  # the ordering of the single-process search
             return ranked_order(v, largest)
 
-        out = dist.score_columns("SimilarityInfluence", local, top_k, None, order, device)
+        def warn_all(every: list[Any]) -> None:  # the same warnings on every rank
+            for met in _Anomalies.merged(every):
+                self._warn_anomalies(met)
+
+        out = dist.score_columns(
+            "SimilarityInfluence", local, top_k, None, order, device, lambda: held, warn_all
+        )
         assert isinstance(out, tuple)
         return {layer: (out[0][i], out[1][i]) for i, layer in enumerate(self.layers)}
 
@@ -805,32 +820,40 @@ class SimilarityInfluence(DataInfluence):
         return {layer: self._finish(scorers[layer]) for layer in layers}
 
     def _finish(self, scorer: BlockScorer) -> tuple[Tensor, Tensor]:
-        layer = scorer.layer
+        met = _Anomalies(
+            scorer.layer, scorer.nonfinite_src, scorer.nonfinite_test, scorer.nan_scores
+        )
+        if self._held_anomalies is not None:  # a rank's shard: warned once ranks have met
+            self._held_anomalies.append(met)
+        else:
+            self._warn_anomalies(met)
+        return scorer.result()
+
+    def _warn_anomalies(self, met: _Anomalies) -> None:
         # cosine gives NaN; a distance is +inf, or NaN where a NaN takes part or infinities
         # of one sign meet
         scores = {
             "cosine": "NaN and rank last",
             "euclidean": "infinite or NaN (NaN ranks last)",
         }.get(self._kind or "", "what similarity_metric makes of them (NaN ranks last)")
-        if scorer.nonfinite_src:
+        if met.src:
             warn(
-                f"SimilarityInfluence: {scorer.nonfinite_src} source example(s) have non-finite "
-                f"activations in layer {layer!r}; their scores are {scores}",
+                f"SimilarityInfluence: {met.src} source example(s) have non-finite "
+                f"activations in layer {met.layer!r}; their scores are {scores}",
                 RuntimeWarning,
             )
-        if scorer.nonfinite_test:
+        if met.test:
             warn(
-                f"SimilarityInfluence: {scorer.nonfinite_test} test example(s) have non-finite "
-                f"activations in layer {layer!r}; their scores are {scores}",
+                f"SimilarityInfluence: {met.test} test example(s) have non-finite "
+                f"activations in layer {met.layer!r}; their scores are {scores}",
                 RuntimeWarning,
             )
-        elif scorer.nan_scores and not scorer.nonfinite_src:
+        elif met.nan and not met.src:
             warn(
-                f"SimilarityInfluence: similarity_metric returned {scorer.nan_scores} NaN "
-                f"score(s) for layer {layer!r}; they rank last",
+                f"SimilarityInfluence: similarity_metric returned {met.nan} NaN "
+                f"score(s) for layer {met.layer!r}; they rank last",
                 RuntimeWarning,
             )
-        return scorer.result()
 
     # --------------------------------------------------------------------- test side
     def _test_activations(
@@ -978,6 +1001,31 @@ class SimilarityInfluence(DataInfluence):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+@dataclasses.dataclass
+class _Anomalies:
+    """What scoring one layer met: source and test examples with non-finite
+    activations, and NaN scores returned by the metric."""
+
+    layer: str
+    src: int
+    test: int
+    nan: int
+
+    @staticmethod
+    def merged(ranks: Iterable[list[_Anomalies] | None]) -> list[_Anomalies]:
+        """One record per layer over every rank's records, in the layers' order: source
+        rows and scores are split over ranks (summed); every rank that scores at all
+        scores the whole test batch (the largest count, not the sum)."""
+        out: dict[str, _Anomalies] = {}
+        for records in ranks:
+            for met in records or ():
+                seen = out.setdefault(met.layer, _Anomalies(met.layer, 0, 0, 0))
+                seen.src += met.src
+                seen.nan += met.nan
+                seen.test = max(seen.test, met.test)
+        return list(out.values())
 
 
 class _Staging:
