@@ -16,10 +16,13 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file, save_model
 from torch import nn
 
+from conftest import assert_close, make_case, reference_scores
+from proponents import TracInCP
 from proponents.checkpoints import (
     CHECKPOINT_EXTENSIONS,
     checkpoint_fingerprint,
     checkpoint_label,
+    learning_rate_from_load_func,
     load_flexible_state_dict,
     resolve_checkpoints,
 )
@@ -613,6 +616,84 @@ def test_bad_safetensors_lr_metadata_is_an_error(tmp_path: Path) -> None:
         load_flexible_state_dict(seeded_net(2), path)
 
 
+@pytest.mark.parametrize(
+    "returned",
+    ["0.1", " 1e-3 ", b"0.1", True, False, np.bool_(True), torch.tensor(True), np.array(False)],
+    ids=["str", "padded-str", "bytes", "true", "false", "numpy-bool", "tensor-bool", "array-bool"],
+)
+def test_load_func_returning_text_or_bool_is_refused_like_a_stored_one(returned: object) -> None:
+    """A checkpoints_load_func that returns its learning rate as text or as a boolean gets
+    a CheckpointLoadError naming the value, the checkpoint and what to return, as the
+    default loader does for the same value stored in a checkpoint (before: "0.1" was
+    taken as 0.1 and True as 1.0 without a word)."""
+    with pytest.raises(CheckpointLoadError) as info:
+        learning_rate_from_load_func(returned, "ckpt-3.pt", "TracInCP")
+    message = str(info.value)
+    assert message.startswith("TracInCP: checkpoints_load_func returned")
+    assert "ckpt-3.pt" in message and "real number" in message and "None" in message
+    assert ("text" if isinstance(returned, (str, bytes)) else "boolean") in message
+    stored = {"state_dict": seeded_net(1).state_dict(), "learning_rate": returned}
+    if not isinstance(returned, (bytes, np.ndarray, np.generic)):  # cannot be stored safely
+        with pytest.raises(CheckpointLoadError, match="learning rate"):
+            load_flexible_state_dict(seeded_net(2), stored)
+
+
+@pytest.mark.parametrize(
+    ("returned", "expected"),
+    [
+        (None, 1.0),
+        (0.1, 0.1),
+        (3, 3.0),
+        (-0.5, -0.5),
+        (0.0, 0.0),
+        (np.float32(0.25), 0.25),
+        (np.int64(2), 2.0),
+        (np.array(0.5), 0.5),
+        (torch.tensor(0.125), 0.125),
+        (torch.tensor([0.5]), 0.5),
+        (torch.tensor(2, dtype=torch.int32), 2.0),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_load_func_numbers_are_still_accepted(returned: object, expected: float) -> None:
+    """Every number a checkpoints_load_func could return before is still read the same:
+    Python and NumPy numbers, 0-d arrays, one-element tensors, and None for 1.0."""
+    got = learning_rate_from_load_func(returned, "ckpt-0.pt", "TracInCP")
+    assert type(got) is float and got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [float("nan"), torch.tensor(float("inf")), [0.1], torch.tensor([0.1, 0.2]), 1 + 2j, object()],
+    ids=["nan", "tensor-inf", "list", "two-element", "complex", "object"],
+)
+def test_load_func_non_numbers_and_non_finite_values_are_refused(returned: object) -> None:
+    """What was refused before stays refused, with the checkpoint named."""
+    with pytest.raises(CheckpointLoadError, match="ckpt-1.pt"):
+        learning_rate_from_load_func(returned, "ckpt-1.pt", "TracInCPFast")
+
+
+def test_tracincp_refuses_a_load_func_that_returns_text(tmp_path: Path) -> None:
+    """End to end: TracInCP with a checkpoints_load_func that loads the weights but returns
+    the learning rate "0.1" raises CheckpointLoadError naming the returned text (before:
+    the scores were computed with a learning rate of 0.1)."""
+    case = make_case("mlp", tmp_path / "ck")
+
+    def load(model: nn.Module, ckpt: object) -> str:
+        load_flexible_state_dict(model, ckpt)  # type: ignore[arg-type]
+        return "0.1"
+
+    tracin = TracInCP(
+        case.model,
+        case.dataset,
+        case.checkpoints,
+        checkpoints_load_func=load,
+        loss_fn=case.loss_fn("none"),
+    )
+    with pytest.raises(CheckpointLoadError, match="returned the text '0.1'"):
+        tracin.influence(case.test_inputs, case.test_labels)
+
+
 def test_file_holding_a_non_mapping_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], path)
@@ -774,6 +855,118 @@ def test_wrong_type_is_argument_type_error(bad: object) -> None:
         resolve_checkpoints(bad)
     with pytest.raises(TypeError):
         resolve_checkpoints(bad)
+
+
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+
+
+def test_directory_ignores_hidden_and_appledouble_files(tmp_path: Path) -> None:
+    """Names starting with '.' in a checkpoint directory (a macOS '._1.pt' AppleDouble
+    file, a dotfile '.1.pt') are ignored like other non-checkpoint files; a directory
+    holding only such names is an error that says they were ignored; a list or a single
+    path naming a hidden file is taken as given (before: '._1.pt' became the first
+    checkpoint and failed to load as "not a PyTorch checkpoint")."""
+    for name in ["1.pt", "2.pt", ".1.pt", ".hidden.safetensors"]:
+        torch.save(seeded_net(1).state_dict(), tmp_path / name)
+    touch(tmp_path / "._1.pt", APPLEDOUBLE)
+    touch(tmp_path / "._2.pt", APPLEDOUBLE)
+    got = resolve_checkpoints(tmp_path)
+    assert [Path(p).name for p in got] == ["1.pt", "2.pt"]
+    for path in got:
+        load_flexible_state_dict(seeded_net(2), path)
+    explicit = [tmp_path / ".1.pt", tmp_path / "2.pt"]
+    assert resolve_checkpoints(explicit) == explicit
+    assert resolve_checkpoints(tmp_path / ".1.pt") == [tmp_path / ".1.pt"]
+
+    only_hidden = tmp_path / "only_hidden"
+    only_hidden.mkdir()
+    touch(only_hidden / "._1.pt", APPLEDOUBLE)
+    with pytest.raises(CheckpointNotFoundError, match=r"starting with '\.'.*\._1\.pt"):
+        resolve_checkpoints(only_hidden)
+
+
+def test_glob_ignores_hidden_matches(tmp_path: Path) -> None:
+    """A glob pattern that matches names starting with '.' ignores them as a directory
+    does, and says so when nothing else matches (before: '.*.pt' or '*' under a hidden
+    prefix returned the hidden files as checkpoints)."""
+    for name in ["run-1.pt", ".run-2.pt", "._run-1.pt"]:
+        touch(tmp_path / name)
+    assert [Path(p).name for p in resolve_checkpoints(str(tmp_path / "*.pt"))] == ["run-1.pt"]
+    with pytest.raises(CheckpointNotFoundError, match="starting with '.' are ignored"):
+        resolve_checkpoints(str(tmp_path / ".*.pt"))
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_broken_link_in_directory_or_glob_is_an_error_naming_it(tmp_path: Path) -> None:
+    """A checkpoint-named symbolic link whose target is missing (an unmounted volume) or
+    that loops is a CheckpointNotFoundError naming the link, its target and the fix, in
+    a directory and in a pattern's matches; a working link is used and a hidden broken
+    link is ignored (before: the broken '3.pt' was dropped without a word, so the scores
+    summed over 2 of 3 checkpoints)."""
+    for name in ["1.pt", "2.pt"]:
+        touch(tmp_path / name)
+    os.symlink(tmp_path / "2.pt", tmp_path / "2b.pt")
+    os.symlink(tmp_path / "._gone.pt", tmp_path / "._3.pt")
+    assert [Path(p).name for p in resolve_checkpoints(tmp_path)] == ["1.pt", "2.pt", "2b.pt"]
+
+    os.symlink("/mnt/not-mounted/3.pt", tmp_path / "3.pt")
+    for source in (tmp_path, str(tmp_path / "*.pt")):
+        with pytest.raises(CheckpointNotFoundError) as info:
+            resolve_checkpoints(source)
+        message = str(info.value)
+        assert "'3.pt'" in message and "broken symbolic link" in message
+        assert "/mnt/not-mounted/3.pt" in message and "remove the link" in message
+
+    looping = tmp_path / "loop"
+    looping.mkdir()
+    touch(looping / "1.pt")
+    os.symlink(looping / "4.pt", looping / "4.pt")
+    with pytest.raises(CheckpointNotFoundError, match="'4.pt'.*broken symbolic link"):
+        resolve_checkpoints(looping)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_fifo_named_like_a_checkpoint_is_an_error(tmp_path: Path) -> None:
+    """A FIFO named '2.pt' in a checkpoint directory is a CheckpointLoadError naming it
+    (before: it was dropped without a word)."""
+    touch(tmp_path / "1.pt")
+    os.mkfifo(tmp_path / "2.pt")
+    with pytest.raises(CheckpointLoadError, match="'2.pt'.*not a regular file"):
+        resolve_checkpoints(tmp_path)
+
+
+def test_tracincp_scores_a_directory_with_an_appledouble_file(tmp_path: Path) -> None:
+    """End to end: a checkpoint directory with a macOS '._ckpt-0.pt' beside its
+    checkpoints gives TracInCP the reference scores of the checkpoints alone (before: a
+    CheckpointLoadError for '._ckpt-0.pt')."""
+    case = make_case("mlp", tmp_path / "ck")
+    touch(tmp_path / "ck" / "._ckpt-0.pt", APPLEDOUBLE)
+    tracin = TracInCP(case.model, case.dataset, str(tmp_path / "ck"), loss_fn=case.loss_fn("none"))
+    assert_close(tracin.influence(case.test_inputs, case.test_labels), reference_scores(case))
+
+
+def test_natural_order_compares_runs_as_documented(tmp_path: Path) -> None:
+    """The natural order the docs state, pinned: digit runs by value, text runs as whole
+    strings ignoring case, a text run before a digit run (so 'last.pt' comes before
+    '1.pt' and 'ckpt-10.pt' before 'ckpt-final.pt'), ties by the exact name."""
+    names = ["10.pt", "2.pt", "1.pt", "01.pt", "last.pt", "ckpt-final.pt", "ckpt-10.pt"]
+    names += ["ckpt-2.pt", "b.pt", "B.pt", "epoch.pt", "epoch10.pt"]
+    for name in names:
+        touch(tmp_path / name)
+    assert [Path(p).name for p in resolve_checkpoints(tmp_path)] == [
+        "B.pt",
+        "b.pt",
+        "ckpt-2.pt",
+        "ckpt-10.pt",
+        "ckpt-final.pt",
+        "epoch10.pt",
+        "epoch.pt",
+        "last.pt",
+        "01.pt",
+        "1.pt",
+        "2.pt",
+        "10.pt",
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,7 +88,15 @@ def _is_path(obj: Any) -> bool:
 
 
 def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
-    """Sort key that orders digit runs by value, so ``ckpt-2`` comes before ``ckpt-10``."""
+    """Sort key for the natural order of file names.
+
+    The name is cut into runs of digits and runs of other characters, and names are
+    compared run by run from the left: two digit runs by their value (``ckpt-2`` before
+    ``ckpt-10``), two text runs as whole strings without regard to case (so a run that is
+    the beginning of the other comes first: ``ckpt-10`` before ``ckpt-final``), and a text
+    run before a digit run (``last.pt`` before ``1.pt``). Names that tie (``1.pt`` and
+    ``01.pt``, ``A.pt`` and ``a.pt``) are ordered by their exact text.
+    """
     parts = re.split(r"(\d+)", name)
     key = []
     for part in parts:
@@ -100,8 +108,49 @@ def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
     return (*key, (2, 0, name))
 
 
-def _is_checkpoint_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in CHECKPOINT_EXTENSIONS
+def _has_checkpoint_suffix(path: Path) -> bool:
+    return path.suffix.lower() in CHECKPOINT_EXTENSIONS
+
+
+def _is_hidden(name: str) -> bool:
+    """Names starting with ``.``: dotfiles, and the ``._name`` AppleDouble files macOS
+    writes beside every file copied to a volume without extended attributes."""
+    return name.startswith(".")
+
+
+def _discovered_file(path: Path, source_text: str) -> bool:
+    """Whether an entry found in a directory or by a pattern is a checkpoint file to use.
+
+    Regular files (or links to them) are; directories are not (skipped). An entry that is
+    neither once links are followed cannot be read: a link whose target is missing (an
+    unmounted volume, a moved file) or that loops, or a FIFO, socket or device. Skipping
+    it would leave the scores summed over fewer checkpoints than the user has, so it is
+    an error naming the entry.
+
+    Raises:
+        CheckpointNotFoundError: for a link that does not lead to an existing file.
+        CheckpointLoadError: for an entry that is not a regular file or directory.
+    """
+    if path.is_file():
+        return True
+    if path.is_dir():
+        return False
+    if path.is_symlink():
+        try:
+            target = f" to '{os.readlink(path)}'"
+        except OSError:
+            target = ""
+        raise CheckpointNotFoundError(
+            f"checkpoint '{path.name}' in {source_text} is a broken symbolic link{target}: "
+            "its target does not exist or the link loops, so it cannot be read. Restore the "
+            "target (mount its volume, say), or remove the link so that only the "
+            "checkpoints to use are left, or pass the checkpoint files as a list"
+        )
+    raise CheckpointLoadError(
+        f"checkpoint '{path.name}' in {source_text} is not a regular file (a FIFO, socket "
+        "or device), so it cannot be read as a checkpoint. Remove it, or pass the "
+        "checkpoint files as a list"
+    )
 
 
 def _extensions_text() -> str:
@@ -121,16 +170,27 @@ def resolve_checkpoints(source: Any) -> list[Any]:
     Accepted forms:
 
     * a directory (``str`` or path-like): the files in it whose extension is one of
-      :data:`CHECKPOINT_EXTENSIONS` (compared case-insensitively; other files and
-      subdirectories are ignored), in natural order, so ``ckpt-2`` comes before
-      ``ckpt-10``. They are returned as ``str`` paths.
-    * a single file path: ``[source]``.
+      :data:`CHECKPOINT_EXTENSIONS` (compared case-insensitively), in natural order (see
+      below). Other files, subdirectories and names starting with ``.`` (dotfiles, macOS
+      ``._*`` files) are ignored. An entry with such an extension that cannot be read (a
+      broken symbolic link) is an error, not skipped. Returned as ``str`` paths.
+    * a single file path: ``[source]``, whatever its name.
     * a glob pattern (a ``str`` that is not an existing path and contains ``*``, ``?`` or
-      ``[``): the matching files in natural order.
-    * a list or tuple: kept in the given order; every path in it must exist.
+      ``[``): the matching files in natural order (by folder, then by name); matches
+      whose name starts with ``.`` and matching directories are ignored, and a match that
+      cannot be read (a broken link) is an error.
+    * a list or tuple: kept in the given order, hidden names included; every path in it
+      must exist.
     * a mapping (one already-loaded checkpoint): ``[source]``.
     * any other iterable or iterator (of paths or of already-loaded checkpoints): read
       once into a list; paths in it must exist.
+
+    Natural order cuts each name into runs of digits and runs of other characters and
+    compares names run by run from the left: digit runs by value (``ckpt-2`` before
+    ``ckpt-10``), text runs as whole strings ignoring case (``ckpt-10`` before
+    ``ckpt-final``, since ``ckpt-`` begins ``ckpt-final``), and a text run before a digit
+    run (``last.pt`` before ``1.pt``); ties go by the exact name. Pass a list when the
+    names do not share one numbering pattern.
 
     Args:
         source: the checkpoints, in one of the forms above.
@@ -140,8 +200,11 @@ def resolve_checkpoints(source: Any) -> list[Any]:
         they are to be used.
 
     Raises:
-        CheckpointNotFoundError: when a path does not exist or the source yields no
-            checkpoint.
+        CheckpointNotFoundError: when a path does not exist, the source yields no
+            checkpoint, or a checkpoint found in a directory or by a pattern is a broken
+            symbolic link.
+        CheckpointLoadError: when a checkpoint found in a directory or by a pattern is
+            not a regular file (a FIFO, socket or device).
         ArgumentTypeError: when ``source`` has none of the accepted types.
     """
     if _is_path(source):
@@ -173,19 +236,33 @@ def _resolve_path(source: PathLike) -> list[Any]:
     text = os.fspath(source)
     path = Path(text)
     if path.is_dir():
-        found = [p for p in path.iterdir() if _is_checkpoint_file(p)]
+        where = f"directory '{text}'"
+        named = [p for p in path.iterdir() if _has_checkpoint_suffix(p)]
+        hidden = [p for p in named if _is_hidden(p.name)]
+        found = [p for p in named if not _is_hidden(p.name) and _discovered_file(p, where)]
         if not found:
+            note = (
+                f"; names starting with '.' ({_short_repr(sorted(p.name for p in hidden))}) "
+                "are ignored, pass such files as a list to use them"
+                if hidden
+                else ""
+            )
             raise CheckpointNotFoundError(
-                f"directory '{text}' holds no checkpoint files ({_extensions_text()})"
+                f"{where} holds no checkpoint files ({_extensions_text()}){note}"
             )
         found.sort(key=lambda p: _natural_key(p.name))
         return [str(p) for p in found]
     if path.exists():
         return [source]
     if isinstance(source, str) and any(char in source for char in "*?["):
-        matches = [m for m in glob.glob(source) if Path(m).is_file()]
+        where = f"the matches of the pattern '{text}'"
+        visible = [m for m in glob.glob(source) if not _is_hidden(Path(m).name)]
+        matches = [m for m in visible if _discovered_file(Path(m), where)]
         if not matches:
-            raise CheckpointNotFoundError(f"no checkpoint file matches the pattern '{text}'")
+            raise CheckpointNotFoundError(
+                f"no checkpoint file matches the pattern '{text}' (matching directories "
+                "and names starting with '.' are ignored)"
+            )
         matches.sort(key=lambda m: (_natural_key(os.path.dirname(m)), _natural_key(Path(m).name)))
         return matches
     raise CheckpointNotFoundError(
@@ -692,6 +769,66 @@ def _as_learning_rate(value: Any, where: str, allow_text: bool = False) -> float
             f"{where} stores a learning rate that is not finite: {result}; "
             "influence scores would be meaningless"
         )
+    return result
+
+
+_LOAD_FUNC_RETURNS = (
+    "it must return the learning rate as a real number (a float such as 0.01, a "
+    "one-element tensor or a NumPy scalar), or None for a learning rate of 1"
+)
+
+
+def _is_bool_like(value: Any) -> bool:
+    """A Python, NumPy or torch boolean (scalar, or array of booleans)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    return kind == "b"
+
+
+def learning_rate_from_load_func(value: Any, label: str, owner: str) -> float:
+    """The learning rate a ``checkpoints_load_func`` returned, as a finite Python float.
+
+    ``None`` means 1.0. A value ``float()`` converts is taken (a Python or NumPy number,
+    a tensor or NumPy array of one element), except text and booleans: the default
+    loader refuses a learning rate stored as ``"0.1"`` or ``True`` in a checkpoint, and
+    the same value returned by a load function of the user's is refused alike instead of
+    being read as ``0.1`` or ``1.0``.
+
+    Args:
+        value: what the load function returned.
+        label: the checkpoint's label (:func:`checkpoint_label`), for messages.
+        owner: the class name, for messages.
+
+    Raises:
+        CheckpointLoadError: when ``value`` is text, a boolean, not convertible to a
+            float, or not finite.
+    """
+    if value is None:
+        return 1.0
+    if isinstance(value, (str, bytes, bytearray)):
+        raise CheckpointLoadError(
+            f"{owner}: checkpoints_load_func returned the text {_short_repr(value)} "
+            f"({type(value).__name__}) for {label}, not a number; {_LOAD_FUNC_RETURNS}. "
+            "Convert it with float() in the load function if it is meant as a number"
+        )
+    if _is_bool_like(value):
+        raise CheckpointLoadError(
+            f"{owner}: checkpoints_load_func returned the boolean {_short_repr(value)} "
+            f"({type(value).__name__}) for {label}, not a learning rate; "
+            f"{_LOAD_FUNC_RETURNS}"
+        )
+    try:
+        result = float(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointLoadError(
+            f"{owner}: checkpoints_load_func returned {_short_repr(value)} for {label}; "
+            f"{_LOAD_FUNC_RETURNS}"
+        ) from err
+    if not math.isfinite(result):
+        raise CheckpointLoadError(f"{owner}: {label} has a non-finite learning rate {result}")
     return result
 
 

@@ -9,7 +9,6 @@ batch size and the score matrix itself (``4 * n_test * n_train`` bytes in float3
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from proponents.checkpoints import checkpoint_label
+from proponents.checkpoints import checkpoint_label, learning_rate_from_load_func
 from proponents.data import (
     Batch,
     TensorRowsLoader,
@@ -50,21 +49,7 @@ def load_checkpoint(
             f"{owner}: loading {checkpoint_label(ckpt, index)} failed: {type(err).__name__}: {err}"
         ) from err
     model.eval()
-    if lr is None:
-        return 1.0
-    try:
-        value = float(lr)
-    except (TypeError, ValueError) as err:
-        raise CheckpointLoadError(
-            f"{owner}: checkpoints_load_func returned {lr!r} for "
-            f"{checkpoint_label(ckpt, index)}; it must return the learning rate (a number) "
-            "or None"
-        ) from err
-    if not math.isfinite(value):
-        raise CheckpointLoadError(
-            f"{owner}: {checkpoint_label(ckpt, index)} has a non-finite learning rate {value}"
-        )
-    return value
+    return learning_rate_from_load_func(lr, checkpoint_label(ckpt, index), owner)
 
 
 class NonFiniteTracker:
