@@ -7,6 +7,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -610,8 +611,24 @@ def test_unusable_saved_index_is_rebuilt_with_a_warning(tmp_path, name):
             "build settings do not match",
             lambda: FaissNearestNeighbors("IVF2,Flat", nprobe=2),
         )
+    # damage that leaves a readable index: one flipped bit far into the file, the last
+    # two thirds overwritten (before: searched as it was, with other neighbours)
+    good = index_file.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) * 3 // 4] ^= 0x10
+    index_file.write_bytes(bytes(flipped))
+    check(tmp_path, data, "checksum differs")
+    index_file.write_bytes(good[: len(good) // 3] + b"\xff" * (len(good) - len(good) // 3))
+    check(tmp_path, data, "checksum differs")
     index_file.write_bytes(b"not an index")
+    check(tmp_path, data, "checksum differs")
+    # an index saved before the checksum was recorded: an unreadable file is named
+    meta = json.loads((tmp_path / "neighbors.json").read_text())
+    del meta["index_crc32"]
+    (tmp_path / "neighbors.json").write_text(json.dumps(meta))
     check(tmp_path, data, "could not be read")
+    index_file.write_bytes(good)
+    assert NearestNeighbors.from_config(config).load(tmp_path, data) is True
     index_file.unlink()
     check(tmp_path, data, "is missing")
     (tmp_path / "neighbors.json").write_text("{broken")
@@ -825,7 +842,8 @@ def test_check_fits_is_a_no_op_by_default():
         ("PQ8", None, 100, "a product quantizer with 256 centroids needs at least 256"),
         ("IVF4,PQ8x4", None, 15, "product quantizer with 16 centroids"),
         ("OPQ4,IVF8,PQ4", None, 200, "product quantizer with 256 centroids"),
-        ("HNSW32,PQ8", None, 255, "product quantizer with 256 centroids"),
+        # Faiss builds HNSW over PQ as an L2 index whatever metric it is asked for
+        ("HNSW32,PQ8", None, 256, r"'HNSW32,PQ8' builds a Faiss index that ranks by L2"),
         ("PQ5", None, 1000, "D=16"),  # 16 dimensions cannot be split into 5 parts
     ],
 )
@@ -931,3 +949,264 @@ def test_faiss_training_error_counts_the_rows_left_out():
     data[:30, 0] = float("nan")
     with pytest.raises(InvalidArgumentError, match=r"N=10 finite vectors \(30 of the 40 rows"):
         FaissNearestNeighbors("IVF16,Flat").setup(data)
+
+
+# -- float32 indices: metric, precision, range -----------------------------------------------
+
+
+def numpy_top_k(data: torch.Tensor, query: torch.Tensor, k: int):
+    """Independent reference: numpy float64 brute force, (score descending, index ascending)."""
+    d = np.asarray(data.detach().cpu().numpy(), dtype=np.float64)
+    q = np.asarray(query.detach().cpu().numpy(), dtype=np.float64)
+    scores = q @ d.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return torch.from_numpy(order), torch.from_numpy(np.take_along_axis(scores, order, axis=1))
+
+
+L2_ONLY_FACTORIES = ["HNSW8,PQ2", "HNSW8_PQ2", "HNSW8,PQ2x4", "NSG8,PQ2"]
+
+
+@pytest.mark.parametrize("factory", L2_ONLY_FACTORIES)
+def test_faiss_refuses_factories_that_build_an_l2_index(factory):
+    """Faiss builds these strings as L2 indices although METRIC_INNER_PRODUCT is passed
+    (checked here with faiss itself); check_fits and setup refuse them, naming the string
+    and inner-product factories (before: built silently, and the nearest rows by L2
+    distance were reported as the largest inner products)."""
+    need_faiss()
+    import faiss
+
+    assert faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT).metric_type == 1
+    nn = FaissNearestNeighbors(factory)
+    pattern = rf"index_factory '{factory}' builds a Faiss index that ranks by L2 .*'Flat'"
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        nn.check_fits(400, 16)
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        nn.setup(torch.randn(400, 16))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8", "HNSW8,SQ8", "NSG8", "IVF4,PQ2x4"])
+def test_faiss_inner_product_factories_are_accepted(factory):
+    """The refusal is about the metric Faiss built, not the graph or the quantizer: these
+    build inner-product indices (per faiss itself) and are set up as before."""
+    need_faiss()
+    import faiss
+
+    built = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    assert built.metric_type == faiss.METRIC_INNER_PRODUCT
+    data, query = random_data(n=300, d=16)
+    nn = FaissNearestNeighbors(factory)
+    nn.check_fits(300, 16)
+    nn.setup(data)
+    indices, scores = nn.get_nearest_neighbors(query, 3)
+    # whichever rows an approximate index chose, their scores are true inner products
+    want = np.einsum("nkd,nd->nk", data.numpy()[indices.numpy()], query.numpy())
+    torch.testing.assert_close(scores, torch.from_numpy(want), rtol=1e-12, atol=1e-12)
+
+
+def test_randproj_refuses_an_l2_faiss_index_before_embedding(tmp_path):
+    """TracInCPFastRandProj asks check_fits before embedding the training set, so an L2
+    factory string is refused without a single forward pass (before: the training set
+    was embedded and L2 neighbours were reported as proponents)."""
+    need_faiss()
+    from torch import nn as tnn
+
+    from proponents import TracInCPFastRandProj
+
+    torch.manual_seed(0)
+    model = tnn.Sequential(tnn.Linear(5, 3), tnn.Tanh(), tnn.Linear(3, 4))  # D = 4 * (3 + 1)
+    torch.save(model.state_dict(), tmp_path / "c0.pt")
+    train = torch.utils.data.TensorDataset(torch.randn(300, 5), torch.randint(0, 4, (300,)))
+    forwards: list[int] = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    with pytest.raises(InvalidArgumentError, match="'HNSW8,PQ2' builds a Faiss index"):
+        TracInCPFastRandProj(
+            model,
+            "2",
+            train,
+            [tmp_path / "c0.pt"],
+            loss_fn=tnn.CrossEntropyLoss(reduction="sum"),
+            batch_size=50,
+            nearest_neighbors=FaissNearestNeighbors("HNSW8,PQ2"),
+        )
+    assert forwards == []
+
+
+EXHAUSTIVE = {
+    "faiss-flat": lambda n: FaissNearestNeighbors("Flat"),
+    "faiss-ivf": lambda n: FaissNearestNeighbors("IVF4,Flat", nprobe=4),
+    "annoy": lambda n: AnnoyNearestNeighbors(num_trees=3, search_k=3 * n),
+}
+
+
+def _below_float32_cases():
+    """Cases whose float64 ranking is invisible in float32."""
+    g = torch.Generator().manual_seed(3)
+    # float64 rows that differ by 1e-12: all equal once cast to float32
+    near = torch.ones(40, 6, dtype=torch.float64)
+    near[:, 0] += torch.randperm(40, generator=g).double() * 1e-12
+    near_q = torch.tensor([[1.0] * 6, [2.0] * 6, [-1.0] * 6], dtype=torch.float64)
+    # float32 rows (exact in float32) and a float64 query whose entries differ by 1e-10
+    eye = torch.eye(30)[torch.randperm(30, generator=g)]
+    eye_q = 1 + torch.arange(30, dtype=torch.float64)[None] * 1e-10
+    eye_q = torch.cat([eye_q, eye_q.flip(1), -eye_q])
+    return {"float64 data": (near, near_q), "float64 query": (eye, eye_q)}
+
+
+@pytest.mark.parametrize("case", ["float64 data", "float64 query"])
+@pytest.mark.parametrize("name", sorted(EXHAUSTIVE))
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_exhaustive_search_is_exact_below_float32_precision(name, case, k):
+    """A flat Faiss index, an IVF-flat one probing every list and Annoy with
+    search_k >= N * num_trees compare every row, but in float32: rows whose scores
+    differ only in float64 tie there. The answer is the numpy float64 brute force's
+    (before: the float32 candidates were rescored in float64 without a check, and
+    k=1 on the near-duplicates gave row 1 instead of the best one)."""
+    (need_annoy if name == "annoy" else need_faiss)()
+    data, query = _below_float32_cases()[case]
+    nn = EXHAUSTIVE[name](data.shape[0])
+    nn.setup(data)
+    indices, scores = nn.get_nearest_neighbors(query, k)
+    want_idx, want_scores = numpy_top_k(data, query, k)
+    assert indices.tolist() == want_idx.tolist()
+    torch.testing.assert_close(scores, want_scores, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(EXHAUSTIVE))
+def test_float64_check_redoes_only_rows_in_doubt(monkeypatch, name):
+    """What the float64 check costs: on well-separated float64 data the float32
+    candidates are certified and no row is searched again; on float32 data and queries
+    the check does not run at all."""
+    (need_annoy if name == "annoy" else need_faiss)()
+    data, query = random_data(n=200, d=8, n_query=20)
+    redone: list[int] = []
+    real = exact_module.exact_top_k
+
+    def counting(data_, query_, k, *args, **kwargs):
+        if data_.shape[0] == data.shape[0]:  # a search of every row, not of left-out ones
+            redone.append(int(query_.shape[0]))
+        return real(data_, query_, k, *args, **kwargs)
+
+    monkeypatch.setattr(exact_module, "exact_top_k", counting)
+    nn = EXHAUSTIVE[name](200)
+    nn.setup(data)
+    for sign in (1, -1):
+        indices, _ = nn.get_nearest_neighbors(sign * query, 5)
+        assert indices.tolist() == numpy_top_k(data, sign * query, 5)[0].tolist()
+    assert redone == []
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("float32 scores need no float64 check")
+
+    monkeypatch.setattr(type(nn), "_float32_error", no_check)
+    nn.setup(data.float())
+    indices, _ = nn.get_nearest_neighbors(query.float(), 5)
+    assert indices.tolist() == numpy_top_k(data.float(), query.float(), 5)[0].tolist()
+
+
+@pytest.mark.parametrize("name", sorted(FINITE_ONLY))
+def test_rows_beyond_float32_range_are_searched_exactly(name):
+    """Float64 rows with entries beyond float32's range (1e300, -1e300, 1e39) would be
+    infinite in the float32 index: they are left out of it, like non-finite rows, and
+    ranked by exact search, as the numpy float64 brute force ranks them (before: they
+    passed the finite-row filter, so an IVF index failed to train on inf, with a message
+    about too few vectors)."""
+    (need_annoy if name == "annoy" else need_faiss)()
+    data, query = random_data(n=200, d=8, n_query=6, seed=2)
+    data[7, 0] = 1e300
+    data[30, 3] = -1e300
+    data[99, 5] = 1e39
+    nn = FINITE_ONLY[name]()
+    nn.setup(data)
+    assert nn._nonfinite is not None and nn._nonfinite.tolist() == [7, 30, 99]
+    for q in (query, -query):
+        for k in (1, 4, 200):
+            indices, scores = nn.get_nearest_neighbors(q, k)
+            want_idx, want_scores = numpy_top_k(data, q, k)
+            assert indices.tolist() == want_idx.tolist()
+            torch.testing.assert_close(scores, want_scores, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(FINITE_ONLY))
+def test_float64_query_beyond_float32_range_is_answered_exactly(name):
+    """A float64 query entry beyond float32's range is infinite in the float32 search,
+    whose candidates then mean nothing; such a query row is searched exactly. A zero
+    column under the huge entry keeps every score finite in float64 (before: the float32
+    candidates were used as they came, and Annoy's answer was wrong)."""
+    (need_annoy if name == "annoy" else need_faiss)()
+    data, query = random_data(n=200, d=8, n_query=4, seed=6)
+    data[:, 2] = 0.0
+    query[1, 2] = 1e300
+    nn = FINITE_ONLY[name]()
+    nn.setup(data)
+    indices, scores = nn.get_nearest_neighbors(query, 5)
+    want_idx, want_scores = numpy_top_k(data, query, 5)
+    assert indices.tolist() == want_idx.tolist()
+    torch.testing.assert_close(scores, want_scores, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(FINITE_ONLY))
+def test_float32_overflow_is_ranked_as_exact_search_ranks_it(name):
+    """A finite float32 row whose products with the query overflow float32 (3e38 * 10):
+    its float32 score is inf or NaN depending on how it is summed. Such query rows are
+    answered by exact search, so every backend gives ExactNearestNeighbors' answer, and
+    the other rows are ranked as the numpy float64 brute force ranks them (before: Exact
+    ranked the row first with +inf, Faiss first with NaN, and exhaustive Annoy dropped
+    it)."""
+    (need_annoy if name == "annoy" else need_faiss)()
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(200, 4, generator=g)
+    data[5] = torch.tensor([3e38, -3e38, 0.0, 0.0])
+    query = torch.tensor([[10.0, 10.0, 0.5, 0.5], [0.0, 0.0, 1.0, -1.0]])
+    exact = ExactNearestNeighbors()
+    exact.setup(data)
+    nn = FINITE_ONLY[name]()
+    nn.setup(data)
+    others = torch.cat([torch.arange(5), torch.arange(6, 200)])
+    for q in (query, -query):
+        indices, scores = nn.get_nearest_neighbors(q, 4)
+        ref_idx, ref_scores = exact.get_nearest_neighbors(q, 4)
+        assert torch.equal(indices, ref_idx)
+        torch.testing.assert_close(scores, ref_scores, equal_nan=True)
+        want = others[numpy_top_k(data[others], q, 4)[0]]
+        for row in range(q.shape[0]):
+            kept = [i for i in indices[row].tolist() if i != 5]
+            assert kept == want[row, : len(kept)].tolist()
+
+
+def test_refused_nprobe_assignment_changes_nothing():
+    """nprobe on a built flat index is refused and the setting stays as it was, so
+    config(), a later setup() and from_config(config()) keep working (before: the refused
+    value was stored, config() reported it and every later setup() raised)."""
+    need_faiss()
+    data, query = random_data(n=50, d=4)
+    nn = FaissNearestNeighbors("Flat")
+    nn.setup(data)
+    with pytest.raises(InvalidArgumentError, match="nprobe=4 applies to IVF indices only"):
+        nn.nprobe = 4
+    assert nn.nprobe is None and nn.config()["nprobe"] is None
+    nn.setup(data)
+    again = NearestNeighbors.from_config(nn.config())
+    again.setup(data)
+    for backend in (nn, again):
+        indices, _ = backend.get_nearest_neighbors(query, 3)
+        assert indices.tolist() == numpy_top_k(data, query, 3)[0].tolist()
+
+
+def test_nprobe_none_restores_faiss_default_on_the_built_index(tmp_path):
+    """nprobe=None means Faiss's default (1) on the built index too: after an assignment
+    of None, and on an index loaded from a file saved with another nprobe (before: the
+    old value stayed in the index, so a loaded index used the saved one)."""
+    need_faiss()
+    import faiss
+
+    data, query = random_data(n=200, d=8)
+    nn = FaissNearestNeighbors("IVF8,Flat", nprobe=8)
+    nn.setup(data)
+    indices, _ = nn.get_nearest_neighbors(query, 5)  # every list probed: exact
+    assert indices.tolist() == numpy_top_k(data, query, 5)[0].tolist()
+    nn.save(tmp_path)
+    nn.nprobe = None
+    assert faiss.extract_index_ivf(nn._index).nprobe == 1
+    fresh = FaissNearestNeighbors("IVF8,Flat")
+    assert fresh.load(tmp_path, data) is True
+    assert faiss.extract_index_ivf(fresh._index).nprobe == 1

@@ -354,11 +354,13 @@ def _data_file(tmp_path, key="k", name="data"):
         ("garbage_manifest", "not valid JSON"),
         ("edited_manifest", "checksum"),
         ("old_version", "format version"),
+        ("swapped_rows", "checksum differs"),
+        ("one_bit", "checksum differs"),
     ],
 )
 def test_damage_is_detected(tmp_path, damage, words):
     store = ArrayStore(tmp_path)
-    _write(store, "k", {"v": 1}, [np.ones((6, 4), np.float32)])
+    _write(store, "k", {"v": 1}, [np.arange(24, dtype=np.float32).reshape(6, 4)])
     data, manifest = _data_file(tmp_path), _manifest(tmp_path)
     if damage == "truncate":
         with open(data, "r+b") as fh:
@@ -371,6 +373,15 @@ def test_damage_is_detected(tmp_path, damage, words):
         data.write_bytes(bytes(raw))
     elif damage == "missing":
         data.unlink()
+    elif damage in ("swapped_rows", "one_bit"):  # the header, shape and size still fit
+        raw = bytearray(data.read_bytes())
+        start = len(raw) - 6 * 16
+        if damage == "one_bit":
+            raw[-3] ^= 0x01
+        else:
+            rows = [raw[start + 16 * i : start + 16 * (i + 1)] for i in range(6)]
+            raw[start:] = b"".join([rows[1], rows[0], *rows[2:]])
+        data.write_bytes(bytes(raw))
     elif damage == "garbage_manifest":
         manifest.write_bytes(b"\x00\xff{ not json")
     elif damage == "edited_manifest":
@@ -387,6 +398,32 @@ def test_damage_is_detected(tmp_path, damage, words):
     entry, why = store.load("k", {"v": 1})
     assert entry is None
     assert words in why, why
+
+
+def test_array_contents_are_checksummed_and_old_entries_without_one_still_load(tmp_path):
+    """Each array's manifest record carries the CRC-32 of its data bytes (streamed over
+    appended blocks, equal to zlib's over the whole array), which opening an entry
+    checks (before: an edit that kept header, shape and size was served). An entry
+    written before checksums were recorded has none and still opens."""
+    import zlib
+
+    from proponents.store import _checksum
+
+    store = ArrayStore(tmp_path)
+    blocks = [np.random.default_rng(0).standard_normal((n, 3)) for n in (4, 1, 7)]
+    _write(store, "k", {}, blocks, extra=np.arange(5, dtype=np.int64))
+    content = json.loads(_manifest(tmp_path).read_text())
+    whole = np.concatenate(blocks)
+    assert content["arrays"]["data"]["crc32"] == zlib.crc32(whole.tobytes())
+    assert content["arrays"]["extra"]["crc32"] == zlib.crc32(np.arange(5).tobytes())
+    for info in content["arrays"].values():
+        del info["crc32"]
+    content["checksum"] = _checksum(content)
+    _manifest(tmp_path).write_text(json.dumps(content))
+    entry, why = store.load("k", {})
+    assert why is None and entry is not None
+    with entry:
+        np.testing.assert_array_equal(entry.read("data"), whole)
 
 
 def test_manifest_cannot_point_outside(tmp_path):

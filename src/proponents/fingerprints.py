@@ -151,6 +151,24 @@ def module_structure(model: nn.Module) -> str:
     return "\n".join(lines) + "\n"
 
 
+def architecture(model: nn.Module) -> list[str]:
+    """The model's modules, one ``"name: Class(settings)"`` line per submodule (shared
+    ones under every name they have), for telling a saved index's model from another.
+
+    Unlike :func:`module_structure`, a class counts by its qualified name alone (the same
+    class defined in a script and imported from a package is the same) and hooks do not
+    count: what is compared is what a person would call the architecture.
+    """
+    lines = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        try:
+            extra = module.extra_repr()
+        except Exception as exc:  # noqa: BLE001 - a broken extra_repr still names its class
+            extra = f"<extra_repr failed: {type(exc).__name__}>"
+        lines.append(f"{name or '(model)'}: {type(module).__qualname__}({extra})")
+    return lines
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the module structure and the names, dtypes, shapes and values of the
     parameters, buffers and tensors kept as plain module attributes.
@@ -585,6 +603,7 @@ __all__ = [
     "tensor_fingerprint",
     "hash_object",
     "model_fingerprint",
+    "architecture",
     "module_structure",
     "quick_model_digest",
     "tensor_bytes",

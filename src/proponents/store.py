@@ -47,6 +47,7 @@ import re
 import secrets
 import tempfile
 import weakref
+import zlib
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -285,8 +286,10 @@ class EntryWriter:
         self.key = key
         self.meta = _jsonable(meta, "meta")
         self.token = secrets.token_hex(8)
-        self._open: dict[str, tuple[BinaryIO, Path, np.dtype, tuple[int, ...], int, int]] = {}
-        self._done: dict[str, tuple[Path, np.dtype, tuple[int, ...]]] = {}
+        # name -> (file, path, dtype, row shape, header bytes reserved, rows, CRC-32 of
+        # the data bytes so far)
+        self._open: dict[str, tuple[BinaryIO, Path, np.dtype, tuple[int, ...], int, int, int]] = {}
+        self._done: dict[str, tuple[Path, np.dtype, tuple[int, ...], int]] = {}
         # Every temporary file this writer may have made. A path goes in before its file
         # is created and stays until commit() has renamed the file or it is deleted, so
         # abort() finds it whichever step failed or was interrupted.
@@ -312,19 +315,21 @@ class EntryWriter:
             path = self._tmp_path(name)
             self._temporary.add(path)
             fh = self._store._create(path)
-            state = self._open[name] = (fh, path, dtype, row_shape, reserve, 0)
+            state = self._open[name] = (fh, path, dtype, row_shape, reserve, 0, 0)
             fh.write(b"\0" * reserve)
-        fh, path, dtype, row_shape, reserve, count = state
+        fh, path, dtype, row_shape, reserve, count, crc = state
         if rows.dtype != dtype or tuple(rows.shape[1:]) != row_shape:
             raise StoreError(
                 f"array {name!r} of entry {self.key!r}: rows of dtype {rows.dtype} and shape "
                 f"{tuple(rows.shape[1:])} cannot follow rows of dtype {dtype} and shape {row_shape}"
             )
+        data = rows.data.cast("B")
         try:
-            fh.write(rows.data.cast("B"))
+            fh.write(data)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        self._open[name] = (fh, path, dtype, row_shape, reserve, count + rows.shape[0])
+        crc = zlib.crc32(data, crc)
+        self._open[name] = (fh, path, dtype, row_shape, reserve, count + rows.shape[0], crc)
 
     def put(self, name: str, array: np.ndarray) -> None:
         """Write the whole array ``name`` at once."""
@@ -335,7 +340,7 @@ class EntryWriter:
         self._finish(name)
 
     def _finish(self, name: str) -> None:
-        fh, path, dtype, row_shape, reserve, count = self._open[name]
+        fh, path, dtype, row_shape, reserve, count, crc = self._open[name]
         shape = (count, *row_shape)
         try:
             fh.seek(0)
@@ -349,7 +354,7 @@ class EntryWriter:
             with contextlib.suppress(OSError):
                 fh.close()
             del self._open[name]
-        self._done[name] = (path, dtype, shape)
+        self._done[name] = (path, dtype, shape, crc)
 
     def discard(self, name: str) -> None:
         """Drop array ``name`` (its temporary file is deleted); the entry commits without it."""
@@ -385,7 +390,7 @@ class EntryWriter:
             for name in list(self._open):
                 self._finish(name)
             arrays: dict[str, Any] = {}
-            for name, (tmp, dtype, shape) in self._done.items():
+            for name, (tmp, dtype, shape, crc) in self._done.items():
                 try:
                     os.replace(tmp, directory / finals[name])
                 except OSError as exc:
@@ -394,6 +399,7 @@ class EntryWriter:
                     "file": finals[name],
                     "dtype": np.lib.format.dtype_to_descr(dtype),
                     "shape": list(shape),
+                    "crc32": crc,
                 }
             manifest = {
                 "format": FORMAT_NAME,
@@ -553,6 +559,7 @@ class ArrayStore:
         *,
         ignore: Collection[str] = (),
         reuse: StoredEntry | None = None,
+        required: Collection[str] = (),
     ) -> tuple[StoredEntry | None, str | None]:
         """Open entry ``key`` if it is intact and was built for ``meta``.
 
@@ -560,6 +567,7 @@ class ArrayStore:
             key: the entry name.
             meta: what the entry must have been built for; every field is compared.
             ignore: ``meta`` fields not to compare.
+            required: arrays the entry must hold (one without them is damaged).
             reuse: an entry opened earlier by this method. It is returned as it is
                 (no manifest parsing, no file opening) when it is still open, is this
                 key's entry of this store, matches ``meta``, and its files on disk are
@@ -587,6 +595,9 @@ class ArrayStore:
             reason = _compare_meta(manifest["meta"], expected, ignore)
             if reason is not None:
                 return None, reason
+            lacking = sorted(set(required) - set(manifest["arrays"]))
+            if lacking:
+                return None, f"it lacks the array(s) {lacking} (damaged)"
             opened, reason, missing = self._open_arrays(manifest)
             if opened is not None:
                 files, layouts = opened
@@ -811,7 +822,29 @@ def _check_array_file(
         return None, f"has {size} bytes instead of {expected} (truncated or overwritten)"
     if not shape:
         return None, "holds a 0-d array, the store writes arrays with rows"
+    if "crc32" in info:  # entries written before checksums were recorded have none
+        try:
+            crc = _data_crc32(fh, offset)
+        except OSError as exc:
+            return None, f"cannot be read ({exc.strerror or exc})"
+        if crc != info["crc32"]:
+            return None, "holds other bytes than were written (its checksum differs)"
     return (dtype, shape, offset), None
+
+
+def file_crc32(path: str | os.PathLike[str]) -> int:
+    """CRC-32 of a whole file's bytes (read in chunks, never whole into memory)."""
+    with open(path, "rb") as fh:
+        return _data_crc32(fh, 0)
+
+
+def _data_crc32(fh: BinaryIO, offset: int, chunk: int = 16 * 2**20) -> int:
+    """CRC-32 of the file's bytes from ``offset`` to its end, read in chunks."""
+    fh.seek(offset)
+    crc = 0
+    while block := fh.read(chunk):
+        crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _unlink(path: Path) -> None:

@@ -46,11 +46,13 @@ from proponents.distributed import (
 )
 from proponents.errors import (
     ArgumentTypeError,
+    CheckpointChangedError,
     IndexMismatchError,
     IndexNotFoundError,
     InvalidArgumentError,
 )
 from proponents.fingerprints import (
+    architecture,
     dataset_probe,
     loader_probe,
     loss_fingerprint,
@@ -124,6 +126,9 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
                 "TensorDataset any of its values, differ from those the index was embedded "
                 "from (another dataset, order, transform or dtype)"
             )
+    was_arch, now_arch = saved.get("architecture"), expected["architecture"]
+    if was_arch is not None and was_arch != now_arch:
+        out.append("model: " + _architecture_difference(was_arch, now_arch))
     if saved.get("final_fc_layer") != expected["final_fc_layer"]:
         out.append(
             f"final_fc_layer: the index was built for {saved.get('final_fc_layer')!r}, "
@@ -173,6 +178,62 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
                 + "; its embeddings are gradients of that loss"
             )
     return out
+
+
+def _architecture_difference(was: list[str], now: list[str]) -> str:
+    """The first module that differs between a saved index's model and this one."""
+    for i, (a, b) in enumerate(zip(was, now)):
+        if a != b:
+            return (
+                f"its modules differ from those of the model the index was built with, first "
+                f"at module {i + 1}: {b!r} now, {a!r} then (the embeddings are gradients of "
+                "that model)"
+            )
+    return (
+        f"it has {len(now)} modules, the model the index was built with had {len(was)} "
+        f"(first unmatched: {(now[len(was)] if len(now) > len(was) else was[len(now)])!r})"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: The manifest fields load() reads as values, and what each must be.
+_INDEX_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "final_fc_layer": ("a layer name", lambda v: isinstance(v, str)),
+    "dataset_length": ("a count", lambda v: _is_int(v) and v >= 0),
+    "seed": ("an integer", _is_int),
+    "projection_dim": ("None or a positive integer", lambda v: v is None or (_is_int(v) and v > 0)),
+    "checkpoints": ("a list", lambda v: isinstance(v, list)),
+    "nearest_neighbors": ("a dict of backend settings", lambda v: isinstance(v, dict)),
+    "learning_rates": (
+        "None or a list of numbers",
+        lambda v: v is None or (isinstance(v, list) and all(_is_real(x) for x in v)),
+    ),
+    "architecture": (
+        "None or a list of strings",
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    ),
+}
+#: Fields an index may lack (written before they were recorded).
+_OPTIONAL_INDEX_FIELDS = ("learning_rates", "architecture")
+
+
+def _malformed_index_field(saved: dict[str, Any]) -> str | None:
+    """Why the saved manifest's fields cannot be read as values, or ``None``."""
+    for field, (kind, valid) in _INDEX_FIELDS.items():
+        if field not in saved:
+            if field in _OPTIONAL_INDEX_FIELDS:
+                continue
+            return f"its manifest has no field {field!r}"
+        if not valid(saved[field]):
+            return f"its manifest field {field!r} is {saved[field]!r}, not {kind}"
+    return None
 
 
 def _check_index_storage(memory_budget: Any, index_dtype: Any, name: str) -> int | None:
@@ -432,6 +493,11 @@ class TracInCPFastRandProj(TracInCPFast):
         # and a sample of the training examples, written with the index so that load()
         # can refuse a dataset of the same length but other content
         self._dataset_probe = None if _embeddings is not None else _examples_probe(train_dataset)
+        # The learning rate the load function gave for each checkpoint when the training
+        # set was embedded (None: not known, an index saved before they were recorded).
+        # Test examples must be embedded with the same ones, or their scores mix two
+        # scalings of the training side.
+        self._learning_rates: list[float] | None = None
         layer = self.final_fc_layer
         in_dim = layer.in_features + (1 if layer.bias is not None else 0)
         device = model_device(model)
@@ -520,12 +586,16 @@ class TracInCPFastRandProj(TracInCPFast):
                 self._guarded(),
                 Progress(show_progress, f"{name}: embedding {what}", total) as bar,
             ):
+                learning_rates = []
                 for c, lr in runner.each_checkpoint(bar, f"embedding {what}"):
                     if lr < 0:
                         raise InvalidArgumentError(
                             f"{name}: checkpoint {c + 1} has a negative learning rate ({lr}); "
                             "embeddings need sqrt(lr)"
                         )
+                    if not training:
+                        self._check_learning_rate(c, lr)
+                    learning_rates.append(float(lr))
                     parts = []
                     row = 0
                     for batch in runner._batches(data, is_loader, "batch"):
@@ -568,6 +638,8 @@ class TracInCPFastRandProj(TracInCPFast):
             embeddings = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         else:  # no rows at all
             embeddings = torch.zeros(0, self.embedding_dim, dtype=store_dtype)
+        if training:
+            self._learning_rates = learning_rates
         # one warning naming the examples whose embedding is not finite: training rows
         # (of this rank's shard when sharded; the warning shows dataset positions) or test
         # examples, as TracInCPFast names them
@@ -575,6 +647,20 @@ class TracInCPFastRandProj(TracInCPFast):
         tracker.add(self._finite_rows(embeddings), 0, test=not training)
         tracker.warn()
         return embeddings
+
+    def _check_learning_rate(self, c: int, lr: float) -> None:
+        """Refuse a test-side learning rate other than the training set's for checkpoint ``c``."""
+        if self._learning_rates is None or c >= len(self._learning_rates):
+            return
+        then = self._learning_rates[c]
+        if float(lr) != then:
+            raise CheckpointChangedError(
+                f"{self.get_name()}: checkpoints_load_func gives learning rate {float(lr)!r} "
+                f"for checkpoint {c + 1} now, but the training set's embeddings were made "
+                f"with {then!r}; the scores would mix the two. Pass the load function (and "
+                "checkpoints) the embeddings were made with, or embed the training set again "
+                "with TracInCPFastRandProj(...)"
+            )
 
     def _training_rows(self, data: Any) -> int | None:
         """Examples of the training set (of this rank's shard when sharded), if known."""
@@ -781,6 +867,8 @@ class TracInCPFastRandProj(TracInCPFast):
             "loss": loss_fingerprint(self._loss.fn),
             "strategy": sorted(set(self._engine.strategies.values())),
             "nearest_neighbors": self.nearest_neighbors.config(),
+            "architecture": architecture(self.model),
+            "learning_rates": self._learning_rates,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -789,7 +877,12 @@ class TracInCPFastRandProj(TracInCPFast):
         The directory holds the embeddings as ``.npy`` (no pickle), a JSON manifest with
         the projection seed and shapes, the checkpoints' content fingerprints, the dataset
         length and a hash of five of its examples, the nearest-neighbour settings, and the
-        backend's own index files when it can persist them. Writes are atomic.
+        backend's own index files when it can persist them (with their checksum). Every
+        file is replaced atomically, under a lock of the directory, so that saves to one
+        path from several processes or threads follow each other instead of mixing. The
+        backend's files are written first: a save that fails leaves the embeddings saved
+        before in place, and a search structure that does not fit the embeddings beside it
+        is rebuilt by :meth:`load`, with a warning, never searched.
 
         When sharded over ranks, every rank must call this with the same ``path``: the
         shards are gathered and rank 0 writes the whole index (without the backend's
@@ -812,6 +905,8 @@ class TracInCPFastRandProj(TracInCPFast):
                 written.
             DistributedError: when sharded and another rank failed while gathering or
                 writing.
+            StoreError: when a file cannot be written (a full disk, a directory without
+                write permission); the files of the failed write are removed.
         """
         name = self.get_name()
         check_path(path, "path", f"{name}.save")
@@ -829,11 +924,20 @@ class TracInCPFastRandProj(TracInCPFast):
             dist.run(name, lambda: self._write(path, full) if dist.rank == 0 else None)
             return Path(path)
         self._watch.verify(name, "the training set's embeddings", objects=True)
-        self._write(path, self.embeddings)
-        self.nearest_neighbors.save(Path(path) / "neighbors")
+        self._write(path, self.embeddings, self.nearest_neighbors)
         return Path(path)
 
-    def _write(self, path: str | Path, embeddings: Tensor) -> None:
+    def _write(
+        self, path: str | Path, embeddings: Tensor, backend: NearestNeighbors | None = None
+    ) -> None:
+        """Write the embeddings entry (and ``backend``'s own files, first) under the
+        directory's lock, so that concurrent saves to one path follow each other.
+
+        The backend's files go first: if they cannot be written, the embeddings saved
+        before are left as they were. If the embeddings then fail, the backend's files
+        describe other data than the embeddings beside them, which :meth:`load` sees (by
+        their fingerprint) and rebuilds from, with a warning.
+        """
         store = ArrayStore(path)
         # float16 and float64 embeddings are saved as they are, anything else as float32;
         # row blocks, so that a memory-mapped matrix is copied without becoming resident.
@@ -843,6 +947,8 @@ class TracInCPFastRandProj(TracInCPFast):
             else torch.float32
         )
         with store.lock(), store.writer(INDEX_KEY, self._index_meta()) as writer:
+            if backend is not None:
+                backend.save(Path(path) / "neighbors")
             if embeddings.shape[0] == 0:
                 writer.put("embeddings", np.zeros(tuple(embeddings.shape), np.float32))
             for _, block in _row_blocks(embeddings):
@@ -920,6 +1026,12 @@ class TracInCPFastRandProj(TracInCPFast):
                 )
             raise IndexMismatchError(f"the index in {str(path)!r} cannot be used: {reason}")
         saved = manifest["meta"]
+        problem = _malformed_index_field(saved)
+        if problem is not None:
+            raise IndexMismatchError(
+                f"the index in {str(path)!r} cannot be used: {problem} (damaged or edited). "
+                "Build a new one with TracInCPFastRandProj(...) and save it"
+            )
         layer = final_fc_layer if final_fc_layer is not None else saved["final_fc_layer"]
         given_dataset = train_dataset
         if train_dataset is None:
@@ -962,6 +1074,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "loss_reduction": obj._loss.reduction,
             "loss_reduction_by_signature": obj._loss.by_signature,
             "loss": loss_fingerprint(obj._loss.fn),
+            "architecture": architecture(obj.model),
         }
         _match_files_to_loaded_objects(saved, expected, obj._watch.checkpoints)
         differences = _index_differences(saved, expected)
@@ -986,7 +1099,10 @@ class TracInCPFastRandProj(TracInCPFast):
                 "checkpoint_kinds",  # the same
                 "nearest_neighbors",
                 "dataset_probe",
+                "architecture",  # compared above; indexes written before it was recorded
+                "learning_rates",  # lack these two
             ),
+            required=("embeddings",),
         )
         if entry is None:
             raise IndexMismatchError(
@@ -994,6 +1110,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 "TracInCPFastRandProj(...) for these checkpoints and data"
             )
         obj._dataset_probe = saved.get("dataset_probe")  # what the embeddings were made of
+        obj._learning_rates = saved.get("learning_rates")  # what queries must use too
         with entry:
             emb = obj._restore(entry, index_dtype)
         if obj._dist is not None:

@@ -90,6 +90,8 @@ BLOCK_BYTES = 32 * 2**20
 #: Folders of ``activation_dir`` itself for ``model_id=""``, so no model_id may name them.
 _RESERVED_DIRS = ("src", "inputs")
 _SRC_KIND = "similarity/source-activations"
+#: The arrays every stored source entry holds (the layer inputs are optional).
+_SRC_ARRAYS = ("activations", "norms")
 #: Name of the stored array of the source examples' inputs to an affine layer
 #: ``(N, *input_shape)``, kept where they make repeated searches cheaper (see
 #: :mod:`proponents.influence._pullback`).
@@ -544,7 +546,12 @@ class SimilarityInfluence(DataInfluence):
         to_build = []
         for layer in self.layers:
             entry, why = (
-                store.load(keys[layer], metas[layer], reuse=self._open_entries.get(layer))
+                store.load(
+                    keys[layer],
+                    metas[layer],
+                    reuse=self._open_entries.get(layer),
+                    required=_SRC_ARRAYS,
+                )
                 if reuse
                 else (None, None)
             )
@@ -565,7 +572,7 @@ class SimilarityInfluence(DataInfluence):
             with store.lock():
                 if reuse:  # another process may have built them while we waited
                     for layer in list(to_build):
-                        entry, _ = store.load(keys[layer], metas[layer])
+                        entry, _ = store.load(keys[layer], metas[layer], required=_SRC_ARRAYS)
                         if entry is not None:
                             entries[layer] = self._keep_open(layer, entry)
                             to_build.remove(layer)
@@ -909,7 +916,9 @@ class SimilarityInfluence(DataInfluence):
         if load_input_from_disk and store is not None:
             ignore = ("inputs",) if inputs is None else ()
             for layer in self.layers:
-                entry, why = store.load(safe_name(layer), metas[layer], ignore=ignore)
+                entry, why = store.load(
+                    safe_name(layer), metas[layer], ignore=ignore, required=("activations",)
+                )
                 if entry is not None:
                     with entry:
                         acts[layer] = torch.from_numpy(entry.read("activations")).to(device)

@@ -38,16 +38,21 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
     Building adds the rows one by one (Annoy's API), so it is slower than exact search
     to set up; it pays off for large ``N`` and many queries.
 
-    Rows with a NaN or infinite entry (which would spoil the trees) are left out of the
-    index and searched exactly at every query instead, so they are ranked as exact
-    search ranks them.
+    Rows with a NaN or infinite entry (which would spoil the trees), or with a float64
+    entry beyond float32's range (infinite once cast to the float32 Annoy stores), are
+    left out of the index and searched exactly at every query instead, so they are
+    ranked as exact search ranks them. A query row whose float32 products may overflow
+    (its float32 ranking means nothing) is answered by exact search.
 
     Args:
         num_trees: number of trees to build, ``>= 1``; more trees, better recall, larger
             index.
         search_k: number of tree nodes to inspect per query, or ``-1`` for Annoy's
             default (``k * num_trees``). A value of at least ``N * num_trees`` inspects
-            every item, which makes the search exact.
+            every item, which makes the search exact, for float64 data or queries too:
+            Annoy ranks in float32, so a query row whose ``k``-th float64 score does
+            not clear the best float32 score left out by a worst-case bound of
+            float32's rounding error is answered by exact search.
         seed: seed of Annoy's tree-building randomness, so that the index is
             reproducible.
 
@@ -103,14 +108,41 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
         index.build(self.num_trees)
         self._index = index
 
+    def _split_finite(self, data: Tensor) -> Tensor | None:
+        # Annoy holds float32: a row is left out when it is not finite in float32.
+        return self._split_float32_rows(data)
+
+    def _exhaustive(self) -> bool:
+        """Whether ``search_k`` makes every query visit every item of every tree.
+
+        Each tree holds every item once, and Annoy keeps collecting leaves until it has
+        ``search_k`` entries or none are left, so ``search_k >= N * trees`` collects all
+        and returns the best by float32 inner product. (With ``search_k=-1`` Annoy uses
+        ``m * trees`` for ``m`` candidates, which covers every item only when all are
+        asked for anyway.)
+        """
+        if self.search_k == -1:
+            return False
+        return self.search_k >= int(self._index.get_n_items()) * int(self._index.get_n_trees())
+
     def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        n, m = query.shape[0], self._candidates(k)
+        exhaustive = self._exhaustive()
+        # The float32 scores are only needed to check an exhaustive float64 search.
+        wide = exhaustive and self._scores_above_float32(query)
+        n, m = query.shape[0], self._candidates(k, wide=wide)
         candidates = torch.full((n, m), -1, dtype=torch.long)
+        found_scores = torch.full((n, m), float("nan"), dtype=torch.float64) if wide else None
         rows = query.detach().to("cpu", torch.float32).numpy()
         for i, row in enumerate(rows):
-            found = self._index.get_nns_by_vector(row, m, search_k=self.search_k)
+            if found_scores is None:
+                found = self._index.get_nns_by_vector(row, m, search_k=self.search_k)
+            else:
+                found, dots = self._index.get_nns_by_vector(
+                    row, m, search_k=self.search_k, include_distances=True
+                )
+                found_scores[i, : len(dots)] = torch.as_tensor(dots[:m], dtype=torch.float64)
             candidates[i, : len(found)] = torch.as_tensor(found[:m], dtype=torch.long)
-        return self._rescore(query, candidates, k)
+        return self._rescore(query, candidates, k, index_scores=found_scores, exhaustive=exhaustive)
 
     def _write_index(self, path: Path) -> None:
         if not self._index.save(str(path)):

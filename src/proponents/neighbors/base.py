@@ -14,6 +14,7 @@ negates the scores back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -21,6 +22,7 @@ import json
 import math
 import operator
 import os
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,8 +34,13 @@ import torch
 from torch import Tensor
 
 from proponents.checks import check_path
-from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
-from proponents.store import release_rows
+from proponents.errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    ProponentsError,
+    StoreError,
+)
+from proponents.store import file_crc32, release_rows
 from proponents.user_warnings import warn
 
 __all__ = [
@@ -629,26 +636,42 @@ class IndexedNearestNeighbors(NearestNeighbors):
                 f"{type(self).__name__}.save: {str(blocking)!r} is a file, not a directory; "
                 "give a directory to write the index to (it is created if missing)"
             )
-        folder.mkdir(parents=True, exist_ok=True)
         meta_path = folder / META_FILENAME
-        # Remove the old description first: an interrupted save then reads as "no index".
-        meta_path.unlink(missing_ok=True)
         index_path = folder / self._index_filename
-        tmp = index_path.with_name(index_path.name + ".tmp")
-        self._write_index(tmp)
-        os.replace(tmp, index_path)
-        meta = {
-            "format": _META_FORMAT,
-            "config": self.config(),
-            "build": self._build_config(),
-            "num_items": int(data.shape[0]),
-            "dim": int(data.shape[1]),
-            "fingerprint": data_fingerprint(data),
-            "index_file": self._index_filename,
-        }
-        tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
-        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(tmp_meta, meta_path)
+        # Temporary names of this save alone: two saves into one folder never write into
+        # each other's files.
+        token = secrets.token_hex(6)
+        tmp = index_path.with_name(f"{index_path.name}.{token}.tmp")
+        tmp_meta = meta_path.with_name(f"{meta_path.name}.{token}.tmp")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # Remove the old description first: an interrupted save reads as "no index".
+            meta_path.unlink(missing_ok=True)
+            self._write_index(tmp)
+            meta = {
+                "format": _META_FORMAT,
+                "config": self.config(),
+                "build": self._build_config(),
+                "num_items": int(data.shape[0]),
+                "dim": int(data.shape[1]),
+                "fingerprint": data_fingerprint(data),
+                "index_file": self._index_filename,
+                # what load checks the index file against: a damaged or replaced file
+                # is rebuilt, never searched
+                "index_crc32": file_crc32(tmp),
+            }
+            os.replace(tmp, index_path)
+            tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
+            os.replace(tmp_meta, meta_path)
+        except OSError as exc:
+            raise StoreError(
+                f"{type(self).__name__}.save: cannot write the index to {str(folder)!r} "
+                f"({exc.strerror or exc}); check that the directory is writable"
+            ) from exc
+        finally:
+            for left in (tmp, tmp_meta):
+                with contextlib.suppress(OSError):
+                    left.unlink(missing_ok=True)
         return True
 
     def load(self, directory: str | os.PathLike[str], data: Tensor) -> bool:
@@ -742,34 +765,197 @@ class IndexedNearestNeighbors(NearestNeighbors):
                 return f"its {what} do not match (saved {saved}, now {current})"
         if meta.get("fingerprint") != data_fingerprint(data):
             return "it was built from different data (fingerprint differs)"
-        if not (folder / self._index_filename).is_file():  # type: ignore[operator]
+        index_file = folder / self._index_filename  # type: ignore[operator]
+        if not index_file.is_file():
             return f"{self._index_filename} is missing"
+        saved_crc = meta.get("index_crc32")  # indexes saved before it was recorded lack it
+        if saved_crc is not None:
+            try:
+                crc = file_crc32(index_file)
+            except OSError as exc:
+                return f"{self._index_filename} could not be read ({exc.strerror or exc})"
+            if crc != saved_crc:
+                return (
+                    f"{self._index_filename} holds other bytes than were saved (its checksum "
+                    "differs: damaged, or written by another save)"
+                )
         return None
 
-    def _candidates(self, k: int) -> int:
-        """How many candidates to ask the index for: one more than ``k`` (while there are
-        more rows), so that :meth:`_rescore` sees whether the ``k``-th score is tied
-        with one left out."""
-        return k + 1 if k < self.num_items else k
+    # -- candidates from a float32 index ---------------------------------------------
+    # Annoy and Faiss store float32 vectors and score in float32. The helpers below let
+    # _rescore tell, row by row, whether such a search can have missed a true neighbour.
 
-    def _rescore(self, query: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Exact scores for candidate indices, rows sorted; rows short of ``k`` redone exactly.
+    #: ``(D,)`` float64, the largest magnitude of each column over the indexed rows, as
+    #: recorded by :meth:`_split_float32_rows` (``None`` for a backend that does not use
+    #: it). For every indexed row ``x``, ``sum_i |x_i q_i| <= |q| @ _col_max``.
+    _col_max: Tensor | None = None
+
+    def _split_float32_rows(self, data: Tensor) -> Tensor | None:
+        """The rows a float32 index can hold: :meth:`_split_finite` judged in float32.
+
+        A row is left out of the index (and searched exactly at every query, like a row
+        holding NaN or inf) when an entry is not finite once cast to float32: besides
+        NaN and inf, that is a float64 value beyond float32's range (about 3.4e38),
+        which the cast would turn into inf. The same blocked pass records
+        :attr:`_col_max` over the kept rows (absolute values and maxima round nothing,
+        so it is computed in the data's own dtype).
+
+        Returns:
+            The rows to build the index from (``data`` itself when every row is kept), or
+            ``None`` when no row is left. :attr:`_kept` and :attr:`_nonfinite` record the
+            split, as :meth:`_split_finite` does.
+        """
+        self._kept = self._nonfinite = None
+        self._col_max = None
+        n, d = int(data.shape[0]), int(data.shape[1])
+        finite = torch.ones(n, dtype=torch.bool, device=data.device)
+        col_max = torch.zeros(d, dtype=data.dtype, device=data.device)
+        step = max(1, min(8192, (1 << 22) // max(d, 1)))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            block = data[start:stop]
+            # Column minima and maxima carry a NaN or inf of any entry, and the cast to
+            # float32 is monotonic: when both are finite in float32, every entry is.
+            low, high = torch.aminmax(block, dim=0)
+            if bool((torch.isfinite(low.float()) & torch.isfinite(high.float())).all()):
+                col_max = torch.maximum(col_max, torch.maximum(-low, high))
+            else:
+                ok = torch.isfinite(block.to(torch.float32)).all(dim=1)
+                finite[start:stop] = ok
+                magnitudes = torch.where(ok[:, None], block.abs(), 0)
+                col_max = torch.maximum(col_max, magnitudes.amax(dim=0))
+            release_rows(data, start, stop)
+        self._col_max = col_max.to(torch.float64)
+        if bool(finite.all()):
+            return data
+        self._kept = finite.nonzero().squeeze(1)
+        self._nonfinite = (~finite).nonzero().squeeze(1)
+        return data[self._kept] if self._kept.numel() else None
+
+    def _num_indexed(self) -> int:
+        """How many rows the index holds (the kept rows, or all of them)."""
+        return self.num_items if self._kept is None else int(self._kept.numel())
+
+    def _scores_above_float32(self, query: Tensor) -> bool:
+        """Whether scores for ``query`` are computed in more precision than the index's."""
+        data = self._require_data()
+        return score_dtype(query.dtype, data.dtype) != torch.float32
+
+    def _candidates(self, k: int, wide: bool = False) -> int:
+        """How many candidates to ask the index for.
+
+        One more than ``k`` (while there are more rows), so that :meth:`_rescore` sees
+        whether the ``k``-th score is tied with one left out. With ``wide`` (an
+        exhaustive float32 search answering a float64 question) ``2k + 8``, at most the
+        number of indexed rows: the further the last candidate lies below the ``k``-th,
+        the more rows :meth:`_rescore` can certify without searching them again.
+        """
+        if k >= self.num_items:
+            return k
+        if not wide:
+            return k + 1
+        return max(k + 1, min(self._num_indexed(), 2 * k + 8))
+
+    def _float32_risk(self, query: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Per query row: a bound on ``sum_i |x_i q_i|`` and whether float32 can overflow.
+
+        Args:
+            query: ``(n, D)`` validated query.
+
+        Returns:
+            ``None`` without :attr:`_col_max`; else ``(reach, unsafe)``, both ``(n,)`` on
+            the data's device: ``reach = |q| @ _col_max`` (float64) bounds the magnitudes
+            summed in the inner product of the row with every indexed row, and ``unsafe``
+            marks rows whose float32 search may have met an infinite or NaN product or
+            sum (``reach`` near float32's largest value, or not finite), or whose float32
+            query is not finite (a float64 query beyond float32's range). Such a row's
+            candidates mean nothing, so it is redone by exact search.
+        """
+        col_max = self._col_max
+        if col_max is None:
+            return None
+        q = query.to(device=col_max.device, dtype=torch.float64)
+        reach = q.abs() @ col_max
+        dim = int(col_max.numel())
+        # A float32 sum of terms of magnitude at most (1 + u)^3 |x_i q_i| stays below
+        # (1 + gamma) times their total, so it cannot overflow while that is finite.
+        growth = 1 + _gamma(dim, _F32_UNIT) + 4 * _F32_UNIT
+        unsafe = ~(reach * growth < _F32_MAX)  # also True for a NaN reach
+        if query.dtype == torch.float64:
+            unsafe |= ~torch.isfinite(query.to(torch.float32)).all(dim=1).to(col_max.device)
+        return reach, unsafe
+
+    def _float32_error(self, query: Tensor, reach: Tensor) -> Tensor:
+        """``(n,)`` float64: how far a float32 search score can lie from the true one.
+
+        For every indexed row ``x`` and query row ``q``, the float32 score the index
+        computed from ``fl32(x)`` and ``fl32(q)`` differs from the real ``<x, q>`` by at
+        most this, and so does a float64 score of the row (its rounding is added
+        twice, for the rescoring and for an exact search's own score). The bound is the
+        worst case of any summation order (Higham, *Accuracy and Stability of Numerical
+        Algorithms*, §3.1): a relative part ``(2u + u^2 + gamma_D (1 + u)^2 + 2 gamma64_D)``
+        of ``reach`` (the casts of both vectors, then the float32 inner product) and an
+        absolute part for values that underflow (or are flushed to zero) in float32.
+
+        Args:
+            query: ``(n, D)`` validated query.
+            reach: ``(n,)`` from :meth:`_float32_risk`.
+        """
+        col_max = self._col_max
+        assert col_max is not None
+        dim = int(col_max.numel())
+        u = _F32_UNIT
+        gamma = _gamma(dim, u)
+        relative = 2 * u + u * u + gamma * (1 + u) ** 2 + 2 * _gamma(dim, _F64_UNIT)
+        q_l1 = query.to(device=col_max.device, dtype=torch.float64).abs().sum(dim=1)
+        absolute = (
+            2 * (1 + gamma) * (1 + u) ** 2 * _F32_TINY * (q_l1 + float(col_max.sum()) + 2 * dim)
+            + 2 * dim * _F64_TINY
+        )
+        return 1.01 * (relative * reach + absolute)  # 1%: the rounding of this sum itself
+
+    def _rescore(
+        self,
+        query: Tensor,
+        candidates: Tensor,
+        k: int,
+        index_scores: Tensor | None = None,
+        exhaustive: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Exact scores for candidate indices, rows sorted; rows in doubt redone exactly.
 
         When the index was built from the finite rows only (``_finite_only``), candidate
         positions are mapped back to data rows and the best ``k`` non-finite rows of each
         query (found exactly) compete with them, so they rank where exact search ranks
         them (a NaN score first, ``+inf`` before and ``-inf`` after every finite score).
 
-        An index returns any one of several equal scores at its cut-off (Faiss does, even
-        a flat one), so the ``k`` best need not be the lowest-indexed of them. Given
-        more than ``k`` candidates (:meth:`_candidates`), a row whose ``k``-th exact score
-        equals the next one is redone exactly too: ties then keep dataset order.
+        A row is answered by exact search instead when:
+
+        - the index came back short of ``k`` distinct candidates (e.g. an IVF index whose
+          probed lists hold fewer than ``k`` vectors);
+        - its ``k``-th exact score equals the next candidate's. An index returns any one
+          of several equal scores at its cut-off (Faiss does, even a flat one), so the
+          ``k`` best need not be the lowest-indexed of them; given more than ``k``
+          candidates (:meth:`_candidates`), exact search then keeps dataset order;
+        - (with :attr:`_col_max`) its float32 search may have overflowed or had a
+          non-finite query (:meth:`_float32_risk`), so its candidates mean nothing;
+        - (``exhaustive`` and scores in float64) the float32 search can have left out a
+          row better than the ``k``-th: an exhaustive index hands back the candidates
+          with the best float32 scores, so every row left out has a float32 score of at
+          most the last candidate's, and a true score of at most that plus
+          :meth:`_float32_error`. A row whose ``k``-th float64 score is not above that
+          is redone; rows that differ only below float32 precision are then ranked as
+          exact search ranks them. Float32 scores skip this check (and cost nothing more).
 
         Args:
             query: ``(n, D)`` validated query.
             candidates: ``(n, m)`` positions in the indexed rows from the backend, ``-1``
                 for missing entries, ``m >= k``.
             k: neighbours per row.
+            index_scores: ``(n, m)`` the float32 scores the index gave the candidates, for
+                the exhaustive check (``None``: no check).
+            exhaustive: whether the index compared the query with every indexed row and
+                returned the ``m`` best by its float32 scores.
         """
         from proponents.neighbors.exact import exact_top_k
 
@@ -783,6 +969,9 @@ class IndexedNearestNeighbors(NearestNeighbors):
         if k > 1:
             ordered = torch.sort(idx, dim=1).values
             short |= (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        risk = self._float32_risk(query)
+        if risk is not None:
+            short |= risk[1]
         safe = idx.clamp(min=0)
         if self._kept is not None:
             # The index holds the finite rows only: map its positions to data rows, and
@@ -792,10 +981,22 @@ class IndexedNearestNeighbors(NearestNeighbors):
             assert bad is not None
             bad_idx, _ = exact_top_k(data[bad], q, min(k, int(bad.numel())))
             safe = torch.cat([safe, bad[bad_idx]], dim=1)
-        scores = torch.einsum("nkd,nd->nk", data[safe].to(dtype), q)
+        scores = _gathered_scores(data, safe, q)
         scores, idx = sort_rows(scores, safe)
         if scores.shape[1] > k:  # a tie across the cut-off may hide a lower index
             short |= scores[:, k - 1] == scores[:, k]
+        check = (
+            exhaustive
+            and index_scores is not None
+            and risk is not None
+            and dtype == torch.float64
+            and int(candidates.shape[1]) < self._num_indexed()
+        )
+        if check:
+            assert index_scores is not None and risk is not None
+            last = index_scores.to(device=data.device, dtype=torch.float64).amin(dim=1)
+            ceiling = last + self._float32_error(query, risk[0])
+            short |= ~(scores[:, k - 1] > ceiling)  # NaN: in doubt as well
         scores, idx = scores[:, :k], idx[:, :k]
         if bool(short.any()):
             rows = short.nonzero().squeeze(1)
@@ -803,3 +1004,35 @@ class IndexedNearestNeighbors(NearestNeighbors):
             idx[rows] = ex_idx
             scores[rows] = ex_scores
         return idx.to(query.device), scores.to(query.device)
+
+
+#: Unit roundoff of float32 and float64.
+_F32_UNIT = 2.0**-24
+_F64_UNIT = 2.0**-53
+#: The largest finite float32, and the smallest normal float32 and float64.
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
+_F64_TINY = float(torch.finfo(torch.float64).tiny)
+
+
+def _gamma(n: int, u: float) -> float:
+    """``n u / (1 - n u)``: bounds the relative rounding error of an ``n``-term inner
+    product in any summation order (``inf`` once ``n u >= 1``)."""
+    n = max(int(n), 1)
+    return n * u / (1 - n * u) if n * u < 1 else math.inf
+
+
+def _gathered_scores(data: Tensor, rows: Tensor, query: Tensor) -> Tensor:
+    """``(n, m)`` scores ``<data[rows[i, j]], query[i]>`` in ``query``'s dtype.
+
+    Query rows are taken in chunks, so that at most about ``2**22`` gathered entries of
+    ``data`` are held at once.
+    """
+    n, m = int(rows.shape[0]), int(rows.shape[1])
+    out = torch.empty(n, m, dtype=query.dtype, device=data.device)
+    step = max(1, (1 << 22) // max(1, m * int(data.shape[1])))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        gathered = data[rows[start:stop]].to(query.dtype)
+        out[start:stop] = torch.einsum("nkd,nd->nk", gathered, query[start:stop])
+    return out

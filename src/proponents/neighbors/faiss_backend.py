@@ -47,26 +47,73 @@ def _training_rows_needed(index: Any) -> tuple[int, str]:
     return needed, why
 
 
+def _check_inner_product(index: Any, factory: str) -> None:
+    """Refuse an index that does not rank by inner product.
+
+    ``faiss.index_factory`` ignores the metric it is given for some strings (in Faiss
+    1.15, HNSW and NSG graphs over a product quantizer, e.g. ``"HNSW8,PQ2"``, come back
+    as L2 indices); the nearest vectors by distance are not the largest inner products.
+    The index and the indices it wraps (its storage, sub-index, refinement) are checked.
+
+    Raises:
+        InvalidArgumentError: naming the factory string and the metric it built.
+    """
+    faiss = _faiss()
+    seen: list[Any] = [index]
+    levels: list[Any] = []
+    while seen and len(levels) < 8:
+        level = faiss.downcast_index(seen.pop())
+        levels.append(level)
+        for name in ("index", "storage", "base_index", "refine_index"):
+            inner = getattr(level, name, None)
+            if isinstance(inner, faiss.Index):
+                seen.append(inner)
+    for level in levels:
+        metric = int(level.metric_type)
+        if metric != faiss.METRIC_INNER_PRODUCT:
+            name = "L2 distance" if metric == faiss.METRIC_L2 else f"Faiss metric {metric}"
+            raise InvalidArgumentError(
+                f"index_factory {factory!r} builds a Faiss index that ranks by {name} "
+                f"({type(level).__name__}), not by inner product: Faiss ignores "
+                "METRIC_INNER_PRODUCT for it (e.g. HNSW or NSG over PQ), and the nearest "
+                "vectors by distance are not the proponents. Use a factory that supports "
+                "inner product, e.g. 'Flat' (exact), 'IVF256,Flat', 'IVF256,PQ8', "
+                "'HNSW32' or 'HNSW32,SQ8'"
+            )
+
+
 class FaissNearestNeighbors(IndexedNearestNeighbors):
     """Search with a Faiss index built by ``faiss.index_factory`` under inner product.
 
     ``"Flat"`` (the default) is exact brute force; IVF factories such as
     ``"IVF64,Flat"`` or ``"IVF64,PQ8"`` are approximate and much faster for large ``N``.
+    A factory string for which Faiss builds an index that does not rank by inner
+    product (in Faiss 1.15 it silently builds ``"HNSW8,PQ2"`` or ``"NSG8,PQ2"`` for L2)
+    is refused, by :meth:`check_fits` and :meth:`setup`.
     An index that needs training (``index.is_trained`` is False after creation) is
     trained on the data given to :meth:`setup`; IVF needs at least as many vectors as
     lists, and Faiss recommends about 40 per list. :meth:`check_fits` tells beforehand
     whether the settings can index data of a given size.
 
-    Rows with a NaN or infinite entry (which would spoil Faiss's training) are left out
-    of the index and searched exactly at every query instead, so they are ranked as
-    exact search ranks them.
+    Rows with a NaN or infinite entry (which would spoil Faiss's training), or with a
+    float64 entry beyond float32's range (infinite once cast to the float32 Faiss
+    stores), are left out of the index and searched exactly at every query instead, so
+    they are ranked as exact search ranks them.
 
     Faiss computes in float32 and may, for compressed indices, rank approximately; the
     returned scores are recomputed exactly from the stored data (promoted dtype of data
     and query, at least float32), so each is the true inner product
     ``<data[i], query>`` with its true sign, and each row is sorted by it (ties by
     smaller index). A row for which Faiss finds fewer than ``k`` vectors (an IVF search
-    whose probed lists are too small) is answered by exact search instead.
+    whose probed lists are too small) is answered by exact search instead, and so is a
+    row whose float32 products may overflow (its float32 ranking means nothing).
+
+    An exhaustive index (``"Flat"``, or ``"IVF<n>,Flat"`` with ``nprobe >= n``) stays
+    exact for float64 data or queries too, although Faiss picks the candidates in
+    float32: a query row whose ``k``-th float64 score does not clear the best float32
+    score Faiss left out by a worst-case bound of float32's rounding error (rows that
+    differ only below float32 precision) is answered by exact search. Float32 data and
+    queries skip that check.
 
     Scores are inner products with the query as given; to find the smallest inner
     products (opponents), query with ``-q`` and negate the scores.
@@ -76,7 +123,8 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
             ``"HNSW32,Flat"``; it is built with ``faiss.METRIC_INNER_PRODUCT``.
         nprobe: for IVF indices, how many inverted lists each query visits (more: better
             recall, slower); ``None`` keeps Faiss's default (1). Also settable later
-            through the :attr:`nprobe` attribute.
+            through the :attr:`nprobe` attribute; on a built index without inverted
+            lists, an assignment other than ``None`` raises and changes nothing.
 
     Raises:
         MissingExtraError: when the ``faiss`` package is not installed
@@ -107,7 +155,12 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
 
     @property
     def nprobe(self) -> int | None:
-        """Inverted lists visited per query (IVF indices); ``None`` for Faiss's default."""
+        """Inverted lists visited per query (IVF indices); ``None`` for Faiss's default.
+
+        Assigning it after :meth:`setup` applies it to the built index at once; a value
+        that index refuses (any ``nprobe`` for an index without inverted lists) raises
+        :class:`InvalidArgumentError` and leaves the setting as it was.
+        """
         return self._nprobe
 
     @nprobe.setter
@@ -116,9 +169,9 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
             value = check_int(value, "nprobe", or_none=True)
             if value < 1:
                 raise InvalidArgumentError(f"nprobe must be >= 1; got {value}")
+        if self._index is not None:  # a value the built index refuses is not kept
+            self._apply_nprobe(self._index, value)
         self._nprobe = value
-        if self._index is not None:
-            self._apply_nprobe(self._index)
 
     def config(self) -> dict[str, Any]:
         """``{"backend": "faiss", "index_factory": ..., "nprobe": ...}``."""
@@ -133,17 +186,22 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
         del settings["nprobe"]  # a query-time setting: a saved index serves any value
         return settings
 
-    def _apply_nprobe(self, index: Any) -> None:
-        if self._nprobe is None:
-            return
-        faiss = _faiss()
-        try:
-            faiss.extract_index_ivf(index).nprobe = self._nprobe
-        except RuntimeError:
+    def _apply_nprobe(self, index: Any, nprobe: int | None) -> None:
+        """Set ``nprobe`` on ``index`` (``None``: Faiss's default, 1), or raise unchanged.
+
+        Raises:
+            InvalidArgumentError: for an ``nprobe`` and an index without inverted lists.
+        """
+        ivf = _faiss().try_extract_index_ivf(index)
+        if ivf is None:
+            if nprobe is None:
+                return
             raise InvalidArgumentError(
-                f"nprobe={self._nprobe} applies to IVF indices only, but index_factory "
+                f"nprobe={nprobe} applies to IVF indices only, but index_factory "
                 f"{self.index_factory!r} builds none; use nprobe=None"
-            ) from None
+            )
+        # None resets it: an index read from a file may have been saved with another one.
+        ivf.nprobe = 1 if nprobe is None else nprobe
 
     def _new_index(self, dim: int) -> Any:
         """An empty index of the factory string for ``dim``-dimensional vectors."""
@@ -155,14 +213,16 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
                 f"index_factory {self.index_factory!r} is not a valid Faiss index for "
                 f"D={dim} vectors: {exc}"
             ) from None
-        self._apply_nprobe(index)
+        _check_inner_product(index, self.index_factory)
+        self._apply_nprobe(index, self._nprobe)
         return index
 
     def check_fits(self, num_items: int, dim: int) -> None:
         """Raise now if this index cannot be built from ``(num_items, dim)`` data.
 
-        Builds the empty index for ``dim`` (so an invalid factory string, or ``nprobe``
-        for an index without inverted lists, is reported), and checks that training has
+        Builds the empty index for ``dim`` (so an invalid factory string, an index that
+        Faiss builds for another metric than inner product, or ``nprobe`` for an index
+        without inverted lists, is reported), and checks that training has
         enough vectors: an IVF index needs at least as many as it has lists, a product
         quantizer at least ``2**nbits`` (256 for ``PQ8``). Other requirements of exotic
         indices are only found by :meth:`setup`.
@@ -195,7 +255,7 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
                     bad = int(self._nonfinite.numel())
                     left_out = (
                         f" ({bad} of the {n + bad} rows were left out: they hold NaN or "
-                        "infinite values)"
+                        "infinite values, or values beyond float32's range)"
                     )
                 raise InvalidArgumentError(
                     f"index_factory {self.index_factory!r} cannot be trained on N={n} "
@@ -205,9 +265,34 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
         index.add(vectors)
         self._index = index
 
+    def _split_finite(self, data: Tensor) -> Tensor | None:
+        # Faiss holds float32: a row is left out when it is not finite in float32.
+        return self._split_float32_rows(data)
+
+    def _exhaustive(self) -> bool:
+        """Whether a search compares every indexed vector in float32 and keeps the best:
+        a flat index, or an IVF-flat index (with a flat quantizer) probing all its lists."""
+        faiss = _faiss()
+        index = faiss.downcast_index(self._index)
+        if isinstance(index, faiss.IndexFlat):
+            return True
+        return (
+            type(index) is faiss.IndexIVFFlat
+            and isinstance(faiss.downcast_index(index.quantizer), faiss.IndexFlat)
+            and int(index.nprobe) >= int(index.nlist)
+        )
+
     def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        _, found = self._index.search(_as_float32(query), self._candidates(k))
-        return self._rescore(query, torch.from_numpy(found).long(), k)
+        exhaustive = self._exhaustive()
+        m = self._candidates(k, wide=exhaustive and self._scores_above_float32(query))
+        scores, found = self._index.search(_as_float32(query), m)
+        return self._rescore(
+            query,
+            torch.from_numpy(found).long(),
+            k,
+            index_scores=torch.from_numpy(scores),
+            exhaustive=exhaustive,
+        )
 
     def _write_index(self, path: Path) -> None:
         _faiss().write_index(self._index, str(path))
@@ -219,5 +304,6 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
                 f"the file holds {index.ntotal} vectors of dimension {index.d}, the data "
                 f"is {tuple(data.shape)}"
             )
-        self._apply_nprobe(index)
+        _check_inner_product(index, self.index_factory)
+        self._apply_nprobe(index, self._nprobe)
         self._index = index
