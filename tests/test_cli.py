@@ -650,3 +650,256 @@ def test_label_names_as_a_numpy_array_name_the_classes(capsys, tmp_path, task):
     code, _, err = _explain(capsys, path, ckpts, tmp_path / "out")
     assert code == EXIT_OK, err
     assert "label: neg" in (tmp_path / "out" / "report.html").read_text()
+
+
+# ------------------------------------------------------------- fixes of reported bugs
+def test_explain_shows_each_test_examples_own_prediction(capsys, tmp_path, task):
+    """explain with --examples covering the whole test set (misclassified ones moved
+    first): every test card shows the prediction the model at the last checkpoint makes
+    for that example, recomputed here, and is red exactly when it differs from the label.
+    (before: the predictions of all test examples were read as one per shown row, so the
+    reordered cards showed other examples' predictions)"""
+    path, ckpts = task
+    # two test labels flipped, so that some test examples are misclassified
+    path.write_text(path.read_text() + "\ntest_labels = labels[70:].clone()\n"
+                    "test_labels[:2] = 1 - test_labels[:2]\n"
+                    "test_dataset = TensorDataset(tokens[70:], test_labels)\n")  # fmt: skip
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out", "--examples", "40")
+    assert code == EXIT_OK, err
+    loaded = load_task(path)
+    state = torch.load(sorted(ckpts.glob("*.pt"))[-1], weights_only=True)["model_state_dict"]
+    loaded.model.load_state_dict(state)
+    x, y = loaded.test_dataset.tensors
+    with torch.no_grad():
+        predicted = loaded.model(x).argmax(1)
+    names = ["negative", "&lt;script&gt;alert(1)&lt;/script&gt;"]
+    shown = json.loads((tmp_path / "out" / "summary.json").read_text())["test_indices"]
+    assert sorted(shown) == list(range(20)) and shown != list(range(20))  # reordered
+    html = (tmp_path / "out" / "report.html").read_text()
+    cards = re.findall(
+        r"<b>test #(\d+)</b></div><div>label: [^<]*</div><div><span([^>]*)>predicted: ([^<]*)<",
+        html,
+    )
+    assert [int(i) for i, _, _ in cards] == shown
+    for i, css, text in cards:
+        i = int(i)
+        assert text == names[int(predicted[i])], i
+        assert ("wrong" in css) == bool(predicted[i] != y[i]), i
+
+
+def test_explain_accepts_an_empty_mislabeled_list(capsys, tmp_path, task):
+    """``mislabeled = []`` (no known-bad label): the report is written, with the sorted
+    scores instead of a detection curve. (before: exit 2, NumPy reads [] as floats)"""
+    path, ckpts = task
+    path.write_text(path.read_text() + "\nmislabeled = []\n")
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out")
+    assert code == EXIT_OK, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["detection"] == {}
+    assert (tmp_path / "out" / "self_influence.png").is_file()
+
+
+REGRESSION_TASK = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+torch.manual_seed(0)
+x = torch.randn(40, 4)
+y = x.sum(1, keepdim=True)  # labels of shape (N, 1)
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+train_dataset = TensorDataset(x[:30], y[:30])
+test_dataset = TensorDataset(x[30:], y[30:])
+loss_fn = nn.MSELoss(reduction="sum")
+"""
+
+
+def test_similarity_compares_labels_of_shape_n_by_1(capsys, tmp_path):
+    """The similarity method on labels shaped (N, 1): explain runs on a regression task,
+    and on class labels the suspicion equals that of the same labels shaped (N,) and a
+    recomputation by hand from the layer's activations. (before: ValueError, operands
+    could not be broadcast together)"""
+    import numpy as np
+    from torch.utils.data import TensorDataset
+
+    from proponents.report.analysis import NEIGHBOURS, run_method
+
+    path = tmp_path / "reg.py"
+    path.write_text(REGRESSION_TASK)
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    torch.save({"model_state_dict": load_task(path).model.state_dict()}, folder / "c-1.pt")
+    code, _, err = run_cli(capsys, "explain", "--task", str(path), "--checkpoints", str(folder),
+                           "--method", "similarity", "--k", "3", "--out", str(tmp_path / "o"),
+                           "--quiet")  # fmt: skip
+    assert code == EXIT_OK, err
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(30, 4)
+    classes = torch.randint(0, 3, (30,))
+    runs = [
+        run_method(
+            "similarity",
+            model,
+            TensorDataset(x, labels),
+            TensorDataset(x[:2], labels[:2]),
+            [],
+            nn.CrossEntropyLoss(),
+            [0, 1],
+            k=2,
+        )  # fmt: skip
+        for labels in (classes[:, None], classes)
+    ]
+    np.testing.assert_array_equal(runs[0].suspicion, runs[1].suspicion)
+    # by hand: cosine similarity of the ReLU's outputs, the 10 nearest others, weighted
+    with torch.no_grad():
+        act = model[1](model[0](x)).double()
+    unit = act / act.norm(dim=1, keepdim=True)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(-float("inf"))
+    expected = []
+    for i in range(30):
+        near = sim[i].topk(NEIGHBOURS).indices
+        weight = sim[i, near].clamp(min=0)
+        differs = (classes[near] != classes[i]).double()
+        expected.append(float((weight * differs).sum() / weight.sum()))
+    np.testing.assert_allclose(runs[0].suspicion, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_demo_with_an_unusable_checkpoints_folder_exits_2(capsys, tmp_path, monkeypatch, kind):
+    """DIR/checkpoints that is a file, or a folder that cannot be written: exit 2 with a
+    message naming it, before training, and the file is left alone. (before: exit 1 with
+    the raw FileExistsError / PermissionError)"""
+    import os
+
+    from proponents.demo import digits
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "checkpoints"
+    if kind == "file":
+        target.write_text("mine")
+        needle = "exists and is not a folder"
+    else:
+        target.mkdir()
+        real = os.access  # the tests may run as root, for whom every folder is writable
+        monkeypatch.setattr(
+            digits.os, "access", lambda p, mode: False if Path(p) == target else real(p, mode)
+        )
+        needle = "is not writable"
+    code, _, err = run_cli(capsys, "demo", "--out", str(out), "--epochs", "1", "--quiet")
+    assert code == EXIT_USAGE, err
+    assert str(target) in err and needle in err and "Traceback" not in err
+    if kind == "file":
+        assert target.read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def test_a_failed_run_removes_every_folder_it_made_also_through_dotdot(
+    capsys, tmp_path, monkeypatch, task
+):
+    """``--out x/../y`` and a failure before anything is written: both folders the command
+    made (x and y) are removed. (before: x was left behind)"""
+    path, _ = task
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"model_state_dict": nn.Linear(3, 3).state_dict()}, bad / "ckpt-1.pt")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = _explain(capsys, path, bad, "x/../y")
+    assert code == EXIT_FAILURE, err
+    assert list(work.iterdir()) == []
+
+
+def test_run_demo_checks_argument_types_before_creating_anything(tmp_path):
+    """run_demo with non-integer epochs, k or counts, or a string noise: ArgumentTypeError
+    and no output folder; a NumPy integer seed works like the same int. (before: raw
+    TypeErrors after the folder was made, and np.uint64 passed the check then failed in
+    torch)"""
+    import numpy as np
+
+    from proponents.errors import ArgumentTypeError
+
+    out = tmp_path / "out"
+    for kwargs, needle in [
+        ({"epochs": 2.5}, "epochs must be an int, got float 2.5"),
+        ({"k": 2.5}, "k must be an int"),
+        ({"k": True}, "k must be an int"),
+        ({"n_wrong": 1.0}, "n_wrong must be an int"),
+        ({"noise": "0.1"}, "noise must be a number"),
+        ({"method": None}, "method must be a str"),
+    ]:
+        with pytest.raises(ArgumentTypeError, match=needle):
+            run_demo(out, **kwargs)
+        assert not out.exists()
+    with pytest.raises(ArgumentTypeError, match="out must be a folder path"):
+        run_demo(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="out is empty"):
+        run_demo("")
+    kw = dict(epochs=1, k=2, n_wrong=1, n_right=0, method="fast")
+    numpy_seed = run_demo(tmp_path / "np", seed=np.uint64(3), **kw)
+    int_seed = run_demo(tmp_path / "int", seed=3, **kw)
+    assert numpy_seed.detection == int_seed.detection
+    assert json.loads(numpy_seed.summary_path.read_text())["seed"] == 3
+
+
+def test_demo_refuses_to_replace_files_it_did_not_write(capsys, tmp_path):
+    """An existing DIR holding a report.html or summary.json of the user's own (no demo
+    mark): exit 2, the files kept; a folder of an earlier demo run is accepted, and a
+    report.html that is a folder is refused. (before: silently replaced)"""
+    from proponents.demo.digits import DEMO_MARKER
+    from proponents.demo.run import check_demo_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("my report")
+    (out / "summary.json").write_text('{"mine": 1}')
+    code, _, err = run_cli(capsys, "demo", "--out", str(out), "--epochs", "1", "--quiet")
+    assert code == EXIT_USAGE and "holds report.html, summary.json" in err, err
+    assert (out / "report.html").read_text() == "my report"
+    assert (out / "summary.json").read_text() == '{"mine": 1}'
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / DEMO_MARKER).write_text("x")
+    check_demo_output(out)  # an earlier demo's folder: its files may be replaced
+    (out / "report.html").unlink()
+    (out / "report.html").mkdir()
+    with pytest.raises(InvalidArgumentError, match="report.html is not a file"):
+        check_demo_output(out)
+
+
+def test_explain_refuses_a_report_path_that_is_a_folder(capsys, tmp_path, task):
+    """--out DIR where DIR/report.html is a folder: exit 2 before any work, naming it.
+    (before: the report went to DIR/report.html/report.html)"""
+    path, ckpts = task
+    out = tmp_path / "out"
+    (out / "report.html").mkdir(parents=True)
+    code, out_text, err = _explain(capsys, path, ckpts, out)
+    assert code == EXIT_USAGE, err
+    assert f"{out / 'report.html'} exists and is not a file" in err
+    assert list((out / "report.html").iterdir()) == [] and out_text == ""
+
+
+def test_seed_help_shows_its_default_and_empty_checkpoints_is_refused(capsys, tmp_path, task):
+    """``demo --help`` gives --seed's default 0, and ``--checkpoints ""`` is a usage error.
+    (before: a default of 0 was hidden, as it equals False; "" meant the current folder)"""
+    code, out, _ = run_cli(capsys, "demo", "--help")
+    assert code == EXIT_OK
+    assert re.search(r"--seed SEED\s+seed of data split, flips, training \(default: 0\)", out)
+    path, _ = task
+    code, _, err = run_cli(capsys, "explain", "--task", str(path), "--checkpoints", "",
+                           "--out", str(tmp_path / "o"))  # fmt: skip
+    assert code == EXIT_USAGE and "--checkpoints is empty" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_explain_warns_on_stderr_about_labels_without_a_name(capsys, tmp_path, task):
+    """A label_names list too short for the labels: the report shows the number, and
+    stderr has one "warning:" line naming the label. (before: silently shown as numbers)"""
+    path, ckpts = task
+    path.write_text(path.read_text() + "\nlabel_names = ['negative']\n")
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out")
+    assert code == EXIT_OK, err
+    assert "proponents explain: warning: label_names has no name for label(s) 1 " in err
+    assert "label: 1" in (tmp_path / "out" / "report.html").read_text()

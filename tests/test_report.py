@@ -465,3 +465,196 @@ def test_a_failing_render_names_render_and_the_example():
 
     with pytest.raises(RenderError, match=r"render\(\) raised ZeroDivisionError.*#\d+"):
         build_report(**case, render=render)
+
+
+# ------------------------------------------------------------- inputs checked and read
+def _shown_predictions_of(html: str) -> dict[int, tuple[str, bool]]:
+    """test position -> (the predicted label its card shows, whether it is marked wrong)."""
+    found = re.findall(
+        r"<b>test #(\d+)</b></div><div>label: [^<]*</div><div><span([^>]*)>predicted: ([^<]*)<",
+        html,
+    )
+    return {int(i): (shown, "wrong" in css) for i, css, shown in found}
+
+
+def test_predictions_per_test_example_follow_reordered_test_indices():
+    """``test_predictions`` with one entry per test example and ``test_indices`` that
+    reorder all of them (as ``explain`` passes them, misclassified first): each card shows
+    its own example's prediction, and only the misclassified one is red. Without
+    ``test_predictions_for`` the two readings are ambiguous there and it is refused.
+    (before: equal lengths were read as one per shown row, so all three cards showed
+    another example's prediction and were marked wrong)"""
+    train = TensorDataset(torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    labels = torch.tensor([0, 1, 2])
+    test = TensorDataset(torch.rand(3, 4), labels)
+    per_example = torch.tensor([0, 1, 0])  # test #2 is misclassified
+    order = [2, 0, 1]
+    pro = (torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    common = dict(test_indices=order, plot_figure=False)
+    html = build_report(
+        train, test, pro, test_predictions=per_example, test_predictions_for="all", **common
+    ).html
+    expected = {i: (str(int(per_example[i])), bool(per_example[i] != labels[i])) for i in order}
+    assert _shown_predictions_of(html) == expected
+    # the same predictions given per shown row, in the order of test_indices
+    per_row = per_example[order]
+    html = build_report(
+        train, test, pro, test_predictions=per_row, test_predictions_for="shown", **common
+    ).html
+    assert _shown_predictions_of(html) == expected
+    with pytest.raises(InvalidArgumentError, match="test_predictions_for='all'"):
+        build_report(train, test, pro, test_predictions=per_example, **common)
+    with pytest.raises(InvalidArgumentError, match="needs one per test example \\(3\\)"):
+        build_report(train, test, pro, test_predictions=[0, 1], test_predictions_for="all")
+    with pytest.raises(InvalidArgumentError, match="'shown' .* or 'all'"):
+        build_report(train, test, pro, test_predictions=per_example, test_predictions_for="x")
+    # unambiguous lengths keep working without the keyword; so do rows 0..n-1 in order
+    html = build_report(train, test, pro, test_predictions=per_example, plot_figure=False).html
+    assert _shown_predictions_of(html) == {i: expected[i] for i in range(3)}
+    pro2 = (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
+    html = build_report(
+        train, test, pro2, test_indices=[2, 1], test_predictions=per_example, plot_figure=False
+    ).html
+    assert _shown_predictions_of(html) == {2: expected[2], 1: expected[1]}
+
+
+def _bad_case() -> tuple[TensorDataset, TensorDataset, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.rand(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))
+    test = TensorDataset(torch.rand(2, 4, generator=g), torch.randint(0, 3, (2,), generator=g))
+    return train, test, (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
+
+
+def test_a_boolean_mislabeled_mask_is_read_as_a_mask_and_bad_indices_are_refused():
+    """``mislabeled`` as a boolean mask of the training-set length marks and counts the
+    examples it flags, exactly as their index list does; negative or too large indices,
+    a mask of another length and float "indices" are refused with typed errors.
+    (before: the mask's values were read as indices 0 and 1, [-1] counted as the last
+    example without marking it, and [25] raised a raw IndexError)"""
+    from proponents.errors import ArgumentTypeError
+
+    train, test, pro = _bad_case()
+    scores = torch.arange(20.0)  # example 19 is the most suspicious
+    mask = torch.arange(20) >= 15  # examples 15..19 are known bad
+    kw = dict(self_influence=scores, plot_figure=False)
+    by_mask = build_report(train, test, pro, mislabeled=mask, **kw)
+    by_list = build_report(train, test, pro, mislabeled=[15, 16, 17, 18, 19], **kw)
+    # By hand: the top 1, 2, 4 of 20 examples are 19; 19, 18; 19..16: 1, 2, 4 of the 5.
+    expected = {0.05: 1 / 5, 0.1: 2 / 5, 0.2: 4 / 5}
+    assert by_mask.figures["detection"]["self-influence"] == pytest.approx(expected)
+    assert by_mask.figures["detection"] == by_list.figures["detection"]
+    assert by_mask.html.count('<span class="badge">known bad</span>') == 5
+    assert "5 labels are known to be wrong" in by_mask.html
+    assert build_report(train, test, pro, mislabeled=mask.numpy(), **kw).html == by_mask.html
+    for wrong, error, needle in [
+        ([-1], InvalidArgumentError, "holds -1, outside the 20 training examples"),
+        ([3, 25], InvalidArgumentError, "holds 25, outside"),
+        (torch.ones(19, dtype=torch.bool), InvalidArgumentError, r"mask of shape \(19,\)"),
+        ([1.5], ArgumentTypeError, "integers|ints"),
+    ]:
+        with pytest.raises(error, match=needle):
+            build_report(train, test, pro, mislabeled=wrong, **kw)
+    empty = build_report(train, test, pro, mislabeled=[], **kw)
+    assert "detection" not in empty.figures and "known bad</span>" not in empty.html
+
+
+def test_bad_result_indices_and_prediction_lengths_are_named():
+    """A proponent index of -1 is named as the offending index, and ``train_predictions``
+    of the wrong length is refused with InvalidArgumentError. (before: the message named
+    index 3, the largest valid one, and a short train_predictions raised IndexError)"""
+    train, test, pro = _bad_case()
+    with pytest.raises(InvalidArgumentError, match="training index -1 but train_dataset has 20"):
+        build_report(train, test, (torch.tensor([[-1], [3]]), torch.ones(2, 1)))
+    with pytest.raises(InvalidArgumentError, match="train_predictions has 2 entries .* has 20"):
+        build_report(train, test, pro, train_predictions=[0, 1], self_influence=torch.rand(20))
+
+
+def test_repeated_known_bad_indices_count_once_everywhere():
+    """detection_table with repeated indices [0, 0, 1, 1]: the ranking's share and "best
+    possible" both count the two distinct examples, so a perfect ranking equals best
+    possible; bad indices outside the examples are refused. (before: best possible divided
+    by 4, reporting 25% at 5% where the perfect ranking itself found 50%)"""
+    from proponents.report import detection_table
+    from proponents.report.plot import found_curve
+
+    scores = torch.arange(20.0).flip(0)  # example 0 first, then 1: a perfect ranking
+    table = detection_table({"s": scores}, [0, 0, 1, 1])
+    assert table == detection_table({"s": scores}, [0, 1])
+    # By hand: 20 examples, 2 bad; the top 1 holds one of them, the top 2 both.
+    assert table["s"] == {0.05: 0.5, 0.1: 1.0, 0.2: 1.0}
+    assert table["best possible"] == table["s"]
+    with pytest.raises(InvalidArgumentError, match="index -1 is outside the 20"):
+        found_curve(scores, [-1])
+
+
+def test_dollar_signs_in_ranking_names_are_drawn_as_text():
+    """Ranking names holding ``$`` (a self_influence_name, a baseline name) are plotted
+    as written, in the legend and the title. (before: matplotlib read them as mathtext
+    and raised ValueError: ParseFatalException)"""
+    train, test, pro = _bad_case()
+    g = torch.Generator().manual_seed(1)
+    for kw in (
+        {"self_influence_name": "cost $\\x$", "mislabeled": [1]},
+        {"baselines": {"loss $^$": torch.rand(20, generator=g)}, "mislabeled": [1]},
+        {"self_influence_name": "$5 score"},  # the sorted-scores figure's title
+    ):
+        report = build_report(train, test, pro, self_influence=torch.rand(20, generator=g), **kw)
+        assert report.figure_png is not None and report.figure_png[:4] == b"\x89PNG"
+    from proponents.report.plot import _plain
+
+    assert _plain("cost $\\x$") == "cost \\$\\x\\$"
+
+
+def test_bfloat16_inputs_scores_and_render_results_are_shown():
+    """bfloat16 examples, self-influence and render() results: shown as their float32
+    values (the same image, the same ranking). (before: TypeError: Got unsupported
+    ScalarType BFloat16)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(20, 1, 8, 8, generator=g).bfloat16()
+    labels = torch.randint(0, 3, (20,), generator=g)
+    scores = torch.rand(20, generator=g).bfloat16()
+    pro = (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
+    kw = dict(self_influence=scores, plot_figure=False)
+    as_bf16 = build_report(TensorDataset(x, labels), TensorDataset(x[:2], labels[:2]), pro, **kw)
+    as_f32 = build_report(
+        TensorDataset(x.float(), labels),
+        TensorDataset(x[:2].float(), labels[:2]),
+        pro,
+        self_influence=scores.float(),
+        plot_figure=False,
+    )
+    assert as_bf16.html == as_f32.html
+    assert (
+        as_bf16.figures["most_suspicious"][:5]
+        == torch.argsort(scores.float(), descending=True, stable=True)[:5].tolist()
+    )
+    np.testing.assert_array_equal(as_image(x[0]), as_image(x[0].float()))
+    html, is_image = example_html(torch.rand(3, 8, 8, generator=g).bfloat16(), alt="x")
+    assert is_image
+    assert build_report(
+        TensorDataset(torch.rand(20, 4, generator=g), labels),
+        TensorDataset(torch.rand(2, 4, generator=g), labels[:2]),
+        pro,
+        render=lambda v: v.bfloat16(),
+        plot_figure=False,
+    ).html
+
+
+def test_label_names_without_a_name_for_some_labels_warn():
+    """A label_names list shorter than the labels: those labels are shown as numbers and
+    a UserWarning names them. (before: the fallback to numbers was silent)"""
+    train, test, pro = _bad_case()
+    names = ["zero", "one"]
+    missing = sorted({int(v) for v in train.tensors[1]} | {int(v) for v in test.tensors[1]})
+    missing = [v for v in missing if v >= len(names)]
+    assert missing == [2]  # the data has a label 2 (independently of the report)
+    with pytest.warns(UserWarning, match=r"no name for label\(s\) 2 \(2 names given\)"):
+        html = build_report(
+            train, test, pro, label_names=names, self_influence=torch.rand(20), plot_figure=False
+        ).html
+    assert "label: 2" in html and "label: zero" in html
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_report(train, test, pro, label_names=["a", "b", "c"], plot_figure=False)

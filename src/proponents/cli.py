@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 2 a usage problem (bad arguments, a task file that is missing,
 fails to load or lacks a required name, an empty checkpoint folder, an output folder that
-cannot be made); 1 a failure while
+cannot be made or whose files cannot be written there); 1 a failure while
 running (a checkpoint that does not fit the model, a missing optional dependency, an
 error raised by the model); 130 interrupted.
 """
@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,7 +65,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        # by identity: a default of 0 equals False but is worth showing (--seed)
+        hidden = action.default is None or action.default is False
+        if not hidden and action.default is not argparse.SUPPRESS and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -236,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from proponents.demo import run_demo
     from proponents.demo.run import check_demo_arguments, check_demo_output
-    from proponents.errors import InvalidArgumentError
+    from proponents.errors import ArgumentTypeError, InvalidArgumentError
 
     n_wrong = (args.examples + 1) // 2
     settings = dict(
@@ -250,12 +253,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     try:  # before the output folder is made: a bad option leaves nothing behind
         check_demo_arguments(**settings)
-    except InvalidArgumentError as exc:
+    except (InvalidArgumentError, ArgumentTypeError) as exc:
         raise UsageError(str(exc)) from exc
     with _output_folder(args.out) as out:
-        try:
+        try:  # an unusable DIR/checkpoints or files of the user's own (removed again)
             check_demo_output(out)
-        except InvalidArgumentError as exc:
+        except (InvalidArgumentError, ArgumentTypeError) as exc:
             raise UsageError(str(exc)) from exc
         result = run_demo(out, show_progress=not args.quiet, **settings)
     print(result.summary_text())
@@ -437,6 +440,8 @@ def _resolve_checkpoints(folder: str) -> list[Any]:
     from proponents.checkpoints import resolve_checkpoints
     from proponents.errors import CheckpointNotFoundError
 
+    if not folder:
+        raise UsageError("--checkpoints is empty; give the folder that holds the checkpoints")
     path = Path(folder)
     if not path.exists():
         raise UsageError(f"checkpoint folder {path} does not exist")
@@ -449,22 +454,19 @@ def _resolve_checkpoints(folder: str) -> list[Any]:
 @contextmanager
 def _output_folder(path: str, option: str = "--out") -> Iterator[Path]:
     """``path`` as a folder that exists and can be written (created if needed), for the
-    body of a ``with``; folders it created are removed again if the body fails before
-    writing into them.
+    body of a ``with``; the folders it created are removed again (each only while still
+    empty) if making it or the body fails.
 
     Raises:
         UsageError: it is empty, names an existing file, or cannot be created or written.
     """
     if not path:
         raise UsageError(f"{option} is empty; give the folder to write into")
-    folder = Path(path)
-    existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), None)
+    created: list[Path] = []
     try:
-        yield _make_folder(folder, option)
+        yield _make_folder(Path(path), option, created)
     except BaseException:
-        for made in (folder.absolute(), *folder.absolute().parents):
-            if existing is not None and made == existing.absolute():
-                break
+        for made in reversed(created):
             try:
                 made.rmdir()  # only if still empty
             except OSError:
@@ -472,22 +474,52 @@ def _output_folder(path: str, option: str = "--out") -> Iterator[Path]:
         raise
 
 
-def _make_folder(folder: Path, option: str) -> Path:
+def _make_folder(folder: Path, option: str, created: list[Path]) -> Path:
+    """Make ``folder`` one component at a time, appending each folder made to
+    ``created``: lexical prefixes, so that with ``x/../y`` both ``x`` and ``y`` are
+    known (a walk up the parents of ``x/../y`` never reaches ``x``)."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(
             f"{option} {folder} is an existing file, not a folder; give a folder to write "
             "the report into (it is created if needed)"
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise UsageError(
-            f"{option} {folder} cannot be created ({reason}); give a folder you can write to"
-        ) from exc
+    prefix = Path(folder.parts[0])
+    for part in (None, *folder.parts[1:]):
+        if part is not None:
+            prefix = prefix / part
+        if prefix.is_dir():
+            continue
+        try:
+            prefix.mkdir()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise UsageError(
+                f"{option} {folder} cannot be created ({reason}); give a folder you can write to"
+            ) from exc
+        created.append(prefix)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {folder} is not writable; give a folder you can write to")
     return folder
+
+
+#: Files explain writes into its output folder (one of the two figures).
+EXPLAIN_FILES = ("report.html", "summary.json", "mislabel_curve.png", "self_influence.png")
+
+
+def _check_output_files(out: Path, names: Sequence[str]) -> None:
+    """Refuse, before any work, output files that exist as something other than a file (a
+    folder named ``report.html`` would get the report written inside it).
+
+    Raises:
+        UsageError: naming the path.
+    """
+    for name in names:
+        target = out / name
+        if (target.exists() or target.is_symlink()) and not target.is_file():
+            raise UsageError(
+                f"{target} exists and is not a file, and the command writes its {name} there; "
+                "move it away or give another --out"
+            )
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -497,6 +529,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     task = load_task(args.task)
     checkpoints = _resolve_checkpoints(args.checkpoints)
     with _output_folder(args.out) as out:
+        _check_output_files(out, EXPLAIN_FILES)
         return _explain(args, task, checkpoints, out, start)
 
 
@@ -579,27 +612,32 @@ def _explain(
         "method": args.method,
         "k": str(args.k),
     }
-    report = build_report(
-        task.train_dataset,
-        task.test_dataset,
-        analysis.proponents,
-        analysis.opponents,
-        test_indices=test_indices,
-        test_predictions=test_pred,
-        train_predictions=train_pred,
-        self_influence=analysis.suspicion,
-        self_influence_name=analysis.suspicion_name,
-        mislabeled=mislabeled,
-        baselines=baselines if mislabeled is not None else None,
-        label_names=options.get("label_names"),
-        render=options.get("render"),
-        title=f"Influence report: {task.path.name}",
-        subtitle=f"{args.method} over {len(checkpoints)} checkpoints",
-        summary=summary,
-        notes=analysis.notes,
-        proponents_title=analysis.proponents_title,
-        opponents_title=analysis.opponents_title,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = build_report(
+            task.train_dataset,
+            task.test_dataset,
+            analysis.proponents,
+            analysis.opponents,
+            test_indices=test_indices,
+            test_predictions=test_pred,  # one per test example, not per shown row
+            test_predictions_for="all",
+            train_predictions=train_pred,
+            self_influence=analysis.suspicion,
+            self_influence_name=analysis.suspicion_name,
+            mislabeled=mislabeled,
+            baselines=baselines if mislabeled is not None else None,
+            label_names=options.get("label_names"),
+            render=options.get("render"),
+            title=f"Influence report: {task.path.name}",
+            subtitle=f"{args.method} over {len(checkpoints)} checkpoints",
+            summary=summary,
+            notes=analysis.notes,
+            proponents_title=analysis.proponents_title,
+            opponents_title=analysis.opponents_title,
+        )
+    for warning in caught:  # one line each, e.g. label_names without a name for a label
+        print(f"proponents explain: warning: {warning.message}", file=sys.stderr)
     report_path = report.save(out / "report.html")
     figures = {
         "method": args.method,
@@ -628,7 +666,8 @@ def _explain(
 
 def _indices_option(task: Task, name: str, n: int, what: str, allow_mask: bool) -> list[int] | None:
     """A task option holding example indices, checked: a non-empty sequence of ints in
-    ``[0, n)``, or (``allow_mask``) a boolean mask of ``n`` entries. ``None`` if absent.
+    ``[0, n)``, or (``allow_mask``) a possibly empty one or a boolean mask of ``n``
+    entries. ``None`` if absent.
 
     Raises:
         UsageError: naming the option and what is wrong with it.
@@ -650,6 +689,8 @@ def _indices_option(task: Task, name: str, n: int, what: str, allow_mask: bool) 
                 f"per {what} example ({n})"
             )
         return [int(i) for i in np.flatnonzero(array)]
+    if allow_mask and array.ndim == 1 and array.size == 0:
+        return []  # NumPy reads [] as floats; no index is known to be bad
     if array.ndim != 1 or array.dtype.kind not in "iu" or (array.size == 0 and not allow_mask):
         kind = "a list of ints or a boolean mask" if allow_mask else "a non-empty list of ints"
         raise UsageError(

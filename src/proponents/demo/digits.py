@@ -6,6 +6,7 @@ it is an optional dependency (the ``demo`` extra), imported only here.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,25 @@ DEMO_MARKER = ".proponents-demo"
 
 
 def check_checkpoint_folder(folder: Path) -> None:
-    """Refuse a checkpoint folder that holds files the demo did not write.
+    """Refuse a checkpoint folder the demo cannot use: one that is not a folder, cannot be
+    written, or holds files the demo did not write.
 
     Raises:
-        InvalidArgumentError: the folder exists, is not empty, and has no
-            :data:`DEMO_MARKER`.
+        InvalidArgumentError: naming the folder and what to do.
     """
-    if not folder.is_dir() or (folder / DEMO_MARKER).is_file():
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise InvalidArgumentError(
+            f"{folder} exists and is not a folder; the demo writes its checkpoints there, so "
+            "give another output folder or move that file away"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(
+            f"{folder} is not writable; the demo writes its checkpoints there, so give an "
+            "output folder you can write to"
+        )
+    if (folder / DEMO_MARKER).is_file():
         return
     if any(folder.iterdir()):
         raise InvalidArgumentError(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import operator
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from proponents.demo.digits import (
+    DEMO_MARKER,
     DigitsCNN,
     check_checkpoint_folder,
     load_digits_data,
@@ -22,7 +25,7 @@ from proponents.demo.digits import (
     render_digit,
     train_with_checkpoints,
 )
-from proponents.errors import InvalidArgumentError
+from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.report.analysis import METHODS, pick_test_examples, predict, run_method
 from proponents.report.builder import build_report
 from proponents.report.plot import (
@@ -135,8 +138,14 @@ def run_demo(
     under ``out``. Seeded: the same arguments give the same result. Global random state is
     left as it was; torch runs on one CPU thread during the call (restored after).
 
+    Every argument is checked before anything is created: a bad one raises and leaves
+    ``out`` as it was (not even created).
+
     Args:
-        out: output directory (created if needed).
+        out: output directory (created if needed). The demo replaces its own files there
+            (``report.html``, ``summary.json``, the figure, ``checkpoints/ckpt-*.pt``) in
+            a folder an earlier demo run wrote (its ``checkpoints/.proponents-demo``
+            mark); anywhere else, existing files of those names are refused.
         noise: fraction of training labels flipped, ``0 <= noise < 1``.
         seed: seed of the split, the flips, the initial weights and the shuffling.
         method: ``"tracincp"``, ``"fast"``, ``"randproj"`` or ``"similarity"``.
@@ -150,7 +159,9 @@ def run_demo(
         The :class:`DemoResult`.
 
     Raises:
-        InvalidArgumentError: an argument out of range.
+        InvalidArgumentError: an argument out of range, or an output folder the demo cannot
+            use (the message says why).
+        ArgumentTypeError: an argument of the wrong type (``epochs=2.5``, say).
         MissingDemoExtraError: scikit-learn is missing.
         MissingExtraError: matplotlib is missing.
     """
@@ -158,6 +169,10 @@ def run_demo(
         noise=noise, seed=seed, method=method, epochs=epochs, k=k, n_wrong=n_wrong, n_right=n_right
     )
     check_demo_output(out)
+    # NumPy integers become Python ones: torch's seeding refuses np.uint64, say.
+    seed, epochs, k = operator.index(seed), operator.index(epochs), operator.index(k)
+    n_wrong, n_right = operator.index(n_wrong), operator.index(n_right)
+    noise = float(noise)
     try:
         require_matplotlib()
     except MissingExtraError as exc:
@@ -175,14 +190,64 @@ SEED_LIMIT = 2**64
 RANDPROJ_SEED_LIMIT = 2**43
 
 
+#: Files the demo writes into its output folder (one of the figures, by the noise).
+DEMO_FILES = ("report.html", "summary.json", "mislabel_curve.png", "self_influence.png")
+
+
 def check_demo_output(out: str | Path) -> None:
-    """Refuse an output folder whose ``checkpoints`` subfolder holds files the demo did
-    not write (it replaces the ``ckpt-*.pt`` files there).
+    """Refuse an output folder the demo cannot use, before anything is written.
+
+    Refused: an ``out`` that is empty, not a folder or not writable; a ``checkpoints``
+    subfolder that is not a writable folder or holds files the demo did not write (it
+    replaces the ``ckpt-*.pt`` files there); a report, summary or figure of the demo's
+    names that is a folder, or a file in a folder no earlier demo run wrote (the demo
+    would replace it).
 
     Raises:
-        InvalidArgumentError: naming the folder.
+        ArgumentTypeError: ``out`` is not a path.
+        InvalidArgumentError: naming the folder or file and what to do.
     """
-    check_checkpoint_folder(Path(out) / "checkpoints")
+    if not isinstance(out, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"out must be a folder path (str or Path), got {type(out).__name__}"
+        )
+    if not os.fspath(out):
+        raise InvalidArgumentError("out is empty; give the folder to write the demo into")
+    folder = Path(out)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise InvalidArgumentError(
+            f"{folder} is an existing file, not a folder; give a folder to write the demo into"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"{folder} is not writable; give a folder you can write to")
+    checkpoints = folder / "checkpoints"
+    check_checkpoint_folder(checkpoints)
+    present = [name for name in DEMO_FILES if (folder / name).exists()]
+    not_files = [name for name in present if not (folder / name).is_file()]
+    if not_files:
+        raise InvalidArgumentError(
+            f"{folder / not_files[0]} is not a file, and the demo writes its "
+            f"{not_files[0]} there; give another output folder or move it away"
+        )
+    if present and not (checkpoints / DEMO_MARKER).is_file():
+        raise InvalidArgumentError(
+            f"{folder} holds {', '.join(present)}, which no earlier demo run wrote (its "
+            f"checkpoints/{DEMO_MARKER} mark is missing), and the demo would replace them; "
+            "give another output folder or remove them"
+        )
+
+
+def _integer(name: str, value: Any) -> int:
+    """``value`` as an int (Python or NumPy integers, not bools).
+
+    Raises:
+        ArgumentTypeError: anything else, naming the argument.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def check_demo_arguments(
@@ -191,15 +256,28 @@ def check_demo_arguments(
     """Refuse demo arguments out of range before anything is trained or written.
 
     Raises:
-        InvalidArgumentError: an argument out of range (the message names it).
+        InvalidArgumentError: an argument out of range (the message names it); also a
+            ``seed`` that is not an integer.
+        ArgumentTypeError: ``noise``, ``epochs``, ``k``, ``n_wrong`` or ``n_right`` of the
+            wrong type, or a ``method`` that is not a str.
         MissingDemoExtraError: scikit-learn, which holds the digits, is missing.
     """
+    if not isinstance(method, str):
+        raise ArgumentTypeError(f"method must be a str, got {type(method).__name__}")
     if method not in METHODS:
         raise InvalidArgumentError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(noise, (bool, np.bool_)) or not isinstance(
+        noise, (int, float, np.integer, np.floating)
+    ):
+        raise ArgumentTypeError(f"noise must be a number, got {type(noise).__name__} {noise!r}")
     if not 0.0 <= noise < 1.0:
         raise InvalidArgumentError(f"noise must be at least 0 and below 1, got {noise}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        # (InvalidArgumentError, as before: callers catch that for every seed mistake)
         raise InvalidArgumentError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)
+    epochs, k = _integer("epochs", epochs), _integer("k", k)
+    n_wrong, n_right = _integer("n_wrong", n_wrong), _integer("n_right", n_right)
     if not 0 <= seed < SEED_LIMIT:
         raise InvalidArgumentError(f"seed must be between 0 and 2**64 - 1, got {seed}")
     if method == "randproj" and seed >= RANDPROJ_SEED_LIMIT:
@@ -303,7 +381,8 @@ def _run(
         analysis.proponents,
         analysis.opponents,
         test_indices=test_indices,
-        test_predictions=test_pred,
+        test_predictions=test_pred,  # one per test image
+        test_predictions_for="all",
         train_predictions=train_pred,
         self_influence=analysis.suspicion,
         self_influence_name=analysis.suspicion_name,

@@ -23,6 +23,7 @@ from torch.utils.data.dataloader import default_collate
 from proponents.checkpoints import load_flexible_state_dict
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.progress import progress_iter
+from proponents.report.render import tensor_numpy
 from proponents.scoring import k_most
 
 #: Method names accepted by the command line, in the order they are documented.
@@ -163,7 +164,7 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     item, keeping only the labels.
     """
     if isinstance(dataset, TensorDataset):
-        return dataset.tensors[-1].cpu().numpy()
+        return tensor_numpy(dataset.tensors[-1])
     labels = []
     for i in range(len(dataset)):  # type: ignore[arg-type]
         item = dataset[i]
@@ -173,7 +174,7 @@ def labels_of(dataset: Dataset) -> np.ndarray:
             "the dataset's items carry no label; each item must be (*inputs, label)"
         )
     stacked = default_collate(labels)
-    return stacked.cpu().numpy() if isinstance(stacked, Tensor) else np.asarray(stacked)
+    return tensor_numpy(stacked) if isinstance(stacked, Tensor) else np.asarray(stacked)
 
 
 def pick_test_examples(
@@ -228,8 +229,8 @@ def _batch_reducing(loss_fn: Any) -> Any:
 def _np_pair(result: Any) -> tuple[np.ndarray, np.ndarray]:
     indices, scores = result[0], result[1]
     return (
-        indices.detach().cpu().numpy().astype(np.int64),
-        scores.detach().cpu().numpy().astype(np.float64),
+        tensor_numpy(indices).astype(np.int64),
+        tensor_numpy(scores).astype(np.float64),
     )
 
 
@@ -386,7 +387,7 @@ def run_method(
         test_indices=shown,
         proponents=_np_pair(pro),
         opponents=_np_pair(con),
-        suspicion=suspicion.detach().cpu().numpy().astype(np.float64),
+        suspicion=tensor_numpy(suspicion).astype(np.float64),
         suspicion_name=name,
         notes=notes,
         seconds=seconds,
@@ -469,7 +470,10 @@ def _run_similarity(
         seconds["proponents/opponents"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        # One row per example: a label of shape (1,) or (d,) (a regression target) is
+        # compared entry by entry, and differs when any entry does.
         labels = labels_of(train_dataset)
+        labels = labels.reshape(labels.shape[0], -1) if labels.ndim else labels.reshape(1, 1)
         neighbours = min(NEIGHBOURS, n_train - 1)
         suspicion = np.zeros(n_train)
         if neighbours >= 1:
@@ -484,13 +488,13 @@ def _run_similarity(
                 train_inputs, _ = collate(train_dataset, rows)
                 batch: Any = train_inputs if len(train_inputs) > 1 else train_inputs[0]
                 found, similar = most.influence(batch, top_k=neighbours + 1)[layer]
-                idx = found.cpu().numpy()
-                sim = similar.cpu().numpy().astype(np.float64)
+                idx = tensor_numpy(found)
+                sim = tensor_numpy(similar).astype(np.float64)
                 # Drop each example itself from its neighbours, keep the nearest others.
                 order = np.argsort(idx == rows[:, None], axis=1, kind="stable")[:, :neighbours]
                 near = np.take_along_axis(idx, order, axis=1)
                 weight = np.clip(np.take_along_axis(sim, order, axis=1), 0.0, None)
-                differs = labels[near] != labels[rows][:, None]
+                differs = (labels[near] != labels[rows][:, None]).any(axis=-1)
                 total = weight.sum(axis=1)
                 share = (weight * differs).sum(axis=1) / np.where(total > 0, total, 1.0)
                 suspicion[rows] = np.where(total > 0, share, differs.mean(axis=1))
@@ -508,6 +512,14 @@ def _run_similarity(
             f"Similarity of the activations of layer {layer!r} at the final weights. "
             "Similarity has no self-influence: an example is suspicious when the "
             f"{NEIGHBOURS} training examples most similar to it mostly carry another label."
-        ],
+        ]
+        + (
+            []
+            if labels.dtype.kind in "iub"
+            else [
+                "The labels are not integer classes: a neighbour counts as disagreeing when "
+                "its label differs at all, so this ranking says little about a regression."
+            ]
+        ),
         seconds=seconds,
     )

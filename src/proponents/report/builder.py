@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, RenderError
 from proponents.report import plot
-from proponents.report.render import data_uri, default_render, example_html
+from proponents.report.render import data_uri, default_render, example_html, tensor_numpy
+from proponents.user_warnings import warn
 
 #: Content-Security-Policy of the saved page: inline styles and data: images only.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -125,8 +126,50 @@ def as_results(value: Any, what: str) -> Results:
 
 def _numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+        return tensor_numpy(value)
     return np.asarray(value)
+
+
+def _out_of_range(indices: np.ndarray, n: int) -> list[int]:
+    """The distinct entries of ``indices`` outside ``[0, n)``, in their first order."""
+    flat = indices.reshape(-1)
+    outside = flat[(flat < 0) | (flat >= n)]
+    return [int(i) for i in dict.fromkeys(outside.tolist())]
+
+
+def _mislabeled_indices(mislabeled: Any, n_train: int) -> set[int]:
+    """The known-bad training positions given as indices or as a boolean mask.
+
+    Raises:
+        ArgumentTypeError: neither integers nor booleans (floats, strings).
+        InvalidArgumentError: a mask whose length is not ``n_train``, or indices outside
+            ``[0, n_train)`` (a negative index is not counted from the end).
+    """
+    if isinstance(mislabeled, (set, frozenset)):
+        mislabeled = sorted(mislabeled)
+    array = _numpy(mislabeled)
+    if array.dtype == np.bool_:
+        if array.ndim != 1 or array.shape[0] != n_train:
+            raise InvalidArgumentError(
+                f"mislabeled is a boolean mask of shape {tuple(array.shape)}; a mask needs one "
+                f"entry per training example ({n_train}), or give the indices instead"
+            )
+        return {int(i) for i in np.flatnonzero(array)}
+    if array.size == 0:
+        return set()
+    if array.dtype.kind not in "iu":
+        raise ArgumentTypeError(
+            f"mislabeled must hold training indices (ints) or be a boolean mask of "
+            f"{n_train} entries, got an array of {array.dtype}"
+        )
+    outside = _out_of_range(array, n_train)
+    if outside:
+        shown = ", ".join(map(str, outside[:10])) + (", …" if len(outside) > 10 else "")
+        raise InvalidArgumentError(
+            f"mislabeled holds {shown}, outside the {n_train} training examples; give "
+            f"positions 0 to {n_train - 1} (negative positions are not counted from the end)"
+        )
+    return {int(i) for i in array.reshape(-1)}
 
 
 def _dataset(data: Any, what: str) -> Any:
@@ -269,6 +312,7 @@ class _Examples:
         label_names: Any,
         predictions: np.ndarray | None,
         bad: set[int],
+        unnamed: set[int] | None = None,
     ) -> None:
         self.data = _dataset(data, what)
         self.what = what
@@ -276,6 +320,8 @@ class _Examples:
         self.label_names = label_names
         self.predictions = predictions
         self.bad = bad
+        #: integer labels that ``label_names`` has no name for (shown as numbers)
+        self.unnamed = unnamed if unnamed is not None else set()
 
     def __len__(self) -> int:
         return len(self.data)
@@ -287,7 +333,7 @@ class _Examples:
             try:
                 return str(names[int(value)])
             except (KeyError, IndexError, TypeError):
-                pass
+                self.unnamed.add(int(value))
         if isinstance(value, float):
             return _fmt_number(value)
         return str(value)
@@ -372,6 +418,53 @@ def _detection_html(table: Mapping[str, Mapping[float, float]]) -> str:
     return '<table class="det"><tr><th>ranking</th>' + head + "</tr>" + rows + "</table>"
 
 
+#: Values of ``build_report(test_predictions_for=...)``.
+PREDICTIONS_FOR = ("shown", "all")
+
+
+def _shown_predictions(
+    predictions: Any, predictions_for: str | None, rows: list[int], default_rows: bool, n_test: int
+) -> list[Any] | None:
+    """The prediction of each shown row, from one per row or one per test example."""
+    if predictions_for is not None and predictions_for not in PREDICTIONS_FOR:
+        raise InvalidArgumentError(
+            f"test_predictions_for must be 'shown' (one per shown test example) or 'all' "
+            f"(one per test example), got {predictions_for!r}"
+        )
+    if predictions is None:
+        return None
+    values = list(_numpy(predictions).reshape(-1))
+    n_shown = len(rows)
+    if predictions_for is None:
+        if len(values) == n_shown and len(values) == n_test:
+            # Both readings fit; they agree only when row r is test example r.
+            if not default_rows and rows != list(range(n_test)):
+                raise InvalidArgumentError(
+                    f"test_predictions has {len(values)} entries, both the number of shown "
+                    "test examples and of test examples, and test_indices reorders them; say "
+                    "which it is: test_predictions_for='all' (indexed by test position) or "
+                    "'shown' (in the order of test_indices)"
+                )
+            predictions_for = "shown"
+        elif len(values) == n_shown:
+            predictions_for = "shown"
+        elif len(values) == n_test:
+            predictions_for = "all"
+        else:
+            raise InvalidArgumentError(
+                f"test_predictions has {len(values)} entries; give one per shown test example "
+                f"({n_shown}) or one per test example ({n_test})"
+            )
+    expected = n_shown if predictions_for == "shown" else n_test
+    if len(values) != expected:
+        what = "shown test example" if predictions_for == "shown" else "test example"
+        raise InvalidArgumentError(
+            f"test_predictions has {len(values)} entries but test_predictions_for="
+            f"{predictions_for!r} needs one per {what} ({expected})"
+        )
+    return values if predictions_for == "shown" else [values[i] for i in rows]
+
+
 def build_report(
     train_dataset: Any,
     test_dataset: Any,
@@ -380,6 +473,7 @@ def build_report(
     *,
     test_indices: Sequence[int] | np.ndarray | None = None,
     test_predictions: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
+    test_predictions_for: str | None = None,
     train_predictions: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
     self_influence: Any = None,
     self_influence_name: str = "self-influence",
@@ -408,17 +502,27 @@ def build_report(
         opponents: the same for opponents, or ``None``.
         test_indices: positions in ``test_dataset`` of the ``n_shown`` rows; default
             ``0..n_shown-1``.
-        test_predictions: the model's predicted label for each shown test example
-            (``n_shown`` entries), or for every test example (``len(test_dataset)``).
-        train_predictions: the predicted label of every training example, or ``None``.
+        test_predictions: the model's predicted labels: one per shown test example
+            (``n_shown`` entries, in the order of ``test_indices``), or one per test example
+            (``len(test_dataset)`` entries, indexed by test position).
+        test_predictions_for: which of the two ``test_predictions`` holds: ``"shown"`` or
+            ``"all"``. ``None`` (default) tells them apart by length; when both lengths
+            are equal and ``test_indices`` is not ``0..n-1`` in order, the two readings
+            differ and it must be given.
+        train_predictions: the predicted label of every training example
+            (``len(train_dataset)`` entries), or ``None``.
         self_influence: ``(n_train,)`` suspicion scores (higher is more suspicious), or
             ``None`` to leave out the ranking.
         self_influence_name: what those scores are, as shown in the report.
-        mislabeled: training indices known to be mislabelled (e.g. flipped on purpose);
-            they are marked, and a detection curve compares the rankings.
+        mislabeled: training indices known to be mislabelled (e.g. flipped on purpose),
+            or a boolean mask with one entry per training example; they are marked, and a
+            detection curve compares the rankings. Repeated indices count once; an empty
+            list means none is known.
         baselines: other ``(n_train,)`` suspicion scores to compare in the detection curve,
             by name (e.g. ``{"final loss": losses}``).
-        label_names: names of integer labels (a list, or a dict from label to name).
+        label_names: names of integer labels (a list, or a dict from label to name). A
+            label it has no name for is shown as its number, with a ``UserWarning``
+            listing those labels.
         render: ``render(*inputs)`` -> what to show for an example: an image array or
             tensor, a PIL image, PNG bytes, or a string (shown as escaped text). By default
             an example's only input is shown (image-like arrays as images, anything else
@@ -437,7 +541,10 @@ def build_report(
 
     Raises:
         MissingExtraError: ``plot_figure`` is true and matplotlib is not installed.
-        InvalidArgumentError: indices out of range or shapes that do not fit.
+        InvalidArgumentError: indices out of range, shapes or lengths that do not fit,
+            ``test_predictions`` whose reading is ambiguous without
+            ``test_predictions_for``.
+        ArgumentTypeError: ``mislabeled`` that are neither integers nor a boolean mask.
     """
     pro = as_results(proponents, "proponents")
     con = as_results(opponents, "opponents") if opponents is not None else None
@@ -452,31 +559,34 @@ def build_report(
         raise InvalidArgumentError(
             f"test_indices has {len(rows)} entries but the results have {n_shown} rows"
         )
-    bad = {int(i) for i in np.asarray(mislabeled).reshape(-1)} if mislabeled is not None else set()
+    train_data = _dataset(train_dataset, "train_dataset")
+    n_train = len(train_data)
+    bad = _mislabeled_indices(mislabeled, n_train) if mislabeled is not None else set()
     train_pred = _numpy(train_predictions) if train_predictions is not None else None
-    train = _Examples(train_dataset, "train_dataset", render, label_names, train_pred, bad)
-    test = _Examples(test_dataset, "test_dataset", render, label_names, None, set())
-    test_pred: list[Any] | None = None
-    if test_predictions is not None:
-        values = list(_numpy(test_predictions).reshape(-1))
-        if len(values) == n_shown:
-            test_pred = values
-        elif len(values) == len(test):
-            test_pred = [values[i] for i in rows]
-        else:
-            raise InvalidArgumentError(
-                f"test_predictions has {len(values)} entries; give one per shown test example "
-                f"({n_shown}) or one per test example ({len(test)})"
-            )
+    if train_pred is not None and (train_pred.ndim == 0 or train_pred.shape[0] != n_train):
+        size = 1 if train_pred.ndim == 0 else train_pred.shape[0]
+        raise InvalidArgumentError(
+            f"train_predictions has {size} entries but train_dataset has {n_train}; give the "
+            "predicted label of every training example"
+        )
+    unnamed: set[int] = set()
+    train = _Examples(train_data, "train_dataset", render, label_names, train_pred, bad, unnamed)
+    test = _Examples(test_dataset, "test_dataset", render, label_names, None, set(), unnamed)
+    outside_test = [i for i in rows if not 0 <= i < len(test)]
+    if outside_test:
+        raise InvalidArgumentError(
+            f"test_indices {outside_test[:10]} are outside the {len(test)} test examples"
+        )
+    test_pred = _shown_predictions(
+        test_predictions, test_predictions_for, rows, test_indices is None, len(test)
+    )
     for what, res in (("proponents", pro), ("opponents", con)):
-        if (
-            res is not None
-            and res.indices.size
-            and (res.indices.min() < 0 or res.indices.max() >= len(train))
-        ):
+        outside = _out_of_range(res.indices, len(train)) if res is not None else []
+        if outside:
             raise InvalidArgumentError(
-                f"{what} refer to training index {int(res.indices.max())} but train_dataset "
-                f"has {len(train)} examples"
+                f"{what} refer to training index {outside[0]} but train_dataset has "
+                f"{len(train)} examples (valid: 0 to {len(train) - 1}); the results must "
+                "come from this training set"
             )
 
     parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
@@ -564,6 +674,13 @@ def build_report(
             parts.append(
                 f'<div class="row">{test_card}<div class="strips">{"".join(strips)}</div></div>'
             )
+
+    if unnamed and label_names is not None:
+        shown = ", ".join(map(str, sorted(unnamed)[:10])) + (", …" if len(unnamed) > 10 else "")
+        warn(
+            f"label_names has no name for label(s) {shown} ({len(label_names)} names given); "
+            "they are shown as numbers. Give a name for every label (index i names label i)"
+        )
 
     from proponents import __version__
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from proponents.errors import ProponentsError
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
 
 #: Fractions of the training set at which the found share of bad labels is reported.
 DEFAULT_FRACTIONS = (0.05, 0.10, 0.20)
@@ -68,8 +68,47 @@ def ranking(scores: Any) -> np.ndarray:
 
 def _numpy(values: Any) -> np.ndarray:
     if hasattr(values, "detach"):
-        return values.detach().cpu().numpy()
+        from proponents.report.render import tensor_numpy
+
+        return tensor_numpy(values)
     return np.asarray(values)
+
+
+def bad_indices(bad: Any, n: int) -> np.ndarray:
+    """The distinct known-bad positions, sorted, from indices or a boolean mask of ``n``.
+
+    Raises:
+        ArgumentTypeError: neither integers nor booleans.
+        InvalidArgumentError: a mask of another length than ``n``, or an index outside
+            ``[0, n)`` (negative indices are not counted from the end).
+    """
+    array = _numpy(bad)
+    if array.dtype == np.bool_:
+        if array.ndim != 1 or array.shape[0] != n:
+            raise InvalidArgumentError(
+                f"a boolean mask of known-bad examples needs one entry per example ({n}), "
+                f"got shape {tuple(array.shape)}"
+            )
+        return np.flatnonzero(array).astype(np.int64)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.dtype.kind not in "iu":
+        raise ArgumentTypeError(
+            f"known-bad examples must be given as integer indices or a boolean mask, got "
+            f"an array of {array.dtype}"
+        )
+    flat = array.reshape(-1).astype(np.int64)
+    outside = flat[(flat < 0) | (flat >= n)]
+    if outside.size:
+        raise InvalidArgumentError(
+            f"known-bad index {int(outside[0])} is outside the {n} examples (valid: 0 to {n - 1})"
+        )
+    return np.unique(flat)
+
+
+def _plain(text: str) -> str:
+    """``text`` for a matplotlib label, with ``$`` shown as itself (not as mathtext)."""
+    return text.replace("$", r"\$")
 
 
 def found_curve(scores: Any, bad: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -77,14 +116,18 @@ def found_curve(scores: Any, bad: Sequence[int] | np.ndarray) -> np.ndarray:
 
     Args:
         scores: ``(n,)`` suspicion scores, higher is more suspicious.
-        bad: indices of the examples known to be bad (e.g. flipped labels).
+        bad: indices of the examples known to be bad (e.g. flipped labels; repeats count
+            once), or a boolean mask of ``n`` entries.
 
     Returns:
         ``(n + 1,)`` array; entry ``i`` is the share found among the ``i`` most suspicious.
+
+    Raises:
+        InvalidArgumentError: an index outside ``[0, n)`` or a mask of another length.
     """
     order = ranking(scores)
     mask = np.zeros(order.size, dtype=bool)
-    mask[np.asarray(bad, dtype=np.int64)] = True
+    mask[bad_indices(bad, order.size)] = True
     total = max(int(mask.sum()), 1)
     return np.concatenate([[0.0], np.cumsum(mask[order]) / total])
 
@@ -106,7 +149,7 @@ def detection_table(
 
     Args:
         rankings: name -> ``(n,)`` suspicion scores.
-        bad: indices of the known-bad examples.
+        bad: indices of the known-bad examples (repeats count once), or a boolean mask.
         fractions: fractions of the data inspected.
         n: dataset size (needed only when ``rankings`` is empty).
 
@@ -114,15 +157,19 @@ def detection_table(
         name -> {fraction: share found}; the entry ``"random order (expected)"`` holds the
         expected share under a uniformly random order, ``round(f * n) / n``, and
         ``"best possible"`` the share a perfect ranking finds.
+
+    Raises:
+        InvalidArgumentError: a known-bad index outside the examples.
     """
+    if n is None:
+        n = len(_numpy(next(iter(rankings.values())))) if rankings else 0
+    bad = bad_indices(bad, n)
     table = {
         name: {f: found_at(scores, bad, f) for f in fractions} for name, scores in rankings.items()
     }
-    if n is None:
-        n = len(_numpy(next(iter(rankings.values())))) if rankings else 0
     if n:
         table["random order (expected)"] = {f: round(f * n) / n for f in fractions}
-        n_bad = len(np.asarray(bad))
+        n_bad = len(bad)
         if n_bad:
             table["best possible"] = {f: min(round(f * n), n_bad) / n_bad for f in fractions}
     return table
@@ -160,12 +207,13 @@ def detection_figure_png(
         MissingExtraError: matplotlib is not installed.
     """
     n = len(_numpy(next(iter(rankings.values())))) if rankings else 0
-    n_bad = len(np.asarray(bad))
+    bad = bad_indices(bad, n)
+    n_bad = len(bad)
     fig, ax = _new_figure()
     x = np.arange(n + 1) / max(n, 1)
     styles = ["-", "--", "-.", ":"]
     for i, (name, scores) in enumerate(rankings.items()):
-        ax.plot(x * 100, found_curve(scores, bad) * 100, styles[i % 4], lw=2, label=name)
+        ax.plot(x * 100, found_curve(scores, bad) * 100, styles[i % 4], lw=2, label=_plain(name))
     ax.plot([0, 100], [0, 100], color="0.55", lw=1, label="random order (expected)")
     if n and n_bad:
         best = np.minimum(np.arange(n + 1), n_bad) / n_bad
@@ -176,7 +224,7 @@ def detection_figure_png(
     ax.set_ylim(0, 101)
     ax.set_xlabel("training examples inspected, most suspicious first (%)")
     ax.set_ylabel("known-bad labels found (%)")
-    ax.set_title(title)
+    ax.set_title(_plain(title))
     ax.grid(alpha=0.25)
     ax.legend(loc="lower right", fontsize=9)
     return _png(fig)
@@ -200,6 +248,6 @@ def score_figure_png(scores: Any, title: str = "Self-influence, sorted") -> byte
         ax.set_yscale("log")
     ax.set_xlabel("training examples, most suspicious first (%)")
     ax.set_ylabel("score")
-    ax.set_title(title)
+    ax.set_title(_plain(title))
     ax.grid(alpha=0.25)
     return _png(fig)

@@ -83,9 +83,28 @@ def image_type(data: bytes) -> str | None:
     return None
 
 
+#: Tensor dtypes NumPy has an equivalent of; others (bfloat16, float8, complex32) are widened.
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+_NUMPY_COMPLEX = (torch.complex64, torch.complex128)
+
+
+def tensor_numpy(value: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a NumPy array on the CPU.
+
+    Floating-point dtypes NumPy lacks (``bfloat16``, the ``float8`` kinds) become
+    ``float32``, and ``complex32`` becomes ``complex64``; ``.numpy()`` refuses them.
+    """
+    value = value.detach().cpu().resolve_conj().resolve_neg()
+    if value.dtype.is_floating_point and value.dtype not in _NUMPY_FLOATS:
+        value = value.float()
+    elif value.dtype.is_complex and value.dtype not in _NUMPY_COMPLEX:
+        value = value.to(torch.complex64)
+    return value.numpy()
+
+
 def _to_numpy(value: Any) -> np.ndarray | None:
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+        return tensor_numpy(value)
     if isinstance(value, np.ndarray):
         return value
     return None
