@@ -39,7 +39,13 @@ from proponents.data import (
     reversed_batch,
 )
 from proponents.gradients import representations as reps
-from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
+from proponents.gradients.functional import (
+    call_with,
+    constants,
+    grads_or_zeros,
+    reads_requires_grad,
+    slot_names,
+)
 from proponents.gradients.generic import GenericGradients
 from proponents.gradients.hooked import (
     LayerShapeMismatch,
@@ -350,15 +356,21 @@ class GradientEngine:
     def _check(self, params: dict, buffers: dict, batch: Batch) -> None:
         """Tune and verify the per-layer strategies on the first batch.
 
-        Convolutions get the faster of their two exact methods (timed here); every
-        hooked layer is then compared with autograd on single examples, and a layer
-        that disagrees is moved to the generic path.
+        A layer whose weight or bias the model uses outside the layer's own ``forward``
+        (seen during this batch's pass, see :class:`~proponents.gradients.hooked.
+        OutsideUses`) is moved to the generic path: its per-layer strategy would miss
+        the gradient of that use, on whichever examples it matters. Convolutions get the
+        fastest of their exact methods (timed here); every hooked layer is then compared
+        with autograd on single examples, and a layer that disagrees is moved to the
+        generic path too.
         """
         self._checks += 1
         before = self.strategies
-        # Every run here gets its own copy: the batch itself is still to be scored.
+        # Every run here gets its own copy: the batch itself is still to be scored. The
+        # pass also finds layers whose parameters the model uses outside their forward.
+        outside: set[str] = set()
         records, self._protect = record(
-            self.model, self.hooked, self.loss, batch, self._protect, copy_inputs=True
+            self.model, self.hooked, self.loss, batch, self._protect, True, outside
         )
         self.hooked = [self._tune(layer, records[layer.name]) for layer in self.hooked]
         layer_reps: list[Grads | None] = []
@@ -369,7 +381,10 @@ class GradientEngine:
                 )
             except LayerShapeMismatch:
                 layer_reps.append(None)
-        keep = [rep is not None for rep in layer_reps]
+        keep = [
+            rep is not None and layer.name not in outside
+            for layer, rep in zip(self.hooked, layer_reps)
+        ]
         for j, same in enumerate(self._same_when_reversed(batch, params, layer_reps)):
             keep[j] = keep[j] and same
         # first, middle and last rows (examples that interact only in part of the batch),
@@ -472,6 +487,10 @@ class GradientEngine:
         """
         if len(self.hooked) != 1 or self.hooked[0].kind != "linear" or self.generic is not None:
             return False
+        if reads_requires_grad(self.model):
+            # the closed form runs without grad mode, where such a model's forward takes
+            # its inference path (other activations than the scored forward's)
+            return False
         name = self.hooked[0].name
         try:
             closed, _ = record_parts(
@@ -537,9 +556,11 @@ class GradientEngine:
         example = copy_batch(batch)
         inputs = map_rows(example.inputs, batch.size, lambda x: x[i : i + 1])
         versions = [a._version for a in tree_leaves(inputs) if isinstance(a, Tensor)]
+        # the other parameters as the hooked pass sees them (flags kept where read)
+        rest = constants(self.model, params, reads_requires_grad(self.model))
         with torch.enable_grad():
             slots = slot_names(self.model)
-            out = call_with(self.model, {**params, **leaves, **buffers}, inputs, slots)
+            out = call_with(self.model, {**rest, **leaves, **buffers}, inputs, slots)
             value = self.loss.example_loss(out, example_labels(example.labels, i, batch.size))
             grads = grads_or_zeros(value, [leaves[n] for n in names])
             if not bool(torch.isfinite(value.detach())):  # an undefined loss: NaN scores

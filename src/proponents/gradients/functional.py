@@ -53,6 +53,49 @@ def call_with(
     return functional_call(model, given, args, tie_weights=False)
 
 
+#: Module types whose ``forward`` takes another code path (PyTorch's inference "fast
+#: path": fused kernels, nested tensors that leave padded positions at zero) when grad mode
+#: is on but none of their parameters requires gradients. A model holding one of them is
+#: differentiated with every parameter's ``requires_grad`` as the user set it (see
+#: :func:`reads_requires_grad`), so that the scored forward is the one it trains with.
+REQUIRES_GRAD_DEPENDENT: tuple[type[nn.Module], ...] = (
+    nn.TransformerEncoder,
+    nn.TransformerEncoderLayer,
+    nn.MultiheadAttention,
+)
+
+
+def reads_requires_grad(model: nn.Module) -> bool:
+    """Whether ``model``'s forward may depend on its parameters' ``requires_grad`` flags.
+
+    True when it contains a module of :data:`REQUIRES_GRAD_DEPENDENT` (or a subclass).
+    Such a model's parameters keep their flags while it is differentiated: only the
+    selected ones are switched on. Any other model has, besides the selected parameters,
+    every flag switched off for the duration (autograd then records nothing for the rest
+    of the network, which its forward cannot tell apart).
+    """
+    return any(isinstance(m, REQUIRES_GRAD_DEPENDENT) for m in model.modules())
+
+
+def constants(
+    model: nn.Module, params: Mapping[str, Tensor], keep_flags: bool
+) -> dict[str, Tensor]:
+    """Detached ``params`` (by canonical name) to run the model with as constants.
+
+    With ``keep_flags``, each carries the ``requires_grad`` flag of the model's parameter
+    of that name (a new leaf sharing its storage), so that a forward that reads the flags
+    (see :func:`reads_requires_grad`) takes its training path; run it where autograd
+    records nothing for them (under ``torch.no_grad()`` around ``torch.func.grad``) or
+    differentiate only the tensors wanted.
+    """
+    out = {n: t.detach() for n, t in params.items()}
+    if keep_flags:
+        for name, p in model.named_parameters():
+            if p.requires_grad and name in out and out[name].is_floating_point():
+                out[name] = out[name].requires_grad_(True)
+    return out
+
+
 def grads_or_zeros(value: Tensor, leaves: Sequence[Tensor]) -> list[Tensor]:
     """Dense gradients of ``value`` with respect to ``leaves``, zero for a leaf it does not
     depend on, also when it depends on none at all (a loss computed under ``no_grad``

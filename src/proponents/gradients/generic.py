@@ -29,7 +29,13 @@ from proponents.data import (
     holds_examples,
     map_rows,
 )
-from proponents.gradients.functional import call_with, grads_or_zeros, slot_names
+from proponents.gradients.functional import (
+    call_with,
+    constants,
+    grads_or_zeros,
+    reads_requires_grad,
+    slot_names,
+)
 from proponents.gradients.loss import LossSpec, nan_where_undefined
 from proponents.user_warnings import warn
 
@@ -80,6 +86,8 @@ class GenericGradients:
         self.loss = loss
         self.owner = owner
         self.use_loop = False
+        #: whether the constants keep the model's requires_grad flags (see _split)
+        self._keep_flags = reads_requires_grad(model)
         # Whether the model edits its input in place: unknown until vmap has run once.
         self._edits_inputs: bool | None = None
 
@@ -135,9 +143,11 @@ class GenericGradients:
         return self._looped(params, buffers, batch)
 
     def _split(self, params: Mapping[str, Tensor]) -> tuple[dict, dict]:
+        """The differentiated parameters, and the others as constants (with the model's
+        ``requires_grad`` flags where its forward reads them: see :func:`constants`)."""
         chosen = {n: params[n].detach() for n in self.names}
-        const = {n: p.detach() for n, p in params.items() if n not in chosen}
-        return chosen, const
+        rest = {n: p for n, p in params.items() if n not in chosen}
+        return chosen, constants(self.model, rest, self._keep_flags)
 
     def _vectorised(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
@@ -164,7 +174,11 @@ class GenericGradients:
 
         in_inputs = tree_map(lambda x: 0 if holds_examples(x, n) else None, batch.inputs)
         in_labels = tree_map(lambda x: 0 if holds_examples(x, n) else None, batch.labels)
-        with torch.enable_grad(), warnings.catch_warnings(), _math_attention():
+        # torch.func.grad differentiates inside whatever the grad mode outside it is; with
+        # constants that require gradients (kept flags), autograd must record nothing
+        # outside it, or the results would hold a graph through those constants.
+        outer = torch.no_grad() if self._keep_flags else torch.enable_grad()
+        with outer, warnings.catch_warnings(), _math_attention():
             # vmap's notice that an operator runs through its slower fallback is not
             # actionable for our users; results are unaffected.
             warnings.filterwarnings("ignore", message="There is a performance drop")

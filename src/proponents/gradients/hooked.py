@@ -18,13 +18,16 @@ calls, which for factors is a concatenation along the position axis.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from proponents.data import Batch, chunk_batch, copy_batch
+from proponents.gradients.functional import reads_requires_grad
 from proponents.gradients.loss import LossSpec, labels_fit_closed_form, output_gradient
 from proponents.gradients.representations import DenseGrads, FactoredGrads, Grads, concat
 from proponents.gradients.selection import HookedLayer
@@ -44,6 +47,7 @@ def record(
     batch: Batch,
     protect: bool = False,
     copy_inputs: bool = False,
+    outside: set[str] | None = None,
 ) -> tuple[dict[str, Calls], bool]:
     """One forward and backward pass recording, per layer and call, ``(input, grad, output)``.
 
@@ -63,11 +67,15 @@ def record(
             tensor whose gradient is taken. Without it, such a modification is detected
             through the tensor's version counter and the pass is redone with protection.
         copy_inputs: run the model on a copy of the batch (see :func:`record_parts`).
+        outside: a set to add the names of layers to whose parameters the pass uses
+            outside the layers' own forward (see :func:`record_parts`).
 
     Returns:
         The records, and whether protection was needed (callers keep it on from then on).
     """
-    records, protect = record_parts(model, layers, loss, [batch], protect, copy_inputs=copy_inputs)
+    records, protect = record_parts(
+        model, layers, loss, [batch], protect, copy_inputs=copy_inputs, outside=outside
+    )
     return records[0], protect
 
 
@@ -83,6 +91,7 @@ def record_parts(
     protect: bool = False,
     closed_form: bool = False,
     copy_inputs: bool = False,
+    outside: set[str] | None = None,
 ) -> tuple[list[dict[str, Calls]], bool]:
     """:func:`record` for each of several batches, with hooks and flags set up once.
 
@@ -93,6 +102,12 @@ def record_parts(
         copy_inputs: run the model on copies of the parts, so that ``parts`` stay as
             they are for a later pass over the same batch (for a model that edits its
             input in place; a pass redone with protection copies them again).
+        outside: when given (the strategy check), the forward passes and losses run
+            under :class:`OutsideUses`, and the names of the layers whose weight or bias
+            takes part, differentiably, in any computation outside the layer's own
+            ``forward`` are added to it. The per-layer strategy sees only the layer's
+            own calls, so such a layer belongs on the generic path. Costs a Python call
+            per torch operation, so only the check asks for it.
 
     Raises:
         NoClosedForm: with ``closed_form=True``, when a part does not meet those
@@ -113,6 +128,7 @@ def record_parts(
         for layer in layers
     ]
     wanted = {n for layer in layers for n in layer.params}
+    watch: OutsideUses | None = None
     results: list[dict[str, Calls]] = []
     modified = False
     try:
@@ -129,16 +145,19 @@ def record_parts(
                     raise NoClosedForm(layers[0].name if layers else "")
                 results.append({layers[0].name: [(calls[0][0], grad, output)]})
             return results, protect
+        if outside is not None:
+            watch = OutsideUses(model, layers)
         with torch.enable_grad(), _differentiating(model, wanted):
             for part in parts:
                 current.clear()
                 current.update((layer.name, []) for layer in layers)
                 recording["on"] = True
-                output = model(*part.inputs)
-                calls = [c for layer in layers for c in current[layer.name]]
-                total = loss.batch_total(
-                    output, part.labels, part.size, marked=[o for _, o, _ in calls]
-                )
+                with watch if watch is not None else nullcontext():
+                    output = model(*part.inputs)
+                    calls = [c for layer in layers for c in current[layer.name]]
+                    total = loss.batch_total(
+                        output, part.labels, part.size, marked=[o for _, o, _ in calls]
+                    )
                 if not protect and any(o._version != v for _, o, v in calls):
                     modified = True
                     break
@@ -153,9 +172,91 @@ def record_parts(
     finally:
         for h in handles:
             h.remove()
+        if watch is not None:
+            watch.remove()
+    if outside is not None and watch is not None:
+        outside |= watch.found
     if modified:
-        return record_parts(model, layers, loss, given, True, copy_inputs=copy_inputs)[0], True
+        redone = record_parts(
+            model, layers, loss, given, True, copy_inputs=copy_inputs, outside=outside
+        )
+        return redone[0], True
     return results, protect
+
+
+class OutsideUses(TorchFunctionMode):
+    """Finds hooked layers whose parameters are used outside the layers' own ``forward``.
+
+    A per-layer strategy rebuilds a layer's gradient from its own calls only: a weight
+    that the model also reads elsewhere (``F.linear(x, self.fc.weight)`` in the model's
+    ``forward``, ``self.fc.weight.T`` as a decoder, a loss that regularises it, another
+    module handed the tensor) gets gradient from that use too, which those calls never
+    show. While this mode is active, every torch call that receives one of the layers'
+    parameter tensors (the objects themselves, anywhere in its arguments) and returns a
+    tensor that requires gradients is such a use unless it happens inside the layer's
+    own ``forward``; the layer's name is then added to :attr:`found`. Reading a
+    parameter's shape, detaching it, or using it under ``torch.no_grad()`` passes no
+    gradient and is not counted.
+
+    "Inside its own ``forward``" is the window between a forward pre-hook registered
+    after any the model has and a forward hook placed before all others, so a user's
+    own hooks that compute with the weight count as outside. Construction registers
+    these hooks; :meth:`remove` removes them.
+
+    Args:
+        model: the model.
+        layers: the hooked layers to watch.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[HookedLayer]):
+        super().__init__()
+        self.found: set[str] = set()
+        self._owner: dict[int, str] = {}
+        self._inside: dict[str, int] = {}
+        self._handles = []
+        for layer in layers:
+            module = model.get_submodule(layer.name)
+            for p in module.parameters(recurse=False):
+                self._owner[id(p)] = layer.name
+            self._inside[layer.name] = 0
+            self._handles.append(module.register_forward_pre_hook(self._enter(layer.name)))
+            self._handles.append(
+                module.register_forward_hook(
+                    self._leave(layer.name), prepend=True, always_call=True
+                )
+            )
+
+    def _enter(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._inside[name] += 1
+
+        return hook
+
+    def _leave(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            self._inside[name] = max(0, self._inside[name] - 1)
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks this object registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if len(self.found) < len(self._inside):
+            users = {
+                self._owner[id(t)]
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, Tensor) and id(t) in self._owner
+            }
+            users = {u for u in users if not self._inside[u] and u not in self.found}
+            if users and any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(out)):
+                self.found |= users
+        return out
 
 
 def output_grads(total: Tensor, outputs: Sequence[Tensor]) -> list[Tensor | None]:
@@ -174,12 +275,20 @@ def output_grads(total: Tensor, outputs: Sequence[Tensor]) -> list[Tensor | None
 
 @contextmanager
 def _differentiating(model: nn.Module, wanted: set[str]) -> Iterator[None]:
-    """Inside, exactly the parameters named in ``wanted`` require gradients."""
+    """Inside, the parameters named in ``wanted`` require gradients.
+
+    The others keep their flags in a model whose forward reads them (a transformer
+    layer's inference fast path, see :func:`~proponents.gradients.functional.
+    reads_requires_grad`): the pass then runs the forward the model trains with. In any
+    other model they are switched off, so that autograd records nothing for them.
+    """
+    keep = reads_requires_grad(model)
     changed = []
     for name, p in model.named_parameters():
-        if p.requires_grad != (name in wanted):
+        want = name in wanted or (keep and p.requires_grad)
+        if p.requires_grad != want:
             changed.append(p)
-            p.requires_grad_(name in wanted)
+            p.requires_grad_(want)
     try:
         yield
     finally:

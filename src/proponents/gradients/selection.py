@@ -104,8 +104,9 @@ def find_hooked_layers(model: nn.Module, selected: Sequence[str]) -> list[Hooked
     """Layers of the selection that a per-layer strategy can serve.
 
     A layer qualifies when it is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
-    whose class keeps the standard ``forward``, whose weight is its own parameter (not
-    computed by a parametrization such as ``weight_norm``), all of its parameters are
+    whose class keeps the standard ``forward``, whose weight and bias (if any) are its own
+    registered parameters (not computed by a parametrization such as ``weight_norm``, nor
+    a buffer or a plain tensor attribute), all of its parameters are
     selected, and none of them is shared with another module. Convolutions additionally need
     integer padding with ``padding_mode="zeros"``.
     """
@@ -126,7 +127,9 @@ def find_hooked_layers(model: nn.Module, selected: Sequence[str]) -> list[Hooked
         own = list(m.parameters(recurse=False))
         if any(owners[id(p)] > 1 for p in own):
             continue
-        if not any(p is m.weight for p in own):  # computed (a parametrization): generic path
+        if not _own_parameter(m, "weight") or not _own_parameter(m, "bias", optional=True):
+            # computed (a parametrization), a buffer or a plain tensor attribute: the
+            # generic path differentiates whatever the forward really uses
             continue
         names = [ident_to_name[id(p)] for p in own]
         if not names or not all(n in chosen for n in names):
@@ -135,6 +138,16 @@ def find_hooked_layers(model: nn.Module, selected: Sequence[str]) -> list[Hooked
         bias = ident_to_name[id(m.bias)] if getattr(m, "bias", None) is not None else None
         found.append(HookedLayer(name=name, kind=kind, weight=weight, bias=bias))
     return found
+
+
+def _own_parameter(m: nn.Module, attr: str, optional: bool = False) -> bool:
+    """Whether ``m.<attr>`` is a parameter registered on ``m`` itself (or, with
+    ``optional``, absent: ``None``). A parametrized tensor is recomputed at every access,
+    and a buffer or plain attribute is not a registered parameter at all."""
+    value = getattr(m, attr, None)
+    if value is None:
+        return optional
+    return value is m._parameters.get(attr)
 
 
 def _layer_kind(m: nn.Module) -> str | None:
