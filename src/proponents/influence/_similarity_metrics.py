@@ -38,6 +38,24 @@ def _flat(x: Tensor, name: str) -> Tensor:
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
+def row_norms(x: Tensor, dtype: torch.dtype, dim: int | tuple[int, ...] = 1) -> Tensor:
+    """Euclidean norms of ``x`` over ``dim`` (its rows), in ``dtype``.
+
+    A float32 sum of squares overflows for rows of norm above about 1.8e19 and loses
+    everything below about 1e-19 (the squares underflow): such rows, and the non-finite
+    ones, are summed again in float64, so that a finite row gets its finite norm and a
+    row that is not all zero a positive one (unless the norm itself leaves the range of
+    ``dtype``).
+    """
+    norms = torch.linalg.vector_norm(x, dim=dim, dtype=dtype)
+    if dtype != torch.float32 or norms.numel() == 0:
+        return norms
+    redo = ~torch.isfinite(norms) | (norms < 2.0**-63)
+    if bool(redo.any()):
+        norms[redo] = torch.linalg.vector_norm(x[redo], dim=dim, dtype=torch.float64).to(dtype)
+    return norms
+
+
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -117,8 +135,8 @@ def cosine_similarity(
     t, s = _flat_pair(test, _source(train, src, "cosine_similarity"))
     dtype = _compute_dtype(t, s)
     t, s = t.to(dtype), s.to(s.device if s.device == t.device else t.device, dtype)
-    t_norm = torch.linalg.vector_norm(t, dim=1)
-    s_norm = torch.linalg.vector_norm(s, dim=1)
+    t_norm = row_norms(t, dtype)
+    s_norm = row_norms(s, dtype)
     t_hat = t * _safe_inverse(t_norm)[:, None]
     s_hat = s * _safe_inverse(s_norm)[:, None]
     out = (t_hat @ s_hat.T).clamp_(-1.0, 1.0)
@@ -154,7 +172,17 @@ def euclidean_distance(
     t, s = _flat_pair(test, _source(train, src, "euclidean_distance"))
     dtype = _compute_dtype(t, s)
     t, s = t.to(dtype), s.to(t.device, dtype)
-    return torch.cdist(t[None], s[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+    # Squared differences leave the float range for entries beyond about sqrt(max)
+    # (or below its inverse): such inputs are scaled by a power of two first (exact).
+    scale = 1.0
+    biggest = max((float(x.abs().max()) for x in (t, s) if x.numel()), default=0.0)
+    if math.isfinite(biggest) and biggest > 0:
+        exponent = math.frexp(biggest)[1]
+        if abs(exponent) > math.frexp(torch.finfo(dtype).max)[1] // 3:
+            scale = math.ldexp(1.0, exponent)
+            t, s = t / scale, s / scale
+    out = torch.cdist(t[None], s[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+    return out if scale == 1.0 else out * scale
 
 
 def _safe_inverse(norm: Tensor) -> Tensor:
@@ -327,10 +355,10 @@ class BlockScorer:
         # Norms straight from the activations in whatever layout they come (a
         # channels-last conv output would have to be copied to be flattened); the
         # flattened rows are made only when a product or a distance needs them.
-        self.t_norm = torch.linalg.vector_norm(
+        self.t_norm = row_norms(
             test.reshape(self.n_test, -1) if test.dim() < 2 else test,
+            self.dtype,
             dim=tuple(range(1, max(test.dim(), 2))),
-            dtype=self.dtype,
         )
         self._flat: Tensor | None = None
         self._t64: Tensor | None = None
@@ -477,7 +505,7 @@ class BlockScorer:
                 s = s.to(self.dtype)
             product = s
         if norms is None:
-            s_norm = torch.linalg.vector_norm(s, dim=1)
+            s_norm = row_norms(s, self.dtype)
         else:
             s_norm = norms.to(self.device, self.dtype)
         if norms_clean:
@@ -563,7 +591,11 @@ class BlockScorer:
     ) -> None:
         """``d2``: the block's ``(rows, b)`` inner products, turned into squared distances."""
         d2.mul_(-2.0).add_(self.t_sq[chunk][:, None]).add_(s_norm.square()[None, :])
-        key = self._exact_keys_of_non_finite(d2, chunk, s, s_norm) if check_nan else d2
+        risky = self._overflowing_rows(chunk, s_max)
+        if check_nan or risky is not None:
+            key = self._exact_keys_of_non_finite(d2, chunk, s, s_norm, risky)
+        else:
+            key = d2
         kb = min(self.k, d2.shape[1])
         pos = _block_top(key, kb, self.largest, nan_last=check_nan)
         if s_max is not None:
@@ -579,8 +611,24 @@ class BlockScorer:
             self.nan_scores += int(torch.isnan(exact).sum())
         running.offer(exact, pos + start, self.k, self.largest, check_nan)
 
+    def _overflowing_rows(self, chunk: slice, s_max: float | None) -> Tensor | None:
+        """The test rows of ``chunk`` (a mask) with a finite norm for which the shortcut
+        ``|t|² + |s|² − 2 t·s`` may overflow in the compute dtype with a row of this
+        block (``(|t| + max |s|)²`` beyond its range), or ``None`` when there is none."""
+        if s_max is None:
+            return None
+        t_norm = self.t_norm[chunk]
+        limit = 0.5 * math.sqrt(torch.finfo(self.dtype).max)
+        risky = torch.isfinite(t_norm) & (t_norm + s_max > limit)
+        return risky if bool(risky.any()) else None
+
     def _exact_keys_of_non_finite(
-        self, key: Tensor, chunk: slice, s: Tensor, s_norm: Tensor
+        self,
+        key: Tensor,
+        chunk: slice,
+        s: Tensor,
+        s_norm: Tensor,
+        overflowing: Tensor | None = None,
     ) -> Tensor:
         """``key`` with the pairs of non-finite test rows and source rows replaced by the
         ranking keys of their exact distances.
@@ -588,9 +636,14 @@ class BlockScorer:
         The shortcut says nothing for a row with an infinite entry: ``inf − inf`` in its
         product gives NaN where the distance is ``+inf``. Such rows are rare, so their
         pairs are measured exactly: equal (infinite) distances then come in index order,
-        an infinite distance ranks as one, and only true NaN distances rank last.
+        an infinite distance ranks as one, and only true NaN distances rank last. The
+        ``overflowing`` test rows (a mask, see :meth:`_overflowing_rows`) are measured
+        exactly as well: their shortcut may be infinite, or NaN, for finite distances.
         """
-        bad_rows = torch.nonzero(~torch.isfinite(self.t_norm[chunk])).flatten()
+        bad = ~torch.isfinite(self.t_norm[chunk])
+        if overflowing is not None:
+            bad |= overflowing
+        bad_rows = torch.nonzero(bad).flatten()
         bad_cols = torch.nonzero(~torch.isfinite(s_norm)).flatten()
         if not bad_rows.numel() and not bad_cols.numel():
             return key

@@ -50,7 +50,6 @@ from proponents.data import (
     loader_batches,
     make_loader,
     model_device,
-    test_inputs_tuple,
     to_device,
     unshared,
 )
@@ -78,6 +77,7 @@ from proponents.influence._similarity_metrics import (
     cosine_similarity,
     euclidean_distance,
     ranked_order,
+    row_norms,
 )
 from proponents.influence.base import DataInfluence
 from proponents.model_guard import call_scope
@@ -333,7 +333,8 @@ class SimilarityInfluence(DataInfluence):
         Args:
             inputs: the test batch: a tensor, or a tuple of tensors when the model takes
                 several inputs (called as ``module(*inputs, *additional_forward_args)``);
-                dimension 0 indexes examples. May be ``None`` only together with
+                any other object (a list of strings, say) is one argument; dimension 0
+                indexes examples. May be ``None`` only together with
                 ``load_input_from_disk=True`` and an ``inputs_id`` whose activations were
                 saved before.
             top_k: how many source examples to return per test example,
@@ -373,6 +374,13 @@ class SimilarityInfluence(DataInfluence):
         check_flag(load_src_from_disk, "load_src_from_disk")
         check_flag(load_input_from_disk, "load_input_from_disk")
         check_flag(show_progress, "show_progress")
+        try:  # the model may have lost a layer (replaced or deleted) since construction
+            _check_layers(self.module, self.layers)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(
+                f"SimilarityInfluence: the model no longer has every layer it was constructed "
+                f"with: {exc}. Construct a new SimilarityInfluence for the changed model"
+            ) from None
         n_src = self._n_total if self._dist is not None else self._n_src()
         if top_k < 1 or (n_src is not None and top_k > n_src):
             raise InvalidArgumentError(
@@ -723,7 +731,9 @@ class SimilarityInfluence(DataInfluence):
         candidates = _pullback_candidates(modules) if self._kind == "cosine" else []
         extractor = _Extractor(modules, candidates)
         loader = self._loader
-        if self._fast_rows is None and loader.batch_size is None and (loader.batch_sampler is None):
+        # Without a batch size a DataLoader passes its items on as they are (uncollated).
+        unbatched = loader.batch_size is None and loader.batch_sampler is None
+        if self._fast_rows is None and unbatched:
             extractor.hint = (
                 " (influence_src_dataset is a DataLoader with batch_size=None, which passes "
                 "each item on as it is: unless its items are whole batches already, give "
@@ -778,7 +788,7 @@ class SimilarityInfluence(DataInfluence):
                     block = staging[layer].take()
                     flat = block.reshape(block.shape[0], -1)
                     norm_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
-                    norms = torch.linalg.vector_norm(flat.to(norm_dtype), dim=1)
+                    norms = row_norms(flat, norm_dtype)
                     inputs = kept_inputs(layer)
                     scorers[layer].update(block, state["start"], norms, pulled=inputs)
                     writers[layer].append("activations", block.cpu().numpy())
@@ -794,7 +804,7 @@ class SimilarityInfluence(DataInfluence):
                     batches, show_progress, "SimilarityInfluence: source activations", n_batches
                 )
             ):
-                raw = _source_args(batch)
+                raw = _source_args(batch, collated=not unbatched)
                 args = to_device(raw, device)
                 # still views of the dataset unless the move to the model's device copied them
                 acts = self._forward(extractor, args, fingerprint, i == 0, raw if views else None)
@@ -881,7 +891,9 @@ class SimilarityInfluence(DataInfluence):
                 f"{type(inputs).__name__}; call influence once per batch"
             )
         if inputs is not None:
-            args = test_inputs_tuple(inputs, unpack_inputs=True)
+            # only a tuple holds several model inputs (the spec's form); any other object,
+            # a list of strings included, is one input
+            args = tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
             if len(args) == 0:
                 raise InvalidArgumentError(
                     "inputs is an empty tuple: give at least one model input"
@@ -1342,7 +1354,12 @@ def _check_top_k(top_k: int, n: int) -> None:
         )
 
 
-def _source_args(batch: Any) -> tuple[Any, ...]:
+def _source_args(batch: Any, collated: bool = True) -> tuple[Any, ...]:
+    """The model arguments of a source batch: ``batch[:-1]`` of a tuple or list, else the
+    batch itself. A ``collated`` batch that is a list of strings is one input: collation
+    turns string items (any other item, not a tuple) into a list of them."""
+    if collated and _is_text_batch(batch):
+        return (batch,)
     if isinstance(batch, (tuple, list)):
         if len(batch) == 0:
             raise BatchFormatError(
@@ -1351,6 +1368,11 @@ def _source_args(batch: Any) -> tuple[Any, ...]:
             )
         return tuple(batch[:-1]) if len(batch) >= 2 else (batch[0],)
     return (batch,)
+
+
+def _is_text_batch(batch: Any) -> bool:
+    """Whether ``batch`` is a non-empty list of strings (a batch of texts)."""
+    return isinstance(batch, list) and bool(batch) and all(isinstance(x, str) for x in batch)
 
 
 def _as_tuple(extra: Any) -> tuple[Any, ...]:
