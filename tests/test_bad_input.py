@@ -440,6 +440,9 @@ EXEMPT = {
 ELSEWHERE = {
     "ExactNearestNeighbors.__init__.block_size": "test_neighbors.py::test_bad_exact_settings",
     "AnnoyNearestNeighbors.__init__.num_trees": "test_neighbors.py::test_bad_annoy_settings",
+    "AnnoyNearestNeighbors.__init__.n_trees": (
+        "test_captum_compat.py::test_annoy_refuses_num_trees_and_n_trees_together"
+    ),
     "AnnoyNearestNeighbors.__init__.search_k": "test_neighbors.py::test_bad_annoy_settings",
     "AnnoyNearestNeighbors.__init__.seed": "test_neighbors.py::test_bad_annoy_settings",
     "FaissNearestNeighbors.__init__.index_factory": "test_neighbors.py::test_bad_faiss_settings",

@@ -1,12 +1,13 @@
 """Drop-in compatibility with code written for Captum's influence API.
 
-Three contracts of that API that proponents follows here:
+Four contracts of that API that proponents follows here:
 
 * nearest-neighbour backends take data and queries of shape ``(N, *)`` and flatten them;
 * TracInCPFastRandProj accepts any backend with ``setup(data)`` and
   ``get_nearest_neighbors(query, k)`` (e.g. a subclass of Captum's NearestNeighbors);
 * ``cosine_similarity(test, train, replace_nan=0)`` and ``euclidean_distance(test, train)``
-  take Captum's argument names.
+  take Captum's argument names;
+* ``AnnoyNearestNeighbors`` takes the spec text's ``n_trees`` as well as Captum's ``num_trees``.
 
 The references are independent of the code under test: a brute-force top-k over the
 flattened data, the full TracIn score matrix sorted by hand, and Captum's own metrics
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,6 +36,7 @@ from proponents import (
     euclidean_distance,
 )
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.neighbors import annoy_backend
 
 # Captum is in the dev extra (and bench); only an install without it skips this module
 _REASON = "the compatibility tests need Captum (pip install -e '.[dev]')"
@@ -377,3 +380,118 @@ def test_metrics_take_sides_without_rows(metric):
     assert metric(torch.zeros(0, 6), b).shape == (0, 4)
     assert metric(a, torch.zeros(0, 3, 2)).shape == (2, 0)
     torch.testing.assert_close(metric(a, b), metric(a.reshape(2, 6), b))
+
+
+# -- 4. the spec's name for Annoy's number of trees ---------------------------------------
+
+
+def _recording_annoy(built: list[int]):
+    """A stand-in for the ``annoy`` module whose index records the trees it is built with,
+    so that these checks run without the optional extra."""
+
+    class Index:
+        def __init__(self, dim, metric):
+            self.metric = metric
+
+        def set_seed(self, seed):
+            pass
+
+        def add_item(self, i, row):
+            pass
+
+        def build(self, n_trees):
+            built.append(n_trees)
+
+    return SimpleNamespace(AnnoyIndex=Index)
+
+
+def test_annoy_takes_the_n_trees_of_the_spec_text(monkeypatch):
+    """The spec's text names the backend ``AnnoyNearestNeighbors(n_trees=10)`` (Captum's
+    code: ``num_trees``); both names reach the index, and the default stays 10."""
+    built: list[int] = []
+    monkeypatch.setattr(annoy_backend, "_annoy", lambda: _recording_annoy(built))
+    spec_style = AnnoyNearestNeighbors(n_trees=7)
+    spec_style.setup(torch.randn(6, 3))
+    code_style = AnnoyNearestNeighbors(num_trees=4)
+    code_style.setup(torch.randn(6, 3))
+    AnnoyNearestNeighbors().setup(torch.randn(6, 3))
+    assert built == [7, 4, 10]
+    assert spec_style.num_trees == 7 and spec_style.config()["num_trees"] == 7
+    assert inspect.signature(AnnoyNearestNeighbors).parameters["num_trees"].default == 10
+
+
+@pytest.mark.parametrize("num_trees", [10, 5])
+def test_annoy_refuses_num_trees_and_n_trees_together(monkeypatch, num_trees):
+    """Both names at once is an error naming both, also when num_trees is its default value."""
+    monkeypatch.setattr(annoy_backend, "_annoy", lambda: _recording_annoy([]))
+    with pytest.raises(InvalidArgumentError, match=rf"num_trees={num_trees} and n_trees=5"):
+        AnnoyNearestNeighbors(num_trees=num_trees, n_trees=5)
+    with pytest.raises(InvalidArgumentError, match="n_trees must be >= 1; got 0"):
+        AnnoyNearestNeighbors(n_trees=0)
+    with pytest.raises(ArgumentTypeError, match="n_trees must be an int"):
+        AnnoyNearestNeighbors(n_trees=2.0)
+
+
+# A script written for the spec's API: only its import line names the library.
+_SPEC_SCRIPT = """
+from captum.influence import TracInCP, TracInCPFast
+
+tracin = TracInCP(model, train, checkpoints, layers=["fc2"],
+                  loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4,
+                  sample_wise_grads_per_batch=True)
+scores = tracin.influence((x,), y)
+top = tracin.influence((x,), y, k=3, proponents=False)
+self_scores = tracin.self_influence()
+fast = TracInCPFast(model, model.fc2, train, checkpoints,
+                    loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4)
+fast_top = fast.influence((x,), y, k=3)
+"""
+
+
+def test_a_spec_script_runs_with_captum_replaced_by_proponents(tmp_path):
+    case = make_case("mlp", tmp_path, n_train=11, n_test=3, n_ckpt=2)
+    (x,), y = case.test_inputs, case.test_labels
+    train = TensorDataset(*case.train_inputs, case.train_labels)
+    # Captum's default loader reads plain state dicts (learning rate 1.0)
+    flat = []
+    for i, path in enumerate(case.checkpoints):
+        flat.append(str(tmp_path / f"flat-{i}.pt"))
+        torch.save(torch.load(path)["model_state_dict"], flat[-1])
+
+    names = {"model": case.model, "train": train, "x": x, "y": y, "nn": nn, "checkpoints": flat}
+    exec(_SPEC_SCRIPT.replace("captum", "proponents"), names)  # noqa: S102 - our own script
+    assert type(names["tracin"]).__module__.startswith("proponents.")
+
+    # the reference: Captum itself (its current release passes labels inside the inputs)
+    from captum.influence import TracInCP as CaptumTracInCP
+
+    captum = CaptumTracInCP(
+        case.model,
+        train,
+        flat,
+        layers=["fc2"],
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(names["scores"], captum.influence((x, y)), **close)
+    torch.testing.assert_close(names["self_scores"], captum.self_influence(), **close)
+    want_top = captum.influence((x, y), k=3, proponents=False)
+    torch.testing.assert_close(names["top"].influence_scores, want_top[1], **close)
+    assert torch.equal(names["top"].indices, want_top[0])
+    # TracInCPFast: ours adds the final layer's bias, so it equals TracInCP on fc2
+    want = torch.sort(names["scores"], dim=1, descending=True, stable=True)
+    assert torch.equal(names["fast_top"].indices, want.indices[:, :3])
+    torch.testing.assert_close(names["fast_top"].influence_scores, want.values[:, :3])
+
+
+def test_the_influence_subpackage_offers_every_public_name():
+    import proponents
+    import proponents.influence as influence
+
+    assert set(influence.__all__) == set(proponents.__all__)
+    for name in influence.__all__:
+        assert getattr(influence, name) is getattr(proponents, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        influence.no_such_name  # noqa: B018

@@ -647,3 +647,25 @@ def test_warnings_name_the_callers_line(tmp_path):
             call()
         assert caught
         assert {w.filename for w in caught} == {__file__}, [(w.filename, w.lineno) for w in caught]
+
+
+def test_self_influence_of_a_dataset_uses_the_training_loaders_batch_size(tmp_path):
+    case = make_case("mlp", tmp_path, n_train=10)
+    sizes: list[int] = []
+    hook = case.model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    loader = DataLoader(case.dataset, batch_size=4)
+    try:
+        for batch_size in (None, 1):  # the spec's default, ignored for a DataLoader
+            t = TracInCP(
+                case.model,
+                loader,
+                case.checkpoints,
+                loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                batch_size=batch_size,
+                sample_wise_grads_per_batch=True,
+            )
+            sizes.clear()
+            assert_close(t.self_influence(case.dataset), reference_self(case))
+            assert max(sizes) == 4  # batches of the training loader, not of batch_size
+    finally:
+        hook.remove()

@@ -340,8 +340,9 @@ class TracInCPBase(DataInfluence):
 
         Args:
             inputs_dataset: one batch ``(*model_inputs, label)`` or a DataLoader of such
-                batches; ``None`` means the training set. A batch of no examples gives a
-                ``(0,)`` tensor without a model run.
+                batches; ``None`` means the training set. A Dataset is read in batches of
+                the training DataLoader's size (``batch_size`` for a training Dataset). A
+                batch of no examples gives a ``(0,)`` tensor without a model run.
             show_progress: show a progress bar over checkpoints and batches.
 
         Returns:
@@ -356,7 +357,9 @@ class TracInCPBase(DataInfluence):
             data: Any = inputs_dataset
             n_batches = loader_batches(inputs_dataset)
         elif isinstance(inputs_dataset, Dataset):
-            data = make_loader(inputs_dataset, self.batch_size, "inputs_dataset")
+            # the training set's batches are the size this object was built for
+            size = self.train_dataloader.batch_size or self.batch_size
+            data = make_loader(inputs_dataset, size, "inputs_dataset")
             n_batches = loader_batches(data)
         else:
             if split_batch(inputs_dataset, "inputs_dataset batch").size == 0:

@@ -19,6 +19,13 @@ def _annoy() -> Any:
     return import_extra("annoy", "annoy", "AnnoyNearestNeighbors")
 
 
+class _DefaultTrees(int):
+    """The default of ``num_trees`` (it is 10), told apart from a 10 the caller passed."""
+
+
+_DEFAULT_TREES = _DefaultTrees(10)
+
+
 class AnnoyNearestNeighbors(IndexedNearestNeighbors):
     """Approximate search with a forest of Annoy trees under the ``"dot"`` metric.
 
@@ -55,6 +62,9 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
             float32's rounding error is answered by exact search.
         seed: seed of Annoy's tree-building randomness, so that the index is
             reproducible.
+        n_trees: (keyword-only) another name for ``num_trees``: the spec's text calls
+            the default backend ``AnnoyNearestNeighbors(n_trees=10)``. Give one name or
+            the other; both is an error.
 
     Raises:
         MissingExtraError: when the ``annoy`` package is not installed
@@ -65,9 +75,25 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
     _index_filename: ClassVar[str] = "neighbors.annoy"
     _finite_only: ClassVar[bool] = True
 
-    def __init__(self, num_trees: int = 10, search_k: int = -1, *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_trees: int = _DEFAULT_TREES,
+        search_k: int = -1,
+        *,
+        seed: int = 0,
+        n_trees: int | None = None,
+    ) -> None:
         super().__init__()
         _annoy()  # fail now, not after the training set has been embedded
+        if n_trees is not None:
+            if num_trees is not _DEFAULT_TREES:
+                raise InvalidArgumentError(
+                    f"num_trees={num_trees!r} and n_trees={n_trees!r} were both given; they "
+                    "are two names for the number of trees: give one of them"
+                )
+            num_trees = check_int(n_trees, "n_trees")
+            if num_trees < 1:
+                raise InvalidArgumentError(f"n_trees must be >= 1; got {num_trees}")
         num_trees = check_int(num_trees, "num_trees")
         if num_trees < 1:
             raise InvalidArgumentError(f"num_trees must be >= 1; got {num_trees}")
