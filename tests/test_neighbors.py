@@ -1210,3 +1210,24 @@ def test_nprobe_none_restores_faiss_default_on_the_built_index(tmp_path):
     fresh = FaissNearestNeighbors("IVF8,Flat")
     assert fresh.load(tmp_path, data) is True
     assert faiss.extract_index_ivf(fresh._index).nprobe == 1
+
+
+@pytest.mark.parametrize("factory", ["IDMap,Flat", "IDMap2,Flat", "IDMap,IVF4,Flat"])
+def test_faiss_id_map_factories_are_searched_with_row_positions(tmp_path, factory):
+    need_faiss()
+    data, query = _with_nonfinite_rows()
+    data = data.double()  # float64: the exhaustive search also takes the float64 check
+    ref = ExactNearestNeighbors()
+    ref.setup(data)
+    want = ref.get_nearest_neighbors(query.double(), 7)
+    nprobe = 4 if "IVF" in factory else None  # every list probed: an exhaustive search
+    nn = FaissNearestNeighbors(index_factory=factory, nprobe=nprobe)
+    nn.check_fits(*data.shape)
+    nn.setup(data)
+    got = nn.get_nearest_neighbors(query.double(), 7)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], equal_nan=True)
+    assert nn.save(tmp_path) is True
+    fresh = FaissNearestNeighbors(index_factory=factory, nprobe=nprobe)
+    assert fresh.load(tmp_path, data) is True
+    assert torch.equal(fresh.get_nearest_neighbors(query.double(), 7)[0], want[0])

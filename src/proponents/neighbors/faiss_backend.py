@@ -47,6 +47,15 @@ def _training_rows_needed(index: Any) -> tuple[int, str]:
     return needed, why
 
 
+def _id_map(index: Any) -> Any:
+    """The index inside an ``IndexIDMap``/``IndexIDMap2`` (``"IDMap,Flat"``), else ``None``."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return index.index
+    return None
+
+
 def _check_inner_product(index: Any, factory: str) -> None:
     """Refuse an index that does not rank by inner product.
 
@@ -262,7 +271,10 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
                     f"finite vectors{left_out} (IVF needs at least as many vectors as "
                     f"lists, a product quantizer 2**nbits): {exc}"
                 ) from None
-        index.add(vectors)
+        if _id_map(index) is not None:  # "IDMap,..." takes ids: the row positions
+            index.add_with_ids(vectors, np.arange(n, dtype=np.int64))
+        else:
+            index.add(vectors)
         self._index = index
 
     def _split_finite(self, data: Tensor) -> Tensor | None:
@@ -274,6 +286,9 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
         a flat index, or an IVF-flat index (with a flat quantizer) probing all its lists."""
         faiss = _faiss()
         index = faiss.downcast_index(self._index)
+        wrapped = _id_map(index)
+        if wrapped is not None:  # the ids are the positions: search is the inner index's
+            index = faiss.downcast_index(wrapped)
         if isinstance(index, faiss.IndexFlat):
             return True
         return (
