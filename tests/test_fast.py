@@ -293,9 +293,36 @@ def test_projection_never_goes_up():
     p = GradientProjection.create(3, 4, 100, 0, torch.float32, torch.device("cpu"))
     assert p.kind == "none" and p.dim == 12
     q = GradientProjection.create(1000, 2049, 64, 0, torch.float32, torch.device("cpu"))
-    assert q.kind == "kronecker" and q.dim >= 64
+    assert q.kind == "kronecker" and q.dim == 64
     r = GradientProjection.create(2, 2049, 100, 0, torch.float32, torch.device("cpu"))
     assert r.dim == 100 and r.kind == "dense"
+
+
+@pytest.mark.parametrize("projection_dim", [1, 2, 10, 99, 100, 101, 1000, 4095])
+@pytest.mark.parametrize("out_features, in_features", [(1, 7), (3, 2049), (10, 1000), (1000, 2049)])
+def test_kronecker_dimension_is_at_most_projection_dim(out_features, in_features, projection_dim):
+    from proponents.projection import GradientProjection
+
+    p = GradientProjection.create(
+        out_features,
+        in_features,
+        projection_dim,
+        0,
+        torch.float64,
+        torch.device("cpu"),
+        max_matrix_elements=0,
+    )
+    full = out_features * in_features
+    if projection_dim >= full:
+        assert p.kind == "none" and p.dim == full
+        return
+    assert p.kind == "kronecker"
+    r_g, r_a = p.matrices
+    assert r_g.shape[0] == out_features and r_a.shape[0] == in_features
+    assert p.dim == r_g.shape[1] * r_a.shape[1] <= projection_dim
+    # as close to projection_dim as the rule allows: a factor is full, or within d_g of it
+    d_g = r_g.shape[1]
+    assert d_g == out_features or r_a.shape[1] == in_features or projection_dim - p.dim < d_g
 
 
 def test_kronecker_projection_is_unbiased():

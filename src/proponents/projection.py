@@ -11,8 +11,9 @@ Dimension rule (per checkpoint; the embedding concatenates checkpoints):
 * otherwise, when the Gaussian matrix ``(O * I, d)`` fits ``max_matrix_elements``:
   a dense Johnson-Lindenstrauss projection of the whole gradient, ``d = projection_dim``.
 * otherwise a Kronecker projection ``(R_g g) (x) (R_a a)`` with
-  ``d_g = min(O, ceil(sqrt(d)))`` and ``d_a = min(I, ceil(d / d_g))``, so
-  ``d = d_g * d_a`` (at least ``projection_dim`` unless a factor is smaller).
+  ``d_g = min(O, floor(sqrt(d)))`` and ``d_a = min(I, floor(d / d_g))``, so
+  ``d_g * d_a <= projection_dim`` (the spec's bound: at most ``projection_dim`` per
+  checkpoint), within ``d_g`` of it unless a factor is smaller.
 
 Matrices come from a local ``torch.Generator`` seeded with ``seed`` (on the CPU, so
 results do not depend on the device); the global RNG is never touched.
@@ -67,8 +68,8 @@ class GradientProjection:
             r = torch.randn(full, projection_dim, generator=gen, dtype=torch.float64)
             r = (r / math.sqrt(projection_dim)).to(device=device, dtype=dtype)
             return cls("dense", projection_dim, (r,))
-        d_g = min(out_features, math.ceil(math.sqrt(projection_dim)))
-        d_a = min(in_features, math.ceil(projection_dim / d_g))
+        d_g = min(out_features, math.isqrt(projection_dim))
+        d_a = min(in_features, projection_dim // d_g)
         r_g = torch.randn(out_features, d_g, generator=gen, dtype=torch.float64) / math.sqrt(d_g)
         r_a = torch.randn(in_features, d_a, generator=gen, dtype=torch.float64) / math.sqrt(d_a)
         if d_g == out_features:
