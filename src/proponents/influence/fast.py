@@ -145,7 +145,9 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
         out.append(
             "final_fc_layer: the index holds embeddings of widths "
             f"{[d for _, d in was_proj]} per checkpoint, and this model's layer gives "
-            f"{[d for _, d in now_proj]} (another layer size or bias)"
+            f"{[d for _, d in now_proj]} (another layer size or bias, or, for a layer of "
+            "over 2**25 gradient entries, an index saved before projections were bounded by "
+            "projection_dim: build it again)"
         )
     was_reduction = saved.get("loss_reduction")
     if (
