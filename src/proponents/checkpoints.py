@@ -100,7 +100,7 @@ def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
     parts = re.split(r"(\d+)", name)
     key = []
     for part in parts:
-        if part.isdigit():
+        if part.isdecimal():  # what ``\d`` matched; not ``isdigit``, which takes '²' too
             key.append((1, int(part), part))
         elif part:
             key.append((0, 0, part.casefold()))
@@ -791,8 +791,9 @@ def _is_bool_like(value: Any) -> bool:
 def learning_rate_from_load_func(value: Any, label: str, owner: str) -> float:
     """The learning rate a ``checkpoints_load_func`` returned, as a finite Python float.
 
-    ``None`` means 1.0. A value ``float()`` converts is taken (a Python or NumPy number,
-    a tensor or NumPy array of one element), except text and booleans: the default
+    ``None`` means 1.0. A real number is taken (a Python or NumPy number, a tensor or
+    NumPy array of one element), but not text, booleans or complex numbers (also where
+    they sit in a NumPy scalar or array): the default
     loader refuses a learning rate stored as ``"0.1"`` or ``True`` in a checkpoint, and
     the same value returned by a load function of the user's is refused alike instead of
     being read as ``0.1`` or ``1.0``.
@@ -803,25 +804,31 @@ def learning_rate_from_load_func(value: Any, label: str, owner: str) -> float:
         owner: the class name, for messages.
 
     Raises:
-        CheckpointLoadError: when ``value`` is text, a boolean, not convertible to a
-            float, or not finite.
+        CheckpointLoadError: when ``value`` is text, a boolean, complex, not
+            convertible to a float, or not finite.
     """
     if value is None:
         return 1.0
-    if isinstance(value, (str, bytes, bytearray)):
+    number = value
+    if type(value).__module__ == "numpy" and getattr(value, "size", None) == 1:
+        # a NumPy scalar or one-element array as the Python object it holds: NumPy 2
+        # refuses float() of an array that is not 0-d, float() of a complex scalar drops
+        # its imaginary part with a mere warning, and one of text parses the text
+        number = value.item()
+    if isinstance(number, (str, bytes, bytearray)):
         raise CheckpointLoadError(
             f"{owner}: checkpoints_load_func returned the text {_short_repr(value)} "
             f"({type(value).__name__}) for {label}, not a number; {_LOAD_FUNC_RETURNS}. "
             "Convert it with float() in the load function if it is meant as a number"
         )
-    if _is_bool_like(value):
+    if _is_bool_like(number):
         raise CheckpointLoadError(
             f"{owner}: checkpoints_load_func returned the boolean {_short_repr(value)} "
             f"({type(value).__name__}) for {label}, not a learning rate; "
             f"{_LOAD_FUNC_RETURNS}"
         )
     try:
-        result = float(value)
+        result = float(number)
     except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointLoadError(
             f"{owner}: checkpoints_load_func returned {_short_repr(value)} for {label}; "
@@ -957,6 +964,7 @@ def _fill_tied(state: OrderedDict[str, Any], model_state: Mapping[str, Any]) -> 
     for key, tensor in model_state.items():
         if (
             isinstance(tensor, torch.Tensor)
+            and not nn.parameter.is_lazy(tensor)  # no memory yet: shares none
             and tensor.layout == torch.strided
             and tensor.numel() > 0
             and tensor.device.type != "meta"

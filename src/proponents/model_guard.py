@@ -15,13 +15,40 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from proponents.allocator import keep_freed_memory
+from proponents.errors import InvalidArgumentError
+
+
+def _refuse_lazy(model: nn.Module) -> None:
+    """Raise unless every parameter and buffer of ``model`` has its shape and memory.
+
+    A lazy module (``nn.LazyLinear``, say) that has not run yet holds placeholders that
+    cannot be set aside, and the first load or forward turns it into an ordinary module
+    for good (new class, hooks removed), which the guard could not undo.
+
+    Raises:
+        InvalidArgumentError: naming the placeholders and how to create them.
+    """
+    lazy = [
+        name
+        for name, t in (
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        )
+        if nn.parameter.is_lazy(t)
+    ]
+    if lazy:
+        shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")
+        raise InvalidArgumentError(
+            f"the model has parameters whose shapes are not known yet ({shown}: lazy "
+            "modules such as nn.LazyLinear); run it once on a batch of inputs before this "
+            "call, so that they are created"
+        )
 
 
 def _registered(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
@@ -70,6 +97,8 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
     buffer object that the body replaced in its module (``load_state_dict(...,
     assign=True)``, say) is put back too, so references the user holds stay valid, and so
     is every tensor a module holds as a plain attribute (``spectral_norm``'s ``weight``).
+    What each module registers is put back as it was: a submodule the body swapped
+    for another, or a parameter or buffer it registered or removed, leaves no trace.
 
     Args:
         model: the model to guard.
@@ -79,7 +108,12 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
             copied on entry: nothing writes into them. Parameters of modules that load
             their own way (:func:`_loads_its_own_way`), and all buffers, are copied as
             always, and so is everything when the model overrides ``load_state_dict``.
+
+    Raises:
+        InvalidArgumentError: when the model has lazy parameters or buffers not yet
+            created (see :func:`_refuse_lazy`); nothing is changed then.
     """
+    _refuse_lazy(model)
     slots = _registered(model)
     uncopied: set[int] = set()
     if loads_by_reference and type(model).load_state_dict is nn.Module.load_state_dict:
@@ -96,6 +130,18 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
         grad = tensor.grad if kind == "param" else None
         originals[id(tensor)] = (tensor.data, grad, tensor.requires_grad)
     modes = {m: m.training for m in model.modules()}
+    # What each module registers (parameters, buffers, submodules), as the entries were:
+    # a load function that registers, removes or replaces one leaves it so otherwise.
+    tables = [
+        (
+            m,
+            dict(m._parameters),
+            dict(m._buffers),
+            dict(m._modules),
+            set(m._non_persistent_buffers_set),
+        )
+        for m in model.modules()
+    ]
     # Tensors a module keeps as plain attributes, such as the weight that
     # ``nn.utils.spectral_norm`` recomputes from ``weight_orig`` before each forward:
     # a forward inside the call replaces them with values of the last checkpoint.
@@ -118,7 +164,7 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
         yield model
     finally:
         _BY_REFERENCE.reset(token)
-        _to_the_end(lambda: _put_back(model, slots, originals, modes, attributes))
+        _to_the_end(lambda: _put_back(model, slots, originals, modes, attributes, tables))
 
 
 def _to_the_end(action: Callable[[], None]) -> None:
@@ -149,11 +195,18 @@ def _put_back(
     originals: dict[int, tuple[torch.Tensor, torch.Tensor | None, bool]],
     modes: dict[nn.Module, bool],
     attributes: list[tuple[nn.Module, str, torch.Tensor]],
+    tables: list[tuple[nn.Module, dict, dict, dict, set]],
 ) -> None:
     """Put ``model`` back as :func:`preserved` found it (idempotent)."""
-    for module, name, kind, tensor in slots:
-        table: dict[str, Any] = module._parameters if kind == "param" else module._buffers
-        table[name] = tensor
+    for m, params, buffers, children, non_persistent in tables:
+        # the entries as they were, in their order (this also puts every slot's object back)
+        for now, entry in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
+            if now.keys() != entry.keys() or any(now[k] is not v for k, v in entry.items()):
+                now.clear()
+                now.update(entry)
+        if m._non_persistent_buffers_set != non_persistent:
+            m._non_persistent_buffers_set = set(non_persistent)
+    for _, _, kind, tensor in slots:
         data, grad, flag = originals[id(tensor)]
         tensor.data = data
         if kind == "param":
