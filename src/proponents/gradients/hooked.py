@@ -139,7 +139,10 @@ def record_parts(
                 output = model(*part.inputs)
                 calls = current[layers[0].name] if len(layers) == 1 else []
                 grad = None
-                if len(calls) == 1 and calls[0][1] is output:
+                # the layer's output must reach the loss as the layer returned it: one
+                # edited in place after the layer (a final ReLU(inplace=True)) is the
+                # model's output object but no longer the layer's output
+                if len(calls) == 1 and calls[0][1] is output and output._version == calls[0][2]:
                     grad = output_gradient(loss, output, part.labels, labels_checked=True)
                 if grad is None:
                     raise NoClosedForm(layers[0].name if layers else "")

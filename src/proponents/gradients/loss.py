@@ -12,8 +12,9 @@ per-example gradient:
   sum of each example's own mean). Not for a cross-entropy or NLL loss with class
   weights or with labels equal to ``ignore_index``: its mean divides by the labels'
   summed weights (ignored labels weigh 0), so it is not a plain mean over examples.
-  There each example's own loss is evaluated (its weighted loss over its own
-  weights, which is undefined, NaN, for an example whose labels are all ignored).
+  Nor for any other "mean" loss on integer labels, which may hide such weights. There
+  each example's own loss is evaluated (its weighted loss over its own weights, which
+  is undefined, NaN, for an example whose labels are all ignored).
 * ``loss_fn=None``: the model output summed over all non-batch dimensions.
 
 A reducing loss (``sample_wise_grads_per_batch=True``, TracInCPFast) without a
@@ -58,17 +59,11 @@ class LossSpec:
         declared: whether ``fn`` states its reduction (a ``reduction`` attribute or
             keyword); ``False`` when nothing says (``reduction`` is then ``"sum"``, for
             the shape check and the saved index, and each example's own loss is used).
-        weighted, ignore_index: what a loss other than torch's own class losses states
-            about class weights and an ignored label (see :func:`_weighted_mean`).
     """
 
     fn: Callable[..., torch.Tensor] | None
     reduction: str
     declared: bool = True
-    #: for a loss that is not torch's CrossEntropyLoss/NLLLoss: the class weights and the
-    #: ignored label it states (:func:`stated_setting`; -100 when it states none)
-    weighted: bool = False
-    ignore_index: int = -100
     #: the reduction was read from ``fn``'s signature (no ``reduction`` attribute)
     by_signature: bool = False
 
@@ -240,14 +235,14 @@ def _weighted_mean(spec: LossSpec, labels: Any) -> bool:
 
     True for a cross-entropy or NLL loss on class indices with class weights, or with a
     label equal to ``ignore_index`` in the batch (class probabilities are averaged over
-    the batch, weights or not). For any other "mean" loss on integer labels, the same
-    holds for the class weights and ``ignore_index`` it states (:func:`stated_setting`:
-    an attribute, a ``functools.partial`` keyword or a signature default), and a label
-    equal to -100 (torch's default ``ignore_index``, which a wrapper around
-    ``F.cross_entropy`` inherits without stating it) counts as ignored too. Each
-    example's own loss is then evaluated, which is exact for any loss, just slower; the
-    first-batch check cannot see this, because the labels that change the divisor may
-    only come in a later batch.
+    the batch, weights or not). Always true for any other "mean" loss on integer labels:
+    it may divide by class weights or skip labels that nothing outside it shows (a
+    wrapper holding ``nn.NLLLoss(weight=...)``, weights under a name of its own, a
+    global), whatever attributes or keywords it states. Each example's own loss is
+    then evaluated, which is exact for any loss and costs one more evaluation of the
+    loss alone, not of the model; the first-batch check cannot see this, because a batch
+    of one class (a dataset sorted by label) or without ignored labels divides as a
+    plain mean, and the batches that do not may only come later.
     """
     fn = spec.fn
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
@@ -255,26 +250,8 @@ def _weighted_mean(spec: LossSpec, labels: Any) -> bool:
     if labels.dtype == torch.bool or labels.numel() == 0:
         return False
     if not isinstance(fn, _CLASS_LOSSES):
-        return spec.weighted or bool((labels == spec.ignore_index).any())
+        return True
     return fn.weight is not None or bool((labels == fn.ignore_index).any())
-
-
-def stated_setting(fn: Any, name: str) -> Any:
-    """The value ``fn`` states for its setting ``name``: an attribute, else a keyword a
-    ``functools.partial`` binds, else the default of a parameter of that name in its
-    signature (``F.cross_entropy``'s ``ignore_index=-100``); ``None`` when none says."""
-    value = getattr(fn, name, None)
-    if value is not None:
-        return value
-    if isinstance(fn, functools.partial) and fn.keywords.get(name) is not None:
-        return fn.keywords[name]
-    try:
-        param = inspect.signature(fn).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
-    if param is None or param.default is inspect.Parameter.empty:
-        return None
-    return param.default
 
 
 def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -438,7 +415,7 @@ def resolve_loss(
                 f"{owner} needs a loss that reduces over the batch, but loss_fn has "
                 "reduction='none'; use reduction='sum' or 'mean'"
             )
-        return _spec(loss_fn, reduction or "sum", declared, by_signature)
+        return LossSpec(loss_fn, reduction or "sum", declared, by_signature)
     if sample_wise_grads_per_batch:
         if reduction == "none":
             raise InvalidArgumentError(
@@ -446,26 +423,14 @@ def resolve_loss(
                 "'sum' or 'mean', but loss_fn has reduction='none'; either set "
                 "sample_wise_grads_per_batch=False or use reduction='sum'"
             )
-        return _spec(loss_fn, reduction or "sum", declared, by_signature)
+        return LossSpec(loss_fn, reduction or "sum", declared, by_signature)
     if reduction in ("sum", "mean"):
         raise InvalidArgumentError(
             f"{owner}: sample_wise_grads_per_batch=False needs a per-example loss "
             f"(reduction='none'), but loss_fn has reduction={reduction!r}; either set "
             "sample_wise_grads_per_batch=True or use reduction='none'"
         )
-    return _spec(loss_fn, "none", declared)
-
-
-def _spec(
-    fn: Callable[..., Any], reduction: str, declared: bool, by_signature: bool = False
-) -> LossSpec:
-    """A :class:`LossSpec` with the weights and ignored label ``fn`` states, read once."""
-    if isinstance(fn, _CLASS_LOSSES):
-        return LossSpec(fn, reduction, declared, by_signature=by_signature)
-    ignore = stated_setting(fn, "ignore_index")
-    ignore = ignore if isinstance(ignore, int) and not isinstance(ignore, bool) else -100
-    weighted = isinstance(stated_setting(fn, "weight"), torch.Tensor)
-    return LossSpec(fn, reduction, declared, weighted, ignore, by_signature)
+    return LossSpec(loss_fn, "none", declared)
 
 
 def signature_reduction(loss_fn: Callable[..., Any]) -> str | None:
