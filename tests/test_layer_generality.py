@@ -333,3 +333,33 @@ def test_a_transformer_is_scored_with_its_grad_enabled_forward(tmp_path: Path) -
     ]
     whole = _tracincp(model, paths, train, loss_fn, ["head", "enc"], 6).self_influence()
     _assert_close(parts[0] + parts[1], whole.double())
+
+
+class _Counting(nn.Module):
+    """A parametrization that returns its input and counts how often it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return weight
+
+
+def test_choosing_strategies_runs_no_parametrization_and_changes_no_buffer() -> None:
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from proponents.gradients.selection import find_hooked_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), spectral_norm(nn.Linear(5, 3)))
+    parametrize.register_parametrization(model[0], "bias", counting := _Counting())
+    counting.calls = 0  # registering ran it once, to check it
+    model.train()  # where spectral_norm's power iteration updates its buffers
+    before = copy.deepcopy(model.state_dict())
+    found = find_hooked_layers(model, [n for n, _ in model.named_parameters()])
+    assert found == []  # both layers are computed: the generic path serves them
+    assert counting.calls == 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 
@@ -143,11 +144,19 @@ def find_hooked_layers(model: nn.Module, selected: Sequence[str]) -> list[Hooked
 def _own_parameter(m: nn.Module, attr: str, optional: bool = False) -> bool:
     """Whether ``m.<attr>`` is a parameter registered on ``m`` itself (or, with
     ``optional``, absent: ``None``). A parametrized tensor is recomputed at every access,
-    and a buffer or plain attribute is not a registered parameter at all."""
-    value = getattr(m, attr, None)
-    if value is None:
-        return optional
-    return value is m._parameters.get(attr)
+    and a buffer, a plain attribute or a property is not a registered parameter at all.
+
+    Decided from ``m``'s tables, without reading the attribute: reading a parametrized
+    one runs its parametrization, and ``spectral_norm``'s updates its buffers in train
+    mode.
+    """
+    if parametrize.is_parametrized(m, attr) or getattr(type(m), attr, None) is not None:
+        return False
+    if attr in m._parameters:
+        return m._parameters[attr] is not None or optional
+    if attr in m._buffers:
+        return optional and m._buffers[attr] is None
+    return optional and m.__dict__.get(attr) is None
 
 
 def _layer_kind(m: nn.Module) -> str | None:
