@@ -11,6 +11,7 @@ operation instead of indexing and stacking example by example.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
+    IterableDataset,
     RandomSampler,
     Subset,
     SubsetRandomSampler,
@@ -175,13 +177,14 @@ def make_loader(data: Dataset | DataLoader, batch_size: int | None, argument: st
         refuse_shuffled(data, argument)
         loader = data
     elif isinstance(data, Dataset):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        size = _positive_int(batch_size)
+        if size is None:
             raise InvalidArgumentError(
                 f"batch_size must be a positive int when {argument} is a Dataset, "
                 f"got {batch_size!r}"
             )
         loader_class = TensorRowsLoader if _tensor_rows(data) else DataLoader
-        loader = loader_class(data, batch_size=batch_size, shuffle=False)
+        loader = loader_class(data, batch_size=size, shuffle=False)
     else:
         raise ArgumentTypeError(
             f"{argument} must be a torch.utils.data.Dataset or DataLoader, "
@@ -193,6 +196,18 @@ def make_loader(data: Dataset | DataLoader, batch_size: int | None, argument: st
     return loader
 
 
+def _positive_int(value: Any) -> int | None:
+    """``value`` as an ``int`` when it is a positive integer of any type (``numpy.int64``
+    too, not ``bool``), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return None
+    return number if number >= 1 else None
+
+
 def _tensor_rows(dataset: Any) -> tuple[tuple[torch.Tensor, ...], Any] | None:
     """``(tensors, row_map)`` when ``dataset``'s items are plain rows of stored tensors.
 
@@ -202,9 +217,40 @@ def _tensor_rows(dataset: Any) -> tuple[tuple[torch.Tensor, ...], Any] | None:
     """
     if type(dataset) is TensorDataset:
         return tuple(dataset.tensors), None
-    if type(dataset) is Subset and type(dataset.dataset) is TensorDataset:
+    if (
+        type(dataset) is Subset
+        and type(dataset.dataset) is TensorDataset
+        and _row_indices(dataset.indices)
+    ):
         return tuple(dataset.dataset.tensors), dataset.indices
     return None
+
+
+def _row_indices(indices: Any) -> bool:
+    """Whether a ``Subset``'s ``indices`` are plain integers, each naming one stored row.
+
+    Anything else (a boolean mask, floats, a 2-D tensor, a ``uint8`` tensor, which
+    tensor indexing reads as a mask) is left to the plain DataLoader path, so that it
+    gets what indexing the ``TensorDataset`` gives (usually an error) instead of being
+    read as row numbers.
+    """
+    if isinstance(indices, range):
+        return True
+    if isinstance(indices, torch.Tensor):
+        return indices.dim() == 1 and _integer_tensor(indices)
+    if isinstance(indices, np.ndarray):
+        return indices.ndim == 1 and indices.dtype.kind in "iu"
+    return all(type(i) is int or _row_index(i) for i in indices)
+
+
+def _integer_tensor(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype in (torch.bool, torch.uint8))
+
+
+def _row_index(i: Any) -> bool:
+    if isinstance(i, torch.Tensor):
+        return i.dim() == 0 and _integer_tensor(i)
+    return isinstance(i, (int, np.integer)) and not isinstance(i, bool)
 
 
 class TensorRowsLoader(DataLoader):
@@ -255,9 +301,10 @@ class TensorRowsLoader(DataLoader):
             indices = list(indices)
             if row_map is not None:
                 indices = [int(row_map[i]) for i in indices]
+            given = indices
             indices = [i + n_rows if i < 0 else i for i in indices]
             if indices and not 0 <= min(indices) <= max(indices) < n_rows:
-                bad = next(i for i in indices if not 0 <= i < n_rows)
+                bad = next(g for g, i in zip(given, indices) if not 0 <= i < n_rows)
                 raise IndexError(f"index {bad} is out of range for {n_rows} stored rows")
             first = indices[0] if indices else 0
             stop = first + len(indices)
@@ -304,9 +351,13 @@ def dataset_length(loader: DataLoader) -> int | None:
     decides which examples come, so its batches of indices are counted (no data is
     loaded); a one-shot iterator of batches cannot be counted without being used up.
     A ``DataLoader(batch_size=None)`` yields its items as they are (whole batches, each
-    of any size): its examples are known only by reading them.
+    of any size): its examples are known only by reading them. So are those of an
+    ``IterableDataset``: its ``__len__``, if it has one, is only a hint (a stream that
+    skips bad records, say), which torch itself does not hold it to.
     """
     if loader.batch_size is None and loader.batch_sampler is None:
+        return None
+    if isinstance(loader.dataset, IterableDataset):
         return None
     custom = loader.batch_sampler
     if custom is not None and not (
@@ -436,6 +487,14 @@ def test_batches(
     try:
         n = batch_size_of(args, targets if has_tensors or any_type else None)
     except BatchFormatError as err:
+        datasets = [type(a).__name__ for a in args if isinstance(a, Dataset)]
+        if datasets:
+            raise BatchFormatError(
+                f"inputs is a {datasets[0]}, a Dataset: give one test batch of model inputs, "
+                "or a DataLoader of (*model_inputs, label) test batches, e.g. "
+                "DataLoader(inputs, batch_size=64) with targets=None (the labels come "
+                "from its batches)"
+            ) from None
         if n_targets is None or not any_type:
             raise BatchFormatError(f"inputs: {err}") from None
         n = n_targets  # e.g. a list of strings with a list of labels

@@ -1,0 +1,177 @@
+"""Edge cases of how training data and test inputs reach the engine.
+
+Each test compares against a plain DataLoader over the same dataset, a float64
+per-example autograd loop written here, or the documented error.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
+
+from proponents import TracInCP
+from proponents.data import make_loader
+from proponents.errors import BatchFormatError
+
+
+def _model_and_checkpoints(folder):
+    """A tiny MLP and two checkpoints ``(path, learning_rate)`` of it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    saved = []
+    for c, lr in enumerate([0.5, 1.5]):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        path = folder / f"ckpt-{c}.pt"
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, path)
+        saved.append((path, lr))
+    return model, saved
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _loop_scores(model, saved, train, test):
+    """Float64 ``(n_test, n_train)``: sum over checkpoints of lr * <g_test, g_train>, each
+    gradient that of one example's cross-entropy alone."""
+
+    def grads(m, x, y):
+        rows = []
+        for i in range(x.shape[0]):
+            loss = nn.functional.cross_entropy(m(x[i : i + 1].double()), y[i : i + 1])
+            g = torch.autograd.grad(loss, list(m.parameters()))
+            rows.append(torch.cat([t.reshape(-1) for t in g]))
+        return torch.stack(rows)
+
+    total = torch.zeros(test[0].shape[0], train[0].shape[0], dtype=torch.float64)
+    for path, lr in saved:
+        m = copy.deepcopy(model).double()
+        m.load_state_dict(torch.load(path)["model_state_dict"])
+        m.eval()
+        total += lr * grads(m, *test) @ grads(m, *train).T
+    return total
+
+
+def _assert_close(actual, expected, rtol=1e-4):
+    actual = actual.detach().double()
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() <= rtol * expected.abs().max()
+
+
+def _outcome(loader):
+    """The batches a loader yields, or the type and text of the error it raises."""
+    try:
+        return [list(batch) for batch in loader]
+    except Exception as err:  # noqa: BLE001 - the error itself is what is compared
+        return (type(err), str(err))
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [
+        [True, False] * 3,
+        torch.tensor([2.0, 0.0, 1.0]),
+        torch.tensor([1, 0, 2], dtype=torch.uint8),
+        torch.tensor([[0, 1], [2, 3], [4, 5]]),
+    ],
+    ids=["bool-mask", "float-tensor", "uint8-tensor", "2d-tensor"],
+)
+def test_subset_indices_that_are_not_row_numbers_load_as_a_plain_dataloader(indices):
+    x, y = _data(6, 1)
+    data = Subset(TensorDataset(x, y), indices)
+    ours = _outcome(make_loader(data, 2, "train_dataset"))
+    plain = _outcome(DataLoader(data, batch_size=2))
+    if isinstance(plain, tuple):
+        assert ours == plain
+        return
+    assert not isinstance(ours, tuple), ours
+    assert len(ours) == len(plain)
+    for got, want in zip(ours, plain):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_an_out_of_range_negative_subset_index_is_named_as_given():
+    x, y = _data(10, 2)
+    data = Subset(TensorDataset(x, y), [0, -11])
+    with pytest.raises(IndexError, match="-11"):
+        list(DataLoader(data, batch_size=2))
+    with pytest.raises(IndexError, match="-11"):
+        list(make_loader(data, 2, "train_dataset"))
+
+
+class _Stream(IterableDataset):
+    """Yields ``(x[i], y[i])``; ``__len__`` says ``hint``, which need not be true."""
+
+    def __init__(self, x, y, hint):
+        self.x, self.y, self.hint = x, y, hint
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+    def __len__(self):
+        return self.hint
+
+
+@pytest.mark.parametrize("hint", [5, 20])
+def test_an_iterable_dataset_whose_len_is_only_a_hint_is_scored_as_it_streams(tmp_path, hint):
+    model, saved = _model_and_checkpoints(tmp_path)
+    x, y = _data(10, 3)
+    xt, yt = _data(4, 4)
+    loader = DataLoader(_Stream(x, y, hint), batch_size=3, drop_last=True)
+    t = TracInCP(
+        model, loader, [p for p, _ in saved], loss_fn=nn.CrossEntropyLoss(reduction="none")
+    )
+    with warnings.catch_warnings():
+        # torch's own note that the stream yields more than its __len__ says
+        warnings.filterwarnings("ignore", "Length of IterableDataset", UserWarning)
+        scores = t.influence(xt, yt)
+    # drop_last keeps the 3 full batches: the first 9 examples
+    _assert_close(scores, _loop_scores(model, saved, (x[:9], y[:9]), (xt, yt)))
+
+
+def test_a_numpy_integer_batch_size_is_a_batch_size(tmp_path):
+    model, saved = _model_and_checkpoints(tmp_path)
+    x, y = _data(10, 5)
+    xt, yt = _data(3, 6)
+    data = TensorDataset(x, y)
+    loader = make_loader(data, np.int64(4), "train_dataset")
+    assert loader.batch_size == 4 and type(loader.batch_size) is int
+    plain = list(DataLoader(data, batch_size=4))
+    assert [len(b[1]) for b in loader] == [len(b[1]) for b in plain] == [4, 4, 2]
+    t = TracInCP(
+        model,
+        data,
+        [p for p, _ in saved],
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=np.int64(4),
+    )
+    _assert_close(t.influence(xt, yt), _loop_scores(model, saved, (x, y), (xt, yt)))
+
+
+def test_a_dataset_given_as_test_inputs_is_refused_with_the_fix(tmp_path):
+    model, saved = _model_and_checkpoints(tmp_path)
+    x, y = _data(6, 7)
+    t = TracInCP(
+        model,
+        TensorDataset(x, y),
+        [p for p, _ in saved],
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=3,
+    )
+    test = TensorDataset(*_data(4, 8))
+    with pytest.raises(BatchFormatError, match=r"inputs is a TensorDataset.*DataLoader\(inputs"):
+        t.influence(test)
+    # the fix the message names gives the scores of the loop
+    scores = t.influence(DataLoader(test, batch_size=64))
+    _assert_close(scores, _loop_scores(model, saved, (x, y), test.tensors))
