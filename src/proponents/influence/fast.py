@@ -60,7 +60,7 @@ from proponents.fingerprints import (
 )
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
-from proponents.gradients.representations import DenseGrads, Grads, as_dense
+from proponents.gradients.representations import DenseGrads, Grads, as_dense, widened
 from proponents.gradients.selection import canonical_module_name, named_modules, resolve_layers
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
@@ -504,9 +504,12 @@ class TracInCPFastRandProj(TracInCPFast):
         in_dim = layer.in_features + (1 if layer.bias is not None else 0)
         device = model_device(model)
         dtype = layer.weight.dtype
+        # Embeddings of a 16-bit layer are formed in float32 (see _embed), so are its
+        # projections.
+        work_dtype = torch.promote_types(dtype, torch.float32)
         self._projections = [
             GradientProjection.create(
-                layer.out_features, in_dim, projection_dim, seed * 1_000_003 + c, dtype, device
+                layer.out_features, in_dim, projection_dim, seed * 1_000_003 + c, work_dtype, device
             )
             for c in range(len(self.checkpoints))
         ]
@@ -601,7 +604,10 @@ class TracInCPFastRandProj(TracInCPFast):
                     parts = []
                     row = 0
                     for batch in runner._batches(data, is_loader, "batch"):
-                        rep = self._in_layer_layout(self._engine.compute(batch))
+                        # A 16-bit layer's gradient entries g_o a_i are formed in float32:
+                        # in its own dtype they overflow long before sqrt(lr) times them
+                        # does (as TracInCPFast forms its products).
+                        rep = widened(self._in_layer_layout(self._engine.compute(batch)))
                         part = self._projections[c](rep) * math.sqrt(lr)
                         if store_dtype is not None:
                             if store_dtype == torch.float16:
