@@ -75,3 +75,17 @@ def test_a_float16_layer_forms_its_embeddings_in_float32(tmp_path, storage):
     order = torch.sort(scores, dim=1, stable=True)
     assert torch.equal(top.indices, order.indices[:, :2])
     assert torch.equal(top.influence_scores, order.values[:, :2])
+
+
+def test_seeds_that_agree_modulo_2_to_the_32_draw_the_same_projections():
+    """What the README says of seeds: the projection depends on the seed modulo 2**32."""
+    from proponents.projection import GradientProjection
+
+    def matrix(seed: int) -> torch.Tensor:
+        return GradientProjection.create(
+            10, 65, 8, seed * 1_000_003, torch.float64, torch.device("cpu")
+        ).matrices[0]
+
+    assert torch.equal(matrix(7), matrix(7 + 2**32))
+    assert torch.equal(matrix(-1), matrix(2**32 - 1))
+    assert not torch.equal(matrix(7), matrix(8))
