@@ -406,3 +406,43 @@ def test_arguments_without_effect_in_self_influence_mode_are_named(case):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(t.influence(), want)
+
+
+def test_numpy_booleans_are_taken_as_the_flags_they_are(case, tmp_path):
+    """A flag read from a NumPy array or config is np.bool_: it means True or False, with
+    the results of the Python bool (torch's own functions refuse np.bool_)."""
+    x, y = case.test_inputs, case.test_labels
+    t = make(case, sample_wise_grads_per_batch=np.True_)
+    for k in (None, 3):
+        for pro in (True, False):
+            want = t.influence(x, y, k=k, proponents=pro)
+            got = t.influence(x, y, k=k, proponents=np.bool_(pro), unpack_inputs=np.True_)
+            if k is None:
+                assert torch.equal(got, want)
+            else:
+                assert torch.equal(got.indices, want.indices)
+                assert torch.equal(got.influence_scores, want.influence_scores)
+    assert_close(t.influence(x, y), reference_scores(case))
+    assert torch.equal(t.self_influence(show_progress=np.False_), t.self_influence())
+    fast = TracInCPFast(
+        case.model,
+        "fc2",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=4,
+        vectorize=np.False_,
+    )
+    rp = TracInCPFastRandProj(
+        case.model,
+        "fc2",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=case.loss_fn("sum"),
+        batch_size=4,
+        show_progress=np.False_,
+    )
+    want = fast.influence(x, y, k=3, proponents=False)
+    got = rp.influence(x, y, k=3, proponents=np.False_)
+    assert torch.equal(got.indices, want.indices)
+    torch.testing.assert_close(got.influence_scores, want.influence_scores)

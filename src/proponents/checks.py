@@ -11,13 +11,15 @@ import operator
 import os
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from proponents.errors import ArgumentTypeError
 
 
 def check_flag(value: Any, argument: str, owner: str | None = None) -> bool:
-    """Return ``value`` if it is a ``bool``, else raise naming ``argument``.
+    """Return ``value`` as a ``bool`` if it is one (a NumPy boolean too), else raise
+    naming ``argument``.
 
     Args:
         value: the value given for a ``True``/``False`` option.
@@ -28,6 +30,8 @@ def check_flag(value: Any, argument: str, owner: str | None = None) -> bool:
         ArgumentTypeError: when ``value`` is not a ``bool`` (``1``, ``"yes"`` and
             ``None`` included: a string such as ``"no"`` would otherwise count as true).
     """
+    if isinstance(value, np.bool_):
+        return bool(value)
     if not isinstance(value, bool):
         prefix = f"{owner}: " if owner else ""
         raise ArgumentTypeError(

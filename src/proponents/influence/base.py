@@ -253,13 +253,10 @@ class TracInCPBase(DataInfluence):
             since it needs autograd.
         """
         name = self.get_name()
-        for flag, value in (
-            ("proponents", proponents),
-            ("unpack_inputs", unpack_inputs),
-            ("show_progress", show_progress),
-            ("aggregate", aggregate),
-        ):
-            check_flag(value, flag, name)
+        proponents = check_flag(proponents, "proponents", name)
+        unpack_inputs = check_flag(unpack_inputs, "unpack_inputs", name)
+        show_progress = check_flag(show_progress, "show_progress", name)
+        aggregate = check_flag(aggregate, "aggregate", name)
         if inputs is None:
             if targets is not None:
                 raise InvalidArgumentError(
@@ -348,7 +345,7 @@ class TracInCPBase(DataInfluence):
         Returns:
             ``(n,)`` scores on the model's device, in the order of the examples.
         """
-        check_flag(show_progress, "show_progress", self.get_name())
+        show_progress = check_flag(show_progress, "show_progress", self.get_name())
         argument = "inputs_dataset"
         if inputs_dataset is None:
             inputs_dataset, argument = self.train_dataloader, "train_dataset"

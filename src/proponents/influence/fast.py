@@ -355,7 +355,7 @@ class TracInCPFast(TracInCPBase):
             distributed=distributed,
         )
         name = self.get_name()
-        check_flag(vectorize, "vectorize", name)
+        vectorize = check_flag(vectorize, "vectorize", name)
         if loss_fn is None:
             raise InvalidArgumentError(
                 f"{name} needs loss_fn: a loss that reduces with 'sum' or 'mean', e.g. "
@@ -478,7 +478,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 "2**43 (checkpoint c's projection is drawn from a generator seeded with "
                 "seed * 1000003 + c, which must fit in 64 bits)"
             )
-        check_flag(show_progress, "show_progress", name)
+        show_progress = check_flag(show_progress, "show_progress", name)
         memory_budget = _check_index_storage(memory_budget, index_dtype, name)
         self.memory_budget = memory_budget
         self.index_dtype = index_dtype
@@ -753,12 +753,9 @@ class TracInCPFastRandProj(TracInCPFast):
                 the same bytes passes).
         """
         name = self.get_name()
-        for flag, value in (
-            ("proponents", proponents),
-            ("unpack_inputs", unpack_inputs),
-            ("show_progress", show_progress),
-        ):
-            check_flag(value, flag, name)
+        proponents = check_flag(proponents, "proponents", name)
+        unpack_inputs = check_flag(unpack_inputs, "unpack_inputs", name)
+        show_progress = check_flag(show_progress, "show_progress", name)
         if inputs is None:
             raise NotImplementedError(
                 f"{name} does not compute self-influence (its embeddings would only cost "

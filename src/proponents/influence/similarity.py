@@ -371,9 +371,9 @@ class SimilarityInfluence(DataInfluence):
                 f"the accepted extra keywords are {list(_INFLUENCE_KWARGS)}"
             )
         top_k = check_int(top_k, "SimilarityInfluence.influence: top_k")
-        check_flag(load_src_from_disk, "load_src_from_disk")
-        check_flag(load_input_from_disk, "load_input_from_disk")
-        check_flag(show_progress, "show_progress")
+        load_src_from_disk = check_flag(load_src_from_disk, "load_src_from_disk")
+        load_input_from_disk = check_flag(load_input_from_disk, "load_input_from_disk")
+        show_progress = check_flag(show_progress, "show_progress")
         try:  # the model may have lost a layer (replaced or deleted) since construction
             _check_layers(self.module, self.layers)
         except InvalidArgumentError as exc:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from proponents.checkpoints import load_flexible_state_dict
-from proponents.errors import ArgumentTypeError
+from proponents.checks import check_flag
 from proponents.gradients.engine import GradientEngine
 from proponents.gradients.loss import resolve_loss
 from proponents.gradients.selection import resolve_layers
@@ -71,11 +71,9 @@ class TracInCP(TracInCPBase):
             distributed=distributed,
         )
         name = self.get_name()
-        if not isinstance(sample_wise_grads_per_batch, bool):
-            raise ArgumentTypeError(
-                f"{name}: sample_wise_grads_per_batch must be a bool, got "
-                f"{sample_wise_grads_per_batch!r}"
-            )
+        sample_wise_grads_per_batch = check_flag(
+            sample_wise_grads_per_batch, "sample_wise_grads_per_batch", name
+        )
         self.sample_wise_grads_per_batch = sample_wise_grads_per_batch
         self.layers = layers
         self._loss = resolve_loss(loss_fn, sample_wise_grads_per_batch, name)
