@@ -575,6 +575,7 @@ def test_list_targets_give_the_scores_of_tensor_targets(tmp_path):
     want = reference_scores(case)
     assert_close(t.influence(case.test_inputs, case.test_labels.tolist()), want)
     assert_close(t.influence(case.test_inputs, case.test_labels.numpy()), want)
+    assert_close(t.influence(case.test_inputs, list(case.test_labels)), want)  # 0-d tensors
     # labels as a list in a self-influence batch, and from a collate_fn that returns lists
     own = reference_self(case)
     assert_close(t.self_influence((*case.train_inputs, case.train_labels.tolist())), own)

@@ -403,7 +403,8 @@ def test_inputs_tuple(inputs: Any, unpack_inputs: bool) -> tuple[Any, ...]:
 def as_targets(targets: Any) -> Any:
     """The test ``targets`` as given, or as a tensor when they are plain numbers.
 
-    A (nested) list or tuple of Python or NumPy numbers, or a numeric NumPy array, becomes
+    A (nested) list or tuple of Python or NumPy numbers or 0-d tensors (``list(y)`` of a
+    label tensor), or a numeric NumPy array, becomes
     ``torch.as_tensor(targets)``, except that integers of any width give an ``int64``
     tensor (class indices, as torch's class losses want; NumPy's default integer is 32
     bits on Windows), floats keep their dtype (Python floats: torch's default) and bools
@@ -423,11 +424,14 @@ def _long_if_integer(t: torch.Tensor) -> torch.Tensor:
 
 
 def _numbers(obj: Any) -> bool:
-    """Whether ``obj`` is a number or a non-empty (nested) list/tuple of numbers only."""
+    """Whether ``obj`` is a number (a 0-d real tensor too) or a non-empty (nested)
+    list/tuple of numbers only."""
     if isinstance(obj, (list, tuple)):
         return bool(obj) and all(_numbers(o) for o in obj)
     if isinstance(obj, np.generic):
         return obj.dtype.kind in "biuf"
+    if isinstance(obj, torch.Tensor):
+        return obj.dim() == 0 and not obj.is_complex()
     return isinstance(obj, (int, float))
 
 
