@@ -252,13 +252,13 @@ def test_tensor_fingerprint_is_kept_until_a_value_changes(monkeypatch):
     from proponents import fingerprints
 
     calls = {"n": 0}
-    real = fingerprints.hash_object
+    real = fingerprints.content_digest
 
-    def counting(obj, digest):
+    def counting(tensor):
         calls["n"] += 1
-        return real(obj, digest)
+        return real(tensor)
 
-    monkeypatch.setattr(fingerprints, "hash_object", counting)
+    monkeypatch.setattr(fingerprints, "content_digest", counting)
     x = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
     first = fingerprints.tensor_fingerprint(x)
     assert calls["n"] == 1
@@ -270,3 +270,33 @@ def test_tensor_fingerprint_is_kept_until_a_value_changes(monkeypatch):
     assert changed == fingerprints.tensor_fingerprint(x.clone())  # a fresh copy: computed
     x[31, 4] = original  # the same values again: the same fingerprint
     assert fingerprints.tensor_fingerprint(x) == first
+
+
+def test_content_digest_sees_every_chunk_and_does_not_depend_on_threads(monkeypatch):
+    """A tensor of several 16 MiB chunks, hashed in threads: one changed value in the
+    first, a middle or the last chunk changes the digest, the same tensor hashed with a
+    single thread gives the same digest, and dtype and shape count."""
+    from proponents import fingerprints
+
+    x = torch.randn(5 * (4 << 20) + 3, generator=torch.Generator().manual_seed(0))  # 80 MiB
+    first = fingerprints.content_digest(x)
+    assert fingerprints.content_digest(x.clone()) == first
+    for i in (0, x.numel() // 2, x.numel() - 1):
+        y = x.clone()
+        y[i] = torch.nextafter(y[i], torch.tensor(float("inf")))  # one ulp
+        assert fingerprints.content_digest(y) != first
+    monkeypatch.setattr(fingerprints.os, "cpu_count", lambda: 1)
+    assert fingerprints.content_digest(x) == first
+    assert fingerprints.content_digest(x.view(-1, 1)) != first
+    assert fingerprints.content_digest(x.view(torch.int32)) != first
+
+
+def test_probes_of_another_whole_content_scheme_are_compared_by_their_items():
+    from proponents.fingerprints import WHOLE_PROBE, _WHOLE_PROBE_V1, probes_differ
+
+    new_a, new_b = f"{WHOLE_PROBE}items:aaa", f"{WHOLE_PROBE}items:bbb"
+    assert probes_differ(new_a, new_b)  # the same scheme: the contents differ
+    assert not probes_differ(new_a, new_a)
+    assert not probes_differ(f"{_WHOLE_PROBE_V1}items:aaa", new_b)  # not comparable
+    assert probes_differ(f"{_WHOLE_PROBE_V1}other:aaa", new_b)  # the items still count
+    assert not probes_differ("items", new_a)  # a probe of items only
