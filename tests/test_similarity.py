@@ -619,7 +619,7 @@ def test_an_entry_kept_open_is_checked_at_every_call(tmp_path, monkeypatch, chan
     opened = []
     open_arrays = ArrayStore._open_arrays
     monkeypatch.setattr(
-        ArrayStore, "_open_arrays", lambda self, m: opened.append(1) or open_arrays(self, m)
+        ArrayStore, "_open_arrays", lambda self, *a: opened.append(1) or open_arrays(self, *a)
     )
     folder = _src_dir(tmp_path)
     if change == "truncate":
@@ -649,6 +649,42 @@ def test_an_entry_kept_open_is_checked_at_every_call(tmp_path, monkeypatch, chan
     elif change == "replaced":
         assert opened  # the new files were opened, not the unlinked ones reused
     _check(result, (expected[0], expected[1].double()))
+
+
+def test_the_call_that_builds_keeps_its_entries_open_and_a_new_object_verifies_them(
+    tmp_path, monkeypatch
+):
+    """The entry a call has just written is kept open without reading its data back, so
+    the next call opens nothing; another object opening it reads every array once for
+    its CRC-32. Both give the brute force's neighbours."""
+    from proponents import store as store_module
+
+    model = _seeded(Net)
+    train, test = _data()
+    reads = []
+    crc = store_module._data_crc32
+    monkeypatch.setattr(store_module, "_data_crc32", lambda *a: reads.append(1) or crc(*a))
+    sim = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    first = sim.influence(test, top_k=4)["lin2"]  # builds
+    assert not reads  # the bytes just written are not read back
+    opened = []
+    open_arrays = store_module.ArrayStore._open_arrays
+    monkeypatch.setattr(
+        store_module.ArrayStore,
+        "_open_arrays",
+        lambda self, *a: opened.append(1) or open_arrays(self, *a),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = sim.influence(test, top_k=4)["lin2"]
+    assert not opened and not reads  # served by the entry kept open since the build
+    other = SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=10)
+    fresh = other.influence(test, top_k=4)["lin2"]
+    assert opened and len(reads) >= 2  # activations and norms, each checked once
+    src = _acts(model, "lin2", train.tensors[0])
+    want = _brute(_acts(model, "lin2", test), src, "cosine", "max", 4)
+    for got in (first, again, fresh):
+        _check(got, want)
 
 
 def test_load_src_from_disk_false_rebuilds(tmp_path, watch_forwards):

@@ -560,6 +560,7 @@ class ArrayStore:
         ignore: Collection[str] = (),
         reuse: StoredEntry | None = None,
         required: Collection[str] = (),
+        verify_data: bool = True,
     ) -> tuple[StoredEntry | None, str | None]:
         """Open entry ``key`` if it is intact and was built for ``meta``.
 
@@ -568,6 +569,10 @@ class ArrayStore:
             meta: what the entry must have been built for; every field is compared.
             ignore: ``meta`` fields not to compare.
             required: arrays the entry must hold (one without them is damaged).
+            verify_data: compare each array's data with the CRC-32 its manifest records
+                (one read of every file). ``False`` only for an entry this process has
+                just committed under :meth:`lock`, whose bytes it wrote itself; headers,
+                shapes and sizes are checked either way.
             reuse: an entry opened earlier by this method. It is returned as it is
                 (no manifest parsing, no file opening) when it is still open, is this
                 key's entry of this store, matches ``meta``, and its files on disk are
@@ -598,7 +603,7 @@ class ArrayStore:
             lacking = sorted(set(required) - set(manifest["arrays"]))
             if lacking:
                 return None, f"it lacks the array(s) {lacking} (damaged)"
-            opened, reason, missing = self._open_arrays(manifest)
+            opened, reason, missing = self._open_arrays(manifest, verify_data)
             if opened is not None:
                 files, layouts = opened
                 signature = ((self._manifest_path(key), text),) + tuple(
@@ -633,7 +638,7 @@ class ArrayStore:
         return manifest, reason, text
 
     def _open_arrays(
-        self, manifest: dict[str, Any]
+        self, manifest: dict[str, Any], verify_data: bool = True
     ) -> tuple[tuple[dict[str, BinaryIO], dict[str, Any]] | None, str | None, bool]:
         """Open and check the entry's array files: ``(opened, reason, missing)``."""
         files: dict[str, BinaryIO] = {}
@@ -649,7 +654,7 @@ class ArrayStore:
                 except FileNotFoundError:
                     return None, f"its array file {fname} is missing", True
                 files[name] = fh
-                layout, problem = _check_array_file(fh, info)
+                layout, problem = _check_array_file(fh, info, verify_data)
                 if layout is None:
                     return None, f"its array file {fname} {problem} (damaged)", False
                 layouts[name] = layout
@@ -800,7 +805,7 @@ def _compare_meta(
 
 
 def _check_array_file(
-    fh: BinaryIO, info: Mapping[str, Any]
+    fh: BinaryIO, info: Mapping[str, Any], verify_data: bool = True
 ) -> tuple[tuple[np.dtype, tuple[int, ...], int] | None, str | None]:
     """``((dtype, shape, data_offset), None)`` for a sound file, else ``(None, problem)``."""
     try:
@@ -822,7 +827,7 @@ def _check_array_file(
         return None, f"has {size} bytes instead of {expected} (truncated or overwritten)"
     if not shape:
         return None, "holds a 0-d array, the store writes arrays with rows"
-    if "crc32" in info:  # entries written before checksums were recorded have none
+    if verify_data and "crc32" in info:  # entries written before CRCs were recorded lack it
         try:
             crc = _data_crc32(fh, offset)
         except OSError as exc:

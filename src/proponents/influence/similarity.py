@@ -834,6 +834,13 @@ class SimilarityInfluence(DataInfluence):
             _check_top_k(top_k, n_rows)
             for layer in layers:
                 writers[layer].commit()
+                # Kept open for the next call: the bytes are the ones just written (under
+                # the store's lock), so they are not read back for their checksum.
+                entry, _ = store.load(
+                    keys[layer], metas[layer], required=_SRC_ARRAYS, verify_data=False
+                )
+                if entry is not None:
+                    self._keep_open(layer, entry)
         return {layer: self._finish(scorers[layer]) for layer in layers}
 
     def _finish(self, scorer: BlockScorer) -> tuple[Tensor, Tensor]:
