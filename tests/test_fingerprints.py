@@ -292,7 +292,7 @@ def test_content_digest_sees_every_chunk_and_does_not_depend_on_threads(monkeypa
 
 
 def test_probes_of_another_whole_content_scheme_are_compared_by_their_items():
-    from proponents.fingerprints import WHOLE_PROBE, _WHOLE_PROBE_V1, probes_differ
+    from proponents.fingerprints import _WHOLE_PROBE_V1, WHOLE_PROBE, probes_differ
 
     new_a, new_b = f"{WHOLE_PROBE}items:aaa", f"{WHOLE_PROBE}items:bbb"
     assert probes_differ(new_a, new_b)  # the same scheme: the contents differ
