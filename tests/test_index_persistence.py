@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from conftest import save_checkpoints
 from proponents import FaissNearestNeighbors, SimilarityInfluence, TracInCPFastRandProj
 from proponents.checkpoints import load_flexible_state_dict
 from proponents.errors import CheckpointChangedError, IndexMismatchError, StoreError
@@ -36,13 +37,7 @@ def _case(tmp_path, n_train=40):
     torch.manual_seed(0)
     model = _model()
     x, y = torch.randn(n_train + 6, 6), torch.randint(0, 5, (n_train + 6,))
-    paths = []
-    for c in range(2):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        paths.append(tmp_path / f"c{c}.pt")
-        torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.5 + c}, paths[-1])
+    paths = save_checkpoints(model, tmp_path, [0.5, 1.5], torch.Generator().manual_seed(1), "c")
     return model, TensorDataset(x[:n_train], y[:n_train]), x[n_train:], y[n_train:], paths
 
 

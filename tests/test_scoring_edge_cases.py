@@ -16,19 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from conftest import save_checkpoints
 from proponents import TracInCP, TracInCPFast
 
 
 def _save(model: nn.Module, folder, lrs=(0.5, 1.25)) -> tuple[list, list[float]]:
-    g = torch.Generator().manual_seed(3)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for c, lr in enumerate(lrs):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-        paths.append(folder / f"c{c}.pt")
-        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, paths[-1])
+    paths = save_checkpoints(model, folder, lrs, torch.Generator().manual_seed(3), prefix="c")
     return paths, list(lrs)
 
 

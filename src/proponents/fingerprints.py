@@ -140,13 +140,10 @@ def module_structure(model: nn.Module) -> str:
     """
     from torch.nn.modules import module as torch_module
 
-    lines = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        try:
-            extra = module.extra_repr()
-        except Exception as exc:  # noqa: BLE001 - a broken extra_repr still names its class
-            extra = f"<extra_repr failed: {type(exc).__name__}>"
-        lines.append(f"{name}|{_class_name(module)}|{extra}|{_hook_lines(module)}")
+    lines = [
+        f"{name}|{_class_name(module)}|{_settings(module)}|{_hook_lines(module)}"
+        for name, module in model.named_modules(remove_duplicate=False)
+    ]
     for kind in ("_global_forward_pre_hooks", "_global_forward_hooks"):
         hooks = getattr(torch_module, kind, None) or {}
         lines.extend(f"{kind[1:]}={_callable_name(h)}" for h in hooks.values())
@@ -161,14 +158,19 @@ def architecture(model: nn.Module) -> list[str]:
     class defined in a script and imported from a package is the same) and hooks do not
     count: what is compared is what a person would call the architecture.
     """
-    lines = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        try:
-            extra = module.extra_repr()
-        except Exception as exc:  # noqa: BLE001 - a broken extra_repr still names its class
-            extra = f"<extra_repr failed: {type(exc).__name__}>"
-        lines.append(f"{name or '(model)'}: {type(module).__qualname__}({extra})")
-    return lines
+    return [
+        f"{name or '(model)'}: {type(module).__qualname__}({_settings(module)})"
+        for name, module in model.named_modules(remove_duplicate=False)
+    ]
+
+
+def _settings(module: nn.Module) -> str:
+    """The module's ``extra_repr()`` (the settings it prints), or a note that it failed:
+    a broken ``extra_repr`` still lets the module be named by its class."""
+    try:
+        return module.extra_repr()
+    except Exception as exc:  # noqa: BLE001 - any failure of user code
+        return f"<extra_repr failed: {type(exc).__name__}>"
 
 
 def model_fingerprint(model: nn.Module) -> str:
