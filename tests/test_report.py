@@ -547,8 +547,8 @@ def test_a_boolean_mislabeled_mask_is_read_as_a_mask_and_bad_indices_are_refused
     assert "5 labels are known to be wrong" in by_mask.html
     assert build_report(train, test, pro, mislabeled=mask.numpy(), **kw).html == by_mask.html
     for wrong, error, needle in [
-        ([-1], InvalidArgumentError, "holds -1, outside the 20 training examples"),
-        ([3, 25], InvalidArgumentError, "holds 25, outside"),
+        ([-1], InvalidArgumentError, "mislabeled: index -1 is outside the 20 examples"),
+        ([3, 25], InvalidArgumentError, "index 25 is outside"),
         (torch.ones(19, dtype=torch.bool), InvalidArgumentError, r"mask of shape \(19,\)"),
         ([1.5], ArgumentTypeError, "integers|ints"),
     ]:

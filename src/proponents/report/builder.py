@@ -130,48 +130,6 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _out_of_range(indices: np.ndarray, n: int) -> list[int]:
-    """The distinct entries of ``indices`` outside ``[0, n)``, in their first order."""
-    flat = indices.reshape(-1)
-    outside = flat[(flat < 0) | (flat >= n)]
-    return [int(i) for i in dict.fromkeys(outside.tolist())]
-
-
-def _mislabeled_indices(mislabeled: Any, n_train: int) -> set[int]:
-    """The known-bad training positions given as indices or as a boolean mask.
-
-    Raises:
-        ArgumentTypeError: neither integers nor booleans (floats, strings).
-        InvalidArgumentError: a mask whose length is not ``n_train``, or indices outside
-            ``[0, n_train)`` (a negative index is not counted from the end).
-    """
-    if isinstance(mislabeled, (set, frozenset)):
-        mislabeled = sorted(mislabeled)
-    array = _numpy(mislabeled)
-    if array.dtype == np.bool_:
-        if array.ndim != 1 or array.shape[0] != n_train:
-            raise InvalidArgumentError(
-                f"mislabeled is a boolean mask of shape {tuple(array.shape)}; a mask needs one "
-                f"entry per training example ({n_train}), or give the indices instead"
-            )
-        return {int(i) for i in np.flatnonzero(array)}
-    if array.size == 0:
-        return set()
-    if array.dtype.kind not in "iu":
-        raise ArgumentTypeError(
-            f"mislabeled must hold training indices (ints) or be a boolean mask of "
-            f"{n_train} entries, got an array of {array.dtype}"
-        )
-    outside = _out_of_range(array, n_train)
-    if outside:
-        shown = ", ".join(map(str, outside[:10])) + (", …" if len(outside) > 10 else "")
-        raise InvalidArgumentError(
-            f"mislabeled holds {shown}, outside the {n_train} training examples; give "
-            f"positions 0 to {n_train - 1} (negative positions are not counted from the end)"
-        )
-    return {int(i) for i in array.reshape(-1)}
-
-
 def _dataset(data: Any, what: str) -> Any:
     if isinstance(data, DataLoader):
         data = data.dataset
@@ -561,7 +519,11 @@ def build_report(
         )
     train_data = _dataset(train_dataset, "train_dataset")
     n_train = len(train_data)
-    bad = _mislabeled_indices(mislabeled, n_train) if mislabeled is not None else set()
+    bad = (
+        set(plot.bad_indices(mislabeled, n_train, "mislabeled").tolist())
+        if mislabeled is not None
+        else set()
+    )
     train_pred = _numpy(train_predictions) if train_predictions is not None else None
     if train_pred is not None and (train_pred.ndim == 0 or train_pred.shape[0] != n_train):
         size = 1 if train_pred.ndim == 0 else train_pred.shape[0]
@@ -581,7 +543,7 @@ def build_report(
         test_predictions, test_predictions_for, rows, test_indices is None, len(test)
     )
     for what, res in (("proponents", pro), ("opponents", con)):
-        outside = _out_of_range(res.indices, len(train)) if res is not None else []
+        outside = plot.out_of_range(res.indices, len(train)) if res is not None else []
         if outside:
             raise InvalidArgumentError(
                 f"{what} refer to training index {outside[0]} but train_dataset has "

@@ -74,36 +74,52 @@ def _numpy(values: Any) -> np.ndarray:
     return np.asarray(values)
 
 
-def bad_indices(bad: Any, n: int) -> np.ndarray:
-    """The distinct known-bad positions, sorted, from indices or a boolean mask of ``n``.
+def bad_indices(bad: Any, n: int, argument: str = "known-bad examples") -> np.ndarray:
+    """The distinct known-bad positions, sorted, from indices (a set too) or a boolean
+    mask of ``n`` entries.
 
     Raises:
-        ArgumentTypeError: neither integers nor booleans.
+        ArgumentTypeError: neither integers nor booleans (floats, strings).
         InvalidArgumentError: a mask of another length than ``n``, or an index outside
-            ``[0, n)`` (negative indices are not counted from the end).
+            ``[0, n)`` (negative indices are not counted from the end); the message
+            names ``argument``.
     """
+    if isinstance(bad, (set, frozenset)):
+        bad = sorted(bad)
     array = _numpy(bad)
     if array.dtype == np.bool_:
         if array.ndim != 1 or array.shape[0] != n:
             raise InvalidArgumentError(
-                f"a boolean mask of known-bad examples needs one entry per example ({n}), "
-                f"got shape {tuple(array.shape)}"
+                f"{argument} is a boolean mask of shape {tuple(array.shape)}; a mask needs one "
+                f"entry per example ({n}), or give the indices instead"
             )
         return np.flatnonzero(array).astype(np.int64)
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
     if array.dtype.kind not in "iu":
         raise ArgumentTypeError(
-            f"known-bad examples must be given as integer indices or a boolean mask, got "
-            f"an array of {array.dtype}"
+            f"{argument} must hold example indices (ints) or be a boolean mask of {n} "
+            f"entries, got an array of {array.dtype}"
         )
     flat = array.reshape(-1).astype(np.int64)
-    outside = flat[(flat < 0) | (flat >= n)]
-    if outside.size:
+    outside = out_of_range(flat, n)
+    if outside:
+        also = ""
+        if len(outside) > 1:
+            also = " (also " + ", ".join(map(str, outside[1:10]))
+            also += ", …)" if len(outside) > 10 else ")"
         raise InvalidArgumentError(
-            f"known-bad index {int(outside[0])} is outside the {n} examples (valid: 0 to {n - 1})"
+            f"{argument}: index {outside[0]} is outside the {n} examples{also}; give "
+            f"positions 0 to {n - 1} (negative positions are not counted from the end)"
         )
     return np.unique(flat)
+
+
+def out_of_range(indices: np.ndarray, n: int) -> list[int]:
+    """The distinct entries of ``indices`` outside ``[0, n)``, in their first order."""
+    flat = indices.reshape(-1)
+    outside = flat[(flat < 0) | (flat >= n)]
+    return [int(i) for i in dict.fromkeys(outside.tolist())]
 
 
 def _plain(text: str) -> str:
