@@ -40,6 +40,7 @@ from proponents.errors import (
     CheckpointLoadError,
     CheckpointNotFoundError,
     InvalidArgumentError,
+    article,
 )
 from proponents.fingerprints import tensor_bytes
 from proponents.model_guard import loads_by_reference
@@ -847,7 +848,8 @@ def _unpack(content: Any, model_keys: set[str], where: str) -> tuple[OrderedDict
     """
     if not isinstance(content, Mapping):
         raise CheckpointLoadError(
-            f"{where} holds a {type(content).__name__}, not a state dict; expected a mapping "
+            f"{where} holds {article(type(content).__name__)}, not a state dict; expected a "
+            "mapping "
             "of parameter names to tensors, possibly nested under "
             f"{' / '.join(repr(k) for k in _NESTED_KEYS)}"
         )

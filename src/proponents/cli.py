@@ -381,11 +381,14 @@ def load_task(path: str | Path) -> Task:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         if not isinstance(first, (tuple, list)) or len(first) < 2:
+            from proponents.errors import article
+
             shown = type(first).__name__
-            size = f" of {len(first)}" if isinstance(first, (tuple, list)) else ""
+            size = f" of length {len(first)}" if isinstance(first, (tuple, list)) else ""
             raise UsageError(
                 f"task file {task_path}: {name} items must be (*inputs, label) tuples, but "
-                f"item 0 is a {shown}{size}; give each example its label (TensorDataset(x, y))"
+                f"item 0 is {article(shown)}{size}; give each example its label "
+                "(TensorDataset(x, y))"
             )
     if isinstance(module.loss_fn, type):
         raise UsageError(

@@ -32,7 +32,13 @@ from torch.utils.data import (
     default_collate,
 )
 
-from proponents.errors import ArgumentTypeError, BatchFormatError, InvalidArgumentError
+from proponents.errors import (
+    ArgumentTypeError,
+    BatchFormatError,
+    InvalidArgumentError,
+    article,
+    count,
+)
 
 #: A function naming the memory format a tensor's batch copies should have.
 MemoryFormatOf = Callable[[torch.Tensor], torch.memory_format]
@@ -128,15 +134,15 @@ def _check_labels_fit(inputs: tuple[Any, ...], labels: Any, size: int, what: str
     ):
         shown = labels.item() if isinstance(labels, torch.Tensor) else labels
         raise BatchFormatError(
-            f"a {what} has a single label ({shown!r}, no batch dimension), so it is one "
+            f"{article(what)} has a single label ({shown!r}, no batch dimension), so it is one "
             f"example rather than a batch; {BATCH_CONVENTION}, with the examples in dim 0 "
             f"of every tensor. {UNBATCHED_HINT}."
         )
     if isinstance(labels, torch.Tensor) and int(labels.shape[0]) != size:
         rows = int(labels.shape[0])
         raise BatchFormatError(
-            f"a {what} has labels with {rows} row{'' if rows == 1 else 's'} but model inputs of "
-            f"{size} examples (dim 0 of the input tensors): every tensor must have the "
+            f"{article(what)} has labels with {count(rows, 'row')} but model inputs of "
+            f"{count(size, 'example')} (dim 0 of the input tensors): every tensor must have the "
             f"examples in dim 0, one label per example. {UNBATCHED_HINT}."
         )
 
@@ -156,8 +162,8 @@ def split_batch(batch: Any, what: str = "training batch") -> Batch:
         if isinstance(batch, (tuple, list)):
             got += f" of length {len(batch)}"
         raise BatchFormatError(
-            f"a {what} is a {got}, but {BATCH_CONVENTION}. Wrap your dataset so that each "
-            "item is (input, label), e.g. torch.utils.data.TensorDataset(x, y)."
+            f"{article(what)} is {article(got)}, but {BATCH_CONVENTION}. Wrap your dataset so "
+            "that each item is (input, label), e.g. torch.utils.data.TensorDataset(x, y)."
         )
     inputs = tuple(batch[:-1])
     labels = as_targets(batch[-1])  # plain-number labels (a collate_fn's list) as a tensor
@@ -494,8 +500,8 @@ def test_batches(
         datasets = [type(a).__name__ for a in args if isinstance(a, Dataset)]
         if datasets:
             raise BatchFormatError(
-                f"inputs is a {datasets[0]}, a Dataset: give one test batch of model inputs, "
-                "or a DataLoader of (*model_inputs, label) test batches, e.g. "
+                f"inputs is {article(datasets[0])}, a Dataset: give one test batch of model "
+                "inputs, or a DataLoader of (*model_inputs, label) test batches, e.g. "
                 "DataLoader(inputs, batch_size=64) with targets=None (the labels come "
                 "from its batches)"
             ) from None
@@ -503,12 +509,12 @@ def test_batches(
             raise BatchFormatError(f"inputs: {err}") from None
         n = n_targets  # e.g. a list of strings with a list of labels
     if n_targets is not None and n not in (n_targets, task_rows):
-        tasks = f" (or {task_rows} rows per task)" if task_rows is not None else ""
+        tasks = f" (or {count(task_rows, 'row')} per task)" if task_rows is not None else ""
         raise InvalidArgumentError(
-            f"targets has {n_targets} entries{tasks} but inputs hold {n} examples (dim 0 "
-            "of the first input tensor): give one target per test example, or for several "
-            "tasks a tuple of tensors with the examples in dim 0; a single example needs "
-            "its batch dimension too (x[None], targets of shape (1,))"
+            f"targets has {count(n_targets, 'entry', 'entries')}{tasks} but inputs hold "
+            f"{count(n, 'example')} (dim 0 of the first input tensor): give one target per "
+            "test example, or for several tasks a tuple of tensors with the examples in dim "
+            "0; a single example needs its batch dimension too (x[None], targets of shape (1,))"
         )
     return [Batch(inputs=args, labels=targets, size=n)], False
 

@@ -3,7 +3,8 @@
 Every error subclasses the built-in exception a caller would naturally catch
 (``ValueError``, ``TypeError``, ``FileNotFoundError``, ``RuntimeError``), so code
 that handles the standard exceptions keeps working, while code that wants to
-tell our errors apart can catch :class:`ProponentsError`.
+tell our errors apart can catch :class:`ProponentsError`. :func:`article` and
+:func:`count` keep their messages grammatical ("an int", "1 entry").
 """
 
 from __future__ import annotations
@@ -51,3 +52,14 @@ class CheckpointChangedError(ProponentsError, RuntimeError):
 
 class RenderError(ProponentsError, RuntimeError):
     """A ``render`` function given for a report failed on an example."""
+
+
+def article(phrase: str) -> str:
+    """``phrase`` after "a" or "an", chosen by its first letter: "an int", "a list"."""
+    return f"{'an' if phrase[:1].lower() in tuple('aeiou') else 'a'} {phrase}"
+
+
+def count(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and ``noun``, in the plural (``nouns``, else ``noun + "s"``) unless ``n`` is 1:
+    "1 entry", "3 entries"."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"

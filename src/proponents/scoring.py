@@ -29,7 +29,7 @@ from proponents.data import (
     unshared,
 )
 from proponents.distributed import finite_first_order
-from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError
+from proponents.errors import CheckpointLoadError, InvalidArgumentError, ProponentsError, count
 from proponents.gradients.engine import GradientEngine
 from proponents.model_guard import GlobalRandomState
 from proponents.progress import Progress
@@ -226,8 +226,11 @@ class TracInRunner:
                 examples, so a large test batch does not hold all its activations at once.
         """
         n_ckpt = len(self.checkpoints)
-        per_ckpt = None if n_train_batches is None else n_train_batches + (n_test_batches or 1)
-        total = None if per_ckpt is None else per_ckpt * n_ckpt
+        # the bar counts test and training batches; unknown when either count is (a loader
+        # over an IterableDataset has no length)
+        total = None
+        if n_train_batches is not None and n_test_batches is not None:
+            total = (n_train_batches + n_test_batches) * n_ckpt
         tracker = NonFiniteTracker(self.owner)
         scores: Tensor | None = None
         dtype: torch.dtype | None = None
@@ -272,8 +275,8 @@ class TracInRunner:
                     del columns
                 elif offset != scores.shape[1]:
                     raise InvalidArgumentError(
-                        f"{self.owner}: the training data yielded {offset} examples for "
-                        f"checkpoint {c + 1} but {scores.shape[1]} for the first; it must "
+                        f"{self.owner}: the training data yielded {count(offset, 'example')} "
+                        f"for checkpoint {c + 1} but {scores.shape[1]} for the first; it must "
                         "yield the same examples in the same order every time"
                     )
         assert scores is not None and dtype is not None
@@ -360,8 +363,9 @@ class TracInRunner:
                     result = values
                 elif values.shape != result.shape:
                     raise InvalidArgumentError(
-                        f"{self.owner}: the data yielded {values.numel()} examples for "
-                        f"checkpoint {c + 1} but {result.numel()} for the first"
+                        f"{self.owner}: the data yielded {count(values.numel(), 'example')} "
+                        f"for checkpoint {c + 1} but {result.numel()} for the first; it must "
+                        "yield the same examples in the same order every time"
                     )
                 else:
                     result += values

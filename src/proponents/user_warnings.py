@@ -20,6 +20,11 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _STDLIB = tuple(
     {os.path.abspath(sysconfig.get_paths()[key]) + os.sep for key in ("stdlib", "platstdlib")}
 )
+#: Installed packages: inside the standard library's folder in a venv, pyenv or conda
+#: Python (``lib/python3.X/site-packages``), but code a user may have written.
+_SITE = tuple(
+    {os.path.abspath(sysconfig.get_paths()[key]) + os.sep for key in ("purelib", "platlib")}
+)
 
 
 def _inside(filename: str) -> bool:
@@ -36,7 +41,7 @@ def _library(filename: str) -> bool:
     torch_file = getattr(torch, "__file__", None)
     if torch_file and path.startswith(os.path.dirname(os.path.abspath(torch_file)) + os.sep):
         return True
-    return path.startswith(_STDLIB)
+    return path.startswith(_STDLIB) and not path.startswith(_SITE)
 
 
 def _target(frame: FrameType) -> FrameType:

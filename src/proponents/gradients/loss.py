@@ -44,7 +44,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from proponents.data import example_labels, holds_examples, map_rows
-from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, article
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -77,7 +77,7 @@ class LossSpec:
                 raise
             what = "loss_fn" if self.fn is not None else "loss_fn=None (the output is summed)"
             raise ArgumentTypeError(
-                f"the model returned a {type(output).__name__}, which {what} cannot take "
+                f"the model returned {article(type(output).__name__)}, which {what} cannot take "
                 f"({type(err).__name__}: {err}). Wrap the model so that it returns the "
                 "output tensor (a Module whose forward returns "
                 "model(x)['logits']), or pass a loss_fn that accepts this output"

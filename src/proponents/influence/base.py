@@ -30,7 +30,7 @@ from proponents.distributed import (
     sharded_values,
     training_facts,
 )
-from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, count
 from proponents.model_guard import call_scope
 from proponents.scoring import TracInRunner, k_most
 from proponents.user_warnings import warn
@@ -158,10 +158,12 @@ class TracInCPBase(DataInfluence):
         k = check_int(k, f"{name}: k", or_none=True)
         n = self._n_train()
         if k < 1 or (n is not None and k > n):
-            raise InvalidArgumentError(
-                f"{name}: k={k} is out of range; it must be between 1 and the "
-                f"number of training examples ({n})"
+            allowed = (
+                "at least 1"
+                if n is None
+                else f"between 1 and the number of training examples ({n})"
             )
+            raise InvalidArgumentError(f"{name}: k={k} is out of range; it must be {allowed}")
         return k
 
     def _score_dtype(self) -> torch.dtype:
@@ -194,7 +196,7 @@ class TracInCPBase(DataInfluence):
         n_train = self._n_train_counted()
         if k is not None and k > n_train:
             raise InvalidArgumentError(
-                f"{self.get_name()}: k={k} exceeds the {n_train} training examples"
+                f"{self.get_name()}: k={k} exceeds the {count(n_train, 'training example')}"
             )
         scores = torch.zeros(
             1 if aggregate else 0,
@@ -321,7 +323,7 @@ class TracInCPBase(DataInfluence):
             return scores
         if k > scores.shape[1]:
             raise InvalidArgumentError(
-                f"{name}: k={k} exceeds the {scores.shape[1]} training examples"
+                f"{name}: k={k} exceeds the {count(scores.shape[1], 'training example')}"
             )
         return KMostInfluentialResults(*k_most(scores, k, proponents))
 
@@ -363,19 +365,21 @@ class TracInCPBase(DataInfluence):
                 # a batch of no examples: no model run, the (0,) result on the model's device
                 return torch.zeros(0, dtype=self._score_dtype(), device=model_device(self.model))
             data, n_batches = [inputs_dataset], 1
+        # what the progress bar names: "self-influence of the training set, checkpoint 1/3"
+        of = "the training set" if inputs_dataset is self.train_dataloader else "inputs_dataset"
         if self._dist is not None and isinstance(data, DataLoader):
 
             def values_on(shard: DataLoader) -> Tensor:
                 with self._guarded():
                     return self._runner().self_scores(
-                        shard, loader_batches(shard), show_progress, "batches"
+                        shard, loader_batches(shard), show_progress, of
                     )
 
             return sharded_values(
                 self._dist, self.get_name(), data, values_on, model_device(self.model), argument
             )
         with self._guarded():
-            return self._runner().self_scores(data, n_batches, show_progress, "batches")
+            return self._runner().self_scores(data, n_batches, show_progress, of)
 
 
 __all__ = ["Batch", "DataInfluence", "KMostInfluentialResults", "TracInCPBase"]

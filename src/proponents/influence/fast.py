@@ -50,6 +50,8 @@ from proponents.errors import (
     IndexMismatchError,
     IndexNotFoundError,
     InvalidArgumentError,
+    article,
+    count,
 )
 from proponents.fingerprints import (
     architecture,
@@ -302,7 +304,7 @@ def resolve_final_layer(model: nn.Module, final_fc_layer: Any, owner: str) -> st
         )
     if not isinstance(modules[name], nn.Linear):
         raise InvalidArgumentError(
-            f"{owner}: final_fc_layer {name!r} is a {type(modules[name]).__name__}, but it "
+            f"{owner}: final_fc_layer {name!r} is {article(type(modules[name]).__name__)}, but it "
             f"must be an nn.Linear; the model's Linear layers are: {', '.join(linear) or 'none'}"
         )
     return canonical_module_name(model, modules[name])
@@ -627,8 +629,8 @@ class TracInCPFastRandProj(TracInCPFast):
                         bar.update()
                     if n_rows is not None and row != n_rows:
                         raise InvalidArgumentError(
-                            f"{name}: the training data yielded {row} examples but its length "
-                            f"is {n_rows}"
+                            f"{name}: the training data yielded {count(row, 'example')} but "
+                            f"its length is {n_rows}; its __len__ must match what it yields"
                         )
                     if parts:
                         blocks.append(torch.cat(parts))
@@ -785,7 +787,9 @@ class TracInCPFastRandProj(TracInCPFast):
                     dtype=self.final_fc_layer.weight.dtype,
                     device=model_device(self.model),
                 )
-            return self._embed(test, is_loader, show_progress, "test batch")
+            return self._embed(
+                test, is_loader, show_progress, "test batches" if is_loader else "test batch"
+            )
 
         if self._dist is not None:
             # The test side runs inside the status exchange, on every rank (also one

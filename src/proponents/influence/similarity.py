@@ -63,6 +63,8 @@ from proponents.errors import (
     ArgumentTypeError,
     BatchFormatError,
     InvalidArgumentError,
+    article,
+    count,
 )
 from proponents.fingerprints import (
     dataset_probe,
@@ -383,10 +385,12 @@ class SimilarityInfluence(DataInfluence):
             ) from None
         n_src = self._n_total if self._dist is not None else self._n_src()
         if top_k < 1 or (n_src is not None and top_k > n_src):
-            raise InvalidArgumentError(
-                f"top_k={top_k} is out of range: it must be between 1 and the number of "
-                f"source examples ({n_src if n_src is not None else 'the dataset length'})"
+            allowed = (
+                "at least 1"
+                if n_src is None
+                else f"between 1 and the number of source examples ({n_src})"
             )
+            raise InvalidArgumentError(f"top_k={top_k} is out of range: it must be {allowed}")
         if inputs_id is not None and (not isinstance(inputs_id, str) or not inputs_id):
             raise ArgumentTypeError(f"inputs_id must be a non-empty str or None, got {inputs_id!r}")
         if load_input_from_disk and inputs_id is None:
@@ -862,20 +866,23 @@ class SimilarityInfluence(DataInfluence):
         }.get(self._kind or "", "what similarity_metric makes of them (NaN ranks last)")
         if met.src:
             warn(
-                f"SimilarityInfluence: {met.src} source example(s) have non-finite "
+                f"SimilarityInfluence: {count(met.src, 'source example')} "
+                f"{'has' if met.src == 1 else 'have'} non-finite "
                 f"activations in layer {met.layer!r}; their scores are {scores}",
                 RuntimeWarning,
             )
         if met.test:
             warn(
-                f"SimilarityInfluence: {met.test} test example(s) have non-finite "
+                f"SimilarityInfluence: {count(met.test, 'test example')} "
+                f"{'has' if met.test == 1 else 'have'} non-finite "
                 f"activations in layer {met.layer!r}; their scores are {scores}",
                 RuntimeWarning,
             )
         elif met.nan and not met.src:
             warn(
-                f"SimilarityInfluence: similarity_metric returned {met.nan} NaN "
-                f"score(s) for layer {met.layer!r}; they rank last",
+                f"SimilarityInfluence: similarity_metric returned "
+                f"{count(met.nan, 'NaN score')} for layer {met.layer!r}; "
+                f"{'it ranks' if met.nan == 1 else 'they rank'} last",
                 RuntimeWarning,
             )
 
@@ -894,8 +901,8 @@ class SimilarityInfluence(DataInfluence):
         undescribed = False
         if isinstance(inputs, (DataLoader, Dataset)):
             raise ArgumentTypeError(
-                f"inputs must be a tensor or a tuple of tensors (one test batch), got a "
-                f"{type(inputs).__name__}; call influence once per batch"
+                f"inputs must be a tensor or a tuple of tensors (one test batch), got "
+                f"{article(type(inputs).__name__)}; call influence once per batch"
             )
         if inputs is not None:
             # only a tuple holds several model inputs (the spec's form); any other object,
@@ -1263,7 +1270,8 @@ class _Extractor:
             def hook(_module: nn.Module, layer_inputs: Any, output: Any) -> None:
                 if not isinstance(output, Tensor):
                     raise ArgumentTypeError(
-                        f"layer {name!r} returns a {type(output).__name__}, not a tensor; "
+                        f"layer {name!r} returns {article(type(output).__name__)}, not a "
+                        "tensor; "
                         "choose a layer whose output is a single tensor (e.g. a submodule of it)"
                     )
                 # A tensor made under inference_mode keeps no version counter, so a later

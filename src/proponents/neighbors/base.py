@@ -39,6 +39,8 @@ from proponents.errors import (
     InvalidArgumentError,
     ProponentsError,
     StoreError,
+    article,
+    count,
 )
 from proponents.store import file_crc32, release_rows
 from proponents.user_warnings import warn
@@ -230,9 +232,9 @@ def check_neighbors(
     """
     owner = f"{type(backend).__qualname__}.get_nearest_neighbors(query, k={k})"
     if not isinstance(result, (tuple, list)) or len(result) != 2:
-        got = f"a {type(result).__name__}"
+        got = article(type(result).__name__)
         if isinstance(result, (tuple, list)):
-            got += f" of {len(result)} items"
+            got += f" of {count(len(result), 'item')}"
         raise ArgumentTypeError(
             f"{owner} must return a pair (indices, scores) of (n, k) tensors; got {got}"
         )

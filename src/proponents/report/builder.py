@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from proponents.errors import ArgumentTypeError, InvalidArgumentError, RenderError
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, RenderError, count
 from proponents.report import plot
 from proponents.report.render import data_uri, default_render, example_html, tensor_numpy
 from proponents.user_warnings import warn
@@ -122,6 +122,11 @@ def as_results(value: Any, what: str) -> Results:
             "be (n_test, k)"
         )
     return Results(indices, scores)
+
+
+def _entries(n: int) -> str:
+    """A count of given values, for messages: "1 entry", "3 entries"."""
+    return count(n, "entry", "entries")
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -302,7 +307,7 @@ class _Examples:
         n = len(self.data)
         if not 0 <= index < n:
             raise InvalidArgumentError(
-                f"index {index} is out of range for {self.what} of {n} examples"
+                f"index {index} is out of range for {self.what} of {count(n, 'example')}"
             )
         inputs, label = split_item(self.data[index])
         if self.render is None:
@@ -398,8 +403,8 @@ def _shown_predictions(
             # Both readings fit; they agree only when row r is test example r.
             if not default_rows and rows != list(range(n_test)):
                 raise InvalidArgumentError(
-                    f"test_predictions has {len(values)} entries, both the number of shown "
-                    "test examples and of test examples, and test_indices reorders them; say "
+                    f"test_predictions has {_entries(len(values))}, both the number of "
+                    "shown test examples and of test examples, and test_indices reorders them; say "
                     "which it is: test_predictions_for='all' (indexed by test position) or "
                     "'shown' (in the order of test_indices)"
                 )
@@ -410,15 +415,15 @@ def _shown_predictions(
             predictions_for = "all"
         else:
             raise InvalidArgumentError(
-                f"test_predictions has {len(values)} entries; give one per shown test example "
-                f"({n_shown}) or one per test example ({n_test})"
+                f"test_predictions has {_entries(len(values))}; give one per shown test "
+                f"example ({n_shown}) or one per test example ({n_test})"
             )
     expected = n_shown if predictions_for == "shown" else n_test
     if len(values) != expected:
         what = "shown test example" if predictions_for == "shown" else "test example"
         raise InvalidArgumentError(
-            f"test_predictions has {len(values)} entries but test_predictions_for="
-            f"{predictions_for!r} needs one per {what} ({expected})"
+            f"test_predictions has {_entries(len(values))} but "
+            f"test_predictions_for={predictions_for!r} needs one per {what} ({expected})"
         )
     return values if predictions_for == "shown" else [values[i] for i in rows]
 
@@ -515,7 +520,7 @@ def build_report(
     rows = list(range(n_shown)) if test_indices is None else [int(i) for i in test_indices]
     if len(rows) != n_shown:
         raise InvalidArgumentError(
-            f"test_indices has {len(rows)} entries but the results have {n_shown} rows"
+            f"test_indices has {_entries(len(rows))} but the results have {count(n_shown, 'row')}"
         )
     train_data = _dataset(train_dataset, "train_dataset")
     n_train = len(train_data)
@@ -528,8 +533,8 @@ def build_report(
     if train_pred is not None and (train_pred.ndim == 0 or train_pred.shape[0] != n_train):
         size = 1 if train_pred.ndim == 0 else train_pred.shape[0]
         raise InvalidArgumentError(
-            f"train_predictions has {size} entries but train_dataset has {n_train}; give the "
-            "predicted label of every training example"
+            f"train_predictions has {_entries(size)} but train_dataset has {n_train}; "
+            "give the predicted label of every training example"
         )
     unnamed: set[int] = set()
     train = _Examples(train_data, "train_dataset", render, label_names, train_pred, bad, unnamed)
@@ -565,15 +570,15 @@ def build_report(
         scores = _numpy(self_influence).astype(np.float64).reshape(-1)
         if scores.size != len(train):
             raise InvalidArgumentError(
-                f"self_influence has {scores.size} entries but train_dataset has {len(train)}"
+                f"self_influence has {_entries(scores.size)} but train_dataset has {len(train)}"
             )
         rankings: dict[str, Any] = {self_influence_name: scores}
         for name, values in (baselines or {}).items():
             baseline = _numpy(values).astype(np.float64).reshape(-1)
             if baseline.size != len(train):
                 raise InvalidArgumentError(
-                    f"baseline {name!r} has {baseline.size} entries but train_dataset has "
-                    f"{len(train)}"
+                    f"baseline {name!r} has {_entries(baseline.size)} but train_dataset "
+                    f"has {len(train)}"
                 )
             rankings[name] = baseline
         parts.append("<h2>Most suspicious training examples</h2>")
@@ -640,8 +645,9 @@ def build_report(
     if unnamed and label_names is not None:
         shown = ", ".join(map(str, sorted(unnamed)[:10])) + (", …" if len(unnamed) > 10 else "")
         warn(
-            f"label_names has no name for label(s) {shown} ({len(label_names)} names given); "
-            "they are shown as numbers. Give a name for every label (index i names label i)"
+            f"label_names has no name for label(s) {shown} "
+            f"({count(len(label_names), 'name')} given); they are shown as numbers. Give a "
+            "name for every label (index i names label i)"
         )
 
     from proponents import __version__
