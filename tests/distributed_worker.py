@@ -452,12 +452,94 @@ def nonfinite(folder: Path, rank: int) -> None:
                 )
 
 
+def mismatched_calls(folder: Path, rank: int) -> None:
+    """Ranks making one call with different arguments (k, proponents, test inputs, the
+    loader of a self-influence call, the projection of a saved index): every rank raises
+    the same DistributedError naming what differs, and the objects work afterwards (before:
+    a rank was aborted inside all_gather, or each rank returned its own wrong answer)."""
+    data, ckpts, model, loss = _loaded(folder)
+    train = TensorDataset(data["x"], data["y"])
+    x, y = data["xt"], data["yt"]
+    n = 4 + rank  # test examples: 4 on rank 0, 5 on rank 1
+    tracin = TracInCP(model, train, ckpts, loss_fn=loss, batch_size=3,
+                      sample_wise_grads_per_batch=True)  # fmt: skip
+    calls = {
+        "k": (lambda: tracin.influence((x,), y, k=3 + rank), "k differs (rank 0: 3, rank 1: 4)"),
+        "k or scores": (
+            lambda: tracin.influence((x,), y, k=None if rank else 3),
+            "k differs (rank 0: 3, rank 1: None)",
+        ),
+        "proponents": (
+            lambda: tracin.influence((x,), y, k=3, proponents=rank == 0),
+            "proponents differs (rank 0: True, rank 1: False)",
+        ),
+        "test inputs": (
+            lambda: tracin.influence((x[:n],), y[:n]),
+            "(rank 0: (4, 9), rank 1: (5, 8))",
+        ),
+        "test inputs, k": (lambda: tracin.influence((x[:n],), y[:n], k=2), "differ in shape"),
+        "aggregate": (
+            lambda: tracin.influence((x,), y, aggregate=rank == 0),
+            "(rank 0: (1, 9), rank 1: (5, 8))",
+        ),
+        "self-influence loader": (
+            lambda: tracin.self_influence(DataLoader(TensorDataset(x[:n], y[:n]), batch_size=2)),
+            "inputs_dataset length differs (rank 0: 4, rank 1: 5)",
+        ),
+    }
+    for what, (call, needle) in calls.items():
+        expect_error(f"TracInCP, different {what}", call, needle)
+    check("TracInCP after the mismatches",
+          TracInCP(model, train, ckpts, loss_fn=loss, batch_size=3,
+                   sample_wise_grads_per_batch=True, distributed=False).influence((x,), y, k=3),
+          tracin.influence((x,), y, k=3))  # fmt: skip
+
+    kw = dict(loss_fn=loss, batch_size=3, projection_dim=4)
+    rand = TracInCPFastRandProj(model, "fc2", train, ckpts, **kw)
+    for what, call, needle in (
+        ("k", lambda: rand.influence((x,), y, k=2 + rank), "k differs (rank 0: 2, rank 1: 3)"),
+        ("proponents", lambda: rand.influence((x,), y, k=2, proponents=rank == 1),
+         "proponents differs (rank 0: False, rank 1: True)"),
+        ("test inputs", lambda: rand.influence((x[:n],), y[:n], k=None), "differ in shape"),
+    ):  # fmt: skip
+        expect_error(f"TracInCPFastRandProj, different {what}", call, needle)
+    alone = TracInCPFastRandProj(model, "fc2", train, ckpts, distributed=False, **kw)
+    check("TracInCPFastRandProj after the mismatches", alone.influence((x,), y, k=3),
+          rand.influence((x,), y, k=3))  # fmt: skip
+    other = TracInCPFastRandProj(model, "fc2", train, ckpts, **{**kw, "projection_dim": 2 + rank})
+    expect_error(
+        "TracInCPFastRandProj.save, different projections",
+        lambda: other.save(folder / "index-mismatch"),
+        "(rank 0: (9, 6), rank 1: (8, 9))",
+    )
+
+    similar = SimilarityInfluence(model, "fc1", train, folder / "act-mismatch", batch_size=3)
+    expect_error(
+        "SimilarityInfluence, different top_k",
+        lambda: similar.influence(x, top_k=2 + rank),
+        "k differs (rank 0: 2, rank 1: 3)",
+    )
+    expect_error(
+        "SimilarityInfluence, different test inputs",
+        lambda: similar.influence(x[:n], top_k=2),
+        "(rank 0: (1, 4, 2), rank 1: (1, 5, 2))",
+    )
+    lone = SimilarityInfluence(
+        model, "fc1", train, folder / f"act-mismatch-alone-{rank}", batch_size=3, distributed=False
+    )
+    check(
+        "SimilarityInfluence after the mismatches",
+        lone.influence(x, top_k=2)["fc1"],
+        similar.influence(x, top_k=2)["fc1"],
+    )
+
+
 def _call(obj, call: str, x, y):
     return obj.influence((x,), y, k=3) if call == "influence" else obj.self_influence()
 
 
 SCENARIOS = {"query-failure": query_failure, "whole-batches": whole_batches,
-             "nonfinite": nonfinite}  # fmt: skip
+             "nonfinite": nonfinite, "mismatched-calls": mismatched_calls}  # fmt: skip
 
 
 def finish(rank: int) -> int:

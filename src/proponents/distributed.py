@@ -138,6 +138,8 @@ class _Status:
     nonfinite: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
     # what the caller's ``notes`` gave on this rank (small and picklable)
     notes: Any = None
+    # the call's arguments that every rank must give alike (see DistributedContext.run)
+    call: dict[str, Any] = field(default_factory=dict)
 
 
 class DistributedContext:
@@ -164,12 +166,7 @@ class DistributedContext:
         """
         every: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(every, facts)
-        problems = []
-        for key in facts:
-            values = [f.get(key) for f in every]
-            if any(v != values[0] for v in values[1:]):
-                shown = ", ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
-                problems.append(f"{key} differs ({shown})")
+        problems = _differences(every)
         if problems:
             raise DistributedError(
                 f"{owner}: the {self.world_size} ranks must agree on "
@@ -185,6 +182,7 @@ class DistributedContext:
         compute: Callable[[], Any],
         rows_dim: int | None = None,
         notes: Callable[[], Any] | None = None,
+        call: dict[str, Any] | None = None,
     ) -> tuple[Any, list[_Status]]:
         """Run this rank's part, then tell every rank how every other rank fared.
 
@@ -204,6 +202,8 @@ class DistributedContext:
                 reported as they are).
             notes: called once ``compute`` has succeeded; what it returns (small and
                 picklable) travels with the status, as ``status.notes``.
+            call: the call's arguments that every rank must give alike (``k``, say),
+                keyed by a readable name; compared once every rank has reported.
 
         Returns:
             ``(local_result, statuses)``: statuses hold every rank's tensor shape and dtype
@@ -211,12 +211,14 @@ class DistributedContext:
 
         Raises:
             The local exception on a rank that failed, and :class:`DistributedError` naming
-            the failed rank(s) and their errors on the others.
+            the failed rank(s) and their errors on the others; :class:`DistributedError` on
+            every rank when the ranks gave different ``call`` arguments.
         """
         from proponents.scoring import deferred_nonfinite
 
         error: Exception | None = None
         local = None
+        call = dict(call or {})
         try:
             with deferred_nonfinite() as held:
                 local = compute()
@@ -224,6 +226,7 @@ class DistributedContext:
                 True,
                 nonfinite=[(t.owner, sorted(t.train), sorted(t.test)) for t in held],
                 notes=None if notes is None else notes(),
+                call=call,
             )
             described = local[1] if isinstance(local, tuple) else local
             if isinstance(described, Tensor):
@@ -231,7 +234,7 @@ class DistributedContext:
                 status.dtype = str(described.dtype).removeprefix("torch.")
         except Exception as err:  # reported to the other ranks, then re-raised
             error = err
-            status = _Status(False, f"{type(err).__name__}: {err}")
+            status = _Status(False, f"{type(err).__name__}: {err}", call=call)
         every: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(every, status)
         if error is not None:
@@ -240,6 +243,12 @@ class DistributedContext:
         if failed:
             shown = "; ".join(f"rank {r} failed with {m}" for r, m in failed)
             raise DistributedError(f"{owner}: {shown}")
+        problems = _differences([s.call for s in every])
+        if problems:
+            raise DistributedError(
+                f"{owner}: the {self.world_size} ranks must make each call with the same "
+                "arguments, but " + "; ".join(problems)
+            )
         self._report_nonfinite(every, rows_dim)
         return local, every
 
@@ -258,6 +267,23 @@ class DistributedContext:
             for status, offset in zip(every, offsets, strict=True)
             for owner, train, test in status.nonfinite
         )
+
+    def same_shapes(self, owner: str, every: Sequence[_Status], dim: int) -> None:
+        """Raise :class:`DistributedError` on every rank when the ranks' tensors differ in
+        a dimension other than ``dim`` (different test inputs, say), before ``all_gather``
+        is given tensors of different shapes."""
+        shapes = [s.shape for s in every]
+        given = [list(s) for s in shapes if s is not None]
+        for s in given:
+            s[dim] = -1  # the dimension the ranks split
+        if any(s != given[0] for s in given[1:]):
+            shown = ", ".join(
+                f"rank {r}: {tuple(s)}" for r, s in enumerate(shapes) if s is not None
+            )
+            raise DistributedError(
+                f"{owner}: the ranks' results differ in shape beyond the dimension they "
+                f"split ({shown}); every rank must pass the same inputs and arguments"
+            )
 
     def sizes(self, every: Sequence[_Status], dim: int) -> list[int]:
         """Every rank's size along ``dim`` (0 for a rank without a tensor)."""
@@ -305,6 +331,8 @@ class DistributedContext:
         device: torch.device,
         notes: Callable[[], Any] | None = None,
         read_notes: Callable[[list[Any]], None] | None = None,
+        k_name: str = "k",
+        call: dict[str, Any] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Scores of this rank's training columns, combined over ranks.
 
@@ -324,13 +352,20 @@ class DistributedContext:
             notes: see :meth:`run`.
             read_notes: given every rank's notes, in rank order, on every rank once the
                 exchange has succeeded.
+            k_name: the caller's name for ``k`` (``top_k``), for the message when the
+                ranks ask for different numbers.
+            call: further arguments every rank must give alike (see :meth:`run`).
 
         Returns:
             The score matrix, or ``(indices, scores)`` of shape ``(n_test, k)``.
         """
         # the rows of the result are training examples when it is this rank's columns
         columns = k is None or top_k is not None
-        local, every = self.run(owner, compute, -1 if columns else None, notes)
+        call = {k_name: k, **(call or {})}
+        if isinstance(merge_order, _FiniteFirst):
+            call["proponents"] = merge_order.proponents
+        local, every = self.run(owner, compute, -1 if columns else None, notes, call)
+        self.same_shapes(owner, every, -1)
         if read_notes is not None:
             read_notes([s.notes for s in every])
         if k is None:
@@ -362,11 +397,27 @@ class DistributedContext:
         return all_idx.gather(-1, order), all_val.gather(-1, order)
 
     def rows(
-        self, owner: str, compute: Callable[[], Tensor | None], device: torch.device
+        self,
+        owner: str,
+        compute: Callable[[], Tensor | None],
+        device: torch.device,
+        call: dict[str, Any] | None = None,
     ) -> Tensor:
         """This rank's rows (e.g. self-influence values), concatenated over ranks."""
-        local, every = self.run(owner, compute, 0)
+        local, every = self.run(owner, compute, 0, call=call)
+        self.same_shapes(owner, every, 0)
         return self.gather(local, every, 0, device)
+
+
+def _differences(every: Sequence[dict[str, Any]]) -> list[str]:
+    """``"<key> differs (rank 0: ..., rank 1: ...)"`` for each key whose values differ."""
+    problems = []
+    for key in dict.fromkeys(k for facts in every for k in facts):  # every key, in order
+        values = [f.get(key) for f in every]
+        if any(v != values[0] for v in values[1:]):
+            shown = ", ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
+            problems.append(f"{key} differs ({shown})")
+    return problems
 
 
 def _offsets(sizes: Sequence[int]) -> list[int]:
@@ -469,30 +520,45 @@ def sharded_values(
     Returns:
         ``(n, ...)`` values of every example, in dataset order, on every rank.
     """
+    from proponents.data import dataset_length, loader_batches
+
     shard, _, empty = _local_part(loader, ctx, argument)
-    return ctx.rows(owner, (lambda: None) if empty else (lambda: values_on(shard)), device)
+    facts = {
+        f"{argument} length": dataset_length(loader),
+        f"{argument} batches": loader_batches(loader),
+    }
+    return ctx.rows(owner, (lambda: None) if empty else (lambda: values_on(shard)), device, facts)
+
+
+@dataclass(frozen=True)
+class _FiniteFirst:
+    """The ordering :func:`finite_first_order` gives (its direction travels with a call's
+    status, so that ranks asking for proponents and opponents are told apart)."""
+
+    proponents: bool
+
+    def __call__(self, s: Tensor) -> Tensor:
+        signed = s if self.proponents else -s
+        key = torch.where(torch.isfinite(s), signed, torch.full_like(s, -float("inf")))
+        return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
 def finite_first_order(proponents: bool) -> Callable[[Tensor], Tensor]:
     """The ordering of k-most answers: highest (proponents) or lowest scores first,
     non-finite ones last, equal scores in their given order."""
-
-    def order(s: Tensor) -> Tensor:
-        signed = s if proponents else -s
-        key = torch.where(torch.isfinite(s), signed, torch.full_like(s, -float("inf")))
-        return torch.sort(key, dim=-1, descending=True, stable=True).indices
-
-    return order
+    return _FiniteFirst(proponents)
 
 
-def shard_range(loader: DataLoader, rank: int, world_size: int) -> tuple[int, int] | None:
+def shard_range(
+    loader: DataLoader, rank: int, world_size: int, argument: str = "train_dataset"
+) -> tuple[int, int] | None:
     """Positions ``[start, stop)`` (in iteration order) of rank ``rank``'s examples.
 
     ``None`` for a ``DataLoader(batch_size=None)``: its items are whole batches, whose
     numbers of examples are known only by reading them (the ranks' sizes then come from
     their results, see :func:`sharded_local_rows`).
     """
-    batches, auto = _batches_of(loader, "train_dataset")
+    batches, auto = _batches_of(loader, argument)
     if not auto:
         return None
     lo = rank * len(batches) // world_size

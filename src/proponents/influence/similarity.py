@@ -298,7 +298,7 @@ class SimilarityInfluence(DataInfluence):
         facts = {"dataset length": self._n_src(), "number of batches": loader_batches(self._loader)}
         dist.agree("SimilarityInfluence", facts)
         self._n_total = self._n_src()
-        span = shard_range(self._loader, dist.rank, dist.world_size)
+        span = shard_range(self._loader, dist.rank, dist.world_size, "influence_src_dataset")
         if span is None:
             raise InvalidArgumentError(
                 "SimilarityInfluence: influence_src_dataset is a DataLoader with "
@@ -489,7 +489,16 @@ class SimilarityInfluence(DataInfluence):
                 self._warn_anomalies(met)
 
         out = dist.score_columns(
-            "SimilarityInfluence", local, top_k, None, order, device, lambda: held, warn_all
+            "SimilarityInfluence",
+            local,
+            top_k,
+            None,
+            order,
+            device,
+            lambda: held,
+            warn_all,
+            k_name="top_k",
+            call={"similarity_direction": "max" if largest else "min"},
         )
         assert isinstance(out, tuple)
         return {layer: (out[0][i], out[1][i]) for i, layer in enumerate(self.layers)}
