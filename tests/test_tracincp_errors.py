@@ -398,7 +398,7 @@ def test_arguments_without_effect_in_self_influence_mode_are_named(case):
     arguments that do nothing there are named in a warning instead of passing unseen."""
     t = make(case)
     want = t.self_influence()
-    with pytest.warns(UserWarning, match=r"k=3, proponents=False has no effect"):
+    with pytest.warns(UserWarning, match=r"k=3 and proponents=False have no effect"):
         got = t.influence(k=3, proponents=False)
     assert torch.equal(got, want)
     import warnings

@@ -275,10 +275,11 @@ class TracInCPBase(DataInfluence):
                 if value is not default
             ]
             if unused:
+                verb = "has" if len(unused) == 1 else "have"
                 warn(
                     f"{name}: influence() without inputs gives the self-influence of every "
-                    f"training example; {', '.join(unused)} has no effect there (pass test "
-                    "inputs for proponents or opponents)"
+                    f"training example; {' and '.join(unused)} {verb} no effect there (pass "
+                    "test inputs for proponents or opponents)"
                 )
             return self.self_influence(self.train_dataloader, show_progress=show_progress)
         if k is not None:
