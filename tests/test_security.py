@@ -15,10 +15,16 @@ Covered elsewhere, not repeated here:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
+import threading
+import tracemalloc
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +36,9 @@ from torch.utils.data import TensorDataset
 
 from conftest import assert_close, make_case, reference_scores, reference_self
 from proponents import SimilarityInfluence, TracInCP, TracInCPFast, TracInCPFastRandProj
-from proponents.errors import CheckpointLoadError, IndexMismatchError
-from proponents.store import StoreRebuildWarning, _checksum
+from proponents.errors import CheckpointLoadError, IndexMismatchError, StoreError
+from proponents.report import InfluenceReport
+from proponents.store import ArrayStore, StoreRebuildWarning, _checksum, _header_bytes
 
 
 class RunsCode:
@@ -194,3 +201,182 @@ def test_nothing_is_written_outside_the_chosen_directories(tmp_path):
     rp.save(tmp_path / "index")
     new = _files_under(tmp_path) - before
     assert new and all((tmp_path / "index") in f.parents for f in new)
+
+
+# ------------------------------------------------------------------ crafted store files
+
+
+def _one_entry(folder: Path) -> tuple[ArrayStore, dict, Path]:
+    store = ArrayStore(folder)
+    with store.lock(), store.writer("e", {"m": 1}) as writer:
+        writer.put("a", np.arange(12, dtype=np.float32).reshape(3, 4))
+        writer.commit()
+    return store, json.loads((folder / "e.json").read_text()), folder / "e.json"
+
+
+def _resign(manifest: dict, path: Path) -> None:
+    manifest["checksum"] = _checksum(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("shape", [(3, 2**62 + 1, 4), (-1, -12)])
+def test_a_header_whose_shape_wraps_round_or_is_negative_is_refused(tmp_path, shape):
+    # (3, 2**62 + 1, 4) float32 has 12 elements modulo 2**64, so an int64 size check
+    # passed a 48-byte file; (-1, -12) multiplies out to 12 as well.
+    store, manifest, path = _one_entry(tmp_path / "s")
+    info = manifest["arrays"]["a"]
+    header = _header_bytes(np.dtype(np.float32), shape, 128)
+    data = np.arange(12, dtype=np.float32).tobytes()
+    (tmp_path / "s" / info["file"]).write_bytes(header + data)
+    info["shape"], info["crc32"] = list(shape), zlib.crc32(data)
+    _resign(manifest, path)
+    entry, why = store.load("e", {"m": 1})
+    assert entry is None
+    assert info["file"] in why and "damaged" in why
+
+
+def test_a_file_name_with_a_nul_byte_is_damage_not_a_crash(tmp_path):
+    store, manifest, path = _one_entry(tmp_path / "s")
+    manifest["arrays"]["a"]["file"] = "e~0~a\0.npy"
+    _resign(manifest, path)
+    entry, why = store.load("e", {"m": 1})  # was: ValueError: embedded null byte
+    assert entry is None and "invalid file name" in why
+
+
+def _load_in_thread(store: ArrayStore) -> list:
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(store.load("e", {"m": 1})))
+    thread.daemon = True
+    thread.start()
+    thread.join(10)
+    return result
+
+
+@pytest.mark.parametrize("which", ["manifest", "array"])
+def test_a_fifo_named_like_a_store_file_is_refused_without_waiting(tmp_path, which):
+    store, manifest, path = _one_entry(tmp_path / "s")
+    target = path if which == "manifest" else tmp_path / "s" / manifest["arrays"]["a"]["file"]
+    target.unlink()
+    os.mkfifo(target)
+    try:
+        result = _load_in_thread(store)
+    finally:  # free a reader blocked in open() (before the fix) so the thread ends
+        with contextlib.suppress(OSError):
+            os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+    assert result, "loading the store waited on a FIFO"
+    entry, why = result[0]
+    assert entry is None and target.name in why and "not a regular file" in why
+
+
+def test_an_oversized_manifest_is_not_read_whole(tmp_path):
+    # A link to /dev/zero was read without end; a regular file is read up to a bound.
+    store, _, path = _one_entry(tmp_path / "s")
+    with open(path, "r+b") as fh:
+        fh.truncate(256 * 2**20)  # sparse: costs no disk
+    tracemalloc.start()
+    try:
+        entry, why = store.load("e", {"m": 1})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert entry is None and path.name in why
+    assert peak < 100 * 2**20
+
+
+def test_a_link_planted_as_the_lock_file_creates_nothing_outside(tmp_path):
+    outside = tmp_path / "outside" / "created-by-the-lock"
+    outside.parent.mkdir()
+    folder = tmp_path / "s"
+    folder.mkdir()
+    os.symlink(outside, folder / ".lock")
+    with pytest.raises(StoreError, match=r"\.lock.*symbolic link"), ArrayStore(folder).lock():
+        pass
+    assert not outside.exists()
+
+
+def test_a_link_planted_as_the_reports_temporary_file_writes_nothing_outside(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    # the name the temporary file used to have: the process id made it predictable
+    os.symlink(outside, out / f".report.html.{os.getpid()}.tmp")
+    InfluenceReport(title="t", fragment="<p>x</p>").save(out / "report.html")
+    assert outside.read_text() == "keep me"
+    assert "<p>x</p>" in (out / "report.html").read_text()
+    assert not (out / "report.html").is_symlink()
+
+
+# ------------------------------------------------- crafted files for the native readers
+
+_CRAFTED_NEIGHBORS = r"""
+import json, resource, struct, sys, warnings, zlib
+from pathlib import Path
+import torch
+from proponents.neighbors import {cls}
+
+folder = Path(sys.argv[1])
+torch.manual_seed(0)
+data = torch.randn(20, 4)
+backend = {cls}({args})
+backend.setup(data)
+backend.save(folder)
+index = folder / backend._index_filename
+raw = bytearray(index.read_bytes())
+{craft}
+index.write_bytes(bytes(raw))
+meta = json.loads((folder / "neighbors.json").read_text())
+meta["index_crc32"] = zlib.crc32(bytes(raw))  # re-signed: the checksum is no defence
+(folder / "neighbors.json").write_text(json.dumps(meta))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fresh = {cls}({args})
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    used = fresh.load(folder, data)
+indices, _ = fresh.get_nearest_neighbors(torch.ones(1, 4), 3)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({{"used": used, "warnings": [str(w.message) for w in seen],
+                  "grown_kib": grown, "indices": indices.tolist()}}))
+"""
+
+
+def _run_crafted(tmp_path: Path, cls: str, args: str, craft: str) -> dict:
+    script = tmp_path / "crafted.py"
+    script.write_text(_CRAFTED_NEIGHBORS.format(cls=cls, args=args, craft=craft))
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "nn")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_crafted_faiss_file_cannot_claim_memory_beyond_its_size(tmp_path):
+    # The flat index's vector count sits at byte 37: claim 2**28 floats (1 GiB), which
+    # faiss allocated and zero-filled before finding the file short.
+    craft = 'raw[37:45] = struct.pack("<Q", 2**28)'
+    got = _run_crafted(tmp_path, "FaissNearestNeighbors", '"Flat"', craft)
+    assert not got["used"] and any("rebuilding" in w for w in got["warnings"])
+    assert got["grown_kib"] < 256 * 1024, got
+    assert len(got["indices"][0]) == 3
+
+
+@pytest.mark.parametrize(
+    "craft",
+    [
+        # every split node's children far outside the file: a segmentation fault
+        "import numpy as np\nnodes = np.frombuffer(raw, '<i4').reshape(-1, 8).copy()\n"
+        "nodes[nodes[:, 0] > 7, 1:3] = 10**9\nraw = bytearray(nodes.tobytes())",
+        # negative counts of descendants: std::length_error, the process aborted
+        "import numpy as np\nnodes = np.frombuffer(raw, '<i4').reshape(-1, 8).copy()\n"
+        "nodes[20:, 0] = -5\nnodes[-1, 0] = 20\nraw = bytearray(nodes.tobytes())",
+    ],
+    ids=["children-outside", "negative-counts"],
+)
+def test_a_crafted_annoy_file_is_rebuilt_not_searched(tmp_path, craft):
+    got = _run_crafted(tmp_path, "AnnoyNearestNeighbors", "num_trees=3", craft)
+    assert not got["used"]
+    assert any("not a forest Annoy can search" in w for w in got["warnings"]), got
+    assert len(got["indices"][0]) == 3

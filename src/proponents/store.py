@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import tempfile
 import weakref
 import zlib
@@ -64,6 +66,8 @@ except ImportError:  # pragma: no cover - exercised on Windows only
 
 #: Arrays up to this size stay mapped while their entry is open (StoredEntry.memmap).
 KEEP_MAPPED_BYTES = 64 * 2**20
+#: The largest manifest (or other small description file) read; no writer makes one this big.
+MAX_MANIFEST_BYTES = 64 * 2**20
 FORMAT_NAME = "proponents.array-store"
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".json"
@@ -529,9 +533,14 @@ class ArrayStore:
             return
         path = self.directory / _LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            # Never through a link: one planted as .lock would make us create its target.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
-            raise StoreError(f"cannot open the lock file {str(path)!r}: {exc.strerror}") from exc
+            reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise StoreError(
+                f"cannot open the lock file {str(path)!r}: {reason}; remove it, the store "
+                "makes its own"
+            ) from exc
         try:
             try:
                 _fcntl.flock(fd, _fcntl.LOCK_EX)
@@ -629,7 +638,7 @@ class ArrayStore:
         """``(manifest, reason, text)``: the parsed manifest or why not, and its bytes."""
         path = self._manifest_path(key)
         try:
-            text = path.read_bytes()
+            text = read_small_file(path)
         except FileNotFoundError:
             return None, None, b""
         except OSError as exc:
@@ -646,13 +655,21 @@ class ArrayStore:
         try:
             for name, info in manifest["arrays"].items():
                 fname = info.get("file") if isinstance(info, dict) else None
-                if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname[:1] in ".":
+                if (
+                    not isinstance(fname, str)
+                    or "/" in fname
+                    or "\\" in fname
+                    or "\0" in fname
+                    or fname[:1] in "."
+                ):
                     return None, f"array {name!r} has an invalid file name (damaged)", False
                 path = self.directory / fname
                 try:
-                    fh = open(path, "rb")  # noqa: SIM115 - kept open by StoredEntry
+                    fh = open_regular(path)
                 except FileNotFoundError:
                     return None, f"its array file {fname} is missing", True
+                except OSError as exc:
+                    return None, f"its array file {fname} cannot be read ({exc.strerror})", False
                 files[name] = fh
                 layout, problem = _check_array_file(fh, info, verify_data)
                 if layout is None:
@@ -821,7 +838,10 @@ def _check_array_file(
         return None, f"holds {dtype} {shape}, the manifest says {want_dtype} {want_shape}"
     if dtype.hasobject:  # its bytes would be read as object pointers: never map such a file
         return None, f"holds Python objects ({dtype}), which the store never reads"
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(s < 0 for s in shape):
+        return None, f"claims the negative shape {shape}"
+    # Python integers: an int64 product could wrap round to the size of a small file
+    expected = offset + math.prod(shape) * dtype.itemsize
     size = os.fstat(fh.fileno()).st_size
     if size != expected:
         return None, f"has {size} bytes instead of {expected} (truncated or overwritten)"
@@ -835,6 +855,40 @@ def _check_array_file(
         if crc != info["crc32"]:
             return None, "holds other bytes than were written (its checksum differs)"
     return (dtype, shape, offset), None
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file (or a link to one), refusing anything else.
+
+    Opened without blocking and checked before a byte is read, so a FIFO named like a
+    store file cannot stall the reader, nor a link to a device (``/dev/zero``) feed it
+    without end.
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        OSError: with the reason as ``strerror``, for anything but a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "it is not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`), at most ``limit``.
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        OSError: for anything but a regular file, or one of more than ``limit`` bytes.
+    """
+    with open_regular(path) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"it has more than {limit} bytes")
+    return data
 
 
 def file_crc32(path: str | os.PathLike[str]) -> int:
@@ -863,6 +917,8 @@ __all__ = [
     "EntryWriter",
     "StoreRebuildWarning",
     "StoredEntry",
+    "open_regular",
+    "read_small_file",
     "safe_name",
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,6 +18,55 @@ __all__ = ["AnnoyNearestNeighbors"]
 
 def _annoy() -> Any:
     return import_extra("annoy", "annoy", "AnnoyNearestNeighbors")
+
+
+def _forest_problem(path: Path, dim: int, items: int) -> str | None:
+    """Why Annoy could not search the file ``path`` safely, or ``None`` when it can.
+
+    Annoy maps the file and follows the node numbers in it unchecked, so a crafted or
+    damaged file that passes its checksum would crash the process at the first query,
+    or make it search without end. Checked here as Annoy reads a ``"dot"`` index of
+    ``dim`` dimensions: whole nodes (a count of descendants, two children, a factor and
+    the vector, 4 bytes each); the last node's count is the number of items; from the
+    trailing run of roots, every node reached has at least one descendant, a leaf lists
+    items that exist, and a split node's two children come before it in the file, each
+    node (other than an item) reached once, as in the trees Annoy builds.
+    """
+    width = 4 + dim
+    size = path.stat().st_size
+    if size == 0 or size % (4 * width):
+        return f"its {size} bytes are not whole Annoy nodes of {4 * width} bytes"
+    nodes = np.memmap(path, dtype="<i4", mode="r").reshape(-1, width)
+    count = np.asarray(nodes[:, 0])
+    n, m = len(nodes), int(count[-1])
+    if m != items:
+        return f"it holds {m} items, the data has {items}"
+    run = int(np.argmax(count[::-1] != m)) if (count != m).any() else n
+    roots = np.arange(n - 1, n - 1 - run, -1)
+    if roots.size > 1 and nodes[roots[0], 1] == nodes[roots[-1], 1]:
+        roots = roots[:-1]  # the last root before Annoy's copies of them all
+    most = width - 1  # the most items a leaf lists (Annoy's K)
+    seen = np.zeros(n, dtype=bool)
+    seen[roots] = True
+    frontier = roots
+    while frontier.size:
+        c = count[frontier]
+        if (c < 1).any():
+            return "a node has no descendants"
+        leaves = frontier[c <= most]
+        listed = np.asarray(nodes[leaves, 1:])[np.arange(most) < c[c <= most, None]]
+        if ((listed < 0) | (listed >= m)).any():
+            return "a leaf lists an item that does not exist"
+        splits = frontier[c > most]
+        children = np.asarray(nodes[splits, 1:3])
+        if ((children < 0) | (children >= splits[:, None])).any():
+            return "a split node has a child that is not before it"
+        frontier = children.ravel()
+        frontier = frontier[(count[frontier] != 1) | (frontier >= m)]  # items are leaves
+        if seen[frontier].any() or np.unique(frontier).size != frontier.size:
+            return "a node is reached twice"
+        seen[frontier] = True
+    return None
 
 
 class _DefaultTrees(int):
@@ -175,6 +225,9 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
             raise OSError(f"Annoy could not write {path}")
 
     def _read_index(self, path: Path, data: Tensor) -> None:
+        problem = _forest_problem(path, int(data.shape[1]), int(data.shape[0]))
+        if problem is not None:
+            raise ValueError(f"it is not a forest Annoy can search: {problem}")
         annoy = _annoy()
         index = annoy.AnnoyIndex(int(data.shape[1]), "dot")
         index.load(str(path))

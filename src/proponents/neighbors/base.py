@@ -42,7 +42,7 @@ from proponents.errors import (
     article,
     count,
 )
-from proponents.store import file_crc32, release_rows
+from proponents.store import file_crc32, read_small_file, release_rows
 from proponents.user_warnings import warn
 
 __all__ = [
@@ -750,7 +750,7 @@ class IndexedNearestNeighbors(NearestNeighbors):
         """Why the index saved in ``folder`` cannot serve ``data``, or ``None`` if it can."""
         meta_path = folder / META_FILENAME
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(read_small_file(meta_path).decode("utf-8"))
         except FileNotFoundError:
             return f"{meta_path.name} is missing"
         except (OSError, ValueError) as exc:

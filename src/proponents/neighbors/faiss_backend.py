@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +22,38 @@ __all__ = ["FaissNearestNeighbors"]
 
 def _faiss() -> Any:
     return import_extra("faiss", "faiss", "FaissNearestNeighbors")
+
+
+#: Held while the process-wide reading limits of Faiss are lowered for one file.
+_LIMITS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _read_limits(faiss: Any, size: int) -> Iterator[None]:
+    """Bound what ``faiss.read_index`` allocates by the size of the file it reads.
+
+    Faiss sizes each vector it reads from a count in the file and fills it before
+    reading it (up to 1 TB by default), so a few bytes claiming a billion floats take
+    gigabytes. No vector of a sound file is larger than the file, nor does one hold more
+    lists, splits or transforms than it has bytes; the limits are put back afterwards.
+    """
+    names = ("vector_byte", "loop")
+    if not all(hasattr(faiss, f"set_deserialization_{n}_limit") for n in names):
+        yield  # an older faiss: no limits to set
+        return
+    get_bytes = faiss.get_deserialization_vector_byte_limit
+    set_bytes = faiss.set_deserialization_vector_byte_limit
+    get_loops = faiss.get_deserialization_loop_limit
+    set_loops = faiss.set_deserialization_loop_limit
+    with _LIMITS_LOCK:
+        was_bytes, was_loops = get_bytes(), get_loops()
+        set_bytes(min(was_bytes, size + 1))
+        set_loops(size + 1 if was_loops == 0 else min(was_loops, size + 1))
+        try:
+            yield
+        finally:
+            set_bytes(was_bytes)
+            set_loops(was_loops)
 
 
 def _as_float32(t: Tensor) -> np.ndarray:
@@ -313,7 +349,9 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
         _faiss().write_index(self._index, str(path))
 
     def _read_index(self, path: Path, data: Tensor) -> None:
-        index = _faiss().read_index(str(path))
+        faiss = _faiss()
+        with _read_limits(faiss, os.path.getsize(path)):
+            index = faiss.read_index(str(path))
         if index.ntotal != data.shape[0] or index.d != data.shape[1]:
             raise ValueError(
                 f"the file holds {index.ntotal} vectors of dimension {index.d}, the data "
