@@ -541,15 +541,29 @@ def test_a_failed_report_write_keeps_the_old_report(capsys, tmp_path, task, monk
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.html").write_text("OLD")
-    real = Path.write_bytes
 
-    def failing(self, data):
-        if self.name.endswith(".tmp") and "report.html" in self.name:
-            real(self, data[:10])
+    class FullDisk:
+        """A file that takes ten bytes and then reports a full disk."""
+
+        def __init__(self, path, mode):
+            self.fh = open(path, mode)  # noqa: SIM115 - closed in __exit__
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[:10])
             raise OSError(28, "No space left on device")
-        return real(self, data)
 
-    monkeypatch.setattr(builder.Path, "write_bytes", failing)
+    def failing(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".tmp") and "report.html" in str(path):
+            return FullDisk(path, mode)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builder, "open", failing, raising=False)
     code, _, err = _explain(capsys, path, ckpts, out)
     assert code == EXIT_FAILURE and "No space left" in err
     assert (out / "report.html").read_text() == "OLD"
