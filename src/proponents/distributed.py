@@ -537,15 +537,20 @@ class _FiniteFirst:
 
     proponents: bool
 
-    def __call__(self, s: Tensor) -> Tensor:
+    def key(self, s: Tensor) -> Tensor:
+        """What is sorted, largest first: the scores (negated for opponents), ``-inf``
+        for every non-finite one."""
         signed = s if self.proponents else -s
-        key = torch.where(torch.isfinite(s), signed, torch.full_like(s, -float("inf")))
-        return torch.sort(key, dim=-1, descending=True, stable=True).indices
+        return torch.where(torch.isfinite(s), signed, torch.full_like(s, -float("inf")))
+
+    def __call__(self, s: Tensor) -> Tensor:
+        return torch.sort(self.key(s), dim=-1, descending=True, stable=True).indices
 
 
-def finite_first_order(proponents: bool) -> Callable[[Tensor], Tensor]:
+def finite_first_order(proponents: bool) -> _FiniteFirst:
     """The ordering of k-most answers: highest (proponents) or lowest scores first,
-    non-finite ones last, equal scores in their given order."""
+    non-finite ones last, equal scores in their given order (a callable giving each row's
+    order; its ``key`` is what is sorted)."""
     return _FiniteFirst(proponents)
 
 

@@ -401,7 +401,7 @@ class GradientEngine:
             for j, (layer, rep) in enumerate(zip(self.hooked, layer_reps)):
                 if rep is None:
                     continue
-                got = reps.as_dense(rep)[i]
+                got = reps.dense_row(rep, i)
                 want = layout(layer, truth[layer.weight], truth.get(layer.bias or ""))
                 scale = max(float(want.norm()), float(got.norm()), 1e-30)
                 finite = bool(torch.isfinite(want).all() and torch.isfinite(got).all())

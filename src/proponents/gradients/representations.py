@@ -98,6 +98,16 @@ def as_dense(rep: Grads) -> Tensor:
     return rep.grads if isinstance(rep, DenseGrads) else rep.dense()
 
 
+def dense_row(rep: Grads, i: int) -> Tensor:
+    """Row ``i`` of :func:`as_dense` of ``rep``, ``(P,)``, without forming the other rows
+    (a batch's per-example weight gradients of a wide layer can take gigabytes)."""
+    if isinstance(rep, DenseGrads):
+        return rep.grads[i]
+    if rep._dense is not None:
+        return rep._dense[i]
+    return FactoredGrads(rep.a[i : i + 1], rep.g[i : i + 1]).dense()[0]
+
+
 def _factored_cost(n: int, m: int, t1: int, t2: int, o: int, i: int) -> float:
     return float(n) * m * t1 * t2 * (o + i)
 

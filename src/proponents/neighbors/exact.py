@@ -134,6 +134,9 @@ def _block_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(values, columns)``, both ``(m, k)``.
     """
+    if k >= scores.shape[1]:  # the whole block: one stable sort gives the order
+        ordered = torch.sort(scores, dim=1, descending=True, stable=True)
+        return ordered.values, ordered.indices
     values, columns = scores.topk(k, dim=1)
     kth = values[:, -1:]
     ambiguous = (scores == kth).sum(dim=1) != (values == kth).sum(dim=1)
@@ -153,7 +156,8 @@ def exact_top_k(
 
     The data is scanned in blocks of ``block_size`` rows (rounded up to a multiple of 64;
     the last block is padded with zero rows) and the queries in chunks, so no more than
-    about ``2**24`` scores are held at once beside the running top-``k``. The scores are
+    about ``2**24`` scores are held at once beside the candidates for the top-``k`` (at
+    most about ``2 * k`` per query row, merged whenever they exceed that). The scores are
     bit-identical to those of :func:`block_scores`, and identical rows get identical
     scores in any block. Ties are broken deterministically: among equal scores the
     smaller row index comes first. NaN scores count as the largest (as in
@@ -173,29 +177,37 @@ def exact_top_k(
     dtype = score_dtype(query.dtype, data.dtype)
     out_idx = torch.empty(n_query, k, dtype=torch.long, device=data.device)
     out_scores = torch.empty(n_query, k, dtype=dtype, device=data.device)
-    best_scores: Tensor | None = None
-    best_idx: Tensor | None = None
+    # Candidates of the current query chunk: the running top-k, then each block's top-k,
+    # in row order. They are merged (and cut to k) once they hold more than 2k per row,
+    # not at every block: with a k of many blocks, merging at each block would sort
+    # about k entries per block, a time quadratic in the number of rows.
+    pool_scores: list[Tensor] = []
+    pool_idx: list[Tensor] = []
+    width = 0
     with torch.no_grad():
         for q_start, q_stop, start, scores in _score_blocks(query, data, block_size):
             values, columns = _block_top_k(scores, min(k, int(scores.shape[1])))
-            columns = columns + start
-            if start == 0:
-                best_scores, best_idx = values, columns
-            else:
-                assert best_scores is not None and best_idx is not None
-                # Every running index is smaller than every index of this block, and both
-                # parts are already ordered, so a stable sort of [running, block] keeps
+            pool_scores.append(values)
+            pool_idx.append(columns + start)
+            width += int(values.shape[1])
+            last = start + scores.shape[1] == data.shape[0]  # the last block of this chunk
+            if (last or width > 2 * k) and len(pool_scores) > 1:
+                # Every index of a part is smaller than every index of the parts after it,
+                # and each part is already ordered, so a stable sort of them joined keeps
                 # the smaller index first among equal scores.
-                merged_scores = torch.cat([best_scores, values], dim=1)
-                merged_idx = torch.cat([best_idx, columns], dim=1)
+                merged_scores = torch.cat(pool_scores, dim=1)
+                merged_idx = torch.cat(pool_idx, dim=1)
+                pool_scores.clear()
+                pool_idx.clear()
                 order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices
                 order = order[:, :k]
-                best_scores = merged_scores.gather(1, order)
-                best_idx = merged_idx.gather(1, order)
-            if start + scores.shape[1] == data.shape[0]:  # the last block of this chunk
-                assert best_scores is not None and best_idx is not None
-                out_idx[q_start:q_stop] = best_idx
-                out_scores[q_start:q_stop] = best_scores
+                pool_scores = [merged_scores.gather(1, order)]
+                pool_idx = [merged_idx.gather(1, order)]
+                width = int(order.shape[1])
+            if last:
+                out_idx[q_start:q_stop] = pool_idx[0]
+                out_scores[q_start:q_stop] = pool_scores[0]
+                pool_scores, pool_idx, width = [], [], 0
     return out_idx, out_scores
 
 
