@@ -66,6 +66,7 @@ from proponents.gradients.representations import DenseGrads, Grads, as_dense, wi
 from proponents.gradients.selection import canonical_module_name, named_modules, resolve_layers
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
+from proponents.neighbors.base import IndexedNearestNeighbors
 from proponents.neighbors.exact import DEFAULT_BLOCK_SIZE, block_scores
 from proponents.neighbors.foreign import NearestNeighborsLike, as_nearest_neighbors
 from proponents.progress import Progress
@@ -778,7 +779,7 @@ class TracInCPFastRandProj(TracInCPFast):
             )
 
         def query_side() -> Tensor:
-            self._watch.verify(name, "the training set's embeddings")
+            self._watch.verify(name, "the embedding of the training set")
             if not is_loader and all(batch.size == 0 for batch in test):
                 # a batch of no examples: no model run, an empty query of the embeddings' kind
                 return torch.zeros(
@@ -816,21 +817,28 @@ class TracInCPFastRandProj(TracInCPFast):
         if k is None:
             return self._all_scores(query)
         k = min(k, n_train)
-        # Examples with non-finite embeddings may be returned first by a search; ask for
-        # enough extra neighbours to rank them last, as TracInCPFast does.
-        extra = self._nonfinite_rows()
-        kk = min(n_train, k + extra)
-        if proponents:
-            indices, scores = self.nearest_neighbors.search(query, kk, n_train)
+        backend = self.nearest_neighbors
+        q = query if proponents else -query
+        if isinstance(backend, IndexedNearestNeighbors) and (
+            type(backend).get_nearest_neighbors is IndexedNearestNeighbors.get_nearest_neighbors
+        ):
+            # A built-in backend passes over the examples with non-finite embeddings, which
+            # rank last, so k neighbours are asked for however many such examples there are.
+            extra = 0
+            indices, scores = backend.search_finite(q, k)
         else:
-            indices, scores = self.nearest_neighbors.search(-query, kk, n_train)
+            # Another backend may return those examples first: ask for enough extra
+            # neighbours to rank them last, as TracInCPFast does.
+            extra = self._nonfinite_rows()
+            indices, scores = backend.search(q, min(n_train, k + extra), n_train)
+        if not proponents:
             scores = -scores
         if extra:
             order = torch.sort((~torch.isfinite(scores)).to(torch.int8), dim=1, stable=True)
             keep = order.indices[:, :k]
             indices, scores = indices.gather(1, keep), scores.gather(1, keep)
         # A non-finite score left among the k (a product of finite embeddings that
-        # overflows, or fewer than k finite scores): rank that row as TracInCPFast does,
+        # overflows, or fewer than k finite embeddings): rank that row as TracInCPFast does,
         # from all its scores, non-finite ones last.
         rows = (~torch.isfinite(scores)).any(dim=1).nonzero().flatten()
         if rows.numel():
@@ -926,13 +934,13 @@ class TracInCPFastRandProj(TracInCPFast):
             def mine() -> Tensor | None:
                 # inside the status exchange: a rank whose checkpoints changed raises its
                 # error there, and the others name it instead of waiting for its rows
-                self._watch.verify(name, "the training set's embeddings", objects=True)
+                self._watch.verify(name, "the embedding of the training set", objects=True)
                 return self.embeddings if len(self.embeddings) else None
 
             full = dist.rows(name, mine, torch.device("cpu"))
             dist.run(name, lambda: self._write(path, full) if dist.rank == 0 else None)
             return Path(path)
-        self._watch.verify(name, "the training set's embeddings", objects=True)
+        self._watch.verify(name, "the embedding of the training set", objects=True)
         self._write(path, self.embeddings, self.nearest_neighbors)
         return Path(path)
 

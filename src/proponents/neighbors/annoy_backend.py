@@ -201,7 +201,7 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
             return False
         return self.search_k >= int(self._index.get_n_items()) * int(self._index.get_n_trees())
 
-    def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _query(self, query: Tensor, k: int, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         exhaustive = self._exhaustive()
         # The float32 scores are only needed to check an exhaustive float64 search.
         wide = exhaustive and self._scores_above_float32(query)
@@ -218,7 +218,9 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
                 )
                 found_scores[i, : len(dots)] = torch.as_tensor(dots[:m], dtype=torch.float64)
             candidates[i, : len(found)] = torch.as_tensor(found[:m], dtype=torch.long)
-        return self._rescore(query, candidates, k, index_scores=found_scores, exhaustive=exhaustive)
+        return self._rescore(
+            query, candidates, k, index_scores=found_scores, exhaustive=exhaustive, skip=skip
+        )
 
     def _write_index(self, path: Path) -> None:
         if not self._index.save(str(path)):

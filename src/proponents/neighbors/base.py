@@ -512,6 +512,10 @@ class IndexedNearestNeighbors(NearestNeighbors):
         #: Data rows the index was built from (``None``: all of them) and the rest.
         self._kept: Tensor | None = None
         self._nonfinite: Tensor | None = None
+        #: ``(N,)`` bool, the rows with a NaN or infinite entry, found at the first
+        #: :meth:`search_finite` (``None``: not looked for yet, or none found).
+        self._skip: Tensor | None = None
+        self._skip_known = False
 
     # -- settings --------------------------------------------------------------------
 
@@ -526,8 +530,9 @@ class IndexedNearestNeighbors(NearestNeighbors):
         """Build the search structure for the validated ``(N, D)`` ``data``."""
 
     @abstractmethod
-    def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """``(indices, scores)`` for a validated, non-empty ``(n, D)`` query."""
+    def _query(self, query: Tensor, k: int, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(indices, scores)`` for a validated, non-empty ``(n, D)`` query, passing over
+        the rows ``skip`` marks (see :meth:`search_finite`)."""
 
     def _write_index(self, path: Path) -> None:
         raise NotImplementedError
@@ -561,6 +566,7 @@ class IndexedNearestNeighbors(NearestNeighbors):
         if data.shape[0] == 0:
             raise InvalidArgumentError("data must have at least one row (N >= 1); got N=0")
         self._data = None
+        self._skip, self._skip_known = None, False
         built = self._split_finite(data)
         if built is not None:
             self._build(built)
@@ -592,6 +598,33 @@ class IndexedNearestNeighbors(NearestNeighbors):
             InvalidArgumentError: when ``query`` has fewer than two dimensions or not
                 ``D`` features per row, or ``k`` is outside ``1..N``.
         """
+        return self._answer(query, k, None)
+
+    @final
+    def search_finite(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """:meth:`search`, passing over the rows with a NaN or infinite entry.
+
+        Each query row gets the ``k`` best rows of those whose entries are all finite,
+        ranked, scored and checked as :meth:`search` ranks them; whatever the number of
+        rows passed over, no more than :meth:`search` would ask for ``k`` neighbours is
+        asked of the index or held per query row. TracInCPFastRandProj ranks the examples
+        with non-finite embeddings last, so it needs only these. A query row that has
+        fewer than ``k`` such rows is filled up with rows passed over, each scored
+        ``-inf``. The rows to pass over are found at the first call (one pass over the
+        data, or over the rows left out of the index).
+
+        Args:
+            query: ``(n, D)`` floating-point tensor, as for :meth:`get_nearest_neighbors`.
+            k: neighbours per query row, ``1 <= k <= N``.
+
+        Returns:
+            ``(indices, scores)``, both ``(n, k)`` on ``query``'s device.
+        """
+        result = self._answer(query, k, self._skipped_rows())
+        return check_neighbors(self, query, k, self.num_items, result)
+
+    def _answer(self, query: Tensor, k: int, skip: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`get_nearest_neighbors`, passing over the rows ``skip`` marks."""
         data = self._require_data()
         query = check_matrix(query, "query", dim=int(data.shape[1]))
         k = check_k(k, int(data.shape[0]))
@@ -604,9 +637,9 @@ class IndexedNearestNeighbors(NearestNeighbors):
         if self._kept is not None and self._kept.numel() == 0:  # no finite row: no index
             from proponents.neighbors.exact import exact_top_k
 
-            indices, scores = exact_top_k(data, query, k)
+            indices, scores = exact_top_k(data, query, k, skip=skip)
             return indices.to(query.device), scores.to(query.device)
-        return self._query(query, k)
+        return self._query(query, k, skip)
 
     def save(self, directory: str | os.PathLike[str]) -> bool:
         """Write the built index and a small JSON description under ``directory``.
@@ -700,6 +733,7 @@ class IndexedNearestNeighbors(NearestNeighbors):
             self.setup(data)
             return False
         self._data = None
+        self._skip, self._skip_known = None, False
         built = self._split_finite(data)
         if built is None:  # no finite row: nothing was built or saved, nothing to read
             self._data = data
@@ -737,6 +771,28 @@ class IndexedNearestNeighbors(NearestNeighbors):
         self._kept = finite.nonzero().squeeze(1)
         self._nonfinite = (~finite).nonzero().squeeze(1)
         return data[self._kept] if self._kept.numel() else None
+
+    def _skipped_rows(self) -> Tensor | None:
+        """``(N,)`` bool on the data's device: the rows with a NaN or infinite entry
+        (``None`` when there are none), found once.
+
+        A backend that indexes the finite rows only looks at the rows it left out, the
+        others in blocks of the whole data.
+        """
+        data = self._require_data()
+        if not self._skip_known:
+            if self._finite_only:
+                skip = torch.zeros(int(data.shape[0]), dtype=torch.bool, device=data.device)
+                left_out = self._nonfinite if self._kept is not None else None
+                if left_out is not None:
+                    for start in range(0, int(left_out.numel()), 8192):
+                        rows = left_out[start : start + 8192]
+                        skip[rows] = ~torch.isfinite(data[rows]).all(dim=1)
+            else:
+                skip = ~finite_rows(data)
+            self._skip = skip if bool(skip.any()) else None
+            self._skip_known = True
+        return self._skip
 
     def _require_data(self) -> Tensor:
         if self._data is None:
@@ -923,6 +979,7 @@ class IndexedNearestNeighbors(NearestNeighbors):
         k: int,
         index_scores: Tensor | None = None,
         exhaustive: bool = False,
+        skip: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Exact scores for candidate indices, rows sorted; rows in doubt redone exactly.
 
@@ -958,6 +1015,8 @@ class IndexedNearestNeighbors(NearestNeighbors):
                 the exhaustive check (``None``: no check).
             exhaustive: whether the index compared the query with every indexed row and
                 returned the ``m`` best by its float32 scores.
+            skip: ``(N,)`` bool, data rows to pass over (:meth:`search_finite`): they are
+                not among the candidates, nor ranked by a row's exact search.
         """
         from proponents.neighbors.exact import exact_top_k
 
@@ -981,8 +1040,11 @@ class IndexedNearestNeighbors(NearestNeighbors):
             safe = self._kept[safe.clamp(max=self._kept.numel() - 1)]
             bad = self._nonfinite
             assert bad is not None
-            bad_idx, _ = exact_top_k(data[bad], q, min(k, int(bad.numel())))
-            safe = torch.cat([safe, bad[bad_idx]], dim=1)
+            if skip is not None:  # only the rows beyond float32's range are left
+                bad = bad[~skip[bad]]
+            if bad.numel():
+                bad_idx, _ = exact_top_k(data[bad], q, min(k, int(bad.numel())))
+                safe = torch.cat([safe, bad[bad_idx]], dim=1)
         scores = _gathered_scores(data, safe, q)
         scores, idx = sort_rows(scores, safe)
         if scores.shape[1] > k:  # a tie across the cut-off may hide a lower index
@@ -1002,7 +1064,7 @@ class IndexedNearestNeighbors(NearestNeighbors):
         scores, idx = scores[:, :k], idx[:, :k]
         if bool(short.any()):
             rows = short.nonzero().squeeze(1)
-            ex_idx, ex_scores = exact_top_k(data, q[rows], k)
+            ex_idx, ex_scores = exact_top_k(data, q[rows], k, skip=skip)
             idx[rows] = ex_idx
             scores[rows] = ex_scores
         return idx.to(query.device), scores.to(query.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -150,7 +151,11 @@ def _block_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def exact_top_k(
-    data: Tensor, query: Tensor, k: int, block_size: int = DEFAULT_BLOCK_SIZE
+    data: Tensor,
+    query: Tensor,
+    k: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    skip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` inner products of each query row with the rows of ``data``.
 
@@ -168,6 +173,8 @@ def exact_top_k(
         query: ``(n, D)`` queries (any device; moved to ``data``'s device).
         k: neighbours per query, ``1 <= k <= N`` (not checked here).
         block_size: data rows per block.
+        skip: ``(N,)`` bool on ``data``'s device, rows to pass over: their scores count
+            as ``-inf`` (and are reported so), so they come after every other row.
 
     Returns:
         ``(indices, scores)``, both ``(n, k)`` on ``data``'s device, scores in
@@ -186,6 +193,10 @@ def exact_top_k(
     width = 0
     with torch.no_grad():
         for q_start, q_stop, start, scores in _score_blocks(query, data, block_size):
+            if skip is not None:
+                passed = skip[start : start + scores.shape[1]]
+                if bool(passed.any()):
+                    scores.masked_fill_(passed, -math.inf)  # a temporary of this block
             values, columns = _block_top_k(scores, min(k, int(scores.shape[1])))
             pool_scores.append(values)
             pool_idx.append(columns + start)
@@ -280,7 +291,7 @@ class ExactNearestNeighbors(IndexedNearestNeighbors):
     def _build(self, data: Tensor) -> None:
         pass  # the data itself is the index
 
-    def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _query(self, query: Tensor, k: int, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         data = self._require_data()
-        indices, scores = exact_top_k(data, query, k, self.block_size)
+        indices, scores = exact_top_k(data, query, k, self.block_size, skip)
         return indices.to(query.device), scores.to(query.device)

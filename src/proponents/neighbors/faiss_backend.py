@@ -333,7 +333,7 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
             and int(index.nprobe) >= int(index.nlist)
         )
 
-    def _query(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _query(self, query: Tensor, k: int, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         exhaustive = self._exhaustive()
         m = self._candidates(k, wide=exhaustive and self._scores_above_float32(query))
         scores, found = self._index.search(_as_float32(query), m)
@@ -343,6 +343,7 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
             k,
             index_scores=torch.from_numpy(scores),
             exhaustive=exhaustive,
+            skip=skip,
         )
 
     def _write_index(self, path: Path) -> None:
