@@ -917,3 +917,46 @@ def test_explain_warns_on_stderr_about_labels_without_a_name(capsys, tmp_path, t
     assert code == EXIT_OK, err
     assert "proponents explain: warning: label_names has no name for label(s) 1 " in err
     assert "label: 1" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_failed_summary_write_keeps_the_old_summary(capsys, tmp_path, task, monkeypatch):
+    """summary.json is written through a temporary file too: a full disk keeps the old
+    one whole. (before: it was left truncated, a file no JSON reader could load)"""
+    import io
+
+    from proponents.report import builder
+
+    path, ckpts = task
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"old": true}\n')
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, path, mode, *args, **kwargs):
+            self.fh = real_open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed below
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def close(self):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[:10])
+            raise OSError(28, "No space left on device")
+
+    def failing(file, mode="r", *args, **kwargs):
+        if "summary.json" in Path(file).name and ("w" in mode or "x" in mode):
+            return FullDisk(file, mode, *args, **kwargs)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", failing)
+    monkeypatch.setattr(builder, "open", failing, raising=False)
+    code, _, err = _explain(capsys, path, ckpts, out)
+    assert code == EXIT_FAILURE and "No space left" in err
+    assert json.loads((out / "summary.json").read_text()) == {"old": True}
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

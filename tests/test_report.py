@@ -658,3 +658,56 @@ def test_label_names_without_a_name_for_some_labels_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_report(train, test, pro, label_names=["a", "b", "c"], plot_figure=False)
+
+
+def test_scores_and_labels_of_negative_zero_show_as_0():
+    """A score or a regression label of -0.0 is shown as 0. (before: "-0")"""
+    train = TensorDataset(torch.rand(4, 6, 6), torch.tensor([-0.0, 1.5, 0.0, 2.0]))
+    pro = (torch.tensor([[0, 1]]), torch.tensor([[-0.0, 1e-9]]))
+    report = build_report(train, train, pro, self_influence=torch.zeros(4).neg(), plot_figure=False)
+    html = report.html
+    assert "-0" not in re.sub(r"e-\d\d", "", html.split("</style>")[1])
+    assert "score: 0<" in html and "label: 0<" in html
+
+
+def test_negative_labels_are_not_named_from_the_end_of_a_label_names_list():
+    """A label -1 (an "unlabelled" marker, say) with a label_names list is shown as -1, with
+    the warning. (before: it was silently named after the list's last class)"""
+    train = TensorDataset(torch.rand(4, 6, 6), torch.tensor([-1, 0, 1, 1]))
+    pro = (torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.2]]))
+    with pytest.warns(UserWarning, match=r"no name for label\(s\) -1 "):
+        html = build_report(train, train, pro, label_names=["cat", "dog"], plot_figure=False).html
+    first = html.split("train #0</b>")[1].split("</div></div>")[0]
+    assert "label: -1" in first and "dog" not in first
+    # a dict may name negative labels
+    html = build_report(train, train, pro, label_names={-1: "unknown", 0: "cat", 1: "dog"},
+                        plot_figure=False).html  # fmt: skip
+    assert "label: unknown" in html
+
+
+def test_test_examples_with_labels_of_shape_n_by_1_are_picked_by_their_label():
+    """Misclassified test examples are found when each label is shaped (1,). (before: the
+    labels were broadcast against the predictions to an (N, N) table, and correct examples
+    were shown as the misclassified ones)"""
+    from proponents.report.analysis import pick_test_examples
+
+    labels = np.array([[0], [1], [1], [0], [1]])
+    predictions = np.array([0, 0, 1, 1, 1])
+    assert pick_test_examples(labels, predictions, 2, 2).tolist() == [1, 3, 0, 2]
+    assert pick_test_examples(labels, predictions[:, None], 2, 1).tolist() == [1, 3, 0]
+
+
+@needs_chromium
+def test_a_long_summary_value_wraps_instead_of_widening_the_page(browser, tmp_path):
+    """A long path without spaces in the summary (the task file's, say) wraps in its cell.
+    (before: the summary grid grew to its length and the page scrolled sideways)"""
+    case = text_case()
+    case["summary"] = {"task": "/data/" + "deeply_nested_folder/" * 20 + "task.py", "k": "3"}
+    path = build_report(**case, plot_figure=False).save(tmp_path / "report.html")
+    facts, _ = browser.open(
+        path,
+        "JSON.stringify({page: document.documentElement.scrollWidth - "
+        "document.documentElement.clientWidth, text: document.body.innerText})",
+    )
+    assert facts["page"] <= 0
+    assert "deeply_nested_folder/" in facts["text"]

@@ -548,7 +548,7 @@ def _explain(
         predict,
         run_method,
     )
-    from proponents.report.builder import build_report
+    from proponents.report.builder import build_report, write_whole
     from proponents.report.plot import format_detection, require_matplotlib
 
     require_matplotlib()
@@ -652,7 +652,7 @@ def _explain(
         },
         "seconds": {name: round(v, 3) for name, v in analysis.seconds.items()},
     }
-    (out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    write_whole(out / "summary.json", (json.dumps(figures, indent=2) + "\n").encode("utf-8"))
 
     top = ", ".join(f"#{i}" for i in report.figures.get("most_suspicious", [])[:5])
     print(f"Explained {len(test_indices)} test examples with {args.method} (k={args.k}).")

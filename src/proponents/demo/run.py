@@ -27,7 +27,7 @@ from proponents.demo.digits import (
 )
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.report.analysis import METHODS, pick_test_examples, predict, run_method
-from proponents.report.builder import build_report
+from proponents.report.builder import build_report, write_whole
 from proponents.report.plot import (
     DEFAULT_FRACTIONS,
     MissingExtraError,
@@ -447,4 +447,5 @@ def _write_summary(
         "figure": str(result.figure_path) if result.figure_path else None,
         "seconds": {name: round(v, 3) for name, v in result.seconds.items()},
     }
-    result.summary_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    # whole or not at all, as the report: a full disk keeps the previous summary
+    write_whole(result.summary_path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))

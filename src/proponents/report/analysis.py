@@ -188,6 +188,11 @@ def pick_test_examples(
     ``n_wrong + n_right`` examples are returned.
     """
     labels, predictions = np.asarray(labels), np.asarray(predictions)
+    # one label per example shaped (N, 1): compared as (N,), not broadcast to (N, N)
+    if labels.ndim > 1 and labels.size == len(labels):
+        labels = labels.reshape(-1)
+    if predictions.ndim > 1 and predictions.size == len(predictions):
+        predictions = predictions.reshape(-1)
     if labels.dtype.kind not in "iub" or predictions.dtype.kind not in "iub":
         return np.arange(min(len(labels), n_wrong + n_right), dtype=np.int64)
     wrong = np.flatnonzero(predictions != labels)

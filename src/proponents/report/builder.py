@@ -39,11 +39,13 @@ _STYLE = """
 .prp-report h3{font-size:.95em;margin:.5em 0 .3em;color:#4a5468;font-weight:600}
 .prp-report .sub{color:#5b6577;margin:0 0 .8em}
 .prp-report .note{color:#5b6577;font-size:.92em;max-width:62em}
-.prp-report dl.kv{display:grid;grid-template-columns:max-content 1fr max-content 1fr;
+.prp-report dl.kv{display:grid;
+  grid-template-columns:max-content minmax(0,1fr) max-content minmax(0,1fr);
   gap:0;margin:.4em 0 .8em;font-size:.92em;max-width:1000px}
 .prp-report dl.kv dt,.prp-report dl.kv dd{margin:0;padding:3px 10px;
   border-bottom:1px solid #e3e7ef}
 .prp-report dl.kv dt{color:#5b6577}
+.prp-report dl.kv dd{overflow-wrap:anywhere}
 .prp-report table.det{border-collapse:collapse;margin:.4em 0 .8em;font-size:.92em}
 .prp-report table.det td,.prp-report table.det th{padding:3px 10px;
   border-bottom:1px solid #e3e7ef;text-align:left}
@@ -171,6 +173,8 @@ def _fmt_number(value: float) -> str:
     size = abs(value)
     if not math.isfinite(value):
         return str(value)
+    if value == 0:  # -0.0 too, which would show as "-0"
+        return "0"
     if size >= 1e5 or 0 < size < 1e-3:
         return f"{value:.2e}"
     if size >= 100:
@@ -248,13 +252,13 @@ class InfluenceReport:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Undecodable bytes of a file name (surrogates) are shown as U+FFFD; each file is
         # written whole beside its place and moved in, so a failure keeps the old one.
-        _write_whole(target, self.html.encode("utf-8", errors="replace"))
+        write_whole(target, self.html.encode("utf-8", errors="replace"))
         if self.figure_png is not None:
-            _write_whole(target.parent / self.figure_name, self.figure_png)
+            write_whole(target.parent / self.figure_name, self.figure_png)
         return target
 
 
-def _write_whole(path: Path, data: bytes) -> None:
+def write_whole(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder.
 
     The temporary file is created under a random name that must not exist yet, so a link
@@ -300,6 +304,9 @@ class _Examples:
         names = self.label_names
         if names is not None and isinstance(value, (int, np.integer)):
             try:
+                # a list names labels 0, 1, ...: -1 is no label of it, not its last name
+                if int(value) < 0 and not isinstance(names, Mapping):
+                    raise IndexError(value)
                 return str(names[int(value)])
             except (KeyError, IndexError, TypeError):
                 self.unnamed.add(int(value))
