@@ -12,13 +12,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from proponents.influence import _pullback
+from proponents.influence import _pullback, similarity
 from proponents.influence._pullback import Pullback
 from proponents.influence.similarity import LAYER_INPUTS, SimilarityInfluence
-from proponents.store import ArrayStore
+from proponents.store import ArrayStore, StoreRebuildWarning
 from test_similarity import METRICS, _acts, _brute, _check
 
-WITH_INPUTS = {"activations", "norms", LAYER_INPUTS}
+#: a widening layer's entry: its inputs in place of its activations (see _build_pass)
+WITH_INPUTS = {"activation_shape", "norms", LAYER_INPUTS}
+#: ... and with its activations, where some source block may need them
+WITH_BOTH = {"activations", "norms", LAYER_INPUTS}
 DIRECT_ONLY = {"activations", "norms"}
 
 LAYERS = [
@@ -51,6 +54,30 @@ def test_pulled_back_rows_reproduce_the_inner_products(layer, shape):
     direct = t.reshape(5, -1) @ s.reshape(7, -1).T
     torch.testing.assert_close(rows @ x.reshape(7, -1).T + offsets[:, None], direct)
     assert pullback.agrees(x, s)
+
+
+@pytest.mark.parametrize("layer,shape", LAYERS, ids=lambda v: str(v))
+def test_the_gain_estimate_approaches_the_operator_norm_from_below(layer, shape):
+    """Against the spectral norm of the layer's linear part, materialised as a matrix."""
+    torch.manual_seed(0)
+    layer = layer.double()
+    with torch.no_grad():
+        out_shape = tuple(layer(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+    pullback = Pullback.for_layer(layer, shape, out_shape)
+    assert pullback is not None
+    width = int(np.prod(shape))
+    basis = torch.eye(width, dtype=torch.float64).reshape(width, *shape)
+    with torch.no_grad():
+        matrix = pullback.apply(basis, torch.float64).reshape(width, -1)
+        zero = layer(torch.zeros(1, *shape, dtype=torch.float64)).reshape(1, -1)
+        # apply is the layer without its bias
+        torch.testing.assert_close(matrix + zero, layer(basis).reshape(width, -1))
+    true = float(torch.linalg.matrix_norm(matrix, ord=2))
+    rng = torch.get_rng_state()
+    estimate = pullback.gain_estimate()
+    assert torch.equal(torch.get_rng_state(), rng)  # the global generator is untouched
+    assert estimate <= true * (1 + 1e-9)
+    assert estimate >= 0.9 * true
 
 
 def test_layers_without_a_useful_pullback():
@@ -208,9 +235,15 @@ def test_test_inputs_of_another_size_still_use_the_input_side(tmp_path, monkeypa
     _check(again, expected)
 
 
-def test_a_change_of_input_shape_drops_the_kept_inputs(tmp_path):
-    """Stride 2: inputs of 7x7 and 8x8 both give 4x4 outputs; one input array cannot hold both."""
+@pytest.mark.parametrize("blocks", ["one", "of one batch"])
+def test_a_change_of_input_shape_drops_the_kept_inputs(tmp_path, monkeypatch, blocks):
+    """Stride 2: inputs of 7x7 and 8x8 both give 4x4 outputs; one input array cannot hold
+    both. In blocks of one batch, the first block was written without its activations
+    when the second batch drops the inputs: the pass starts again, keeping them."""
     torch.manual_seed(0)
+    if blocks != "one":  # a row: 16 * 4 * 4 float32 outputs and at most 2/3 of that
+        monkeypatch.setattr(similarity, "BLOCK_BYTES", 4 * (1024 + 683))
+    passes = _count_build_passes(monkeypatch)
 
     class MixedSizes(torch.utils.data.Dataset):
         """Items 4-7 are 7x7, the others 8x8: batches of 4 are uniform."""
@@ -233,6 +266,7 @@ def test_a_change_of_input_shape_drops_the_kept_inputs(tmp_path):
     test = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
     first = sim.influence(test, top_k=4)["conv"]
     assert _stored_arrays(tmp_path, "conv") == DIRECT_ONLY
+    assert passes == ([set()] if blocks == "one" else [set(), {"conv"}])
     again = sim.influence(test, top_k=4)["conv"]
     src = torch.cat([_acts(model, "conv", x[None]) for x in data.items])
     expected = _brute(_acts(model, "conv", test), src, "cosine", "max", 4)
@@ -355,35 +389,154 @@ def test_euclidean_neighbours_of_near_duplicates_of_a_widening_layer_are_exact(
 
 
 def test_cosine_and_euclidean_share_one_store(tmp_path, monkeypatch):
-    """A store built for cosine (with layer inputs) serves Euclidean distance directly, and
-    one built for Euclidean (without them) serves cosine directly: no rebuild either way."""
+    """A store built for Euclidean distance (activations only) serves cosine directly,
+    without a rebuild. One built for cosine keeps a widening layer's inputs instead of its
+    activations, so Euclidean distance rebuilds it, saying why; cosine then uses that."""
     import warnings as _warnings
 
     torch.manual_seed(0)
     model = Widening().eval()
     train, test = _widening_data()
     x = train.tensors[0]
-    for first, second in (("cosine", "euclidean"), ("euclidean", "cosine")):
-        folder = tmp_path / first
-        SimilarityInfluence(model, "up", train, folder, similarity_metric=METRICS[first]).influence(
-            test
-        )
-        seen = _spy_on_input_side_updates(monkeypatch)
-        direction = "max" if second == "cosine" else "min"
+
+    def search(folder, metric):
+        direction = "max" if metric == "cosine" else "min"
         sim = SimilarityInfluence(
             model,
             "up",
             train,
             folder,
-            similarity_metric=METRICS[second],
+            similarity_metric=METRICS[metric],
             similarity_direction=direction,
         )
-        with _warnings.catch_warnings():
-            _warnings.simplefilter("error")  # a StoreRebuildWarning would fail here
-            result = sim.influence(test, top_k=6)["up"]
-        _check(result, _expected(model, "up", test, x, second, direction, 6))
-        assert seen == []
-        monkeypatch.undo()
+        result = sim.influence(test, top_k=6)["up"]
+        _check(result, _expected(model, "up", test, x, metric, direction, 6))
+
+    search(tmp_path / "euclidean", "euclidean")
+    seen = _spy_on_input_side_updates(monkeypatch)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")  # a StoreRebuildWarning would fail here
+        search(tmp_path / "euclidean", "cosine")
+    assert seen == []
+    monkeypatch.undo()
+
+    search(tmp_path / "cosine", "cosine")
+    assert _stored_arrays(tmp_path / "cosine", "up") == WITH_INPUTS
+    with pytest.warns(StoreRebuildWarning, match="keeps the layer's inputs instead of its"):
+        search(tmp_path / "cosine", "euclidean")
+    assert _stored_arrays(tmp_path / "cosine", "up") == DIRECT_ONLY
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        search(tmp_path / "cosine", "cosine")
+
+
+def _cancelling_linear() -> nn.Linear:
+    """A Linear whose rows sum to zero: lin(x + c) == lin(x) for a constant offset c."""
+    torch.manual_seed(9)
+    lin = nn.Linear(8, 64)
+    with torch.no_grad():
+        lin.weight -= lin.weight.mean(1, keepdim=True)
+    return lin
+
+
+def _cosine_reference(lin, x, test, k):
+    with torch.no_grad():
+        acts_s, acts_t = lin(x).double(), lin(test).double()
+    reference = (acts_t / acts_t.norm(dim=1, keepdim=True)) @ (
+        acts_s / acts_s.norm(dim=1, keepdim=True)
+    ).T
+    order = torch.sort(reference, dim=1, descending=True, stable=True)
+    return order.indices[:, :k], order.values[:, :k]
+
+
+def _count_build_passes(monkeypatch):
+    passes = []
+    build_pass = SimilarityInfluence._build_pass
+
+    def counting(self, *args, **kwargs):
+        passes.append(set(args[-1]))  # the layers whose activations are kept
+        return build_pass(self, *args, **kwargs)
+
+    monkeypatch.setattr(SimilarityInfluence, "_build_pass", counting)
+    return passes
+
+
+def test_a_later_block_the_layer_cancels_starts_the_build_again_with_activations(
+    tmp_path, monkeypatch
+):
+    """The first block decides to leave the activations out; a later block whose inputs
+    the layer cancels would need them, so the pass starts again, keeping them."""
+    lin = _cancelling_linear()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=g)
+    x[100:] += 1e5  # blocks 3 and 4 only
+    test = torch.cat([x[150:151] - 1e5, torch.randn(1, 8, generator=g)])
+    # a layer input's row is 32 bytes, its output's 256: blocks of 50 rows
+    monkeypatch.setattr(similarity, "BLOCK_BYTES", 50 * (256 + 171))
+    passes = _count_build_passes(monkeypatch)
+    sim = SimilarityInfluence(nn.Sequential(lin), "0", TensorDataset(x), tmp_path, batch_size=50)
+    ref_idx, ref_val = _cosine_reference(lin, x, test, 3)
+    for _ in range(2):
+        idx, val = sim.influence(test, top_k=3)["0"]
+        assert idx.tolist() == ref_idx.tolist()
+        torch.testing.assert_close(val.double(), ref_val, rtol=0, atol=1e-6)
+    assert passes == [set(), {"0"}]
+    assert _stored_arrays(tmp_path, "0") == WITH_BOTH
+
+
+def test_a_query_the_gain_estimate_did_not_cover_stores_the_activations(tmp_path, monkeypatch):
+    """Should the estimate of ‖A‖₂ fall short, a query whose rows would round too coarsely
+    on the input side of an entry without activations rebuilds it with them (a warning
+    says so) and is answered as the direct product would be."""
+    lin = _cancelling_linear()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=g)
+    x[8:] += 1e5
+    test = x[100:101] - 1e5
+    x[5] = test[0] + 0.05 * torch.randn(8, generator=g)
+    model = nn.Sequential(lin)
+    ref_idx, ref_val = _cosine_reference(lin, x, test, 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(Pullback, "gain_estimate", lambda self, iterations=30: 0.0)
+        # batches of 50, as the reference's (the offset rows' float32 outputs round
+        # differently in other batch sizes)
+        SimilarityInfluence(model, "0", TensorDataset(x), tmp_path, batch_size=50).influence(
+            test, top_k=3
+        )
+    assert _stored_arrays(tmp_path, "0") == WITH_INPUTS
+    passes = _count_build_passes(monkeypatch)
+    sim = SimilarityInfluence(model, "0", TensorDataset(x), tmp_path, batch_size=50)
+    with pytest.warns(StoreRebuildWarning, match="round too coarsely on the input side"):
+        idx, val = sim.influence(test, top_k=3)["0"]
+    assert passes == [{"0"}]
+    assert _stored_arrays(tmp_path, "0") == WITH_BOTH
+    for _ in range(2):
+        assert idx.tolist() == ref_idx.tolist()
+        torch.testing.assert_close(val.double(), ref_val, rtol=0, atol=1e-6)
+        idx, val = sim.influence(test, top_k=3)["0"]
+    assert passes == [{"0"}]
+
+
+def test_an_entry_of_layer_inputs_without_the_activation_shape_is_damaged(tmp_path):
+    torch.manual_seed(0)
+    model = Widening().eval()
+    train, test = _widening_data()
+    SimilarityInfluence(model, "up", train, tmp_path).influence(test)
+    store = ArrayStore(tmp_path / "src")
+    manifest, _ = store._read_manifest("up")
+    assert manifest is not None
+    entry, _ = store.load("up", manifest["meta"])
+    assert entry is not None
+    with entry:
+        kept = {name: entry.read(name) for name in ("norms", LAYER_INPUTS)}
+    with store.writer("up", manifest["meta"]) as writer:
+        for name, array in kept.items():
+            writer.put(name, array)
+        writer.commit()
+    with pytest.warns(StoreRebuildWarning, match="lacks the array 'activations'"):
+        result = SimilarityInfluence(model, "up", train, tmp_path).influence(test, top_k=4)
+    _check(result["up"], _expected(model, "up", test, train.tensors[0], k=4))
+    assert _stored_arrays(tmp_path, "up") == WITH_INPUTS
 
 
 def test_inputs_the_layer_cancels_are_scored_directly(tmp_path):
@@ -411,4 +564,5 @@ def test_inputs_the_layer_cancels_are_scored_directly(tmp_path):
         idx, val = sim.influence(test, top_k=3)["0"]
         assert idx.tolist() == order.indices[:, :3].tolist()
         torch.testing.assert_close(val.double(), order.values[:, :3], rtol=0, atol=1e-6)
-    assert _stored_arrays(tmp_path, "0") == WITH_INPUTS
+    # the activations are kept too: a query may need them for the offset rows
+    assert _stored_arrays(tmp_path, "0") == WITH_BOTH

@@ -41,6 +41,11 @@ _CONV_INPUT_GRAD: dict[type, Any] = {
     nn.Conv2d: conv_grad.conv2d_input,
     nn.Conv3d: conv_grad.conv3d_input,
 }
+_CONV_FORWARD: dict[type, Any] = {
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+}
 #: The transposed convolutions, the same adjoint; on the CPU several times faster from
 #: channels-last inputs than the input gradient above.
 _CONV_TRANSPOSE: dict[type, tuple[Any, torch.memory_format]] = {
@@ -150,6 +155,41 @@ class Pullback:
         return transpose(
             t, weight, None, m.stride, self._padding, self._output_padding, m.groups, m.dilation
         )
+
+    def apply(self, inputs: Tensor, dtype: torch.dtype) -> Tensor:
+        """The layer's linear part ``A x`` (no bias) for rows of the input shape ``(n, *in)``."""
+        m = self.module
+        x = inputs.to(dtype)
+        weight = _tensor(m.weight).detach().to(dtype)
+        if isinstance(m, nn.Linear):
+            return x @ weight.T
+        assert isinstance(m, _ConvNd)
+        conv = _CONV_FORWARD[type(m)]
+        return conv(x, weight, None, m.stride, self._padding, m.dilation, m.groups)
+
+    def gain_estimate(self, iterations: int = 30) -> float:
+        """``‖A‖₂``, the most the layer's linear part can stretch an input, estimated.
+
+        Power iteration on ``AᵀA`` from a fixed-seed start (a local generator: the global
+        one is untouched), in float64 on the weight's device, over one example of the
+        input shape. The estimate approaches ``‖A‖₂`` from below, so callers allow
+        headroom; it bounds ``‖Aᵀ t‖`` for every unit test row ``t``.
+        """
+        weight = _tensor(self.module.weight)
+        generator = torch.Generator(device=weight.device).manual_seed(0)
+        v = torch.randn(
+            (1, *self.input_shape), generator=generator, dtype=torch.float64, device=weight.device
+        )
+        gain = 0.0
+        for _ in range(iterations):
+            norm = torch.linalg.vector_norm(v)
+            if not bool(norm > 0) or not bool(torch.isfinite(norm)):
+                break
+            v = v / norm
+            out = self.apply(v, torch.float64)
+            gain = max(gain, float(torch.linalg.vector_norm(out)))
+            v = self.pull(out, torch.float64)[0].reshape(v.shape)
+        return gain
 
     def agrees(self, inputs: Tensor, outputs: Tensor) -> bool:
         """Whether ``⟨Aᵀ t_i, x_j⟩ + ⟨t_i, b⟩`` reproduces ``⟨t_i, t_j⟩`` for a few examples.

@@ -29,6 +29,19 @@ EXACT_SCRATCH_BYTES = 2 * 2**20
 PULLBACK_SLACK = 4.0
 
 
+class ActivationsNeeded(Exception):
+    """A block given only as layer inputs must be scored directly, on its activations.
+
+    Raised by :meth:`BlockScorer.update` for a store entry that keeps the layer inputs
+    without the activations, when these test rows would round too coarsely on the input
+    side (see :meth:`BlockScorer._pulled_accurately`); the caller stores the activations.
+    """
+
+    def __init__(self, layer: str) -> None:
+        super().__init__(layer)
+        self.layer = layer
+
+
 def _flat(x: Tensor, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -427,7 +440,12 @@ class BlockScorer:
 
     def _pulled_accurately(self, ratio: float, m: int) -> bool:
         """Whether the input-side products of this block round about as finely as the
-        direct ones.
+        direct ones (:meth:`accurate_for_gain` with these test rows' gain)."""
+        return self.accurate_for_gain(self._pull_gain, ratio, m)
+
+    def accurate_for_gain(self, gain: float, ratio: float, m: int) -> bool:
+        """Whether input-side products round about as finely as the direct ones, for
+        test rows whose unit rows the layer's adjoint stretches at most ``gain`` times.
 
         The rounding error of ``⟨Aᵀ t̂, x⟩`` grows with ``‖Aᵀ t̂‖ ‖x‖ √m``, that of the
         direct ``⟨t̂, s⟩`` with ``‖s‖ √d`` (``m`` input, ``d`` output features). Inputs
@@ -436,7 +454,7 @@ class BlockScorer:
         such a block (any of its rows more than :data:`PULLBACK_SLACK` times) is scored
         directly.
         """
-        return self._pull_gain * ratio * math.sqrt(m) <= PULLBACK_SLACK * math.sqrt(self.features)
+        return gain * ratio * math.sqrt(m) <= PULLBACK_SLACK * math.sqrt(self.features)
 
     @property
     def pulled_back(self) -> bool:
@@ -445,7 +463,7 @@ class BlockScorer:
 
     def update(
         self,
-        block: Tensor,
+        block: Tensor | None,
         start: int,
         norms: Tensor | None = None,
         norms_clean: bool = False,
@@ -456,7 +474,9 @@ class BlockScorer:
 
         Args:
             block: ``(b, *features)`` source activations on the scoring device (with
-                ``pulled`` they are not read at all).
+                ``pulled`` they are read only for a block the input side would round
+                too coarsely for; ``None`` when they are not at hand, and such a block
+                raises :class:`ActivationsNeeded`).
             start: index of the block's first row in the source set.
             norms: ``(b,)`` Euclidean norms of the flattened rows, if known (required
                 with ``pulled``).
@@ -468,21 +488,19 @@ class BlockScorer:
             input_ratio: this block's :meth:`input_ratio`, if kept from an earlier call
                 (computed otherwise; :attr:`last_input_ratio` holds it after the call).
         """
-        b = int(block.shape[0])
+        given = block if block is not None else pulled
+        if given is None:
+            raise ValueError("a block without activations must come as layer inputs")
+        b = int(given.shape[0])
         if b == 0:
             return
-        if self.kind is None:
-            self._update_custom(block, start)
-            return
-        if tuple(block.shape[1:]) != self.shape:
-            raise InvalidArgumentError(
-                f"layer {self.layer!r}: the test activations have shape {self.shape} per "
-                f"example ({self.features} features) but the source activations have "
-                f"{tuple(block.shape[1:])} ({math.prod(block.shape[1:])}); the test inputs "
-                "must produce activations of the same shape as the source examples (resize "
-                "or pad them as the source inputs are)"
-            )
-        s = block.reshape(b, -1)
+        s: Tensor | None = None
+        if block is not None:
+            if self.kind is None:
+                self._update_custom(block, start)
+                return
+            self.check_shape(tuple(block.shape[1:]))
+            s = block.reshape(b, -1)
         if pulled is not None and self._pulled_left is None:
             raise ValueError("layer inputs can only be scored after pull_back")
         if pulled is not None:
@@ -497,14 +515,18 @@ class BlockScorer:
             if not self._pulled_accurately(input_ratio, int(product.shape[1])):
                 # inputs the layer mostly cancels: their products would carry rounding
                 # far beyond the direct product's, so this block is scored directly
+                if s is None:
+                    raise ActivationsNeeded(self.layer)
                 pulled = None
                 s = s.to(self.device, self.dtype)
                 product = s
         else:
+            assert s is not None
             if s.dtype != self.dtype:
                 s = s.to(self.dtype)
             product = s
         if norms is None:
+            assert s is not None
             s_norm = row_norms(s, self.dtype)
         else:
             s_norm = norms.to(self.device, self.dtype)
@@ -530,7 +552,19 @@ class BlockScorer:
             if self.kind == "cosine":
                 self._update_cosine(chunk, running, inner, s_norm, start, check_nan, has_zero)
             else:
+                assert s is not None  # the Euclidean search has no input side
                 self._update_euclidean(chunk, running, inner, s, s_norm, start, check_nan, s_max)
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Refuse source activations of another per-example shape than the test ones."""
+        if shape != self.shape:
+            raise InvalidArgumentError(
+                f"layer {self.layer!r}: the test activations have shape {self.shape} per "
+                f"example ({self.features} features) but the source activations have "
+                f"{shape} ({math.prod(shape)}); the test inputs must produce activations of "
+                "the same shape as the source examples (resize or pad them as the source "
+                "inputs are)"
+            )
 
     def result(self) -> tuple[Tensor, Tensor]:
         """``(indices, values)``, each ``(n_test, k)``, best first."""
@@ -756,6 +790,7 @@ class BlockScorer:
 
 
 __all__ = [
+    "ActivationsNeeded",
     "BlockScorer",
     "builtin_kind",
     "cosine_similarity",

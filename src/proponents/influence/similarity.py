@@ -20,7 +20,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, cast
@@ -74,6 +74,7 @@ from proponents.fingerprints import (
 )
 from proponents.influence._pullback import MAX_WIDTH_FRACTION, Pullback, may_pull_back
 from proponents.influence._similarity_metrics import (
+    ActivationsNeeded,
     BlockScorer,
     builtin_kind,
     cosine_similarity,
@@ -92,12 +93,21 @@ BLOCK_BYTES = 32 * 2**20
 #: Folders of ``activation_dir`` itself for ``model_id=""``, so no model_id may name them.
 _RESERVED_DIRS = ("src", "inputs")
 _SRC_KIND = "similarity/source-activations"
-#: The arrays every stored source entry holds (the layer inputs are optional).
-_SRC_ARRAYS = ("activations", "norms")
+#: The array every stored source entry holds; beside it, the activations, or the layer
+#: inputs with the activations' shape, or all three (see :func:`_src_entry_problem`).
+_SRC_ARRAYS = ("norms",)
 #: Name of the stored array of the source examples' inputs to an affine layer
 #: ``(N, *input_shape)``, kept where they make repeated searches cheaper (see
 #: :mod:`proponents.influence._pullback`).
 LAYER_INPUTS = "layer_inputs"
+#: Name of the stored per-example shape of the activations (int64), in an entry that
+#: keeps the layer inputs instead of them.
+ACTIVATION_SHAPE = "activation_shape"
+#: An entry may keep the layer inputs without the activations when the layer's adjoint,
+#: estimated from below by power iteration, times this headroom, keeps every source block
+#: accurate on the input side for any test rows (a query that would not be is scored after
+#: storing the activations after all).
+GAIN_HEADROOM = 1.5
 _INPUT_KIND = "similarity/input-activations"
 _DIRECTIONS = ("max", "min")
 _INIT_KWARGS = ("replace_nan",)
@@ -567,12 +577,7 @@ class SimilarityInfluence(DataInfluence):
         to_build = []
         for layer in self.layers:
             entry, why = (
-                store.load(
-                    keys[layer],
-                    metas[layer],
-                    reuse=self._open_entries.get(layer),
-                    required=_SRC_ARRAYS,
-                )
+                self._load_src(store, keys[layer], metas[layer], self._open_entries.get(layer))
                 if reuse
                 else (None, None)
             )
@@ -593,7 +598,7 @@ class SimilarityInfluence(DataInfluence):
             with store.lock():
                 if reuse:  # another process may have built them while we waited
                     for layer in list(to_build):
-                        entry, _ = store.load(keys[layer], metas[layer], required=_SRC_ARRAYS)
+                        entry, _ = self._load_src(store, keys[layer], metas[layer])
                         if entry is not None:
                             entries[layer] = self._keep_open(layer, entry)
                             to_build.remove(layer)
@@ -612,10 +617,60 @@ class SimilarityInfluence(DataInfluence):
                     )
                     results.update(built)
         if entries:
-            results.update(
-                self._score_entries(entries, test, top_k, largest, device, show_progress)
+            scored, needing = self._score_entries(
+                entries, test, top_k, largest, device, show_progress
             )
+            results.update(scored)
+            if needing:
+                # Only where the power-iteration estimate of a layer's gain fell short
+                # (GAIN_HEADROOM): these test rows need the activations the entry omits.
+                for layer in needing:
+                    warn(
+                        f"SimilarityInfluence: the stored entry of layer {layer!r} keeps the "
+                        "layer's inputs without its activations, and these test activations "
+                        "would round too coarsely on the input side; recomputing the entry "
+                        "with the activations",
+                        StoreRebuildWarning,
+                    )
+                    self._close_entry(layer)
+                with store.lock():
+                    rebuilt = self._build(
+                        store,
+                        needing,
+                        keys,
+                        metas,
+                        test,
+                        top_k,
+                        largest,
+                        device,
+                        show_progress,
+                        fingerprint,
+                        with_activations=set(needing),
+                    )
+                results.update(rebuilt)
         return results
+
+    def _load_src(
+        self,
+        store: ArrayStore,
+        key: str,
+        meta: dict,
+        reuse: StoredEntry | None = None,
+        verify_data: bool = True,
+    ) -> tuple[StoredEntry | None, str | None]:
+        """:meth:`ArrayStore.load` of a source entry, refused when it cannot serve this
+        object's similarity metric (see :func:`_src_entry_problem`)."""
+        entry, why = store.load(
+            key, meta, reuse=reuse, required=_SRC_ARRAYS, verify_data=verify_data
+        )
+        if entry is None:
+            return None, why
+        problem = _src_entry_problem(entry, self._kind)
+        if problem is not None:
+            if entry is not reuse:
+                entry.close()
+            return None, problem
+        return entry, None
 
     def _keep_open(self, layer: str, entry: StoredEntry) -> StoredEntry:
         """Remember ``entry`` as the open store entry of ``layer`` (closing an older one).
@@ -650,7 +705,7 @@ class SimilarityInfluence(DataInfluence):
         """The pullback that scores ``test`` against this entry's stored layer inputs, if any."""
         if self._kind != "cosine" or LAYER_INPUTS not in entry.arrays:
             return None
-        out_shape = tuple(entry.shape("activations")[1:])
+        out_shape = _activation_shape(entry)
         if tuple(test.shape[1:]) != out_shape:
             return None  # the direct product reports the mismatch
         in_shape = tuple(entry.shape(LAYER_INPUTS)[1:])
@@ -664,15 +719,29 @@ class SimilarityInfluence(DataInfluence):
         largest: bool,
         device: torch.device,
         show_progress: bool,
-    ) -> dict[str, tuple[Tensor, Tensor]]:
+    ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str]]:
+        """Score the test activations against stored entries.
+
+        Returns the results, and the layers left unscored because their entry keeps the
+        layer inputs without the activations these test rows need (to be rebuilt).
+        """
         plans = {}
+        needing: list[str] = []
         for layer, entry in entries.items():
             pullback = self._stored_pullback(entry, test[layer], layer)
             # What a block reads: the layer inputs when a pullback serves, the
             # activations otherwise.
             read = ["activations"] if pullback is None else [LAYER_INPUTS]
+            if pullback is None and "activations" not in entry.arrays:
+                # an entry of layer inputs only that cannot serve: test activations of
+                # another shape are refused, anything else needs the activations
+                self._scorer(layer, test[layer], top_k, largest, 1).check_shape(
+                    _activation_shape(entry)
+                )
+                needing.append(layer)
+                continue
             row_bytes = max(1, sum(_row_bytes(entry, name) for name in read))
-            n = entry.shape("activations")[0]
+            n = entry.shape("norms")[0]
             plans[layer] = (n, max(1, BLOCK_BYTES // row_bytes), pullback)
         total = sum(math.ceil(n / rows) for n, rows, _ in plans.values())
         results = {}
@@ -680,6 +749,8 @@ class SimilarityInfluence(DataInfluence):
             show_progress, "SimilarityInfluence: scoring stored activations", total, "block"
         ) as bar:
             for layer, entry in entries.items():
+                if layer not in plans:
+                    continue
                 n, rows, pullback = plans[layer]
                 _check_top_k(top_k, n)
                 scorer = self._scorer(layer, test[layer], top_k, largest, rows)
@@ -698,24 +769,32 @@ class SimilarityInfluence(DataInfluence):
                     if pullback is not None:
                         pulled = torch.from_numpy(entry.memmap(LAYER_INPUTS, start, stop))
                         pulled = _on(pulled, device)
-                    # With layer inputs, cosine never reads the activations.
-                    block = torch.from_numpy(entry.memmap("activations", start, stop))
-                    if pulled is None:
-                        block = _on(block, device)
-                    scorer.update(
-                        block,
-                        start,
-                        norms[start:stop],
-                        norms_clean=clean,
-                        pulled=pulled,
-                        input_ratio=kept[1].get(start),
-                    )
+                    # With layer inputs, cosine reads the activations only for a block
+                    # the input side would round too coarsely for.
+                    block = None
+                    if "activations" in entry.arrays:
+                        block = torch.from_numpy(entry.memmap("activations", start, stop))
+                        if pulled is None:
+                            block = _on(block, device)
+                    try:
+                        scorer.update(
+                            block,
+                            start,
+                            norms[start:stop],
+                            norms_clean=clean,
+                            pulled=pulled,
+                            input_ratio=kept[1].get(start),
+                        )
+                    except ActivationsNeeded:
+                        needing.append(layer)
+                        break
                     if pulled is not None and scorer.last_input_ratio is not None:
                         kept[1][start] = scorer.last_input_ratio
                     del block, pulled
                     bar.update()
-                results[layer] = self._finish(scorer)
-        return results
+                else:
+                    results[layer] = self._finish(scorer)
+        return results, needing
 
     def _build(
         self,
@@ -729,12 +808,61 @@ class SimilarityInfluence(DataInfluence):
         device: torch.device,
         show_progress: bool,
         fingerprint: str,
+        with_activations: Collection[str] = (),
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Compute, store and score the source activations of ``layers``.
+
+        A pass that started to keep a layer's inputs without its activations and then
+        found it must not (:meth:`_build_pass`) is run again, that layer's activations
+        stored.
+        """
+        forced = set(with_activations)
+        while True:
+            try:
+                return self._build_pass(
+                    store,
+                    layers,
+                    keys,
+                    metas,
+                    test,
+                    top_k,
+                    largest,
+                    device,
+                    show_progress,
+                    fingerprint,
+                    forced,
+                )
+            except ActivationsNeeded as exc:
+                if exc.layer in forced:
+                    raise
+                forced.add(exc.layer)
+
+    def _build_pass(
+        self,
+        store: ArrayStore,
+        layers: list[str],
+        keys: dict[str, str],
+        metas: dict[str, dict],
+        test: dict[str, Tensor],
+        top_k: int,
+        largest: bool,
+        device: torch.device,
+        show_progress: bool,
+        fingerprint: str,
+        with_activations: Collection[str],
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """One pass over the source set: compute, store and score the activations.
 
         Affine layers that widen their inputs get the source examples' layer inputs
-        stored beside their activations (see :mod:`proponents.influence._pullback`), and
-        are scored through them here already.
+        stored (see :mod:`proponents.influence._pullback`), and are scored through them
+        here already. Their activations are then left out unless the layer is in
+        ``with_activations`` or some source block could need them: cosine scores a
+        block directly, on its activations, when the input side would round too
+        coarsely, which depends on the test rows only through how far the layer's
+        adjoint stretches them, at most ``‖A‖₂``. With ``‖A‖₂`` estimated and given
+        :data:`GAIN_HEADROOM`, every block must pass for any test rows; the first block
+        decides, and a later one that does not pass (or a later batch that drops the
+        inputs) raises :class:`ActivationsNeeded` for :meth:`_build` to start again.
         """
         modules = {layer: self.module.get_submodule(layer) for layer in layers}
         # Only cosine similarity takes its products on the input side: the rounding bound
@@ -776,9 +904,33 @@ class SimilarityInfluence(DataInfluence):
                 for layer in layers
             }
             kept = {
-                layer: _KeptInputs(modules[layer], writers[layer], block_rows)
+                layer: _KeptInputs(layer, modules[layer], writers[layer], block_rows)
                 for layer in candidates
             }
+
+            def omit_activations(layer: str, inputs: Tensor | None) -> bool:
+                """Whether this block's activations are left out (see above)."""
+                keeping = kept.get(layer)
+                if keeping is None:
+                    return False
+                if inputs is None or keeping.pullback is None or layer in with_activations:
+                    if keeping.omitting:
+                        raise ActivationsNeeded(layer)
+                    keeping.omitting = False
+                    return False
+                if keeping.omitting is None:
+                    keeping.gain = keeping.pullback.gain_estimate() * GAIN_HEADROOM
+                ratio = scorers[layer].last_input_ratio
+                safe = ratio is not None and scorers[layer].accurate_for_gain(
+                    keeping.gain, ratio, keeping.pullback.width
+                )
+                if not safe:
+                    if keeping.omitting:
+                        raise ActivationsNeeded(layer)
+                    keeping.omitting = False
+                if keeping.omitting is None:
+                    keeping.omitting = True
+                return keeping.omitting
 
             def kept_inputs(layer: str) -> Tensor | None:
                 """This block's kept layer inputs (now written), to score it with."""
@@ -804,7 +956,8 @@ class SimilarityInfluence(DataInfluence):
                     norms = row_norms(flat, norm_dtype)
                     inputs = kept_inputs(layer)
                     scorers[layer].update(block, state["start"], norms, pulled=inputs)
-                    writers[layer].append("activations", block.cpu().numpy())
+                    if not omit_activations(layer, inputs):
+                        writers[layer].append("activations", block.cpu().numpy())
                     writers[layer].append("norms", norms.cpu().numpy())
                 state["start"] += state["rows"]
                 state["rows"] = 0
@@ -846,12 +999,13 @@ class SimilarityInfluence(DataInfluence):
                 )
             _check_top_k(top_k, n_rows)
             for layer in layers:
+                if layer in kept and kept[layer].omitting:
+                    recorded = np.array(feature_shapes[layer], dtype=np.int64)
+                    writers[layer].put(ACTIVATION_SHAPE, recorded)
                 writers[layer].commit()
                 # Kept open for the next call: the bytes are the ones just written (under
                 # the store's lock), so they are not read back for their checksum.
-                entry, _ = store.load(
-                    keys[layer], metas[layer], required=_SRC_ARRAYS, verify_data=False
-                )
+                entry, _ = self._load_src(store, keys[layer], metas[layer], verify_data=False)
                 if entry is not None:
                     self._keep_open(layer, entry)
         return {layer: self._finish(scorers[layer]) for layer in layers}
@@ -1117,11 +1271,16 @@ class _KeptInputs:
     with the activations.
     """
 
-    def __init__(self, module: nn.Module, writer: Any, capacity: int) -> None:
+    def __init__(self, layer: str, module: nn.Module, writer: Any, capacity: int) -> None:
+        self.layer = layer
         self.module = module
         self.writer = writer
         self.pullback: Pullback | None = None
         self.decided = False
+        #: whether the activations are left out (None until the first block decides)
+        self.omitting: bool | None = None
+        #: the adjoint's estimated gain with headroom, once the first block is written
+        self.gain = 0.0
         self._staging = _Staging(capacity)
 
     def add(self, inputs: Tensor | None, outputs: Tensor) -> None:
@@ -1132,6 +1291,8 @@ class _KeptInputs:
         elif self.pullback is not None and (
             inputs is None or tuple(inputs.shape[1:]) != self.pullback.input_shape
         ):
+            if self.omitting:  # earlier blocks were written without their activations
+                raise ActivationsNeeded(self.layer)
             self.writer.discard(LAYER_INPUTS)
             self.pullback = None
             self._staging = _Staging(0)
@@ -1145,6 +1306,29 @@ class _KeptInputs:
         block = self._staging.take()
         self.writer.append(LAYER_INPUTS, block.cpu().numpy())
         return block
+
+
+def _activation_shape(entry: StoredEntry) -> tuple[int, ...]:
+    """The per-example shape of a source entry's activations, stored or recorded."""
+    if "activations" in entry.arrays:
+        return tuple(entry.shape("activations")[1:])
+    return tuple(int(v) for v in entry.read(ACTIVATION_SHAPE))
+
+
+def _src_entry_problem(entry: StoredEntry, kind: str | None) -> str | None:
+    """Why a stored source entry cannot serve a search of ``kind`` (None when it can)."""
+    arrays = entry.arrays
+    if "activations" in arrays:
+        return None
+    if LAYER_INPUTS not in arrays or ACTIVATION_SHAPE not in arrays:
+        return "it lacks the array 'activations' (damaged)"
+    if kind != "cosine":
+        return (
+            "it keeps the layer's inputs instead of its activations (it was built for "
+            "cosine similarity, which searches on the input side) and this "
+            "similarity_metric needs the activations"
+        )
+    return None
 
 
 def _verified_pullback(
