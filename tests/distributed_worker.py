@@ -487,8 +487,26 @@ def mismatched_calls(folder: Path, rank: int) -> None:
             "inputs_dataset length differs (rank 0: 4, rank 1: 5)",
         ),
     }
+    # a rank with no test examples (before: it returned at once, and the others waited in
+    # a collective until the process group's timeout)
+    calls["an empty test batch on one rank"] = (
+        lambda: tracin.influence((x[: 4 * rank],), y[: 4 * rank], k=3),
+        "an empty test batch differs (rank 0: True, rank 1: False)",
+    )
+    calls["an empty test batch on one rank, scores"] = (
+        lambda: tracin.influence((x[: 4 * rank],), y[: 4 * rank]),
+        "an empty test batch differs (rank 0: True, rank 1: False)",
+    )
     for what, (call, needle) in calls.items():
         expect_error(f"TracInCP, different {what}", call, needle)
+    for k in (None, 3):  # empty on every rank: every rank gets the empty result
+        alone = TracInCP(model, train, ckpts, loss_fn=loss, batch_size=3,
+                         sample_wise_grads_per_batch=True, distributed=False)  # fmt: skip
+        check(
+            f"TracInCP, empty test batches, k={k}",
+            alone.influence((x[:0],), y[:0], k=k),
+            tracin.influence((x[:0],), y[:0], k=k),
+        )
     check("TracInCP after the mismatches",
           TracInCP(model, train, ckpts, loss_fn=loss, batch_size=3,
                    sample_wise_grads_per_batch=True, distributed=False).influence((x,), y, k=3),
@@ -501,6 +519,8 @@ def mismatched_calls(folder: Path, rank: int) -> None:
         ("proponents", lambda: rand.influence((x,), y, k=2, proponents=rank == 1),
          "proponents differs (rank 0: False, rank 1: True)"),
         ("test inputs", lambda: rand.influence((x[:n],), y[:n], k=None), "differ in shape"),
+        ("an empty test batch on one rank",
+         lambda: rand.influence((x[: 4 * rank],), y[: 4 * rank], k=2), "differ in shape"),
     ):  # fmt: skip
         expect_error(f"TracInCPFastRandProj, different {what}", call, needle)
     alone = TracInCPFastRandProj(model, "fc2", train, ckpts, distributed=False, **kw)
@@ -522,8 +542,14 @@ def mismatched_calls(folder: Path, rank: int) -> None:
     expect_error(
         "SimilarityInfluence, different test inputs",
         lambda: similar.influence(x[:n], top_k=2),
-        "(rank 0: (1, 4, 2), rank 1: (1, 5, 2))",
+        "the number of test examples differs (rank 0: {4}, rank 1: {5})",
     )
+    expect_error(
+        "SimilarityInfluence, an empty test batch on one rank",
+        lambda: similar.influence(x[: 4 * rank], top_k=2),
+        "the number of test examples differs (rank 0: {0}, rank 1: {4})",
+    )
+
     lone = SimilarityInfluence(
         model, "fc1", train, folder / f"act-mismatch-alone-{rank}", batch_size=3, distributed=False
     )
@@ -531,6 +557,11 @@ def mismatched_calls(folder: Path, rank: int) -> None:
         "SimilarityInfluence after the mismatches",
         lone.influence(x, top_k=2)["fc1"],
         similar.influence(x, top_k=2)["fc1"],
+    )
+    check(  # empty on every rank: no hang, no error
+        "SimilarityInfluence, empty test batches",
+        lone.influence(x[:0], top_k=2)["fc1"],
+        similar.influence(x[:0], top_k=2)["fc1"],
     )
 
 

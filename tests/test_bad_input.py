@@ -177,7 +177,7 @@ ROWS: list[Row] = [
     row(f"{T}.__init__.model", "type", lambda o: o.tracincp(model="net"), Ty),
     row(f"{T}.__init__.model", "DataParallel", lambda o: o.tracincp(
         model=nn.DataParallel(o.case.model)), Ty, "DataParallel", "model.module"),
-    row(f"{T}.__init__.train_dataset", "type", lambda o: o.tracincp(train_dataset=[1, 2]), Ty),
+    row(f"{T}.__init__.train_dataset", "type", lambda o: o.tracincp(train_dataset={1, 2}), Ty),
     row(f"{T}.__init__.train_dataset", "empty", lambda o: o.tracincp(train_dataset=_empty()), V),
     row(f"{T}.__init__.train_dataset", "shuffling", lambda o: o.tracincp(
         train_dataset=_shuffled(o)), V),
@@ -354,7 +354,7 @@ ROWS: list[Row] = [
         checkpoints=o.case.checkpoints[:2]), V),
     row(f"{R}.load.loss_fn", "type", lambda o: o.load(loss_fn=3), Ty),
     row(f"{R}.load.loss_fn", "missing", lambda o: o.load(loss_fn=None), V),
-    row(f"{R}.load.train_dataset", "type", lambda o: o.load(train_dataset=[1]), Ty),
+    row(f"{R}.load.train_dataset", "type", lambda o: o.load(train_dataset={1}), Ty),
     row(f"{R}.load.final_fc_layer", "type", lambda o: o.load(final_fc_layer=2), Ty),
     row(f"{R}.load.final_fc_layer", "not the saved one", lambda o: o.load(
         final_fc_layer="fc1"), V),
@@ -372,7 +372,7 @@ ROWS: list[Row] = [
     row(f"{S}.__init__.layers", "unknown", lambda o: o.sim(layers="fc9"), V),
     row(f"{S}.__init__.layers", "empty", lambda o: o.sim(layers=[]), V),
     row(f"{S}.__init__.influence_src_dataset", "type", lambda o: o.sim(
-        influence_src_dataset=[1, 2]), Ty),
+        influence_src_dataset={1, 2}), Ty),
     row(f"{S}.__init__.influence_src_dataset", "empty", lambda o: o.sim(
         influence_src_dataset=_empty()), V),
     row(f"{S}.__init__.influence_src_dataset", "shuffling", lambda o: o.sim(

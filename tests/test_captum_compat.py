@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_case
 from proponents import (
@@ -35,7 +35,7 @@ from proponents import (
     cosine_similarity,
     euclidean_distance,
 )
-from proponents.errors import ArgumentTypeError, InvalidArgumentError
+from proponents.errors import ArgumentTypeError, IndexMismatchError, InvalidArgumentError
 from proponents.neighbors import annoy_backend
 
 # Captum is in the dev extra (and bench); only an install without it skips this module
@@ -495,3 +495,71 @@ def test_the_influence_subpackage_offers_every_public_name():
         assert getattr(influence, name) is getattr(proponents, name)
     with pytest.raises(AttributeError, match="no_such_name"):
         influence.no_such_name  # noqa: B018
+
+
+def test_a_list_of_examples_is_a_training_set_as_for_captum(tmp_path):
+    """Captum wraps any train_dataset in a DataLoader, so a list of ``(x, y)`` examples
+    works there; here too, with the scores of the same examples as a TensorDataset and of
+    Captum's TracInCP on them, and a RandProj index that loads with the list again."""
+    from captum.influence import TracInCP as CaptumTracInCP
+
+    from proponents import SimilarityInfluence, TracInCP, TracInCPFast
+
+    case = make_case("mlp", tmp_path, n_train=11, n_test=3, n_ckpt=2)
+    (x,), y = case.test_inputs, case.test_labels
+    (train_x,), train_y = case.train_inputs, case.train_labels
+    rows = TensorDataset(train_x, train_y)
+    examples = [(train_x[i], train_y[i]) for i in range(len(train_y))]
+    flat = []
+    for i, path in enumerate(case.checkpoints):
+        flat.append(str(tmp_path / f"flat-{i}.pt"))
+        torch.save(torch.load(path)["model_state_dict"], flat[-1])
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    common = {"checkpoints": flat, "loss_fn": loss, "batch_size": 4}
+
+    def tracin(data):
+        return TracInCP(
+            case.model, data, layers=["fc2"], sample_wise_grads_per_batch=True, **common
+        )
+
+    captum = CaptumTracInCP(
+        case.model, examples, layers=["fc2"], sample_wise_grads_per_batch=True, **common
+    )
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(
+        tracin(examples).influence((x,), y), captum.influence((x, y)), **close
+    )
+    torch.testing.assert_close(tracin(examples).self_influence(), tracin(rows).self_influence())
+    fast = TracInCPFast(case.model, "fc2", examples, **common)
+    reference = TracInCPFast(case.model, "fc2", rows, **common)
+    torch.testing.assert_close(fast.influence((x,), y), reference.influence((x,), y))
+    torch.testing.assert_close(fast.self_influence(), reference.self_influence())
+
+    index = TracInCPFastRandProj(case.model, "fc2", examples, **common)
+    index.save(tmp_path / "index")
+    # the index loads with the list or a DataLoader over it (a TensorDataset is probed
+    # by all of its values, so it counts as other inputs)
+    for data in (examples, DataLoader(examples, batch_size=4)):
+        loaded = TracInCPFastRandProj.load(
+            tmp_path / "index", case.model, flat, loss_fn=loss, train_dataset=data
+        )
+        torch.testing.assert_close(loaded.influence((x,), y, k=None), reference.influence((x,), y))
+    edited = [examples[0], *examples[1:-1], (train_x[-1] + 1, train_y[-1])]
+    with pytest.raises(IndexMismatchError, match="the examples sampled from it"):
+        TracInCPFastRandProj.load(
+            tmp_path / "index", case.model, flat, loss_fn=loss, train_dataset=edited
+        )
+
+    sim = SimilarityInfluence(case.model, "fc1", [(v,) for v in train_x], tmp_path / "a")
+    want = SimilarityInfluence(case.model, "fc1", TensorDataset(train_x), tmp_path / "b")
+    got, ref = sim.influence(x, top_k=3)["fc1"], want.influence(x, top_k=3)["fc1"]
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+
+
+def test_a_tuple_of_tensors_is_not_taken_for_a_list_of_examples():
+    from proponents import TracInCP
+
+    model = nn.Linear(3, 2)
+    with pytest.raises(ArgumentTypeError, match=r"pass TensorDataset\(\*tensors\)"):
+        TracInCP(model, (torch.randn(5, 3), torch.zeros(5, dtype=torch.long)), [])

@@ -173,7 +173,7 @@ def test_batches_without_a_label_element(case):
 
 def test_wrong_argument_types(case):
     with pytest.raises(ArgumentTypeError, match="train_dataset"):
-        make(case, data=[1, 2, 3])
+        make(case, data={1, 2, 3})  # a list of examples is valid; a set is not
     with pytest.raises(ArgumentTypeError, match="checkpoints_load_func"):
         make(case, checkpoints_load_func="load")
     with pytest.raises(InvalidArgumentError, match="batch_size"):

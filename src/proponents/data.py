@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -172,13 +172,42 @@ def split_batch(batch: Any, what: str = "training batch") -> Batch:
     return Batch(inputs=inputs, labels=labels, size=size)
 
 
-def make_loader(data: Dataset | DataLoader, batch_size: int | None, argument: str) -> DataLoader:
-    """Wrap a Dataset in a non-shuffling DataLoader, or return a DataLoader unchanged.
+class ListDataset(Dataset):
+    """A list (or tuple) of examples read as a map-style dataset, item ``i`` being
+    ``examples[i]``: what a DataLoader makes of a list, e.g. ``[(x0, y0), (x1, y1)]``.
+
+    The list is held, not copied, so later edits show (and, like any dataset's, are
+    noticed by a saved index or store only where its checks sample them).
+    """
+
+    def __init__(self, examples: list | tuple) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.examples[index]
+
+
+def make_loader(
+    data: Dataset | DataLoader | list | tuple, batch_size: int | None, argument: str
+) -> DataLoader:
+    """Wrap a Dataset (or a list of examples) in a non-shuffling DataLoader, or return a
+    DataLoader unchanged.
 
     Raises:
-        ArgumentTypeError: when ``data`` is neither a Dataset nor a DataLoader.
+        ArgumentTypeError: when ``data`` is none of these, or a tuple of tensors.
         InvalidArgumentError: when the dataset is empty or ``batch_size`` is not a positive int.
     """
+    if isinstance(data, tuple) and data and all(isinstance(item, Tensor) for item in data):
+        raise ArgumentTypeError(
+            f"{argument} is a tuple of tensors, which a DataLoader would read as "
+            f"{count(len(data), 'example')}, one per tensor; for examples held as rows of "
+            "tensors, pass TensorDataset(*tensors)"
+        )
+    if isinstance(data, (list, tuple)):
+        data = ListDataset(data)  # read as a DataLoader reads a list: one item per example
     if isinstance(data, DataLoader):
         refuse_shuffled(data, argument)
         loader = data
@@ -193,8 +222,8 @@ def make_loader(data: Dataset | DataLoader, batch_size: int | None, argument: st
         loader = loader_class(data, batch_size=size, shuffle=False)
     else:
         raise ArgumentTypeError(
-            f"{argument} must be a torch.utils.data.Dataset or DataLoader, "
-            f"got {type(data).__name__}"
+            f"{argument} must be a torch.utils.data.Dataset, a DataLoader or a list of "
+            f"examples, got {type(data).__name__}"
         )
     n = dataset_length(loader)
     if n == 0:

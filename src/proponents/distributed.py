@@ -474,6 +474,7 @@ def sharded_scores(
     k: int | None,
     proponents: bool,
     device: torch.device,
+    call: dict[str, Any] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """TracIn scores with the training set split over ranks.
 
@@ -485,6 +486,8 @@ def sharded_scores(
         k: ``None`` for the score matrix, else the number of proponents/opponents.
         proponents: highest (``True``) or lowest scores.
         device: where the result is returned.
+        call: further arguments every rank must give alike (see
+            :meth:`DistributedContext.run`).
 
     Returns:
         The ``(n_test, n_train)`` matrix in dataset order, or ``(indices, scores)`` of
@@ -501,7 +504,27 @@ def sharded_scores(
         lambda s, kk: k_most(s, kk, proponents),
         finite_first_order(proponents),  # the ordering of k_most
         device,
+        call=call,
     )
+
+
+def agree_on_an_empty_test_batch(
+    ctx: DistributedContext, owner: str, k: int | None, proponents: bool
+) -> None:
+    """Take part, for a test batch of no examples, in the exchange :func:`sharded_scores`
+    makes on the other ranks: a :class:`DistributedError` on every rank unless every
+    rank's test batch is empty (then each returns its empty result)."""
+    # the arguments score_columns compares, as sharded_scores gives them
+    ctx.run(owner, lambda: None, None, None, {"k": k, _EMPTY_TEST: True, "proponents": proponents})
+
+
+#: The fact by which the ranks of a TracIn call tell an empty test batch apart.
+_EMPTY_TEST = "an empty test batch"
+
+
+def test_batch_call(empty: bool) -> dict[str, Any]:
+    """The call argument :func:`sharded_scores` is given for a test batch of ``empty``."""
+    return {_EMPTY_TEST: empty}
 
 
 def sharded_values(

@@ -25,9 +25,11 @@ from proponents.data import (
     test_batches,
 )
 from proponents.distributed import (
+    agree_on_an_empty_test_batch,
     resolve_distributed,
     sharded_scores,
     sharded_values,
+    test_batch_call,
     training_facts,
 )
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, count
@@ -67,8 +69,9 @@ class TracInCPBase(DataInfluence):
     Args:
         model: the model to explain; its parameters are replaced by each checkpoint
             in turn during a call and restored afterwards.
-        train_dataset: the training examples, a Dataset (wrapped in a non-shuffling
-            DataLoader of ``batch_size``) or a DataLoader used as given; every batch is
+        train_dataset: the training examples, a Dataset or a list of examples such as
+            ``[(x0, y0), (x1, y1)]`` (wrapped in a non-shuffling DataLoader of
+            ``batch_size``) or a DataLoader used as given; every batch is
             ``(*model_inputs, label)``.
         checkpoints: a directory of checkpoint files (natural order), a list of paths
             (given order) or an iterator of paths or loaded objects.
@@ -85,7 +88,7 @@ class TracInCPBase(DataInfluence):
     def __init__(
         self,
         model: nn.Module,
-        train_dataset: Dataset | DataLoader,
+        train_dataset: Dataset | DataLoader | list | tuple,
         checkpoints: Any,
         checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
         loss_fn: Callable[..., Tensor] | None = None,
@@ -291,6 +294,8 @@ class TracInCPBase(DataInfluence):
         else:
             empty = all(batch.size == 0 for batch in test)
         if empty:
+            if self._dist is not None:  # the other ranks must have no test examples either
+                agree_on_an_empty_test_batch(self._dist, name, k, proponents)
             return self._empty_influence(k, proponents, aggregate)
         n_test_batches = loader_batches(test) if is_loader else 1  # type: ignore[arg-type]
 
@@ -317,6 +322,7 @@ class TracInCPBase(DataInfluence):
                 k,
                 proponents,
                 model_device(self.model),
+                call=test_batch_call(False),
             )
             return out if isinstance(out, Tensor) else KMostInfluentialResults(*out)
         scores = scores_on(self.train_dataloader, self._n_train())

@@ -33,6 +33,7 @@ from proponents.checkpoints import (
 )
 from proponents.checks import check_flag, check_int, check_path
 from proponents.data import (
+    ListDataset,
     dataset_length,
     loader_batches,
     model_device,
@@ -321,7 +322,8 @@ class TracInCPFast(TracInCPBase):
         model: the model to explain (restored after every call).
         final_fc_layer: the ``nn.Linear`` layer, as a module of ``model`` or its
             (dotted) name.
-        train_dataset: Dataset or DataLoader of ``(*model_inputs, label)`` batches.
+        train_dataset: Dataset, list of examples or DataLoader of
+            ``(*model_inputs, label)`` batches.
         checkpoints: directory, list of paths, or iterator of paths/loaded objects.
         checkpoints_load_func: ``f(model, checkpoint) -> learning_rate``.
         loss_fn: a loss that reduces over the batch with ``"sum"`` or ``"mean"``
@@ -339,7 +341,7 @@ class TracInCPFast(TracInCPBase):
         self,
         model: nn.Module,
         final_fc_layer: nn.Module | str,
-        train_dataset: Dataset | DataLoader,
+        train_dataset: Dataset | DataLoader | list | tuple,
         checkpoints: Any,
         checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
         loss_fn: Callable[..., Tensor] | None = None,
@@ -427,7 +429,7 @@ class TracInCPFastRandProj(TracInCPFast):
         self,
         model: nn.Module,
         final_fc_layer: nn.Module | str,
-        train_dataset: Dataset | DataLoader,
+        train_dataset: Dataset | DataLoader | list | tuple,
         checkpoints: Any,
         checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
         loss_fn: Callable[..., Tensor] | None = None,
@@ -980,7 +982,7 @@ class TracInCPFastRandProj(TracInCPFast):
         checkpoints: Any,
         loss_fn: Callable[..., Tensor] | None = None,
         *,
-        train_dataset: Dataset | DataLoader | None = None,
+        train_dataset: Dataset | DataLoader | list | tuple | None = None,
         final_fc_layer: nn.Module | str | None = None,
         checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
         batch_size: int = 1,
@@ -1242,12 +1244,14 @@ def _match_files_to_loaded_objects(
         expected["checkpoint_kinds"][i] = "object"
 
 
-def _examples_probe(data: Dataset | DataLoader) -> str | None:
+def _examples_probe(data: Dataset | DataLoader | list | tuple) -> str | None:
     """:func:`dataset_probe` of the examples behind ``data`` (a DataLoader's dataset).
 
     The wrapper does not count: an index embedded from a Dataset loads with a DataLoader
-    over it, and the reverse.
+    over it, and the reverse; a list of examples probes as the Dataset it is read as.
     """
+    if isinstance(data, (list, tuple)):
+        data = ListDataset(data)
     if isinstance(data, DataLoader):
         return loader_probe(data)  # the examples in the order the loader reads them
     return dataset_probe(data, include_type=False)

@@ -123,10 +123,10 @@ class SimilarityInfluence(DataInfluence):
         layers: the name of a submodule (dotted paths such as ``"features.3"`` allowed)
             or a list of names; the output tensor of each is compared.
         influence_src_dataset: the examples to search, usually the training set. A
-            Dataset is read in order with ``batch_size``; a non-shuffling DataLoader is
-            used as given. An item that is a tuple or list ``(*model_inputs, label)``
-            feeds ``module(*item[:-1])`` (a 1-tuple feeds its only element); any other
-            item is passed to the model as it is.
+            Dataset or a list of examples is read in order with ``batch_size``; a
+            non-shuffling DataLoader is used as given. An item that is a tuple or list
+            ``(*model_inputs, label)`` feeds ``module(*item[:-1])`` (a 1-tuple feeds its
+            only element); any other item is passed to the model as it is.
         activation_dir: directory for the stored activations, created if needed (not
             empty: give ``"."`` for the current directory). The source activations live
             in ``activation_dir/model_id/src``.
@@ -169,7 +169,7 @@ class SimilarityInfluence(DataInfluence):
         self,
         module: nn.Module,
         layers: str | Sequence[str],
-        influence_src_dataset: Dataset | DataLoader,
+        influence_src_dataset: Dataset | DataLoader | list | tuple,
         activation_dir: str | os.PathLike[str],
         model_id: str = "",
         similarity_metric: Callable[[Tensor, Tensor], Tensor] = cosine_similarity,
@@ -432,6 +432,10 @@ class SimilarityInfluence(DataInfluence):
                 # inside a status exchange: a rank whose test side fails raises its error
                 # and the others name it, instead of waiting for its candidates
                 (fingerprint, test), _ = self._dist.run("SimilarityInfluence", test_side)
+                # a rank with no test examples returns below: the others must have none
+                # either, or they would wait for its candidates
+                rows = {int(t.shape[0]) for t in test.values()}
+                self._dist.agree("SimilarityInfluence", {"the number of test examples": rows})
             else:
                 fingerprint, test = test_side()
             if all(int(t.shape[0]) == 0 for t in test.values()):

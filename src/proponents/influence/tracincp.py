@@ -30,7 +30,8 @@ class TracInCP(TracInCPBase):
 
     Args:
         model: the model to explain (restored after every call).
-        train_dataset: Dataset or DataLoader of ``(*model_inputs, label)`` batches.
+        train_dataset: Dataset, list of examples or DataLoader of
+            ``(*model_inputs, label)`` batches.
         checkpoints: directory, list of paths, or iterator of paths/loaded objects.
         checkpoints_load_func: ``f(model, checkpoint) -> learning_rate``.
         layers: module names (dotted paths allowed) whose parameters are compared;
@@ -51,7 +52,7 @@ class TracInCP(TracInCPBase):
     def __init__(
         self,
         model: nn.Module,
-        train_dataset: Dataset | DataLoader,
+        train_dataset: Dataset | DataLoader | list | tuple,
         checkpoints: Any,
         checkpoints_load_func: Callable[..., Any] = load_flexible_state_dict,
         layers: list[str] | None = None,
