@@ -164,6 +164,74 @@ def test_only_class_predictions_are_marked_wrong():
     assert classes.tolist() == [1, 0]  # misclassified first, then a correct one
 
 
+def test_predictions_are_read_as_the_loss_reads_the_output():
+    """A single-logit binary model predicted its raw logit (so no test example was ever
+    "misclassified"), a multi-output regression and a multi-label model the argmax of
+    their outputs. Each is now read as its loss reads it; references by hand."""
+    from torch import nn
+
+    from proponents.report.analysis import pick_test_examples, predict
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 4, generator=g)
+
+    def outputs(model):
+        with torch.no_grad():
+            return model(x)
+
+    binary = nn.Linear(4, 1)
+    logits = outputs(binary)[:, 0]
+    labels = (torch.rand(7, generator=g) > 0.5).float()
+    data = TensorDataset(x, labels[:, None])  # the output's shape, as BCE losses need
+    for loss, model, threshold in (
+        (nn.BCEWithLogitsLoss(), binary, 0.0),
+        (nn.BCELoss(), nn.Sequential(binary, nn.Sigmoid()), 0.5),
+    ):
+        values = outputs(model)[:, 0]
+        pred, losses = predict(model, data, loss, batch_size=3)
+        assert pred.dtype == np.int64
+        assert pred.tolist() == [int(v > threshold) for v in values.tolist()]
+        assert losses is not None and losses.shape == (7,)
+    pred, _ = predict(binary, data, nn.BCEWithLogitsLoss(), batch_size=3)
+    assert pred.tolist() == (logits > 0).long().tolist()
+    # float 0./1. targets against these class predictions: the wrong ones come first
+    wrong = [i for i in range(7) if pred[i] != labels[i]]
+    right = [i for i in range(7) if pred[i] == labels[i]]
+    assert len(wrong) >= 2 and right  # the seed gives a case that tests the order
+    picked = pick_test_examples(labels[:, None].numpy(), pred, 2, 1)
+    assert picked.tolist() == wrong[:2] + right[:1]
+
+    multi = nn.Linear(4, 3)
+    data3 = TensorDataset(x, torch.randn(7, 3, generator=g))
+    pred, losses = predict(multi, data3, nn.MSELoss(), batch_size=4)
+    assert [list(v) for v in pred] == outputs(multi).tolist()
+    assert losses is not None and losses.shape == (7,)
+    pred, _ = predict(multi, data3, nn.BCEWithLogitsLoss(), with_losses=False)
+    want = [[c for c in range(3) if outputs(multi)[i, c] > 0] for i in range(7)]
+    assert [list(v) for v in pred] == want
+    # without a loss (or with a class loss), class scores are read by their argmax
+    pred, none = predict(multi, data3)
+    assert pred.tolist() == outputs(multi).argmax(1).tolist() and none is None
+
+
+def test_binary_and_multi_output_predictions_on_cards():
+    case = image_case()
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0])
+    binary = dict(case, label_names=None, mislabeled=None, baselines=None)
+    binary["test_dataset"] = TensorDataset(case["test_dataset"].tensors[0], labels)
+    binary["test_predictions"] = np.array([1, 1, 1, 0, 0])
+    binary["test_predictions_for"] = "all"
+    html = build_report(**binary).html
+    # shown test examples 4, 0, 2: a 0./1. target is the class it names
+    assert html.count('class="wrong">predicted: 0') == 1  # test #4: label 1, predicted 0
+    assert html.count('class="wrong">predicted: 1') == 1  # test #2: label 0, predicted 1
+    values = dict(binary, test_predictions=[[0.5, -1.25], [2.0, 3.0], [0.125, 1e6]])
+    values["test_predictions_for"] = "shown"
+    html = build_report(**values).html
+    assert "predicted: [0.5, -1.25]" in html and "predicted: [0.125, 1.00e+06]" in html
+    assert 'class="wrong"' not in html
+
+
 # ------------------------------------------------------------------------- building
 def test_report_for_a_notebook_and_a_file(tmp_path):
     report = build_report(**image_case(), title="My <report>")

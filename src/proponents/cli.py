@@ -566,7 +566,13 @@ def _explain(
         task.model, task.train_dataset, task.loss_fn, batch_size, show, "predicting (train)"
     )
     test_pred, _ = predict(
-        task.model, task.test_dataset, None, batch_size, show, "predicting (test)"
+        task.model,
+        task.test_dataset,
+        task.loss_fn,  # how outputs are read; the test losses are not needed
+        batch_size,
+        show,
+        "predicting (test)",
+        with_losses=False,
     )
     mislabeled = _indices_option(task, "mislabeled", n_train, "training", allow_mask=True)
     if "test_indices" in options:

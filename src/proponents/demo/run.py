@@ -333,7 +333,7 @@ def _run(
 
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     train_pred, train_loss = predict(model, data.train, loss_fn)
-    test_pred, _ = predict(model, data.test)
+    test_pred, _ = predict(model, data.test, loss_fn, with_losses=False)
     train_labels = data.train.tensors[1].numpy()
     test_labels = data.test.tensors[1].numpy()
     test_indices = pick_test_examples(test_labels, test_pred, n_wrong, n_right)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,54 @@ def per_example_loss(loss_fn: Callable[..., Tensor]) -> Callable[[Tensor, Any], 
     return looped
 
 
+#: Losses of models whose outputs are values, not class scores.
+_REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+
+
+def prediction_kind(loss_fn: Callable[..., Tensor] | None) -> str:
+    """How :func:`predict` reads an output, from the loss the model is trained with.
+
+    ``"logit"`` (``BCEWithLogitsLoss``: a class is predicted where its output is above 0),
+    ``"probability"`` (``BCELoss``: above 0.5), ``"value"`` (``MSELoss``, ``L1Loss``,
+    ``SmoothL1Loss``, ``HuberLoss``: the output itself), or ``"class"`` for any other loss
+    (the argmax of a last dimension of several entries, else the value).
+    """
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return "logit"
+    if isinstance(loss_fn, nn.BCELoss):
+        return "probability"
+    if isinstance(loss_fn, _REGRESSION_LOSSES):
+        return "value"
+    return "class"
+
+
+def _predictions(out: Tensor, kind: str) -> np.ndarray:
+    """One prediction per example of a batch's output (see :func:`prediction_kind`)."""
+    n = int(out.shape[0])
+    if kind == "class" and out.dim() >= 2 and out.shape[-1] > 1:
+        return out.argmax(-1).reshape(n, -1)[:, 0].cpu().numpy()
+    flat = out.reshape(n, -1)
+    if kind in ("logit", "probability"):
+        positive = (flat > (0.0 if kind == "logit" else 0.5)).cpu().numpy()
+        if positive.shape[1] == 1:  # one binary output: class 1 or 0
+            return positive[:, 0].astype(np.int64)
+        # several binary outputs (multi-label): the classes predicted present
+        return _rows(np.flatnonzero(row).tolist() for row in positive)
+    values = flat.float().cpu().numpy()
+    if kind == "value" and values.shape[1] > 1:  # a multi-output regression: every value
+        return _rows(row.tolist() for row in values)
+    return values[:, 0]
+
+
+def _rows(rows: Iterable[list]) -> np.ndarray:
+    """A 1-D object array holding one list per example."""
+    listed = list(rows)
+    out = np.empty(len(listed), dtype=object)
+    for i, row in enumerate(listed):
+        out[i] = row
+    return out
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -112,25 +160,32 @@ def predict(
     batch_size: int = 256,
     show_progress: bool = False,
     desc: str = "predicting",
+    with_losses: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Predicted labels (argmax of the output) and per-example losses, in eval mode.
+    """Predictions and per-example losses, in eval mode.
 
     Args:
         model: the model, with the weights to evaluate (its train/eval mode is restored).
         dataset: items ``(*inputs, label)``.
-        loss_fn: the loss, or ``None`` to skip losses.
+        loss_fn: the loss the model is trained with: it decides how an output is read
+            (:func:`prediction_kind`) and gives the losses; ``None``: class scores (or
+            values), no losses.
         batch_size: examples per forward pass.
         show_progress: show a progress bar.
         desc: the progress bar's label.
+        with_losses: compute the losses (when ``loss_fn`` is given).
 
     Returns:
-        ``(predictions, losses)``, both ``(n,)``; ``losses`` is ``None`` without a loss.
-        For outputs with one value per example, the prediction is that value.
+        ``(predictions, losses)``, both ``(n,)``; ``losses`` is ``None`` without them.
+        A prediction is a class index (argmax of class scores, or a thresholded binary
+        output), the value of a one-output regression, or a list: the classes predicted
+        present by a multi-label model, the values of a multi-output regression.
     """
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    loss_one = per_example_loss(loss_fn) if loss_fn is not None else None
+    loss_one = per_example_loss(loss_fn) if loss_fn is not None and with_losses else None
+    kind = prediction_kind(loss_fn)
     preds: list[np.ndarray] = []
     losses: list[np.ndarray] = []
     # A generator of its own: iterating a DataLoader draws a seed, not from global state.
@@ -143,10 +198,7 @@ def predict(
                 inputs, labels = (batch,), None
             inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
             out = model(*inputs)
-            if out.dim() >= 2 and out.shape[-1] > 1:
-                preds.append(out.argmax(-1).reshape(out.shape[0], -1)[:, 0].cpu().numpy())
-            else:
-                preds.append(out.reshape(out.shape[0], -1)[:, 0].float().cpu().numpy())
+            preds.append(_predictions(out, kind))
             if loss_one is not None and labels is not None:
                 if isinstance(labels, Tensor):
                     labels = labels.to(device)
@@ -193,6 +245,10 @@ def pick_test_examples(
         labels = labels.reshape(-1)
     if predictions.ndim > 1 and predictions.size == len(predictions):
         predictions = predictions.reshape(-1)
+    if labels.dtype.kind == "f" and predictions.dtype.kind in "iub" and labels.ndim == 1:
+        # 0./1. targets of a binary model (BCE losses take float labels) are classes
+        if bool(np.all(np.isfinite(labels))) and bool(np.all(labels == np.round(labels))):
+            labels = labels.astype(np.int64)
     if labels.dtype.kind not in "iub" or predictions.dtype.kind not in "iub":
         return np.arange(min(len(labels), n_wrong + n_right), dtype=np.int64)
     wrong = np.flatnonzero(predictions != labels)

@@ -312,6 +312,10 @@ class _Examples:
                 self.unnamed.add(int(value))
         if isinstance(value, float):
             return _fmt_number(value)
+        if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            # a multi-output prediction or label: its values, each written short
+            shown = (_fmt_number(v) if isinstance(v, float) else str(v) for v in value)
+            return "[" + ", ".join(shown) + "]"
         return str(value)
 
     def card(
@@ -346,7 +350,7 @@ class _Examples:
             # only a class can be wrong: a regression value or a string label is shown
             wrong = (
                 label_text is not None
-                and _is_class(label)
+                and (_is_class(label) or _is_integral_float(label))
                 and _is_class(prediction)
                 and pred_text != label_text
             )
@@ -358,6 +362,13 @@ class _Examples:
         if bad:
             lines.append('<span class="badge">known bad</span>')
         return _Card(body, is_image, lines, bad=bad, test=test)
+
+
+def _is_integral_float(value: Any) -> bool:
+    """Whether ``value`` is one float of integral value, as a binary model's ``1.0``
+    target (compared with a class prediction, it is that class)."""
+    value = _label_value(value)
+    return isinstance(value, float) and math.isfinite(value) and value == round(value)
 
 
 def _is_class(value: Any) -> bool:
@@ -409,7 +420,11 @@ def _shown_predictions(
         )
     if predictions is None:
         return None
-    values = list(_numpy(predictions).reshape(-1))
+    array = _numpy(predictions)
+    if array.ndim > 1 and math.prod(array.shape[1:]) > 1:
+        values = [row.tolist() for row in array]  # several values per example
+    else:
+        values = list(array.reshape(-1))
     n_shown = len(rows)
     if predictions_for is None:
         if len(values) == n_shown and len(values) == n_test:
