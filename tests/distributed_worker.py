@@ -499,6 +499,16 @@ def mismatched_calls(folder: Path, rank: int) -> None:
     )
     for what, (call, needle) in calls.items():
         expect_error(f"TracInCP, different {what}", call, needle)
+    # a checkpoint file that only rank 1 lacks: its error there, named on rank 0 (before:
+    # rank 1 raised before the agreement, and rank 0 waited in it)
+    missing = ckpts if rank == 0 else [*ckpts[:-1], str(folder / "no-such-checkpoint.pt")]
+    expect_error(
+        "TracInCP, a checkpoint missing on one rank",
+        lambda: TracInCP(
+            model, train, missing, loss_fn=loss, batch_size=3, sample_wise_grads_per_batch=True
+        ),  # fmt: skip
+        "rank 1 failed with" if rank == 0 else "no-such-checkpoint.pt",
+    )
     for k in (None, 3):  # empty on every rank: every rank gets the empty result
         alone = TracInCP(model, train, ckpts, loss_fn=loss, batch_size=3,
                          sample_wise_grads_per_batch=True, distributed=False)  # fmt: skip

@@ -164,13 +164,35 @@ class DistributedContext:
             facts: what must be equal on every rank (dataset length, checkpoint
                 fingerprints, ...), keyed by a readable name.
         """
+        self.agree_on(owner, lambda: facts)
+
+    def agree_on(self, owner: str, facts: Callable[[], dict[str, Any]]) -> None:
+        """:meth:`agree` on what ``facts()`` finds on each rank, computed here.
+
+        A rank whose ``facts()`` raises (a checkpoint folder missing on its machine, a
+        file it cannot read) raises that error once the ranks have met, and every other
+        rank a :class:`DistributedError` naming it: none is left waiting for the rank
+        that failed.
+        """
+        error: Exception | None = None
+        try:
+            local: dict[str, Any] | str = facts()
+        except Exception as err:  # reported to the other ranks, then re-raised
+            error, local = err, f"{type(err).__name__}: {err}"
         every: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(every, facts)
+        # a rank's facts, or the text of its error (facts are always a dict)
+        torch.distributed.all_gather_object(every, local)
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, m in enumerate(every) if isinstance(m, str)]
+        if failed:
+            shown = "; ".join(f"rank {r} failed with {m}" for r, m in failed)
+            raise DistributedError(f"{owner}: {shown}")
         problems = _differences(every)
         if problems:
             raise DistributedError(
                 f"{owner}: the {self.world_size} ranks must agree on "
-                + ", ".join(facts)
+                + ", ".join(every[0])
                 + ", but "
                 + "; ".join(problems)
             )

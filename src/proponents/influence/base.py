@@ -105,14 +105,23 @@ class TracInCPBase(DataInfluence):
             )
         self.model = model
         self.train_dataset = train_dataset
-        self.train_dataloader = make_loader(train_dataset, batch_size, "train_dataset")
-        self.checkpoints = resolve_checkpoints(checkpoints)
         self.checkpoints_load_func = checkpoints_load_func
         self.loss_fn = loss_fn
         self.batch_size = batch_size
         self._dist = resolve_distributed(distributed, name)
-        if self._dist is not None:
-            self._dist.agree(name, training_facts(self.train_dataloader, self.checkpoints))
+
+        def read_inputs() -> dict[str, Any]:
+            """The training loader and the checkpoints (files are read on each rank)."""
+            self.train_dataloader = make_loader(train_dataset, batch_size, "train_dataset")
+            self.checkpoints = resolve_checkpoints(checkpoints)
+            if self._dist is None:
+                return {}
+            return training_facts(self.train_dataloader, self.checkpoints)
+
+        if self._dist is None:
+            read_inputs()
+        else:  # a rank that cannot read them is named on every rank
+            self._dist.agree_on(name, read_inputs)
 
     @classmethod
     def get_name(cls) -> str:
