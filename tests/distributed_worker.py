@@ -543,6 +543,15 @@ def mismatched_calls(folder: Path, rank: int) -> None:
         "(rank 0: (9, 6), rank 1: (8, 9))",
     )
 
+    # an activation_dir that is a file on rank 1's machine only: named on every rank
+    blocked = folder / f"act-blocked-{rank}"
+    if rank == 1:
+        blocked.write_text("not a folder")
+    expect_error(
+        "SimilarityInfluence, an unusable activation_dir on one rank",
+        lambda: SimilarityInfluence(model, "fc1", train, blocked, batch_size=3),
+        "rank 1 failed with InvalidArgumentError" if rank == 0 else "is a file, not a directory",
+    )
     similar = SimilarityInfluence(model, "fc1", train, folder / "act-mismatch", batch_size=3)
     expect_error(
         "SimilarityInfluence, different top_k",

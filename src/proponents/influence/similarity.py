@@ -249,28 +249,16 @@ class SimilarityInfluence(DataInfluence):
             )
         root = Path(os.path.abspath(self.activation_dir))
         self._model_dir = root / safe_name(model_id) if model_id else root
-        for folder, what in ((root, "activation_dir"), (self._model_dir, "its model_id folder")):
-            if folder.exists() and not folder.is_dir():
-                raise InvalidArgumentError(
-                    f"{what} {str(folder)!r} is a file, not a directory; give a directory "
-                    "for the stored activations (it is created if missing)"
-                )
-        ArrayStore(self._model_dir).ensure_writable()
-
         self.influence_src_dataset = influence_src_dataset
         self.batch_size = batch_size
+        self._dist = resolve_distributed(distributed, "SimilarityInfluence")
+        if self._dist is None:
+            self._read_inputs(root)
+        else:  # a rank that cannot (its activation_dir, its dataset) is named on every rank
+            self._dist.agree_on("SimilarityInfluence", lambda: self._read_inputs(root))
         #: Rows ``[start, stop)`` of a TensorDataset's tensors read by slicing (``None``:
         #: through the DataLoader); the tensors themselves are looked up at every call.
         self._fast_rows: tuple[int, int | None] | None = None
-        if isinstance(influence_src_dataset, DataLoader):
-            sampler = influence_src_dataset.sampler
-            if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
-                raise InvalidArgumentError(
-                    "influence_src_dataset is a shuffling DataLoader; the returned indices "
-                    "are positions in the source set, so they must not change between "
-                    "passes. Pass the Dataset itself, or a DataLoader with shuffle=False"
-                )
-        self._loader = make_loader(influence_src_dataset, batch_size, "influence_src_dataset")
         if type(influence_src_dataset) is TensorDataset:  # a subclass may change any method
             # Same batches as the DataLoader would collate, by slicing instead of stacking.
             self._fast_rows = (0, None)
@@ -289,9 +277,37 @@ class SimilarityInfluence(DataInfluence):
         self._n_local: int | None = None
         # under distributed, what a rank's scoring met, held back for the merged warnings
         self._held_anomalies: list[_Anomalies] | None = None
-        self._dist = resolve_distributed(distributed, "SimilarityInfluence")
         if self._dist is not None:
             self._shard(self._dist)
+
+    def _read_inputs(self, root: Path) -> dict[str, Any]:
+        """Check the activation folders and wrap the source set in its loader (each rank
+        does this on its own machine); returns what the ranks must agree on."""
+        for folder, what in ((root, "activation_dir"), (self._model_dir, "its model_id folder")):
+            if folder.exists() and not folder.is_dir():
+                raise InvalidArgumentError(
+                    f"{what} {str(folder)!r} is a file, not a directory; give a directory "
+                    "for the stored activations (it is created if missing)"
+                )
+        ArrayStore(self._model_dir).ensure_writable()
+
+        if isinstance(self.influence_src_dataset, DataLoader):
+            sampler = self.influence_src_dataset.sampler
+            if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+                raise InvalidArgumentError(
+                    "influence_src_dataset is a shuffling DataLoader; the returned indices "
+                    "are positions in the source set, so they must not change between "
+                    "passes. Pass the Dataset itself, or a DataLoader with shuffle=False"
+                )
+        self._loader = make_loader(
+            self.influence_src_dataset, self.batch_size, "influence_src_dataset"
+        )
+        if self._dist is None:
+            return {}
+        return {
+            "dataset length": dataset_length(self._loader),
+            "number of batches": loader_batches(self._loader),
+        }
 
     def _fast_tensors(self) -> tuple[Tensor, ...] | None:
         """The source TensorDataset's tensors as they are now (this rank's rows), or
@@ -305,8 +321,6 @@ class SimilarityInfluence(DataInfluence):
 
     def _shard(self, dist: DistributedContext) -> None:
         """Keep only this rank's contiguous range of the source set (own store folder)."""
-        facts = {"dataset length": self._n_src(), "number of batches": loader_batches(self._loader)}
-        dist.agree("SimilarityInfluence", facts)
         self._n_total = self._n_src()
         span = shard_range(self._loader, dist.rank, dist.world_size, "influence_src_dataset")
         if span is None:
