@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import warnings
 from datetime import timedelta
@@ -542,6 +543,40 @@ def mismatched_calls(folder: Path, rank: int) -> None:
         lambda: other.save(folder / "index-mismatch"),
         "(rank 0: (9, 6), rank 1: (8, 9))",
     )
+    # rank-local files: each rank raises its own error or names the rank that failed
+    # (before: the failing rank raised before the exchange and the other waited in it)
+    named = "rank 1 failed with"
+    blocked = folder / f"index-blocked-{rank}"
+    if rank == 1:
+        blocked.write_text("not a folder")
+    expect_error(
+        "TracInCPFastRandProj.save, a path that is a file on one rank",
+        lambda: rand.save(blocked),
+        named if rank == 0 else "is a file, not a directory",
+    )
+    rand.save(folder / "index-shared")  # rank 0 writes it; the exchange ends after
+    load_kw = dict(loss_fn=loss, batch_size=3, train_dataset=train)
+    where = folder / ("index-shared" if rank == 0 else "index-absent")
+    expect_error(
+        "TracInCPFastRandProj.load, an index missing on one rank",
+        lambda: TracInCPFastRandProj.load(where, model, ckpts, **load_kw),
+        named if rank == 0 else "holds no saved TracInCPFastRandProj index",
+    )
+    copy = folder / f"index-copy-{rank}"
+    shutil.copytree(folder / "index-shared", copy)
+    if rank == 1:  # a damaged copy: one byte of its embeddings changed
+        (array,) = [f for f in copy.iterdir() if f.name.endswith("embeddings.npy")]
+        raw = bytearray(array.read_bytes())
+        raw[-1] ^= 0xFF
+        array.write_bytes(bytes(raw))
+    expect_error(
+        "TracInCPFastRandProj.load, a damaged copy on one rank",
+        lambda: TracInCPFastRandProj.load(copy, model, ckpts, **load_kw),
+        named if rank == 0 else "its checksum differs",
+    )
+    check("TracInCPFastRandProj.load after the failures", alone.influence((x,), y, k=3),
+          TracInCPFastRandProj.load(folder / "index-shared", model, ckpts, **load_kw)
+          .influence((x,), y, k=3))  # fmt: skip
 
     # an activation_dir that is a file on rank 1's machine only: named on every rank
     blocked = folder / f"act-blocked-{rank}"

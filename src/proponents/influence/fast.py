@@ -42,6 +42,7 @@ from proponents.data import (
 from proponents.distributed import (
     even_rows,
     finite_first_order,
+    resolve_distributed,
     shard_range,
     sharded_local_rows,
 )
@@ -929,19 +930,21 @@ class TracInCPFastRandProj(TracInCPFast):
         """
         name = self.get_name()
         check_path(path, "path", f"{name}.save")
-        _check_index_directory(path, f"{name}.save")
         if self._dist is not None:
             dist = self._dist
 
             def mine() -> Tensor | None:
-                # inside the status exchange: a rank whose checkpoints changed raises its
-                # error there, and the others name it instead of waiting for its rows
+                # inside the status exchange: a rank whose checkpoints changed, or whose
+                # path cannot hold an index, raises its error there, and the others name
+                # it instead of waiting for its rows
+                _check_index_directory(path, f"{name}.save")
                 self._watch.verify(name, "the embedding of the training set", objects=True)
                 return self.embeddings if len(self.embeddings) else None
 
             full = dist.rows(name, mine, torch.device("cpu"))
             dist.run(name, lambda: self._write(path, full) if dist.rank == 0 else None)
             return Path(path)
+        _check_index_directory(path, f"{name}.save")
         self._watch.verify(name, "the embedding of the training set", objects=True)
         self._write(path, self.embeddings, self.nearest_neighbors)
         return Path(path)
@@ -1025,50 +1028,63 @@ class TracInCPFastRandProj(TracInCPFast):
             IndexNotFoundError: (a ``FileNotFoundError``) when ``path`` holds no index or
                 is a file rather than a directory.
         """
-        check_path(path, "path", f"{cls.__name__}.load")
-        if Path(path).exists() and not Path(path).is_dir():
-            raise IndexNotFoundError(
-                f"{cls.__name__}.load: path {str(path)!r} is a file, not a directory; give "
-                "the directory that TracInCPFastRandProj.save wrote the index to"
-            )
+        owner = f"{cls.__name__}.load"
+        check_path(path, "path", owner)
         memory_budget = _check_index_storage(
-            memory_budget,
-            torch.float32 if index_dtype is None else index_dtype,
-            f"{cls.__name__}.load",
+            memory_budget, torch.float32 if index_dtype is None else index_dtype, owner
         )
-        store = ArrayStore(path)
-        manifest, reason = store._read_manifest(INDEX_KEY)
-        if manifest is None:
-            if reason is None:
+        dist = resolve_distributed(distributed, owner)
+        found: dict[str, Any] = {}
+
+        def read_saved() -> dict[str, Any]:
+            """Read the index's manifest (on each rank: its files may be its own copy)."""
+            if Path(path).exists() and not Path(path).is_dir():
                 raise IndexNotFoundError(
-                    f"path {str(path)!r} holds no saved TracInCPFastRandProj index"
+                    f"{owner}: path {str(path)!r} is a file, not a directory; give "
+                    "the directory that TracInCPFastRandProj.save wrote the index to"
                 )
-            raise IndexMismatchError(f"the index in {str(path)!r} cannot be used: {reason}")
-        saved = manifest["meta"]
-        problem = _malformed_index_field(saved)
-        if problem is not None:
-            raise IndexMismatchError(
-                f"the index in {str(path)!r} cannot be used: {problem} (damaged or edited). "
-                "Build a new one with TracInCPFastRandProj(...) and save it"
-            )
-        layer = final_fc_layer if final_fc_layer is not None else saved["final_fc_layer"]
-        given_dataset = train_dataset
-        if train_dataset is None:
-            train_dataset = _PlaceholderDataset(int(saved["dataset_length"]))
-        if nearest_neighbors is not None:
-            backend = as_nearest_neighbors(nearest_neighbors, f"{cls.__name__}.load")
-        else:
-            try:
-                backend = NearestNeighbors.from_config(saved["nearest_neighbors"])
-            except InvalidArgumentError as exc:
-                raise InvalidArgumentError(
-                    f"{cls.__name__}.load: the index in {str(path)!r} cannot re-create its "
-                    f"nearest-neighbour backend: {exc}"
-                ) from None
+            store = ArrayStore(path)
+            manifest, reason = store._read_manifest(INDEX_KEY)
+            if manifest is None:
+                if reason is None:
+                    raise IndexNotFoundError(
+                        f"path {str(path)!r} holds no saved TracInCPFastRandProj index"
+                    )
+                raise IndexMismatchError(f"the index in {str(path)!r} cannot be used: {reason}")
+            saved = manifest["meta"]
+            problem = _malformed_index_field(saved)
+            if problem is not None:
+                raise IndexMismatchError(
+                    f"the index in {str(path)!r} cannot be used: {problem} (damaged or edited). "
+                    "Build a new one with TracInCPFastRandProj(...) and save it"
+                )
+            layer = final_fc_layer if final_fc_layer is not None else saved["final_fc_layer"]
+            dataset = train_dataset
+            if dataset is None:
+                dataset = _PlaceholderDataset(int(saved["dataset_length"]))
+            if nearest_neighbors is not None:
+                backend = as_nearest_neighbors(nearest_neighbors, owner)
+            else:
+                try:
+                    backend = NearestNeighbors.from_config(saved["nearest_neighbors"])
+                except InvalidArgumentError as exc:
+                    raise InvalidArgumentError(
+                        f"{owner}: the index in {str(path)!r} cannot re-create its "
+                        f"nearest-neighbour backend: {exc}"
+                    ) from None
+            found.update(store=store, saved=saved, layer=layer, dataset=dataset, backend=backend)
+            return {"the saved index": manifest.get("checksum")}
+
+        if dist is None:
+            read_saved()
+        else:  # a rank that cannot read it is named on every rank
+            dist.agree_on(owner, read_saved)
+        store, saved, layer = found["store"], found["saved"], found["layer"]
+        given_dataset, backend = train_dataset, found["backend"]
         obj = cls(
             model,
             layer,
-            train_dataset,
+            found["dataset"],
             checkpoints,
             checkpoints_load_func,
             loss_fn,
@@ -1080,73 +1096,82 @@ class TracInCPFastRandProj(TracInCPFast):
             memory_budget=memory_budget,
             _embeddings=torch.empty(int(saved["dataset_length"]), 0),
         )
-        n = dataset_length(obj.train_dataloader)
-        probe = None if given_dataset is None else _examples_probe(given_dataset)
-        expected = {
-            "index_format": INDEX_FORMAT,
-            "final_fc_layer": obj.final_fc_layer_name,
-            "checkpoints": list(obj._watch.fingerprints),
-            "checkpoint_kinds": [checkpoint_kind(c) for c in obj._watch.checkpoints],
-            "dataset_length": n if n is not None else saved["dataset_length"],
-            "dataset_probe": probe,
-            "projections": [[p.kind, p.dim] for p in obj._projections],
-            "loss_reduction": obj._loss.reduction,
-            "loss_reduction_by_signature": obj._loss.by_signature,
-            "loss": loss_fingerprint(obj._loss.fn),
-            "architecture": architecture(obj.model),
-        }
-        _match_files_to_loaded_objects(saved, expected, obj._watch.checkpoints)
-        differences = _index_differences(saved, expected)
-        if differences:
-            raise IndexMismatchError(
-                f"the index in {str(path)!r} was built for other inputs: "
-                + "; ".join(differences)
-                + ". Pass the checkpoints, train_dataset, final_fc_layer and loss_fn it was "
-                "built with, or build a new index with TracInCPFastRandProj(...)"
+
+        def open_saved() -> dict[str, Any]:
+            """Check the index against these inputs and restore its embeddings."""
+            n = dataset_length(obj.train_dataloader)
+            probe = None if given_dataset is None else _examples_probe(given_dataset)
+            expected = {
+                "index_format": INDEX_FORMAT,
+                "final_fc_layer": obj.final_fc_layer_name,
+                "checkpoints": list(obj._watch.fingerprints),
+                "checkpoint_kinds": [checkpoint_kind(c) for c in obj._watch.checkpoints],
+                "dataset_length": n if n is not None else saved["dataset_length"],
+                "dataset_probe": probe,
+                "projections": [[p.kind, p.dim] for p in obj._projections],
+                "loss_reduction": obj._loss.reduction,
+                "loss_reduction_by_signature": obj._loss.by_signature,
+                "loss": loss_fingerprint(obj._loss.fn),
+                "architecture": architecture(obj.model),
+            }
+            _match_files_to_loaded_objects(saved, expected, obj._watch.checkpoints)
+            differences = _index_differences(saved, expected)
+            if differences:
+                raise IndexMismatchError(
+                    f"the index in {str(path)!r} was built for other inputs: "
+                    + "; ".join(differences)
+                    + ". Pass the checkpoints, train_dataset, final_fc_layer and loss_fn it was "
+                    "built with, or build a new index with TracInCPFastRandProj(...)"
+                )
+            entry, reason = store.load(
+                INDEX_KEY,
+                expected,
+                ignore=(
+                    "projection_dim",
+                    "seed",
+                    "projections",
+                    "strategy",
+                    "loss",  # compared above; indexes written before it was recorded lack it
+                    "loss_reduction",  # compared above (a reduction once assumed is accepted)
+                    "loss_reduction_by_signature",
+                    "checkpoint_kinds",  # the same
+                    "nearest_neighbors",
+                    "dataset_probe",
+                    "architecture",  # compared above; indexes written before it was recorded
+                    "learning_rates",  # lack these two
+                ),
+                required=("embeddings",),
             )
-        entry, reason = store.load(
-            INDEX_KEY,
-            expected,
-            ignore=(
-                "projection_dim",
-                "seed",
-                "projections",
-                "strategy",
-                "loss",  # compared above; indexes written before it was recorded lack it
-                "loss_reduction",  # compared above (a reduction once assumed is accepted)
-                "loss_reduction_by_signature",
-                "checkpoint_kinds",  # the same
-                "nearest_neighbors",
-                "dataset_probe",
-                "architecture",  # compared above; indexes written before it was recorded
-                "learning_rates",  # lack these two
-            ),
-            required=("embeddings",),
-        )
-        if entry is None:
-            raise IndexMismatchError(
-                f"the index in {str(path)!r} does not match: {reason}. Build a new one with "
-                "TracInCPFastRandProj(...) for these checkpoints and data"
-            )
-        obj._dataset_probe = saved.get("dataset_probe")  # what the embeddings were made of
-        obj._learning_rates = saved.get("learning_rates")  # what queries must use too
-        with entry:
-            emb = obj._restore(entry, index_dtype)
-        if obj._dist is not None:
-            # Each rank keeps an even share of the saved rows (any contiguous ranges in
-            # rank order give the same answers; the training DataLoader's batches cannot
-            # say where a range starts when its items are whole batches).
-            start, stop = even_rows(int(emb.shape[0]), obj._dist.rank, obj._dist.world_size)
-            obj.embeddings, obj._offset = emb[start:stop].clone(), start
-            if stop > start:
-                backend.setup(obj.embeddings)
-            return obj
-        obj.embeddings = emb
-        saved_backend = (saved.get("nearest_neighbors") or {}).get("backend")
-        if saved_backend != backend.config().get("backend"):
-            backend.setup(obj.embeddings)  # another backend than saved: nothing to read
-        else:
-            backend.load(Path(path) / "neighbors", obj.embeddings)  # saved, or a rebuild
+            if entry is None:
+                raise IndexMismatchError(
+                    f"the index in {str(path)!r} does not match: {reason}. Build a new one with "
+                    "TracInCPFastRandProj(...) for these checkpoints and data"
+                )
+            obj._dataset_probe = saved.get("dataset_probe")  # what the embeddings were made of
+            obj._learning_rates = saved.get("learning_rates")  # what queries must use too
+            with entry:
+                emb = obj._restore(entry, index_dtype)
+            if obj._dist is not None:
+                # Each rank keeps an even share of the saved rows (any contiguous ranges in
+                # rank order give the same answers; the training DataLoader's batches cannot
+                # say where a range starts when its items are whole batches).
+                start, stop = even_rows(int(emb.shape[0]), obj._dist.rank, obj._dist.world_size)
+                obj.embeddings, obj._offset = emb[start:stop].clone(), start
+                if stop > start:
+                    backend.setup(obj.embeddings)
+                return {}
+            obj.embeddings = emb
+            saved_backend = (saved.get("nearest_neighbors") or {}).get("backend")
+            if saved_backend != backend.config().get("backend"):
+                backend.setup(obj.embeddings)  # another backend than saved: nothing to read
+            else:
+                backend.load(Path(path) / "neighbors", obj.embeddings)  # saved, or a rebuild
+            return {}
+
+        if obj._dist is None:
+            open_saved()
+        else:  # a rank whose copy is damaged or cannot be read is named on every rank
+            obj._dist.agree_on(owner, open_saved)
         return obj
 
     def _restore(self, entry: Any, index_dtype: torch.dtype | None) -> Tensor:
