@@ -476,9 +476,22 @@ def mismatched_calls(folder: Path, rank: int) -> None:
         ),
         "test inputs": (
             lambda: tracin.influence((x[:n],), y[:n]),
+            "the test inputs (their digest) differs",
+        ),
+        "test inputs, k": (
+            lambda: tracin.influence((x[:n],), y[:n], k=2),
+            "the test inputs (their digest) differs",
+        ),
+        # the same shapes, other values (before: each rank answered for its own inputs)
+        "test input values": (
+            lambda: tracin.influence((x + rank,), y, k=2),
+            "the test inputs (their digest) differs",
+        ),
+        # a DataLoader is not read twice for a digest: its results' shapes differ
+        "test loaders": (
+            lambda: tracin.influence(DataLoader(TensorDataset(x[:n], y[:n]), batch_size=2)),
             "(rank 0: (4, 9), rank 1: (5, 8))",
         ),
-        "test inputs, k": (lambda: tracin.influence((x[:n],), y[:n], k=2), "differ in shape"),
         "aggregate": (
             lambda: tracin.influence((x,), y, aggregate=rank == 0),
             "(rank 0: (1, 9), rank 1: (5, 8))",
@@ -529,9 +542,15 @@ def mismatched_calls(folder: Path, rank: int) -> None:
         ("k", lambda: rand.influence((x,), y, k=2 + rank), "k differs (rank 0: 2, rank 1: 3)"),
         ("proponents", lambda: rand.influence((x,), y, k=2, proponents=rank == 1),
          "proponents differs (rank 0: False, rank 1: True)"),
-        ("test inputs", lambda: rand.influence((x[:n],), y[:n], k=None), "differ in shape"),
+        ("test inputs", lambda: rand.influence((x[:n],), y[:n], k=None),
+         "the test inputs (their digest) differs"),
+        ("test input values", lambda: rand.influence((x * (1 + rank),), y, k=2),
+         "the test inputs (their digest) differs"),
+        ("test loaders", lambda: rand.influence(
+            DataLoader(TensorDataset(x[:n], y[:n]), batch_size=2), k=None), "differ in shape"),
         ("an empty test batch on one rank",
-         lambda: rand.influence((x[: 4 * rank],), y[: 4 * rank], k=2), "differ in shape"),
+         lambda: rand.influence((x[: 4 * rank],), y[: 4 * rank], k=2),
+         "the test inputs (their digest) differs"),
     ):  # fmt: skip
         expect_error(f"TracInCPFastRandProj, different {what}", call, needle)
     alone = TracInCPFastRandProj(model, "fc2", train, ckpts, distributed=False, **kw)
@@ -597,6 +616,11 @@ def mismatched_calls(folder: Path, rank: int) -> None:
         "SimilarityInfluence, different test inputs",
         lambda: similar.influence(x[:n], top_k=2),
         "the number of test examples differs (rank 0: {4}, rank 1: {5})",
+    )
+    expect_error(
+        "SimilarityInfluence, different test input values",
+        lambda: similar.influence(x + rank, top_k=2),
+        "the test inputs (their digest) differs",
     )
     expect_error(
         "SimilarityInfluence, an empty test batch on one rank",

@@ -536,17 +536,38 @@ def agree_on_an_empty_test_batch(
     """Take part, for a test batch of no examples, in the exchange :func:`sharded_scores`
     makes on the other ranks: a :class:`DistributedError` on every rank unless every
     rank's test batch is empty (then each returns its empty result)."""
-    # the arguments score_columns compares, as sharded_scores gives them
-    ctx.run(owner, lambda: None, None, None, {"k": k, _EMPTY_TEST: True, "proponents": proponents})
+    # the arguments score_columns compares, as sharded_scores gives them (an empty
+    # batch's digest would only repeat that it is empty)
+    call = {"k": k, _EMPTY_TEST: True, TEST_INPUTS: None, "proponents": proponents}
+    ctx.run(owner, lambda: None, None, None, call)
 
 
 #: The fact by which the ranks of a TracIn call tell an empty test batch apart.
 _EMPTY_TEST = "an empty test batch"
 
 
-def test_batch_call(empty: bool) -> dict[str, Any]:
-    """The call argument :func:`sharded_scores` is given for a test batch of ``empty``."""
-    return {_EMPTY_TEST: empty}
+def test_batch_call(empty: bool, test: Any = None, is_loader: bool = False) -> dict[str, Any]:
+    """The call arguments :func:`sharded_scores` is given for a test batch: whether it is
+    empty, and the digest of its values (:func:`test_inputs_digest`)."""
+    return {_EMPTY_TEST: empty, TEST_INPUTS: test_inputs_digest(test, is_loader)}
+
+
+#: The call argument that carries :func:`test_inputs_digest`.
+TEST_INPUTS = "the test inputs (their digest)"
+
+
+def test_inputs_digest(test: Any, is_loader: bool) -> str | None:
+    """A short SHA-256 of a test batch's values (``(inputs, targets)``, as given), which
+    the ranks compare, or ``None`` when it is not compared: a DataLoader (it is not read
+    twice) or a batch holding something only named by its type (a function, say)."""
+    import hashlib
+
+    from proponents.fingerprints import hash_object
+
+    if is_loader or test is None:
+        return None
+    digest = hashlib.sha256()
+    return digest.hexdigest()[:16] if hash_object(test, digest) else None
 
 
 def sharded_values(

@@ -331,7 +331,7 @@ class TracInCPBase(DataInfluence):
                 k,
                 proponents,
                 model_device(self.model),
-                call=test_batch_call(False),
+                call=test_batch_call(False, (inputs, targets), is_loader),
             )
             return out if isinstance(out, Tensor) else KMostInfluentialResults(*out)
         scores = scores_on(self.train_dataloader, self._n_train())

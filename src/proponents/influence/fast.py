@@ -40,11 +40,13 @@ from proponents.data import (
     test_batches,
 )
 from proponents.distributed import (
+    TEST_INPUTS,
     even_rows,
     finite_first_order,
     resolve_distributed,
     shard_range,
     sharded_local_rows,
+    test_inputs_digest,
 )
 from proponents.errors import (
     ArgumentTypeError,
@@ -804,7 +806,13 @@ class TracInCPFastRandProj(TracInCPFast):
                 return self._search(query, k, proponents) if len(self.embeddings) else None
 
             out = self._dist.score_columns(
-                name, local, k, None, finite_first_order(proponents), model_device(self.model)
+                name,
+                local,
+                k,
+                None,
+                finite_first_order(proponents),
+                model_device(self.model),
+                call={TEST_INPUTS: test_inputs_digest((inputs, targets), is_loader)},
             )
             return out if isinstance(out, Tensor) else KMostInfluentialResults(*out)
         query = query_side()

@@ -54,10 +54,12 @@ from proponents.data import (
     unshared,
 )
 from proponents.distributed import (
+    TEST_INPUTS,
     DistributedContext,
     resolve_distributed,
     shard_loader,
     shard_range,
+    test_inputs_digest,
 )
 from proponents.errors import (
     ArgumentTypeError,
@@ -449,7 +451,12 @@ class SimilarityInfluence(DataInfluence):
                 # a rank with no test examples returns below: the others must have none
                 # either, or they would wait for its candidates
                 rows = {int(t.shape[0]) for t in test.values()}
-                self._dist.agree("SimilarityInfluence", {"the number of test examples": rows})
+                given = None if inputs is None else (inputs, additional_forward_args)
+                facts = {
+                    "the number of test examples": rows,
+                    TEST_INPUTS: test_inputs_digest(given, False),
+                }
+                self._dist.agree("SimilarityInfluence", facts)
             else:
                 fingerprint, test = test_side()
             if all(int(t.shape[0]) == 0 for t in test.values()):
