@@ -513,6 +513,30 @@ def mismatched_calls(folder: Path, rank: int) -> None:
     )
     for what, (call, needle) in calls.items():
         expect_error(f"TracInCP, different {what}", call, needle)
+    # training sets of one length but other examples (before: each rank scored its own)
+    expect_error(
+        "TracInCP, other training examples",
+        lambda: TracInCP(
+            model,
+            TensorDataset(data["x"] * (1 + rank), data["y"]),
+            ckpts,
+            loss_fn=loss,
+            batch_size=3,
+            sample_wise_grads_per_batch=True,
+        ),  # fmt: skip
+        "training examples (five sampled) differs",
+    )
+    expect_error(
+        "SimilarityInfluence, other source examples",
+        lambda: SimilarityInfluence(
+            model,
+            "fc1",
+            TensorDataset(data["x"] * (1 + rank), data["y"]),
+            folder / f"act-other-{rank}",
+            batch_size=3,
+        ),  # fmt: skip
+        "source examples (five sampled) differs",
+    )
     # a checkpoint file that only rank 1 lacks: its error there, named on rank 0 (before:
     # rank 1 raised before the agreement, and rank 0 waited in it)
     missing = ckpts if rank == 0 else [*ckpts[:-1], str(folder / "no-such-checkpoint.pt")]

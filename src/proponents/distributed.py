@@ -477,8 +477,20 @@ def training_facts(loader: DataLoader, checkpoints: Sequence[Any]) -> dict[str, 
     return {
         "dataset length": dataset_length(loader),
         "number of batches": loader_batches(loader),
+        "training examples (five sampled)": sampled_examples(loader),
         "checkpoints": [checkpoint_fingerprint(c)[:16] for c in checkpoints],
     }
+
+
+def sampled_examples(loader: DataLoader) -> str | None:
+    """A short digest of five examples spread over what ``loader`` reads (the first, the
+    last and three between, :func:`~proponents.fingerprints.loader_probe` without a pass
+    over a TensorDataset's tensors), for the ranks to compare; ``None`` for a dataset
+    that cannot be indexed (an IterableDataset)."""
+    from proponents.fingerprints import loader_probe
+
+    probe = loader_probe(loader, whole=False)
+    return None if probe is None else probe[:16]
 
 
 def _local_part(

@@ -442,6 +442,7 @@ def dataset_probe(
     n_items: int = 5,
     include_type: bool = True,
     versions: dict[int, tuple[int, int]] | None = None,
+    whole: bool = True,
 ) -> str | None:
     """Hash of a few items spread over a map-style dataset (first, last, in between),
     and, for a ``TensorDataset``, of every value of its tensors.
@@ -457,7 +458,8 @@ def dataset_probe(
     ``include_type`` false the dataset's class does not count, only its length and the
     items (the same examples behind another wrapper give the same items part). Returns
     ``None`` when the dataset cannot be indexed. ``versions`` is passed to
-    :func:`tensor_fingerprint`.
+    :func:`tensor_fingerprint`. With ``whole`` false, a ``TensorDataset`` is probed by its
+    items only, as any other dataset (no pass over its tensors).
     """
     try:
         n = len(dataset)
@@ -477,17 +479,18 @@ def dataset_probe(
         return None
     from torch.utils.data import TensorDataset
 
-    if not isinstance(dataset, TensorDataset):
+    if not whole or not isinstance(dataset, TensorDataset):
         return digest.hexdigest()
-    whole = "".join(tensor_fingerprint(t, versions) for t in dataset.tensors)
-    return f"{WHOLE_PROBE}{digest.hexdigest()}:{hashlib.sha256(whole.encode()).hexdigest()}"
+    tensors = "".join(tensor_fingerprint(t, versions) for t in dataset.tensors)
+    return f"{WHOLE_PROBE}{digest.hexdigest()}:{hashlib.sha256(tensors.encode()).hexdigest()}"
 
 
-def loader_probe(loader: Any, include_type: bool = False) -> str | None:
+def loader_probe(loader: Any, include_type: bool = False, whole: bool = True) -> str | None:
     """:func:`dataset_probe` of the examples a DataLoader yields, in the order it yields
     them: its dataset as it is when it reads it sequentially, else the ``Subset`` of it its
     sampler or batch sampler picks (their indices are drawn once, with the global
-    generators seeded and put back after, as for the items)."""
+    generators seeded and put back after, as for the items). ``whole`` as for
+    :func:`dataset_probe`."""
     from torch.utils.data import BatchSampler, SequentialSampler, Subset
 
     dataset = loader.dataset
@@ -496,7 +499,7 @@ def loader_probe(loader: Any, include_type: bool = False) -> str | None:
         isinstance(batches, BatchSampler) and batches.sampler is sampler
     )
     if default_batches and (sampler is None or isinstance(sampler, SequentialSampler)):
-        return dataset_probe(dataset, include_type=include_type)
+        return dataset_probe(dataset, include_type=include_type, whole=whole)
     try:
         with _seeded_generators():
             if default_batches:
@@ -505,7 +508,7 @@ def loader_probe(loader: Any, include_type: bool = False) -> str | None:
                 order = [int(i) for indices in batches for i in indices]
     except Exception:  # noqa: BLE001 - indices we cannot read give no probe
         return None
-    return dataset_probe(Subset(dataset, order), include_type=include_type)
+    return dataset_probe(Subset(dataset, order), include_type=include_type, whole=whole)
 
 
 def probes_differ(saved: str | None, now: str | None) -> bool:

@@ -57,6 +57,7 @@ from proponents.distributed import (
     TEST_INPUTS,
     DistributedContext,
     resolve_distributed,
+    sampled_examples,
     shard_loader,
     shard_range,
     test_inputs_digest,
@@ -309,6 +310,7 @@ class SimilarityInfluence(DataInfluence):
         return {
             "dataset length": dataset_length(self._loader),
             "number of batches": loader_batches(self._loader),
+            "source examples (five sampled)": sampled_examples(self._loader),
         }
 
     def _fast_tensors(self) -> tuple[Tensor, ...] | None:
