@@ -598,6 +598,9 @@ class SimilarityInfluence(DataInfluence):
         probe = self._probe()
         metas = {layer: self._src_meta(layer, fingerprint, n_src, probe) for layer in self.layers}
         keys = {layer: safe_name(layer) for layer in self.layers}
+        job = _BuildJob(
+            store, keys, metas, test, top_k, largest, device, show_progress, fingerprint
+        )
         reuse = load_src_from_disk and n_src is not None
         entries: dict[str, StoredEntry] = {}
         results: dict[str, tuple[Tensor, Tensor]] = {}
@@ -630,19 +633,7 @@ class SimilarityInfluence(DataInfluence):
                             entries[layer] = self._keep_open(layer, entry)
                             to_build.remove(layer)
                 if to_build:
-                    built = self._build(
-                        store,
-                        to_build,
-                        keys,
-                        metas,
-                        test,
-                        top_k,
-                        largest,
-                        device,
-                        show_progress,
-                        fingerprint,
-                    )
-                    results.update(built)
+                    results.update(self._build(job, to_build))
         if entries:
             scored, needing = self._score_entries(
                 entries, test, top_k, largest, device, show_progress
@@ -661,19 +652,7 @@ class SimilarityInfluence(DataInfluence):
                     )
                     self._close_entry(layer)
                 with store.lock():
-                    rebuilt = self._build(
-                        store,
-                        needing,
-                        keys,
-                        metas,
-                        test,
-                        top_k,
-                        largest,
-                        device,
-                        show_progress,
-                        fingerprint,
-                        with_activations=set(needing),
-                    )
+                    rebuilt = self._build(job, needing, with_activations=set(needing))
                 results.update(rebuilt)
         return results
 
@@ -824,18 +803,7 @@ class SimilarityInfluence(DataInfluence):
         return results, needing
 
     def _build(
-        self,
-        store: ArrayStore,
-        layers: list[str],
-        keys: dict[str, str],
-        metas: dict[str, dict],
-        test: dict[str, Tensor],
-        top_k: int,
-        largest: bool,
-        device: torch.device,
-        show_progress: bool,
-        fingerprint: str,
-        with_activations: Collection[str] = (),
+        self, job: _BuildJob, layers: list[str], with_activations: Collection[str] = ()
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """Compute, store and score the source activations of ``layers``.
 
@@ -846,37 +814,14 @@ class SimilarityInfluence(DataInfluence):
         forced = set(with_activations)
         while True:
             try:
-                return self._build_pass(
-                    store,
-                    layers,
-                    keys,
-                    metas,
-                    test,
-                    top_k,
-                    largest,
-                    device,
-                    show_progress,
-                    fingerprint,
-                    forced,
-                )
+                return self._build_pass(job, layers, forced)
             except ActivationsNeeded as exc:
                 if exc.layer in forced:
                     raise
                 forced.add(exc.layer)
 
     def _build_pass(
-        self,
-        store: ArrayStore,
-        layers: list[str],
-        keys: dict[str, str],
-        metas: dict[str, dict],
-        test: dict[str, Tensor],
-        top_k: int,
-        largest: bool,
-        device: torch.device,
-        show_progress: bool,
-        fingerprint: str,
-        with_activations: Collection[str],
+        self, job: _BuildJob, layers: list[str], with_activations: Collection[str]
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """One pass over the source set: compute, store and score the activations.
 
@@ -891,6 +836,9 @@ class SimilarityInfluence(DataInfluence):
         decides, and a later one that does not pass (or a later batch that drops the
         inputs) raises :class:`ActivationsNeeded` for :meth:`_build` to start again.
         """
+        store, keys, metas, test = job.store, job.keys, job.metas, job.test
+        top_k, largest, device = job.top_k, job.largest, job.device
+        show_progress, fingerprint = job.show_progress, job.fingerprint
         modules = {layer: self.module.get_submodule(layer) for layer in layers}
         # Only cosine similarity takes its products on the input side: the rounding bound
         # that keeps the Euclidean search exact is several times wider there (the
@@ -1251,6 +1199,21 @@ class _Anomalies:
                 seen.nan += met.nan
                 seen.test = max(seen.test, met.test)
         return list(out.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class _BuildJob:
+    """What a pass over the source set (:meth:`SimilarityInfluence._build`) works with."""
+
+    store: ArrayStore
+    keys: dict[str, str]
+    metas: dict[str, dict]
+    test: dict[str, Tensor]
+    top_k: int
+    largest: bool
+    device: torch.device
+    show_progress: bool
+    fingerprint: str
 
 
 class _Staging:
