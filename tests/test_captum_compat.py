@@ -534,6 +534,13 @@ def test_a_list_of_examples_is_a_training_set_as_for_captum(tmp_path):
     reference = TracInCPFast(case.model, "fc2", rows, **common)
     torch.testing.assert_close(fast.influence((x,), y), reference.influence((x,), y))
     torch.testing.assert_close(fast.self_influence(), reference.self_influence())
+    # self_influence of a list of examples (Captum 0.9 reads any non-DataLoader as one
+    # batch and fails on it); a batch (x, y) of tensors stays a batch
+    some, batch = examples[2:9], (train_x[2:9], train_y[2:9])
+    torch.testing.assert_close(
+        tracin(rows).self_influence(some), tracin(rows).self_influence(batch)
+    )
+    torch.testing.assert_close(fast.self_influence(some), reference.self_influence(batch))
 
     index = TracInCPFastRandProj(case.model, "fc2", examples, **common)
     index.save(tmp_path / "index")

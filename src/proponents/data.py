@@ -190,6 +190,16 @@ class ListDataset(Dataset):
         return self.examples[index]
 
 
+def is_example_list(data: Any) -> bool:
+    """Whether ``data`` is a list (or tuple) of examples, each itself a tuple or list such
+    as ``(x, y)``, rather than one batch ``(*inputs, label)`` of tensors."""
+    return (
+        isinstance(data, (list, tuple))
+        and len(data) > 0
+        and all(isinstance(item, (tuple, list)) for item in data)
+    )
+
+
 def make_loader(
     data: Dataset | DataLoader | list | tuple, batch_size: int | None, argument: str
 ) -> DataLoader:

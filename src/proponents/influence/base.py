@@ -15,8 +15,10 @@ from proponents.checkpoints import load_flexible_state_dict, resolve_checkpoints
 from proponents.checks import check_flag, check_int, check_model
 from proponents.data import (
     Batch,
+    ListDataset,
     count_examples,
     dataset_length,
+    is_example_list,
     loader_batches,
     make_loader,
     model_device,
@@ -355,9 +357,10 @@ class TracInCPBase(DataInfluence):
 
         Args:
             inputs_dataset: one batch ``(*model_inputs, label)`` or a DataLoader of such
-                batches; ``None`` means the training set. A Dataset is read in batches of
-                the training DataLoader's size (``batch_size`` for a training Dataset). A
-                batch of no examples gives a ``(0,)`` tensor without a model run.
+                batches; ``None`` means the training set. A Dataset, or a list of examples
+                each a tuple ``(*model_inputs, label)``, is read in batches of the training
+                DataLoader's size (``batch_size`` for a training Dataset). A batch of no
+                examples gives a ``(0,)`` tensor without a model run.
             show_progress: show a progress bar over checkpoints and batches.
 
         Returns:
@@ -367,6 +370,8 @@ class TracInCPBase(DataInfluence):
         argument = "inputs_dataset"
         if inputs_dataset is None:
             inputs_dataset, argument = self.train_dataloader, "train_dataset"
+        elif is_example_list(inputs_dataset):  # [(x0, y0), (x1, y1), ...], as for Captum
+            inputs_dataset = ListDataset(inputs_dataset)
         if isinstance(inputs_dataset, DataLoader):
             refuse_shuffled(inputs_dataset, argument)
             data: Any = inputs_dataset
