@@ -407,6 +407,50 @@ def test_load_refuses_other_checkpoints_or_data(tmp_path):
         TracInCPFastRandProj.load(tmp_path / "nothing", model, paths, loss)
 
 
+def test_load_tells_lambda_losses_apart_by_their_code(tmp_path):
+    """Two lambdas share one name, "<lambda>": an index built with one loaded with another
+    of the same reduction (an MSE for a cross-entropy, a lambda capturing other class
+    weights) was accepted, and its embeddings were gradients of the other loss."""
+    import torch.nn.functional as F
+
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=30)
+    weights = torch.linspace(1, 2, 8)
+
+    def weighted(w, margin=False):
+        """Lambdas of one qualified name, as a script edited between sessions gives."""
+        if margin:
+            return lambda out, y: F.multi_margin_loss(out, y, reduction="sum")
+        return lambda out, y: F.cross_entropy(out, y, weight=w, reduction="sum")
+
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=weighted(weights))
+    want = rp.influence((xt,), yt, k=None)
+    rp.save(tmp_path / "index")
+    again = TracInCPFastRandProj.load(tmp_path / "index", model, paths, weighted(weights.clone()))
+    torch.testing.assert_close(again.influence((xt,), yt, k=None), want, rtol=0, atol=0)
+    others = (
+        weighted(torch.linspace(1, 3, 8)),  # the same code, other captured weights
+        weighted(weights, margin=True),  # other code
+    )
+    for other in others:
+        with pytest.raises(IndexMismatchError, match="a function of the same name whose code"):
+            TracInCPFastRandProj.load(tmp_path / "index", model, paths, other)
+
+
+def test_loss_codes_count_only_under_one_python_version():
+    from proponents.fingerprints import loss_fingerprint, losses_differ
+
+    a = loss_fingerprint(lambda out, y: (out - y).pow(2).sum())
+    b = loss_fingerprint(lambda out, y: (out - y).abs().sum())
+    assert a["class"] == b["class"] and a["code"] != b["code"]
+    assert losses_differ(a, b)
+    older = {"class": a["class"], "digest": a["digest"]}  # saved before codes were recorded
+    assert not losses_differ(older, b) and not losses_differ(b, older)
+    assert not losses_differ({**a, "python": "2.7"}, b)  # bytecode of another interpreter
+    assert not losses_differ(a, loss_fingerprint(lambda out, y: (out - y).pow(2).sum()))
+    module = loss_fingerprint(nn.MSELoss(reduction="sum"))
+    assert "code" not in module  # a loss module is described by its class and settings
+
+
 def test_an_index_built_from_loaded_checkpoints_loads_with_their_files(tmp_path):
     """Checkpoints given as loaded objects at build time and as the files they came from
     at load time: each file is compared by what it loads as, so the index loads and

@@ -9,9 +9,12 @@ the weights or buffers may have changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
+import sys
+import types
 import weakref
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -102,8 +105,12 @@ def loss_fingerprint(loss_fn: Any) -> dict[str, str]:
         ``{"class": ..., "digest": ...}``: the class (module and qualified name) of a
         loss object, or the qualified name of a plain function; the digest of a loss
         module covers its state dict (a class-weight buffer) and its plain settings
-        (``reduction``, ``ignore_index``, ``label_smoothing``, ``delta``, ...). Two
-        functions with the same name, lambdas say, are not told apart.
+        (``reduction``, ``ignore_index``, ``label_smoothing``, ``delta``, ...). For a
+        Python function (a lambda, say, or what a ``functools.partial`` wraps) also
+        ``"code"``: a digest of its compiled code, constants, names, defaults, the
+        partial's arguments and what its closure holds, with ``"python"``, the
+        interpreter version that compiled it (bytecode differs between versions, so
+        codes are compared only under the same one: see :func:`losses_differ`).
     """
     digest = hashlib.sha256()
     if loss_fn is None:
@@ -123,7 +130,59 @@ def loss_fingerprint(loss_fn: Any) -> dict[str, str]:
         name = getattr(loss_fn, "__module__", "") or ""
         name += "." + getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
     digest.update(name.encode())
-    return {"class": name, "digest": digest.hexdigest()[:16]}
+    out = {"class": name, "digest": digest.hexdigest()[:16]}
+    code = _function_code_digest(loss_fn)
+    if code is not None:
+        out.update(code=code, python="{}.{}".format(*sys.version_info[:2]))
+    return out
+
+
+def losses_differ(was: dict[str, str], now: dict[str, str]) -> bool:
+    """Whether two :func:`loss_fingerprint` values name different losses. The code digest
+    counts only when both have one, made by the same Python version (a fingerprint saved
+    before codes were recorded, or under another interpreter, is compared by name)."""
+    if (was.get("class"), was.get("digest")) != (now.get("class"), now.get("digest")):
+        return True
+    both = "code" in was and "code" in now and was.get("python") == now.get("python")
+    return both and was["code"] != now["code"]
+
+
+def _function_code_digest(fn: Any) -> str | None:
+    """A digest of what a plain Python function computes (see :func:`loss_fingerprint`),
+    or ``None`` for anything else (a module, a builtin, a callable object)."""
+    digest = hashlib.sha256()
+    partial_args: Any = None
+    if isinstance(fn, functools.partial):
+        partial_args = (fn.args, sorted(fn.keywords.items()))
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)  # a bound method by its function
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return None
+    _hash_code(code, digest)
+    cells = [c.cell_contents for c in (fn.__closure__ or ()) if _has_contents(c)]
+    for part in (fn.__defaults__, fn.__kwdefaults__, partial_args, cells):
+        # a part only known by its type (another function, say) counts by that
+        hash_object(part, digest)
+    return digest.hexdigest()[:16]
+
+
+def _hash_code(code: types.CodeType, digest: Any) -> None:
+    digest.update(code.co_code)
+    digest.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):  # a nested function or comprehension
+            _hash_code(const, digest)
+        else:
+            digest.update(repr(const).encode())
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises ValueError
+    except ValueError:
+        return False
+    return True
 
 
 def module_structure(model: nn.Module) -> str:

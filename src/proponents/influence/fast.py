@@ -62,6 +62,7 @@ from proponents.fingerprints import (
     dataset_probe,
     loader_probe,
     loss_fingerprint,
+    losses_differ,
     probes_differ,
 )
 from proponents.gradients.engine import GradientEngine
@@ -174,17 +175,20 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
         )
     else:
         was_loss, now_loss = saved.get("loss"), expected.get("loss")
-        if was_loss is not None and now_loss is not None and was_loss != now_loss:
+        if was_loss is not None and now_loss is not None and losses_differ(was_loss, now_loss):
             same_class = was_loss.get("class") == now_loss.get("class")
-            out.append(
-                f"loss_fn: the index was built with {was_loss.get('class')}"
-                + (
+            if not same_class:
+                how = f", this one is {now_loss.get('class')}"
+            elif was_loss.get("digest") != now_loss.get("digest"):
+                how = (
                     " with other settings or weights (reduction, ignore_index, "
                     "label_smoothing, class weights, ...)"
-                    if same_class
-                    else f", this one is {now_loss.get('class')}"
                 )
-                + "; its embeddings are gradients of that loss"
+            else:  # two functions of one name (lambdas, say) that compute differently
+                how = ", a function of the same name whose code, defaults or captured values differ"
+            out.append(
+                f"loss_fn: the index was built with {was_loss.get('class')}{how}; its "
+                "embeddings are gradients of that loss"
             )
     return out
 
