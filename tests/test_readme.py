@@ -53,3 +53,22 @@ def test_similarity_example_runs_after_the_quick_start(tmp_path, monkeypatch):
     assert scope["indices"].shape == (2, 5)
     assert scope["near"]["2"][0].shape == (2, 5)
     assert torch.all(scope["near"]["2"][1][:, :-1] <= scope["near"]["2"][1][:, 1:])
+
+
+def test_packed_batch_example_scores_each_text_as_if_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    block = next(b for b in python_blocks() if "EmbeddingBag" in b)
+    scope: dict = {}
+    exec(compile(block, "README packed-batch example", "exec"), scope)
+    model, texts = scope["model"], scope["texts"]
+
+    def grad(tokens, label):
+        model.zero_grad()
+        out = model(tokens, torch.tensor([0]))
+        torch.nn.functional.cross_entropy(out, torch.tensor([label])).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    train = torch.stack([grad(*t) for t in texts])
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(scope["scores"], train[:3] @ train.T, rtol=1e-4, atol=1e-5)
+    assert torch.equal(scope["suspicious"], (train * train).sum(1).argsort(descending=True)[:5])

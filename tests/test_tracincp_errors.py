@@ -139,10 +139,15 @@ def test_k_of_wrong_type(case):
 
 
 def test_targets_length_differs(case):
-    with pytest.raises(InvalidArgumentError, match="targets has 3 entries but inputs hold 4"):
+    # the batch could be packed (one example per target row) until the model's output
+    # shows it is not: the error names all three counts
+    with pytest.raises(
+        BatchFormatError,
+        match=r"3 labels \(targets\) but model inputs of 4 examples.*output has 4 rows",
+    ):
         make(case).influence(case.test_inputs, case.test_labels[:3])
     # one example without its batch dimension: the message says how to give one
-    with pytest.raises(InvalidArgumentError, match=r"hold 6 examples.*x\[None\]"):
+    with pytest.raises(BatchFormatError, match=r"inputs of 6 examples.*x\[None\]"):
         make(case).influence((case.test_inputs[0][0],), case.test_labels[:1])
 
 

@@ -57,11 +57,16 @@ class Batch:
         inputs: positional arguments of the model; tensors carry the batch in dim 0.
         labels: labels of the batch (``None`` when the loss needs none).
         size: number of examples in the batch.
+        packed: the examples are told apart only by the labels and the model output (one
+            row per example each), not by the model inputs: a ``collate_fn`` concatenated
+            them (text for an ``nn.EmbeddingBag`` with offsets, graphs with a batch
+            vector). Such a batch is run whole and never split (see :func:`split_batch`).
     """
 
     inputs: tuple[Any, ...]
     labels: Any
     size: int
+    packed: bool = False
 
 
 def _nested_tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -117,18 +122,23 @@ UNBATCHED_HINT = (
 )
 
 
-def _check_labels_fit(inputs: tuple[Any, ...], labels: Any, size: int, what: str) -> None:
-    """Raise when the labels show the batch is one unbatched example, or another size.
+def _check_labels_fit(
+    inputs: tuple[Any, ...], labels: Any, size: int, what: str, packed_ok: bool = False
+) -> bool:
+    """Raise when the labels show the batch is one unbatched example, or another size;
+    return whether the batch is packed (:attr:`Batch.packed`).
 
     Only when the model inputs hold tensors with a batch dimension (they gave ``size``):
-    then labels that are a 0-dim tensor or a Python number (one example's label), or a
-    tensor with another number of rows, mean the batch is not a batch of ``size`` examples
-    (typically one example from a ``DataLoader(batch_size=None)``, whose feature dimension
-    was read as the batch).
+    then labels that are a 0-dim tensor or a Python number (one example's label) mean the
+    batch is not a batch of ``size`` examples (typically one example from a
+    ``DataLoader(batch_size=None)``, whose feature dimension was read as the batch). A
+    label tensor with another number of rows means the same there, and elsewhere
+    (``packed_ok``: batches a ``collate_fn`` made) a packed batch of one example per
+    label row, which the model's output must confirm (:func:`check_packed_output`).
     """
     has_batched_tensor = any(t.dim() > 0 for item in inputs for t in _nested_tensors(item))
     if not has_batched_tensor:
-        return
+        return False
     if isinstance(labels, (bool, int, float)) or (
         isinstance(labels, torch.Tensor) and labels.dim() == 0
     ):
@@ -139,20 +149,30 @@ def _check_labels_fit(inputs: tuple[Any, ...], labels: Any, size: int, what: str
             f"of every tensor. {UNBATCHED_HINT}."
         )
     if isinstance(labels, torch.Tensor) and int(labels.shape[0]) != size:
+        if packed_ok:
+            return True
         rows = int(labels.shape[0])
         raise BatchFormatError(
             f"{article(what)} has labels with {count(rows, 'row')} but model inputs of "
             f"{count(size, 'example')} (dim 0 of the input tensors): every tensor must have the "
             f"examples in dim 0, one label per example. {UNBATCHED_HINT}."
         )
+    return False
 
 
-def split_batch(batch: Any, what: str = "training batch") -> Batch:
+def split_batch(batch: Any, what: str = "training batch", packed_ok: bool = True) -> Batch:
     """Split a ``(*model_inputs, label)`` batch.
+
+    A batch whose label tensor has another number of rows than the model inputs is
+    *packed* (:attr:`Batch.packed`): one example per label row, told apart by the model
+    output alone. Not so for a batch of a loader that collates nothing (``packed_ok``
+    false: a ``DataLoader(batch_size=None)`` yields single examples, and its feature
+    dimension would be read as the batch), where the mismatch is an error.
 
     Args:
         batch: a tuple or list with at least two elements.
         what: how to name the batch in error messages.
+        packed_ok: whether a packed batch is possible here.
 
     Raises:
         BatchFormatError: when ``batch`` is not a tuple/list of at least two elements.
@@ -168,8 +188,48 @@ def split_batch(batch: Any, what: str = "training batch") -> Batch:
     inputs = tuple(batch[:-1])
     labels = as_targets(batch[-1])  # plain-number labels (a collate_fn's list) as a tensor
     size = batch_size_of(inputs, labels)
-    _check_labels_fit(inputs, labels, size, what)
+    if _check_labels_fit(inputs, labels, size, what, packed_ok):
+        return Batch(inputs=inputs, labels=labels, size=int(labels.shape[0]), packed=True)
     return Batch(inputs=inputs, labels=labels, size=size)
+
+
+def collates_batches(source: Any) -> bool:
+    """Whether ``source`` yields batches a ``collate_fn`` put together, which can be packed
+    (:func:`split_batch`): anything but a ``DataLoader`` with automatic batching off
+    (``batch_size=None``), which yields its dataset's items one by one."""
+    return not (
+        isinstance(source, DataLoader)
+        and source.batch_size is None
+        and source.batch_sampler is None
+    )
+
+
+def check_packed_output(batch: Batch, output: Any, what: str = "a batch") -> None:
+    """Raise unless the model output of a packed ``batch`` has one row per label row.
+
+    The model inputs of a packed batch do not show its examples; the labels and the
+    output must agree on them. When they do not, the batch is neither packed nor in the
+    usual convention (examples in dim 0 of every tensor).
+
+    Raises:
+        BatchFormatError: naming the three counts.
+    """
+    if not batch.packed:
+        return
+    first = next((t for t in _nested_tensors(output) if t.dim() > 0), None)
+    rows = None if first is None else int(first.shape[0])
+    if rows == batch.size:
+        return
+    inputs = batch_size_of(batch.inputs)
+    got = "no tensor with a batch dimension" if rows is None else count(rows, "row")
+    raise BatchFormatError(
+        f"{what} has {count(batch.size, 'label')} (targets) but model inputs of "
+        f"{count(inputs, 'example')} (dim 0 of the first input tensor), and the model output "
+        f"has {got}: give one label per example, with the examples in dim 0 of every tensor "
+        "(a single example needs its batch dimension too: x[None], labels of shape (1,)); "
+        "a packed batch (a collate_fn that concatenates examples, such as text for an "
+        "nn.EmbeddingBag with offsets) needs a model output with one row per label"
+    )
 
 
 class ListDataset(Dataset):
@@ -427,7 +487,8 @@ def count_examples(batches: Iterable[Any], what: str) -> int:
     For data without a known length (an ``IterableDataset``): the pass only loads and
     splits the batches, without running a model.
     """
-    return sum(split_batch(b, what).size for b in batches)
+    packed_ok = collates_batches(batches)
+    return sum(split_batch(b, what, packed_ok).size for b in batches)
 
 
 def loader_batches(loader: DataLoader) -> int | None:
@@ -547,6 +608,15 @@ def test_batches(
         if n_targets is None or not any_type:
             raise BatchFormatError(f"inputs: {err}") from None
         n = n_targets  # e.g. a list of strings with a list of labels
+    if (
+        n_targets is not None
+        and n not in (n_targets, task_rows)
+        and isinstance(targets, torch.Tensor)
+        and has_tensors
+        and unpack_inputs
+    ):
+        # a packed batch (see split_batch): the model output must confirm it
+        return [Batch(inputs=args, labels=targets, size=n_targets, packed=True)], False
     if n_targets is not None and n not in (n_targets, task_rows):
         tasks = f" (or {count(task_rows, 'row')} per task)" if task_rows is not None else ""
         raise InvalidArgumentError(
@@ -570,8 +640,9 @@ def _task_rows(targets: list | tuple) -> int | None:
 
 def iter_test_batches(batches: Iterable[Any], is_loader: bool) -> Iterator[Batch]:
     """Yield :class:`Batch` objects from the result of :func:`test_batches`."""
+    packed_ok = collates_batches(batches)
     for b in batches:
-        yield split_batch(b, "test batch") if is_loader else b
+        yield split_batch(b, "test batch", packed_ok) if is_loader else b
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -686,7 +757,7 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
     is cut like a tensor (:func:`string_rows`). A batch whose model inputs hold neither
     (inputs of another kind, whose examples cannot be told apart here) is not split.
     """
-    if batch.size <= size:
+    if batch.size <= size or batch.packed:  # a packed batch is run whole
         return [batch]
     if not any(
         holds_examples(t, batch.size) for item in batch.inputs for t in _nested_tensors(item)
@@ -772,6 +843,7 @@ def copy_batch(batch: Batch) -> Batch:
         inputs=unshared(batch.inputs, batch.inputs, same),
         labels=unshared(batch.labels, batch.labels, same),
         size=batch.size,
+        packed=batch.packed,
     )
 
 
@@ -781,4 +853,5 @@ def batch_to_device(batch: Batch, device: torch.device) -> Batch:
         inputs=to_device(batch.inputs, device),
         labels=to_device(batch.labels, device),
         size=batch.size,
+        packed=batch.packed,
     )

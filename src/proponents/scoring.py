@@ -24,6 +24,7 @@ from proponents.data import (
     TensorRowsLoader,
     batch_to_device,
     chunk_batch,
+    collates_batches,
     dataset_length,
     model_device,
     split_batch,
@@ -188,13 +189,14 @@ class TracInRunner:
         """
         device = model_device(self.model)
         fresh = isinstance(source, DataLoader)
+        collates = collates_batches(source)
         if isinstance(source, TensorRowsLoader):
             # its batch copies are made in the layout the engine converts them to anyway
             source = source.batches(self.engine.input_layout)
         if fresh:
             self.generators.restore()
         for b in source:
-            batch = split_batch(b, what) if loader else b
+            batch = split_batch(b, what, collates) if loader else b
             for part in chunk_batch(batch, chunk) if chunk else [batch]:
                 moved = batch_to_device(part, device)
                 if not fresh:
@@ -202,6 +204,7 @@ class TracInRunner:
                         inputs=unshared(moved.inputs, part.inputs, self.engine.input_layout),
                         labels=unshared(moved.labels, part.labels),
                         size=moved.size,
+                        packed=moved.packed,
                     )
                 yield moved
             if batch_done is not None:

@@ -125,6 +125,8 @@ class GradientEngine:
         # Set when the first batch shows the model editing its input in place: every
         # model run of a batch then gets its own copy (see compute).
         self._edits_inputs = False
+        # Set at the first packed batch (see _packed_if_seen).
+        self._packed = False
         self._set_generic()
 
     def _demote(self, name: str) -> None:
@@ -163,6 +165,7 @@ class GradientEngine:
             One representation per hooked layer, then one per generic parameter.
         """
         given = batch
+        batch = self._packed_if_seen(batch)
         if self._checked and self.generic is None:
             # the hooked layers only read their own weights (for shapes and dtypes)
             params: dict[str, Tensor] = {
@@ -212,6 +215,30 @@ class GradientEngine:
             out.extend(DenseGrads(b) for b in self.generic(params, buffers, batch))
         return out
 
+    def _packed_if_seen(self, batch: Batch) -> Batch:
+        """``batch``, read as packed once any batch was (:attr:`~proponents.data.Batch.
+        packed`).
+
+        The per-layer strategies and ``vmap`` run examples by their rows of the model
+        inputs, which a packed batch does not have: its first sight moves every layer to
+        the generic path (a new strategy epoch), which differentiates packed batches whole.
+        Later batches of the same data are read as packed too, also one whose inputs
+        happen to have a row per example (texts of one token each), which the rows would
+        misread; for a batch in the usual convention the whole-batch gradients are the
+        same.
+        """
+        if batch.packed and not self._packed:
+            self._packed = True
+            if self.hooked:
+                self.hooked = []
+                self._set_generic()
+                self._closed_form = False
+                self.epoch += 1
+            self._checked = True
+        if self._packed and not batch.packed:
+            batch = dataclasses.replace(batch, packed=True)
+        return batch
+
     @property
     def checked_on_several(self) -> bool:
         """Whether the strategies were verified on a batch of two or more examples."""
@@ -227,7 +254,7 @@ class GradientEngine:
         a score matrix) from a batch too small to verify them on: preparing on a training
         batch first means they are computed once, with strategies that hold.
         """
-        if not self._needs_check(batch):
+        if not self._needs_check(self._packed_if_seen(batch)):
             return
         params, buffers = self._state()
         self._choose_pass(batch)
@@ -247,7 +274,7 @@ class GradientEngine:
         """``batch`` with its image inputs in the memory layout chosen for this model."""
         if not self._channels_last:
             return batch
-        return Batch(inputs=in_channels_last(batch.inputs), labels=batch.labels, size=batch.size)
+        return dataclasses.replace(batch, inputs=in_channels_last(batch.inputs))
 
     def _forward_dominated(self, batch: Batch) -> bool:
         """Whether a pass is mostly the model's forward pass, on the CPU.

@@ -96,13 +96,16 @@ def constants(
     return out
 
 
-def grads_or_zeros(value: Tensor, leaves: Sequence[Tensor]) -> list[Tensor]:
+def grads_or_zeros(
+    value: Tensor, leaves: Sequence[Tensor], retain_graph: bool = False
+) -> list[Tensor]:
     """Dense gradients of ``value`` with respect to ``leaves``, zero for a leaf it does not
     depend on, also when it depends on none at all (a loss computed under ``no_grad``
-    from the chosen parameters, or without them)."""
+    from the chosen parameters, or without them); ``retain_graph`` keeps the graph for
+    another call."""
     if not value.requires_grad:
         return [torch.zeros_like(leaf) for leaf in leaves]
-    grads = torch.autograd.grad(value, list(leaves), allow_unused=True)
+    grads = torch.autograd.grad(value, list(leaves), allow_unused=True, retain_graph=retain_graph)
     out = []
     for leaf, g in zip(leaves, grads):
         if g is None:

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 
 from proponents.data import (
     Batch,
+    check_packed_output,
     copy_batch,
     example_labels,
     has_string_rows,
@@ -69,6 +70,10 @@ def _versions(batch: Batch) -> list[int]:
 _VMAP_FAILURES = (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError)
 _NOT_VMAPS = (torch.OutOfMemoryError, MemoryError)
 
+#: Gradients held at once by the per-example Jacobian of a packed batch (see
+#: GenericGradients._packed): the block of examples is sized to this.
+_PACKED_BLOCK_BYTES = 64 << 20
+
 
 class GenericGradients:
     """Per-example gradients of a fixed list of parameters, one ``(B, P_k)`` block each.
@@ -97,8 +102,11 @@ class GenericGradients:
         """Flattened per-example gradients of each parameter in ``names`` order.
 
         Blocks are kept apart (not concatenated) so no extra copy of the largest
-        temporary is made; inner products simply sum over blocks.
+        temporary is made; inner products simply sum over blocks. A packed batch
+        (:attr:`~proponents.data.Batch.packed`) is differentiated whole (:meth:`_packed`).
         """
+        if batch.packed:
+            return self._packed(params, buffers, batch)
         if not self.use_loop and has_string_rows(batch.inputs, batch.size):
             # vmap maps tensors only: each example would be handed every example's string
             self.use_loop = True
@@ -188,6 +196,72 @@ class GenericGradients:
         return [
             nan_where_undefined(per_example[n].reshape(batch.size, -1), values) for n in self.names
         ]
+
+    def _packed(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
+    ) -> list[Tensor]:
+        """Per-example gradients of a batch whose examples only its model output tells
+        apart: one forward pass of the whole batch, each example's loss from its rows of
+        the output (:meth:`~proponents.gradients.loss.LossSpec.example_losses`), and the
+        Jacobian of those losses by backward passes vectorised over the examples
+        (``is_grads_batched``), a block of examples at a time so that at most about
+        :data:`_PACKED_BLOCK_BYTES` of gradients are held at once. Where autograd cannot
+        vectorise the backward pass (a sparse embedding gradient, say), one backward
+        pass per example gives the same values.
+        """
+        chosen, const = self._split(params)
+        slots = slot_names(self.model)
+        leaves = {n: p.clone().requires_grad_(True) for n, p in chosen.items()}
+        targets = [leaves[n] for n in self.names]
+        n = batch.size
+        with torch.enable_grad():
+            out = call_with(self.model, {**const, **leaves, **buffers}, batch.inputs, slots)
+            check_packed_output(batch, out)
+            losses = self.loss.example_losses(out, batch.labels, n)
+            blocks: list[list[Tensor]] = [[] for _ in targets]
+            if n and losses.requires_grad:
+                width = sum(t.numel() * t.element_size() for t in targets)
+                step = max(1, min(n, _PACKED_BLOCK_BYTES // max(width, 1)))
+                for start in range(0, n, step):
+                    rows = self._jacobian_rows(losses, targets, start, min(n, start + step))
+                    for block, g in zip(blocks, rows):
+                        block.append(g)
+        if not n or not losses.requires_grad:  # no example depends on these parameters
+            return [losses.new_zeros(n, t.numel()).to(t.dtype) for t in targets]
+        return [
+            nan_where_undefined(torch.cat(block).reshape(n, -1), losses.detach())
+            for block in blocks
+        ]
+
+    def _jacobian_rows(
+        self, losses: Tensor, targets: list[Tensor], start: int, stop: int
+    ) -> list[Tensor]:
+        """Gradients of ``losses[start:stop]`` with respect to each of ``targets``, as
+        ``(stop - start, numel)`` blocks; the graph is kept for the next rows."""
+        m = stop - start
+        if not self.use_loop:
+            picks = torch.zeros(m, losses.shape[0], dtype=losses.dtype, device=losses.device)
+            picks[torch.arange(m), torch.arange(start, stop)] = 1
+            try:
+                grads = torch.autograd.grad(
+                    losses,
+                    targets,
+                    grad_outputs=picks,
+                    is_grads_batched=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            except (RuntimeError, NotImplementedError):
+                self.use_loop = True  # e.g. sparse gradients: vmap over backward cannot
+            else:
+                return [
+                    torch.zeros(m, t.numel(), dtype=t.dtype, device=t.device)
+                    if g is None
+                    else (g.to_dense() if g.is_sparse else g).reshape(m, -1)
+                    for g, t in zip(grads, targets)
+                ]
+        rows = [grads_or_zeros(losses[i], targets, retain_graph=True) for i in range(start, stop)]
+        return [torch.stack([row[k].reshape(-1) for row in rows]) for k in range(len(targets))]
 
     def _looped(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch

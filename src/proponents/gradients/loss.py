@@ -134,6 +134,34 @@ class LossSpec:
             return _poisoned(own.sum(), own, marked)
         return value * batch_size
 
+    def example_losses(self, output: Any, labels: Any, batch_size: int) -> torch.Tensor:
+        """``(B,)``: each example's loss, from its rows of a whole batch's ``output``.
+
+        The loss each example has as a batch of one (:meth:`example_loss`): the rows of
+        a per-example loss (``reduction='none'``) summed, a reducing loss applied to each
+        example alone (:func:`each_alone`), the output's rows summed without a loss.
+
+        Raises:
+            InvalidArgumentError: a per-example loss that does not return one row per
+                example.
+        """
+        if self.fn is None:
+            own = _rows_summed(output, batch_size)
+        elif self.reduction == "none":
+            value = self._apply(output, labels)
+            own = _rows_summed(value, batch_size)
+            if own is None:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                raise InvalidArgumentError(
+                    f"loss_fn is used as a per-example loss but returned {shape} for a batch "
+                    f"of {batch_size}; return one loss per example (reduction='none')"
+                )
+        else:
+            own = each_alone(self.fn, output, labels, batch_size)
+        if own is None:  # check_packed_output saw one row per example: not reached
+            raise InvalidArgumentError(f"the model output has no row per example of {batch_size}")
+        return own
+
     def example_loss(self, output: torch.Tensor, labels: Any) -> torch.Tensor:
         """Loss of one example given as a batch of one (a scalar). Callers make the
         gradients of an example whose loss is not finite NaN (:func:`nan_where_undefined`)."""

@@ -1,0 +1,288 @@
+"""Packed batches: examples a collate_fn concatenated, told apart only by the labels and
+the model output (text for an nn.EmbeddingBag with offsets, graphs with a batch vector).
+
+Captum's TracInCP differentiates each example's loss from the whole batch's output, so it
+scores such batches; every TracIn method here must too, exactly. The reference is a
+float64 loop that runs each example alone (one bag, one graph).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from proponents import TracInCP, TracInCPFast, TracInCPFastRandProj
+from proponents.errors import BatchFormatError
+
+LRS = (0.5, 1.5)
+
+
+class BagText(nn.Module):
+    """Text classifier over bags of tokens: model(tokens, offsets)."""
+
+    def __init__(self, sparse: bool = False) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(40, 6, mode="mean", sparse=sparse)
+        self.hidden = nn.Linear(6, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.hidden(self.bag(tokens, offsets))))
+
+
+class MeanPoolGraph(nn.Module):
+    """Graph classifier: node features averaged per graph of the batch vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node = nn.Linear(4, 5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, graph_of_node: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.node(x))
+        n = int(graph_of_node.max()) + 1
+        sums = h.new_zeros(n, h.shape[1]).index_add(0, graph_of_node, h)
+        return self.fc(sums / torch.bincount(graph_of_node, minlength=n)[:, None].to(h.dtype))
+
+
+def texts(n: int, seed: int, longest: int = 6) -> list[tuple[torch.Tensor, int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(1, longest + 1, (1,), generator=g))
+        out.append(
+            (
+                torch.randint(0, 40, (length,), generator=g),
+                int(torch.randint(0, 3, (1,), generator=g)),
+            )
+        )
+    return out
+
+
+def collate_text(batch):
+    tokens = [t for t, _ in batch]
+    offsets = torch.tensor([0] + [len(t) for t in tokens[:-1]]).cumsum(0)
+    return torch.cat(tokens), offsets, torch.tensor([label for _, label in batch])
+
+
+def save_checkpoints(model: nn.Module, folder) -> list[str]:
+    torch.manual_seed(1)
+    paths = []
+    for c, lr in enumerate(LRS):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        path = str(folder / f"{c}.pt")
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr}, path)
+        paths.append(path)
+    return paths
+
+
+def reference_grads(make, paths, examples, run_alone, only=None) -> list[torch.Tensor]:
+    """Per checkpoint, ``(n, P)`` float64 gradients of each example run alone, times sqrt(lr)."""
+    out = []
+    for path in paths:
+        state = torch.load(path)
+        model = make().double()
+        model.load_state_dict(state["model_state_dict"])
+        rows = []
+        for example, label in examples:
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(run_alone(model, example), torch.tensor([label]))
+            loss.backward()
+            rows.append(
+                torch.cat(
+                    [
+                        (p.grad.to_dense() if p.grad.is_sparse else p.grad).flatten()
+                        for name, p in model.named_parameters()
+                        if only is None or name.startswith(only)
+                    ]
+                )
+            )
+        out.append(torch.stack(rows) * state["learning_rate"] ** 0.5)
+    return out
+
+
+def bag_alone(model, tokens):
+    return model(tokens, torch.tensor([0]))
+
+
+def reference_scores(grads, test_rows):
+    return sum(g[test_rows] @ g.T for g in grads)
+
+
+def reference_self(grads):
+    return sum((g * g).sum(1) for g in grads)
+
+
+@pytest.fixture(scope="module")
+def text_case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packed_text")
+    torch.manual_seed(0)
+    model = BagText()
+    paths = save_checkpoints(model, folder)
+    train = texts(23, seed=2)
+    return model, paths, train
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_tracincp_scores_packed_text_exactly(text_case, per_batch):
+    model, paths, train = text_case
+    loss = nn.CrossEntropyLoss(reduction="sum" if per_batch else "none")
+    loader = DataLoader(train, batch_size=5, collate_fn=collate_text)
+    tracin = TracInCP(
+        model, loader, paths, loss_fn=loss, batch_size=5, sample_wise_grads_per_batch=per_batch
+    )
+    grads = reference_grads(BagText, paths, train, bag_alone)
+    tokens, offsets, labels = collate_text(train[:4])
+    want = reference_scores(grads, slice(0, 4))
+    got = tracin.influence((tokens, offsets), labels, k=None)
+    assert got.shape == (4, 23)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    top = tracin.influence((tokens, offsets), labels, k=3)
+    assert torch.equal(top.indices, want.topk(3, dim=1).indices)
+    low = tracin.influence((tokens, offsets), labels, k=3, proponents=False)
+    assert torch.equal(low.indices, (-want).topk(3, dim=1).indices)
+    torch.testing.assert_close(
+        tracin.self_influence().double(), reference_self(grads), rtol=1e-4, atol=1e-4
+    )
+    # test examples as a DataLoader of packed batches too
+    tests = DataLoader(train[:4], batch_size=3, collate_fn=collate_text)
+    torch.testing.assert_close(tracin.influence(tests, k=None).double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_text_matches_captum(text_case):
+    captum_influence = pytest.importorskip("captum.influence")
+    model, paths, train = text_case
+    loader = DataLoader(train, batch_size=5, collate_fn=collate_text)
+
+    def load(net, path):
+        state = torch.load(path)
+        net.load_state_dict(state["model_state_dict"])
+        return state["learning_rate"]
+
+    loss = nn.CrossEntropyLoss(reduction="none")
+    ours = TracInCP(model, loader, paths, load, loss_fn=loss, batch_size=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = captum_influence.TracInCP(model, loader, paths, load, loss_fn=loss, batch_size=5)
+        tokens, offsets, labels = collate_text(train[:4])
+        want = theirs.influence((tokens, offsets, labels), k=None)
+    torch.testing.assert_close(
+        ours.influence((tokens, offsets), labels, k=None), want, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_last_layer_methods_score_packed_text_exactly(text_case):
+    model, paths, train = text_case
+    loader = DataLoader(train, batch_size=5, collate_fn=collate_text)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    grads = reference_grads(BagText, paths, train, bag_alone, only="fc")
+    tokens, offsets, labels = collate_text(train[:4])
+    want = reference_scores(grads, slice(0, 4))
+    fast = TracInCPFast(model, "fc", loader, paths, loss_fn=loss, batch_size=5)
+    torch.testing.assert_close(
+        fast.influence((tokens, offsets), labels, k=None).double(), want, rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        fast.self_influence().double(), reference_self(grads), rtol=1e-4, atol=1e-5
+    )
+    index = TracInCPFastRandProj(model, "fc", loader, paths, loss_fn=loss, batch_size=5)
+    torch.testing.assert_close(
+        index.influence((tokens, offsets), labels, k=None).double(), want, rtol=1e-4, atol=1e-5
+    )
+    top = index.influence((tokens, offsets), labels, k=4)
+    assert torch.equal(top.indices, want.topk(4, dim=1).indices)
+
+
+def test_packed_graphs_with_a_batch_vector(tmp_path):
+    torch.manual_seed(0)
+    model = MeanPoolGraph()
+    paths = save_checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(3)
+    graphs = [
+        (
+            torch.randn(int(torch.randint(1, 5, (1,), generator=g)), 4, generator=g),
+            int(torch.randint(0, 2, (1,), generator=g)),
+        )
+        for _ in range(13)
+    ]
+
+    def collate(batch):
+        x = torch.cat([nodes for nodes, _ in batch])
+        graph_of_node = torch.cat(
+            [torch.full((len(nodes),), i) for i, (nodes, _) in enumerate(batch)]
+        )
+        return x, graph_of_node, torch.tensor([label for _, label in batch])
+
+    loader = DataLoader(graphs, batch_size=4, collate_fn=collate)
+    tracin = TracInCP(
+        model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
+    )
+    grads = reference_grads(
+        MeanPoolGraph,
+        paths,
+        graphs,
+        lambda net, x: net(x.double(), torch.zeros(len(x), dtype=torch.long)),
+    )
+    x, graph_of_node, labels = collate(graphs[:3])
+    torch.testing.assert_close(
+        tracin.influence((x, graph_of_node), labels, k=None).double(),
+        reference_scores(grads, slice(0, 3)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        tracin.self_influence().double(), reference_self(grads), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_batch_whose_rows_happen_to_match_is_still_read_as_packed(tmp_path):
+    """A last batch of one-token texts has one row per example in every tensor; read by
+    rows, each example would get offsets [i] into a one-token input (a wrong bag). Once
+    the data showed packed batches, it is run whole like the others."""
+    torch.manual_seed(0)
+    model = BagText(sparse=True)  # sparse gradients: the Jacobian is taken per example
+    paths = save_checkpoints(model, tmp_path)
+    train = texts(9, seed=4, longest=3) + [(torch.tensor([t]), 1) for t in (3, 17, 29)]
+    loader = DataLoader(train, batch_size=3, collate_fn=collate_text)
+    tracin = TracInCP(
+        model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=3
+    )
+    grads = reference_grads(lambda: BagText(sparse=True), paths, train, bag_alone)
+    torch.testing.assert_close(
+        tracin.self_influence().double(), reference_self(grads), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_labels_that_fit_neither_the_inputs_nor_the_output_are_refused(tmp_path):
+    net = nn.Linear(5, 2)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    data = torch.utils.data.TensorDataset(torch.randn(6, 5), torch.randint(0, 2, (6,)))
+    tracin = TracInCP(
+        net, data, [str(tmp_path / "net.pt")], loss_fn=nn.CrossEntropyLoss(reduction="none")
+    )
+    with pytest.raises(
+        BatchFormatError, match=r"3 labels.*inputs of 4 examples.*output has 4 rows.*packed batch"
+    ):
+        tracin.influence((torch.randn(4, 5),), torch.tensor([0, 1, 1]))
+    # the same in a training batch a collate_fn made
+    loader = DataLoader(
+        list(zip(torch.randn(6, 5), torch.randint(0, 2, (6,)))),
+        batch_size=3,
+        collate_fn=lambda b: (
+            torch.stack([x for x, _ in b]),
+            torch.tensor([int(y) for _, y in b][:2]),
+        ),
+    )
+    bad = TracInCP(
+        net, loader, [str(tmp_path / "net.pt")], loss_fn=nn.CrossEntropyLoss(reduction="none")
+    )
+    with pytest.raises(
+        BatchFormatError, match=r"2 labels.*inputs of 3 examples.*output has 3 rows"
+    ):
+        bad.self_influence()
