@@ -300,3 +300,44 @@ def test_probes_of_another_whole_content_scheme_are_compared_by_their_items():
     assert not probes_differ(f"{_WHOLE_PROBE_V1}items:aaa", new_b)  # not comparable
     assert probes_differ(f"{_WHOLE_PROBE_V1}other:aaa", new_b)  # the items still count
     assert not probes_differ("items", new_a)  # a probe of items only
+
+
+class _Scaled(nn.Module):
+    def __init__(self, scale=2.0, mode="tanh", steps=(1, 2)):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale, self.mode, self.steps = scale, mode, steps
+        self.vocabulary = [f"w{i}" for i in range(500)]  # long: counted by a digest
+        self.helper = object()  # no stable text: left out
+
+    def forward(self, x):
+        h = self.lin(x) * self.scale
+        return torch.tanh(h) if self.mode == "tanh" else torch.sigmoid(h)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: setattr(m, "scale", -1.0),
+        lambda m: setattr(m, "mode", "sigmoid"),
+        lambda m: setattr(m, "steps", (1, 3)),
+        lambda m: m.vocabulary.__setitem__(250, "other"),
+    ],
+    ids=["float", "string", "tuple", "long list"],
+)
+def test_plain_attributes_count_and_bookkeeping_does_not(edit):
+    """A forward may read a module's plain attributes as settings: a change to one changes
+    both digests. Twins built alike agree although each holds an object of its own (whose
+    text names its address), and switching train/eval mode changes neither (gradients and
+    activations are taken in eval mode whatever the mode)."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    twin = _Scaled()
+    twin.load_state_dict(model.state_dict())
+    full, quick = model_fingerprint(model), quick_model_digest(model)
+    assert (model_fingerprint(twin), quick_model_digest(twin)) == (full, quick)
+    model.eval()
+    assert (model_fingerprint(model), quick_model_digest(model)) == (full, quick)
+    edit(model)
+    assert model_fingerprint(model) != full
+    assert quick_model_digest(model) != quick

@@ -277,3 +277,66 @@ def test_a_similarity_entry_without_its_norms_is_rebuilt(tmp_path):
         got = fresh.influence(xt, top_k=5)["0"]
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+def test_load_refuses_a_model_whose_unprinted_settings_differ(tmp_path):
+    """An index built with nn.TransformerEncoderLayer(norm_first=False) loaded into one
+    with norm_first=True (same weights, same printed architecture, other gradients):
+    refused, naming the setting (before: loaded, scores off by up to 5.8). The same
+    settings load, and so does an index saved before settings were recorded."""
+
+    def encoder(norm_first):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(
+            4, 2, dim_feedforward=8, dropout=0.0, batch_first=True, norm_first=norm_first
+        )
+        return nn.Sequential(layer, nn.Flatten(), nn.Linear(12, 3))
+
+    model = encoder(False)
+    x, y = torch.randn(30, 3, 4), torch.randint(0, 3, (30,))
+    train = TensorDataset(x, y)
+    paths = save_checkpoints(model, tmp_path, [1.0], torch.Generator().manual_seed(1), "c")
+    index = _index(model, train, paths)
+    index.save(tmp_path / "index")
+    with pytest.raises(IndexMismatchError, match=r"settings differ.*0\.norm_first=True now"):
+        _load(tmp_path / "index", encoder(True), paths, train)
+    again = _load(tmp_path / "index", encoder(False), paths, train)
+    torch.testing.assert_close(
+        again.influence((x[:4],), y[:4], k=None), index.influence((x[:4],), y[:4], k=None)
+    )
+    _resign(tmp_path / "index", lambda m: m["meta"].pop("module_attributes"))
+    old = _load(tmp_path / "index", encoder(False), paths, train)
+    assert torch.equal(old.embeddings, index.embeddings)
+
+
+class _Counting(nn.Module):
+    """A forward that updates plain attributes of its own: state, not settings."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+        self.calls, self.longest = 0, 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.longest = max(self.longest, x.shape[0])
+        return self.net(x)
+
+
+def test_state_a_forward_updates_is_put_back_and_not_compared(tmp_path):
+    """A call counter and a cached batch length that forward updates are put back after
+    every call (the model is left as it was) and are not settings: an index saved after
+    calls loads into a fresh model, and answers as the original."""
+    torch.manual_seed(0)
+    model = _Counting()
+    x, y = torch.randn(46, 6), torch.randint(0, 5, (46,))
+    train = TensorDataset(x[:40], y[:40])
+    paths = save_checkpoints(model, tmp_path, [0.5, 1.5], torch.Generator().manual_seed(1), "c")
+    index = TracInCPFastRandProj(model, "net.2", train, paths, loss_fn=LOSS, batch_size=16)
+    want = index.influence((x[40:],), y[40:], k=None)
+    assert (model.calls, model.longest) == (0, 0)
+    index.save(tmp_path / "index")
+    fresh = _Counting()
+    loaded = TracInCPFastRandProj.load(tmp_path / "index", fresh, paths, LOSS, train_dataset=train)
+    torch.testing.assert_close(loaded.influence((x[40:],), y[40:], k=None), want)
+    assert (fresh.calls, fresh.longest) == (0, 0)

@@ -1745,3 +1745,46 @@ def test_activation_dir_that_is_empty_or_a_file_is_refused(tmp_path, monkeypatch
     (tmp_path / "dir" / "m1").write_text("a file")
     with pytest.raises(InvalidArgumentError, match=r"model_id folder '.*m1' is a file"):
         SimilarityInfluence(model, "lin1", train, tmp_path / "dir", model_id="m1")
+
+
+class _Tempered(nn.Module):
+    """A model whose forward reads a plain float attribute (no tensor, no submodule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(6, 8), nn.Linear(8, 5)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        return self.lin2(torch.tanh(self.lin1(x) / self.temperature))
+
+
+def test_a_changed_setting_extra_repr_does_not_print_is_not_served_stale(tmp_path):
+    """nn.TransformerEncoderLayer.norm_first (extra_repr is empty) and a user's own float
+    attribute change what the model computes, no weight: the stored activations are
+    rebuilt (before: the old ones were served, the results those of the old setting),
+    and the store then answers as a store of the new setting built from scratch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True),
+        nn.Flatten(),
+    ).eval()
+    x, xt = torch.randn(N_SRC, 3, 8), torch.randn(N_TEST, 3, 8)
+    train = TensorDataset(x, torch.zeros(N_SRC))
+    SimilarityInfluence(model, "1", train, tmp_path, batch_size=8).influence(xt, top_k=4)
+    model[0].norm_first = True
+    with pytest.warns(StoreRebuildWarning, match="model"):
+        got = SimilarityInfluence(model, "1", train, tmp_path, batch_size=8).influence(xt, top_k=4)
+    _check(got["1"], _brute(_acts(model, "1", xt), _acts(model, "1", x), "cosine", "max", 4))
+
+    tempered = _seeded(_Tempered)
+    train, test = _data()
+    sim = SimilarityInfluence(tempered, "lin2", train, tmp_path / "t", batch_size=8)
+    sim.influence(test, top_k=4)
+    tempered.temperature = -2.0
+    with pytest.warns(StoreRebuildWarning, match="model"):
+        got = sim.influence(test, top_k=4)  # the same object, called again
+    want = _brute(
+        _acts(tempered, "lin2", test), _acts(tempered, "lin2", train.tensors[0]), "cosine", "max", 4
+    )
+    _check(got["lin2"], want)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from proponents.model_guard import GlobalRandomState, written_by_forward
+from proponents.module_settings import callable_name, plain_attributes
 
 #: Width of the matrix a tensor's 32-bit words are laid out in for the cheap digest.
 _DIGEST_COLUMNS = 1024
@@ -74,22 +75,39 @@ def _model_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     ]
 
 
-def _callable_name(fn: Any) -> str:
-    """Module and qualified name of a function, or of the class of a callable object
-    (a bound method by its function; ``functools.partial`` by what it wraps)."""
-    fn = getattr(fn, "func", fn)  # functools.partial
-    fn = getattr(fn, "__func__", fn)  # bound method
-    named = fn if hasattr(fn, "__qualname__") else type(fn)
-    return f"{getattr(named, '__module__', '')}.{named.__qualname__}"
-
-
 def _hook_lines(module: nn.Module) -> str:
     """The forward (pre-)hooks registered on ``module``, by kind and callable name."""
     parts: list[str] = []
     for kind in ("_forward_pre_hooks", "_forward_hooks"):
         hooks = getattr(module, kind, None) or {}
-        parts.extend(f"{kind[1:]}={_callable_name(h)}" for h in hooks.values())
+        parts.extend(f"{kind[1:]}={callable_name(h)}" for h in hooks.values())
     return ";".join(parts)
+
+
+def _attribute_settings(module: nn.Module) -> list[tuple[str, str]]:
+    """``(name, text)`` of the module's plain-valued attributes (settings), leaving out
+    those its forward was seen to change (state, put back by the model guard)."""
+    written = written_by_forward(module)
+    return [(k, v) for k, v in plain_attributes(module).items() if k not in written]
+
+
+def module_attributes(module: nn.Module) -> str:
+    """The plain-valued attributes a module instance holds beyond every module's own, as
+    ``name=value`` pairs in name order: settings that ``extra_repr()`` may not print
+    (``nn.TransformerEncoderLayer.norm_first`` and its activation function, say) and a
+    user's own (a temperature, a mode string) that its ``forward`` may read."""
+    return ",".join(f"{name}={text}" for name, text in _attribute_settings(module))
+
+
+def attribute_lines(model: nn.Module) -> list[str]:
+    """One ``"module.attribute=value"`` line per plain-valued attribute of every submodule
+    (:func:`module_attributes`; ``(model).`` for the model's own, shared submodules under
+    every name they have): what a saved index compares besides :func:`architecture`."""
+    return [
+        f"{name or '(model)'}.{attribute}={text}"
+        for name, module in model.named_modules(remove_duplicate=False)
+        for attribute, text in _attribute_settings(module)
+    ]
 
 
 def _class_name(obj: object) -> str:
@@ -188,11 +206,13 @@ def _has_contents(cell: Any) -> bool:
 def module_structure(model: nn.Module) -> str:
     """A text description of the module tree: one line per submodule (shared ones
     under every name they have), with its dotted name, its class (module and qualified
-    name) and its ``extra_repr()`` (the settings a module prints, e.g. a convolution's
-    stride or a LeakyReLU's slope).
+    name), its ``extra_repr()`` (the settings a module prints, e.g. a convolution's
+    stride or a LeakyReLU's slope) and its plain-valued attributes
+    (:func:`module_attributes`: the settings it may not print, and a user's own).
 
     It changes when a submodule is replaced by one of another class (``nn.ReLU`` by
-    ``nn.Tanh``, a layer by a subclass with its own ``forward``) or with other settings,
+    ``nn.Tanh``, a layer by a subclass with its own ``forward``) or with other settings
+    (printed or not),
     and when a forward hook or pre-hook is added or removed (on a submodule, or globally),
     even when no weight changes. A hook counts by its callable's name: what a closure
     captures does not. Cheap: no tensor is read.
@@ -200,12 +220,13 @@ def module_structure(model: nn.Module) -> str:
     from torch.nn.modules import module as torch_module
 
     lines = [
-        f"{name}|{_class_name(module)}|{_settings(module)}|{_hook_lines(module)}"
+        f"{name}|{_class_name(module)}|{_settings(module)}|{module_attributes(module)}|"
+        f"{_hook_lines(module)}"
         for name, module in model.named_modules(remove_duplicate=False)
     ]
     for kind in ("_global_forward_pre_hooks", "_global_forward_hooks"):
         hooks = getattr(torch_module, kind, None) or {}
-        lines.extend(f"{kind[1:]}={_callable_name(h)}" for h in hooks.values())
+        lines.extend(f"{kind[1:]}={callable_name(h)}" for h in hooks.values())
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from proponents.allocator import keep_freed_memory
 from proponents.errors import InvalidArgumentError
+from proponents.module_settings import plain_attributes
 
 
 def _refuse_lazy(model: nn.Module) -> None:
@@ -151,6 +153,9 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
         for name, value in vars(m).items()
         if isinstance(value, torch.Tensor)
     ]
+    # Plain-valued attributes (settings, see proponents.module_settings), as they were: a
+    # forward that updates one (a cached sequence length, a call counter) changes state.
+    settings = {m: (plain_attributes(m), dict(vars(m))) for m in model.modules()}
     token = _BY_REFERENCE.set(loads_by_reference)
     try:
         copied: set[int] = set(uncopied)
@@ -164,7 +169,7 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
         yield model
     finally:
         _BY_REFERENCE.reset(token)
-        _to_the_end(lambda: _put_back(model, slots, originals, modes, attributes, tables))
+        _to_the_end(lambda: _put_back(model, slots, originals, modes, attributes, tables, settings))
 
 
 def _to_the_end(action: Callable[[], None]) -> None:
@@ -196,6 +201,7 @@ def _put_back(
     modes: dict[nn.Module, bool],
     attributes: list[tuple[nn.Module, str, torch.Tensor]],
     tables: list[tuple[nn.Module, dict, dict, dict, set]],
+    settings: dict[nn.Module, tuple[dict[str, str], dict[str, Any]]],
 ) -> None:
     """Put ``model`` back as :func:`preserved` found it (idempotent)."""
     for m, params, buffers, children, non_persistent in tables:
@@ -229,15 +235,28 @@ def _put_back(
                 del m.__dict__[name]
     for m, name, value in attributes:
         m.__dict__[name] = value
+    # Likewise a plain-valued attribute the call changed, added or removed: put back, and
+    # remembered as state.
+    for m, (texts, values) in settings.items():
+        current = plain_attributes(m)
+        for name in {*texts, *current}:
+            if texts.get(name) == current.get(name):
+                continue
+            written_by_forward(m).add(name)
+            if name in values:
+                m.__dict__[name] = values[name]
+            else:
+                m.__dict__.pop(name, None)
 
 
-#: Per module, the names of tensor attributes its forward was seen to (re)assign.
+#: Per module, the names of plain attributes its forward was seen to (re)assign.
 _WRITTEN: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def written_by_forward(module: nn.Module) -> set[str]:
-    """Names of the plain tensor attributes ``module``'s forward assigned during a guarded
-    call (a kept activation, say): state, which fingerprints leave out."""
+    """Names of the plain attributes ``module``'s forward assigned during a guarded call
+    (a kept activation, an updated counter or cached length, say): state, which
+    fingerprints leave out."""
     names = _WRITTEN.get(module)
     if names is None:
         names = _WRITTEN[module] = set()

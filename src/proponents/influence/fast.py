@@ -59,6 +59,7 @@ from proponents.errors import (
 )
 from proponents.fingerprints import (
     architecture,
+    attribute_lines,
     dataset_probe,
     loader_probe,
     loss_fingerprint,
@@ -137,6 +138,15 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
     was_arch, now_arch = saved.get("architecture"), expected["architecture"]
     if was_arch is not None and was_arch != now_arch:
         out.append("model: " + _architecture_difference(was_arch, now_arch))
+    else:
+        was_attrs, now_attrs = saved.get("module_attributes"), expected["module_attributes"]
+        changed = [] if was_attrs is None else _changed_settings(was_attrs, now_attrs)
+        if changed:
+            out.append(
+                "model: its modules' settings differ from those of the model the index was "
+                f"built with ({'; '.join(changed[:3])}); the embeddings are gradients of that "
+                "model"
+            )
     if saved.get("final_fc_layer") != expected["final_fc_layer"]:
         out.append(
             f"final_fc_layer: the index was built for {saved.get('final_fc_layer')!r}, "
@@ -208,6 +218,20 @@ def _architecture_difference(was: list[str], now: list[str]) -> str:
     )
 
 
+def _changed_settings(was: list[str], now: list[str]) -> list[str]:
+    """``"module.attribute=value now, value then"`` for each module setting (a
+    ``"module.attribute=value"`` line of :func:`~proponents.fingerprints.attribute_lines`)
+    that both models have, with another value. A setting only one of them has is not
+    compared: it may be state a forward updates (left out once seen changing, so an
+    index saved after calls lacks it), not a setting."""
+    then = dict(line.split("=", 1) for line in was)
+    return [
+        f"{key}={value} now, {then[key]} then"
+        for key, value in (line.split("=", 1) for line in now)
+        if key in then and then[key] != value
+    ]
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -232,9 +256,13 @@ _INDEX_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
         "None or a list of strings",
         lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
     ),
+    "module_attributes": (
+        "None or a list of strings",
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    ),
 }
 #: Fields an index may lack (written before they were recorded).
-_OPTIONAL_INDEX_FIELDS = ("learning_rates", "architecture")
+_OPTIONAL_INDEX_FIELDS = ("learning_rates", "architecture", "module_attributes")
 
 
 def _malformed_index_field(saved: dict[str, Any]) -> str | None:
@@ -900,6 +928,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "strategy": sorted(set(self._engine.strategies.values())),
             "nearest_neighbors": self.nearest_neighbors.config(),
             "architecture": architecture(self.model),
+            "module_attributes": attribute_lines(self.model),
             "learning_rates": self._learning_rates,
         }
 
@@ -1125,6 +1154,7 @@ class TracInCPFastRandProj(TracInCPFast):
                 "loss_reduction_by_signature": obj._loss.by_signature,
                 "loss": loss_fingerprint(obj._loss.fn),
                 "architecture": architecture(obj.model),
+                "module_attributes": attribute_lines(obj.model),
             }
             _match_files_to_loaded_objects(saved, expected, obj._watch.checkpoints)
             differences = _index_differences(saved, expected)
@@ -1149,8 +1179,9 @@ class TracInCPFastRandProj(TracInCPFast):
                     "checkpoint_kinds",  # the same
                     "nearest_neighbors",
                     "dataset_probe",
-                    "architecture",  # compared above; indexes written before it was recorded
-                    "learning_rates",  # lack these two
+                    "architecture",  # compared above; indexes written before they were
+                    "module_attributes",  # recorded lack these three
+                    "learning_rates",
                 ),
                 required=("embeddings",),
             )
