@@ -140,11 +140,11 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
         out.append("model: " + _architecture_difference(was_arch, now_arch))
     else:
         was_attrs, now_attrs = saved.get("module_attributes"), expected["module_attributes"]
-        changed = [] if was_attrs is None else _changed_settings(was_attrs, now_attrs)
-        if changed:
+        settings = [] if was_attrs is None else _changed_settings(was_attrs, now_attrs)
+        if settings:
             out.append(
                 "model: its modules' settings differ from those of the model the index was "
-                f"built with ({'; '.join(changed[:3])}); the embeddings are gradients of that "
+                f"built with ({'; '.join(settings[:3])}); the embeddings are gradients of that "
                 "model"
             )
     if saved.get("final_fc_layer") != expected["final_fc_layer"]:
