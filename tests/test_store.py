@@ -497,3 +497,38 @@ def test_dataset_probe_sees_content_changes():
     assert a != dataset_probe(TensorDataset(x.flip(0), y))
     assert a != dataset_probe(TensorDataset(x[:49], y[:49]))
     assert dataset_probe(iter([1, 2])) is None
+
+
+def test_files_of_the_user_where_the_store_writes_are_not_taken_for_its_own(tmp_path):
+    """activation_dir="." with the default model_id puts the store in ./src: a project's own
+    src/encoder.json (JSON without the store's format field) is refused with a StoreError
+    naming it, never overwritten (before: called a damaged manifest and replaced), and a
+    file named like an array of the key but without a token of the store's (encoder~abc~
+    notes.npy) survives the cleanup of a build (before: deleted)."""
+    from proponents import SimilarityInfluence
+
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    config = project / "src" / "encoder.json"
+    config.write_text('{"my": "config"}')
+    notes = project / "src" / "encoder~abc~notes.npy"
+    notes.write_bytes(b"user data")
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.encoder(x)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(5, 4), torch.zeros(5))
+    sim = SimilarityInfluence(Encoder(), "encoder", data, project)
+    with pytest.raises(StoreError, match=r"encoder\.json.*not a manifest of this store.*move"):
+        sim.influence(torch.randn(2, 4), top_k=2)
+    assert config.read_text() == '{"my": "config"}'
+    config.rename(project / "my-config.json")
+    result = sim.influence(torch.randn(2, 4), top_k=2)
+    assert result["encoder"][0].shape == (2, 2)
+    assert notes.read_bytes() == b"user data"

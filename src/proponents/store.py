@@ -729,7 +729,9 @@ class ArrayStore:
             names = os.listdir(self.directory)
         except OSError:
             return
-        ours = re.compile(rf"{re.escape(key)}{_SEP}([0-9a-f]+)(?:{_SEP}[^{_SEP}]+\.npy|(\.json))")
+        ours = re.compile(
+            rf"{re.escape(key)}{_SEP}([0-9a-f]{{8,32}})(?:{_SEP}[^{_SEP}]+\.npy|(\.json))"
+        )
         for fname in names:
             temporary = fname.startswith(_TMP)
             match = ours.fullmatch(fname[len(_TMP) :] if temporary else fname)
@@ -755,7 +757,15 @@ def _parse_manifest(key: str, path: Path, text: bytes) -> tuple[dict[str, Any] |
         manifest = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None, f"its manifest {path.name} is not valid JSON (damaged)"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+    if not isinstance(manifest, dict) or "format" not in manifest:
+        # JSON this store never writes (each of its manifests has a format field): a file of
+        # someone else's where an entry's manifest would go, not a damaged one
+        raise StoreError(
+            f"{str(path)!r} holds JSON that is not a manifest of this store, and rebuilding "
+            f"the entry {key!r} would overwrite it; move the file away, or give another "
+            "directory (activation_dir, model_id) for the stored arrays"
+        )
+    if manifest.get("format") != FORMAT_NAME:
         return None, f"{path.name} is not a manifest of this store (damaged)"
     if manifest.get("checksum") != _checksum(manifest):
         return None, f"its manifest {path.name} fails its checksum (damaged)"
