@@ -532,3 +532,19 @@ def test_files_of_the_user_where_the_store_writes_are_not_taken_for_its_own(tmp_
     result = sim.influence(torch.randn(2, 4), top_k=2)
     assert result["encoder"][0].shape == (2, 2)
     assert notes.read_bytes() == b"user data"
+
+
+def test_a_reason_shows_where_two_long_values_differ(tmp_path):
+    """Two dataset probes share a long start ('tensors2:' and the same first digest): the
+    reason shows each from just before their first difference (before: both cut to the
+    same 57 characters, so the message did not say what changed)."""
+    store = ArrayStore(tmp_path)
+    common = "tensors2:" + "9f8d" * 20 + ":"
+    was, now = common + "e551d2564970" * 4, common + "c3bc45b9dddd" * 4
+    _write(store, "k", {"probe": was}, [np.zeros((2, 2), np.float32)])
+    entry, why = store.load("k", {"probe": now})
+    assert entry is None
+    shown = re.search(r"probe was (.*), now (.*)$", why)
+    assert shown is not None, why
+    assert "e551d256" in shown.group(1) and "c3bc45b9" in shown.group(2)
+    assert "9f8d" * 20 not in why  # the common start is left out

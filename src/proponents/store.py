@@ -808,10 +808,19 @@ def _checksum(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _describe(value: Any) -> str:
+def _describe(value: Any, other: Any = None) -> str:
+    """A short text for a meta value in a message; for a string that differs from the
+    string ``other`` only after a long common start (two probes of one kind), the part
+    from just before the first difference, so that the two texts shown differ."""
     text = repr(value)
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
-        text = value[:12] + "…"
+        return value[:12] + "…"
+    if isinstance(value, str) and isinstance(other, str) and len(text) > 60:
+        start = next(
+            (i for i, (a, b) in enumerate(zip(value, other)) if a != b), min(len(value), len(other))
+        )
+        if start > 40:
+            text = "…" + repr(value[start - 8 :])[1:]
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -824,7 +833,8 @@ def _compare_meta(
             continue
         if stored.get(field) != expected.get(field):
             diffs.append(
-                f"{field} was {_describe(stored.get(field))}, now {_describe(expected.get(field))}"
+                f"{field} was {_describe(stored.get(field), expected.get(field))}, now "
+                f"{_describe(expected.get(field), stored.get(field))}"
             )
     if diffs:
         return "it was built for something else: " + "; ".join(diffs)
