@@ -149,3 +149,30 @@ def test_euclidean_distance_function_outside_float32_square_range(scale):
     b = (torch.randn(4, 5, generator=g, dtype=torch.float64) * scale).float()
     ref = (a.double()[:, None, :] - b.double()[None, :, :]).norm(dim=-1)
     torch.testing.assert_close(euclidean_distance(a, b).double(), ref, rtol=1e-5, atol=0.0)
+
+
+def test_a_bare_tensor_is_a_source_set_of_its_rows(tmp_path):
+    """Captum reads influence_src_dataset=X (a tensor) through a DataLoader, one example
+    per row; so does SimilarityInfluence (before: refused), with the brute-force results,
+    and an edit of any row rebuilds the store. TracIn training sets need labels: a
+    tensor there is refused, pointing to TensorDataset."""
+    from proponents import TracInCP
+    from proponents.errors import ArgumentTypeError
+    from proponents.store import StoreRebuildWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, test = torch.randn(20, 4), torch.randn(3, 4)
+    with torch.no_grad():
+        src, acts = model[0](x), model[0](test)
+    got = SimilarityInfluence(model, ["0", "2"], x, tmp_path, batch_size=6).influence(test, top_k=4)
+    order, scores = _cosine_ranking(acts, src, 4)
+    assert torch.equal(got["0"][0], order)
+    torch.testing.assert_close(got["0"][1].double(), scores, rtol=1e-5, atol=1e-6)
+    x[7] += 1.0  # not one of the five sampled rows
+    with pytest.warns(StoreRebuildWarning, match="dataset_probe"):
+        again = SimilarityInfluence(model, "0", x, tmp_path, batch_size=6).influence(test, top_k=4)
+    with torch.no_grad():
+        assert torch.equal(again["0"][0], _cosine_ranking(acts, model[0](x), 4)[0])
+    with pytest.raises(ArgumentTypeError, match=r"tensor of shape \(20, 4\).*TensorDataset"):
+        TracInCP(model, x, [], loss_fn=nn.CrossEntropyLoss(reduction="sum"))

@@ -260,16 +260,45 @@ def is_example_list(data: Any) -> bool:
     )
 
 
+class TensorRows(TensorDataset):
+    """A tensor read as a dataset of its rows, item ``i`` being ``tensor[i]`` itself (not
+    a one-tuple): what a DataLoader makes of a bare tensor. A ``TensorDataset`` for the
+    probes (every value counts), read through a DataLoader (a subclass is never sliced
+    as plain rows, see :func:`_tensor_rows`)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        super().__init__(tensor)
+
+    def __getitem__(self, index: Any) -> Tensor:  # type: ignore[override]
+        return self.tensors[0][index]
+
+
 def make_loader(
-    data: Dataset | DataLoader | list | tuple, batch_size: int | None, argument: str
+    data: Dataset | DataLoader | list | tuple | Tensor,
+    batch_size: int | None,
+    argument: str,
+    rows_ok: bool = False,
 ) -> DataLoader:
     """Wrap a Dataset (or a list of examples) in a non-shuffling DataLoader, or return a
-    DataLoader unchanged.
+    DataLoader unchanged. With ``rows_ok`` (sources whose items are model inputs, not
+    ``(inputs, label)`` pairs) a tensor is read as a dataset of its rows
+    (:class:`TensorRows`), as a DataLoader reads it.
 
     Raises:
         ArgumentTypeError: when ``data`` is none of these, or a tuple of tensors.
         InvalidArgumentError: when the dataset is empty or ``batch_size`` is not a positive int.
     """
+    if isinstance(data, Tensor):
+        if not rows_ok or data.dim() == 0:
+            shape = tuple(data.shape)
+            raise ArgumentTypeError(
+                f"{argument} is a tensor of shape {shape}, which holds no labels; pass "
+                "TensorDataset(inputs, labels) (or a Dataset or DataLoader of (inputs, "
+                "label) examples)"
+                if not rows_ok
+                else f"{argument} is a 0-dim tensor; give a tensor with one row per example"
+            )
+        data = TensorRows(data)
     if isinstance(data, tuple) and data and all(isinstance(item, Tensor) for item in data):
         raise ArgumentTypeError(
             f"{argument} is a tuple of tensors, which a DataLoader would read as "

@@ -129,7 +129,8 @@ class SimilarityInfluence(DataInfluence):
             Dataset or a list of examples is read in order with ``batch_size``; a
             non-shuffling DataLoader is used as given. An item that is a tuple or list
             ``(*model_inputs, label)`` feeds ``module(*item[:-1])`` (a 1-tuple feeds its
-            only element); any other item is passed to the model as it is.
+            only element); any other item is passed to the model as it is. A tensor is
+            read as a DataLoader reads it, one example per row.
         activation_dir: directory for the stored activations, created if needed (not
             empty: give ``"."`` for the current directory). The source activations live
             in ``activation_dir/model_id/src``.
@@ -172,7 +173,7 @@ class SimilarityInfluence(DataInfluence):
         self,
         module: nn.Module,
         layers: str | Sequence[str],
-        influence_src_dataset: Dataset | DataLoader | list | tuple,
+        influence_src_dataset: Dataset | DataLoader | list | tuple | Tensor,
         activation_dir: str | os.PathLike[str],
         model_id: str = "",
         similarity_metric: Callable[[Tensor, Tensor], Tensor] = cosine_similarity,
@@ -303,7 +304,7 @@ class SimilarityInfluence(DataInfluence):
                     "passes. Pass the Dataset itself, or a DataLoader with shuffle=False"
                 )
         self._loader = make_loader(
-            self.influence_src_dataset, self.batch_size, "influence_src_dataset"
+            self.influence_src_dataset, self.batch_size, "influence_src_dataset", rows_ok=True
         )
         if self._dist is None:
             return {}
