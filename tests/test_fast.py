@@ -1326,3 +1326,71 @@ def test_memory_budget_takes_numpy_integers(tmp_path):
     exact = TracInCPFast(case.model, "fc2", case.dataset, case.checkpoints, loss_fn=loss)
     want = exact.influence(case.test_inputs, case.test_labels)
     assert_close(rp.influence(case.test_inputs, case.test_labels, k=None), want)
+
+
+def test_a_model_that_is_one_linear_layer_is_its_own_final_layer(tmp_path):
+    """A logistic regression, nn.Linear itself, passed as final_fc_layer (Captum accepts
+    it; before: "not a submodule ... Linear layers: none"): TracInCPFast and the
+    unprojected index equal the float64 per-example loop, and the index saves and loads
+    (its layer name is "", the model itself)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    path = tmp_path / "m.pt"
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.7}, path)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    data = TensorDataset(x, y)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    ref = nn.Linear(4, 3).double()
+    ref.load_state_dict(model.state_dict())
+
+    def grad(i):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i : i + 1].double()), y[i : i + 1]).backward()
+        return torch.cat([ref.weight.grad.flatten(), ref.bias.grad])
+
+    g = torch.stack([grad(i) for i in range(12)])
+    want = 0.7 * g[:3] @ g.T
+    fast = TracInCPFast(model, model, data, [str(path)], loss_fn=loss, batch_size=5)
+    torch.testing.assert_close(
+        fast.influence((x[:3],), y[:3], k=None).double(), want, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        fast.self_influence().double(), 0.7 * (g * g).sum(1), rtol=1e-4, atol=1e-6
+    )
+    index = TracInCPFastRandProj(model, model, data, [str(path)], loss_fn=loss, batch_size=5)
+    torch.testing.assert_close(
+        index.influence((x[:3],), y[:3], k=None).double(), want, rtol=1e-4, atol=1e-6
+    )
+    index.save(tmp_path / "index")
+    loaded = TracInCPFastRandProj.load(
+        tmp_path / "index", model, [str(path)], loss, train_dataset=data
+    )
+    top = loaded.influence((x[:3],), y[:3], k=4)
+    assert torch.equal(top.indices, want.topk(4, dim=1).indices)
+    with pytest.raises(InvalidArgumentError, match=r"'' is a Sequential.*Linear layers are: 0"):
+        TracInCPFast(nn.Sequential(nn.Linear(4, 3)), "", data, [str(path)], loss_fn=loss)
+
+
+def test_labels_passed_inside_inputs_as_in_captum_0_9_get_a_hint(tmp_path):
+    """Captum 0.9 takes influence((x, y)); the late-2022 API takes influence((x,), y). The
+    error for the missing targets says so when the last input looks like labels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    x, y = torch.randn(2, 4), torch.tensor([0, 2])
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    for obj in (
+        TracInCP(model, data, [str(path)], loss_fn=loss, sample_wise_grads_per_batch=True),
+        TracInCPFast(model, "0", data, [str(path)], loss_fn=loss),
+        TracInCPFastRandProj(model, "0", data, [str(path)], loss_fn=loss),
+    ):
+        with pytest.raises(
+            InvalidArgumentError,
+            match=r"targets are required.*looks like the labels.*inputs\[:-1\], inputs\[-1\]",
+        ):
+            obj.influence((x, y))
+        with pytest.raises(InvalidArgumentError, match=r"targets are required") as err:
+            obj.influence((x,))
+        assert "looks like" not in str(err.value)

@@ -657,6 +657,27 @@ def test_batches(
     return [Batch(inputs=args, labels=targets, size=n)], False
 
 
+def labels_inside_hint(inputs: Any) -> str:
+    """A hint for a call without targets whose ``inputs`` end with what looks like the
+    labels (a tensor of integers, or of one value per example, with as many rows as the
+    first input): Captum 0.9 takes the labels inside ``inputs``; this API beside them.
+    Empty when nothing suggests it."""
+    if not isinstance(inputs, (tuple, list)) or len(inputs) < 2:
+        return ""
+    first, last = inputs[0], inputs[-1]
+    if not (isinstance(first, torch.Tensor) and isinstance(last, torch.Tensor)):
+        return ""
+    if first.dim() == 0 or last.dim() == 0 or last.shape[0] != first.shape[0]:
+        return ""
+    integral = not (last.is_floating_point() or last.is_complex())
+    if not (integral or last.dim() == 1):
+        return ""
+    return (
+        f". The last of the {len(inputs)} inputs looks like the labels (Captum 0.9 takes "
+        "them inside inputs); here they go beside them: influence(inputs[:-1], inputs[-1])"
+    )
+
+
 def _task_rows(targets: list | tuple) -> int | None:
     """The common first dimension of a list or tuple of tensors (the targets of several
     tasks, each with the examples in dim 0), else ``None``."""

@@ -19,6 +19,7 @@ from proponents.data import (
     count_examples,
     dataset_length,
     is_example_list,
+    labels_inside_hint,
     loader_batches,
     make_loader,
     model_device,
@@ -299,7 +300,7 @@ class TracInCPBase(DataInfluence):
         if k is not None:
             k = self._check_k(k)
         test, is_loader = test_batches(inputs, targets, unpack_inputs)
-        self._check_targets(targets, is_loader)
+        self._check_targets(inputs, targets, is_loader)
         if isinstance(test, DataLoader):
             empty = dataset_length(test) == 0  # a loader over no examples yields no batch
         else:
@@ -345,11 +346,11 @@ class TracInCPBase(DataInfluence):
             )
         return KMostInfluentialResults(*k_most(scores, k, proponents))
 
-    def _check_targets(self, targets: Any, is_loader: bool) -> None:
+    def _check_targets(self, inputs: Any, targets: Any, is_loader: bool) -> None:
         if self.loss_fn is not None and targets is None and not is_loader:
             raise InvalidArgumentError(
                 f"{self.get_name()}: targets are required when loss_fn is set; pass the "
-                "labels of the test batch"
+                f"labels of the test batch{labels_inside_hint(inputs)}"
             )
 
     def self_influence(self, inputs_dataset: Any = None, show_progress: bool = False) -> Tensor:

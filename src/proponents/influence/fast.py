@@ -35,6 +35,7 @@ from proponents.checks import check_flag, check_int, check_path
 from proponents.data import (
     ListDataset,
     dataset_length,
+    labels_inside_hint,
     loader_batches,
     model_device,
     test_batches,
@@ -317,7 +318,9 @@ def _row_blocks(embeddings: Tensor) -> Any:
 
 def resolve_final_layer(model: nn.Module, final_fc_layer: Any, owner: str) -> str:
     """Name of ``final_fc_layer`` (a module of ``model`` or its dotted name); must be Linear."""
-    modules = named_modules(model)  # aliases too: any name of the layer is accepted
+    # aliases too: any name of the layer is accepted; "" is the model itself, for a model
+    # that is one Linear layer (a logistic regression)
+    modules = {"": model, **named_modules(model)}
     linear = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
     if isinstance(final_fc_layer, str):
         if final_fc_layer not in modules:
@@ -405,7 +408,11 @@ class TracInCPFast(TracInCPBase):
         self.final_fc_layer = cast(nn.Linear, model.get_submodule(self.final_fc_layer_name))
         self.vectorize = vectorize
         self._loss = resolve_loss(loss_fn, None, name)
-        self._selected = resolve_layers(model, [self.final_fc_layer_name], name)
+        self._selected = (
+            resolve_layers(model, [self.final_fc_layer_name], name)
+            if self.final_fc_layer_name
+            else list(dict(model.named_parameters()))  # the model is the layer
+        )
         self._engine = GradientEngine(model, self._selected, self._loss, name)
 
     def _runner(self) -> TracInRunner:
@@ -813,6 +820,7 @@ class TracInCPFastRandProj(TracInCPFast):
         if targets is None and not is_loader:
             raise InvalidArgumentError(
                 f"{name}: targets are required; pass the labels of the test batch"
+                f"{labels_inside_hint(inputs)}"
             )
 
         def query_side() -> Tensor:
