@@ -667,12 +667,73 @@ def mismatched_calls(folder: Path, rank: int) -> None:
     )
 
 
+class _BagText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag, self.fc = nn.EmbeddingBag(30, 5), nn.Linear(5, 3)
+
+    def forward(self, tokens, offsets):
+        return self.fc(self.bag(tokens, offsets))
+
+
+def _pack(batch):
+    tokens = [t for t, _ in batch]
+    offsets = torch.tensor([0] + [len(t) for t in tokens[:-1]]).cumsum(0)
+    return (
+        torch.cat(tokens).to(DEVICE),
+        offsets.to(DEVICE),
+        torch.tensor([label for _, label in batch]).to(DEVICE),
+    )
+
+
+def packed(folder: Path, rank: int) -> None:
+    """Packed text batches (a collate_fn concatenating token lists, EmbeddingBag offsets)
+    sharded over the ranks: every TracIn class equals one process, test batch and
+    self-influence alike."""
+    g = torch.Generator().manual_seed(5)
+    texts = [
+        (torch.randint(0, 30, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g), i % 3)
+        for i in range(17)
+    ]
+    torch.manual_seed(0)
+    model = _BagText().to(DEVICE)
+    path = folder / "bag.pt"
+    if rank == 0:
+        torch.save(model.state_dict(), path)
+    dist.barrier()
+    train = DataLoader(texts, batch_size=4, collate_fn=_pack)
+    tokens, offsets, labels = _pack(texts[:5])
+    none, total = nn.CrossEntropyLoss(reduction="none"), nn.CrossEntropyLoss(reduction="sum")
+    makers = {
+        "TracInCP": lambda d: TracInCP(model, train, [str(path)], loss_fn=none, distributed=d),
+        "TracInCPFast": lambda d: TracInCPFast(
+            model, "fc", train, [str(path)], loss_fn=total, distributed=d
+        ),
+        "TracInCPFastRandProj": lambda d: TracInCPFastRandProj(
+            model, "fc", train, [str(path)], loss_fn=total, distributed=d
+        ),
+    }
+    for label, make in makers.items():
+        alone, sharded = make(False), make(None)
+        if sharded._dist is None:
+            FAILURES.append(f"packed, {label}: not sharded")
+        for mode, kwargs in _query_modes(len(texts)):
+            check(
+                f"packed, {label}, {mode}",
+                alone.influence((tokens, offsets), labels, **kwargs),
+                sharded.influence((tokens, offsets), labels, **kwargs),
+            )
+        if label != "TracInCPFastRandProj":
+            check(f"packed, {label}, self", alone.self_influence(), sharded.self_influence())
+
+
 def _call(obj, call: str, x, y):
     return obj.influence((x,), y, k=3) if call == "influence" else obj.self_influence()
 
 
 SCENARIOS = {"query-failure": query_failure, "whole-batches": whole_batches,
-             "nonfinite": nonfinite, "mismatched-calls": mismatched_calls}  # fmt: skip
+             "nonfinite": nonfinite, "mismatched-calls": mismatched_calls,
+             "packed": packed}  # fmt: skip
 
 
 def finish(rank: int) -> int:

@@ -94,6 +94,12 @@ def test_training_items_that_are_whole_batches(tmp_path):
     _launch(tmp_path, 2, "whole-batches", timeout=120, DIST_TIMEOUT_S="30")
 
 
+def test_packed_batches_shard_like_any_other(tmp_path):
+    """Packed text batches (EmbeddingBag offsets from a collate_fn): every TracIn class
+    sharded over two ranks equals one process, scores and self-influence."""
+    _launch(tmp_path, 2, "packed", timeout=120, DIST_TIMEOUT_S="30")
+
+
 def test_nonfinite_warnings_name_dataset_positions_on_every_rank(tmp_path):
     """A NaN training example in rank 1's shard is named by its dataset position, by
     every rank, as one process names it (before: only rank 1, with its shard position).
