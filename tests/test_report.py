@@ -779,3 +779,53 @@ def test_a_long_summary_value_wraps_instead_of_widening_the_page(browser, tmp_pa
     )
     assert facts["page"] <= 0
     assert "deeply_nested_folder/" in facts["text"]
+
+
+def _cards_of(html: str) -> dict[tuple[str, int], tuple[str, str, bool]]:
+    """(kind, index) -> (label shown, prediction shown, marked wrong), for every card."""
+    found = re.findall(
+        r"<b>(train|test) #(\d+)</b></div><div>label: ([^<]*)</div>"
+        r"<div><span([^>]*)>predicted: ([^<]*)<",
+        html,
+    )
+    return {(kind, int(i)): (label, pred, "wrong" in css) for kind, i, label, css, pred in found}
+
+
+@pytest.mark.parametrize("form", ["tensor", "numpy", "list"])
+def test_float_class_labels_are_named_like_the_integer_they_equal(form):
+    """0./1. targets (a BCE-trained binary model) with label_names: the label shows the
+    name of its class and a matching prediction is not marked wrong. (before: the label
+    was shown as "1" beside "predicted: pos", and every card was red)"""
+    names = ["neg", "pos"]
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(8, 3, generator=g)
+    classes = [0, 1, 1, 0, 1, 0, 0, 1]
+    targets = torch.tensor(classes, dtype=torch.float32)
+    if form == "tensor":  # 0-dim float tensors, as a TensorDataset gives them
+        train: Any = TensorDataset(x, targets)
+    elif form == "numpy":
+        train = [(x[i], np.float32(c)) for i, c in enumerate(classes)]
+    else:
+        train = [(x[i], float(c)) for i, c in enumerate(classes)]
+    predictions = list(classes)
+    predictions[2] = 0  # one wrong prediction: train #2 (label pos, predicted neg)
+    pro = (torch.tensor([[1, 2]]), torch.tensor([[1.0, 0.5]]))
+    html = build_report(
+        train,
+        train,
+        pro,
+        test_indices=[3],
+        test_predictions=[1],  # test #3 is class 0: wrong
+        test_predictions_for="shown",
+        train_predictions=torch.tensor(predictions),
+        self_influence=torch.rand(8, generator=g),
+        label_names=names,
+        plot_figure=False,
+    ).html
+    cards = _cards_of(html)
+    assert len(cards) >= 8 + 1
+    for (kind, i), (label, pred, wrong) in cards.items():
+        given = classes[i]
+        predicted = 1 if kind == "test" else predictions[i]
+        assert label == names[given] and pred == names[predicted]
+        assert wrong == (given != predicted), (kind, i)

@@ -302,6 +302,9 @@ class _Examples:
     def label_text(self, label: Any) -> str:
         value = _label_value(label)
         names = self.label_names
+        if names is not None and _is_integral_float(value):
+            # a float target of a whole value (BCE losses take 0./1.) names its class
+            value = int(value)
         if names is not None and isinstance(value, (int, np.integer)):
             try:
                 # a list names labels 0, 1, ...: -1 is no label of it, not its last name
@@ -511,9 +514,10 @@ def build_report(
             list means none is known.
         baselines: other ``(n_train,)`` suspicion scores to compare in the detection curve,
             by name (e.g. ``{"final loss": losses}``).
-        label_names: names of integer labels (a list, or a dict from label to name). A
-            label it has no name for is shown as its number, with a ``UserWarning``
-            listing those labels.
+        label_names: names of integer labels (a list, or a dict from label to name); a
+            float label of a whole value (a binary model's ``1.0`` target) is named like
+            that integer. A label it has no name for is shown as its number, with a
+            ``UserWarning`` listing those labels.
         render: ``render(*inputs)`` -> what to show for an example: an image array or
             tensor, a PIL image, PNG bytes, or a string (shown as escaped text). By default
             an example's only input is shown (image-like arrays as images, anything else
