@@ -947,3 +947,39 @@ def test_numpy_integer_targets_are_class_indices(tmp_path, make):
     )
     want = obj.influence(case.test_inputs, case.test_labels)
     assert torch.equal(obj.influence(case.test_inputs, make(case.test_labels)), want)
+
+
+def test_a_loader_that_drops_its_last_batch_says_so(tmp_path):
+    """drop_last=True never yields the last examples: they are left out of the results
+    (the loader's batches are the examples, as with a batch sampler that picks some),
+    and a warning names how many (before: silently). The scores of the others are those
+    of the full training set's first columns."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    data = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    full = TracInCP(net, data, [str(tmp_path / "net.pt")], loss_fn=loss, batch_size=4)
+    with pytest.warns(
+        UserWarning, match=r"train_dataset .*drop_last=True: its last 2 examples \(of 10\)"
+    ):
+        dropped = TracInCP(
+            net,
+            DataLoader(data, batch_size=4, drop_last=True),
+            [str(tmp_path / "net.pt")],
+            loss_fn=loss,
+        )
+    torch.testing.assert_close(dropped.self_influence(), full.self_influence()[:8])
+    tests = DataLoader(TensorDataset(x, y), batch_size=2, drop_last=True)
+    with pytest.warns(UserWarning, match=r"inputs .*drop_last=True: its last 1 example \(of 5\)"):
+        scores = full.influence(tests, k=None)
+    torch.testing.assert_close(scores, full.influence((x[:4],), y[:4], k=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped: no warning
+        TracInCP(
+            net,
+            DataLoader(data, batch_size=5, drop_last=True),
+            [str(tmp_path / "net.pt")],
+            loss_fn=loss,
+        )

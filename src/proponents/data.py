@@ -39,6 +39,7 @@ from proponents.errors import (
     article,
     count,
 )
+from proponents.user_warnings import warn
 
 #: A function naming the memory format a tensor's batch copies should have.
 MemoryFormatOf = Callable[[torch.Tensor], torch.memory_format]
@@ -309,6 +310,7 @@ def make_loader(
         data = ListDataset(data)  # read as a DataLoader reads a list: one item per example
     if isinstance(data, DataLoader):
         refuse_shuffled(data, argument)
+        _warn_dropped(data, argument)
         loader = data
     elif isinstance(data, Dataset):
         size = _positive_int(batch_size)
@@ -328,6 +330,24 @@ def make_loader(
     if n == 0:
         raise InvalidArgumentError(f"{argument} is empty: there are no examples to score")
     return loader
+
+
+def _warn_dropped(loader: DataLoader, argument: str) -> None:
+    """Warn when ``drop_last=True`` leaves examples out: the loader's batches, not its
+    dataset, are the examples scored (as with a batch sampler that picks some)."""
+    if not loader.drop_last or loader.batch_size is None:
+        return
+    try:
+        n = len(loader.sampler)  # type: ignore[arg-type]
+    except TypeError:  # an IterableDataset without a length
+        return
+    left = n % loader.batch_size
+    if left:
+        warn(
+            f"{argument} is a DataLoader with drop_last=True: its last {count(left, 'example')} "
+            f"(of {n}) are never read, so they are left out of the results, whose indices "
+            "are positions among the examples it yields; pass drop_last=False to include them"
+        )
 
 
 def _positive_int(value: Any) -> int | None:
@@ -593,6 +613,7 @@ def test_batches(
                 "their labels as the last element"
             )
         refuse_shuffled(inputs, "inputs")
+        _warn_dropped(inputs, "inputs")
         return inputs, True
     args = test_inputs_tuple(inputs, unpack_inputs)
     if len(args) == 0:
