@@ -829,3 +829,29 @@ def test_float_class_labels_are_named_like_the_integer_they_equal(form):
         predicted = 1 if kind == "test" else predictions[i]
         assert label == names[given] and pred == names[predicted]
         assert wrong == (given != predicted), (kind, i)
+
+
+def test_indices_that_are_not_whole_numbers_are_refused_naming_the_argument():
+    """Float result indices or test_indices of a fractional value are refused. (before:
+    they were cut towards zero, so 0.9, 2.7 and 5.5 were shown as train #0, #2 and #5)"""
+    from proponents.errors import ArgumentTypeError
+
+    x = torch.rand(10, 3)
+    data = TensorDataset(x, torch.zeros(10, dtype=torch.long))
+    fractional = torch.tensor([[0.9, 2.7, 5.5]])
+    scores = torch.tensor([[3.0, 2.0, 1.0]])
+    with pytest.raises(InvalidArgumentError, match=r"proponents indices .*0\.9, 2\.7, 5\.5"):
+        build_report(data, data, (fractional, scores), plot_figure=False)
+    one = (torch.tensor([[1]]), scores[:, :1])
+    with pytest.raises(InvalidArgumentError, match=r"opponents indices .*nan"):
+        build_report(data, data, one, (torch.tensor([[float("nan")]]), scores[:, :1]))
+    with pytest.raises(InvalidArgumentError, match=r"test_indices .*1\.5"):
+        build_report(data, data, one, test_indices=[1.5], plot_figure=False)
+    with pytest.raises(ArgumentTypeError, match="proponents indices"):
+        build_report(data, data, (np.array([["a", "b"]]), scores[:, :2]), plot_figure=False)
+    # floats of whole values are positions like ints: the same cards as int indices
+    whole = torch.tensor([[4.0, 7.0, 1.0]])
+    html = build_report(data, data, (whole, scores), test_indices=np.array([2.0]),
+                        plot_figure=False).html  # fmt: skip
+    shown = re.findall(r"<b>(train|test) #(\d+)</b>", html)
+    assert shown == [("test", "2"), ("train", "4"), ("train", "7"), ("train", "1")]

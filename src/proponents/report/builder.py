@@ -115,7 +115,7 @@ def as_results(value: Any, what: str) -> Results:
             f"{what} must be KMostInfluentialResults or an (indices, scores) pair, got "
             f"{type(value).__name__}"
         )
-    indices = _numpy(value[0]).astype(np.int64)
+    indices = _index_array(value[0], f"{what} indices")
     scores = _numpy(value[1]).astype(np.float64)
     if indices.ndim == 1:
         indices, scores = indices[None], scores[None]
@@ -125,6 +125,39 @@ def as_results(value: Any, what: str) -> Results:
             "be (n_test, k)"
         )
     return Results(indices, scores)
+
+
+def _index_array(values: Any, what: str) -> np.ndarray:
+    """``values`` as an int64 array of example positions; floats only of whole values.
+
+    Raises:
+        ArgumentTypeError: values that are not numbers (strings, booleans, objects).
+        InvalidArgumentError: a float that is not a whole number (``2.7``, NaN), which
+            would otherwise be cut to another example's position.
+    """
+    array = _numpy(values)
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64)
+    if array.dtype.kind != "f":
+        if array.size == 0:
+            return array.astype(np.int64)
+        raise ArgumentTypeError(
+            f"{what} must be integer positions of examples, got an array of {array.dtype}"
+        )
+    whole = np.isfinite(array) & (array == np.round(array))
+    if not bool(whole.all()):
+        odd = array[~whole].reshape(-1)
+        shown = ", ".join(f"{v:g}" for v in odd[:5].tolist()) + (", …" if odd.size > 5 else "")
+        raise InvalidArgumentError(
+            f"{what} must be integer positions of examples, got "
+            + (
+                "1 value that is not a whole number"
+                if odd.size == 1
+                else f"{odd.size} values that are not whole numbers"
+            )
+            + f" ({shown})"
+        )
+    return array.astype(np.int64)
 
 
 def _entries(n: int) -> str:
@@ -536,10 +569,12 @@ def build_report(
 
     Raises:
         MissingExtraError: ``plot_figure`` is true and matplotlib is not installed.
-        InvalidArgumentError: indices out of range, shapes or lengths that do not fit,
-            ``test_predictions`` whose reading is ambiguous without
+        InvalidArgumentError: indices out of range, float indices (of the results or
+            ``test_indices``) that are not whole numbers, shapes or lengths that do not
+            fit, ``test_predictions`` whose reading is ambiguous without
             ``test_predictions_for``.
-        ArgumentTypeError: ``mislabeled`` that are neither integers nor a boolean mask.
+        ArgumentTypeError: ``mislabeled`` that are neither integers nor a boolean mask;
+            result indices or ``test_indices`` that are not numbers.
     """
     pro = as_results(proponents, "proponents")
     con = as_results(opponents, "opponents") if opponents is not None else None
@@ -549,7 +584,11 @@ def build_report(
             f"opponents have {con.indices.shape[0]} rows but proponents have {n_shown}; both "
             "need one row per shown test example"
         )
-    rows = list(range(n_shown)) if test_indices is None else [int(i) for i in test_indices]
+    rows = (
+        list(range(n_shown))
+        if test_indices is None
+        else _index_array(test_indices, "test_indices").reshape(-1).tolist()
+    )
     if len(rows) != n_shown:
         raise InvalidArgumentError(
             f"test_indices has {_entries(len(rows))} but the results have {count(n_shown, 'row')}"
