@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 
 import pytest
@@ -379,7 +381,11 @@ def test_load_refuses_other_checkpoints_or_data(tmp_path):
     with pytest.raises(IndexMismatchError, match="built from 2, 1 were given") as refused:
         TracInCPFastRandProj.load(tmp_path / "index", model, paths[:1], loss)
     assert "final_fc_layer:" not in str(refused.value)  # the layer is the same one
-    with pytest.raises(IndexMismatchError, match=r"checkpoint\(s\) \[1, 2\] of 2 differ"):
+    # reversed: both positions hold other contents, each named with its file
+    first, second = (re.escape(os.path.basename(str(p))) for p in paths[::-1])
+    with pytest.raises(
+        IndexMismatchError, match=rf"checkpoint\(s\) 1 \({first}\), 2 \({second}\) of 2 differ"
+    ):
         TracInCPFastRandProj.load(tmp_path / "index", model, paths[::-1], loss)
     shorter = TensorDataset(*train[:50])
     with pytest.raises(IndexMismatchError, match="holds 60 examples, the dataset given has 50"):
@@ -467,7 +473,9 @@ def test_an_index_built_from_loaded_checkpoints_loads_with_their_files(tmp_path)
     other = torch.load(paths[1], weights_only=True)
     other["model_state_dict"]["2.bias"] = other["model_state_dict"]["2.bias"] + 1.0
     torch.save(other, tmp_path / "other.pt")
-    with pytest.raises(IndexMismatchError, match=r"contents of checkpoint\(s\) \[2\] of 2"):
+    with pytest.raises(
+        IndexMismatchError, match=r"contents of checkpoint\(s\) 2 \(other\.pt\) of 2"
+    ):
         TracInCPFastRandProj.load(tmp_path / "from-objects", model,
                                   [paths[0], tmp_path / "other.pt"], loss)  # fmt: skip
     TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss).save(tmp_path / "from-files")

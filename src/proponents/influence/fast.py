@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from proponents.checkpoints import (
     CheckpointWatch,
     checkpoint_kind,
+    checkpoint_label,
     load_flexible_state_dict,
     loaded_fingerprint,
 )
@@ -118,8 +119,12 @@ def _index_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[
             )
         changed = [i for i in changed if i not in other_kind]
         if changed:
+            names = expected.get("checkpoint_names") or []
+            shown = ", ".join(
+                f"{i} ({names[i - 1]})" if i <= len(names) else str(i) for i in changed
+            )
             out.append(
-                f"checkpoints: the contents of checkpoint(s) {changed} of {len(now)} differ "
+                f"checkpoints: the contents of checkpoint(s) {shown} of {len(now)} differ "
                 "from those the index was built from"
             )
     if saved.get("dataset_length") != expected["dataset_length"]:
@@ -1155,6 +1160,10 @@ class TracInCPFastRandProj(TracInCPFast):
                 "final_fc_layer": obj.final_fc_layer_name,
                 "checkpoints": list(obj._watch.fingerprints),
                 "checkpoint_kinds": [checkpoint_kind(c) for c in obj._watch.checkpoints],
+                # for messages only, never compared: the files may have moved
+                "checkpoint_names": [
+                    checkpoint_label(c, i) for i, c in enumerate(obj._watch.checkpoints)
+                ],
                 "dataset_length": n if n is not None else saved["dataset_length"],
                 "dataset_probe": probe,
                 "projections": [[p.kind, p.dim] for p in obj._projections],
@@ -1185,6 +1194,7 @@ class TracInCPFastRandProj(TracInCPFast):
                     "loss_reduction",  # compared above (a reduction once assumed is accepted)
                     "loss_reduction_by_signature",
                     "checkpoint_kinds",  # the same
+                    "checkpoint_names",
                     "nearest_neighbors",
                     "dataset_probe",
                     "architecture",  # compared above; indexes written before they were
