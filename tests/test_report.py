@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import select
@@ -855,3 +856,32 @@ def test_indices_that_are_not_whole_numbers_are_refused_naming_the_argument():
                         plot_figure=False).html  # fmt: skip
     shown = re.findall(r"<b>(train|test) #(\d+)</b>", html)
     assert shown == [("test", "2"), ("train", "4"), ("train", "7"), ("train", "1")]
+
+
+def test_an_overflowed_self_influence_ranks_first_and_non_finite_scores_are_counted():
+    """+inf self-influence (an overflow) is the most suspicious, NaN says nothing and
+    comes last, and a note counts them. (before: +inf ranked after every finite score)"""
+    from proponents.report.plot import found_curve
+
+    g = torch.Generator().manual_seed(2)
+    n = 12
+    data = TensorDataset(torch.rand(n, 3, generator=g), torch.zeros(n, dtype=torch.long))
+    scores = torch.rand(n, generator=g)
+    scores[3], scores[7], scores[9], scores[0] = float("inf"), float("nan"), float("-inf"), 5.0
+    values = scores.tolist()
+    finite = sorted((i for i in range(n) if math.isfinite(values[i])), key=lambda i: -values[i])
+    want = [3, *finite, 9, 7]
+    pro = (torch.tensor([[0]]), torch.tensor([[1.0]]))
+    report = build_report(data, data, pro, self_influence=scores, plot_figure=False)
+    assert report.figures["most_suspicious"] == want
+    notes = re.findall(r'<p class="note">([^<]*)</p>', report.html)
+    counted = [note for note in notes if "not a finite number" in note]
+    assert len(counted) == 1
+    assert counted[0].startswith("3 training examples have")
+    assert "1 +inf, ranked first" in counted[0] and "1 NaN, ranked last" in counted[0]
+    assert "1 -inf" in counted[0]
+    # the detection curve reads the same order: a bad example scored +inf is found first
+    assert found_curve(scores, [3])[1] == 1.0
+    # finite scores: no such note
+    html = build_report(data, data, pro, self_influence=torch.rand(n), plot_figure=False).html
+    assert "not a finite number" not in html

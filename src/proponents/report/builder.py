@@ -422,6 +422,25 @@ def _is_class(value: Any) -> bool:
     return False
 
 
+def _non_finite_note(scores: np.ndarray, name: str) -> str:
+    """A sentence on the scores that are not finite and where they rank, or ``""``."""
+    kinds = [
+        (int(np.sum(scores == np.inf)), "+inf", "ranked first (an overflow: most suspicious)"),
+        (int(np.sum(scores == -np.inf)), "-inf", "ranked after every finite score"),
+        (int(np.sum(np.isnan(scores))), "NaN", "ranked last (no score)"),
+    ]
+    found = [f"{n} {value}, {where}" for n, value, where in kinds if n]
+    if not found:
+        return ""
+    total = sum(n for n, _, _ in kinds)
+    has = "has" if total == 1 else "have"
+    return (
+        f"{count(total, 'training example')} {has} a {name} that is not a finite number: "
+        + "; ".join(found)
+        + "."
+    )
+
+
 def _kv_table(rows: Mapping[str, Any]) -> str:
     cells = "".join(
         f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows.items()
@@ -663,6 +682,9 @@ def build_report(
                 "many of them each ranking finds as one reads down it."
             )
         parts.append(f'<p class="note">{html.escape(explain)}</p>')
+        non_finite = _non_finite_note(scores, self_influence_name)
+        if non_finite:
+            parts.append(f'<p class="note">{html.escape(non_finite)}</p>')
         top = ['<div class="top">']
         if bad:
             table = plot.detection_table(rankings, sorted(bad), n=len(train))

@@ -59,11 +59,13 @@ def _png(fig: Any) -> bytes:
 def ranking(scores: Any) -> np.ndarray:
     """Indices ordering ``scores`` from most to least suspicious (ties: lower index first).
 
-    Non-finite scores come last.
+    ``+inf`` (a score that overflowed) is the most suspicious and comes first, ``-inf``
+    after every finite score; NaN says nothing and comes last.
     """
     values = np.asarray(_numpy(scores), dtype=np.float64).reshape(-1)
-    keyed = np.where(np.isfinite(values), -values, np.inf)
-    return np.argsort(keyed, kind="stable")
+    unknown = np.isnan(values)
+    order = np.argsort(-np.where(unknown, 0.0, values), kind="stable")
+    return np.concatenate([order[~unknown[order]], order[unknown[order]]])
 
 
 def _numpy(values: Any) -> np.ndarray:
