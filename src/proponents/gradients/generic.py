@@ -218,20 +218,18 @@ class GenericGradients:
             out = call_with(self.model, {**const, **leaves, **buffers}, batch.inputs, slots)
             check_packed_output(batch, out)
             losses = self.loss.example_losses(out, batch.labels, n)
-            blocks: list[list[Tensor]] = [[] for _ in targets]
-            if n and losses.requires_grad:
-                width = sum(t.numel() * t.element_size() for t in targets)
-                step = max(1, min(n, _PACKED_BLOCK_BYTES // max(width, 1)))
-                for start in range(0, n, step):
-                    rows = self._jacobian_rows(losses, targets, start, min(n, start + step))
-                    for block, g in zip(blocks, rows):
-                        block.append(g)
-        if not n or not losses.requires_grad:  # no example depends on these parameters
-            return [losses.new_zeros(n, t.numel()).to(t.dtype) for t in targets]
-        return [
-            nan_where_undefined(torch.cat(block).reshape(n, -1), losses.detach())
-            for block in blocks
-        ]
+            if not n or not losses.requires_grad:  # no example depends on these parameters
+                return [losses.new_zeros(n, t.numel(), dtype=t.dtype) for t in targets]
+            # one (n, numel) block per parameter, filled a block of examples at a time
+            grads = [losses.new_empty(n, t.numel(), dtype=t.dtype) for t in targets]
+            width = sum(t.numel() * t.element_size() for t in targets)
+            step = max(1, min(n, _PACKED_BLOCK_BYTES // max(width, 1)))
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                rows = self._jacobian_rows(losses, targets, start, stop)
+                for whole, part in zip(grads, rows):
+                    whole[start:stop] = part
+        return [nan_where_undefined(g, losses.detach()) for g in grads]
 
     def _jacobian_rows(
         self, losses: Tensor, targets: list[Tensor], start: int, stop: int

@@ -207,8 +207,8 @@ def nan_where_undefined(grads: torch.Tensor, losses: torch.Tensor) -> torch.Tens
     (``losses``, ``(B,)``) is not finite set to NaN (DESIGN.md §2: autograd can give an
     undefined loss a zero gradient, e.g. an example whose labels are all ignored)."""
     bad = ~torch.isfinite(losses.detach().reshape(-1)).to(grads.device)
-    if grads.shape[0] != bad.shape[0]:
-        return grads
+    if grads.shape[0] != bad.shape[0] or not bool(bad.any()):
+        return grads  # (masked_fill would copy the whole block for nothing)
     return grads.masked_fill(bad.reshape(-1, *([1] * (grads.dim() - 1))), float("nan"))
 
 

@@ -151,10 +151,19 @@ def _factored_dot(test: FactoredGrads, train: FactoredGrads) -> Tensor:
     return out
 
 
+def _row_sq_norms(x: Tensor) -> Tensor:
+    """``(x * x).sum(1)`` of a 2-D tensor without a squared copy of it (one product per
+    row, as a batched matrix product): per-example gradients of an embedding table are
+    hundreds of megabytes."""
+    if x.dim() != 2 or x.is_complex() or not x.is_floating_point():
+        return x.pow(2).sum(dim=1)
+    return torch.bmm(x.unsqueeze(1), x.unsqueeze(2)).reshape(x.shape[0])
+
+
 def sq_norm(rep: Grads) -> Tensor:
     """Squared norms of the per-example gradients, ``(B,)``."""
     if isinstance(rep, DenseGrads):
-        return rep.grads.pow(2).sum(dim=1)
+        return _row_sq_norms(rep.grads)
     b, t, i_dim = rep.a.shape
     o_dim = rep.g.shape[2]
     if t == 0:
