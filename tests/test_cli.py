@@ -182,6 +182,20 @@ def test_demo_small_setting_every_method(capsys, tmp_path, method):
     # The plot, 24 suspicious images, and each test digit with k proponents and k opponents.
     assert n_images == 1 + 24 + 2 * (1 + 2 * 3)
     assert "Report:" in out
+    _assert_texts_fit_the_method(html, method)
+
+
+def _assert_texts_fit_the_method(html: str, method: str) -> None:
+    """The report's explanations describe the method that made it: similarity compares
+    activations at the final weights, not influence on the loss over checkpoints."""
+    notes = " ".join(re.findall(r'<p class="(?:note|sub)">([^<]*)</p>', html))
+    tracin_words = ("influence scores on its loss", "found hard to fit")
+    if method == "similarity":
+        assert not any(words in notes for words in tracin_words), notes
+        assert "most similar" in notes and "final weights" in notes
+        assert not re.search(r"similarity over \d+ checkpoints", notes)
+    else:
+        assert all(words in notes for words in tracin_words), notes
 
 
 def test_demo_is_deterministic_and_leaves_global_state_alone(tmp_path):
@@ -300,6 +314,12 @@ def test_explain_writes_the_report(capsys, tmp_path, task, method):
     assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<b>bold" not in html and "&lt;b&gt;bold&lt;/b&gt;" in html
     assert "a&amp;b" in html
+    _assert_texts_fit_the_method(html, method)
+    subtitle = re.findall(r'<p class="sub">([^<]*)</p>', html)
+    if method == "similarity":  # one checkpoint's weights are compared, not all four
+        assert subtitle == ["similarity at the final weights (the last of 4 checkpoints)"]
+    else:
+        assert subtitle == [f"{method} over 4 checkpoints"]
     # Known-bad labels were given: the detection table is there.
     detection = summary["detection"]
     assert 0.0 <= detection["final loss"]["0.1"] <= 1.0

@@ -639,11 +639,13 @@ def _explain(
             label_names=options.get("label_names"),
             render=options.get("render"),
             title=f"Influence report: {task.path.name}",
-            subtitle=f"{args.method} over {len(checkpoints)} checkpoints",
+            subtitle=_subtitle(args.method, analysis.uses_checkpoints, len(checkpoints)),
             summary=summary,
             notes=analysis.notes,
             proponents_title=analysis.proponents_title,
             opponents_title=analysis.opponents_title,
+            ranking_note=analysis.ranking_note,
+            examples_note=analysis.examples_note,
         )
     for warning in caught:  # one line each, e.g. label_names without a name for a label
         print(f"proponents explain: warning: {warning.message}", file=sys.stderr)
@@ -671,6 +673,15 @@ def _explain(
         print(f"Figure: {report_path.parent / report.figure_name}")
     print(f"Time: {time.perf_counter() - start:.1f} s")
     return EXIT_OK
+
+
+def _subtitle(method: str, uses_checkpoints: bool, n_checkpoints: int) -> str:
+    """The report's line under its title: which weights the method read."""
+    from proponents.errors import count
+
+    if uses_checkpoints:
+        return f"{method} over {count(n_checkpoints, 'checkpoint')}"
+    return f"{method} at the final weights (the last of {count(n_checkpoints, 'checkpoint')})"
 
 
 def _indices_option(task: Task, name: str, n: int, what: str, allow_mask: bool) -> list[int] | None:

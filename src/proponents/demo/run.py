@@ -399,6 +399,8 @@ def _run(
         notes=analysis.notes,
         proponents_title=analysis.proponents_title,
         opponents_title=analysis.opponents_title,
+        ranking_note=analysis.ranking_note,
+        examples_note=analysis.examples_note,
     )
     report_path = report.save(out / "report.html")
     figure_path = out / report.figure_name if report.figure_png is not None else None

@@ -49,6 +49,11 @@ class Analysis:
         proponents_title: heading for proponents in the report.
         opponents_title: heading for opponents.
         notes: sentences explaining choices the method made.
+        ranking_note: what ranks high by :attr:`suspicion`, for the report (``None``:
+            the report's TracIn reading).
+        examples_note: what the proponent and opponent strips show (``None``: TracIn's).
+        uses_checkpoints: whether the method read every checkpoint (``False``: only the
+            weights the model holds, the last checkpoint's).
         seconds: wall time of each step.
     """
 
@@ -62,6 +67,9 @@ class Analysis:
     opponents_title: str = OPPONENTS_TITLE
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    ranking_note: str | None = None
+    examples_note: str | None = None
+    uses_checkpoints: bool = True
 
 
 def collate(dataset: Dataset, indices: Sequence[int] | np.ndarray) -> tuple[tuple[Any, ...], Any]:
@@ -569,6 +577,17 @@ def _run_similarity(
         suspicion_name=f"neighbour label disagreement ({layer})",
         proponents_title=f"Most similar training examples (cosine similarity of {layer})",
         opponents_title="Least similar training examples",
+        ranking_note=(
+            "An example ranks high when the training examples most similar to it carry "
+            "other labels (a wrong label among look-alikes, or an example between classes)."
+        ),
+        examples_note=(
+            "Each test example (blue) beside the training examples whose activations of "
+            f"layer {layer!r} at the final weights are the most similar to its own (cosine "
+            "similarity) and the least similar. Similarity reads neither the labels nor "
+            "the loss: it shows look-alikes, not what moved the prediction."
+        ),
+        uses_checkpoints=False,
         notes=[
             f"Similarity of the activations of layer {layer!r} at the final weights. "
             "Similarity has no self-influence: an example is suspicious when the "

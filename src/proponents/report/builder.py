@@ -460,6 +460,16 @@ def _detection_html(table: Mapping[str, Mapping[float, float]]) -> str:
     return '<table class="det"><tr><th>ranking</th>' + head + "</tr>" + rows + "</table>"
 
 
+#: What ranks high by TracIn self-influence (the default ``ranking_note``).
+TRACIN_RANKING_NOTE = "Examples the model found hard to fit (wrong labels, odd inputs) rank high."
+#: What TracIn's proponent and opponent strips show (the default ``examples_note``).
+TRACIN_EXAMPLES_NOTE = (
+    "Each test example (blue) beside the training examples with the highest influence "
+    "scores on its loss at its label (proponents: they made the model more right about "
+    "it) and the lowest (opponents: they pushed it away from its label, towards the "
+    "mistake when it is misclassified)."
+)
+
 #: Values of ``build_report(test_predictions_for=...)``.
 PREDICTIONS_FOR = ("shown", "all")
 
@@ -533,6 +543,8 @@ def build_report(
     notes: Sequence[str] = (),
     proponents_title: str = "Proponents: lowered this example's loss on its label",
     opponents_title: str = "Opponents: raised it",
+    ranking_note: str | None = None,
+    examples_note: str | None = None,
     n_suspicious: int = 24,
     plot_figure: bool = True,
 ) -> InfluenceReport:
@@ -580,6 +592,10 @@ def build_report(
         notes: extra sentences shown under the summary (escaped).
         proponents_title: heading of the proponent strips.
         opponents_title: heading of the opponent strips.
+        ranking_note: what ranks high by ``self_influence``, shown under the ranking's
+            heading; ``None``: TracIn's reading (examples the model found hard to fit).
+        examples_note: what the proponent and opponent strips show, under their heading;
+            ``None``: TracIn's reading (influence scores on the test example's loss).
         n_suspicious: how many of the most suspicious training examples to show.
         plot_figure: draw the detection curve (or sorted scores) with matplotlib.
 
@@ -672,9 +688,8 @@ def build_report(
                 )
             rankings[name] = baseline
         parts.append("<h2>Most suspicious training examples</h2>")
-        explain = (
-            f"Training examples ranked by {self_influence_name}, highest first. Examples the "
-            "model found hard to fit (wrong labels, odd inputs) rank high."
+        explain = f"Training examples ranked by {self_influence_name}, highest first. " + (
+            TRACIN_RANKING_NOTE if ranking_note is None else ranking_note
         )
         if bad:
             explain += (
@@ -709,12 +724,8 @@ def build_report(
 
     if n_shown:
         parts.append("<h2>Test examples, their proponents and opponents</h2>")
-        parts.append(
-            '<p class="note">Each test example (blue) beside the training examples with the '
-            "highest influence scores on its loss at its label (proponents: they made the "
-            "model more right about it) and the lowest (opponents: they pushed it away from "
-            "its label, towards the mistake when it is misclassified).</p>"
-        )
+        note = TRACIN_EXAMPLES_NOTE if examples_note is None else examples_note
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
         for r, index in enumerate(rows):
             prediction = test_pred[r] if test_pred is not None else None
             test_card = test.card(index, test=True, prediction=prediction).html()
