@@ -286,3 +286,68 @@ def test_labels_that_fit_neither_the_inputs_nor_the_output_are_refused(tmp_path)
         BatchFormatError, match=r"2 labels.*inputs of 3 examples.*output has 3 rows"
     ):
         bad.self_influence()
+
+
+class ReversedHead(nn.Module):
+    """Node-level Linear summed per graph, then a head that sees the graphs in reverse
+    order (and gives the rows back in order): its rows are not the examples in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node = nn.Linear(3, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, graph_of_node: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.node(x))
+        n = int(graph_of_node.max()) + 1
+        pooled = h.new_zeros(n, h.shape[1]).index_add(0, graph_of_node, h)
+        return self.fc(pooled.flip(0)).flip(0)
+
+
+def test_layers_whose_rows_are_not_the_examples_leave_the_fast_path(tmp_path):
+    """On packed batches the node-level Linear (rows are nodes) and a head that sees the
+    examples in reverse order (rows of the batch's length, in another order) both move
+    to the generic path: the first by its shape, the second by the check against each
+    example's gradient in the whole batch. Scores equal the float64 loop."""
+    torch.manual_seed(0)
+    model = ReversedHead()
+    paths = save_checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(7)
+    counts = [2, 1, 3, 3, 1, 2, 4, 1]
+    graphs = [(torch.randn(c, 3, generator=g), i % 2) for i, c in enumerate(counts)]
+
+    def collate(batch):
+        x = torch.cat([nodes for nodes, _ in batch])
+        owner = torch.cat([torch.full((len(nodes),), i) for i, (nodes, _) in enumerate(batch)])
+        return x, owner, torch.tensor([label for _, label in batch])
+
+    loader = DataLoader(graphs, batch_size=3, collate_fn=collate)
+    tracin = TracInCP(model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    grads = reference_grads(
+        ReversedHead,
+        paths,
+        graphs,
+        lambda net, x: net(x.double(), torch.zeros(len(x), dtype=torch.long)),
+    )
+    x, owner, labels = collate(graphs[:3])
+    torch.testing.assert_close(
+        tracin.influence((x, owner), labels, k=None).double(),
+        reference_scores(grads, slice(0, 3)),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        tracin.self_influence().double(), reference_self(grads), rtol=1e-4, atol=1e-6
+    )
+    assert set(tracin._engine.strategies.values()) == {"generic"}
+    fast = TracInCPFast(model, "fc", loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+    head = reference_grads(
+        ReversedHead,
+        paths,
+        graphs,
+        lambda net, x: net(x.double(), torch.zeros(len(x), dtype=torch.long)),
+        only="fc",
+    )
+    torch.testing.assert_close(
+        fast.self_influence().double(), reference_self(head), rtol=1e-4, atol=1e-6
+    )

@@ -219,22 +219,21 @@ class GradientEngine:
         """``batch``, read as packed once any batch was (:attr:`~proponents.data.Batch.
         packed`).
 
-        The per-layer strategies and ``vmap`` run examples by their rows of the model
-        inputs, which a packed batch does not have: its first sight moves every layer to
-        the generic path (a new strategy epoch), which differentiates packed batches whole.
-        Later batches of the same data are read as packed too, also one whose inputs
-        happen to have a row per example (texts of one token each), which the rows would
-        misread; for a batch in the usual convention the whole-batch gradients are the
-        same.
+        ``vmap`` runs examples by their rows of the model inputs, which a packed batch
+        does not have: the generic path differentiates packed batches whole. A hooked
+        layer whose rows are the examples (a head after the pooling) keeps its per-layer
+        strategy, verified again on the first packed batch against each checked
+        example's gradient in the whole batch; one whose rows are not (a layer applied
+        to every token) fails that check and moves to the generic path. Later batches of
+        the same data are read as packed too, also one whose inputs happen to have a row
+        per example (texts of one token each), which the rows would misread; for a batch
+        in the usual convention the whole-batch gradients are the same.
         """
         if batch.packed and not self._packed:
             self._packed = True
-            if self.hooked:
-                self.hooked = []
-                self._set_generic()
-                self._closed_form = False
-                self.epoch += 1
-            self._checked = True
+            self._checked = not self.hooked
+            self._checked_alone = False
+            self._checks = 0
         if self._packed and not batch.packed:
             batch = dataclasses.replace(batch, packed=True)
         return batch
@@ -254,7 +253,8 @@ class GradientEngine:
         a score matrix) from a batch too small to verify them on: preparing on a training
         batch first means they are computed once, with strategies that hold.
         """
-        if not self._needs_check(self._packed_if_seen(batch)):
+        batch = self._packed_if_seen(batch)
+        if not self._needs_check(batch):
             return
         params, buffers = self._state()
         self._choose_pass(batch)
@@ -286,7 +286,8 @@ class GradientEngine:
         """
         tensors = [a for a in batch.inputs if isinstance(a, Tensor)]
         return (
-            bool(self.hooked)
+            not batch.packed  # (never split, nor images to lay out)
+            and bool(self.hooked)
             and self.generic is None
             and all(layer.kind != "conv" for layer in self.hooked)
             and bool(tensors)
@@ -423,8 +424,10 @@ class GradientEngine:
         # and the same among the rows with a finite, non-zero gradient: a row whose
         # gradient is zero (a hinge loss it satisfies) agrees with any scaling
         seen = [rep is None for rep in layer_reps]
-        for i in _rows_to_check(layer_reps, batch.size):
-            truth = self._single_example_grads(params, buffers, batch, i)
+        rows = _rows_to_check(layer_reps, batch.size)
+        in_batch = self._packed_example_grads(params, buffers, batch, rows) if batch.packed else {}
+        for i in rows:
+            truth = in_batch.get(i) or self._single_example_grads(params, buffers, batch, i)
             for j, (layer, rep) in enumerate(zip(self.hooked, layer_reps)):
                 if rep is None:
                     continue
@@ -471,7 +474,9 @@ class GradientEngine:
         weight gradients), to 1% of the largest norm (more for a layer in half precision,
         whose rounding moves with the rows: 100 of its machine epsilons, at most 30%).
         """
-        if batch.size < 2 or not any(rep is not None for rep in layer_reps):
+        if batch.size < 2 or batch.packed or not any(rep is not None for rep in layer_reps):
+            # (a packed batch cannot be reversed by its rows: its rows of each layer are
+            # compared with the examples' gradients in the whole batch instead)
             return [True] * len(layer_reps)
         # the first few examples suffice (any reordering by value moves some of them) and
         # keep the extra pass small beside the batch's own
@@ -577,6 +582,22 @@ class GradientEngine:
             if elapsed < best_time:
                 best, best_time = method, elapsed
         return dataclasses.replace(layer, method=best)
+
+    def _packed_example_grads(
+        self, params: dict, buffers: dict, batch: Batch, rows: list[int]
+    ) -> dict[int, dict[str, Tensor]]:
+        """The hooked layers' gradients of the losses of examples ``rows`` of a packed
+        batch, each taken in the whole batch (its examples cannot be run alone): what the
+        generic path gives them (:meth:`~proponents.gradients.generic.GenericGradients.
+        _packed`)."""
+        names = [n for layer in self.hooked for n in layer.params]
+        if not names:
+            return {}
+        truth = GenericGradients(self.model, names, self.loss, self.owner)(params, buffers, batch)
+        out: dict[int, dict[str, Tensor]] = {}
+        for i in rows:
+            out[i] = {n: g[i].reshape(params[n].shape) for n, g in zip(names, truth, strict=True)}
+        return out
 
     def _single_example_grads(
         self, params: dict, buffers: dict, batch: Batch, i: int

@@ -33,6 +33,7 @@ NaN is zero.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -157,7 +158,9 @@ class LossSpec:
                     f"of {batch_size}; return one loss per example (reduction='none')"
                 )
         else:
-            own = each_alone(self.fn, output, labels, batch_size)
+            own = _entrywise_own_losses(self, output, labels, batch_size)
+            if own is None:
+                own = each_alone(self.fn, output, labels, batch_size)
         if own is None:  # check_packed_output saw one row per example: not reached
             raise InvalidArgumentError(f"the model output has no row per example of {batch_size}")
         return own
@@ -314,6 +317,57 @@ def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Te
         weights = weights.masked_fill(ignored, 0)
     b = len(labels)
     return entries.reshape(b, -1).sum(1) / weights.reshape(b, -1).sum(1)
+
+
+#: torch's losses whose ``reduction="none"`` gives one loss per output entry, so that an
+#: example's loss alone is the sum (``"sum"``) or mean (``"mean"``) of its entries.
+_ENTRYWISE_LOSSES = (
+    torch.nn.MSELoss,
+    torch.nn.L1Loss,
+    torch.nn.SmoothL1Loss,
+    torch.nn.HuberLoss,
+    torch.nn.BCELoss,
+    torch.nn.BCEWithLogitsLoss,
+)
+
+
+def _entrywise_own_losses(
+    spec: LossSpec, output: Any, labels: Any, batch_size: int
+) -> torch.Tensor | None:
+    """``(B,)``: each example's loss alone (as :func:`each_alone` gives it), in one
+    evaluation of the loss over the whole batch, for torch's own losses that reduce
+    entry by entry (and cross-entropy and NLL, class weights and ignored labels
+    included: :func:`_own_losses`); ``None`` for any other loss."""
+    fn: Any = spec.fn
+    if not isinstance(output, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        return None
+    if output.dim() == 0 or output.shape[0] != batch_size:
+        return None
+    if type(fn) in _CLASS_LOSSES:
+        if spec.reduction == "mean":
+            return _own_losses(fn, output, labels)
+        kind = "nll" if type(fn) is torch.nn.NLLLoss else "ce"
+        entries = (
+            torch.nn.functional.nll_loss(
+                output, labels, weight=fn.weight, ignore_index=fn.ignore_index, reduction="none"
+            )
+            if kind == "nll"
+            else torch.nn.functional.cross_entropy(
+                output,
+                labels,
+                weight=fn.weight,
+                ignore_index=fn.ignore_index,
+                reduction="none",
+                label_smoothing=fn.label_smoothing,
+            )
+        )
+        return entries.reshape(batch_size, -1).sum(1)
+    if type(fn) not in _ENTRYWISE_LOSSES or output.shape != labels.shape:
+        return None  # (a broadcasting loss is left to each_alone)
+    apart = copy.copy(fn)
+    apart.reduction = "none"
+    entries = apart(output, labels).reshape(batch_size, -1)
+    return entries.mean(1) if spec.reduction == "mean" else entries.sum(1)
 
 
 def labels_fit_closed_form(spec: LossSpec, labels: Any) -> bool:
