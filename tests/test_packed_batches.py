@@ -351,3 +351,28 @@ def test_layers_whose_rows_are_not_the_examples_leave_the_fast_path(tmp_path):
     torch.testing.assert_close(
         fast.self_influence().double(), reference_self(head), rtol=1e-4, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("one_pass_per_example", [False, True])
+def test_both_jacobian_methods_are_exact(text_case, one_pass_per_example):
+    """The packed path takes an example block's gradients by one vectorised backward pass
+    or one pass per example, whichever it timed faster on the first block: each, forced,
+    gives the float64 loop's self-influence and scores."""
+    model, paths, train = text_case
+    loader = DataLoader(train, batch_size=5, collate_fn=collate_text)
+    tracin = TracInCP(model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    tokens, offsets, labels = collate_text(train[:4])
+    tracin.influence((tokens, offsets), labels, k=None)  # strategies settled
+    generic = tracin._engine.generic
+    assert generic is not None and generic._packed_loop is not None  # it was timed
+    generic._packed_loop = one_pass_per_example
+    grads = reference_grads(BagText, paths, train, bag_alone)
+    torch.testing.assert_close(
+        tracin.self_influence().double(), reference_self(grads), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(
+        tracin.influence((tokens, offsets), labels, k=None).double(),
+        reference_scores(grads, slice(0, 4)),
+        rtol=1e-4,
+        atol=1e-4,
+    )

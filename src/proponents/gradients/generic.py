@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
@@ -93,6 +94,9 @@ class GenericGradients:
         self.use_loop = False
         #: whether the constants keep the model's requires_grad flags (see _split)
         self._keep_flags = reads_requires_grad(model)
+        #: whether packed batches' Jacobians are taken one backward pass per example
+        #: (``None``: not timed yet; see _jacobian_rows)
+        self._packed_loop: bool | None = None
         # Whether the model edits its input in place: unknown until vmap has run once.
         self._edits_inputs: bool | None = None
 
@@ -203,11 +207,10 @@ class GenericGradients:
         """Per-example gradients of a batch whose examples only its model output tells
         apart: one forward pass of the whole batch, each example's loss from its rows of
         the output (:meth:`~proponents.gradients.loss.LossSpec.example_losses`), and the
-        Jacobian of those losses by backward passes vectorised over the examples
-        (``is_grads_batched``), a block of examples at a time so that at most about
-        :data:`_PACKED_BLOCK_BYTES` of gradients are held at once. Where autograd cannot
-        vectorise the backward pass (a sparse embedding gradient, say), one backward
-        pass per example gives the same values.
+        Jacobian of those losses, a block of examples at a time so that at most about
+        :data:`_PACKED_BLOCK_BYTES` of gradients are held at once, by backward passes
+        vectorised over the examples (``is_grads_batched``) or one per example, whichever
+        :meth:`_jacobian_rows` measured faster.
         """
         chosen, const = self._split(params)
         slots = slot_names(self.model)
@@ -225,41 +228,66 @@ class GenericGradients:
             width = sum(t.numel() * t.element_size() for t in targets)
             step = max(1, min(n, _PACKED_BLOCK_BYTES // max(width, 1)))
             for start in range(0, n, step):
-                stop = min(n, start + step)
-                rows = self._jacobian_rows(losses, targets, start, stop)
-                for whole, part in zip(grads, rows):
-                    whole[start:stop] = part
+                self._jacobian_rows(losses, targets, start, min(n, start + step), grads)
         return [nan_where_undefined(g, losses.detach()) for g in grads]
 
     def _jacobian_rows(
-        self, losses: Tensor, targets: list[Tensor], start: int, stop: int
-    ) -> list[Tensor]:
-        """Gradients of ``losses[start:stop]`` with respect to each of ``targets``, as
-        ``(stop - start, numel)`` blocks; the graph is kept for the next rows."""
+        self, losses: Tensor, targets: list[Tensor], start: int, stop: int, out: list[Tensor]
+    ) -> None:
+        """Write the gradients of ``losses[start:stop]`` with respect to each of
+        ``targets`` into rows ``start:stop`` of ``out`` (one ``(n, numel)`` matrix per
+        target), keeping the graph for the next rows.
+
+        Two exact methods: one backward pass vectorised over the rows
+        (``is_grads_batched``), or one backward pass per row. Which is faster depends on
+        the layers (an embedding's batched backward materialises a dense table per row
+        through a slow fallback): both are timed on the first block, and the faster is
+        kept. The batched one is left for good where autograd cannot run it (sparse
+        gradients, say).
+        """
+        if self._packed_loop is None:
+            began = time.perf_counter()
+            if self._batched_rows(losses, targets, start, stop, out):
+                middle = time.perf_counter()
+                self._looped_rows(losses, targets, start, stop, out)
+                self._packed_loop = time.perf_counter() - middle < middle - began
+                return
+        if self._packed_loop or not self._batched_rows(losses, targets, start, stop, out):
+            self._looped_rows(losses, targets, start, stop, out)
+
+    def _batched_rows(
+        self, losses: Tensor, targets: list[Tensor], start: int, stop: int, out: list[Tensor]
+    ) -> bool:
+        """The rows by one vectorised backward pass; ``False`` where autograd cannot."""
         m = stop - start
-        if not self.use_loop:
-            picks = torch.zeros(m, losses.shape[0], dtype=losses.dtype, device=losses.device)
-            picks[torch.arange(m), torch.arange(start, stop)] = 1
-            try:
-                grads = torch.autograd.grad(
-                    losses,
-                    targets,
-                    grad_outputs=picks,
-                    is_grads_batched=True,
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-            except (RuntimeError, NotImplementedError):
-                self.use_loop = True  # e.g. sparse gradients: vmap over backward cannot
+        picks = torch.zeros(m, losses.shape[0], dtype=losses.dtype, device=losses.device)
+        picks[torch.arange(m), torch.arange(start, stop)] = 1
+        try:
+            grads = torch.autograd.grad(
+                losses,
+                targets,
+                grad_outputs=picks,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+        except (RuntimeError, NotImplementedError):
+            self._packed_loop = True  # e.g. sparse gradients: vmap over backward cannot
+            return False
+        for whole, g in zip(out, grads):
+            if g is None:
+                whole[start:stop] = 0
             else:
-                return [
-                    torch.zeros(m, t.numel(), dtype=t.dtype, device=t.device)
-                    if g is None
-                    else (g.to_dense() if g.is_sparse else g).reshape(m, -1)
-                    for g, t in zip(grads, targets)
-                ]
-        rows = [grads_or_zeros(losses[i], targets, retain_graph=True) for i in range(start, stop)]
-        return [torch.stack([row[k].reshape(-1) for row in rows]) for k in range(len(targets))]
+                whole[start:stop] = (g.to_dense() if g.is_sparse else g).reshape(m, -1)
+        return True
+
+    def _looped_rows(
+        self, losses: Tensor, targets: list[Tensor], start: int, stop: int, out: list[Tensor]
+    ) -> None:
+        """The rows by one backward pass each."""
+        for i in range(start, stop):
+            for whole, g in zip(out, grads_or_zeros(losses[i], targets, retain_graph=True)):
+                whole[i] = g.reshape(-1)
 
     def _looped(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
