@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -980,3 +981,33 @@ def test_a_failed_summary_write_keeps_the_old_summary(capsys, tmp_path, task, mo
     assert code == EXIT_FAILURE and "No space left" in err
     assert json.loads((out / "summary.json").read_text()) == {"old": True}
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_warnings_while_explaining_print_as_one_line_of_the_command(capsys, tmp_path, task):
+    """A warning raised while the command runs (here by the task's model, as the library's
+    own non-finite-score warning is) prints as one "proponents explain: warning:" line.
+    (before: Python's form, "…/bin/proponents:8: RuntimeWarning: …" and "sys.exit(main())")"""
+    path, ckpts = task
+    path.write_text(
+        path.read_text()
+        + textwrap.dedent("""
+            import warnings
+            _forward = BagOfWords.forward
+            def _warning_forward(self, tokens):
+                warnings.warn("odd tokens in this batch", RuntimeWarning)
+                return _forward(self, tokens)
+            BagOfWords.forward = _warning_forward
+        """)
+    )
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out")
+    assert code == EXIT_OK, err
+    lines = [line for line in err.splitlines() if "odd tokens" in line]
+    assert lines and set(lines) == {"proponents explain: warning: odd tokens in this batch"}
+    assert "RuntimeWarning" not in err and "warnings.warn" not in err
+    # the user's warning filters still apply, and are as they were after the command
+    before = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        code, _, err = _explain(capsys, path, ckpts, tmp_path / "out2")
+    assert code == EXIT_OK and "odd tokens" not in err
+    assert list(warnings.filters) == before

@@ -621,34 +621,30 @@ def _explain(
         "method": args.method,
         "k": str(args.k),
     }
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = build_report(
-            task.train_dataset,
-            task.test_dataset,
-            analysis.proponents,
-            analysis.opponents,
-            test_indices=test_indices,
-            test_predictions=test_pred,  # one per test example, not per shown row
-            test_predictions_for="all",
-            train_predictions=train_pred,
-            self_influence=analysis.suspicion,
-            self_influence_name=analysis.suspicion_name,
-            mislabeled=mislabeled,
-            baselines=baselines if mislabeled is not None else None,
-            label_names=options.get("label_names"),
-            render=options.get("render"),
-            title=f"Influence report: {task.path.name}",
-            subtitle=_subtitle(args.method, analysis.uses_checkpoints, len(checkpoints)),
-            summary=summary,
-            notes=analysis.notes,
-            proponents_title=analysis.proponents_title,
-            opponents_title=analysis.opponents_title,
-            ranking_note=analysis.ranking_note,
-            examples_note=analysis.examples_note,
-        )
-    for warning in caught:  # one line each, e.g. label_names without a name for a label
-        print(f"proponents explain: warning: {warning.message}", file=sys.stderr)
+    report = build_report(
+        task.train_dataset,
+        task.test_dataset,
+        analysis.proponents,
+        analysis.opponents,
+        test_indices=test_indices,
+        test_predictions=test_pred,  # one per test example, not per shown row
+        test_predictions_for="all",
+        train_predictions=train_pred,
+        self_influence=analysis.suspicion,
+        self_influence_name=analysis.suspicion_name,
+        mislabeled=mislabeled,
+        baselines=baselines if mislabeled is not None else None,
+        label_names=options.get("label_names"),
+        render=options.get("render"),
+        title=f"Influence report: {task.path.name}",
+        subtitle=_subtitle(args.method, analysis.uses_checkpoints, len(checkpoints)),
+        summary=summary,
+        notes=analysis.notes,
+        proponents_title=analysis.proponents_title,
+        opponents_title=analysis.opponents_title,
+        ranking_note=analysis.ranking_note,
+        examples_note=analysis.examples_note,
+    )
     report_path = report.save(out / "report.html")
     figures = {
         "method": args.method,
@@ -763,7 +759,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("proponents: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     try:
-        return int(args.handler(args))
+        with _warnings_as_lines(args.command):
+            return int(args.handler(args))
     except UsageError as exc:
         _report_error(args, exc, f"proponents {args.command}: error: {exc}")
         return EXIT_USAGE
@@ -782,6 +779,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if args.traceback else " (run with --traceback for details)"
         _report_error(args, exc, f"proponents {args.command}: failed: {kind}{exc}{hint}")
         return EXIT_FAILURE
+
+
+@contextmanager
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """Print each warning raised meanwhile as one ``proponents COMMAND: warning: ...``
+    line on stderr, not as Python's ``file:line: Category: ...`` and source line (which
+    names the console script, the only frame outside the library)."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        print(f"proponents {command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():  # restores the filters and showwarning after
+        warnings.showwarning = show
+        yield
 
 
 def _report_error(args: argparse.Namespace, exc: BaseException, message: str) -> None:
