@@ -1011,3 +1011,39 @@ def test_warnings_while_explaining_print_as_one_line_of_the_command(capsys, tmp_
         code, _, err = _explain(capsys, path, ckpts, tmp_path / "out2")
     assert code == EXIT_OK and "odd tokens" not in err
     assert list(warnings.filters) == before
+
+
+@pytest.mark.parametrize("form", ["function", "callable object"])
+def test_a_failing_checkpoints_load_func_is_named_with_its_checkpoint(capsys, tmp_path, task, form):
+    """An exception inside the task's checkpoints_load_func names that function and the
+    checkpoint it was loading (exit 1). (before: "failed: KeyError: 'state'" alone)"""
+    path, ckpts = task
+    body = textwrap.dedent("""
+        def _helper(checkpoint):
+            if str(checkpoint).endswith("epoch-2.pt"):
+                raise KeyError("state")
+            return torch.load(checkpoint, weights_only=True)
+
+        def _load(model, checkpoint):
+            saved = _helper(checkpoint)
+            model.load_state_dict(saved["model_state_dict"])
+            return saved["learning_rate"]
+    """)
+    if form == "function":
+        body += "checkpoints_load_func = _load\n"
+    else:
+        body += textwrap.dedent("""
+            class Loader:
+                def __call__(self, model, checkpoint):
+                    return _load(model, checkpoint)
+
+            checkpoints_load_func = Loader()
+        """)
+    path.write_text(path.read_text() + body)
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out")
+    assert code == EXIT_FAILURE, err
+    failing = ckpts / "epoch-2.pt"  # the one the function refuses (the last one loads)
+    assert (
+        "failed: the task's checkpoints_load_func raised KeyError: 'state' while loading "
+        f"checkpoint {failing} (run with --traceback" in err
+    ), err

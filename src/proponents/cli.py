@@ -60,6 +60,11 @@ class UsageError(Exception):
     """A problem with the command line or the task file (exit code 2)."""
 
 
+class TaskFunctionError(Exception):
+    """A function of the task file raised while the command ran (exit code 1); the
+    message names the function and what it was given, the cause is its exception."""
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks; adds meaningful defaults to option help."""
 
@@ -533,7 +538,66 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     checkpoints = _resolve_checkpoints(args.checkpoints)
     with _output_folder(args.out) as out:
         _check_output_files(out, EXPLAIN_FILES)
-        return _explain(args, task, checkpoints, out, start)
+        try:
+            return _explain(args, task, checkpoints, out, start)
+        except Exception as exc:
+            load_func = task.options.get("checkpoints_load_func")
+            described = _load_func_failure(exc, load_func) if load_func is not None else None
+            if described is None:
+                raise
+            raise TaskFunctionError(described) from exc
+
+
+def _code_of(func: Any) -> tuple[Any, int]:
+    """The code object a call of ``func`` runs, and the position of its first argument
+    there (1 for a method's ``self``); ``(None, 0)`` when it has none (a builtin)."""
+    import functools
+    import inspect
+
+    while isinstance(func, functools.partial):
+        func = func.func
+    try:
+        func = inspect.unwrap(func)
+    except ValueError:  # a cycle of __wrapped__
+        pass
+    if inspect.ismethod(func):
+        return getattr(func.__func__, "__code__", None), 1
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        return code, 0
+    call = inspect.getattr_static(type(func), "__call__", None)  # a callable object
+    return getattr(call, "__code__", None), 1
+
+
+def _load_func_failure(exc: BaseException, load_func: Any) -> str | None:
+    """A message naming the task's ``checkpoints_load_func`` when ``exc`` (or an
+    exception it came from) was raised inside it, with the checkpoint it was loading as
+    read from its frame in the traceback; ``None`` when it was not."""
+    code, first = _code_of(load_func)
+    if code is None:
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is code:
+                where = ""
+                names = code.co_varnames[: code.co_argcount]
+                if len(names) > first + 1:
+                    checkpoint = tb.tb_frame.f_locals.get(names[first + 1])
+                    if isinstance(checkpoint, (str, os.PathLike)):
+                        where = f" while loading checkpoint {os.fspath(checkpoint)}"
+                    elif checkpoint is not None:
+                        where = f" while loading a checkpoint given as {type(checkpoint).__name__}"
+                return (
+                    f"the task's checkpoints_load_func raised {type(current).__name__}: "
+                    f"{current}{where}"
+                )
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _explain(
@@ -775,7 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message and exit code 1
         from proponents.errors import ProponentsError
 
-        kind = "" if isinstance(exc, ProponentsError) else f"{type(exc).__name__}: "
+        plain = isinstance(exc, (ProponentsError, TaskFunctionError))
+        kind = "" if plain else f"{type(exc).__name__}: "
         hint = "" if args.traceback else " (run with --traceback for details)"
         _report_error(args, exc, f"proponents {args.command}: failed: {kind}{exc}{hint}")
         return EXIT_FAILURE
