@@ -88,11 +88,13 @@ class NonFiniteTracker:
                 parts.append(f"{what} examples {shown}{more}")
         if parts:
             warn(
-                f"{self.owner}: non-finite loss (an example whose labels are all ignored "
-                "has the undefined loss 0/0 under reduction='mean'), gradient or score (a "
-                "product too large for the dtype) for " + "; ".join(parts) + ". Their "
-                "scores are non-finite and "
-                "rank last among proponents and opponents; all other scores are unaffected.",
+                f"{self.owner}: non-finite loss, gradient or score for "
+                + "; ".join(parts)
+                + ". Their scores are non-finite and rank last among proponents and "
+                "opponents; all other scores are unaffected. Usual causes: a NaN or "
+                "infinite value in the example's inputs or labels, an example whose labels "
+                "are all ignored (the undefined loss 0/0 under reduction='mean'), or a "
+                "product too large for the dtype",
                 RuntimeWarning,
             )
 
