@@ -478,6 +478,9 @@ def test_explain_out_that_cannot_be_a_folder_exits_2(capsys, tmp_path, task, whe
     assert code == EXIT_USAGE, err
     assert f"--out {out}" in err and "Traceback" not in err
     assert blocker.read_text() == "not a folder"
+    if where == "below a file":  # the reason is the file in the way (before: "File exists")
+        assert f"cannot be created: {blocker} is a file, not a folder" in err
+        assert "File exists" not in err
 
 
 # ----------------------------------------------------------------- task mistakes, output

@@ -497,6 +497,12 @@ def _make_folder(folder: Path, option: str, created: list[Path]) -> Path:
             prefix = prefix / part
         if prefix.is_dir():
             continue
+        if prefix.exists() or prefix.is_symlink():  # a file (or a dangling link) in the way
+            what = "is a file" if prefix.is_file() else "exists"
+            raise UsageError(
+                f"{option} {folder} cannot be created: {prefix} {what}, not a folder; "
+                "give a folder path whose parents are folders"
+            )
         try:
             prefix.mkdir()
         except OSError as exc:
