@@ -1788,3 +1788,39 @@ def test_a_changed_setting_extra_repr_does_not_print_is_not_served_stale(tmp_pat
         _acts(tempered, "lin2", test), _acts(tempered, "lin2", train.tensors[0]), "cosine", "max", 4
     )
     _check(got["lin2"], want)
+
+
+def test_a_store_in_a_directory_that_cannot_be_written_is_still_read(tmp_path, monkeypatch):
+    """A store someone built, in a read-only shared cache: a new object reads it and
+    answers as the one that built it (before: the constructor refused the directory). An
+    entry that would have to be rebuilt raises a StoreError naming the directory; without
+    any store there, the constructor refuses as before."""
+    import proponents.store as store_module
+
+    model = _seeded(Net)
+    train, test = _data()
+    want = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=8).influence(
+        test, top_k=4
+    )
+    real = store_module.ArrayStore.ensure_writable
+
+    def read_only(self):
+        if str(self.directory).startswith(str(tmp_path)):
+            raise StoreError(
+                f"cannot write to the directory {str(self.directory)!r} (Read-only file system)"
+            )
+        return real(self)
+
+    monkeypatch.setattr(store_module.ArrayStore, "ensure_writable", read_only)
+    reader = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # served, not rebuilt
+        got = reader.influence(test, top_k=4)
+    for layer in ("lin1", "lin2"):
+        assert torch.equal(got[layer][0], want[layer][0])
+        torch.testing.assert_close(got[layer][1], want[layer][1])
+    other, _ = _data(seed=9)
+    with pytest.warns(StoreRebuildWarning), pytest.raises(StoreError, match="Read-only"):
+        SimilarityInfluence(model, "lin1", other, tmp_path, batch_size=8).influence(test, top_k=4)
+    with pytest.raises(StoreError, match="Read-only"):
+        SimilarityInfluence(model, "lin1", train, tmp_path / "empty", batch_size=8)

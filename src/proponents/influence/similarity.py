@@ -66,6 +66,7 @@ from proponents.errors import (
     ArgumentTypeError,
     BatchFormatError,
     InvalidArgumentError,
+    StoreError,
     article,
     count,
 )
@@ -293,7 +294,14 @@ class SimilarityInfluence(DataInfluence):
                     f"{what} {str(folder)!r} is a file, not a directory; give a directory "
                     "for the stored activations (it is created if missing)"
                 )
-        ArrayStore(self._model_dir).ensure_writable()
+        try:
+            ArrayStore(self._model_dir).ensure_writable()
+        except StoreError:
+            # A store someone else built, on a read-only file system or in a shared cache:
+            # its entries can still be read. The first entry that would have to be built
+            # or rebuilt raises the StoreError (naming the directory) there.
+            if not (self._model_dir / "src").is_dir():
+                raise
 
         if isinstance(self.influence_src_dataset, DataLoader):
             sampler = self.influence_src_dataset.sampler
