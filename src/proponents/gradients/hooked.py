@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from proponents.data import Batch, chunk_batch, copy_batch
+from proponents.data import Batch, check_packed_output, chunk_batch, copy_batch
 from proponents.gradients.functional import reads_requires_grad
 from proponents.gradients.loss import LossSpec, labels_fit_closed_form, output_gradient
 from proponents.gradients.representations import DenseGrads, FactoredGrads, Grads, concat
@@ -137,6 +137,7 @@ def record_parts(
                 current.clear()
                 current.update((layer.name, []) for layer in layers)
                 output = model(*part.inputs)
+                check_packed_output(part, output)
                 calls = current[layers[0].name] if len(layers) == 1 else []
                 grad = None
                 # the layer's output must reach the loss as the layer returned it: one
@@ -157,6 +158,7 @@ def record_parts(
                 recording["on"] = True
                 with watch if watch is not None else nullcontext():
                     output = model(*part.inputs)
+                    check_packed_output(part, output)
                     calls = [c for layer in layers for c in current[layer.name]]
                     total = loss.batch_total(
                         output, part.labels, part.size, marked=[o for _, o, _ in calls]
