@@ -715,7 +715,8 @@ def test_explain_shows_each_test_examples_own_prediction(capsys, tmp_path, task)
     assert sorted(shown) == list(range(20)) and shown != list(range(20))  # reordered
     html = (tmp_path / "out" / "report.html").read_text()
     cards = re.findall(
-        r"<b>test #(\d+)</b></div><div>label: [^<]*</div><div><span([^>]*)>predicted: ([^<]*)<",
+        r"<b>test #(\d+)</b></div><div[^>]*>label: [^<]*</div><div[^>]*><span([^>]*)>"
+        r"predicted: ([^<]*)<",
         html,
     )
     assert [int(i) for i, _, _ in cards] == shown
@@ -896,6 +897,7 @@ def test_demo_refuses_to_replace_files_it_did_not_write(capsys, tmp_path):
     (out / "summary.json").write_text('{"mine": 1}')
     code, _, err = run_cli(capsys, "demo", "--out", str(out), "--epochs", "1", "--quiet")
     assert code == EXIT_USAGE and "holds report.html, summary.json" in err, err
+    assert "would replace them; give another output folder or remove them" in err
     assert (out / "report.html").read_text() == "my report"
     assert (out / "summary.json").read_text() == '{"mine": 1}'
     (out / "checkpoints").mkdir()
@@ -905,6 +907,14 @@ def test_demo_refuses_to_replace_files_it_did_not_write(capsys, tmp_path):
     (out / "report.html").mkdir()
     with pytest.raises(InvalidArgumentError, match="report.html is not a file"):
         check_demo_output(out)
+    # one file of the user's: "it", not "them" (before: "would replace them")
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "report.html").write_text("my report")
+    with pytest.raises(InvalidArgumentError, match="holds report.html, .*") as caught:
+        check_demo_output(single)
+    assert "would replace it; give another output folder or remove it" in str(caught.value)
+    assert "them" not in str(caught.value)
 
 
 def test_explain_refuses_a_report_path_that_is_a_folder(capsys, tmp_path, task):

@@ -540,7 +540,8 @@ def test_a_failing_render_names_render_and_the_example():
 def _shown_predictions_of(html: str) -> dict[int, tuple[str, bool]]:
     """test position -> (the predicted label its card shows, whether it is marked wrong)."""
     found = re.findall(
-        r"<b>test #(\d+)</b></div><div>label: [^<]*</div><div><span([^>]*)>predicted: ([^<]*)<",
+        r"<b>test #(\d+)</b></div><div[^>]*>label: [^<]*</div><div[^>]*><span([^>]*)>"
+        r"predicted: ([^<]*)<",
         html,
     )
     return {int(i): (shown, "wrong" in css) for i, css, shown in found}
@@ -785,8 +786,8 @@ def test_a_long_summary_value_wraps_instead_of_widening_the_page(browser, tmp_pa
 def _cards_of(html: str) -> dict[tuple[str, int], tuple[str, str, bool]]:
     """(kind, index) -> (label shown, prediction shown, marked wrong), for every card."""
     found = re.findall(
-        r"<b>(train|test) #(\d+)</b></div><div>label: ([^<]*)</div>"
-        r"<div><span([^>]*)>predicted: ([^<]*)<",
+        r"<b>(train|test) #(\d+)</b></div><div[^>]*>label: ([^<]*)</div>"
+        r"<div[^>]*><span([^>]*)>predicted: ([^<]*)<",
         html,
     )
     return {(kind, int(i)): (label, pred, "wrong" in css) for kind, i, label, css, pred in found}
@@ -885,3 +886,66 @@ def test_an_overflowed_self_influence_ranks_first_and_non_finite_scores_are_coun
     # finite scores: no such note
     html = build_report(data, data, pro, self_influence=torch.rand(n), plot_figure=False).html
     assert "not a finite number" not in html
+
+
+def test_one_known_bad_label_is_counted_in_the_singular():
+    """One known-bad label: "1 label is known to be wrong". (before: "1 labels are")"""
+    train, test, pro = _bad_case()
+    n = len(train)
+    one = build_report(train, test, pro, self_influence=torch.rand(n), mislabeled=[3],
+                       plot_figure=False).html  # fmt: skip
+    assert "1 label is known to be wrong" in one and "1 labels" not in one
+    two = build_report(train, test, pro, self_influence=torch.rand(n), mislabeled=[3, 4],
+                       plot_figure=False).html  # fmt: skip
+    assert "2 labels are known to be wrong" in two
+
+
+def test_a_long_label_name_can_be_read_in_full_from_its_title():
+    """A label name too long for a card is cut with an ellipsis by the page's style; the
+    card line carries the whole name, escaped, as its title. (before: no way to read it)"""
+    import html as html_module
+
+    long_name = 'a "very" long <class> name & more, ' * 4
+    train = TensorDataset(torch.rand(4, 6, 6), torch.tensor([0, 1, 0, 1]))
+    pro = (torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.2]]))
+    page = build_report(train, train, pro, test_predictions=[1], label_names=["short", long_name],
+                        plot_figure=False).html  # fmt: skip
+    titles = [html_module.unescape(t) for t in re.findall(r'<div title="([^"]*)">', page)]
+    assert f"label: {long_name}" in titles and f"predicted: {long_name}" in titles
+    assert "<class>" not in page  # escaped everywhere, the attribute included
+
+
+@needs_chromium
+def test_a_long_unbroken_title_wraps_instead_of_widening_the_page(browser, tmp_path):
+    """A title, subtitle or note without spaces wraps. (before: the page scrolled sideways)"""
+    case = text_case()
+    word = "influence_report_of_a_model_with_a_very_long_name_" * 6
+    path = build_report(**case, title=word, subtitle=word, notes=[word],
+                        plot_figure=False).save(tmp_path / "report.html")  # fmt: skip
+    facts, _ = browser.open(
+        path,
+        "JSON.stringify({page: document.documentElement.scrollWidth - "
+        "document.documentElement.clientWidth, text: document.body.innerText})",
+    )
+    assert facts["page"] <= 0
+    assert "influence_report_of_a_model" in facts["text"]
+
+
+def test_the_top_share_of_a_tiny_training_set_holds_at_least_one_example():
+    """With one training example (known bad) every share, "best possible" included, is
+    100%: the top 5% of one example is that example. (before: every share was 0%, as
+    round(0.05 * 1) examples, none, were inspected)"""
+    from proponents.report import detection_table
+
+    table = detection_table({"s": [0.5]}, [0])
+    for name in ("s", "random order (expected)", "best possible"):
+        assert set(table[name].values()) == {1.0}, (name, table[name])
+    # ten examples, the one bad label ranked first: found in the top 5% (the first one)
+    scores = np.arange(10.0)  # example 9 ranks first
+    table = detection_table({"s": scores}, [9])
+    assert table["s"][0.05] == 1.0 and table["best possible"][0.05] == 1.0
+    assert table["random order (expected)"][0.05] == 1 / 10
+    # a large set keeps the rounded count: 5% of 1397 is 70 examples
+    big = detection_table({"s": np.arange(1397.0)}, list(range(1397 - 140, 1397)))
+    assert big["random order (expected)"][0.05] == 70 / 1397
+    assert big["s"][0.05] == 70 / 140

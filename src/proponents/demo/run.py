@@ -232,10 +232,12 @@ def check_demo_output(out: str | Path) -> None:
             f"{not_files[0]} there; give another output folder or move it away"
         )
     if present and not (checkpoints / DEMO_MARKER).is_file():
+        one = len(present) == 1
         raise InvalidArgumentError(
             f"{folder} holds {', '.join(present)}, which no earlier demo run wrote (its "
-            f"checkpoints/{DEMO_MARKER} mark is missing), and the demo would replace them; "
-            "give another output folder or remove them"
+            f"checkpoints/{DEMO_MARKER} mark is missing), and the demo would replace "
+            f"{'it' if one else 'them'}; give another output folder or remove "
+            f"{'it' if one else 'them'}"
         )
 
 

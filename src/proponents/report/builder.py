@@ -37,6 +37,8 @@ _STYLE = """
 .prp-report h2{font-size:1.3em;margin:1.6em 0 .4em;border-bottom:2px solid #e3e7ef;
   padding-bottom:.2em}
 .prp-report h3{font-size:.95em;margin:.5em 0 .3em;color:#4a5468;font-weight:600}
+.prp-report h1,.prp-report h2,.prp-report h3,.prp-report .sub,.prp-report .note{
+  overflow-wrap:anywhere}
 .prp-report .sub{color:#5b6577;margin:0 0 .8em}
 .prp-report .note{color:#5b6577;font-size:.92em;max-width:62em}
 .prp-report dl.kv{display:grid;
@@ -220,6 +222,8 @@ class _Card:
     body: str
     is_image: bool
     lines: list[str]
+    #: full text of a line, by position, shown on hover where the card cuts it with "…"
+    titles: dict[int, str] = field(default_factory=dict)
     bad: bool = False
     test: bool = False
 
@@ -231,7 +235,12 @@ class _Card:
             classes.append("bad")
         if self.test:
             classes.append("test")
-        meta = "".join(f"<div>{line}</div>" for line in self.lines)
+        meta = "".join(
+            f'<div title="{html.escape(self.titles[i], quote=True)}">{line}</div>'
+            if i in self.titles
+            else f"<div>{line}</div>"
+            for i, line in enumerate(self.lines)
+        )
         return f'<div class="{" ".join(classes)}">{self.body}<div class="meta">{meta}</div></div>'
 
 
@@ -377,7 +386,9 @@ class _Examples:
         alt = f"{self.what} #{index}" + (f", label {label_text}" if label_text else "")
         body, is_image = example_html(shown, alt)
         lines = [f"<b>{'test' if test else 'train'} #{index}</b>"]
+        titles: dict[int, str] = {}
         if label_text is not None:
+            titles[len(lines)] = f"label: {label_text}"
             lines.append(f"label: {html.escape(label_text)}")
         if prediction is None and self.predictions is not None:
             prediction = self.predictions[index]
@@ -391,13 +402,14 @@ class _Examples:
                 and pred_text != label_text
             )
             css = ' class="wrong"' if wrong else ""
+            titles[len(lines)] = f"predicted: {pred_text}"
             lines.append(f"<span{css}>predicted: {html.escape(pred_text)}</span>")
         if score is not None:
             lines.append(f"score: {_fmt_number(float(score))}")
         bad = index in self.bad
         if bad:
             lines.append('<span class="badge">known bad</span>')
-        return _Card(body, is_image, lines, bad=bad, test=test)
+        return _Card(body, is_image, lines, titles, bad=bad, test=test)
 
 
 def _is_integral_float(value: Any) -> bool:
@@ -692,10 +704,16 @@ def build_report(
             TRACIN_RANKING_NOTE if ranking_note is None else ranking_note
         )
         if bad:
-            explain += (
-                f" {len(bad)} labels are known to be wrong (red border); the curve shows how "
-                "many of them each ranking finds as one reads down it."
-            )
+            if len(bad) == 1:
+                explain += (
+                    " 1 label is known to be wrong (red border); the curve shows where each "
+                    "ranking finds it as one reads down it."
+                )
+            else:
+                explain += (
+                    f" {len(bad)} labels are known to be wrong (red border); the curve shows "
+                    "how many of them each ranking finds as one reads down it."
+                )
         parts.append(f'<p class="note">{html.escape(explain)}</p>')
         non_finite = _non_finite_note(scores, self_influence_name)
         if non_finite:

@@ -150,11 +150,22 @@ def found_curve(scores: Any, bad: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(mask[order]) / total])
 
 
+def inspected(fraction: float, n: int) -> int:
+    """How many of ``n`` examples "the top ``fraction``" holds: ``round(fraction * n)``,
+    but at least one when ``fraction`` and ``n`` are positive (the top 5% of 10 examples is
+    the first one, not none), and at most ``n``."""
+    count = int(round(fraction * n))
+    if fraction > 0 and n > 0:
+        count = max(count, 1)
+    return max(0, min(count, n))
+
+
 def found_at(scores: Any, bad: Sequence[int] | np.ndarray, fraction: float) -> float:
-    """Share of the bad examples among the top ``fraction`` of the ranking (rounded count)."""
+    """Share of the bad examples among the top ``fraction`` of the ranking (the count of
+    :func:`inspected`)."""
     curve = found_curve(scores, bad)
     n = curve.size - 1
-    return float(curve[int(round(fraction * n))])
+    return float(curve[inspected(fraction, n)])
 
 
 def detection_table(
@@ -173,7 +184,7 @@ def detection_table(
 
     Returns:
         name -> {fraction: share found}; the entry ``"random order (expected)"`` holds the
-        expected share under a uniformly random order, ``round(f * n) / n``, and
+        expected share under a uniformly random order, ``inspected(f, n) / n``, and
         ``"best possible"`` the share a perfect ranking finds.
 
     Raises:
@@ -186,10 +197,10 @@ def detection_table(
         name: {f: found_at(scores, bad, f) for f in fractions} for name, scores in rankings.items()
     }
     if n:
-        table["random order (expected)"] = {f: round(f * n) / n for f in fractions}
+        table["random order (expected)"] = {f: inspected(f, n) / n for f in fractions}
         n_bad = len(bad)
         if n_bad:
-            table["best possible"] = {f: min(round(f * n), n_bad) / n_bad for f in fractions}
+            table["best possible"] = {f: min(inspected(f, n), n_bad) / n_bad for f in fractions}
     return table
 
 
