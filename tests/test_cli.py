@@ -1060,3 +1060,29 @@ def test_a_failing_checkpoints_load_func_is_named_with_its_checkpoint(capsys, tm
         "failed: the task's checkpoints_load_func raised KeyError: 'state' while loading "
         f"checkpoint {failing} (run with --traceback" in err
     ), err
+
+
+def test_help_texts_say_what_docs_cli_md_says(capsys):
+    """The task names' help and the commands' descriptions agree with docs/cli.md: render
+    takes encoded image bytes too, test_indices defaults to half misclassified (listed
+    first) and half correct, and the ranking is the method's (similarity has no
+    self-influence). (before: "image array, PIL image or str", "misclassified first", and
+    "Rank the training images by self-influence" for every method)"""
+    docs = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (?:yes|no) \| (.*) \|$", docs, re.M))
+    image_bytes = re.search(r"PNG, JPEG, GIF or WebP bytes", rows["render"])
+    default = re.search(r"half misclassified \(listed first\), half correct", rows["test_indices"])
+    assert image_bytes and default  # the docs say it this way
+    similarity_row = re.search(r"^\| `similarity` \|.*\|(.*)\|$", docs, re.M)
+    assert similarity_row and "neighbour label disagreement" in similarity_row.group(1)
+
+    def help_of(command):
+        code, out, _ = run_cli(capsys, command, "--help")
+        assert code == EXIT_OK
+        return " ".join(out.split())
+
+    explain, demo = help_of("explain"), help_of("demo")
+    assert image_bytes.group(0) in explain and default.group(0) in explain
+    for text in (explain, demo):
+        assert "ranked by self-influence" not in text and "by self-influence and" not in text
+        assert "neighbour label disagreement for similarity" in text

@@ -43,7 +43,8 @@ REQUIRED_NAMES = {
 }
 #: Names a task file may define.
 OPTIONAL_NAMES = {
-    "render": "render(*inputs) -> image array, PIL image or str to show",
+    "render": "render(*inputs) -> image array, PIL image, PNG, JPEG, GIF or WebP bytes, "
+    "or a string to show",
     "label_names": "names of the integer labels (list or dict)",
     "layers": "TracInCP layers (module names); default: all parameters",
     "final_fc_layer": "final nn.Linear for fast/randproj; default: the last one",
@@ -51,7 +52,8 @@ OPTIONAL_NAMES = {
     "checkpoints_load_func": "f(model, checkpoint) -> learning rate",
     "batch_size": "training examples per batch; default 64",
     "sample_wise_grads_per_batch": "TracInCP's flag; default from loss_fn.reduction",
-    "test_indices": "test examples to explain; default: misclassified first",
+    "test_indices": "test examples to explain; default: half misclassified (listed first), "
+    "half correct (--examples)",
     "mislabeled": "training indices known to be mislabelled (detection curve)",
 }
 
@@ -83,11 +85,13 @@ def _wrap(*paragraphs: str) -> str:
 
 def _name_list(names: dict[str, str]) -> str:
     lines = []
+    indent = " " * 19
     for name, what in names.items():
-        if len(name) > 16:
-            lines.append(f"  {name}\n  {'':<16} {what}\n")
-        else:
-            lines.append(f"  {name:<16} {what}\n")
+        first = f"  {name}\n{indent}" if len(name) > 16 else f"  {name:<16} "
+        text = textwrap.fill(
+            what, 78, initial_indent=indent, subsequent_indent=indent, break_long_words=False
+        )
+        lines.append(first + text[len(indent) :] + "\n")
     return "".join(lines)
 
 
@@ -163,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=_wrap(
             "Train a small CNN on scikit-learn's bundled 8x8 handwritten digits with a "
             "fraction of the training labels flipped, saving a checkpoint every epoch. Rank "
-            "the training images by self-influence and report how many flipped labels the "
-            "top 5/10/20% hold, beside the final-loss ranking and random order; explain a "
-            "few misclassified and correct test digits by their proponents and opponents; "
-            "write report.html and print a summary.",
+            "the training images by the method's suspicion score (self-influence for the "
+            "TracIn methods, neighbour label disagreement for similarity) and report how "
+            "many flipped labels the top 5/10/20% hold, beside the final-loss ranking and "
+            "random order; explain a few misclassified and correct test digits by their "
+            "proponents and opponents; write report.html and print a summary.",
             "Seeded and deterministic. Needs the demo extra (scikit-learn, matplotlib): "
             'pip install "proponents[demo]".',
         ),
@@ -199,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Load a task file (Python) that defines the model, the training and test "
             "datasets and the loss; run the chosen method over the checkpoints; write "
             "report.html with test examples beside their proponents and opponents and the "
-            "training examples ranked by self-influence.",
+            "training examples ranked by the method's suspicion score (self-influence for "
+            "the TracIn methods, neighbour label disagreement for similarity).",
         )
         + "\n\nA task file must define:\n"
         + _name_list(REQUIRED_NAMES)
