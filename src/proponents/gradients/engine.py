@@ -418,6 +418,13 @@ class GradientEngine:
             rep is not None and layer.name not in outside
             for layer, rep in zip(self.hooked, layer_reps)
         ]
+        if batch.packed:
+            # Only a layer whose output is the model's output has one row per example by
+            # construction (the loss pairs output row i with label i); any other layer's
+            # rows could be the examples in an order of its own (sorted around it), which
+            # a packed batch cannot be reversed to reveal.
+            at_output = self._layers_at_the_output(batch)
+            keep = [k and layer.name in at_output for k, layer in zip(keep, self.hooked)]
         for j, same in enumerate(self._same_when_reversed(batch, params, layer_reps)):
             keep[j] = keep[j] and same
         # first, middle and last rows (examples that interact only in part of the batch),
@@ -582,6 +589,29 @@ class GradientEngine:
             if elapsed < best_time:
                 best, best_time = method, elapsed
         return dataclasses.replace(layer, method=best)
+
+    def _layers_at_the_output(self, batch: Batch) -> set[str]:
+        """Names of the hooked layers whose one call in a forward pass of ``batch``
+        returns the very tensor the model returns."""
+        seen: dict[str, list[object]] = {}
+
+        def hook(name: str):
+            def keep(module: nn.Module, args: object, output: object) -> None:
+                seen.setdefault(name, []).append(output)
+
+            return keep
+
+        handles = [
+            self.model.get_submodule(layer.name).register_forward_hook(hook(layer.name))
+            for layer in self.hooked
+        ]
+        try:
+            with torch.no_grad():
+                out = self.model(*copy_batch(batch).inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name for name, outs in seen.items() if len(outs) == 1 and outs[0] is out}
 
     def _packed_example_grads(
         self, params: dict, buffers: dict, batch: Batch, rows: list[int]
