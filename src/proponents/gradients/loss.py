@@ -285,6 +285,24 @@ def _weighted_mean(spec: LossSpec, labels: Any) -> bool:
     return fn.weight is not None or bool((labels == fn.ignore_index).any())
 
 
+def _class_loss_entries(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The per-entry losses of torch's cross-entropy or NLL loss ``fn`` (one of
+    :data:`_CLASS_LOSSES`), with its class weights, ignored index and label smoothing:
+    weighted, 0 where ignored."""
+    if type(fn) is torch.nn.CrossEntropyLoss:
+        return torch.nn.functional.cross_entropy(
+            output,
+            labels,
+            weight=fn.weight,
+            ignore_index=fn.ignore_index,
+            reduction="none",
+            label_smoothing=fn.label_smoothing,
+        )
+    return torch.nn.functional.nll_loss(
+        output, labels, weight=fn.weight, ignore_index=fn.ignore_index, reduction="none"
+    )
+
+
 def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(B,)``: ``fn`` applied to each example alone, for a :func:`_weighted_mean` loss.
 
@@ -295,19 +313,7 @@ def _own_losses(fn: Any, output: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """
     if type(fn) not in _CLASS_LOSSES:
         return each_alone(fn, output, labels, len(labels))
-    if type(fn) is torch.nn.CrossEntropyLoss:
-        entries = torch.nn.functional.cross_entropy(
-            output,
-            labels,
-            weight=fn.weight,
-            ignore_index=fn.ignore_index,
-            reduction="none",
-            label_smoothing=fn.label_smoothing,
-        )
-    else:
-        entries = torch.nn.functional.nll_loss(
-            output, labels, weight=fn.weight, ignore_index=fn.ignore_index, reduction="none"
-        )
+    entries = _class_loss_entries(fn, output, labels)
     ignored = labels == fn.ignore_index
     if fn.weight is None:
         weights = (~ignored).to(entries.dtype)
@@ -346,22 +352,7 @@ def _entrywise_own_losses(
     if type(fn) in _CLASS_LOSSES:
         if spec.reduction == "mean":
             return _own_losses(fn, output, labels)
-        kind = "nll" if type(fn) is torch.nn.NLLLoss else "ce"
-        entries = (
-            torch.nn.functional.nll_loss(
-                output, labels, weight=fn.weight, ignore_index=fn.ignore_index, reduction="none"
-            )
-            if kind == "nll"
-            else torch.nn.functional.cross_entropy(
-                output,
-                labels,
-                weight=fn.weight,
-                ignore_index=fn.ignore_index,
-                reduction="none",
-                label_smoothing=fn.label_smoothing,
-            )
-        )
-        return entries.reshape(batch_size, -1).sum(1)
+        return _class_loss_entries(fn, output, labels).reshape(batch_size, -1).sum(1)
     if type(fn) not in _ENTRYWISE_LOSSES or output.shape != labels.shape:
         return None  # (a broadcasting loss is left to each_alone)
     apart = copy.copy(fn)
