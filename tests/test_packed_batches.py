@@ -8,6 +8,7 @@ float64 loop that runs each example alone (one bag, one graph).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -375,4 +376,79 @@ def test_both_jacobian_methods_are_exact(text_case, one_pass_per_example):
         reference_scores(grads, slice(0, 4)),
         rtol=1e-4,
         atol=1e-4,
+    )
+
+
+class BagRegressor(BagText):
+    """BagText with two outputs read as a regression."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 2)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0]), reduction="mean"),
+        nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum"),
+        nn.NLLLoss(reduction="mean"),
+        nn.MSELoss(reduction="mean"),
+        nn.SmoothL1Loss(reduction="sum"),
+    ],
+    ids=["ce-weighted-mean", "ce-smoothed-sum", "nll-mean", "mse-mean", "smoothl1-sum"],
+)
+def test_reducing_losses_give_each_example_its_loss_alone(tmp_path, loss_fn):
+    """Each example's loss in a packed batch is its loss alone (one batched evaluation for
+    torch's own losses): class weights cancel in an example's own mean, smoothing and sums
+    stay; the float64 loop runs the same loss on each example alone."""
+    regression = isinstance(loss_fn, (nn.MSELoss, nn.SmoothL1Loss))
+    make = BagRegressor if regression else BagText
+    torch.manual_seed(0)
+    model = make()
+    paths = save_checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(11)
+    train = [
+        (t, torch.randn(2, generator=g)) if regression else (t, label)
+        for t, label in texts(14, seed=6)
+    ]
+
+    def collate(batch):
+        tokens = [t for t, _ in batch]
+        offsets = torch.tensor([0] + [len(t) for t in tokens[:-1]]).cumsum(0)
+        labels = [y for _, y in batch]
+        return (
+            torch.cat(tokens),
+            offsets,
+            torch.stack(labels) if regression else torch.tensor(labels),
+        )
+
+    def run(net, tokens):
+        out = net(tokens, torch.tensor([0]))
+        return torch.log_softmax(out, dim=1) if isinstance(loss_fn, nn.NLLLoss) else out
+
+    class Model(make):  # NLL takes log-probabilities: the model gives them
+        def forward(self, tokens, offsets):
+            out = super().forward(tokens, offsets)
+            return torch.log_softmax(out, dim=1) if isinstance(loss_fn, nn.NLLLoss) else out
+
+    scored = Model()
+    scored.load_state_dict(model.state_dict())
+    loader = DataLoader(train, batch_size=5, collate_fn=collate)
+    tracin = TracInCP(scored, loader, paths, loss_fn=loss_fn, sample_wise_grads_per_batch=True)
+    ref_loss = copy.deepcopy(loss_fn).double()  # (its class weights in float64 too)
+    want = []
+    for path in paths:
+        state = torch.load(path)
+        net = make().double()
+        net.load_state_dict(state["model_state_dict"])
+        rows = []
+        for tokens, y in train:
+            net.zero_grad()
+            target = y[None].double() if regression else torch.tensor([y])
+            ref_loss(run(net, tokens), target).backward()
+            rows.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        want.append(torch.stack(rows) * state["learning_rate"] ** 0.5)
+    torch.testing.assert_close(
+        tracin.self_influence().double(), reference_self(want), rtol=1e-4, atol=1e-5
     )
