@@ -10,6 +10,7 @@ error raised by the model); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -568,10 +569,8 @@ def _code_of(func: Any) -> tuple[Any, int]:
 
     while isinstance(func, functools.partial):
         func = func.func
-    try:
+    with contextlib.suppress(ValueError):  # a cycle of __wrapped__ keeps func as it is
         func = inspect.unwrap(func)
-    except ValueError:  # a cycle of __wrapped__
-        pass
     if inspect.ismethod(func):
         return getattr(func.__func__, "__code__", None), 1
     code = getattr(func, "__code__", None)
