@@ -534,6 +534,43 @@ def test_files_of_the_user_where_the_store_writes_are_not_taken_for_its_own(tmp_
     assert notes.read_bytes() == b"user data"
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"format": "my-tool.config", "lr": 0.1}',  # JSON of another format
+        b'[1, 2, 3]',  # JSON that is not an object
+        b'{"a": 1}\n{"a": 2}\n',  # JSON Lines
+        b"# settings\nlr: 0.1\n",  # YAML
+    ],
+    ids=["other-format", "array", "json-lines", "yaml"],
+)
+def test_a_users_file_at_a_manifest_path_is_refused_and_kept(tmp_path, content):
+    """A file this store did not write, found where entry k's manifest goes, is refused
+    with an error naming it, and left as it was (before: JSON with another format value,
+    or text that is not JSON, was called a damaged manifest and replaced)."""
+    store = ArrayStore(tmp_path)
+    _manifest(tmp_path).write_bytes(content)
+    with pytest.raises(StoreError, match=r"k\.json.*not a manifest of this store.*move"):
+        store.load("k", {"v": 1})
+    assert _manifest(tmp_path).read_bytes() == content
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 20, 60, -40, -2])
+def test_a_cut_off_manifest_of_ours_is_damaged_at_any_length(tmp_path, cut):
+    """A manifest of this store cut short anywhere (its text starts alike in every entry:
+    sorted keys, "arrays" first) is a damaged entry to rebuild, not a user's file."""
+    store = ArrayStore(tmp_path)
+    _write(store, "k", {"v": 1}, [np.zeros((3, 2), np.float32)])
+    whole = _manifest(tmp_path).read_bytes()
+    _manifest(tmp_path).write_bytes(whole[:cut])
+    entry, why = store.load("k", {"v": 1})
+    assert entry is None and "not valid JSON (damaged)" in why, why
+    _write(store, "k", {"v": 1}, [np.ones((3, 2), np.float32)])
+    entry, why = store.load("k", {"v": 1})
+    assert entry is not None, why
+    entry.close()
+
+
 def test_a_reason_shows_where_two_long_values_differ(tmp_path):
     """Two dataset probes share a long start ('tensors2:' and the same first digest): the
     reason shows each from just before their first difference (before: both cut to the

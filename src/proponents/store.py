@@ -52,7 +52,7 @@ import weakref
 import zlib
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
 import torch
@@ -751,22 +751,37 @@ class ArrayStore:
 _KEY = re.compile(r"[A-Za-z0-9_%\-][A-Za-z0-9_.%\-]{0,199}")
 
 
+# how every manifest's text begins (its keys are sorted and "arrays" comes first)
+_MANIFEST_START = '{\n "arrays": {'
+
+
+def _refuse_foreign(key: str, path: Path, holds: str) -> NoReturn:
+    """Refuse to rebuild entry ``key`` over ``path``, a file this store did not write."""
+    raise StoreError(
+        f"{str(path)!r} holds {holds}, and rebuilding the entry {key!r} would overwrite "
+        "it; move the file away, or give another directory (activation_dir, model_id) "
+        "for the stored arrays"
+    )
+
+
 def _parse_manifest(key: str, path: Path, text: bytes) -> tuple[dict[str, Any] | None, str | None]:
     """The manifest of entry ``key`` parsed from ``text`` and checked, or why it is unusable."""
     try:
-        manifest = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
         return None, f"its manifest {path.name} is not valid JSON (damaged)"
-    if not isinstance(manifest, dict) or "format" not in manifest:
-        # JSON this store never writes (each of its manifests has a format field): a file of
-        # someone else's where an entry's manifest would go, not a damaged one
-        raise StoreError(
-            f"{str(path)!r} holds JSON that is not a manifest of this store, and rebuilding "
-            f"the entry {key!r} would overwrite it; move the file away, or give another "
-            "directory (activation_dir, model_id) for the stored arrays"
-        )
-    if manifest.get("format") != FORMAT_NAME:
-        return None, f"{path.name} is not a manifest of this store (damaged)"
+    try:
+        manifest = json.loads(decoded)
+    except json.JSONDecodeError:
+        start = decoded[: len(_MANIFEST_START)]
+        if FORMAT_NAME in decoded or _MANIFEST_START.startswith(start) or "\0" in decoded:
+            # a cut-off manifest of ours (they all begin alike), or bytes no text file holds
+            return None, f"its manifest {path.name} is not valid JSON (damaged)"
+        _refuse_foreign(key, path, "text that is not a manifest of this store")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        # every manifest this store writes is a JSON object with its format name: anything
+        # else is someone's file where an entry's manifest would go, not a damaged one
+        _refuse_foreign(key, path, "JSON that is not a manifest of this store")
     if manifest.get("checksum") != _checksum(manifest):
         return None, f"its manifest {path.name} fails its checksum (damaged)"
     version = manifest.get("format_version")
