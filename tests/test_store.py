@@ -538,7 +538,7 @@ def test_files_of_the_user_where_the_store_writes_are_not_taken_for_its_own(tmp_
     "content",
     [
         b'{"format": "my-tool.config", "lr": 0.1}',  # JSON of another format
-        b'[1, 2, 3]',  # JSON that is not an object
+        b"[1, 2, 3]",  # JSON that is not an object
         b'{"a": 1}\n{"a": 2}\n',  # JSON Lines
         b"# settings\nlr: 0.1\n",  # YAML
     ],
