@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
 
 from conftest import (
     Augmented,
@@ -983,3 +990,111 @@ def test_a_loader_that_drops_its_last_batch_says_so(tmp_path):
             [str(tmp_path / "net.pt")],
             loss_fn=loss,
         )
+
+
+def _dropping_loader(data, size, drop_last=True):
+    """A DataLoader batched by a BatchSampler of the user's: loader.drop_last is False."""
+    return DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), size, drop_last))
+
+
+def test_a_batch_sampler_that_drops_its_last_batch_says_so(tmp_path):
+    """A batch_sampler=BatchSampler(..., drop_last=True) drops the last partial batch as
+    DataLoader(drop_last=True) does, but loader.drop_last is False: it was not warned
+    about. Now it is, naming how many and how to keep them, for train and test loaders;
+    the scores are those over the examples it yields."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    path = [str(tmp_path / "net.pt")]
+    torch.save(net.state_dict(), path[0])
+    x_train, y_train = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    kept = TracInCP(net, TensorDataset(x_train[:8], y_train[:8]), path, loss_fn=loss, batch_size=4)
+    with pytest.warns(
+        UserWarning,
+        match=r"train_dataset .*batch_sampler is a BatchSampler with drop_last=True: its last "
+        r"2 examples \(of 10\) .*give the BatchSampler drop_last=False",
+    ):
+        dropped = TracInCP(
+            net, _dropping_loader(TensorDataset(x_train, y_train), 4), path, loss_fn=loss
+        )
+    torch.testing.assert_close(dropped.self_influence(), kept.self_influence())
+    torch.testing.assert_close(dropped.influence((x,), y, k=None), kept.influence((x,), y, k=None))
+    with pytest.warns(
+        UserWarning,
+        match=r"inputs .*batch_sampler is a BatchSampler with drop_last=True: its last "
+        r"1 example \(of 5\)",
+    ):
+        scores = kept.influence(_dropping_loader(TensorDataset(x, y), 2), k=None)
+    torch.testing.assert_close(scores, kept.influence((x[:4],), y[:4], k=None))
+
+
+def test_a_batch_sampler_that_drops_nothing_is_not_warned_about(tmp_path):
+    """drop_last=False, or a length the batch size divides: nothing is dropped, no warning."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    path = [str(tmp_path / "net.pt")]
+    torch.save(net.state_dict(), path[0])
+    ten = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    twelve = TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = TracInCP(net, _dropping_loader(ten, 4, drop_last=False), path, loss_fn=loss)
+        TracInCP(net, _dropping_loader(twelve, 4), path, loss_fn=loss)
+        kept.influence(_dropping_loader(TensorDataset(*twelve[:4]), 2), k=None)
+    assert kept.self_influence().shape == (10,)
+
+
+class _Batches:
+    """A batch sampler of the user's, not torch's: consecutive batches of ``batch_size``
+    over ``sampler``, the last partial one dropped with ``drop_last``."""
+
+    def __init__(self, sampler, batch_size, drop_last) -> None:
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+
+    def __iter__(self):
+        batch = []
+        for i in self.sampler:
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class _NoLength(torch.utils.data.Sampler):
+    """A reusable sampler without ``len()``."""
+
+    def __init__(self, n) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+
+def test_other_batch_samplers_are_warned_about_by_their_lengths_alone(tmp_path):
+    """A batch sampler of the user's with batch_size, drop_last, a sampler and len() that
+    tell it drops examples is warned about; one whose sampler has no len() is not (nor is
+    anything read to find out), and is scored as it is."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    path = [str(tmp_path / "net.pt")]
+    torch.save(net.state_dict(), path[0])
+    data = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    custom = DataLoader(data, batch_sampler=_Batches(SequentialSampler(data), 4, True))
+    with pytest.warns(
+        UserWarning, match=r"batch_sampler is a _Batches with drop_last=True: its last 2 examples"
+    ):
+        TracInCP(net, custom, path, loss_fn=loss)
+    for batches in (_Batches(_NoLength(10), 4, True), BatchSampler(_NoLength(10), 4, True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            t = TracInCP(net, DataLoader(data, batch_sampler=batches), path, loss_fn=loss)
+        assert t.self_influence().shape == (8,)

@@ -333,21 +333,47 @@ def make_loader(
 
 
 def _warn_dropped(loader: DataLoader, argument: str) -> None:
-    """Warn when ``drop_last=True`` leaves examples out: the loader's batches, not its
-    dataset, are the examples scored (as with a batch sampler that picks some)."""
-    if not loader.drop_last or loader.batch_size is None:
+    """Warn when a batch sampler with ``drop_last=True`` leaves examples out: the
+    loader's batches, not its dataset, are the examples scored (as with a batch sampler
+    that picks some).
+
+    That is the DataLoader's own batching (``DataLoader(..., drop_last=True)``) or a
+    ``batch_sampler=`` of the user's (``loader.drop_last`` is then ``False``) that batches
+    a sampler as torch's :class:`~torch.utils.data.BatchSampler` does: one with a true
+    ``drop_last``, a positive ``batch_size`` and a ``sampler`` and ``len()`` that tell
+    how many examples it covers. Only lengths are read, never the data or the indices;
+    a batch sampler whose length does not fit that batching (a subclass that batches
+    otherwise) or whose sampler has no length is not warned about.
+    """
+    batches = loader.batch_sampler
+    if batches is None:  # batch_size=None: the items are yielded as they are
+        return
+    drop = getattr(batches, "drop_last", False)
+    size = _positive_int(getattr(batches, "batch_size", None))
+    if not (isinstance(drop, (bool, np.bool_)) and drop) or size is None:
         return
     try:
-        n = len(loader.sampler)  # type: ignore[arg-type]
-    except TypeError:  # an IterableDataset without a length
+        n = len(batches.sampler)  # type: ignore[attr-defined]
+        kept = len(batches)  # type: ignore[arg-type]
+    except (AttributeError, TypeError, NotImplementedError):  # e.g. an IterableDataset
         return
-    left = n % loader.batch_size
-    if left:
-        warn(
-            f"{argument} is a DataLoader with drop_last=True: its last {count(left, 'example')} "
-            f"(of {n}) are never read, so they are left out of the results, whose indices "
-            "are positions among the examples it yields; pass drop_last=False to include them"
-        )
+    if kept != n // size:  # it does not batch its sampler as a BatchSampler does
+        return
+    left = n - kept * size
+    if not left:
+        return
+    own = loader.drop_last and batches.sampler is loader.sampler  # type: ignore[attr-defined]
+    if own:
+        what, fix = "a DataLoader with drop_last=True", "pass drop_last=False"
+    else:
+        kind = type(batches).__name__
+        what = f"a DataLoader whose batch_sampler is {article(kind)} with drop_last=True"
+        fix = f"give the {kind} drop_last=False"
+    warn(
+        f"{argument} is {what}: its last {count(left, 'example')} (of {n}) are never read, "
+        "so they are left out of the results, whose indices are positions among the "
+        f"examples it yields; {fix} to include them"
+    )
 
 
 def _positive_int(value: Any) -> int | None:
