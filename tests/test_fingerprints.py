@@ -3,8 +3,10 @@ SHA-256 of every weight (the independent reference)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -302,6 +304,10 @@ def test_probes_of_another_whole_content_scheme_are_compared_by_their_items():
     assert not probes_differ("items", new_a)  # a probe of items only
 
 
+def _shifter(by: float):
+    return lambda h: h + by
+
+
 class _Scaled(nn.Module):
     def __init__(self, scale=2.0, mode="tanh", steps=(1, 2)):
         super().__init__()
@@ -309,6 +315,11 @@ class _Scaled(nn.Module):
         self.scale, self.mode, self.steps = scale, mode, steps
         self.vocabulary = [f"w{i}" for i in range(500)]  # long: counted by a digest
         self.helper = object()  # no stable text: left out
+        self.config = {"t": 1.0, "labels": ["a", "b"]}
+        self.temperature = np.float32(1.5)
+        self.act = functools.partial(torch.clamp, min=0.0)
+        self.shift = _shifter(0.5)
+        self.classes = {1, 2}
 
     def forward(self, x):
         h = self.lin(x) * self.scale
@@ -322,8 +333,25 @@ class _Scaled(nn.Module):
         lambda m: setattr(m, "mode", "sigmoid"),
         lambda m: setattr(m, "steps", (1, 3)),
         lambda m: m.vocabulary.__setitem__(250, "other"),
+        lambda m: m.config.__setitem__("t", 2.0),
+        lambda m: m.config["labels"].append("c"),
+        lambda m: setattr(m, "temperature", np.float32(2.5)),
+        lambda m: setattr(m, "act", functools.partial(torch.clamp, min=-1.0)),
+        lambda m: setattr(m, "shift", _shifter(0.25)),
+        lambda m: m.classes.add(3),
     ],
-    ids=["float", "string", "tuple", "long list"],
+    ids=[
+        "float",
+        "string",
+        "tuple",
+        "long list",
+        "dict",
+        "list in a dict",
+        "numpy scalar",
+        "partial argument",
+        "closure value",
+        "set",
+    ],
 )
 def test_plain_attributes_count_and_bookkeeping_does_not(edit):
     """A forward may read a module's plain attributes as settings: a change to one changes
@@ -341,3 +369,19 @@ def test_plain_attributes_count_and_bookkeeping_does_not(edit):
     edit(model)
     assert model_fingerprint(model) != full
     assert quick_model_digest(model) != quick
+
+
+def test_texts_of_module_level_functions_stay_as_saved_indexes_hold_them():
+    """A module-level function counts by its name alone (its defaults are its code's), as
+    in indexes saved before closures and partial arguments counted; a function that calls
+    itself from its own closure has a finite text."""
+    from proponents.module_settings import plain_text
+
+    assert plain_text(torch.nn.functional.relu) == "<torch.nn.functional.relu>"
+    assert plain_text((torch.sigmoid, 2)) == "tuple(<torch._VariableFunctionsClass.sigmoid>,2)"
+
+    def countdown(n):
+        return n if n <= 0 else countdown(n - 1)
+
+    text = plain_text(countdown)
+    assert text is not None and "countdown" in text and len(text) <= 200

@@ -3,6 +3,7 @@ against copies taken before the call."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -312,6 +313,71 @@ def test_tensors_held_as_plain_attributes_are_put_back(tmp_path):
         call()
         assert model[0].weight is held, name
         assert torch.equal(model[0].weight, value), name
+
+
+class _Recorder(nn.Module):
+    """A model whose forward changes its own containers in place and reassigns an object."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.log: list = []
+        self.stats = {"n": 0, "per_class": [0, 0, 0]}
+        self.seen: set = set()
+        self.counts = np.zeros(3)
+        self.tag = bytearray(b"abc")
+        self.last: object = None
+
+    def forward(self, x):
+        out = self.lin(x)
+        self.log.append(float(out.sum()))
+        self.stats["n"] += 1
+        self.stats["per_class"][0] += 1
+        self.seen.add(len(self.log))
+        self.counts += 1.0
+        self.tag[0] = ord("z")
+        self.last = object()
+        return out
+
+
+def test_containers_a_forward_changes_in_place_are_put_back(tmp_path):
+    """A forward that appends to a list, counts in a dict (and in a list inside it), adds to
+    a set, adds to a NumPy array or edits a bytearray it keeps, or reassigns an object
+    attribute, leaves the model as it was after every method's call: the same objects,
+    holding what they held (before: put back by reference, so what the forward did to them
+    in place stayed)."""
+    from proponents import SimilarityInfluence
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    torch.save(_Recorder().state_dict(), path)
+    model = _Recorder()
+    model.log.append(-1.0)
+    held = {name: getattr(model, name) for name in ("log", "stats", "seen", "counts", "tag")}
+    inner = model.stats["per_class"]
+    data = TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
+    x, y = data.tensors[0][:2], data.tensors[1][:2]
+    calls = {
+        "TracInCP": lambda: TracInCP(
+            model, data, [path], loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
+        ).influence(x, y),
+        "TracInCPFast": lambda: TracInCPFast(
+            model, "lin", data, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum")
+        ).self_influence(),
+        "SimilarityInfluence": lambda: SimilarityInfluence(
+            model, "lin", data, tmp_path / "acts", batch_size=4
+        ).influence(x, top_k=2),
+    }
+    for name, call in calls.items():
+        call()
+        for attribute, obj in held.items():
+            assert getattr(model, attribute) is obj, (name, attribute)
+        assert model.log == [-1.0], name
+        assert model.stats == {"n": 0, "per_class": [0, 0, 0]}, name
+        assert model.seen == set() and model.tag == bytearray(b"abc"), name
+        assert np.array_equal(model.counts, np.zeros(3)), name
+        assert model.last is None, name
+    assert inner == [0, 0, 0]  # the list the user holds was never written to either
 
 
 def _tracing_put_back(on_line):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from proponents.model_guard import GlobalRandomState, written_by_forward
-from proponents.module_settings import callable_name, plain_attributes
+from proponents.module_settings import callable_name, closure_values, plain_attributes
 
 #: Width of the matrix a tensor's 32-bit words are laid out in for the cheap digest.
 _DIGEST_COLUMNS = 1024
@@ -178,7 +178,7 @@ def _function_code_digest(fn: Any) -> str | None:
     if not isinstance(code, types.CodeType):
         return None
     _hash_code(code, digest)
-    cells = [c.cell_contents for c in (fn.__closure__ or ()) if _has_contents(c)]
+    cells = closure_values(fn)
     for part in (fn.__defaults__, fn.__kwdefaults__, partial_args, cells):
         # a part only known by its type (another function, say) counts by that
         hash_object(part, digest)
@@ -193,14 +193,6 @@ def _hash_code(code: types.CodeType, digest: Any) -> None:
             _hash_code(const, digest)
         else:
             digest.update(repr(const).encode())
-
-
-def _has_contents(cell: Any) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 - an empty cell raises ValueError
-    except ValueError:
-        return False
-    return True
 
 
 def module_structure(model: nn.Module) -> str:

@@ -23,7 +23,7 @@ from torch import nn
 
 from proponents.allocator import keep_freed_memory
 from proponents.errors import InvalidArgumentError
-from proponents.module_settings import plain_attributes
+from proponents.module_settings import MODULE_BASICS
 
 
 def _refuse_lazy(model: nn.Module) -> None:
@@ -153,9 +153,10 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
         for name, value in vars(m).items()
         if isinstance(value, torch.Tensor)
     ]
-    # Plain-valued attributes (settings, see proponents.module_settings), as they were: a
-    # forward that updates one (a cached sequence length, a call counter) changes state.
-    settings = {m: (plain_attributes(m), dict(vars(m))) for m in model.modules()}
+    # Every other attribute of the user's, as it was, and what the containers among them
+    # hold: a forward that updates one (a cached sequence length, a call counter, a list
+    # it appends to, a dict of counts) changes state.
+    settings = {m: _attribute_snapshot(m) for m in model.modules()}
     token = _BY_REFERENCE.set(loads_by_reference)
     try:
         copied: set[int] = set(uncopied)
@@ -201,7 +202,7 @@ def _put_back(
     modes: dict[nn.Module, bool],
     attributes: list[tuple[nn.Module, str, torch.Tensor]],
     tables: list[tuple[nn.Module, dict, dict, dict, set]],
-    settings: dict[nn.Module, tuple[dict[str, str], dict[str, Any]]],
+    settings: dict[nn.Module, dict[str, tuple[Any, Any]]],
 ) -> None:
     """Put ``model`` back as :func:`preserved` found it (idempotent)."""
     for m, params, buffers, children, non_persistent in tables:
@@ -235,18 +236,117 @@ def _put_back(
                 del m.__dict__[name]
     for m, name, value in attributes:
         m.__dict__[name] = value
-    # Likewise a plain-valued attribute the call changed, added or removed: put back, and
-    # remembered as state.
-    for m, (texts, values) in settings.items():
-        current = plain_attributes(m)
-        for name in {*texts, *current}:
-            if texts.get(name) == current.get(name):
-                continue
+    # Likewise any other attribute the call reassigned, added or removed, or a container
+    # it changed in place: put back (a container refilled in place, so references to it
+    # stay valid), and remembered as state.
+    for m, saved in settings.items():
+        now = m.__dict__
+        for name in [n for n, v in now.items() if n not in saved and _snapshotted(n, v)]:
+            del now[name]
             written_by_forward(m).add(name)
-            if name in values:
-                m.__dict__[name] = values[name]
+        for name, (value, contents) in saved.items():
+            if now.get(name, _MISSING) is not value:
+                now[name] = value
+                written_by_forward(m).add(name)
+            if contents is not _MISSING and _refill(value, contents):
+                written_by_forward(m).add(name)
+
+
+_MISSING = object()
+#: How deep containers held as attributes are copied (deeper ones are held by reference).
+_COPY_DEPTH = 3
+#: Largest NumPy array attribute copied at each call (a larger one is held by reference).
+_COPY_BYTES = 64 << 20
+
+
+def _snapshotted(name: str, value: Any) -> bool:
+    """Whether the guard sets attribute ``name`` aside by value here (tensors and torch's
+    own bookkeeping are handled apart)."""
+    return name not in MODULE_BASICS and not isinstance(value, torch.Tensor)
+
+
+def _attribute_snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """``{name: (value, contents)}`` for each attribute of the user's the module holds:
+    the object, and a copy of what it holds where it is a container a forward may change
+    in place (``_MISSING`` otherwise)."""
+    return {
+        name: (value, _contents(value, 0))
+        for name, value in vars(module).items()
+        if _snapshotted(name, value)
+    }
+
+
+def _contents(value: Any, depth: int) -> Any:
+    """What container ``value`` holds (a list, dict, set, bytearray, or a writeable NumPy
+    array of up to :data:`_COPY_BYTES`), or ``_MISSING`` for anything else: a list's or
+    dict's items as the objects they are, with what those hold in turn (down to
+    :data:`_COPY_DEPTH`), so that they can be refilled in place too; a copy of the others.
+    """
+    if depth >= _COPY_DEPTH:
+        return _MISSING
+    if isinstance(value, np.ndarray):
+        # not a file's pages (a memmap) nor one too large to copy at every call
+        small = value.nbytes <= _COPY_BYTES and not isinstance(value, np.memmap)
+        return value.copy() if small and value.flags.writeable else _MISSING
+    if isinstance(value, set):
+        return set(value)
+    if isinstance(value, bytearray):
+        return bytearray(value)
+    if isinstance(value, list):
+        return [(item, _contents(item, depth + 1)) for item in value]
+    if isinstance(value, dict):
+        return [(key, item, _contents(item, depth + 1)) for key, item in value.items()]
+    return _MISSING
+
+
+def _refill(value: Any, contents: Any) -> bool:
+    """Put ``contents`` (:func:`_contents`) back into container ``value`` in place, and
+    its items' into them; whether anything had changed (idempotent)."""
+    try:
+        if isinstance(value, np.ndarray):
+            if np.array_equal(value, contents, equal_nan=value.dtype.kind in "fc"):
+                return False
+            np.copyto(value, contents)
+        elif isinstance(value, (set, bytearray)):
+            if value == contents:
+                return False
+            if isinstance(value, set):
+                value.clear()
+                value.update(contents)
             else:
-                m.__dict__.pop(name, None)
+                value[:] = contents
+        else:
+            items = [entry[-2] for entry in contents]
+            changed = [_refill(item, held) for *_, item, held in contents if held is not _MISSING]
+            if isinstance(value, list):
+                if len(value) == len(items) and all(a is b for a, b in zip(value, items)):
+                    return any(changed)
+                value[:] = items
+            else:
+                keys = [entry[0] for entry in contents]
+                if list(value) == keys and all(value[k] is v for k, v in zip(keys, items)):
+                    return any(changed)
+                value.clear()
+                value.update(zip(keys, items))
+    except Exception:  # noqa: BLE001 - items whose comparison fails: put back to be sure
+        _put_back_blindly(value, contents)
+    return True
+
+
+def _put_back_blindly(value: Any, contents: Any) -> None:
+    """:func:`_refill` without comparing (items of a set whose ``==`` fails, say)."""
+    if isinstance(value, np.ndarray):
+        np.copyto(value, contents)
+    elif isinstance(value, set):
+        value.clear()
+        value.update(contents)
+    elif isinstance(value, bytearray):
+        value[:] = contents
+    elif isinstance(value, list):
+        value[:] = [entry[0] for entry in contents]
+    else:
+        value.clear()
+        value.update((key, item) for key, item, _ in contents)
 
 
 #: Per module, the names of plain attributes its forward was seen to (re)assign.

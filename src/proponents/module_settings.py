@@ -15,6 +15,7 @@ import hashlib
 import types
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 #: Attributes every ``nn.Module`` has (torch's own bookkeeping, and ``training``: gradients
@@ -25,6 +26,8 @@ _MAX_ITEMS = 64
 #: Longest text kept as it is; a longer one is replaced by a digest.
 _MAX_TEXT = 200
 _SCALARS = (bool, int, float, complex, str, bytes)
+#: How deep containers (and the arguments of functions) are written out.
+_MAX_DEPTH = 2
 
 
 def callable_name(fn: Any) -> str:
@@ -36,27 +39,75 @@ def callable_name(fn: Any) -> str:
     return f"{getattr(named, '__module__', '')}.{named.__qualname__}"
 
 
+def _function_text(fn: Any, depth: int) -> str:
+    """A function by its name; a ``functools.partial`` also by its arguments, and a
+    function a factory made (``<locals>`` in its name: a lambda with a temperature its
+    closure holds, say) also by its defaults and closure, which set what it does."""
+    if isinstance(fn, functools.partial):
+        parts = [_part(v, depth) for v in fn.args]
+        parts += [f"{k}={_part(v, depth)}" for k, v in sorted(fn.keywords.items())]
+        return f"{_function_text(fn.func, depth)}({','.join(parts)})"
+    text = f"<{callable_name(fn)}>"
+    if "<locals>" in getattr(fn, "__qualname__", "") and depth < _MAX_DEPTH:
+        cells = closure_values(fn)
+        bound = [*(fn.__defaults__ or ()), *sorted((fn.__kwdefaults__ or {}).items())]
+        if cells or bound:
+            text += "[" + ",".join(_part(v, depth) for v in (*bound, *cells)) + "]"
+    return text
+
+
+def _part(value: Any, depth: int) -> str:
+    """:func:`plain_text` of a part of a value, or its type's name where it has none."""
+    text = plain_text(value, depth + 1)
+    return text if text is not None else f"?{type(value).__qualname__}"
+
+
+def closure_values(fn: Any) -> list[Any]:
+    """What the closure cells of function ``fn`` hold (empty cells left out)."""
+    values = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a cell whose variable is not assigned yet
+            continue
+    return values
+
+
 def plain_text(value: Any, depth: int = 0) -> str | None:
     """A stable text for a value a ``forward`` may read as a setting (a number, a string,
-    a flag, an enum member, a function, or a tuple or list of those), or ``None`` for
-    anything else (tensors, submodules and containers are compared elsewhere; other
-    objects have no stable text: theirs may name their address)."""
+    a flag, a NumPy scalar, an enum member, a function, or a tuple, list, set or dict of
+    those), or ``None`` for anything else (tensors, submodules and containers are
+    compared elsewhere; other objects have no stable text: theirs may name their
+    address)."""
     if value is None or isinstance(value, _SCALARS):
         text = repr(value)
+    elif isinstance(value, np.generic) and value.dtype.kind in "biufcSU":
+        text = f"{type(value).__name__}({value.item()!r})"
     elif isinstance(value, enum.Enum):
         text = f"{type(value).__module__}.{type(value).__qualname__}.{value.name}"
     elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, functools.partial)):
-        text = f"<{callable_name(value)}>"
-    elif isinstance(value, (tuple, list)) and len(value) > _MAX_ITEMS:
+        text = _function_text(value, depth)
+    elif isinstance(value, (tuple, list, set, frozenset, dict)) and len(value) > _MAX_ITEMS:
         # a vocabulary, say: scalars only, counted by a digest of their text
-        if not all(v is None or isinstance(v, _SCALARS) for v in value):
+        flat = [*value, *value.values()] if isinstance(value, dict) else value
+        if not all(v is None or isinstance(v, _SCALARS) for v in flat):
             return None
-        text = repr(value)
-    elif isinstance(value, (tuple, list)) and depth < 2:
+        if isinstance(value, (tuple, list)):
+            text = repr(value)
+        else:  # in an order of their own: sets have none, dicts in the order keys came
+            text = repr(sorted(value.items() if isinstance(value, dict) else value, key=repr))
+    elif isinstance(value, (tuple, list, set, frozenset)) and depth < _MAX_DEPTH:
         items = [plain_text(v, depth + 1) for v in value]
         if any(item is None for item in items):
             return None
+        if isinstance(value, (set, frozenset)):
+            items.sort()  # type: ignore[call-arg]
         text = f"{type(value).__name__}({','.join(items)})"  # type: ignore[arg-type]
+    elif isinstance(value, dict) and depth < _MAX_DEPTH:
+        pairs = [(plain_text(k, depth + 1), plain_text(v, depth + 1)) for k, v in value.items()]
+        if any(k is None or v is None for k, v in pairs):
+            return None
+        text = f"{type(value).__name__}({','.join(sorted(f'{k}:{v}' for k, v in pairs))})"
     else:
         return None
     if len(text) > _MAX_TEXT:
