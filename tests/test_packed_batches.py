@@ -452,3 +452,177 @@ def test_reducing_losses_give_each_example_its_loss_alone(tmp_path, loss_fn):
     torch.testing.assert_close(
         tracin.self_influence().double(), reference_self(want), rtol=1e-4, atol=1e-5
     )
+
+
+class WeightedBag(nn.Module):
+    """Text classifier over bags of weighted tokens: model(tokens, offsets, weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(40, 5, mode="sum")
+        self.hidden = nn.Linear(5, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, tokens, offsets, weights):
+        pooled = self.bag(tokens, offsets, per_sample_weights=weights)
+        return self.fc(torch.tanh(self.hidden(pooled)))
+
+
+def collate_weighted(batch):
+    tokens = [t for (t, _), _ in batch]
+    offsets = torch.tensor([0] + [len(t) for t in tokens[:-1]]).cumsum(0)
+    weights = torch.cat([w for (_, w), _ in batch])
+    return torch.cat(tokens), offsets, weights, torch.tensor([label for _, label in batch])
+
+
+def weighted_texts(n: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed + 100)
+    return [((t, torch.rand(len(t), generator=g)), label) for t, label in texts(n, seed)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("layers", [None, ["bag"]], ids=["all", "embedding"])
+@pytest.mark.parametrize("one_pass_per_example", [False, True])
+def test_a_non_finite_example_leaves_the_rest_of_its_packed_batch_exact(
+    tmp_path, bad, layers, one_pass_per_example
+):
+    """One text whose token weight is NaN or infinite, in a packed batch: it alone gets
+    non-finite scores and is the only one the warning names, on the training and the
+    test side; every other example's scores and self-influence are the float64 loop's
+    over single examples (the whole batch's backward pass multiplies that example's
+    activations by zeros for the other examples, 0 * nan, before the pooling)."""
+    torch.manual_seed(0)
+    model = WeightedBag()
+    paths = save_checkpoints(model, tmp_path)
+    train, test = weighted_texts(11, seed=1), weighted_texts(4, seed=2)
+    train[6][0][1][0] = bad
+    test[1][0][1][0] = bad
+    loader = DataLoader(train, batch_size=4, collate_fn=collate_weighted)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    tracin = TracInCP(model, loader, paths, loss_fn=loss_fn, layers=layers)
+    *inputs, labels = collate_weighted(test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracin.influence(tuple(inputs), labels, k=None)  # strategies settled
+    generic = tracin._engine.generic
+    assert generic is not None and generic._packed_loop is not None
+    generic._packed_loop = one_pass_per_example
+    grads = reference_grads(
+        WeightedBag,
+        paths,
+        train + test,
+        lambda net, ex: net(ex[0], torch.tensor([0]), ex[1].double()),
+        only=None if layers is None else "bag",
+    )
+    want = sum(g[11:] @ g[:11].T for g in grads)
+    with pytest.warns(RuntimeWarning, match=r"training examples \[6\]; test examples \[1\]\."):
+        scores = tracin.influence(tuple(inputs), labels, k=None).double()
+    with pytest.warns(RuntimeWarning, match=r"training examples \[6\]\. "):
+        self_scores = tracin.self_influence().double()
+    good_train = [j for j in range(11) if j != 6]
+    good_test = [0, 2, 3]
+    assert (~torch.isfinite(scores)).nonzero().tolist() == sorted(
+        [[1, j] for j in range(11)] + [[i, 6] for i in good_test]
+    )
+    assert (~torch.isfinite(self_scores)).nonzero().flatten().tolist() == [6]
+    torch.testing.assert_close(
+        scores[good_test][:, good_train], want[good_test][:, good_train], rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        self_scores[good_train],
+        reference_self([g[:11] for g in grads])[good_train],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+class MaskedGraph(nn.Module):
+    """MeanPoolGraph beside a log-softmax over node features with one column masked by
+    ``-inf``: every example saves an infinity of its own for the backward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node = nn.Linear(4, 5)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor, graph_of_node: torch.Tensor) -> torch.Tensor:
+        h = self.node(x)
+        mask = torch.zeros(5, dtype=h.dtype).index_fill(0, torch.tensor([4]), float("-inf"))
+        h = torch.cat([torch.relu(h), torch.log_softmax(h + mask, dim=1)[:, :1]], 1)
+        n = int(graph_of_node.max()) + 1
+        sums = h.new_zeros(n, h.shape[1]).index_add(0, graph_of_node, h)
+        return self.fc(sums / torch.bincount(graph_of_node, minlength=n)[:, None].to(h.dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("make", [MeanPoolGraph, MaskedGraph], ids=["mean", "masked"])
+def test_a_graph_with_a_non_finite_node_leaves_the_other_graphs_exact(tmp_path, bad, make):
+    """A node feature NaN or infinite in one graph of a packed batch: TracInCP (all
+    layers, and the node layer before the pooling) and TracInCPFast score every other
+    graph as the float64 loop over single graphs does, and name that graph alone; also
+    where every graph's own backward pass reads an infinity (a ``-inf`` mask)."""
+    torch.manual_seed(0)
+    model = make()
+    paths = save_checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(3)
+    graphs = [
+        (
+            torch.randn(int(torch.randint(1, 5, (1,), generator=g)), 4, generator=g),
+            int(torch.randint(0, 2, (1,), generator=g)),
+        )
+        for _ in range(10)
+    ]
+    graphs[3][0][0, 1] = bad
+
+    def collate(batch):
+        x = torch.cat([nodes for nodes, _ in batch])
+        graph_of_node = torch.cat(
+            [torch.full((len(nodes),), i) for i, (nodes, _) in enumerate(batch)]
+        )
+        return x, graph_of_node, torch.tensor([label for _, label in batch])
+
+    loader = DataLoader(graphs, batch_size=5, collate_fn=collate)
+    good = [i for i in range(10) if i != 3]
+    x, graph_of_node, labels = collate(graphs[:4])
+
+    def alone(net, nodes):
+        return net(nodes.double(), torch.zeros(len(nodes), dtype=torch.long))
+
+    for layers in (None, ["node"]):
+        tracin = TracInCP(
+            model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"), layers=layers
+        )
+        grads = reference_grads(make, paths, graphs, alone, only=layers and "node")
+        with pytest.warns(RuntimeWarning, match=r"training examples \[3\]\. "):
+            self_scores = tracin.self_influence().double()
+        assert (~torch.isfinite(self_scores)).nonzero().flatten().tolist() == [3]
+        torch.testing.assert_close(
+            self_scores[good], reference_self(grads)[good], rtol=1e-4, atol=1e-6
+        )
+        with pytest.warns(RuntimeWarning, match=r"training examples \[3\]; test examples \[3\]\."):
+            scores = tracin.influence((x, graph_of_node), labels, k=None).double()
+        torch.testing.assert_close(
+            scores[:3][:, good], reference_scores(grads, slice(0, 3))[:, good], rtol=1e-4, atol=1e-6
+        )
+    fast = TracInCPFast(model, "fc", loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+    head = reference_grads(make, paths, graphs, alone, only="fc")
+    with pytest.warns(RuntimeWarning, match=r"training examples \[3\]\. "):
+        self_scores = fast.self_influence().double()
+    assert (~torch.isfinite(self_scores)).nonzero().flatten().tolist() == [3]
+    torch.testing.assert_close(self_scores[good], reference_self(head)[good], rtol=1e-4, atol=1e-6)
+
+
+def test_finite_packed_batches_are_not_taken_again(text_case, monkeypatch):
+    """Only a batch with an example whose loss is not finite is taken again (see
+    test_a_non_finite_example_leaves_the_rest_of_its_packed_batch_exact): a finite
+    one costs its one forward pass and Jacobian, as before."""
+    from proponents.gradients.generic import GenericGradients
+
+    def taken_again(*args, **kwargs):
+        raise AssertionError("a finite packed batch was taken again")
+
+    monkeypatch.setattr(GenericGradients, "_contain", taken_again)
+    model, paths, train = text_case
+    loader = DataLoader(train, batch_size=5, collate_fn=collate_text)
+    tracin = TracInCP(model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    assert torch.isfinite(tracin.self_influence()).all()

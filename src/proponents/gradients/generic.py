@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -58,6 +58,28 @@ def _math_attention():
 def _versions(batch: Batch) -> list[int]:
     """The version counters of the batch's input tensors (an in-place edit bumps one)."""
     return [t._version for t in tree_leaves(batch.inputs) if isinstance(t, Tensor)]
+
+
+def _nans_to_zero(saved: Tensor) -> Tensor:
+    """``saved`` with its NaNs replaced by zeros (see GenericGradients._contain)."""
+    if not saved.is_floating_point() or bool(torch.isfinite(saved).all()):
+        return saved
+    return torch.where(torch.isnan(saved), 0, saved)
+
+
+def _non_finite_to_largest(saved: Tensor) -> Tensor:
+    """``saved`` with its NaNs replaced by zeros and its infinities by the largest
+    finite values of their sign: where an example's own infinity stands for a limit (a
+    ``-inf`` mask before a ``log_softmax``, whose backward pass takes ``exp`` of it),
+    the backward pass gives it the same zero, and another example's zero gradient
+    times it is still zero."""
+    if not saved.is_floating_point() or bool(torch.isfinite(saved).all()):
+        return saved
+    return torch.nan_to_num(saved, nan=0.0)
+
+
+def _unchanged(saved: Tensor) -> Tensor:
+    return saved
 
 
 # What torch raises where vmap cannot run a model: a missing batching rule, `.item()` or
@@ -207,36 +229,112 @@ class GenericGradients:
         """Per-example gradients of a batch whose examples only its model output tells
         apart: one forward pass of the whole batch, each example's loss from its rows of
         the output (:meth:`~proponents.gradients.loss.LossSpec.example_losses`), and the
-        Jacobian of those losses, a block of examples at a time so that at most about
-        :data:`_PACKED_BLOCK_BYTES` of gradients are held at once, by backward passes
-        vectorised over the examples (``is_grads_batched``) or one per example, whichever
-        :meth:`_jacobian_rows` measured faster.
+        Jacobian of those losses (:meth:`_packed_jacobian`).
+
+        An example whose loss is not finite gets NaN gradients, as everywhere
+        (:func:`~proponents.gradients.loss.nan_where_undefined`); the others' gradients
+        are what each gets alone, also beside such an example (:meth:`_contain`).
         """
         chosen, const = self._split(params)
+        grads, losses = self._packed_jacobian(chosen, const, buffers, batch)
+        undefined = ~torch.isfinite(losses)
+        if bool(undefined.any()):  # (one check of n losses: nothing more in the usual case)
+            self._contain(chosen, const, buffers, batch, grads, undefined)
+        return [nan_where_undefined(g, losses) for g in grads]
+
+    def _packed_jacobian(
+        self,
+        chosen: Mapping[str, Tensor],
+        const: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        batch: Batch,
+        rows: Tensor | None = None,
+        saved: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[list[Tensor], Tensor]:
+        """The forward pass of the packed ``batch`` and the gradients of the losses of
+        examples ``rows`` (default: all), as ``(len(rows), numel)`` blocks, one per
+        parameter, with the ``(n,)`` losses.
+
+        The Jacobian is taken a block of examples at a time so that at most about
+        :data:`_PACKED_BLOCK_BYTES` of gradients are held at once, by backward passes
+        vectorised over the examples (``is_grads_batched``) or one per example, whichever
+        :meth:`_jacobian_rows` measured faster. ``saved`` (a function of a tensor) maps
+        each tensor the forward pass saves for the backward one (see :meth:`_contain`).
+        """
         slots = slot_names(self.model)
         leaves = {n: p.clone().requires_grad_(True) for n, p in chosen.items()}
         targets = [leaves[n] for n in self.names]
         n = batch.size
+        hooks = (
+            contextlib.nullcontext()
+            if saved is None
+            else torch.autograd.graph.saved_tensors_hooks(saved, _unchanged)
+        )
         with torch.enable_grad():
-            out = call_with(self.model, {**const, **leaves, **buffers}, batch.inputs, slots)
-            check_packed_output(batch, out)
-            losses = self.loss.example_losses(out, batch.labels, n)
-            if not n or not losses.requires_grad:  # no example depends on these parameters
-                return [losses.new_zeros(n, t.numel(), dtype=t.dtype) for t in targets]
-            # one (n, numel) block per parameter, filled a block of examples at a time
-            grads = [losses.new_empty(n, t.numel(), dtype=t.dtype) for t in targets]
+            with hooks:
+                out = call_with(self.model, {**const, **leaves, **buffers}, batch.inputs, slots)
+                check_packed_output(batch, out)
+                losses = self.loss.example_losses(out, batch.labels, n)
+            picked = torch.arange(n) if rows is None else rows.cpu()
+            m = len(picked)
+            if not m or not losses.requires_grad:  # no example depends on these parameters
+                return [losses.new_zeros(m, t.numel(), dtype=t.dtype) for t in targets], (
+                    losses.detach()
+                )
+            # one (m, numel) block per parameter, filled a block of examples at a time
+            grads = [losses.new_empty(m, t.numel(), dtype=t.dtype) for t in targets]
             width = sum(t.numel() * t.element_size() for t in targets)
-            step = max(1, min(n, _PACKED_BLOCK_BYTES // max(width, 1)))
-            for start in range(0, n, step):
-                self._jacobian_rows(losses, targets, start, min(n, start + step), grads)
-        return [nan_where_undefined(g, losses.detach()) for g in grads]
+            step = max(1, min(m, _PACKED_BLOCK_BYTES // max(width, 1)))
+            for start in range(0, m, step):
+                block = picked[start : start + step]
+                self._jacobian_rows(losses, targets, block, start, grads)
+        return grads, losses.detach()
+
+    def _contain(
+        self,
+        chosen: Mapping[str, Tensor],
+        const: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        batch: Batch,
+        grads: list[Tensor],
+        undefined: Tensor,
+    ) -> None:
+        """Give the examples of a packed batch whose losses are finite, beside examples
+        whose losses are not (``undefined``, ``(n,)``), the gradients they have alone,
+        in place in ``grads``.
+
+        The examples share the tensors of the forward pass, so the backward pass of one
+        example's loss multiplies the values another example put in them by zeros: an
+        example's NaN or infinite activations (or its loss's) make every example's
+        gradient NaN (``0 * nan``), through any layer before the pooling. The rows that
+        came out non-finite are taken again, only in such a batch, from a forward pass
+        whose tensors saved for the backward pass have their NaNs replaced by zeros
+        (values that only other examples' zero gradients meet), then, for rows still not
+        finite, also their infinities by the largest finite values
+        (:func:`_non_finite_to_largest`); a row is kept once it is finite. A row still
+        non-finite (an example whose own gradient is) stays as it was.
+        """
+        dirty = ~undefined.to(grads[0].device)
+        for g in grads:
+            dirty &= ~torch.isfinite(g).all(1)
+        for saved in (_nans_to_zero, _non_finite_to_largest):
+            rows = dirty.nonzero().flatten()
+            if not len(rows):
+                return
+            again, _ = self._packed_jacobian(chosen, const, buffers, batch, rows, saved)
+            finite = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+            for g in again:
+                finite &= torch.isfinite(g).all(1).to(rows.device)
+            for whole, g in zip(grads, again):
+                whole[rows[finite]] = g[finite.to(g.device)]
+            dirty[rows[finite]] = False
 
     def _jacobian_rows(
-        self, losses: Tensor, targets: list[Tensor], start: int, stop: int, out: list[Tensor]
+        self, losses: Tensor, targets: list[Tensor], rows: Tensor, at: int, out: list[Tensor]
     ) -> None:
-        """Write the gradients of ``losses[start:stop]`` with respect to each of
-        ``targets`` into rows ``start:stop`` of ``out`` (one ``(n, numel)`` matrix per
-        target), keeping the graph for the next rows.
+        """Write the gradients of ``losses[rows]`` with respect to each of ``targets``
+        into rows ``at:at + len(rows)`` of ``out`` (one matrix per target), keeping the
+        graph for the next rows.
 
         Two exact methods: one backward pass vectorised over the rows
         (``is_grads_batched``), or one backward pass per row. Which is faster depends on
@@ -247,21 +345,21 @@ class GenericGradients:
         """
         if self._packed_loop is None:
             began = time.perf_counter()
-            if self._batched_rows(losses, targets, start, stop, out):
+            if self._batched_rows(losses, targets, rows, at, out):
                 middle = time.perf_counter()
-                self._looped_rows(losses, targets, start, stop, out)
+                self._looped_rows(losses, targets, rows, at, out)
                 self._packed_loop = time.perf_counter() - middle < middle - began
                 return
-        if self._packed_loop or not self._batched_rows(losses, targets, start, stop, out):
-            self._looped_rows(losses, targets, start, stop, out)
+        if self._packed_loop or not self._batched_rows(losses, targets, rows, at, out):
+            self._looped_rows(losses, targets, rows, at, out)
 
     def _batched_rows(
-        self, losses: Tensor, targets: list[Tensor], start: int, stop: int, out: list[Tensor]
+        self, losses: Tensor, targets: list[Tensor], rows: Tensor, at: int, out: list[Tensor]
     ) -> bool:
         """The rows by one vectorised backward pass; ``False`` where autograd cannot."""
-        m = stop - start
+        m = len(rows)
         picks = torch.zeros(m, losses.shape[0], dtype=losses.dtype, device=losses.device)
-        picks[torch.arange(m), torch.arange(start, stop)] = 1
+        picks[torch.arange(m), rows] = 1
         try:
             grads = torch.autograd.grad(
                 losses,
@@ -276,18 +374,18 @@ class GenericGradients:
             return False
         for whole, g in zip(out, grads):
             if g is None:
-                whole[start:stop] = 0
+                whole[at : at + m] = 0
             else:
-                whole[start:stop] = (g.to_dense() if g.is_sparse else g).reshape(m, -1)
+                whole[at : at + m] = (g.to_dense() if g.is_sparse else g).reshape(m, -1)
         return True
 
     def _looped_rows(
-        self, losses: Tensor, targets: list[Tensor], start: int, stop: int, out: list[Tensor]
+        self, losses: Tensor, targets: list[Tensor], rows: Tensor, at: int, out: list[Tensor]
     ) -> None:
         """The rows by one backward pass each."""
-        for i in range(start, stop):
+        for k, i in enumerate(rows.tolist()):
             for whole, g in zip(out, grads_or_zeros(losses[i], targets, retain_graph=True)):
-                whole[i] = g.reshape(-1)
+                whole[at + k] = g.reshape(-1)
 
     def _looped(
         self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
