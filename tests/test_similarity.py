@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from conftest import Augmented, ForwardWatch, assert_unchanged, model_snapshot
@@ -414,7 +414,9 @@ def test_store_is_reused_without_running_the_model(tmp_path, watch_forwards):
     calls = watch_forwards(model)
     sim = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=10)
     first = sim.influence(test, top_k=3)
-    assert calls.calls == 1 + 4  # test batch + 4 source batches
+    # the first call of a process on a model runs it once more on the test batch, to
+    # learn what its forward updates (observe_forward_state); then test + 4 source batches
+    assert calls.calls == 1 + 1 + 4
     manifests = {
         f: (_src_dir(tmp_path) / f).read_bytes()
         for f in os.listdir(_src_dir(tmp_path))
@@ -425,7 +427,7 @@ def test_store_is_reused_without_running_the_model(tmp_path, watch_forwards):
         again = SimilarityInfluence(
             model, ["lin1", "lin2"], train, tmp_path, batch_size=10
         ).influence(test, top_k=3)
-    assert calls.calls == 1 + 4 + 1  # only the test batch
+    assert calls.calls == 1 + 1 + 4 + 1  # only the test batch
     for f, content in manifests.items():
         assert (_src_dir(tmp_path) / f).read_bytes() == content
     for layer in first:
@@ -697,7 +699,7 @@ def test_load_src_from_disk_false_rebuilds(tmp_path, watch_forwards):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sim.influence(test, top_k=2, load_src_from_disk=False)
-    assert calls.calls == 2 * (1 + 4)
+    assert calls.calls == 1 + 2 * (1 + 4)  # with the first call's state probe
     assert (_src_dir(tmp_path) / "lin2.json").read_text() != token
     files = [f for f in os.listdir(_src_dir(tmp_path)) if f.startswith("lin2~")]
     assert len(files) == 2  # the old arrays were removed
@@ -709,12 +711,12 @@ def test_inputs_id_saves_and_loads_test_activations(tmp_path, watch_forwards):
     calls = watch_forwards(model)
     sim = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=40)
     first = sim.influence(test, top_k=3, inputs_id="val")
-    assert calls.calls == 2
+    assert calls.calls == 1 + 2  # the first call's state probe, the test and source batches
     assert (tmp_path / "inputs" / "val").is_dir()
     # loaded without running the model, with or without the inputs themselves
     for inputs in (test, None):
         got = sim.influence(inputs, top_k=3, inputs_id="val", load_input_from_disk=True)
-        assert calls.calls == 2
+        assert calls.calls == 1 + 2
         assert all(torch.equal(got[k][0], first[k][0]) for k in first)
     # other inputs under the same id: recomputed with a warning, not silently reused
     other = test.flip(0)
@@ -782,8 +784,9 @@ def test_two_processes_building_the_same_store(tmp_path, lock):
         assert p.exitcode == 0
     outs = [g[0] for g in got]
     forwards = sum(g[1] for g in got)
-    if lock:  # one built (1 test + 25 source batches), the other waited and reused
-        assert forwards == 26 + 1
+    if lock:  # one built (1 test + 25 source batches), the other waited and reused; each
+        # ran the model once more first, to learn what its forward updates
+        assert forwards == 26 + 1 + 2
     for layer in outs[0]:
         assert outs[0][layer][0] == outs[1][layer][0]
         np.testing.assert_allclose(outs[0][layer][1], outs[1][layer][1], rtol=1e-6)
@@ -1788,6 +1791,66 @@ def test_a_changed_setting_extra_repr_does_not_print_is_not_served_stale(tmp_pat
         _acts(tempered, "lin2", test), _acts(tempered, "lin2", train.tensors[0]), "cosine", "max", 4
     )
     _check(got["lin2"], want)
+
+
+class _Counting(Net):
+    """A model whose forward updates a counter and a drawn number, and keeps its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.drawn = 0
+        self.last: Tensor | None = None
+
+    def forward(self, x):
+        self.calls += 1
+        self.drawn = int(torch.randint(0, 1000, (1,)))
+        self.last = super().forward(x)
+        return self.last
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _seeded(_Counting),
+        lambda: nn.Sequential(
+            nn.utils.spectral_norm(nn.Linear(6, 8)), nn.Tanh(), nn.Linear(8, 5)
+        ).eval(),  # eval: the power iteration leaves its vectors alone
+    ],
+    ids=["counter", "legacy spectral_norm"],
+)
+def test_state_a_forward_updates_rebuilds_no_store(tmp_path, build):
+    """What a forward updates (a counter, a drawn number, a kept output, the weight the
+    legacy spectral_norm recomputes) is state, known before the first fingerprint: no call
+    rebuilds the stored activations, neither the same object's next calls nor a new
+    process's (a fresh twin of the model, as a process that builds it anew has), nor one
+    the user ran first, nor activations loaded from disk by inputs_id; the answers stay
+    those of a hook on the model (before: every process rebuilt them at its first and
+    second call)."""
+    torch.manual_seed(0)
+    model = build()
+    state = model.state_dict()
+    train, test = _data()
+
+    def twin(runs: int = 0) -> nn.Module:
+        other = build()
+        other.load_state_dict(state)
+        for _ in range(runs):
+            other(test)
+        return other
+
+    layer = "1" if isinstance(model, nn.Sequential) else "lin1"
+    want = _brute(
+        _acts(model, layer, test), _acts(model, layer, train.tensors[0]), "cosine", "max", 4
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StoreRebuildWarning)
+        for who in (model, model, model, twin(), twin(runs=2)):
+            sim = SimilarityInfluence(who, layer, train, tmp_path, batch_size=8)
+            _check(sim.influence(test, top_k=4, inputs_id="t")[layer], want)
+        fresh = SimilarityInfluence(twin(), layer, train, tmp_path, batch_size=8)
+        got = fresh.influence(None, top_k=4, load_input_from_disk=True, inputs_id="t")
+    _check(got[layer], want)
 
 
 def test_a_store_in_a_directory_that_cannot_be_written_is_still_read(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
 
@@ -361,6 +361,33 @@ def written_by_forward(module: nn.Module) -> set[str]:
     if names is None:
         names = _WRITTEN[module] = set()
     return names
+
+
+#: Models :func:`observe_forward_state` has run once in this process.
+_OBSERVED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def observe_forward_state(model: nn.Module, args: Callable[[], tuple[Any, ...] | None]) -> None:
+    """Run ``model`` once on ``args()`` (guarded, its outcome discarded), the first time
+    this process asks for ``model``, so that the attributes its forward writes (a call
+    counter, a kept activation, the weight ``spectral_norm`` recomputes) are known as
+    state (:func:`written_by_forward`) before anything fingerprints it.
+
+    Without it the first fingerprint of each process would count them and every later one
+    would not, and what was stored under the first (activations) would be rebuilt at the
+    next call. ``args`` gives model inputs that need not be copied (the model may edit
+    them), or ``None`` when there are none: nothing is run then. A forward that fails
+    is left to fail where the caller runs the model itself.
+    """
+    if model in _OBSERVED:
+        return
+    given = args()
+    if given is None:
+        return
+    _OBSERVED.add(model)
+    # a forward that fails here is reported by the caller's own run of the model
+    with preserved(model, loads_by_reference=True), torch.no_grad(), suppress(Exception):
+        model(*given)
 
 
 class GlobalRandomState:

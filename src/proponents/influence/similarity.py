@@ -87,7 +87,7 @@ from proponents.influence._similarity_metrics import (
     row_norms,
 )
 from proponents.influence.base import DataInfluence
-from proponents.model_guard import call_scope
+from proponents.model_guard import call_scope, observe_forward_state
 from proponents.progress import Progress, progress_iter
 from proponents.store import ArrayStore, StoredEntry, StoreRebuildWarning, safe_name
 from proponents.user_warnings import warn
@@ -445,6 +445,10 @@ class SimilarityInfluence(DataInfluence):
         with call_scope(self.module, device):
 
             def test_side() -> tuple[str, dict[str, Tensor]]:
+                observe_forward_state(
+                    self.module,
+                    lambda: self._state_probe_inputs(inputs, additional_forward_args, device),
+                )
                 fingerprint = self._fingerprint(self.module)
                 return fingerprint, self._test_activations(
                     inputs,
@@ -567,6 +571,27 @@ class SimilarityInfluence(DataInfluence):
             it = ([t[s : s + bs] for t in fast] for s in range(0, n, bs))
             return it, math.ceil(n / bs), True
         return self._loader, loader_batches(self._loader), False
+
+    def _state_probe_inputs(
+        self, inputs: Any, additional_forward_args: Any, device: torch.device
+    ) -> tuple[Any, ...] | None:
+        """Model inputs for :func:`~proponents.model_guard.observe_forward_state`: a copy of
+        the test batch, or of the first source batch when there is none (activations
+        loaded from disk); ``None`` for inputs the call will refuse."""
+        if inputs is not None:
+            if isinstance(inputs, (DataLoader, Dataset)) or (
+                isinstance(inputs, tuple) and not inputs
+            ):
+                return None
+            given = (tuple(inputs) if isinstance(inputs, tuple) else (inputs,)) + _as_tuple(
+                additional_forward_args
+            )
+            return unshared(to_device(given, device), given)
+        batches, _, unbatched = self._src_batches()
+        for batch in batches:
+            raw = _source_args(batch, collated=not unbatched)
+            return unshared(to_device(raw, device), raw)
+        return None
 
     def _src_meta(self, layer: str, fingerprint: str, n_src: int | None, probe: str | None) -> dict:
         return {
