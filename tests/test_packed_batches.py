@@ -260,6 +260,54 @@ def test_a_batch_whose_rows_happen_to_match_is_still_read_as_packed(tmp_path):
     )
 
 
+def _collate_graphs(batch):
+    x = torch.cat([nodes for nodes, _ in batch])
+    graph_of_node = torch.cat([torch.full((len(nodes),), i) for i, (nodes, _) in enumerate(batch)])
+    return x, graph_of_node, torch.tensor([label for _, label in batch])
+
+
+@pytest.mark.parametrize("case", ["one-node graphs", "one-token texts"])
+def test_a_first_batch_whose_rows_happen_to_match_is_read_as_packed(tmp_path, case):
+    """The first batch has one row per example in every tensor (graphs of one node each,
+    texts of one token) though the data is packed: an example cut out by its rows gives the
+    model a wrong batch (graph index 2 of a one-node input: three output rows; offsets [2]
+    into a one-token text: an error from torch). Such a batch is read as packed, and the
+    scores are those of each example run alone (before: torch's error on the shapes)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    if case == "one-node graphs":
+        make, collate = MeanPoolGraph, _collate_graphs
+        train = [(torch.randn(1, 4, generator=g), i % 2) for i in range(4)]
+        train += [(torch.randn(3, 4, generator=g), i % 2) for i in range(6)]
+
+        def alone(net, x):
+            return net(x.double(), torch.zeros(len(x), dtype=torch.long))
+
+    else:
+        make, collate, alone = BagText, collate_text, bag_alone
+        train = [(torch.tensor([t]), t % 2) for t in (3, 17, 29, 8)] + texts(6, seed=4)
+    model = make()
+    paths = save_checkpoints(model, tmp_path)
+    loader = DataLoader(train, batch_size=4, collate_fn=collate)
+    tracin = TracInCP(
+        model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
+    )
+    grads = reference_grads(make, paths, train, alone)
+    torch.testing.assert_close(
+        tracin.self_influence().double(), reference_self(grads), rtol=1e-4, atol=1e-5
+    )
+    *inputs, labels = collate(train[:3])
+    fresh = TracInCP(
+        make(), loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
+    )
+    torch.testing.assert_close(
+        fresh.influence(tuple(inputs), labels, k=None).double(),
+        reference_scores(grads, slice(0, 3)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
 def test_labels_that_fit_neither_the_inputs_nor_the_output_are_refused(tmp_path):
     net = nn.Linear(5, 2)
     torch.save(net.state_dict(), tmp_path / "net.pt")

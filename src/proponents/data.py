@@ -205,6 +205,13 @@ def collates_batches(source: Any) -> bool:
     )
 
 
+def output_rows(output: Any) -> int | None:
+    """The rows (dim 0) of the first tensor with a batch dimension in a model output, or
+    ``None`` where it has none."""
+    first = next((t for t in _nested_tensors(output) if t.dim() > 0), None)
+    return None if first is None else int(first.shape[0])
+
+
 def check_packed_output(batch: Batch, output: Any, what: str = "a batch") -> None:
     """Raise unless the model output of a packed ``batch`` has one row per label row.
 
@@ -217,8 +224,7 @@ def check_packed_output(batch: Batch, output: Any, what: str = "a batch") -> Non
     """
     if not batch.packed:
         return
-    first = next((t for t in _nested_tensors(output) if t.dim() > 0), None)
-    rows = None if first is None else int(first.shape[0])
+    rows = output_rows(output)
     if rows == batch.size:
         return
     inputs = batch_size_of(batch.inputs)

@@ -36,6 +36,7 @@ from proponents.data import (
     in_channels_last,
     is_image,
     map_rows,
+    output_rows,
     reversed_batch,
 )
 from proponents.gradients import representations as reps
@@ -83,6 +84,11 @@ _CHECK_RTOL = 1e-3
 _REVERSED_EXAMPLES = 16
 #: Batches the strategy check looks at, at most, while none shows a gradient to compare.
 _MAX_CHECKS = 8
+
+
+class _RowsAreNotExamples(Exception):
+    """An example cut out of a batch by its rows did not give a model output of one row,
+    or the model failed on it (the cause)."""
 
 
 class GradientEngine:
@@ -182,7 +188,7 @@ class GradientEngine:
             self._shaped_for = batch.size
         batch = self._in_layout(batch)
         if check:
-            self._check(params, buffers, batch)
+            batch = self._checked_on(params, buffers, batch)
         out: list[Grads] = []
         # The model may run more than once on this batch (a closed-form attempt, then
         # autograd; hooked layers, then the generic ones). A model that edits its input
@@ -214,6 +220,25 @@ class GradientEngine:
             # the last run on the batch; GenericGradients copies for its own retries
             out.extend(DenseGrads(b) for b in self.generic(params, buffers, batch))
         return out
+
+    def _checked_on(self, params: dict, buffers: dict, batch: Batch) -> Batch:
+        """:meth:`_check` on ``batch``, or on it read as packed when one example cut out by
+        its rows gives a model output of several rows (a packed batch whose inputs happen
+        to have one row per example, such as graphs of one node each); the batch to run."""
+        try:
+            self._check(params, buffers, batch)
+        except _RowsAreNotExamples as cut:
+            packed = dataclasses.replace(batch, packed=True)
+            with torch.no_grad():
+                whole = self.model(*copy_batch(batch).inputs)
+            if output_rows(whole) != batch.size:
+                # not packed either: the error of the example alone is the one to see
+                if cut.__cause__ is not None:
+                    raise cut.__cause__ from None
+                raise
+            batch = self._packed_if_seen(packed)
+            self._check(params, buffers, batch)
+        return batch
 
     def _packed_if_seen(self, batch: Batch) -> Batch:
         """``batch``, read as packed once any batch was (:attr:`~proponents.data.Batch.
@@ -259,7 +284,7 @@ class GradientEngine:
         params, buffers = self._state()
         self._choose_pass(batch)
         self._shaped_for = batch.size
-        self._check(params, buffers, self._in_layout(batch))
+        self._checked_on(params, buffers, self._in_layout(batch))
 
     def input_layout(self, tensor: Tensor) -> torch.memory_format:
         """The memory format this engine's passes want ``tensor`` (a batch input) in.
@@ -489,9 +514,16 @@ class GradientEngine:
         # keep the extra pass small beside the batch's own
         n = min(batch.size, _REVERSED_EXAMPLES)
         head = chunk_batch(batch, n)[0]
-        records, self._protect = record(
-            self.model, self.hooked, self.loss, reversed_batch(head), self._protect, True
-        )
+        try:
+            records, self._protect = record(
+                self.model, self.hooked, self.loss, reversed_batch(head), self._protect, True
+            )
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the batch is packed
+            # the whole batch ran: its rows in reverse do not (offsets into concatenated
+            # texts no longer start at 0), so they are not its examples
+            raise _RowsAreNotExamples from exc
         out = []
         anti = torch.arange(n - 1, -1, -1)
         for layer, rep in zip(self.hooked, layer_reps):
@@ -643,7 +675,18 @@ class GradientEngine:
         rest = constants(self.model, params, reads_requires_grad(self.model))
         with torch.enable_grad():
             slots = slot_names(self.model)
-            out = call_with(self.model, {**rest, **leaves, **buffers}, inputs, slots)
+            try:
+                out = call_with(self.model, {**rest, **leaves, **buffers}, inputs, slots)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - re-raised unless the batch is packed
+                if batch.packed:
+                    raise
+                raise _RowsAreNotExamples from exc
+            if output_rows(out) not in (1, None) and not batch.packed:
+                # one row of each input is not one example: a packed batch whose inputs
+                # happen to have as many rows as it has examples (one-node graphs)
+                raise _RowsAreNotExamples
             value = self.loss.example_loss(out, example_labels(example.labels, i, batch.size))
             grads = grads_or_zeros(value, [leaves[n] for n in names])
             if not bool(torch.isfinite(value.detach())):  # an undefined loss: NaN scores
