@@ -414,7 +414,7 @@ def test_store_is_reused_without_running_the_model(tmp_path, watch_forwards):
     calls = watch_forwards(model)
     sim = SimilarityInfluence(model, ["lin1", "lin2"], train, tmp_path, batch_size=10)
     first = sim.influence(test, top_k=3)
-    # the first call of a process on a model runs it once more on the test batch, to
+    # the first call of a process on a model runs it once more on one test example, to
     # learn what its forward updates (observe_forward_state); then test + 4 source batches
     assert calls.calls == 1 + 1 + 4
     manifests = {

@@ -49,6 +49,7 @@ from proponents.data import (
     is_image,
     loader_batches,
     make_loader,
+    map_rows,
     model_device,
     to_device,
     unshared,
@@ -576,8 +577,8 @@ class SimilarityInfluence(DataInfluence):
         self, inputs: Any, additional_forward_args: Any, device: torch.device
     ) -> tuple[Any, ...] | None:
         """Model inputs for :func:`~proponents.model_guard.observe_forward_state`: a copy of
-        the test batch, or of the first source batch when there is none (activations
-        loaded from disk); ``None`` for inputs the call will refuse."""
+        the first test example, or of the first source example when there is none
+        (activations loaded from disk); ``None`` for inputs the call will refuse."""
         if inputs is not None:
             if isinstance(inputs, (DataLoader, Dataset)) or (
                 isinstance(inputs, tuple) and not inputs
@@ -586,11 +587,10 @@ class SimilarityInfluence(DataInfluence):
             given = (tuple(inputs) if isinstance(inputs, tuple) else (inputs,)) + _as_tuple(
                 additional_forward_args
             )
-            return unshared(to_device(given, device), given)
+            return _first_example(given, device)
         batches, _, unbatched = self._src_batches()
         for batch in batches:
-            raw = _source_args(batch, collated=not unbatched)
-            return unshared(to_device(raw, device), raw)
+            return _first_example(_source_args(batch, collated=not unbatched), device)
         return None
 
     def _src_meta(self, layer: str, fingerprint: str, n_src: int | None, probe: str | None) -> dict:
@@ -1605,6 +1605,17 @@ def _source_args(batch: Any, collated: bool = True) -> tuple[Any, ...]:
 def _is_text_batch(batch: Any) -> bool:
     """Whether ``batch`` is a non-empty list of strings (a batch of texts)."""
     return isinstance(batch, list) and bool(batch) and all(isinstance(x, str) for x in batch)
+
+
+def _first_example(args: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    """The first example of the batch ``args`` (a batch of one; the whole batch where its
+    examples cannot be told), copied onto ``device``: nothing the caller holds."""
+    try:
+        n = batch_size_of(args)
+    except BatchFormatError:
+        n = 1
+    first = map_rows(args, n, lambda t: t[:1]) if n > 1 else args
+    return unshared(to_device(first, device), first)
 
 
 def _as_tuple(extra: Any) -> tuple[Any, ...]:
