@@ -281,11 +281,28 @@ def test_a_checkpoint_stored_in_another_layout_keeps_the_models_layout(tmp_path,
     assert seen == [True]
 
 
+def _every_method(model, data, path, store, last_layer, layer) -> dict:
+    """One call of each method on ``model``, by name (for the tests below)."""
+    from proponents import SimilarityInfluence
+
+    x, y = data.tensors[0][:2], data.tensors[1][:2]
+    return {
+        "TracInCP": lambda: TracInCP(
+            model, data, [path], loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
+        ).influence(x, y),
+        "TracInCPFast": lambda: TracInCPFast(
+            model, last_layer, data, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum")
+        ).self_influence(),
+        "SimilarityInfluence": lambda: SimilarityInfluence(
+            model, layer, data, store, batch_size=4
+        ).influence(x, top_k=2),
+    }
+
+
 def test_tensors_held_as_plain_attributes_are_put_back(tmp_path):
     """``nn.utils.spectral_norm`` keeps the normalised weight as a plain attribute that
     each forward recomputes from the checkpoint's ``weight_orig``; after every method's
     call, the module holds the same tensor, with the same values, as before."""
-    from proponents import SimilarityInfluence
 
     def build() -> nn.Module:
         return nn.Sequential(nn.utils.spectral_norm(nn.Linear(5, 4)), nn.ReLU(), nn.Linear(4, 3))
@@ -297,18 +314,7 @@ def test_tensors_held_as_plain_attributes_are_put_back(tmp_path):
     held = model[0].weight
     value = held.clone()
     data = TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
-    x, y = data.tensors[0][:2], data.tensors[1][:2]
-    calls = {
-        "TracInCP": lambda: TracInCP(
-            model, data, [path], loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
-        ).influence(x, y),
-        "TracInCPFast": lambda: TracInCPFast(
-            model, "2", data, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum")
-        ).self_influence(),
-        "SimilarityInfluence": lambda: SimilarityInfluence(
-            model, "0", data, tmp_path / "acts", batch_size=4
-        ).influence(x, top_k=2),
-    }
+    calls = _every_method(model, data, path, tmp_path / "acts", "2", "0")
     for name, call in calls.items():
         call()
         assert model[0].weight is held, name
@@ -346,7 +352,6 @@ def test_containers_a_forward_changes_in_place_are_put_back(tmp_path):
     attribute, leaves the model as it was after every method's call: the same objects,
     holding what they held (before: put back by reference, so what the forward did to them
     in place stayed)."""
-    from proponents import SimilarityInfluence
 
     torch.manual_seed(0)
     path = tmp_path / "m.pt"
@@ -356,18 +361,7 @@ def test_containers_a_forward_changes_in_place_are_put_back(tmp_path):
     held = {name: getattr(model, name) for name in ("log", "stats", "seen", "counts", "tag")}
     inner = model.stats["per_class"]
     data = TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
-    x, y = data.tensors[0][:2], data.tensors[1][:2]
-    calls = {
-        "TracInCP": lambda: TracInCP(
-            model, data, [path], loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4
-        ).influence(x, y),
-        "TracInCPFast": lambda: TracInCPFast(
-            model, "lin", data, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum")
-        ).self_influence(),
-        "SimilarityInfluence": lambda: SimilarityInfluence(
-            model, "lin", data, tmp_path / "acts", batch_size=4
-        ).influence(x, top_k=2),
-    }
+    calls = _every_method(model, data, path, tmp_path / "acts", "lin", "lin")
     for name, call in calls.items():
         call()
         for attribute, obj in held.items():

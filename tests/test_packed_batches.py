@@ -50,6 +50,25 @@ class MeanPoolGraph(nn.Module):
         return self.fc(sums / torch.bincount(graph_of_node, minlength=n)[:, None].to(h.dtype))
 
 
+def collate_graphs(batch):
+    """Nodes of all graphs concatenated, with a vector naming each node's graph."""
+    x = torch.cat([nodes for nodes, _ in batch])
+    graph_of_node = torch.cat([torch.full((len(nodes),), i) for i, (nodes, _) in enumerate(batch)])
+    return x, graph_of_node, torch.tensor([label for _, label in batch])
+
+
+def random_graphs(n: int, seed: int = 3) -> list[tuple[torch.Tensor, int]]:
+    """``n`` graphs of 1 to 4 nodes with 4 features, labels 0 or 1."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(int(torch.randint(1, 5, (1,), generator=g)), 4, generator=g),
+            int(torch.randint(0, 2, (1,), generator=g)),
+        )
+        for _ in range(n)
+    ]
+
+
 def texts(n: int, seed: int, longest: int = 6) -> list[tuple[torch.Tensor, int]]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -204,21 +223,9 @@ def test_packed_graphs_with_a_batch_vector(tmp_path):
     torch.manual_seed(0)
     model = MeanPoolGraph()
     paths = save_checkpoints(model, tmp_path)
-    g = torch.Generator().manual_seed(3)
-    graphs = [
-        (
-            torch.randn(int(torch.randint(1, 5, (1,), generator=g)), 4, generator=g),
-            int(torch.randint(0, 2, (1,), generator=g)),
-        )
-        for _ in range(13)
-    ]
+    graphs = random_graphs(13)
 
-    def collate(batch):
-        x = torch.cat([nodes for nodes, _ in batch])
-        graph_of_node = torch.cat(
-            [torch.full((len(nodes),), i) for i, (nodes, _) in enumerate(batch)]
-        )
-        return x, graph_of_node, torch.tensor([label for _, label in batch])
+    collate = collate_graphs
 
     loader = DataLoader(graphs, batch_size=4, collate_fn=collate)
     tracin = TracInCP(
@@ -260,12 +267,6 @@ def test_a_batch_whose_rows_happen_to_match_is_still_read_as_packed(tmp_path):
     )
 
 
-def _collate_graphs(batch):
-    x = torch.cat([nodes for nodes, _ in batch])
-    graph_of_node = torch.cat([torch.full((len(nodes),), i) for i, (nodes, _) in enumerate(batch)])
-    return x, graph_of_node, torch.tensor([label for _, label in batch])
-
-
 @pytest.mark.parametrize("case", ["one-node graphs", "one-token texts"])
 def test_a_first_batch_whose_rows_happen_to_match_is_read_as_packed(tmp_path, case):
     """The first batch has one row per example in every tensor (graphs of one node each,
@@ -276,7 +277,7 @@ def test_a_first_batch_whose_rows_happen_to_match_is_read_as_packed(tmp_path, ca
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)
     if case == "one-node graphs":
-        make, collate = MeanPoolGraph, _collate_graphs
+        make, collate = MeanPoolGraph, collate_graphs
         train = [(torch.randn(1, 4, generator=g), i % 2) for i in range(4)]
         train += [(torch.randn(3, 4, generator=g), i % 2) for i in range(6)]
 
@@ -612,22 +613,10 @@ def test_a_graph_with_a_non_finite_node_leaves_the_other_graphs_exact(tmp_path, 
     torch.manual_seed(0)
     model = make()
     paths = save_checkpoints(model, tmp_path)
-    g = torch.Generator().manual_seed(3)
-    graphs = [
-        (
-            torch.randn(int(torch.randint(1, 5, (1,), generator=g)), 4, generator=g),
-            int(torch.randint(0, 2, (1,), generator=g)),
-        )
-        for _ in range(10)
-    ]
+    graphs = random_graphs(10)
     graphs[3][0][0, 1] = bad
 
-    def collate(batch):
-        x = torch.cat([nodes for nodes, _ in batch])
-        graph_of_node = torch.cat(
-            [torch.full((len(nodes),), i) for i, (nodes, _) in enumerate(batch)]
-        )
-        return x, graph_of_node, torch.tensor([label for _, label in batch])
+    collate = collate_graphs
 
     loader = DataLoader(graphs, batch_size=5, collate_fn=collate)
     good = [i for i in range(10) if i != 3]
