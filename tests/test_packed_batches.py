@@ -309,6 +309,88 @@ def test_a_first_batch_whose_rows_happen_to_match_is_read_as_packed(tmp_path, ca
     )
 
 
+class AuxiliaryFirst(nn.Module):
+    """Returns prototypes of a fixed two rows first, then the logits (the loss reads [1])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.proto = nn.Parameter(torch.randn(2, 8))
+
+    def forward(self, x):
+        return self.proto * 1.0, self.fc2(torch.tanh(self.fc1(x)))
+
+
+class NeedsABatch(nn.Module):
+    """Centres by the batch mean, so it refuses a single example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        assert x.shape[0] > 1, "needs a batch"
+        h = self.fc1(x)
+        return self.fc2(h - h.mean(0, keepdim=True))
+
+
+def test_models_that_only_look_packed_are_run_as_before(tmp_path):
+    """Reading a first batch as packed needs evidence from the whole batch: an output
+    whose first tensor has no row per example (prototypes before the logits) keeps the
+    usual convention and its exact scores, and a model that refuses one example alone
+    raises its own error (before the fix: an internal exception without a message, or
+    scores taken in a batch whose examples interact)."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = AuxiliaryFirst()
+    path = tmp_path / "aux.pt"
+    torch.save(model.state_dict(), path)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    xt, yt = torch.randn(3, 6), torch.randint(0, 3, (3,))
+
+    def loss(out, labels):
+        return nn.functional.cross_entropy(out[1], labels, reduction="sum")
+
+    tracin = TracInCP(
+        model,
+        TensorDataset(x, y),
+        [str(path)],
+        loss_fn=loss,
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    reference = copy.deepcopy(model).double()
+    params = list(reference.parameters())
+
+    def grad(a, b):
+        got = torch.autograd.grad(
+            loss(reference(a[None].double()), b[None]), params, allow_unused=True
+        )
+        return torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(got, params)]
+        )
+
+    want = (
+        torch.stack([grad(a, b) for a, b in zip(xt, yt)])
+        @ torch.stack([grad(a, b) for a, b in zip(x, y)]).T
+    )
+    torch.testing.assert_close(tracin.influence((xt,), yt).double(), want, rtol=1e-4, atol=1e-6)
+
+    torch.manual_seed(0)
+    torch.save(NeedsABatch().state_dict(), tmp_path / "c.pt")
+    centred = TracInCP(
+        NeedsABatch(),
+        TensorDataset(x, y),
+        [str(tmp_path / "c.pt")],
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=4,
+        sample_wise_grads_per_batch=True,
+    )
+    with pytest.raises(AssertionError, match="needs a batch"):
+        centred.influence((xt,), yt)
+
+
 def test_labels_that_fit_neither_the_inputs_nor_the_output_are_refused(tmp_path):
     net = nn.Linear(5, 2)
     torch.save(net.state_dict(), tmp_path / "net.pt")

@@ -133,6 +133,9 @@ class GradientEngine:
         self._edits_inputs = False
         # Set at the first packed batch (see _packed_if_seen).
         self._packed = False
+        #: Whether a batch that looks like the usual convention may still be packed (see
+        #: :meth:`_checked_on`); off once a model's output showed another row layout.
+        self._may_be_packed = True
         self._set_generic()
 
     def _demote(self, name: str) -> None:
@@ -222,21 +225,28 @@ class GradientEngine:
         return out
 
     def _checked_on(self, params: dict, buffers: dict, batch: Batch) -> Batch:
-        """:meth:`_check` on ``batch``, or on it read as packed when one example cut out by
-        its rows gives a model output of several rows (a packed batch whose inputs happen
-        to have one row per example, such as graphs of one node each); the batch to run."""
+        """:meth:`_check` on ``batch``, or on it read as packed; the batch to run.
+
+        A packed batch whose inputs happen to have one row per example (graphs of one
+        node each, texts of one token) looks like the usual convention. It is read as
+        packed when the whole batch gives an output of a row per example while one
+        example cut out by its rows gives several (graph index ``i`` of a one-node input:
+        ``i + 1`` rows), or the same rows reversed make the model fail (offsets into
+        concatenated texts no longer start at 0). A model that fails on one example alone
+        (one that needs batch statistics) fails as before.
+        """
         try:
             self._check(params, buffers, batch)
         except _RowsAreNotExamples as cut:
-            packed = dataclasses.replace(batch, packed=True)
             with torch.no_grad():
                 whole = self.model(*copy_batch(batch).inputs)
-            if output_rows(whole) != batch.size:
-                # not packed either: the error of the example alone is the one to see
-                if cut.__cause__ is not None:
-                    raise cut.__cause__ from None
-                raise
-            batch = self._packed_if_seen(packed)
+            if output_rows(whole) == batch.size:
+                batch = self._packed_if_seen(dataclasses.replace(batch, packed=True))
+            elif cut.__cause__ is not None:
+                raise cut.__cause__ from None  # the model's own error on the reversed rows
+            # else an output whose first tensor does not have a row per example (an
+            # auxiliary output first): rows are examples as usual, and stay so
+            self._may_be_packed = False
             self._check(params, buffers, batch)
         return batch
 
@@ -522,7 +532,9 @@ class GradientEngine:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised unless the batch is packed
             # the whole batch ran: its rows in reverse do not (offsets into concatenated
-            # texts no longer start at 0), so they are not its examples
+            # texts no longer start at 0), so they may not be its examples
+            if not self._may_be_packed:
+                raise
             raise _RowsAreNotExamples from exc
         out = []
         anti = torch.arange(n - 1, -1, -1)
@@ -675,17 +687,10 @@ class GradientEngine:
         rest = constants(self.model, params, reads_requires_grad(self.model))
         with torch.enable_grad():
             slots = slot_names(self.model)
-            try:
-                out = call_with(self.model, {**rest, **leaves, **buffers}, inputs, slots)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - re-raised unless the batch is packed
-                if batch.packed:
-                    raise
-                raise _RowsAreNotExamples from exc
-            if output_rows(out) not in (1, None) and not batch.packed:
-                # one row of each input is not one example: a packed batch whose inputs
-                # happen to have as many rows as it has examples (one-node graphs)
+            out = call_with(self.model, {**rest, **leaves, **buffers}, inputs, slots)
+            if self._may_be_packed and not batch.packed and output_rows(out) not in (1, None):
+                # one row of each input may not be one example: a packed batch whose
+                # inputs happen to have as many rows as it has examples (one-node graphs)
                 raise _RowsAreNotExamples
             value = self.loss.example_loss(out, example_labels(example.labels, i, batch.size))
             grads = grads_or_zeros(value, [leaves[n] for n in names])
