@@ -257,6 +257,9 @@ _MISSING = object()
 _COPY_DEPTH = 3
 #: Largest NumPy array attribute copied at each call (a larger one is held by reference).
 _COPY_BYTES = 64 << 20
+#: Most items (through nested lists and dicts) of one container attribute copied at each
+#: call; a larger one is held by reference.
+_COPY_ITEMS = 1 << 16
 
 
 def _snapshotted(name: str, value: Any) -> bool:
@@ -270,20 +273,39 @@ def _attribute_snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
     the object, and a copy of what it holds where it is a container a forward may change
     in place (``_MISSING`` otherwise)."""
     return {
-        name: (value, _contents(value, 0))
+        name: (value, _bounded_contents(value))
         for name, value in vars(module).items()
         if _snapshotted(name, value)
     }
 
 
-def _contents(value: Any, depth: int) -> Any:
+class _TooLarge(Exception):
+    """A container holds more than :data:`_COPY_ITEMS` items (counted through nesting)."""
+
+
+def _bounded_contents(value: Any) -> Any:
+    """:func:`_contents` of ``value``, or ``_MISSING`` (held by reference) when it holds
+    more than :data:`_COPY_ITEMS` items: a vocabulary of a million words is not copied
+    and compared at every call."""
+    try:
+        return _contents(value, 0, [_COPY_ITEMS])
+    except _TooLarge:
+        return _MISSING
+
+
+def _contents(value: Any, depth: int, budget: list[int]) -> Any:
     """What container ``value`` holds (a list, dict, set, bytearray, or a writeable NumPy
-    array of up to :data:`_COPY_BYTES`), or ``_MISSING`` for anything else: a list's or
+    array of up to :data:`_COPY_BYTES`), or ``_MISSING`` for anything else (raises
+    :class:`_TooLarge` past ``budget[0]`` items in all): a list's or
     dict's items as the objects they are, with what those hold in turn (down to
     :data:`_COPY_DEPTH`), so that they can be refilled in place too; a copy of the others.
     """
     if depth >= _COPY_DEPTH:
         return _MISSING
+    if isinstance(value, (list, dict, set, bytearray)):
+        budget[0] -= len(value)
+        if budget[0] < 0:
+            raise _TooLarge
     if isinstance(value, np.ndarray):
         # not a file's pages (a memmap) nor one too large to copy at every call
         small = value.nbytes <= _COPY_BYTES and not isinstance(value, np.memmap)
@@ -293,9 +315,9 @@ def _contents(value: Any, depth: int) -> Any:
     if isinstance(value, bytearray):
         return bytearray(value)
     if isinstance(value, list):
-        return [(item, _contents(item, depth + 1)) for item in value]
+        return [(item, _contents(item, depth + 1, budget)) for item in value]
     if isinstance(value, dict):
-        return [(key, item, _contents(item, depth + 1)) for key, item in value.items()]
+        return [(key, item, _contents(item, depth + 1, budget)) for key, item in value.items()]
     return _MISSING
 
 
