@@ -8,6 +8,7 @@ embeddings) answers.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -306,6 +307,59 @@ def test_load_refuses_a_model_whose_unprinted_settings_differ(tmp_path):
     )
     _resign(tmp_path / "index", lambda m: m["meta"].pop("module_attributes"))
     old = _load(tmp_path / "index", encoder(False), paths, train)
+    assert torch.equal(old.embeddings, index.embeddings)
+
+
+def _leaky(negative_slope):
+    return lambda h: nn.functional.leaky_relu(h, negative_slope)
+
+
+class _WithActivation(nn.Sequential):
+    """_model() with an activation kept as a plain attribute (a partial, a factory's
+    lambda) applied to its input."""
+
+    def __init__(self, act):
+        super().__init__(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 5))
+        self.act = act
+
+    def forward(self, x):
+        return super().forward(self.act(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda slope: functools.partial(nn.functional.leaky_relu, negative_slope=slope),
+        _leaky,
+    ],
+    ids=["partial", "factory lambda"],
+)
+def test_indexes_saved_before_partials_and_closures_counted_still_load(tmp_path, make):
+    """An index saved when a functools.partial or a factory-made lambda counted by its
+    name alone (no attribute_texts field) loads into the same model (before: refused as
+    a changed setting); a new index refuses the model with another argument or closure
+    value, naming it."""
+    torch.manual_seed(0)
+    model = _WithActivation(make(0.1))
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    train = TensorDataset(x, y)
+    paths = save_checkpoints(model, tmp_path, [1.0], torch.Generator().manual_seed(1), "c")
+    index = _index(model, train, paths)
+    index.save(tmp_path / "index")
+    with pytest.raises(IndexMismatchError, match=r"settings differ.*\(model\)\.act="):
+        _load(tmp_path / "index", _WithActivation(make(0.5)), paths, train)
+
+    def as_before(meta):
+        # the function's name alone: "<torch.nn.functional.leaky_relu>(negative_slope=0.1)"
+        # was written "<torch.nn.functional.leaky_relu>"
+        meta["meta"].pop("attribute_texts", None)
+        lines = meta["meta"]["module_attributes"]
+        act = [i for i, line in enumerate(lines) if line.startswith("(model).act=")]
+        assert len(act) == 1 and lines[act[0]].endswith((")", "]")), lines
+        lines[act[0]] = lines[act[0]][: lines[act[0]].rindex(">") + 1]
+
+    _resign(tmp_path / "index", as_before)
+    old = _load(tmp_path / "index", _WithActivation(make(0.1)), paths, train)
     assert torch.equal(old.embeddings, index.embeddings)
 
 

@@ -84,11 +84,11 @@ def _hook_lines(module: nn.Module) -> str:
     return ";".join(parts)
 
 
-def _attribute_settings(module: nn.Module) -> list[tuple[str, str]]:
+def _attribute_settings(module: nn.Module, legacy: bool = False) -> list[tuple[str, str]]:
     """``(name, text)`` of the module's plain-valued attributes (settings), leaving out
     those its forward was seen to change (state, put back by the model guard)."""
     written = written_by_forward(module)
-    return [(k, v) for k, v in plain_attributes(module).items() if k not in written]
+    return [(k, v) for k, v in plain_attributes(module, legacy).items() if k not in written]
 
 
 def module_attributes(module: nn.Module) -> str:
@@ -99,14 +99,16 @@ def module_attributes(module: nn.Module) -> str:
     return ",".join(f"{name}={text}" for name, text in _attribute_settings(module))
 
 
-def attribute_lines(model: nn.Module) -> list[str]:
+def attribute_lines(model: nn.Module, legacy: bool = False) -> list[str]:
     """One ``"module.attribute=value"`` line per plain-valued attribute of every submodule
     (:func:`module_attributes`; ``(model).`` for the model's own, shared submodules under
-    every name they have): what a saved index compares besides :func:`architecture`."""
+    every name they have): what a saved index compares besides :func:`architecture`.
+    ``legacy``: as indexes saved before ``ATTRIBUTE_TEXTS`` was recorded wrote them
+    (:func:`~proponents.module_settings.plain_text`)."""
     return [
         f"{name or '(model)'}.{attribute}={text}"
         for name, module in model.named_modules(remove_duplicate=False)
-        for attribute, text in _attribute_settings(module)
+        for attribute, text in _attribute_settings(module, legacy)
     ]
 
 

@@ -26,6 +26,9 @@ _MAX_ITEMS = 64
 #: Longest text kept as it is; a longer one is replaced by a digest.
 _MAX_TEXT = 200
 _SCALARS = (bool, int, float, complex, str, bytes)
+#: The version of :func:`plain_text` a saved index records; one without it holds the
+#: ``legacy`` texts.
+ATTRIBUTE_TEXTS = 2
 #: How deep containers (and the arguments of functions) are written out.
 _MAX_DEPTH = 2
 
@@ -73,12 +76,18 @@ def closure_values(fn: Any) -> list[Any]:
     return values
 
 
-def plain_text(value: Any, depth: int = 0) -> str | None:
+def plain_text(value: Any, depth: int = 0, legacy: bool = False) -> str | None:
     """A stable text for a value a ``forward`` may read as a setting (a number, a string,
     a flag, a NumPy scalar, an enum member, a function, or a tuple, list, set or dict of
     those), or ``None`` for anything else (tensors, submodules and containers are
     compared elsewhere; other objects have no stable text: theirs may name their
-    address)."""
+    address).
+
+    ``legacy``: the text of indexes saved before NumPy scalars, sets, dicts, a partial's
+    arguments and a closure's values counted (:data:`ATTRIBUTE_TEXTS`): those are
+    ``None``, or a function's name alone."""
+    if legacy and isinstance(value, (np.generic, set, frozenset, dict)):
+        return None
     if value is None or isinstance(value, _SCALARS):
         text = repr(value)
     elif isinstance(value, np.generic) and value.dtype.kind in "biufcSU":
@@ -86,7 +95,7 @@ def plain_text(value: Any, depth: int = 0) -> str | None:
     elif isinstance(value, enum.Enum):
         text = f"{type(value).__module__}.{type(value).__qualname__}.{value.name}"
     elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, functools.partial)):
-        text = _function_text(value, depth)
+        text = f"<{callable_name(value)}>" if legacy else _function_text(value, depth)
     elif isinstance(value, (tuple, list, set, frozenset, dict)) and len(value) > _MAX_ITEMS:
         # a vocabulary, say: scalars only, counted by a digest of their text
         flat = [*value, *value.values()] if isinstance(value, dict) else value
@@ -97,7 +106,7 @@ def plain_text(value: Any, depth: int = 0) -> str | None:
         else:  # in an order of their own: sets have none, dicts in the order keys came
             text = repr(sorted(value.items() if isinstance(value, dict) else value, key=repr))
     elif isinstance(value, (tuple, list, set, frozenset)) and depth < _MAX_DEPTH:
-        items = [plain_text(v, depth + 1) for v in value]
+        items = [plain_text(v, depth + 1, legacy) for v in value]
         if any(item is None for item in items):
             return None
         if isinstance(value, (set, frozenset)):
@@ -115,13 +124,13 @@ def plain_text(value: Any, depth: int = 0) -> str | None:
     return text
 
 
-def plain_attributes(module: nn.Module) -> dict[str, str]:
-    """``{name: text}`` of each plain-valued attribute (:func:`plain_text`) the module
-    instance holds beyond every module's own, in name order."""
+def plain_attributes(module: nn.Module, legacy: bool = False) -> dict[str, str]:
+    """``{name: text}`` of each plain-valued attribute (:func:`plain_text`, with
+    ``legacy``) the module instance holds beyond every module's own, in name order."""
     out = {}
     for name, value in sorted(vars(module).items()):
         if name not in MODULE_BASICS:
-            text = plain_text(value)
+            text = plain_text(value, legacy=legacy)
             if text is not None:
                 out[name] = text
     return out

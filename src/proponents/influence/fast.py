@@ -73,6 +73,7 @@ from proponents.gradients.loss import resolve_loss
 from proponents.gradients.representations import DenseGrads, Grads, as_dense, widened
 from proponents.gradients.selection import canonical_module_name, named_modules, resolve_layers
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
+from proponents.module_settings import ATTRIBUTE_TEXTS
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
 from proponents.neighbors.base import IndexedNearestNeighbors
 from proponents.neighbors.exact import DEFAULT_BLOCK_SIZE, block_scores
@@ -942,6 +943,7 @@ class TracInCPFastRandProj(TracInCPFast):
             "nearest_neighbors": self.nearest_neighbors.config(),
             "architecture": architecture(self.model),
             "module_attributes": attribute_lines(self.model),
+            "attribute_texts": ATTRIBUTE_TEXTS,
             "learning_rates": self._learning_rates,
         }
 
@@ -1171,7 +1173,12 @@ class TracInCPFastRandProj(TracInCPFast):
                 "loss_reduction_by_signature": obj._loss.by_signature,
                 "loss": loss_fingerprint(obj._loss.fn),
                 "architecture": architecture(obj.model),
-                "module_attributes": attribute_lines(obj.model),
+                # an index saved before the texts counted more kinds of settings holds
+                # them as they were written then
+                "module_attributes": attribute_lines(
+                    obj.model, legacy=saved.get("attribute_texts") is None
+                ),
+                "attribute_texts": ATTRIBUTE_TEXTS,
             }
             _match_files_to_loaded_objects(saved, expected, obj._watch.checkpoints)
             differences = _index_differences(saved, expected)
@@ -1198,7 +1205,8 @@ class TracInCPFastRandProj(TracInCPFast):
                     "nearest_neighbors",
                     "dataset_probe",
                     "architecture",  # compared above; indexes written before they were
-                    "module_attributes",  # recorded lack these three
+                    "module_attributes",  # recorded lack these four
+                    "attribute_texts",
                     "learning_rates",
                 ),
                 required=("embeddings",),
