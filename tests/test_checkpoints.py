@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -832,6 +833,41 @@ def test_empty_directory_names_it_and_the_extensions(tmp_path: Path) -> None:
     touch(empty / "readme.md")
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint files"):
         resolve_checkpoints(empty)
+
+
+def test_files_a_directory_is_not_read_from_that_may_be_checkpoints_are_named(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints saved as e1.pth.tar (PyTorch's ImageNet example) are not taken from a
+    directory: the error names them and how to pass them; in a directory of 1.ckpt,
+    2.pkl and 3.pt the .pkl is left out with a warning naming it (before: silently,
+    summing over fewer checkpoints); a readme or a JSON config beside them is no cause
+    for either."""
+    tars = tmp_path / "imagenet"
+    tars.mkdir()
+    for name in ("e1.pth.tar", "e2.pth.tar"):
+        touch(tars / name)
+    with pytest.raises(CheckpointNotFoundError, match=r"e1\.pth\.tar.*as a list"):
+        resolve_checkpoints(tars)
+    assert [Path(p).name for p in resolve_checkpoints(str(tars / "*.tar"))] == [
+        "e1.pth.tar",
+        "e2.pth.tar",
+    ]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("1.ckpt", "2.pkl", "3.pt", "config.json", "README.md"):
+        touch(mixed / name)
+    with pytest.warns(UserWarning, match=r"using 2 checkpoint.*2\.pkl") as record:
+        got = resolve_checkpoints(mixed)
+    assert [Path(p).name for p in got] == ["1.ckpt", "3.pt"]
+    assert "config.json" not in str(record[0].message)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("1.pt", "2.pt", "config.json", "README.md"):
+        touch(plain / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(resolve_checkpoints(plain)) == 2
 
 
 @pytest.mark.parametrize("empty", [[], (), iter([])], ids=["list", "tuple", "iterator"])

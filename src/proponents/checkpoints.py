@@ -45,6 +45,7 @@ from proponents.errors import (
 from proponents.fingerprints import tensor_bytes
 from proponents.model_guard import loads_by_reference
 from proponents.store import file_signature
+from proponents.user_warnings import warn
 
 __all__ = [
     "CHECKPOINT_EXTENSIONS",
@@ -111,6 +112,20 @@ def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
 
 def _has_checkpoint_suffix(path: Path) -> bool:
     return path.suffix.lower() in CHECKPOINT_EXTENSIONS
+
+
+#: Endings of files that may hold a ``torch.save`` checkpoint though a directory's
+#: checkpoints are not read from them (see :func:`_resolve_path`).
+_OTHER_SAVE_ENDINGS = (".tar", ".pkl", ".pickle", ".model", ".pth.tar", ".pt.tar")
+
+
+def _may_be_a_checkpoint(path: Path) -> bool:
+    """A visible file a directory's checkpoints are not read from whose name suggests it
+    may be one: one of :data:`_OTHER_SAVE_ENDINGS`, or no extension at all."""
+    name = path.name
+    if _is_hidden(name) or _has_checkpoint_suffix(path) or not path.is_file():
+        return False
+    return name.lower().endswith(_OTHER_SAVE_ENDINGS) or not path.suffix
 
 
 def _is_hidden(name: str) -> bool:
@@ -238,9 +253,13 @@ def _resolve_path(source: PathLike) -> list[Any]:
     path = Path(text)
     if path.is_dir():
         where = f"directory '{text}'"
-        named = [p for p in path.iterdir() if _has_checkpoint_suffix(p)]
+        entries = list(path.iterdir())
+        named = [p for p in entries if _has_checkpoint_suffix(p)]
         hidden = [p for p in named if _is_hidden(p.name)]
         found = [p for p in named if not _is_hidden(p.name) and _discovered_file(p, where)]
+        # files torch.save may well have written under a name this reader does not take
+        # (the ImageNet example's checkpoint.pth.tar, a .pkl): said, never dropped quietly
+        passed_over = sorted(p.name for p in entries if _may_be_a_checkpoint(p))
         if not found:
             note = (
                 f"; names starting with '.' ({_short_repr(sorted(p.name for p in hidden))}) "
@@ -248,8 +267,19 @@ def _resolve_path(source: PathLike) -> list[Any]:
                 if hidden
                 else ""
             )
+            if passed_over:
+                note += (
+                    f"; it holds {_short_repr(passed_over)}, not read for their names: pass "
+                    "them as a list (or a pattern such as '*.tar') to use them"
+                )
             raise CheckpointNotFoundError(
                 f"{where} holds no checkpoint files ({_extensions_text()}){note}"
+            )
+        if passed_over:
+            warn(
+                f"{where}: using {len(found)} checkpoint file(s) ({_extensions_text()}) and "
+                f"not {_short_repr(passed_over)}, which may be checkpoints too; pass the "
+                "checkpoints as a list to choose them"
             )
         found.sort(key=lambda p: _natural_key(p.name))
         return [str(p) for p in found]
