@@ -193,6 +193,34 @@ def test_multi_input_model_and_additional_forward_args(tmp_path):
     assert torch.equal(single["mix"][0], result["mix"][0])
 
 
+class _NestedItems(Dataset):
+    """Captum's form for a multi-input model: items ((a, b), label)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __len__(self):
+        return len(self.a)
+
+    def __getitem__(self, i):
+        return (self.a[i], self.b[i]), 0
+
+
+def test_items_holding_their_inputs_as_one_tuple_feed_a_multi_input_model(tmp_path):
+    """Items ((a, b), label), the form Captum asks of a dataset for a model of several
+    inputs, feed model(a, b) (before: model([a, b]), a TypeError)."""
+    model = _seeded(TwoInput)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
+    sim = SimilarityInfluence(
+        model, ["a", "mix"], _NestedItems(a[:24], b[:24]), tmp_path, batch_size=7
+    )
+    result = sim.influence((a[24:], b[24:]), top_k=4)
+    for layer in ("a", "mix"):
+        src = _acts(model, layer, a[:24], b[:24])
+        _check(result[layer], _brute(_acts(model, layer, a[24:], b[24:]), src, "cosine", "max", 4))
+
+
 class PlainItems(Dataset):
     """Items are bare tensors (no label), fed to the model as they are."""
 

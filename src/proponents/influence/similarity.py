@@ -1587,8 +1587,8 @@ def _check_top_k(top_k: int, n: int) -> None:
 
 
 def _source_args(batch: Any, collated: bool = True) -> tuple[Any, ...]:
-    """The model arguments of a source batch: ``batch[:-1]`` of a tuple or list, else the
-    batch itself. A ``collated`` batch that is a list of strings is one input: collation
+    """The model arguments of a source batch: ``batch[:-1]`` of a tuple or list (the inputs
+    its first element holds, for ``((x1, x2), label)`` items), else the batch itself. A ``collated`` batch that is a list of strings is one input: collation
     turns string items (any other item, not a tuple) into a list of them."""
     if collated and _is_text_batch(batch):
         return (batch,)
@@ -1598,8 +1598,21 @@ def _source_args(batch: Any, collated: bool = True) -> tuple[Any, ...]:
                 "a source batch is an empty tuple; items should be (*model_inputs, label) "
                 "or a single model input"
             )
+        if len(batch) == 2 and _packed_inputs(batch[0]):
+            # Captum's form for several model inputs: ((x1, x2), label) items
+            return tuple(batch[0])
         return tuple(batch[:-1]) if len(batch) >= 2 else (batch[0],)
     return (batch,)
+
+
+def _packed_inputs(first: Any) -> bool:
+    """Whether the first element of an ``(inputs, label)`` batch is several model inputs
+    (a tuple or list of two or more tensors, as ``((x1, x2), label)`` items collate)."""
+    return (
+        isinstance(first, (tuple, list))
+        and len(first) >= 2
+        and all(isinstance(t, torch.Tensor) for t in first)
+    )
 
 
 def _is_text_batch(batch: Any) -> bool:
