@@ -1588,8 +1588,9 @@ def _check_top_k(top_k: int, n: int) -> None:
 
 def _source_args(batch: Any, collated: bool = True) -> tuple[Any, ...]:
     """The model arguments of a source batch: ``batch[:-1]`` of a tuple or list (the inputs
-    its first element holds, for ``((x1, x2), label)`` items), else the batch itself. A ``collated`` batch that is a list of strings is one input: collation
-    turns string items (any other item, not a tuple) into a list of them."""
+    its first element holds, for ``((x1, x2), label)`` items), else the batch itself. A
+    ``collated`` batch that is a list of strings is one input: collation turns string
+    items (any other item, not a tuple) into a list of them."""
     if collated and _is_text_batch(batch):
         return (batch,)
     if isinstance(batch, (tuple, list)):
