@@ -268,9 +268,11 @@ def _resolve_path(source: PathLike) -> list[Any]:
                 else ""
             )
             if passed_over:
+                ending = Path(passed_over[0]).suffix
+                pattern = f" or a pattern such as '{path / ('*' + ending)}'" if ending else ""
                 note += (
                     f"; it holds {_short_repr(passed_over)}, not read for their names: pass "
-                    "them as a list (or a pattern such as '*.tar') to use them"
+                    f"them as a list{pattern} to use them"
                 )
             raise CheckpointNotFoundError(
                 f"{where} holds no checkpoint files ({_extensions_text()}){note}"
