@@ -312,10 +312,10 @@ def test_a_first_batch_whose_rows_happen_to_match_is_read_as_packed(tmp_path, ca
 class AuxiliaryFirst(nn.Module):
     """Returns prototypes of a fixed two rows first, then the logits (the loss reads [1])."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int = 2) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
-        self.proto = nn.Parameter(torch.randn(2, 8))
+        self.proto = nn.Parameter(torch.randn(rows, 8))
 
     def forward(self, x):
         return self.proto * 1.0, self.fc2(torch.tanh(self.fc1(x)))
@@ -334,16 +334,17 @@ class NeedsABatch(nn.Module):
         return self.fc2(h - h.mean(0, keepdim=True))
 
 
-def test_models_that_only_look_packed_are_run_as_before(tmp_path):
+@pytest.mark.parametrize("prototypes", [2, 4], ids=["2 rows", "as many rows as a batch"])
+def test_models_that_only_look_packed_are_run_as_before(tmp_path, prototypes):
     """Reading a first batch as packed needs evidence from the whole batch: an output
-    whose first tensor has no row per example (prototypes before the logits) keeps the
-    usual convention and its exact scores, and a model that refuses one example alone
-    raises its own error (before the fix: an internal exception without a message, or
-    scores taken in a batch whose examples interact)."""
+    whose first tensor has no row per example (prototypes before the logits, also as many
+    as a batch has examples) keeps the usual convention and its exact scores, and a model
+    that refuses one example alone raises its own error (before the fix: an internal
+    exception without a message, or scores taken in a batch whose examples interact)."""
     from torch.utils.data import TensorDataset
 
     torch.manual_seed(0)
-    model = AuxiliaryFirst()
+    model = AuxiliaryFirst(prototypes)  # batches of 4: the second is a batch's rows
     path = tmp_path / "aux.pt"
     torch.save(model.state_dict(), path)
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))

@@ -87,8 +87,9 @@ _MAX_CHECKS = 8
 
 
 class _RowsAreNotExamples(Exception):
-    """An example cut out of a batch by its rows did not give a model output of one row,
-    or the model failed on it (the cause)."""
+    """An example cut out of a batch by its rows gave a model output of another number of
+    rows than one (the argument), or the batch's rows reversed made the model fail (the
+    cause)."""
 
 
 class GradientEngine:
@@ -230,8 +231,9 @@ class GradientEngine:
         A packed batch whose inputs happen to have one row per example (graphs of one
         node each, texts of one token) looks like the usual convention. It is read as
         packed when the whole batch gives an output of a row per example while one
-        example cut out by its rows gives several (graph index ``i`` of a one-node input:
-        ``i + 1`` rows), or the same rows reversed make the model fail (offsets into
+        example cut out by its rows gives another number of rows, neither one nor the
+        whole batch's (graph index ``i`` of a one-node input: ``i + 1`` rows), or the same
+        rows reversed make the model fail (offsets into
         concatenated texts no longer start at 0). A model that fails on one example alone
         (one that needs batch statistics) fails as before.
         """
@@ -239,8 +241,11 @@ class GradientEngine:
             self._check(params, buffers, batch)
         except _RowsAreNotExamples as cut:
             with torch.no_grad():
-                whole = self.model(*copy_batch(batch).inputs)
-            if output_rows(whole) == batch.size:
+                whole = output_rows(self.model(*copy_batch(batch).inputs))
+            # one example's output rows must differ from the whole batch's too: an output
+            # of fixed rows first (prototypes) has the same rows for both
+            alone = cut.args[0] if cut.args else None
+            if whole == batch.size and alone != whole:
                 batch = self._packed_if_seen(dataclasses.replace(batch, packed=True))
             elif cut.__cause__ is not None:
                 raise cut.__cause__ from None  # the model's own error on the reversed rows
@@ -688,10 +693,11 @@ class GradientEngine:
         with torch.enable_grad():
             slots = slot_names(self.model)
             out = call_with(self.model, {**rest, **leaves, **buffers}, inputs, slots)
-            if self._may_be_packed and not batch.packed and output_rows(out) not in (1, None):
+            rows = output_rows(out)
+            if self._may_be_packed and not batch.packed and rows not in (1, None):
                 # one row of each input may not be one example: a packed batch whose
                 # inputs happen to have as many rows as it has examples (one-node graphs)
-                raise _RowsAreNotExamples
+                raise _RowsAreNotExamples(rows)
             value = self.loss.example_loss(out, example_labels(example.labels, i, batch.size))
             grads = grads_or_zeros(value, [leaves[n] for n in names])
             if not bool(torch.isfinite(value.detach())):  # an undefined loss: NaN scores
