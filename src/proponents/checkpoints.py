@@ -116,16 +116,17 @@ def _has_checkpoint_suffix(path: Path) -> bool:
 
 #: Endings of files that may hold a ``torch.save`` checkpoint though a directory's
 #: checkpoints are not read from them (see :func:`_resolve_path`).
-_OTHER_SAVE_ENDINGS = (".tar", ".pkl", ".pickle", ".model", ".pth.tar", ".pt.tar")
+_OTHER_SAVE_ENDINGS = (".tar", ".pkl", ".pickle")
 
 
 def _may_be_a_checkpoint(path: Path) -> bool:
     """A visible file a directory's checkpoints are not read from whose name suggests it
-    may be one: one of :data:`_OTHER_SAVE_ENDINGS`, or no extension at all."""
+    may be one: one of :data:`_OTHER_SAVE_ENDINGS` (``checkpoint.pth.tar``, a pickle), not
+    a README, a licence or a tokenizer's ``.model``."""
     name = path.name
     if _is_hidden(name) or _has_checkpoint_suffix(path) or not path.is_file():
         return False
-    return name.lower().endswith(_OTHER_SAVE_ENDINGS) or not path.suffix
+    return name.lower().endswith(_OTHER_SAVE_ENDINGS)
 
 
 def _is_hidden(name: str) -> bool:
@@ -269,7 +270,7 @@ def _resolve_path(source: PathLike) -> list[Any]:
             )
             if passed_over:
                 ending = Path(passed_over[0]).suffix
-                pattern = f" or a pattern such as '{path / ('*' + ending)}'" if ending else ""
+                pattern = f" or a pattern such as '{glob.escape(text)}{os.sep}*{ending}'"
                 note += (
                     f"; it holds {_short_repr(passed_over)}, not read for their names: pass "
                     f"them as a list{pattern} to use them"
