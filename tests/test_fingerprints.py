@@ -385,3 +385,19 @@ def test_texts_of_module_level_functions_stay_as_saved_indexes_hold_them():
 
     text = plain_text(countdown)
     assert text is not None and "countdown" in text and len(text) <= 200
+
+
+def test_legacy_texts_are_those_indexes_were_saved_with():
+    """The texts older indexes hold: NumPy scalars that are Python floats or strings
+    (np.float64, np.str_) were written and still count; other NumPy scalars, sets and
+    dicts were not; a partial counted by its function's name."""
+    import functools
+
+    from proponents.module_settings import plain_text
+
+    assert plain_text(np.float64(0.5), legacy=True) == repr(np.float64(0.5))
+    assert plain_text((np.str_("a"), 1), legacy=True) == f"tuple({np.str_('a')!r},1)"
+    assert plain_text(np.float32(0.5), legacy=True) is None
+    assert plain_text({1, 2}, legacy=True) is None and plain_text({"a": 1}, legacy=True) is None
+    partial = functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.1)
+    assert plain_text(partial, legacy=True) == "<torch.nn.functional.leaky_relu>"

@@ -86,8 +86,11 @@ def plain_text(value: Any, depth: int = 0, legacy: bool = False) -> str | None:
     ``legacy``: the text of indexes saved before NumPy scalars, sets, dicts, a partial's
     arguments and a closure's values counted (:data:`ATTRIBUTE_TEXTS`): those are
     ``None``, or a function's name alone."""
-    if legacy and isinstance(value, (np.generic, set, frozenset, dict)):
-        return None
+    if legacy and (
+        isinstance(value, (set, frozenset, dict))
+        or (isinstance(value, np.generic) and not isinstance(value, _SCALARS))
+    ):
+        return None  # (np.float64 and np.str_, subclasses of float and str, were written)
     if value is None or isinstance(value, _SCALARS):
         text = repr(value)
     elif isinstance(value, np.generic) and value.dtype.kind in "biufcSU":
