@@ -208,7 +208,8 @@ class _NestedItems(Dataset):
 
 def test_items_holding_their_inputs_as_one_tuple_feed_a_multi_input_model(tmp_path):
     """Items ((a, b), label), the form Captum asks of a dataset for a model of several
-    inputs, feed model(a, b) (before: model([a, b]), a TypeError)."""
+    inputs, feed model(a, b) (before: model([a, b]), a TypeError); a model whose forward
+    takes one argument gets the pair as that argument."""
     model = _seeded(TwoInput)
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
@@ -219,6 +220,20 @@ def test_items_holding_their_inputs_as_one_tuple_feed_a_multi_input_model(tmp_pa
     for layer in ("a", "mix"):
         src = _acts(model, layer, a[:24], b[:24])
         _check(result[layer], _brute(_acts(model, layer, a[24:], b[24:]), src, "cosine", "max", 4))
+
+    class OneArgument(nn.Module):  # takes its inputs as one tuple: fed as it is
+        def __init__(self, two):
+            super().__init__()
+            self.two = two
+
+        def forward(self, pair):
+            return self.two(*pair)
+
+    wrapped = OneArgument(model)
+    sim = SimilarityInfluence(wrapped, "two.mix", _NestedItems(a[:24], b[:24]), tmp_path / "w")
+    got = sim.influence(((a[24:], b[24:]),), top_k=4)
+    src = _acts(model, "mix", a[:24], b[:24])
+    _check(got["two.mix"], _brute(_acts(model, "mix", a[24:], b[24:]), src, "cosine", "max", 4))
 
 
 class PlainItems(Dataset):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import math
 import os
 import time
@@ -280,6 +281,8 @@ class SimilarityInfluence(DataInfluence):
         # The model's fingerprint, hashed again only when its weights may have changed
         # (kept per model, like the layout choices).
         self._fingerprint = fingerprints_of(module)
+        # ((x1, x2), label) items feed model(x1, x2) unless the forward takes one argument
+        self._unpacks_nested_inputs = _takes_several_inputs(module)
         self._n_local: int | None = None
         # under distributed, what a rank's scoring met, held back for the merged warnings
         self._held_anomalies: list[_Anomalies] | None = None
@@ -590,7 +593,8 @@ class SimilarityInfluence(DataInfluence):
             return _first_example(given, device)
         batches, _, unbatched = self._src_batches()
         for batch in batches:
-            return _first_example(_source_args(batch, collated=not unbatched), device)
+            args = _source_args(batch, not unbatched, self._unpacks_nested_inputs)
+            return _first_example(args, device)
         return None
 
     def _src_meta(self, layer: str, fingerprint: str, n_src: int | None, probe: str | None) -> dict:
@@ -979,7 +983,7 @@ class SimilarityInfluence(DataInfluence):
                     batches, show_progress, "SimilarityInfluence: source activations", n_batches
                 )
             ):
-                raw = _source_args(batch, collated=not unbatched)
+                raw = _source_args(batch, not unbatched, self._unpacks_nested_inputs)
                 args = to_device(raw, device)
                 # still views of the dataset unless the move to the model's device copied them
                 acts = self._forward(extractor, args, fingerprint, i == 0, raw if views else None)
@@ -1586,9 +1590,25 @@ def _check_top_k(top_k: int, n: int) -> None:
         )
 
 
-def _source_args(batch: Any, collated: bool = True) -> tuple[Any, ...]:
+def _takes_several_inputs(module: nn.Module) -> bool:
+    """Whether ``module``'s forward may take two or more positional arguments (or its
+    signature cannot be read): a forward of one argument gets a list as that argument."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
+
+
+def _source_args(batch: Any, collated: bool = True, several_inputs: bool = True) -> tuple[Any, ...]:
     """The model arguments of a source batch: ``batch[:-1]`` of a tuple or list (the inputs
-    its first element holds, for ``((x1, x2), label)`` items), else the batch itself. A
+    its first element holds, for ``((x1, x2), label)`` items, when the model may take
+    ``several_inputs``), else the batch itself. A
     ``collated`` batch that is a list of strings is one input: collation turns string
     items (any other item, not a tuple) into a list of them."""
     if collated and _is_text_batch(batch):
@@ -1599,7 +1619,7 @@ def _source_args(batch: Any, collated: bool = True) -> tuple[Any, ...]:
                 "a source batch is an empty tuple; items should be (*model_inputs, label) "
                 "or a single model input"
             )
-        if len(batch) == 2 and _packed_inputs(batch[0]):
+        if several_inputs and len(batch) == 2 and _packed_inputs(batch[0]):
             # Captum's form for several model inputs: ((x1, x2), label) items
             return tuple(batch[0])
         return tuple(batch[:-1]) if len(batch) >= 2 else (batch[0],)
