@@ -324,51 +324,39 @@ def _contents(value: Any, depth: int, budget: list[int]) -> Any:
 def _refill(value: Any, contents: Any) -> bool:
     """Put ``contents`` (:func:`_contents`) back into container ``value`` in place, and
     its items' into them; whether anything had changed (idempotent)."""
-    try:
-        if isinstance(value, np.ndarray):
-            if np.array_equal(value, contents, equal_nan=value.dtype.kind in "fc"):
-                return False
-            np.copyto(value, contents)
-        elif isinstance(value, (set, bytearray)):
-            if value == contents:
-                return False
-            if isinstance(value, set):
-                value.clear()
-                value.update(contents)
-            else:
-                value[:] = contents
-        else:
-            items = [entry[-2] for entry in contents]
-            changed = [_refill(item, held) for *_, item, held in contents if held is not _MISSING]
-            if isinstance(value, list):
-                if len(value) == len(items) and all(a is b for a, b in zip(value, items)):
-                    return any(changed)
-                value[:] = items
-            else:
-                keys = [entry[0] for entry in contents]
-                if list(value) == keys and all(value[k] is v for k, v in zip(keys, items)):
-                    return any(changed)
-                value.clear()
-                value.update(zip(keys, items))
-    except Exception:  # noqa: BLE001 - items whose comparison fails: put back to be sure
-        _put_back_blindly(value, contents)
+    if isinstance(value, (list, dict)):
+        changed = [_refill(item, held) for *_, item, held in contents if held is not _MISSING]
+        if _holds(value, contents):
+            return any(changed)
+    elif _holds(value, contents):
+        return False
+    if isinstance(value, np.ndarray):
+        np.copyto(value, contents)
+    elif isinstance(value, (list, bytearray)):
+        value[:] = [entry[0] for entry in contents] if isinstance(value, list) else contents
+    else:  # a set, or a dict
+        value.clear()
+        value.update(contents if isinstance(value, set) else [e[:2] for e in contents])
     return True
 
 
-def _put_back_blindly(value: Any, contents: Any) -> None:
-    """:func:`_refill` without comparing (items of a set whose ``==`` fails, say)."""
-    if isinstance(value, np.ndarray):
-        np.copyto(value, contents)
-    elif isinstance(value, set):
-        value.clear()
-        value.update(contents)
-    elif isinstance(value, bytearray):
-        value[:] = contents
-    elif isinstance(value, list):
-        value[:] = [entry[0] for entry in contents]
-    else:
-        value.clear()
-        value.update((key, item) for key, item, _ in contents)
+def _holds(value: Any, contents: Any) -> bool:
+    """Whether container ``value`` still holds ``contents`` (:func:`_contents`): the same
+    items, by identity for a list's or dict's; ``False`` when they cannot be compared."""
+    try:
+        if isinstance(value, np.ndarray):
+            return np.array_equal(value, contents, equal_nan=value.dtype.kind in "fc")
+        if isinstance(value, list):
+            return len(value) == len(contents) and all(
+                now is item for now, (item, _) in zip(value, contents)
+            )
+        if isinstance(value, dict):
+            return list(value) == [key for key, _, _ in contents] and all(
+                value[key] is item for key, item, _ in contents
+            )
+        return bool(value == contents)
+    except Exception:  # noqa: BLE001 - items whose comparison fails: put back to be sure
+        return False
 
 
 #: Per module, the names of plain attributes its forward was seen to (re)assign.
