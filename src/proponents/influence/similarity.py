@@ -587,10 +587,7 @@ class SimilarityInfluence(DataInfluence):
                 isinstance(inputs, tuple) and not inputs
             ):
                 return None
-            given = (tuple(inputs) if isinstance(inputs, tuple) else (inputs,)) + _as_tuple(
-                additional_forward_args
-            )
-            return _first_example(given, device)
+            return _first_example(_test_args(inputs, additional_forward_args), device)
         batches, _, unbatched = self._src_batches()
         for batch in batches:
             args = _source_args(batch, not unbatched, self._unpacks_nested_inputs)
@@ -1081,14 +1078,11 @@ class SimilarityInfluence(DataInfluence):
                 f"{article(type(inputs).__name__)}; call influence once per batch"
             )
         if inputs is not None:
-            # only a tuple holds several model inputs (the spec's form); any other object,
-            # a list of strings included, is one input
-            args = tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
-            if len(args) == 0:
+            if isinstance(inputs, tuple) and not inputs:
                 raise InvalidArgumentError(
                     "inputs is an empty tuple: give at least one model input"
                 )
-            args = args + _as_tuple(additional_forward_args)
+            args = _test_args(inputs, additional_forward_args)
             if inputs_id is not None:
                 digest = hashlib.sha256()
                 if hash_object(args, digest):
@@ -1619,14 +1613,14 @@ def _source_args(batch: Any, collated: bool = True, several_inputs: bool = True)
                 "a source batch is an empty tuple; items should be (*model_inputs, label) "
                 "or a single model input"
             )
-        if several_inputs and len(batch) == 2 and _packed_inputs(batch[0]):
+        if several_inputs and len(batch) == 2 and _several_inputs_in(batch[0]):
             # Captum's form for several model inputs: ((x1, x2), label) items
             return tuple(batch[0])
         return tuple(batch[:-1]) if len(batch) >= 2 else (batch[0],)
     return (batch,)
 
 
-def _packed_inputs(first: Any) -> bool:
+def _several_inputs_in(first: Any) -> bool:
     """Whether the first element of an ``(inputs, label)`` batch is several model inputs
     (a tuple or list of two or more tensors, as ``((x1, x2), label)`` items collate)."""
     return (
@@ -1650,6 +1644,14 @@ def _first_example(args: tuple[Any, ...], device: torch.device) -> tuple[Any, ..
         n = 1
     first = map_rows(args, n, lambda t: t[:1]) if n > 1 else args
     return unshared(to_device(first, device), first)
+
+
+def _test_args(inputs: Any, additional_forward_args: Any) -> tuple[Any, ...]:
+    """The model arguments of a test batch: ``inputs`` (only a tuple holds several model
+    inputs, the spec's form; any other object, a list of strings included, is one input),
+    then ``additional_forward_args``."""
+    given = tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
+    return given + _as_tuple(additional_forward_args)
 
 
 def _as_tuple(extra: Any) -> tuple[Any, ...]:
