@@ -75,13 +75,19 @@ from proponents.gradients.selection import canonical_module_name, named_modules,
 from proponents.influence.base import KMostInfluentialResults, TracInCPBase
 from proponents.module_settings import ATTRIBUTE_TEXTS
 from proponents.neighbors import ExactNearestNeighbors, NearestNeighbors
-from proponents.neighbors.base import IndexedNearestNeighbors
+from proponents.neighbors.base import IndexedNearestNeighbors, rescored
 from proponents.neighbors.exact import DEFAULT_BLOCK_SIZE, block_scores
-from proponents.neighbors.foreign import NearestNeighborsLike, as_nearest_neighbors
+from proponents.neighbors.foreign import (
+    ForeignNearestNeighbors,
+    NearestNeighborsLike,
+    as_nearest_neighbors,
+)
+from proponents.neighbors.ownership import claim, holds
 from proponents.progress import Progress
 from proponents.projection import GradientProjection
 from proponents.scoring import NonFiniteTracker, TracInRunner, k_most
 from proponents.store import ArrayStore, DiskMatrix, register_mapped, release_rows
+from proponents.user_warnings import warn
 
 INDEX_KEY = "tracin-index"
 INDEX_FORMAT = 1
@@ -542,6 +548,9 @@ class TracInCPFastRandProj(TracInCPFast):
         )
         self.projection_dim = projection_dim
         self.seed = seed
+        # Identifies this index to its backend (see proponents.neighbors.ownership): a
+        # backend object handed to another index too is set up again before it is used.
+        self._search_owner = object()
         # What the embeddings are computed from, recorded before any checkpoint is read:
         # queries and save() refuse checkpoints that changed since.
         self._watch = CheckpointWatch(self.checkpoints)
@@ -590,7 +599,37 @@ class TracInCPFastRandProj(TracInCPFast):
             self.embeddings = local
             self._offset, self._n_indexed = sum(sizes[: self._dist.rank]), sum(sizes)
         if self.embeddings.shape[0]:
+            self._set_up_search()
+
+    def _set_up_search(self, saved: Path | None = None) -> None:
+        """Set the backend up with this index's embeddings (from its files in ``saved``
+        when given: :meth:`NearestNeighbors.load`, which rebuilds when they do not fit),
+        and claim it for this index."""
+        if saved is None:
             self.nearest_neighbors.setup(self.embeddings)
+        else:
+            self.nearest_neighbors.load(saved, self.embeddings)
+        claim(self.nearest_neighbors, self._search_owner)
+
+    def _own_search(self) -> None:
+        """Set the backend up again, with a warning, if another index set it up since.
+
+        One backend object holds one search structure; handed to two indexes, it holds
+        the one set up last, and searching it for the other would answer from the wrong
+        embeddings.
+        """
+        if not len(self.embeddings) or holds(self.nearest_neighbors, self._search_owner):
+            return
+        backend = self.nearest_neighbors
+        shown = backend.backend if isinstance(backend, ForeignNearestNeighbors) else backend
+        warn(
+            f"{self.get_name()}: its nearest_neighbors object ({type(shown).__name__}) was set "
+            "up for another index after this one, so it no longer holds this index's "
+            f"embeddings; setting it up again with this index's "
+            f"{count(int(self.embeddings.shape[0]), 'row')}. Give each index its own "
+            "backend instance to avoid these rebuilds"
+        )
+        self._set_up_search()
 
     @property
     def embedding_dim(self) -> int:
@@ -763,7 +802,7 @@ class TracInCPFastRandProj(TracInCPFast):
 
         The same blocks as :class:`ExactNearestNeighbors` (of its block size when it is
         the backend), so ``k=None`` scores and exact top-``k`` results are the same bits,
-        and identical training examples get identical scores wherever they sit.
+        and identical embedding rows get identical scores wherever they sit.
         """
         backend = self.nearest_neighbors
         size = (
@@ -786,6 +825,7 @@ class TracInCPFastRandProj(TracInCPFast):
         unpack_inputs: bool = True,
         *,
         show_progress: bool = False,
+        aggregate: bool = False,
     ) -> Tensor | KMostInfluentialResults:
         """Scores or proponents/opponents of a test batch, answered from the embeddings.
 
@@ -798,6 +838,11 @@ class TracInCPFastRandProj(TracInCPFast):
             proponents: highest (``True``) or lowest (``False``) scores.
             unpack_inputs: whether a tuple ``inputs`` holds several model arguments.
             show_progress: (keyword-only) progress bar over checkpoints.
+            aggregate: (keyword-only) score the whole test batch at once, as
+                :meth:`TracInCPFast.influence` does: its embeddings are summed into one
+                query (a score is linear in the query), so ``k=None`` gives ``(1,
+                n_train)`` scores and ``k`` the training examples most influential on
+                the batch as a whole.
 
         Raises:
             NotImplementedError: when ``inputs`` is None (self-influence: use TracInCPFast).
@@ -809,6 +854,7 @@ class TracInCPFastRandProj(TracInCPFast):
         proponents = check_flag(proponents, "proponents", name)
         unpack_inputs = check_flag(unpack_inputs, "unpack_inputs", name)
         show_progress = check_flag(show_progress, "show_progress", name)
+        aggregate = check_flag(aggregate, "aggregate", name)
         if inputs is None:
             raise NotImplementedError(
                 f"{name} does not compute self-influence (its embeddings would only cost "
@@ -833,15 +879,19 @@ class TracInCPFastRandProj(TracInCPFast):
             self._watch.verify(name, "the embedding of the training set")
             if not is_loader and all(batch.size == 0 for batch in test):
                 # a batch of no examples: no model run, an empty query of the embeddings' kind
-                return torch.zeros(
+                query = torch.zeros(
                     0,
                     self.embedding_dim,
                     dtype=self.final_fc_layer.weight.dtype,
                     device=model_device(self.model),
                 )
-            return self._embed(
-                test, is_loader, show_progress, "test batches" if is_loader else "test batch"
-            )
+            else:
+                query = self._embed(
+                    test, is_loader, show_progress, "test batches" if is_loader else "test batch"
+                )
+            # the batch's summed influence is the influence of its summed embedding (no
+            # examples: a zero query, as TracInCPFast's zero scores)
+            return query.sum(dim=0, keepdim=True) if aggregate else query
 
         if self._dist is not None:
             # The test side runs inside the status exchange, on every rank (also one
@@ -874,6 +924,7 @@ class TracInCPFastRandProj(TracInCPFast):
         if k is None:
             return self._all_scores(query)
         k = min(k, n_train)
+        self._own_search()
         backend = self.nearest_neighbors
         q = query if proponents else -query
         if isinstance(backend, IndexedNearestNeighbors) and (
@@ -888,6 +939,11 @@ class TracInCPFastRandProj(TracInCPFast):
             # neighbours to rank them last, as TracInCPFast does.
             extra = self._nonfinite_rows()
             indices, scores = backend.search(q, min(n_train, k + extra), n_train)
+            if not isinstance(backend, ForeignNearestNeighbors):  # that one rescores itself
+                # a NearestNeighbors subclass of the user's: only its choice of rows is
+                # used, the scores are the exact inner products (an approximate index's
+                # distances would otherwise be reported as influence)
+                indices, scores = rescored(self.embeddings, q, indices)
         if not proponents:
             scores = -scores
         if extra:
@@ -1002,6 +1058,7 @@ class TracInCPFastRandProj(TracInCPFast):
             return Path(path)
         _check_index_directory(path, f"{name}.save")
         self._watch.verify(name, "the embedding of the training set", objects=True)
+        self._own_search()  # the backend's files must describe this index
         self._write(path, self.embeddings, self.nearest_neighbors)
         return Path(path)
 
@@ -1227,14 +1284,14 @@ class TracInCPFastRandProj(TracInCPFast):
                 start, stop = even_rows(int(emb.shape[0]), obj._dist.rank, obj._dist.world_size)
                 obj.embeddings, obj._offset = emb[start:stop].clone(), start
                 if stop > start:
-                    backend.setup(obj.embeddings)
+                    obj._set_up_search()
                 return {}
             obj.embeddings = emb
             saved_backend = (saved.get("nearest_neighbors") or {}).get("backend")
             if saved_backend != backend.config().get("backend"):
-                backend.setup(obj.embeddings)  # another backend than saved: nothing to read
+                obj._set_up_search()  # another backend than saved: nothing to read
             else:
-                backend.load(Path(path) / "neighbors", obj.embeddings)  # saved, or a rebuild
+                obj._set_up_search(Path(path) / "neighbors")  # saved, or a rebuild
             return {}
 
         if obj._dist is None:

@@ -299,6 +299,29 @@ def sort_rows(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     return scores.gather(1, by_score), indices.gather(1, by_score)
 
 
+def rescored(data: Tensor, query: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows ``indices`` chose for each query row, scored exactly and sorted.
+
+    What a backend that only picks rows is turned into: each score is the inner product
+    ``<data[indices[i, j]], query[i]>`` in the promoted dtype of data and query (at least
+    float32), and each row is sorted by it, largest first, ties by smaller index.
+
+    Args:
+        data: ``(N, D)`` the indexed rows.
+        query: ``(n, D)`` the query rows.
+        indices: ``(n, k)`` row numbers of ``data`` (any integer dtype and device).
+
+    Returns:
+        ``(indices, scores)``, both ``(n, k)`` on ``query``'s device.
+    """
+    dtype = score_dtype(query.dtype, data.dtype)
+    idx = indices.to(device=data.device, dtype=torch.long)
+    q = query.to(device=data.device, dtype=dtype)
+    with torch.no_grad():
+        scores, idx = sort_rows(_gathered_scores(data, idx, q), idx)
+    return idx.to(query.device), scores.to(query.device)
+
+
 def data_fingerprint(data: Tensor) -> str:
     """A cheap fingerprint of a data matrix: its shape and up to 256 evenly spaced rows.
 

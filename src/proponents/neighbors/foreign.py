@@ -22,16 +22,14 @@ from proponents.neighbors.base import (
     check_k,
     check_matrix,
     check_neighbors,
+    rescored,
     score_dtype,
-    sort_rows,
 )
 
 __all__ = ["ForeignNearestNeighbors", "NearestNeighborsLike", "as_nearest_neighbors"]
 
 #: The two methods an object needs to serve as a search backend.
 _METHODS = ("setup", "get_nearest_neighbors")
-#: Upper bound on the entries of the gathered ``(rows, k, D)`` block when rescoring.
-_RESCORE_ENTRIES = 1 << 24
 
 
 class NearestNeighborsLike(Protocol):
@@ -158,20 +156,30 @@ class ForeignNearestNeighbors(NearestNeighbors):
                 torch.empty(0, k, dtype=torch.long, device=query.device),
                 torch.empty(0, k, dtype=dtype, device=query.device),
             )
-        answer = self.backend.get_nearest_neighbors(query, k)
+        answer = self.backend.get_nearest_neighbors(_in_dtype_of_data(query, data.dtype), k)
         answer = _float_scores(answer)
         indices, _ = check_neighbors(self.backend, query, k, n_items, answer)
-        indices = indices.to(data.device)
-        q = query.to(device=data.device, dtype=dtype)
-        scores = torch.empty(indices.shape, dtype=dtype, device=data.device)
-        step = max(1, _RESCORE_ENTRIES // max(1, k * int(data.shape[1])))
-        with torch.no_grad():
-            for start in range(0, int(q.shape[0]), step):
-                rows = slice(start, start + step)
-                picked = data[indices[rows]].to(dtype)
-                scores[rows] = torch.einsum("nkd,nd->nk", picked, q[rows])
-        scores, indices = sort_rows(scores, indices)
-        return indices.to(query.device), scores.to(query.device)
+        return rescored(data, query, indices)
+
+
+def _in_dtype_of_data(query: Tensor, dtype: torch.dtype) -> Tensor:
+    """``query`` in the data's dtype, for a backend that multiplies the two (a float16
+    index is searched with float32 test embeddings otherwise).
+
+    Rows the cast would overflow are first scaled down by a power of two: a positive
+    factor leaves the order of a row's inner products as it was, and only the rows the
+    backend picks are used (their scores are recomputed with the query as given).
+    """
+    if query.dtype == dtype or not dtype.is_floating_point:
+        return query
+    limit = torch.finfo(dtype).max / 4  # room for the rounding of the cast
+    peak = query.detach().abs().amax(dim=1)
+    over = torch.isfinite(peak) & (peak > limit)
+    if bool(over.any()):
+        query = query.clone()
+        scale = torch.exp2(-torch.ceil(torch.log2(peak[over] / limit)))
+        query[over] = query[over] * scale.to(query.dtype).unsqueeze(1)
+    return query.to(dtype)
 
 
 def _float_scores(answer: Any) -> Any:
