@@ -1026,10 +1026,11 @@ def test_warnings_while_explaining_print_as_one_line_of_the_command(capsys, tmp_
     assert list(warnings.filters) == before
 
 
-@pytest.mark.parametrize("form", ["function", "callable object"])
+@pytest.mark.parametrize("form", ["function", "callable object", "partial", "nested partial"])
 def test_a_failing_checkpoints_load_func_is_named_with_its_checkpoint(capsys, tmp_path, task, form):
     """An exception inside the task's checkpoints_load_func names that function and the
-    checkpoint it was loading (exit 1). (before: "failed: KeyError: 'state'" alone)"""
+    checkpoint it was loading (exit 1). (before: "failed: KeyError: 'state'" alone; for a
+    functools.partial that gives leading arguments, the model was named as the checkpoint)"""
     path, ckpts = task
     body = textwrap.dedent("""
         def _helper(checkpoint):
@@ -1044,6 +1045,19 @@ def test_a_failing_checkpoints_load_func_is_named_with_its_checkpoint(capsys, tm
     """)
     if form == "function":
         body += "checkpoints_load_func = _load\n"
+    elif form in ("partial", "nested partial"):
+        body += textwrap.dedent("""
+            import functools
+
+            def _load_on(device, retries, model, checkpoint):
+                return _load(model, checkpoint)
+        """)
+        if form == "partial":
+            body += "checkpoints_load_func = functools.partial(_load_on, 'cpu', 2)\n"
+        else:
+            body += (
+                "checkpoints_load_func = functools.partial(functools.partial(_load_on, 'cpu'), 2)\n"
+            )
     else:
         body += textwrap.dedent("""
             class Loader:
@@ -1086,3 +1100,78 @@ def test_help_texts_say_what_docs_cli_md_says(capsys):
     for text in (explain, demo):
         assert "ranked by self-influence" not in text and "by self-influence and" not in text
         assert "neighbour label disagreement for similarity" in text
+
+
+def test_a_loss_module_that_ignores_reduction_none_runs_and_the_final_loss_is_compared(
+    capsys, tmp_path, task
+):
+    """A loss wrapper whose forward always sums, with known-bad labels: explain finishes,
+    comparing the final loss of every training example; a loss_fn that gives several
+    values for one example exits 2 naming loss_fn, before any influence pass.
+    (before: "failed: baseline 'final loss' has 3 entries but train_dataset has 70")"""
+    path, ckpts = task
+    base = path.read_text()
+    path.write_text(
+        base
+        + textwrap.dedent("""
+            class WrappedCE(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.reduction = "sum"
+                    self.ce = nn.CrossEntropyLoss(reduction="sum")
+
+                def forward(self, out, y):
+                    return self.ce(out, y)
+
+            loss_fn = WrappedCE()
+        """)
+    )
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out")
+    assert code == EXIT_OK, err
+    detection = json.loads((tmp_path / "out" / "summary.json").read_text())["detection"]
+    assert 0.0 <= detection["final loss"]["0.1"] <= 1.0
+    path.write_text(base + "\ndef loss_fn(out, y):\n    return (out - 1.0) ** 2\n")
+    code, _, err = _explain(capsys, path, ckpts, tmp_path / "out2")
+    assert code == EXIT_USAGE, err
+    assert "loss_fn gave 2 values (shape (1, 2)) for a batch of one example" in err
+
+
+def _figures_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("*.png")}
+
+
+def _figure_of(report: Path) -> set[str]:
+    """The figure the report shows, by the name it gives it."""
+    return set(re.findall(r'<img class="plot" [^>]*alt="([^"]+)"', report.read_text()))
+
+
+def test_a_rerun_into_the_same_out_removes_the_figure_of_the_earlier_run(capsys, tmp_path, task):
+    """explain into a DIR of an earlier run: the folder holds the figure of the new report
+    only; files of other names (the user's) are kept. (before: the earlier run's
+    mislabel_curve.png stayed beside a report drawn without known-bad labels)"""
+    path, ckpts = task
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.png").write_bytes(b"my own picture")
+    (out / "notes.txt").write_text("mine")
+    code, _, err = _explain(capsys, path, ckpts, out)
+    assert code == EXIT_OK, err
+    assert _figure_of(out / "report.html") == {"mislabel_curve.png"}
+    path.write_text(path.read_text() + "\ndel mislabeled\n")
+    code, _, err = _explain(capsys, path, ckpts, out)
+    assert code == EXIT_OK, err
+    assert _figure_of(out / "report.html") == {"self_influence.png"}
+    assert _figures_in(out) == {"self_influence.png", "mine.png"}
+    assert (out / "mine.png").read_bytes() == b"my own picture"
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_demo_rerun_into_the_same_out_removes_the_figure_of_the_earlier_run(tmp_path):
+    """The demo with flipped labels, then without, into one folder: only the new report's
+    figure is left, and the result names it. (before: both figures)"""
+    kw = dict(epochs=1, k=2, n_wrong=1, n_right=0, method="fast")
+    first = run_demo(tmp_path, noise=0.1, **kw)
+    assert first.figure_path is not None and first.figure_path.name == "mislabel_curve.png"
+    second = run_demo(tmp_path, noise=0.0, **kw)
+    assert _figure_of(second.report_path) == {"self_influence.png"}
+    assert second.figure_path is not None and _figures_in(tmp_path) == {second.figure_path.name}

@@ -949,3 +949,163 @@ def test_the_top_share_of_a_tiny_training_set_holds_at_least_one_example():
     big = detection_table({"s": np.arange(1397.0)}, list(range(1397 - 140, 1397)))
     assert big["random order (expected)"][0.05] == 70 / 1397
     assert big["s"][0.05] == 70 / 140
+
+
+# ---------------------------------------------------------------- audit of the report
+class _SummingWrapper(torch.nn.Module):
+    """A loss module with a ``reduction`` attribute that its forward ignores."""
+
+    def __init__(self, reduction: str = "sum") -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.inner = torch.nn.CrossEntropyLoss(reduction=reduction)
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.inner(out, y)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_loss_module_that_ignores_reduction_none_gives_one_loss_per_example(reduction):
+    """A wrapper whose forward always reduces the batch: each example's loss is computed
+    alone, equal to cross-entropy without reduction (a loss of one example is the same
+    summed or averaged). (before: the batch's one total, reshaped to one entry, so
+    explain failed at the end with "baseline 'final loss' has 3 entries")"""
+    from proponents.report.analysis import per_example_loss, predict
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 4, generator=g), torch.randint(0, 3, (10,), generator=g)
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        got = per_example_loss(_SummingWrapper(reduction))(model(x), y)
+    assert got.shape == (10,)
+    torch.testing.assert_close(got, want)
+    _, losses = predict(model, TensorDataset(x, y), _SummingWrapper(reduction), batch_size=4)
+    assert losses is not None
+    np.testing.assert_allclose(losses, want.numpy(), rtol=1e-5)
+
+    def per_entry(out, labels):  # no reduction at all: one value per class of the example
+        return (out - 1.0) ** 2
+
+    with pytest.raises(InvalidArgumentError, match=r"loss_fn gave 3 values .* one loss per"):
+        per_example_loss(per_entry)(model(x), y)
+
+
+def test_multi_label_predictions_given_as_lists_of_classes_are_shown():
+    """Multi-label predictions as lists of classes of different lengths, for the test and
+    the training examples, are shown as those classes (named), beside the labels in the
+    same form. (before: a raw NumPy "inhomogeneous shape" ValueError)"""
+    g = torch.Generator().manual_seed(0)
+    train_labels = (torch.rand(20, 3, generator=g) > 0.5).float()
+    test_labels = (torch.rand(6, 3, generator=g) > 0.5).float()
+    train = TensorDataset(torch.randn(20, 4, generator=g), train_labels)
+    test = TensorDataset(torch.randn(6, 4, generator=g), test_labels)
+    pro = (torch.arange(6).reshape(2, 3), torch.rand(2, 3, generator=g))
+    names = ["cat", "dog", "bird"]
+    train_pred = [[i % 3] if i % 2 else [0, 2] for i in range(20)]
+    html = build_report(
+        train,
+        test,
+        pro,
+        test_predictions=[[0], [2, 1]],
+        train_predictions=train_pred,
+        self_influence=torch.arange(20.0),
+        label_names=names,
+        plot_figure=False,
+    ).html
+
+    def named(classes):
+        return "[" + ", ".join(names[c] for c in sorted(classes)) + "]"
+
+    def present(row):
+        return [c for c in range(3) if row[c] == 1]
+
+    cards = _cards_of(html)
+    assert cards[("test", 0)] == (
+        named(present(test_labels[0])),
+        "[cat]",
+        present(test_labels[0]) != [0],
+    )
+    assert cards[("test", 1)][1] == "[dog, bird]"
+    train_cards = {i: v for (kind, i), v in cards.items() if kind == "train"}
+    assert train_cards  # the suspicious examples and the proponents
+    for i, shown in train_cards.items():
+        label = named(present(train_labels[i]))
+        assert shown == (label, named(train_pred[i]), label != named(train_pred[i])), i
+
+
+def test_multi_label_cards_show_the_label_and_the_prediction_alike():
+    """A perfect multi-label model (BCEWithLogitsLoss): on every card the label (multi-hot)
+    and the prediction (classes present) show the same classes, and none is red; given
+    as a multi-hot array, the predictions read the same. A regression with 0./1. targets
+    still shows values. (before: "label: [1, 0, 1]" beside "predicted: [0, 2]")"""
+    from torch import nn
+
+    from proponents.report.analysis import predict
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g)
+    y = (x[:, :3] > 0).float()
+    model = nn.Linear(5, 3)
+    with torch.no_grad():  # output k is x[:, k]: every prediction is right
+        model.weight.zero_()
+        model.weight[:, :3] = torch.eye(3)
+        model.bias.zero_()
+    train, test = TensorDataset(x[:30], y[:30]), TensorDataset(x[30:], y[30:])
+    train_pred, _ = predict(model, train, nn.BCEWithLogitsLoss())
+    test_pred, _ = predict(model, test, nn.BCEWithLogitsLoss())
+    pro = (torch.arange(8).reshape(2, 4), torch.rand(2, 4, generator=g))
+    common = dict(self_influence=torch.rand(30, generator=g), plot_figure=False)
+    html = build_report(
+        train, test, pro, test_predictions=test_pred, train_predictions=train_pred, **common
+    ).html
+    cards = _cards_of(html)
+    assert html.count(">predicted: ") == 2 + 24 + 8  # every card has a prediction
+    for (kind, i), (label, pred, wrong) in cards.items():
+        row = (train if kind == "train" else test)[i][1]
+        assert label == pred == str([c for c in range(3) if row[c] == 1]), (kind, i)
+        assert not wrong
+    # the same predictions as a multi-hot array; one wrong test prediction is red
+    multi_hot = (model(x[30:]) > 0).detach().clone()
+    multi_hot[1] = ~multi_hot[1]
+    html = build_report(train, test, pro, test_predictions=multi_hot, **common).html
+    cards = _cards_of(html)
+    assert cards[("test", 0)][0] == cards[("test", 0)][1] and not cards[("test", 0)][2]
+    flipped = str([c for c in range(3) if y[31, c] == 0])
+    assert cards[("test", 1)][1:] == (flipped, True)
+    # a regression's values beside 0./1. targets: the label keeps its values
+    html = build_report(train, test, pro, test_predictions=[[0.25, 0.5, 1.5]] * 2, **common).html
+    label, pred, wrong = _cards_of(html)[("test", 0)]
+    assert label == "[" + ", ".join(str(v) for v in y[30].int().tolist()) + "]"
+    assert pred == "[0.25, 0.5, 1.5]" and not wrong
+
+
+def test_a_model_that_is_one_linear_layer(tmp_path):
+    """A logistic regression (the model is one nn.Linear): similarity says there is no
+    layer inside to compare and what to do instead; fast names the layer as the model
+    itself. (before: "Valid layer names of this Linear: (the model has no submodules)",
+    and the note "Last-layer TracIn on .")"""
+    from torch import nn
+
+    from proponents.report.analysis import run_method
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 5, generator=g)
+    data = TensorDataset(x, (x[:, 0] > 0).long())
+    model = nn.Linear(5, 2)
+    ckpt = tmp_path / "0.pt"
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.1}, ckpt)
+    args = (model, data, data, [str(ckpt)], nn.CrossEntropyLoss(reduction="sum"), [0, 1])
+    with pytest.raises(InvalidArgumentError) as caught:
+        run_method("similarity", *args, k=3)
+    message = str(caught.value)
+    assert "single nn.Linear" in message and "no inner layer" in message
+    assert "tracincp, fast or randproj" in message and "similarity_layer" in message
+    for method in ("fast", "randproj"):
+        notes = run_method(method, *args, k=3).notes
+        assert "Last-layer TracIn on the model itself (one nn.Linear)." in notes
+    # a model with named layers still names its final one
+    deep = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    torch.save({"model_state_dict": deep.state_dict(), "learning_rate": 0.1}, ckpt)
+    notes = run_method("fast", deep, *args[1:], k=3).notes
+    assert "Last-layer TracIn on 2." in notes

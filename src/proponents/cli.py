@@ -562,22 +562,25 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _code_of(func: Any) -> tuple[Any, int]:
-    """The code object a call of ``func`` runs, and the position of its first argument
-    there (1 for a method's ``self``); ``(None, 0)`` when it has none (a builtin)."""
+    """The code object a call of ``func`` runs, and the position there of the first
+    argument the caller passes (1 for a method's ``self``, shifted by the arguments of
+    ``functools.partial`` layers); the code is ``None`` when it has none (a builtin)."""
     import functools
     import inspect
 
+    bound = 0  # arguments a partial gives before the caller's
     while isinstance(func, functools.partial):
+        bound += len(func.args)
         func = func.func
     with contextlib.suppress(ValueError):  # a cycle of __wrapped__ keeps func as it is
         func = inspect.unwrap(func)
     if inspect.ismethod(func):
-        return getattr(func.__func__, "__code__", None), 1
+        return getattr(func.__func__, "__code__", None), 1 + bound
     code = getattr(func, "__code__", None)
     if code is not None:
-        return code, 0
+        return code, bound
     call = inspect.getattr_static(type(func), "__call__", None)  # a callable object
-    return getattr(call, "__code__", None), 1
+    return getattr(call, "__code__", None), 1 + bound
 
 
 def _load_func_failure(exc: BaseException, load_func: Any) -> str | None:
@@ -623,7 +626,7 @@ def _explain(
         predict,
         run_method,
     )
-    from proponents.report.builder import build_report, write_whole
+    from proponents.report.builder import build_report, remove_unwritten, write_whole
     from proponents.report.plot import format_detection, require_matplotlib
 
     require_matplotlib()
@@ -637,9 +640,12 @@ def _explain(
 
     # The last checkpoint gives the predictions shown (and the similarity method's weights).
     load_func(task.model, checkpoints[-1])
-    train_pred, train_loss = predict(
-        task.model, task.train_dataset, task.loss_fn, batch_size, show, "predicting (train)"
-    )
+    try:
+        train_pred, train_loss = predict(
+            task.model, task.train_dataset, task.loss_fn, batch_size, show, "predicting (train)"
+        )
+    except InvalidArgumentError as exc:  # a loss_fn that gives no loss per example
+        raise UsageError(f"task file {task.path}: {exc}") from exc
     test_pred, _ = predict(
         task.model,
         task.test_dataset,
@@ -732,6 +738,10 @@ def _explain(
         "seconds": {name: round(v, 3) for name, v in analysis.seconds.items()},
     }
     write_whole(out / "summary.json", (json.dumps(figures, indent=2) + "\n").encode("utf-8"))
+    written = {"report.html", "summary.json"}
+    if report.figure_png is not None:
+        written.add(report.figure_name)
+    remove_unwritten(out, EXPLAIN_FILES, written)  # the other figure, of an earlier run
 
     top = ", ".join(f"#{i}" for i in report.figures.get("most_suspicious", [])[:5])
     print(f"Explained {len(test_indices)} test examples with {args.method} (k={args.k}).")

@@ -27,7 +27,7 @@ from proponents.demo.digits import (
 )
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.report.analysis import METHODS, pick_test_examples, predict, run_method
-from proponents.report.builder import build_report, write_whole
+from proponents.report.builder import build_report, remove_unwritten, write_whole
 from proponents.report.plot import (
     DEFAULT_FRACTIONS,
     MissingExtraError,
@@ -134,9 +134,11 @@ def run_demo(
     ``noise`` of training labels flipped, saving a checkpoint per epoch; ranks the training
     images by ``method``'s suspicion score (self-influence for the TracIn methods) beside
     the final loss and random order; explains a few misclassified and correct test digits;
-    writes ``report.html``, ``mislabel_curve.png``, ``summary.json`` and the checkpoints
-    under ``out``. Seeded: the same arguments give the same result. Global random state is
-    left as it was; torch runs on one CPU thread during the call (restored after).
+    writes ``report.html``, ``mislabel_curve.png`` (``self_influence.png`` without flipped
+    labels; the other one, left by an earlier run, is removed), ``summary.json`` and the
+    checkpoints under ``out``. Seeded: the same arguments give the same result. Global
+    random state is left as it was; torch runs on one CPU thread during the call (restored
+    after).
 
     Every argument is checked before anything is created: a bad one raises and leaves
     ``out`` as it was (not even created).
@@ -424,6 +426,8 @@ def _run(
         seconds=seconds,
     )
     _write_summary(result, data.flipped, method, noise, seed, epochs)
+    written = {"report.html", "summary.json"} | ({figure_path.name} if figure_path else set())
+    remove_unwritten(out, DEMO_FILES, written)  # the other figure, of an earlier run
     return result
 
 

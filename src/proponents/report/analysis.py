@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch.utils.data.dataloader import default_collate
 from proponents.checkpoints import load_flexible_state_dict
 from proponents.errors import ArgumentTypeError, InvalidArgumentError
 from proponents.progress import progress_iter
-from proponents.report.render import tensor_numpy
+from proponents.report.render import object_rows, tensor_numpy
 from proponents.scoring import k_most
 
 #: Method names accepted by the command line, in the order they are documented.
@@ -85,8 +85,28 @@ def per_example_loss(loss_fn: Callable[..., Tensor]) -> Callable[[Tensor, Any], 
 
     A loss module with a ``reduction`` attribute is copied with ``reduction="none"``;
     its entries are summed over non-batch dimensions (for ``"mean"`` losses: averaged).
-    Any other callable is applied to one example at a time.
+    A module that still reduces the batch (a wrapper that ignores the attribute) and any
+    other callable are applied to one example at a time.
+
+    Raises:
+        InvalidArgumentError: (from the returned function) ``loss_fn`` gives more than one
+            value for a batch of one example.
     """
+
+    def looped(out: Tensor, labels: Any) -> Tensor:
+        values = []
+        for i in range(out.shape[0]):
+            value = torch.as_tensor(loss_fn(out[i : i + 1], labels[i : i + 1]))
+            if value.numel() != 1:
+                raise InvalidArgumentError(
+                    f"loss_fn gave {value.numel()} values (shape {tuple(value.shape)}) for a "
+                    "batch of one example, and the report needs one loss per example; give a "
+                    "loss_fn that reduces a batch to one number, e.g. "
+                    "nn.CrossEntropyLoss(reduction='sum')"
+                )
+            values.append(value.reshape(()))
+        return torch.stack(values)
+
     reduction = getattr(loss_fn, "reduction", None)
     if isinstance(reduction, str) and isinstance(loss_fn, nn.Module):
         unreduced: Any = copy.copy(loss_fn)
@@ -94,21 +114,13 @@ def per_example_loss(loss_fn: Callable[..., Tensor]) -> Callable[[Tensor, Any], 
 
         def batched(out: Tensor, labels: Any) -> Tensor:
             value = unreduced(out, labels)
-            if value.dim() <= 1:
-                return value.reshape(-1)
-            flat = value.reshape(value.shape[0], -1)
+            n = out.shape[0]
+            if value.dim() == 0 or value.shape[0] != n:  # it did not keep the batch
+                return looped(out, labels)
+            flat = value.reshape(n, -1)
             return flat.mean(1) if reduction == "mean" else flat.sum(1)
 
         return batched
-
-    def looped(out: Tensor, labels: Any) -> Tensor:
-        return torch.stack(
-            [
-                torch.as_tensor(loss_fn(out[i : i + 1], labels[i : i + 1])).reshape(())
-                for i in range(out.shape[0])
-            ]
-        )
-
     return looped
 
 
@@ -144,20 +156,11 @@ def _predictions(out: Tensor, kind: str) -> np.ndarray:
         if positive.shape[1] == 1:  # one binary output: class 1 or 0
             return positive[:, 0].astype(np.int64)
         # several binary outputs (multi-label): the classes predicted present
-        return _rows(np.flatnonzero(row).tolist() for row in positive)
+        return object_rows(np.flatnonzero(row).tolist() for row in positive)
     values = flat.float().cpu().numpy()
     if kind == "value" and values.shape[1] > 1:  # a multi-output regression: every value
-        return _rows(row.tolist() for row in values)
+        return object_rows(row.tolist() for row in values)
     return values[:, 0]
-
-
-def _rows(rows: Iterable[list]) -> np.ndarray:
-    """A 1-D object array holding one list per example."""
-    listed = list(rows)
-    out = np.empty(len(listed), dtype=object)
-    for i, row in enumerate(listed):
-        out[i] = row
-    return out
 
 
 @torch.no_grad()
@@ -434,7 +437,10 @@ def run_method(
                 "Random projections give no self-influence, so the suspicion ranking comes "
                 "from TracInCPFast (the same last-layer gradients, exact)."
             )
-        fc_name = fc if isinstance(fc, str) else type(fc).__name__
+        if fc == "" or fc is model:  # the model is the one nn.Linear
+            fc_name = "the model itself (one nn.Linear)"
+        else:
+            fc_name = fc if isinstance(fc, str) else type(fc).__name__
         notes.append(f"Last-layer TracIn on {fc_name}.")
     seconds["setup"] = time.perf_counter() - start
 
@@ -481,7 +487,8 @@ def _default_similarity_layer(model: nn.Module) -> str:
 
     Raises:
         InvalidArgumentError: the model has no ``nn.Linear``, so there is no default; the
-            message asks for ``similarity_layer`` and lists some module names.
+            message asks for ``similarity_layer`` and lists some module names. Also when
+            the model is one ``nn.Linear``, which has no layer inside to compare.
     """
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         names = [name for name, _ in model.named_modules() if name]
@@ -492,6 +499,13 @@ def _default_similarity_layer(model: nn.Module) -> str:
             f"task file, or run_method(similarity_layer=...)): one of {shown or 'its modules'}"
         )
     fc = last_linear(model)
+    if fc == "":  # the model itself is the nn.Linear: it has no layer inside
+        raise InvalidArgumentError(
+            "the model is a single nn.Linear, so it has no inner layer whose activations "
+            "similarity could compare (the default is the input of the last nn.Linear); use "
+            "another method (tracincp, fast or randproj), or build the model from named "
+            "layers (nn.Sequential, say) and name one with similarity_layer"
+        )
     names = [name for name, m in model.named_modules() if name and not list(m.children())]
     position = names.index(fc) if fc in names else -1
     if position <= 0:

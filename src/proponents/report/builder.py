@@ -13,7 +13,7 @@ import html
 import math
 import os
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader
 
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, RenderError, count
 from proponents.report import plot
-from proponents.report.render import data_uri, default_render, example_html, tensor_numpy
+from proponents.report.render import (
+    data_uri,
+    default_render,
+    example_html,
+    object_rows,
+    tensor_numpy,
+)
 from proponents.user_warnings import warn
 
 #: Content-Security-Policy of the saved page: inline styles and data: images only.
@@ -170,7 +176,25 @@ def _entries(n: int) -> str:
 def _numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return tensor_numpy(value)
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except ValueError:  # rows of different lengths, e.g. the classes of multi-label predictions
+        return object_rows(value)
+
+
+def _prediction_array(value: Any) -> np.ndarray:
+    """Predictions, one entry per example. A multi-hot ``(n, C)`` array (0s and 1s, ``C >=
+    2``) becomes each example's list of classes present, the form ``predict`` gives for a
+    multi-label model; lists of classes of different lengths are kept as they are."""
+    array = _numpy(value)
+    if (
+        array.ndim == 2
+        and array.shape[1] >= 2
+        and array.dtype.kind in "biuf"
+        and bool(np.isin(array, (0, 1)).all())
+    ):
+        return object_rows(np.flatnonzero(row).tolist() for row in array)
+    return array
 
 
 def _dataset(data: Any, what: str) -> Any:
@@ -316,6 +340,20 @@ def write_whole(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_unwritten(folder: Path, names: Iterable[str], written: Collection[str]) -> None:
+    """Remove the files of ``names`` in ``folder`` that a run did not write (a figure an
+    earlier run left beside a report that no longer shows it); nothing else is touched.
+    A file that cannot be removed is named in a warning."""
+    for name in names:
+        path = folder / name
+        if name in written or not (path.is_file() or path.is_symlink()):
+            continue
+        try:
+            path.unlink()
+        except OSError as exc:
+            warn(f"{path} is left from an earlier run and could not be removed: {exc}")
+
+
 class _Examples:
     """Reads, renders and labels the examples of one dataset."""
 
@@ -340,6 +378,11 @@ class _Examples:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def classes_text(self, classes: list[int]) -> str:
+        """The classes of a multi-label example, each named as :meth:`label_text` names
+        a class: ``"[cat, bird]"``."""
+        return "[" + ", ".join(self.label_text(c) for c in classes) + "]"
 
     def label_text(self, label: Any) -> str:
         value = _label_value(label)
@@ -382,7 +425,17 @@ class _Examples:
                     f"render() raised {type(err).__name__}: {err} for {self.what} #{index}; "
                     "it is called as render(*inputs) with the example's model inputs"
                 ) from err
-        label_text = self.label_text(label) if label is not None else None
+        if prediction is None and self.predictions is not None:
+            prediction = self.predictions[index]
+        # A multi-hot label is shown as its classes, the form of a multi-label prediction.
+        present = _multi_hot(label)
+        predicted = _class_list(prediction) if prediction is not None else None
+        if present is not None and prediction is not None and predicted is None:
+            present = None  # beside values (a regression's), the label's values are shown
+        if present is not None:
+            label_text: str | None = self.classes_text(present)
+        else:
+            label_text = self.label_text(label) if label is not None else None
         alt = f"{self.what} #{index}" + (f", label {label_text}" if label_text else "")
         body, is_image = example_html(shown, alt)
         lines = [f"<b>{'test' if test else 'train'} #{index}</b>"]
@@ -390,17 +443,18 @@ class _Examples:
         if label_text is not None:
             titles[len(lines)] = f"label: {label_text}"
             lines.append(f"label: {html.escape(label_text)}")
-        if prediction is None and self.predictions is not None:
-            prediction = self.predictions[index]
         if prediction is not None:
-            pred_text = self.label_text(prediction)
-            # only a class can be wrong: a regression value or a string label is shown
-            wrong = (
-                label_text is not None
-                and (_is_class(label) or _is_integral_float(label))
-                and _is_class(prediction)
-                and pred_text != label_text
-            )
+            if present is not None and predicted is not None:  # classes beside classes
+                pred_text, wrong = self.classes_text(predicted), predicted != present
+            else:
+                pred_text = self.label_text(prediction)
+                # only a class can be wrong: a regression value or a string label is shown
+                wrong = (
+                    label_text is not None
+                    and (_is_class(label) or _is_integral_float(label))
+                    and _is_class(prediction)
+                    and pred_text != label_text
+                )
             css = ' class="wrong"' if wrong else ""
             titles[len(lines)] = f"predicted: {pred_text}"
             lines.append(f"<span{css}>predicted: {html.escape(pred_text)}</span>")
@@ -410,6 +464,28 @@ class _Examples:
         if bad:
             lines.append('<span class="badge">known bad</span>')
         return _Card(body, is_image, lines, titles, bad=bad, test=test)
+
+
+def _multi_hot(label: Any) -> list[int] | None:
+    """The classes present in a multi-hot label (``[1, 0, 1]`` -> ``[0, 2]``); ``None``
+    for any other label (one value, or a vector with an entry other than 0 and 1)."""
+    value = _label_value(label)
+    if not isinstance(value, list) or len(value) < 2:
+        return None
+    if not all(isinstance(v, (bool, int, float)) and v in (0, 1) for v in value):
+        return None
+    return [i for i, v in enumerate(value) if v]
+
+
+def _class_list(prediction: Any) -> list[int] | None:
+    """A prediction as a sorted list of classes: a list of integers (the classes a
+    multi-label model predicts present) or one integer; ``None`` for anything else."""
+    value = _label_value(prediction)
+    if _is_class(value):
+        return [int(value)]
+    if isinstance(value, list) and all(_is_class(v) for v in value):
+        return sorted(int(v) for v in value)
+    return None
 
 
 def _is_integral_float(value: Any) -> bool:
@@ -497,7 +573,7 @@ def _shown_predictions(
         )
     if predictions is None:
         return None
-    array = _numpy(predictions)
+    array = _prediction_array(predictions)
     if array.ndim > 1 and math.prod(array.shape[1:]) > 1:
         values = [row.tolist() for row in array]  # several values per example
     else:
@@ -647,7 +723,7 @@ def build_report(
         if mislabeled is not None
         else set()
     )
-    train_pred = _numpy(train_predictions) if train_predictions is not None else None
+    train_pred = _prediction_array(train_predictions) if train_predictions is not None else None
     if train_pred is not None and (train_pred.ndim == 0 or train_pred.shape[0] != n_train):
         size = 1 if train_pred.ndim == 0 else train_pred.shape[0]
         raise InvalidArgumentError(

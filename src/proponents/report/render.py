@@ -12,7 +12,7 @@ import html
 import math
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -100,6 +100,16 @@ def tensor_numpy(value: torch.Tensor) -> np.ndarray:
     elif value.dtype.is_complex and value.dtype not in _NUMPY_COMPLEX:
         value = value.to(torch.complex64)
     return value.numpy()
+
+
+def object_rows(rows: Iterable[Any]) -> np.ndarray:
+    """A 1-D object array with one entry per example, each kept as it is (a list, say),
+    where ``np.asarray`` would make a 2-D array or refuse rows of different lengths."""
+    listed = list(rows)
+    out = np.empty(len(listed), dtype=object)
+    for i, row in enumerate(listed):
+        out[i] = row
+    return out
 
 
 def _to_numpy(value: Any) -> np.ndarray | None:
