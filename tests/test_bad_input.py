@@ -323,6 +323,8 @@ ROWS: list[Row] = [
         (torch.tensor(2.0),), o.y), V),
     row(f"{R}.influence.inputs", "shuffling DataLoader", lambda o: o.randproj.influence(
         _shuffled(o)), V),
+    row(f"{R}.influence.aggregate", "int", lambda o: o.randproj.influence(
+        o.x, o.y, aggregate=1), Ty),
     row(f"{R}.influence.targets", "missing", lambda o: o.randproj.influence(o.x), V),
     row(f"{R}.influence.targets", "length", lambda o: o.randproj.influence(o.x, o.y[:1]), V),
     row(f"{R}.influence.k", "zero", lambda o: o.randproj.influence(o.x, o.y, k=0), V),

@@ -175,3 +175,41 @@ def test_a_dataset_given_as_test_inputs_is_refused_with_the_fix(tmp_path):
     # the fix the message names gives the scores of the loop
     scores = t.influence(DataLoader(test, batch_size=64))
     _assert_close(scores, _loop_scores(model, saved, (x, y), test.tensors))
+
+
+def test_a_batch_sampler_that_shuffles_is_refused_like_shuffle_true(tmp_path):
+    """DataLoader(batch_sampler=BatchSampler(RandomSampler(ds), ...)) shuffles exactly as
+    shuffle=True does; before, it was accepted and the indices named other examples. The
+    same batch sampler over a SequentialSampler is served, with the loop's scores."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    from proponents import SimilarityInfluence, TracInCPFast
+    from proponents.errors import InvalidArgumentError
+
+    model, saved = _model_and_checkpoints(tmp_path)
+    paths = [p for p, _ in saved]
+    x, y = _data(12, 1)
+    xt, yt = _data(3, 2)
+    ds = TensorDataset(x, y)
+
+    def shuffled():
+        return DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 4, False))
+
+    pattern = "shuffling DataLoader .through its batch_sampler"
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        TracInCP(model, shuffled(), paths, loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        TracInCPFast(model, "2", shuffled(), paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        SimilarityInfluence(model, "0", shuffled(), tmp_path / "acts")
+    tracin = TracInCP(model, ds, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=4)
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        tracin.self_influence(shuffled())
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        tracin.influence(shuffled())
+
+    in_order = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 4, False))
+    scores = TracInCP(
+        model, in_order, paths, loss_fn=nn.CrossEntropyLoss(reduction="none")
+    ).influence((xt,), yt)
+    _assert_close(scores, _loop_scores(model, saved, (x, y), (xt, yt)))

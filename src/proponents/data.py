@@ -511,14 +511,19 @@ def refuse_shuffled(loader: DataLoader, argument: str) -> None:
     column, so every pass must yield the examples in the same order.
 
     Raises:
-        InvalidArgumentError: naming ``argument``, for a random sampler, or a sampler or
-            batch sampler that is a one-shot iterator (used up after one pass).
+        InvalidArgumentError: naming ``argument``, for a random sampler (the loader's own,
+            or the one a ``batch_sampler`` draws its batches from), or a sampler or batch
+            sampler that is a one-shot iterator (used up after one pass).
     """
-    if isinstance(loader.sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+    shuffling = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+    batches_from = getattr(loader.batch_sampler, "sampler", None)
+    if isinstance(loader.sampler, shuffling) or isinstance(batches_from, shuffling):
+        via = " (through its batch_sampler)" if not isinstance(loader.sampler, shuffling) else ""
         raise InvalidArgumentError(
-            f"{argument} is a shuffling DataLoader, but every checkpoint must see the examples "
-            "in the same order (the scores are summed per position). Pass the Dataset itself, "
-            "or a DataLoader with shuffle=False"
+            f"{argument} is a shuffling DataLoader{via}, but every pass must see the examples "
+            "in the same order: scores are summed per position over the checkpoints, and the "
+            "indices returned are positions in the data. Pass the Dataset itself, or a "
+            "DataLoader with shuffle=False (a batch_sampler over a SequentialSampler)"
         )
     for kind in ("batch_sampler", "sampler"):
         given = getattr(loader, kind, None)

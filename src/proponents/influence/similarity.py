@@ -34,11 +34,8 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
-    RandomSampler,
     SequentialSampler,
-    SubsetRandomSampler,
     TensorDataset,
-    WeightedRandomSampler,
 )
 
 from proponents.checks import check_flag, check_int, check_model
@@ -307,14 +304,6 @@ class SimilarityInfluence(DataInfluence):
             if not (self._model_dir / "src").is_dir():
                 raise
 
-        if isinstance(self.influence_src_dataset, DataLoader):
-            sampler = self.influence_src_dataset.sampler
-            if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
-                raise InvalidArgumentError(
-                    "influence_src_dataset is a shuffling DataLoader; the returned indices "
-                    "are positions in the source set, so they must not change between "
-                    "passes. Pass the Dataset itself, or a DataLoader with shuffle=False"
-                )
         self._loader = make_loader(
             self.influence_src_dataset, self.batch_size, "influence_src_dataset", rows_ok=True
         )
