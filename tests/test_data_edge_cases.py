@@ -213,3 +213,50 @@ def test_a_batch_sampler_that_shuffles_is_refused_like_shuffle_true(tmp_path):
         model, in_order, paths, loss_fn=nn.CrossEntropyLoss(reduction="none")
     ).influence((xt,), yt)
     _assert_close(scores, _loop_scores(model, saved, (x, y), (xt, yt)))
+
+
+class _Jittered(torch.utils.data.Dataset):
+    """Examples with a random augmentation drawn from torch's generator (in the workers)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.5 * torch.randn(3), self.y[i]
+
+
+@pytest.mark.parametrize("workers", ["persistent", "own generator"])
+def test_workers_give_every_checkpoint_the_draws_of_the_first_pass(tmp_path, workers):
+    """Before, persistent workers carried their random state over to the next checkpoint's
+    pass, and a loader seeded by its own generator drew new worker seeds from it at each
+    pass: each checkpoint scored other augmented inputs. The scores must be the float64
+    loop's on the inputs of one pass of the loader, read from the state the call began in."""
+    model, saved = _model_and_checkpoints(tmp_path)
+    paths = [p for p, _ in saved]
+    x, y = _data(8, 3)
+    xt, yt = _data(2, 4)
+    kwargs = {"persistent_workers": True}
+    if workers == "own generator":
+        kwargs = {"generator": torch.Generator().manual_seed(5)}
+    loader = DataLoader(_Jittered(x, y), batch_size=4, num_workers=2, **kwargs)
+    generator = loader.generator
+    before = None if generator is None else generator.get_state()
+    torch.manual_seed(11)
+    tracin = TracInCP(model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    got = tracin.influence((xt,), yt)
+    again = tracin.influence((xt,), yt)
+    if generator is not None:  # the call leaves the loader's generator as it found it
+        assert torch.equal(generator.get_state(), before)
+    # the reference: one pass of a plain copy of the loader from the same states
+    torch.manual_seed(11)
+    plain = DataLoader(_Jittered(x, y), batch_size=4, num_workers=2, **kwargs)
+    if generator is not None:
+        plain.generator.set_state(before)
+    seen = [b for b in plain]
+    drawn = (torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen]))
+    assert not torch.allclose(drawn[0], x)  # the augmentation does draw
+    _assert_close(got, _loop_scores(model, saved, drawn, (xt, yt)))
+    assert torch.equal(got, again)

@@ -11,6 +11,7 @@ operation instead of indexing and stacking example by example.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -203,6 +204,25 @@ def collates_batches(source: Any) -> bool:
         and source.batch_size is None
         and source.batch_sampler is None
     )
+
+
+def repeatable_pass(loader: DataLoader) -> DataLoader:
+    """``loader``, or a copy of it whose worker processes start afresh for the pass.
+
+    Workers kept between passes (``persistent_workers=True``) carry their random state
+    from one pass to the next, so a random augmentation would draw anew at every
+    checkpoint. Workers started for the pass are seeded from the loader's ``generator``
+    (or torch's global one), which the caller sets back before every pass; the copy
+    shares the dataset, samplers and functions, and the loader's own workers are left
+    alone.
+    """
+    if not (loader.persistent_workers and loader.num_workers > 0):
+        return loader
+    once = copy.copy(loader)
+    # DataLoader refuses to change these after construction; the copy is ours alone
+    object.__setattr__(once, "persistent_workers", False)
+    object.__setattr__(once, "_iterator", None)
+    return once
 
 
 def output_rows(output: Any) -> int | None:

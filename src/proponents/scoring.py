@@ -27,6 +27,7 @@ from proponents.data import (
     collates_batches,
     dataset_length,
     model_device,
+    repeatable_pass,
     split_batch,
     unshared,
 )
@@ -161,6 +162,9 @@ class TracInRunner:
         # call began, so random augmentations and shuffled worker seeds are the same at
         # every checkpoint: each example is scored as one input, not a new draw per pass.
         self.generators = GlobalRandomState(model_device(model))
+        # and so does a DataLoader's own generator (its worker seeds come from it): the
+        # state each loader's first pass began from (the loader kept, so the id stays its)
+        self._loader_starts: dict[int, tuple[DataLoader, Tensor]] = {}
 
     def each_checkpoint(self, bar: Progress, what: str) -> Iterator[tuple[int, float]]:
         """Load each checkpoint in turn (once) and yield ``(index, learning_rate)``."""
@@ -192,25 +196,36 @@ class TracInRunner:
         device = model_device(self.model)
         fresh = isinstance(source, DataLoader)
         collates = collates_batches(source)
+        generator = source.generator if isinstance(source, DataLoader) else None
+        start = None
+        if generator is not None:
+            start = self._loader_starts.setdefault(id(source), (source, generator.get_state()))
+            generator.set_state(start[1])
         if isinstance(source, TensorRowsLoader):
             # its batch copies are made in the layout the engine converts them to anyway
             source = source.batches(self.engine.input_layout)
+        elif isinstance(source, DataLoader):
+            source = repeatable_pass(source)
         if fresh:
             self.generators.restore()
-        for b in source:
-            batch = split_batch(b, what, collates) if loader else b
-            for part in chunk_batch(batch, chunk) if chunk else [batch]:
-                moved = batch_to_device(part, device)
-                if not fresh:
-                    moved = Batch(
-                        inputs=unshared(moved.inputs, part.inputs, self.engine.input_layout),
-                        labels=unshared(moved.labels, part.labels),
-                        size=moved.size,
-                        packed=moved.packed,
-                    )
-                yield moved
-            if batch_done is not None:
-                batch_done()
+        try:
+            for b in source:
+                batch = split_batch(b, what, collates) if loader else b
+                for part in chunk_batch(batch, chunk) if chunk else [batch]:
+                    moved = batch_to_device(part, device)
+                    if not fresh:
+                        moved = Batch(
+                            inputs=unshared(moved.inputs, part.inputs, self.engine.input_layout),
+                            labels=unshared(moved.labels, part.labels),
+                            size=moved.size,
+                            packed=moved.packed,
+                        )
+                    yield moved
+                if batch_done is not None:
+                    batch_done()
+        finally:
+            if generator is not None and start is not None:
+                generator.set_state(start[1])  # the call leaves the loader's generator as it was
 
     def scores(
         self,
