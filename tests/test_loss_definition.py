@@ -483,3 +483,66 @@ def test_an_unstated_mean_with_ignored_labels_whatever_the_call_history(tmp_path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the ignored examples' NaN
             _assert_same(obj.influence((xt,), yt), want)
+
+
+class _OneOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize(
+    "method, loss_fn",
+    [
+        ("tracincp", nn.MSELoss(reduction="sum")),
+        ("tracincp", nn.L1Loss(reduction="mean")),
+        ("fast", nn.MSELoss(reduction="sum")),
+        ("fast", nn.HuberLoss(reduction="mean")),
+        ("per-example", nn.MSELoss(reduction="none")),
+    ],
+)
+@pytest.mark.parametrize("train_targets", ["column", "flat"])
+def test_targets_that_broadcast_against_the_output_meet_only_their_own_example(
+    tmp_path, method, loss_fn, train_targets
+):
+    """An ``(n, 1)`` output with ``(n,)`` targets: torch broadcasts the batch to ``(n, n)``
+    differences (every example against every target, with a warning), while each example
+    alone meets only its own target. Before, test batches (and per-example losses) were
+    scored from the broadcast batch whenever the training batch the strategies were
+    checked on had targets of the output's shape."""
+    torch.manual_seed(0)
+    model = _OneOutput()
+    paths, lrs = _checkpoints(model, tmp_path)
+    g = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(9, 6, generator=g), torch.randn(9, generator=g)
+    xt, yt = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    if train_targets == "column":  # (n, 1) like the output: only the test side broadcasts
+        ys = ys[:, None]
+    if method == "per-example":
+        tracin = TracInCP(
+            model,
+            TensorDataset(xs, ys),
+            paths,
+            loss_fn=loss_fn,
+            batch_size=4,
+            sample_wise_grads_per_batch=False,
+        )
+        reference_loss = nn.MSELoss(reduction="sum")
+    else:
+        tracin = _tracin(method, model, TensorDataset(xs, ys), paths, loss_fn, 4)
+        reference_loss = loss_fn
+    layers = ["fc2"] if method == "fast" else ["fc1", "fc2"]
+    want, want_self = _reference(
+        model, paths, lrs, xs, ys.double(), xt, yt.double(), reference_loss, layers
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "target size" warning
+        got = tracin.influence((xt,), yt)
+        got_self = tracin.self_influence()
+    _assert_same(got, want)
+    _assert_same(got_self, want_self)

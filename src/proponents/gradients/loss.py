@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -98,7 +99,9 @@ class LossSpec:
                 total: where an example's own loss is known and not finite, its rows of
                 their gradients are made NaN (:func:`_poisoned`).
         """
-        if self.fn is not None and not self.declared and self.reduction != "none":
+        if (
+            self.fn is not None and not self.declared and self.reduction != "none"
+        ) or _broadcasts_across_examples(self.fn, output, labels):
             # A loss that does not say how it reduces: each example's own loss is
             # evaluated (DESIGN.md §2), so a wrapper that averages (over the labels it
             # keeps, say) is scored exactly; the spec's assumed sum is not needed.
@@ -148,6 +151,8 @@ class LossSpec:
         """
         if self.fn is None:
             own = _rows_summed(output, batch_size)
+        elif _broadcasts_across_examples(self.fn, output, labels):
+            own = each_alone(self.fn, output, labels, batch_size)
         elif self.reduction == "none":
             value = self._apply(output, labels)
             own = _rows_summed(value, batch_size)
@@ -335,6 +340,25 @@ _ENTRYWISE_LOSSES = (
     torch.nn.BCELoss,
     torch.nn.BCEWithLogitsLoss,
 )
+
+
+def _broadcasts_across_examples(fn: Any, output: Any, labels: Any) -> bool:
+    """Whether one of torch's entrywise losses would pair every example's output with every
+    example's label: targets that broadcast against the output into more entries than it
+    has (an ``(n, 1)`` output against ``(n,)`` targets gives ``(n, n)`` differences; torch
+    only warns). Alone, each example's ``(1, 1)`` output meets its own ``(1,)`` target, so
+    such a batch is scored example by example (:func:`each_alone`)."""
+    if type(fn) not in _ENTRYWISE_LOSSES:
+        return False
+    if not isinstance(output, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        return False
+    if output.shape == labels.shape:
+        return False
+    try:
+        shape = torch.broadcast_shapes(output.shape, labels.shape)
+    except RuntimeError:
+        return False  # torch's own error follows
+    return math.prod(shape) > output.numel()
 
 
 def _entrywise_own_losses(
