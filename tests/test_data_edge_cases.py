@@ -260,3 +260,32 @@ def test_workers_give_every_checkpoint_the_draws_of_the_first_pass(tmp_path, wor
     assert not torch.allclose(drawn[0], x)  # the augmentation does draw
     _assert_close(got, _loop_scores(model, saved, drawn, (xt, yt)))
     assert torch.equal(got, again)
+
+
+def test_a_list_of_tensors_and_examples_of_different_shapes_get_errors_that_say_what_to_do(
+    tmp_path,
+):
+    """Before, both ended in torch's own "stack expects each tensor to be equal size"
+    RuntimeError from inside the DataLoader."""
+    from proponents.errors import ArgumentTypeError
+
+    model, saved = _model_and_checkpoints(tmp_path)
+    paths = [p for p, _ in saved]
+    x, y = _data(6, 5)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with pytest.raises(ArgumentTypeError, match=r"list of tensors.*TensorDataset\(\*tensors\)"):
+        TracInCP(model, [x, y], paths, loss_fn=loss)
+
+    class Ragged(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(3 if i < 2 else 4), 0
+
+    for workers in (0, 2):
+        tracin = TracInCP(
+            model, DataLoader(Ragged(), batch_size=4, num_workers=workers), paths, loss_fn=loss
+        )
+        with pytest.raises(BatchFormatError, match="different shapes.*collate_fn"):
+            tracin.self_influence()

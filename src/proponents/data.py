@@ -206,6 +206,27 @@ def collates_batches(source: Any) -> bool:
     )
 
 
+def collated(source: Iterable[Any], what: str) -> Iterator[Any]:
+    """The items of ``source``, with torch's failure to stack examples of different shapes
+    into one batch (from ``default_collate``, also in a worker) made a
+    :class:`~proponents.errors.BatchFormatError` that says what to do."""
+    items = iter(source)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "stack expects each tensor to be equal size" not in str(err):
+                raise
+            raise BatchFormatError(
+                f"the examples of a {what} have different shapes and cannot be stacked into "
+                f"one batch ({str(err).strip().splitlines()[-1]}); give a DataLoader whose "
+                "collate_fn pads or packs them, or batch_size=1"
+            ) from err
+        yield item
+
+
 def repeatable_pass(loader: DataLoader) -> DataLoader:
     """``loader``, or a copy of it whose worker processes start afresh for the pass.
 
@@ -331,6 +352,13 @@ def make_loader(
             f"{argument} is a tuple of tensors, which a DataLoader would read as "
             f"{count(len(data), 'example')}, one per tensor; for examples held as rows of "
             "tensors, pass TensorDataset(*tensors)"
+        )
+    if not rows_ok and isinstance(data, list) and data and all(isinstance(t, Tensor) for t in data):
+        raise ArgumentTypeError(
+            f"{argument} is a list of tensors, which a DataLoader would read as "
+            f"{count(len(data), 'example')}, one per tensor, none with a label; for "
+            "examples held as rows of tensors ([X, Y]), pass TensorDataset(*tensors), and "
+            "for a list of examples, give (inputs, label) pairs"
         )
     if isinstance(data, (list, tuple)):
         data = ListDataset(data)  # read as a DataLoader reads a list: one item per example

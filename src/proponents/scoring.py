@@ -24,6 +24,7 @@ from proponents.data import (
     TensorRowsLoader,
     batch_to_device,
     chunk_batch,
+    collated,
     collates_batches,
     dataset_length,
     model_device,
@@ -209,7 +210,7 @@ class TracInRunner:
         if fresh:
             self.generators.restore()
         try:
-            for b in source:
+            for b in collated(source, what) if fresh else source:
                 batch = split_batch(b, what, collates) if loader else b
                 for part in chunk_batch(batch, chunk) if chunk else [batch]:
                     moved = batch_to_device(part, device)
