@@ -289,3 +289,21 @@ def test_a_list_of_tensors_and_examples_of_different_shapes_get_errors_that_say_
         )
         with pytest.raises(BatchFormatError, match="different shapes.*collate_fn"):
             tracin.self_influence()
+
+
+def test_numpy_test_inputs_are_named_as_numpy(tmp_path):
+    """Before, NumPy test inputs were told that no model input *or label* was a tensor with
+    a batch dimension, beside tensor labels that had one."""
+    model, saved = _model_and_checkpoints(tmp_path)
+    x, y = _data(6, 6)
+    tracin = TracInCP(
+        model,
+        TensorDataset(x, y),
+        [p for p, _ in saved],
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+    )
+    for given in ((x[:2].numpy(),), x[:2].numpy()):
+        with pytest.raises(BatchFormatError, match=r"NumPy arrays.*torch.from_numpy"):
+            tracin.influence(given, y[:2])
+    want = tracin.influence((x[:2],), y[:2])  # the same rows as tensors are served
+    _assert_close(want, _loop_scores(model, saved, (x, y), (x[:2], y[:2])))

@@ -111,6 +111,12 @@ def batch_size_of(inputs: Sequence[Any], labels: Any = None) -> int:
             f"first dimensions ({', '.join(map(str, sizes))}); give every tensor the examples "
             "in dim 0, or labels with one entry per example"
         )
+    if any(isinstance(item, np.ndarray) for item in inputs):
+        raise BatchFormatError(
+            "cannot tell the batch size: the model inputs are NumPy arrays, which are "
+            "handed to the model as they are; pass torch tensors (torch.from_numpy(array)) "
+            "whose first dimension indexes examples"
+        )
     raise BatchFormatError(
         "cannot tell the batch size: no model input or label is a tensor with a batch "
         "dimension; pass tensors whose first dimension indexes examples"
