@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -200,7 +200,8 @@ class TracInRunner:
         generator = source.generator if isinstance(source, DataLoader) else None
         start = None
         if generator is not None:
-            start = self._loader_starts.setdefault(id(source), (source, generator.get_state()))
+            first = (cast(DataLoader, source), generator.get_state())
+            start = self._loader_starts.setdefault(id(source), first)
             generator.set_state(start[1])
         if isinstance(source, TensorRowsLoader):
             # its batch copies are made in the layout the engine converts them to anyway

@@ -99,12 +99,14 @@ class LossSpec:
                 total: where an example's own loss is known and not finite, its rows of
                 their gradients are made NaN (:func:`_poisoned`).
         """
-        if (
-            self.fn is not None and not self.declared and self.reduction != "none"
-        ) or _broadcasts_across_examples(self.fn, output, labels):
+        if self.fn is not None and (
+            (not self.declared and self.reduction != "none")
+            or _broadcasts_across_examples(self.fn, output, labels)
+        ):
             # A loss that does not say how it reduces: each example's own loss is
             # evaluated (DESIGN.md §2), so a wrapper that averages (over the labels it
-            # keeps, say) is scored exactly; the spec's assumed sum is not needed.
+            # keeps, say) is scored exactly; the spec's assumed sum is not needed. So is
+            # one whose targets would broadcast across the examples.
             own = each_alone(self.fn, output, labels, batch_size)
             return _poisoned(own.sum(), own, marked)
         value = self._apply(output, labels)
