@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -1253,6 +1254,95 @@ def test_a_dataloader_with_a_non_sequential_sampler_gets_a_content_probe(tmp_pat
         with warnings.catch_warnings():  # and reused as it is at the next call
             warnings.simplefilter("error")
             sim.influence(test, top_k=3)
+
+
+def _shifting(offset):
+    """A collate function a factory makes: the default batches, inputs shifted by ``offset``."""
+
+    def collate(batch):
+        x, y = torch.utils.data.default_collate(batch)
+        return x + offset, y
+
+    return collate
+
+
+def _applying(batch, transform):
+    """A collate function for ``functools.partial``: the default batches, inputs transformed."""
+    x, y = torch.utils.data.default_collate(batch)
+    return transform(x), y
+
+
+def _negated(x):
+    return -x
+
+
+def _halved(x):
+    return x / 2
+
+
+class _Scaling:
+    """A collate object: the default batches, inputs multiplied by its ``factor``."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, batch):
+        x, y = torch.utils.data.default_collate(batch)
+        return x * self.factor, y
+
+
+@pytest.mark.parametrize(
+    "before,after,inputs",
+    [
+        (None, _shifting(0.5), lambda x: x + 0.5),
+        (_shifting(0.5), _shifting(-1.0), lambda x: x - 1.0),  # same code, other closure
+        (_Scaling(2.0), _Scaling(-0.5), lambda x: x * -0.5),  # same class, other setting
+        (partial(_applying, transform=_negated), partial(_applying, transform=_halved), _halved),
+        (_shifting(0.5), None, lambda x: x),
+    ],
+    ids=["default to custom", "closure value", "object setting", "partial", "custom to default"],
+)
+def test_a_changed_collate_fn_rebuilds_the_store(tmp_path, before, after, inputs):
+    """The batches a DataLoader's collate_fn makes are what the model sees, but the
+    dataset probe reads the items before collation: another collate function (or the
+    same one with other closure values or settings) must rebuild the store, with the
+    brute force's neighbours over the batches the new one makes. Before, the stored
+    activations of the old batches were served without a warning."""
+    model = _seeded(Net)
+    train, test = _data()
+
+    def loader(collate):
+        return DataLoader(
+            train, batch_size=8, **({} if collate is None else {"collate_fn": collate})
+        )
+
+    SimilarityInfluence(model, "lin2", loader(before), tmp_path).influence(test, top_k=4)
+    sim = SimilarityInfluence(model, "lin2", loader(after), tmp_path)
+    with pytest.warns(StoreRebuildWarning, match="collate_fn"):
+        result = sim.influence(test, top_k=4)["lin2"]
+    seen = _acts(model, "lin2", inputs(train.tensors[0]))
+    _check(result, _brute(_acts(model, "lin2", test), seen, "cosine", "max", 4))
+    with warnings.catch_warnings():  # the same collate function again: served
+        warnings.simplefilter("error")
+        again = SimilarityInfluence(model, "lin2", loader(after), tmp_path).influence(test, top_k=4)
+    assert torch.equal(again["lin2"][0], result[0])
+
+
+def test_the_default_collate_keeps_the_stored_entry_as_it_was(tmp_path):
+    """Torch's default collate function, implicit or named, adds nothing to an entry's
+    meta, so stores built before collate functions counted are still served."""
+    import json
+
+    model = _seeded(Net)
+    train, test = _data()
+    SimilarityInfluence(model, "lin2", train, tmp_path, batch_size=8).influence(test, top_k=3)
+    meta = json.loads((_src_dir(tmp_path) / "lin2.json").read_text())["meta"]
+    assert sorted(meta) == ["dataset_length", "dataset_probe", "kind", "layer", "model"]
+    default = torch.utils.data.default_collate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for source in (DataLoader(train, batch_size=8), DataLoader(train, 5, collate_fn=default)):
+            SimilarityInfluence(model, "lin2", source, tmp_path).influence(test, top_k=3)
 
 
 def test_custom_metric_gets_contiguous_activations_in_channels_last(tmp_path):

@@ -176,3 +176,66 @@ def test_a_bare_tensor_is_a_source_set_of_its_rows(tmp_path):
         assert torch.equal(again["0"][0], _cosine_ranking(acts, model[0](x), 4)[0])
     with pytest.raises(ArgumentTypeError, match=r"tensor of shape \(20, 4\).*TensorDataset"):
         TracInCP(model, x, [], loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+
+
+class _IdentityAndWide(nn.Module):
+    """``same`` passes its input on; ``wide`` is a widening ``nn.Linear`` whose output is
+    the input followed by zeros (searched on its input side, see ``_pullback``). Both
+    give activations equal to integer inputs, so the reference below is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = nn.Identity()
+        self.wide = nn.Linear(3, 6)
+        with torch.no_grad():
+            self.wide.weight.copy_(torch.cat([torch.eye(3), torch.zeros(3, 3)]))
+            self.wide.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wide(self.same(x))
+
+
+#: v = (3, 9, 3) and multiples of it (indices 1, 3, 4, 5, 7), among other directions.
+#: Every multiple has a cosine of exactly 1 with v, but float32 rounds it to 1 for 7v and
+#: 13v and one or two steps above 1 for v, 3v and 5v, whatever the summation order.
+_PARALLEL = torch.tensor(
+    [[9, -3, 1], [21, 63, 21], [-2, 5, 1], [9, 27, 9], [3, 9, 3], [39, 117, 39],
+     [0, 1, -4], [15, 45, 15]], dtype=torch.float32,
+)  # fmt: skip
+
+
+def _exact_cosine_ranking(test: torch.Tensor, src: torch.Tensor, largest: bool, k: int):
+    """Cosines of small integer vectors, exact in float64: ``t·s / sqrt(|t|² |s|²)``
+    has an exact numerator and radicand, so a multiple of ``t`` scores exactly 1 (-1
+    for a negative one); ranked with ties by index."""
+    t, s = test.double(), src.double()
+    scores = (t @ s.T) / torch.sqrt((t * t).sum(1)[:, None] * (s * s).sum(1)[None, :])
+    order = torch.sort(scores, dim=1, descending=largest, stable=True).indices[:, :k]
+    return order, scores.gather(1, order)
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_cosines_the_clamp_makes_equal_come_in_index_order(tmp_path, direction, batch_size):
+    """Sources parallel to a test row all have cosine 1 with it, though float32 rounds
+    some past 1 before they are clamped. They tie, so they come in index order for every
+    top_k, the first call (scored while building) and later ones (from the store, on the
+    input side for the widening layer) alike. Before, a block picked its best by the
+    unclamped values: top_k=1 gave index 3 (1.00000012) instead of 1 (exactly 1)."""
+    test = torch.stack([_PARALLEL[4], -_PARALLEL[4], 2 * _PARALLEL[4]])
+    data = TensorDataset(_PARALLEL, torch.zeros(len(_PARALLEL)))
+    model = _IdentityAndWide()
+    largest = direction == "max"
+    for k in range(1, len(_PARALLEL) + 1):
+        ref_idx, ref_val = _exact_cosine_ranking(test, _PARALLEL, largest, k)
+        sim = SimilarityInfluence(
+            model, ["same", "wide"], data, tmp_path / str(k),
+            similarity_direction=direction, batch_size=batch_size,
+        )  # fmt: skip
+        for _ in range(2):  # built, then from the store
+            result = sim.influence(test, top_k=k)
+            for layer in ("same", "wide"):
+                idx, val = result[layer]
+                assert torch.equal(idx, ref_idx), (layer, k, idx, ref_idx)
+                torch.testing.assert_close(val.double(), ref_val, rtol=0.0, atol=1e-6)
+                assert float(val.abs().max()) <= 1.0

@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from proponents.model_guard import GlobalRandomState, written_by_forward
-from proponents.module_settings import callable_name, closure_values, plain_attributes
+from proponents.module_settings import (
+    callable_name,
+    closure_values,
+    plain_attributes,
+    plain_text,
+)
 
 #: Width of the matrix a tensor's 32-bit words are laid out in for the cheap digest.
 _DIGEST_COLUMNS = 1024
@@ -185,6 +190,31 @@ def _function_code_digest(fn: Any) -> str | None:
         # a part only known by its type (another function, say) counts by that
         hash_object(part, digest)
     return digest.hexdigest()[:16]
+
+
+def callable_fingerprint(fn: Any) -> str:
+    """``"module.qualname:digest"`` of a callable, for telling what it computes apart
+    without calling it (a DataLoader's ``collate_fn``, say).
+
+    The digest covers the code of a Python function (a lambda, what a
+    ``functools.partial`` wraps, a bound method's function) with its constants, names,
+    defaults, the partial's arguments and what its closure holds (as
+    :func:`loss_fingerprint` does), else the code of the class's ``__call__``; and the
+    object whose settings it may read, by :func:`hash_object`: a bound method's
+    instance, a callable object itself. Bytecode differs between Python versions, so
+    the interpreter's counts too. Functions it calls or holds (in its closure, a
+    partial's arguments) count by their names only, not by their code.
+    """
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    code = _function_code_digest(fn)
+    if code is None:  # a callable object: what its class's __call__ does
+        code = _function_code_digest(type(inner).__call__)
+    digest = hashlib.sha256(f"{code}|{sys.version_info[:2]}".encode())
+    # functions among a partial's arguments or closure values, by name (hash_object
+    # knows them only by their type)
+    digest.update(str(plain_text(fn)).encode())
+    hash_object(getattr(inner, "__self__", inner), digest)
+    return f"{callable_name(fn)}:{digest.hexdigest()[:16]}"
 
 
 def _hash_code(code: types.CodeType, digest: Any) -> None:
@@ -712,6 +742,7 @@ def fingerprints_of(model: nn.Module) -> ModelFingerprints:
 
 __all__ = [
     "ModelFingerprints",
+    "callable_fingerprint",
     "fingerprints_of",
     "dataset_probe",
     "loader_probe",

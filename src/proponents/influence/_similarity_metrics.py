@@ -593,7 +593,10 @@ class BlockScorer:
         has_zero: bool,
     ) -> None:
         """``sim``: the block's ``(rows, b)`` inner products with the unit test rows."""
-        sim.div_(s_norm[None, :])
+        # Rounding can push a cosine a hair past +-1. Clamping before the selection makes
+        # scores the clamp sets equal tie, so they come in index order like other ties
+        # (and a block's pick agrees with the running top-k's, whatever top_k is).
+        sim.div_(s_norm[None, :]).clamp_(-1.0, 1.0)
         zeros = self.t_has_zero or has_zero
         if zeros:
             s_zero, t_zero = s_norm == 0, self.t_zero[chunk]
@@ -606,10 +609,7 @@ class BlockScorer:
             self.nan_scores += int(torch.isnan(sim).sum())
         kb = min(self.k, sim.shape[1])
         pos = _block_top(sim, kb, self.largest, nan_last=check_nan or filled_nan)
-        # Rounding can push a cosine a hair past +-1; clamping after selection keeps order.
-        values = sim.gather(1, pos).clamp_(-1.0, 1.0)
-        if zeros:
-            values[s_zero[pos] | t_zero[:, None]] = self.replace_nan
+        values = sim.gather(1, pos)
         running.offer(values, pos + start, self.k, self.largest, check_nan or filled_nan)
 
     def _update_euclidean(

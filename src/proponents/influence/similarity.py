@@ -36,6 +36,8 @@ from torch.utils.data import (
     Dataset,
     SequentialSampler,
     TensorDataset,
+    default_collate,
+    default_convert,
 )
 
 from proponents.checks import check_flag, check_int, check_model
@@ -70,6 +72,7 @@ from proponents.errors import (
     count,
 )
 from proponents.fingerprints import (
+    callable_fingerprint,
     dataset_probe,
     fingerprints_of,
     hash_object,
@@ -583,14 +586,24 @@ class SimilarityInfluence(DataInfluence):
             return _first_example(args, device)
         return None
 
-    def _src_meta(self, layer: str, fingerprint: str, n_src: int | None, probe: str | None) -> dict:
-        return {
+    def _src_meta(
+        self,
+        layer: str,
+        fingerprint: str,
+        n_src: int | None,
+        probe: str | None,
+        collate: str | None,
+    ) -> dict:
+        meta: dict[str, Any] = {
             "kind": _SRC_KIND,
             "layer": layer,
             "model": fingerprint,
             "dataset_length": n_src,
             "dataset_probe": probe,
         }
+        if collate is not None:  # absent for the default: older entries still match
+            meta["collate_fn"] = collate
+        return meta
 
     def _probe(self) -> str | None:
         """The source dataset's :func:`dataset_probe`, with the order a DataLoader reads it
@@ -619,8 +632,11 @@ class SimilarityInfluence(DataInfluence):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         store = ArrayStore(self._model_dir / "src")
         n_src = self._n_src()
-        probe = self._probe()
-        metas = {layer: self._src_meta(layer, fingerprint, n_src, probe) for layer in self.layers}
+        probe, collate = self._probe(), _collate_fingerprint(self._loader)
+        metas = {
+            layer: self._src_meta(layer, fingerprint, n_src, probe, collate)
+            for layer in self.layers
+        }
         keys = {layer: safe_name(layer) for layer in self.layers}
         job = _BuildJob(
             store, keys, metas, test, top_k, largest, device, show_progress, fingerprint
@@ -1385,6 +1401,16 @@ def _sampler_order(loader: DataLoader) -> Any:
         else:
             parts.append((name, f"{type(obj).__module__}.{type(obj).__qualname__}"))
     return parts or None
+
+
+def _collate_fingerprint(loader: DataLoader) -> str | None:
+    """The :func:`~proponents.fingerprints.callable_fingerprint` of a loader's own
+    ``collate_fn``, or ``None`` for torch's default (``default_convert`` without a batch
+    size): the batches the model sees depend on it, the dataset probe does not see it."""
+    collate = loader.collate_fn
+    if collate is default_collate or collate is default_convert:
+        return None
+    return callable_fingerprint(collate)
 
 
 def _reading(batches: Iterable[Any], expected: int | None, done: Callable[[], int]) -> Any:
