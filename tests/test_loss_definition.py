@@ -8,7 +8,9 @@ an interaction, so the strategies must still be verified on a larger batch).
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import functools
 import warnings
 
@@ -546,3 +548,51 @@ def test_targets_that_broadcast_against_the_output_meet_only_their_own_example(
         got_self = tracin.self_influence()
     _assert_same(got, want)
     _assert_same(got_self, want_self)
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    note: str = "kept"
+
+
+_Pair = collections.namedtuple("_Pair", ["logits", "hidden"])
+
+
+class _StructuredOutput(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        if self.kind == "dataclass":
+            return _Output(self.fc2(h))
+        return _Pair(self.fc2(h), h)
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "namedtuple"])
+@pytest.mark.parametrize("method", ["tracincp", "fast"])
+def test_a_plain_loss_on_a_dataclass_or_named_tuple_output(tmp_path, kind, method):
+    """A loss that states no reduction is evaluated on each example's rows of the output.
+    Before, a dataclass output was handed over whole beside one example's label (torch:
+    "Expected input batch_size (5) to match target batch_size (1)"), and a named tuple
+    could not be rebuilt from its rows where vmap cannot run the loss."""
+    torch.manual_seed(0)
+    model = _StructuredOutput(kind)
+    paths, lrs = _checkpoints(model, tmp_path)
+
+    def loss_fn(out, y):
+        # y.tolist() is beyond vmap: the examples are taken one by one through map_rows
+        return F.cross_entropy(out.logits, torch.tensor(y.tolist()), reduction="sum")
+
+    g = torch.Generator().manual_seed(4)
+    xs, ys = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
+    xt, yt = torch.randn(3, 6, generator=g), torch.randint(0, 3, (3,), generator=g)
+    tracin = _tracin(method, model, TensorDataset(xs, ys), paths, loss_fn, 5)
+    layers = ["fc2"] if method == "fast" else ["fc1", "fc2"]
+    want, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, layers)
+    _assert_same(tracin.influence((xt,), yt), want)
+    _assert_same(tracin.self_influence(), want_self)

@@ -12,6 +12,7 @@ operation instead of indexing and stacking example by example.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ class Batch:
 
 
 def _nested_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """The tensors inside ``obj`` (tuples, lists and dict values, recursively), in order."""
+    """The tensors inside ``obj`` (tuples, lists, dict values and dataclass fields,
+    recursively), in order."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
@@ -81,6 +83,13 @@ def _nested_tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from _nested_tensors(item)
+    elif _is_dataclass_instance(obj):
+        for f in dataclasses.fields(obj):
+            yield from _nested_tensors(getattr(obj, f.name))
+
+
+def _is_dataclass_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
 def batch_size_of(inputs: Sequence[Any], labels: Any = None) -> int:
@@ -849,8 +858,9 @@ def map_rows(tree: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> A
     """``tree`` with ``fn`` applied to every tensor that holds a row per example of a batch
     of ``n`` (:func:`holds_examples`), also inside tuples, lists and dicts, and the same
     rows taken from a list of one string per example (:func:`string_rows`); anything
-    else (a shared mask, a scalar, a string) as it is. One example's rows, a chunk of
-    rows and the rows reversed are all taken through here."""
+    else (a shared mask, a scalar, a string) as it is. Named tuples and dataclasses (a
+    model output such as ``Output(logits=...)``) keep their type. One example's rows, a
+    chunk of rows and the rows reversed are all taken through here."""
     if holds_examples(tree, n):
         return fn(tree)
 
@@ -859,8 +869,13 @@ def map_rows(tree: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> A
             return type(v)(v[j] for j in fn(torch.arange(n)).tolist())
         return map_rows(v, n, fn)
 
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a named tuple
+        return type(tree)(*(inner(v) for v in tree))
     if isinstance(tree, (tuple, list)):
         return type(tree)(inner(v) for v in tree)
+    if _is_dataclass_instance(tree):
+        fields = {f.name: inner(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.init}
+        return dataclasses.replace(tree, **fields)
     if isinstance(tree, dict):
         return {k: inner(v) for k, v in tree.items()}
     return tree
