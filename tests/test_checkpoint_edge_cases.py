@@ -217,3 +217,35 @@ def test_a_load_function_that_changes_what_modules_register_leaves_no_trace(load
     assert model[2] is head
     _same_state(model, before)
     assert torch.equal(model(x), before(x))
+
+
+def test_a_model_on_the_meta_device_is_refused_with_the_fix(tmp_path):
+    """Before, checkpoints loaded into meta tensors kept nothing, and every class failed
+    deep inside with torch's "Tensor.item() cannot be called on meta tensors". Once given
+    memory (to_empty), the same model is scored as a model built normally."""
+    from proponents import SimilarityInfluence, TracInCPFast
+
+    torch.manual_seed(0)
+    built = _net()
+    path = tmp_path / "c.pt"
+    torch.save(built.state_dict(), path)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    with torch.device("meta"):
+        model = _net()
+    makers = [
+        lambda: TracInCP(model, TensorDataset(x, y), [path], loss_fn=loss, batch_size=3,
+                         sample_wise_grads_per_batch=True).self_influence(),
+        lambda: TracInCPFast(model, "2", TensorDataset(x, y), [path], loss_fn=loss,
+                             batch_size=3).self_influence(),
+        lambda: SimilarityInfluence(model, "2", TensorDataset(x, y), tmp_path / "acts",
+                                    batch_size=3).influence(x[:2], top_k=2),
+    ]  # fmt: skip
+    for make in makers:
+        with pytest.raises(InvalidArgumentError, match=r"meta device \(0\.weight.*to_empty"):
+            make()
+    assert all(p.is_meta for p in model.parameters())  # left as it was
+    model.to_empty(device="cpu")
+    got = TracInCPFast(model, "2", TensorDataset(x, y), [path], loss_fn=loss, batch_size=3)
+    want = TracInCPFast(built, "2", TensorDataset(x, y), [path], loss_fn=loss, batch_size=3)
+    torch.testing.assert_close(got.self_influence(), want.self_influence())

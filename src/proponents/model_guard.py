@@ -26,8 +26,9 @@ from proponents.errors import InvalidArgumentError
 from proponents.module_settings import MODULE_BASICS
 
 
-def _refuse_lazy(model: nn.Module) -> None:
-    """Raise unless every parameter and buffer of ``model`` has its shape and memory.
+def _refuse_placeholders(model: nn.Module) -> None:
+    """Raise unless every parameter and buffer of ``model`` has its shape and memory (not
+    lazy, not on the meta device).
 
     A lazy module (``nn.LazyLinear``, say) that has not run yet holds placeholders that
     cannot be set aside, and the first load or forward turns it into an ordinary module
@@ -50,6 +51,23 @@ def _refuse_lazy(model: nn.Module) -> None:
             f"the model has parameters whose shapes are not known yet ({shown}: lazy "
             "modules such as nn.LazyLinear); run it once on a batch of inputs before this "
             "call, so that they are created"
+        )
+    # A model built on the meta device has shapes but no memory: a checkpoint loaded into
+    # it keeps nothing, and the first computation fails deep inside.
+    meta = [
+        name
+        for name, t in (
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        )
+        if t.is_meta
+    ]
+    if meta:
+        shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
+        raise InvalidArgumentError(
+            f"the model has parameters or buffers on the meta device ({shown}), which hold "
+            "no values; give them memory first: model.to_empty(device='cpu') (or your "
+            "device), or load a state dict with model.load_state_dict(state, assign=True)"
         )
 
 
@@ -113,9 +131,9 @@ def preserved(model: nn.Module, loads_by_reference: bool = False) -> Iterator[nn
 
     Raises:
         InvalidArgumentError: when the model has lazy parameters or buffers not yet
-            created (see :func:`_refuse_lazy`); nothing is changed then.
+            created (see :func:`_refuse_placeholders`); nothing is changed then.
     """
-    _refuse_lazy(model)
+    _refuse_placeholders(model)
     slots = _registered(model)
     uncopied: set[int] = set()
     if loads_by_reference and type(model).load_state_dict is nn.Module.load_state_dict:
