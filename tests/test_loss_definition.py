@@ -596,3 +596,33 @@ def test_a_plain_loss_on_a_dataclass_or_named_tuple_output(tmp_path, kind, metho
     want, want_self = _reference(model, paths, lrs, xs, ys, xt, yt, loss_fn, layers)
     _assert_same(tracin.influence((xt,), yt), want)
     _assert_same(tracin.self_influence(), want_self)
+
+
+@pytest.mark.parametrize("method", ["tracincp", "fast"])
+def test_gradient_hooks_on_parameters_are_named_and_left_out_of_the_scores(tmp_path, method):
+    """``param.register_hook`` transforms a gradient that the per-example gradients never
+    pass through (they come from layer outputs or parameter copies). Before, such hooks
+    were passed over in silence; now the parameters are named, and the scores are those of
+    the loss gradient before the hooks, as documented."""
+    torch.manual_seed(0)
+    model = MLP()
+    paths, lrs = _checkpoints(model, tmp_path)
+    mask = torch.zeros(3, 8)
+    mask[0] = 1
+    model.fc2.weight.register_hook(lambda g: g * mask)
+    g = torch.Generator().manual_seed(6)
+    xs, ys = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    xt, yt = torch.randn(2, 6, generator=g), torch.randint(0, 3, (2,), generator=g)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    with pytest.warns(UserWarning, match=r"fc2\.weight have gradient hooks"):
+        tracin = _tracin(method, model, TensorDataset(xs, ys), paths, loss_fn, 4)
+    layers = ["fc2"] if method == "fast" else ["fc1", "fc2"]
+    plain = MLP()  # the same architecture without the hook: the reference
+    want, want_self = _reference(plain, paths, lrs, xs, ys, xt, yt, loss_fn, layers)
+    _assert_same(tracin.influence((xt,), yt), want)
+    _assert_same(tracin.self_influence(), want_self)
+    if method == "tracincp":  # a hook on a parameter left out is no concern
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            TracInCP(model, TensorDataset(xs, ys), paths, loss_fn=loss_fn, layers=["fc1"],
+                     sample_wise_grads_per_batch=True)  # fmt: skip

@@ -61,6 +61,7 @@ from proponents.gradients.hooked import (
 from proponents.gradients.loss import LossSpec
 from proponents.gradients.representations import DenseGrads, Grads
 from proponents.gradients.selection import HookedLayer, find_hooked_layers
+from proponents.user_warnings import warn
 
 # Smallest sub-batch the forward pass of a batch is split into, and how many rounds of
 # timings choose the pass shape (see GradientEngine._choose_pass).
@@ -116,6 +117,7 @@ class GradientEngine:
         self.loss = loss
         self.owner = owner
         self.selected = list(selected)
+        _warn_gradient_hooks(model, self.selected, owner)
         self.hooked: list[HookedLayer] = find_hooked_layers(model, selected) if fast_layers else []
         # strategies verified on a batch of two or more examples / on one example only
         self._checked = not self.hooked
@@ -772,3 +774,27 @@ def _wait_for(device: torch.device) -> None:
     """Let queued GPU work finish, so that a wall-clock timing measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _warn_gradient_hooks(model: nn.Module, selected: Sequence[str], owner: str) -> None:
+    """Warn about selected parameters with gradient hooks of their own
+    (``param.register_hook``: a mask that freezes some rows, a scale).
+
+    Per-example gradients are taken from layer outputs or from copies of the parameters,
+    which such hooks never see: the scores use the loss gradient as autograd gives it
+    before them. Module hooks (forward and backward) are not concerned: they run.
+    """
+    hooked = [
+        name
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if name in selected and getattr(p, "_backward_hooks", None)
+    ]
+    if hooked:
+        shown = ", ".join(hooked[:5]) + (f" and {len(hooked) - 5} more" if len(hooked) > 5 else "")
+        warn(
+            f"{owner}: parameter(s) {shown} have gradient hooks (Tensor.register_hook), which "
+            "the per-example gradients do not pass through: the scores use each example's "
+            "loss gradient as it is before the hooks. To score a masked or scaled gradient, "
+            "put the mask in the forward pass (a parametrization, say), or leave those "
+            "parameters out with layers="
+        )
