@@ -63,3 +63,10 @@ def count(n: int, noun: str, nouns: str | None = None) -> str:
     """``n`` and ``noun``, in the plural (``nouns``, else ``noun + "s"``) unless ``n`` is 1:
     "1 entry", "3 entries"."""
     return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
+def first_names(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, comma-separated, and how many more there are:
+    "a, b, c, d, e and 3 more"."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")

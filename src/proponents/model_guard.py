@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from proponents.allocator import keep_freed_memory
-from proponents.errors import InvalidArgumentError
+from proponents.errors import InvalidArgumentError, first_names
 from proponents.module_settings import MODULE_BASICS
 
 
@@ -37,37 +37,25 @@ def _refuse_placeholders(model: nn.Module) -> None:
     Raises:
         InvalidArgumentError: naming the placeholders and how to create them.
     """
-    lazy = [
-        name
-        for name, t in (
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        )
-        if nn.parameter.is_lazy(t)
+    tensors = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
     ]
+    lazy = [name for name, t in tensors if nn.parameter.is_lazy(t)]
     if lazy:
-        shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")
         raise InvalidArgumentError(
-            f"the model has parameters whose shapes are not known yet ({shown}: lazy "
-            "modules such as nn.LazyLinear); run it once on a batch of inputs before this "
-            "call, so that they are created"
+            f"the model has parameters whose shapes are not known yet ({first_names(lazy)}: "
+            "lazy modules such as nn.LazyLinear); run it once on a batch of inputs before "
+            "this call, so that they are created"
         )
     # A model built on the meta device has shapes but no memory: a checkpoint loaded into
     # it keeps nothing, and the first computation fails deep inside.
-    meta = [
-        name
-        for name, t in (
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        )
-        if t.is_meta
-    ]
+    meta = [name for name, t in tensors if t.is_meta]
     if meta:
-        shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
         raise InvalidArgumentError(
-            f"the model has parameters or buffers on the meta device ({shown}), which hold "
-            "no values; give them memory first: model.to_empty(device='cpu') (or your "
-            "device), or load a state dict with model.load_state_dict(state, assign=True)"
+            f"the model has parameters or buffers on the meta device ({first_names(meta)}), "
+            "which hold no values; give them memory first: model.to_empty(device='cpu') (or "
+            "your device), or load a state dict with model.load_state_dict(state, assign=True)"
         )
 
 

@@ -39,6 +39,7 @@ from proponents.data import (
     output_rows,
     reversed_batch,
 )
+from proponents.errors import first_names
 from proponents.gradients import representations as reps
 from proponents.gradients.functional import (
     call_with,
@@ -790,10 +791,10 @@ def _warn_gradient_hooks(model: nn.Module, selected: Sequence[str], owner: str) 
         if name in selected and getattr(p, "_backward_hooks", None)
     ]
     if hooked:
-        shown = ", ".join(hooked[:5]) + (f" and {len(hooked) - 5} more" if len(hooked) > 5 else "")
         warn(
-            f"{owner}: parameter(s) {shown} have gradient hooks (Tensor.register_hook), which "
-            "the per-example gradients do not pass through: the scores use each example's "
+            f"{owner}: parameter(s) {first_names(hooked)} have gradient hooks "
+            "(Tensor.register_hook), which the per-example gradients do not pass through: "
+            "the scores use each example's "
             "loss gradient as it is before the hooks. To score a masked or scaled gradient, "
             "put the mask in the forward pass (a parametrization, say), or leave those "
             "parameters out with layers="
