@@ -451,3 +451,40 @@ def test_numpy_booleans_are_taken_as_the_flags_they_are(case, tmp_path):
     got = rp.influence(x, y, k=3, proponents=np.False_)
     assert torch.equal(got.indices, want.indices)
     torch.testing.assert_close(got.influence_scores, want.influence_scores)
+
+
+@pytest.mark.parametrize("label", [3, -1])
+def test_a_class_label_outside_the_output_is_named_by_every_class(case, label):
+    """Before: torch's "Target 3 is out of bounds" from inside the loss, or from the
+    closed-form gradient of TracInCPFast an index error that did not mention labels (on a
+    GPU, a device-side assert). The MLP case has 3 classes."""
+    x, y = case.test_inputs[0][:3], case.test_labels[:3].clone()
+    y[1] = label
+    bad_train = TensorDataset(case.train_inputs[0], case.train_labels.clone())
+    bad_train.tensors[1][2] = label
+    loss = case.loss_fn("sum")
+    fast = TracInCPFast(case.model, "fc2", case.dataset, case.checkpoints, loss_fn=loss)
+    calls = {
+        "TracInCP sample-wise": lambda: make(case).influence((x,), y),
+        "TracInCP per-example loss": lambda: make(
+            case, loss_fn=case.loss_fn("none"), sample_wise_grads_per_batch=False
+        ).influence((x,), y),
+        "TracInCPFast test side": lambda: fast.influence((x,), y),
+        "TracInCPFast self-influence": lambda: fast.self_influence((x, y)),
+        "TracInCPFast training side": lambda: TracInCPFast(
+            case.model, "fc2", bad_train, case.checkpoints, loss_fn=loss
+        ).self_influence(),
+        "TracInCPFastRandProj": lambda: TracInCPFastRandProj(
+            case.model, "fc2", bad_train, case.checkpoints, loss_fn=loss
+        ),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            BatchFormatError, match=rf"class label {label} is out of range.* 3 classes"
+        ):
+            call()
+    # a label equal to ignore_index is no error, and scores as the loop does
+    ignoring = nn.CrossEntropyLoss(reduction="sum", ignore_index=-1)
+    y[1] = -1
+    got = make(case, loss_fn=ignoring).influence((x,), y)
+    assert torch.isfinite(got).all() and torch.equal(got[1], torch.zeros_like(got[1]))

@@ -46,7 +46,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from proponents.data import example_labels, holds_examples, map_rows
-from proponents.errors import ArgumentTypeError, InvalidArgumentError, article
+from proponents.errors import ArgumentTypeError, BatchFormatError, InvalidArgumentError, article
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -99,6 +99,7 @@ class LossSpec:
                 total: where an example's own loss is known and not finite, its rows of
                 their gradients are made NaN (:func:`_poisoned`).
         """
+        _check_class_labels(self.fn, output, labels)
         if self.fn is not None and (
             (not self.declared and self.reduction != "none")
             or _broadcasts_across_examples(self.fn, output, labels)
@@ -151,6 +152,7 @@ class LossSpec:
             InvalidArgumentError: a per-example loss that does not return one row per
                 example.
         """
+        _check_class_labels(self.fn, output, labels)
         if self.fn is None:
             own = _rows_summed(output, batch_size)
         elif _broadcasts_across_examples(self.fn, output, labels):
@@ -344,6 +346,32 @@ _ENTRYWISE_LOSSES = (
 )
 
 
+def _check_class_labels(fn: Any, output: Any, labels: Any) -> None:
+    """Refuse class labels outside the output's classes for cross-entropy and NLL.
+
+    torch reports them as "Target 5 is out of bounds" (or, from the closed-form gradient,
+    an index error that does not mention labels; on a GPU a device-side assert).
+
+    Raises:
+        BatchFormatError: naming the first such label and the number of classes.
+    """
+    if not isinstance(fn, _CLASS_LOSSES) or not isinstance(labels, torch.Tensor):
+        return
+    if not isinstance(output, torch.Tensor) or output.dim() < 2 or labels.is_floating_point():
+        return  # class probabilities, or an output the loss will refuse itself
+    if labels.numel() == 0 or labels.dtype == torch.bool:
+        return
+    classes = int(output.shape[1])
+    outside = ((labels < 0) | (labels >= classes)) & (labels != fn.ignore_index)
+    if bool(outside.any()):
+        bad = int(labels[outside].flatten()[0])
+        raise BatchFormatError(
+            f"class label {bad} is out of range for a model output of {classes} classes "
+            f"(labels must be 0 to {classes - 1}, or ignore_index={fn.ignore_index}); check "
+            "the batch's labels, or the number of classes the model outputs"
+        )
+
+
 def _broadcasts_across_examples(fn: Any, output: Any, labels: Any) -> bool:
     """Whether one of torch's entrywise losses would pair every example's output with every
     example's label: targets that broadcast against the output into more entries than it
@@ -447,6 +475,7 @@ def output_gradient(
             or labels.shape[0] != output.shape[0]
         ):
             return None
+        _check_class_labels(fn, output, labels)
         grad = torch.softmax(output, dim=1)
         # minus one at each example's label; a scatter costs half what advanced indexing does
         return grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((grad.shape[0], 1), -1.0))
