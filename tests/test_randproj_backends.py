@@ -3,6 +3,7 @@ and whole-batch (aggregate) queries, against each index's exact score matrix."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -164,17 +165,32 @@ def test_a_user_nearest_neighbors_subclass_gets_exact_scores_back(tmp_path):
 
 class SameDtypeOnly(BruteForce):
     """Refuses a query whose dtype differs from the data's, as a plain ``q @ data.T``
-    between float32 and float16 tensors does."""
+    between float32 and float16 tensors does (with torch's RuntimeError)."""
 
     def get_nearest_neighbors(self, query, k):
-        assert query.dtype == self.data.dtype, (query.dtype, self.data.dtype)
-        assert torch.isfinite(query).all()
+        if query.dtype != self.data.dtype:
+            raise RuntimeError("expected m1 and m2 to have the same dtype")
+        assert torch.isfinite(query).all() and (query.abs().amax(dim=1) > 0).all()
         return super().get_nearest_neighbors(query, k)
 
 
-def test_a_float16_index_hands_a_duck_backend_queries_in_float16(tmp_path):
-    """Before, index_dtype=torch.float16 with such a backend failed inside it with
-    "expected m1 and m2 to have the same dtype"."""
+class KeepsFloat32(BruteForce):
+    """Keeps its own float32 copy of the data, so it takes float32 queries only."""
+
+    def setup(self, data):
+        self.data = data.float()
+
+    def get_nearest_neighbors(self, query, k):
+        if query.dtype != torch.float32:
+            raise RuntimeError("expected m1 and m2 to have the same dtype")
+        return super().get_nearest_neighbors(query, k)
+
+
+@pytest.mark.parametrize("backend", [SameDtypeOnly, KeepsFloat32])
+def test_a_float16_index_serves_duck_backends_of_either_query_dtype(tmp_path, backend):
+    """Before, index_dtype=torch.float16 with a backend multiplying the data it was given by
+    the query failed inside it ("expected m1 and m2 to have the same dtype"); a backend
+    that keeps a float32 copy takes the query as given."""
     model, train, paths, xt, yt = _problem(tmp_path)
     index = TracInCPFastRandProj(
         model,
@@ -182,7 +198,7 @@ def test_a_float16_index_hands_a_duck_backend_queries_in_float16(tmp_path):
         train,
         paths,
         loss_fn=LOSS,
-        nearest_neighbors=SameDtypeOnly(),
+        nearest_neighbors=backend(),
         index_dtype=torch.float16,
     )
     assert index.embeddings.dtype == torch.float16
@@ -193,13 +209,14 @@ def test_a_float16_index_hands_a_duck_backend_queries_in_float16(tmp_path):
 
 
 def test_a_query_beyond_float16_range_is_scaled_for_a_float16_backend():
-    """A query row past float16's range would reach the backend as inf; scaled by a power
-    of two first, its ranking (all the backend's answer is used for) is kept."""
+    """A query row past float16's range would reach the backend as inf, and a tiny one as
+    zeros; scaled by a power of two first, its ranking (all the backend's answer is used
+    for) is kept."""
     g = torch.Generator().manual_seed(3)
     data = torch.randn(30, 6, generator=g).half()
     query = torch.randn(4, 6, generator=g)
     query[1] *= 1e9
-    query[2] *= 1e-3
+    query[2] *= 1e-9
     wrapped = ForeignNearestNeighbors(SameDtypeOnly())
     wrapped.setup(data)
     indices, scores = wrapped.get_nearest_neighbors(query, 5)
@@ -236,3 +253,36 @@ def test_aggregate_scores_the_batch_as_a_whole(tmp_path, projection_dim):
     assert torch.equal(empty, torch.zeros(1, len(train)))
     with pytest.raises(TypeError, match="aggregate"):
         index.influence((xt,), yt, aggregate="yes")
+
+
+@dataclasses.dataclass
+class ValueBackend(BruteForce):
+    """A backend that compares by value (a @dataclass): unhashable, and two of them are
+    equal. Sharing must still be told by identity."""
+
+    name: str = "mine"
+
+
+def test_sharing_is_told_by_identity_for_a_dataclass_backend(tmp_path):
+    """Before, the claims were looked up by hash and ==: a @dataclass backend (unhashable)
+    was not tracked at all, and two equal ones were taken for one."""
+    model, train, paths, xt, yt = _problem(tmp_path)
+    small = TensorDataset(*(t[:10] for t in train.tensors))
+    shared = ValueBackend()
+    first = TracInCPFastRandProj(model, "2", train, paths, loss_fn=LOSS, nearest_neighbors=shared)
+    TracInCPFastRandProj(model, "2", small, paths, loss_fn=LOSS, nearest_neighbors=shared)
+    with pytest.warns(UserWarning, match="set up for another index"):
+        got = first.influence((xt,), yt, k=3)
+    assert torch.equal(got.indices, _top(first.influence((xt,), yt, k=None), 3)[0])
+    one, other = ValueBackend(), ValueBackend()
+    assert one == other
+    a = TracInCPFastRandProj(model, "2", train, paths, loss_fn=LOSS, nearest_neighbors=one)
+    b = TracInCPFastRandProj(model, "2", small, paths, loss_fn=LOSS, nearest_neighbors=other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal but distinct: no rebuild
+        assert torch.equal(
+            a.influence((xt,), yt, k=3).indices, _top(a.influence((xt,), yt, k=None), 3)[0]
+        )
+        assert torch.equal(
+            b.influence((xt,), yt, k=3).indices, _top(b.influence((xt,), yt, k=None), 3)[0]
+        )

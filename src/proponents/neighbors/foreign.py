@@ -85,6 +85,8 @@ class ForeignNearestNeighbors(NearestNeighbors):
         #: The wrapped object.
         self.backend = backend
         self._data: Tensor | None = None
+        # whether the backend takes queries only in the dtype of its data (see _ask)
+        self._query_in_data_dtype = False
 
     def __getattr__(self, name: str) -> Any:
         # only called for attributes the wrapper lacks; never for dunders or before
@@ -120,8 +122,33 @@ class ForeignNearestNeighbors(NearestNeighbors):
         """
         data = check_matrix(data, "data")
         self._data = None
+        self._query_in_data_dtype = False
         self.backend.setup(data)
         self._data = data
+
+    def _ask(self, query: Tensor, dtype: torch.dtype, k: int) -> Any:
+        """The wrapped backend's answer for ``query``.
+
+        The query goes as given; where the data it was set up with has another dtype (a
+        float16 index searched with float32 test embeddings) and the backend fails on the
+        query as given, it is asked again with the query in the data's dtype
+        (:func:`_in_dtype_of_data`), and from then on in that form. A backend that keeps
+        its own float32 copy takes the first form, one that multiplies the data it was
+        given by the query the second.
+        """
+        if query.dtype == dtype or not dtype.is_floating_point:
+            return self.backend.get_nearest_neighbors(query, k)
+        if not self._query_in_data_dtype:
+            try:
+                return self.backend.get_nearest_neighbors(query, k)
+            except (RuntimeError, TypeError) as first:
+                try:
+                    answer = self.backend.get_nearest_neighbors(_in_dtype_of_data(query, dtype), k)
+                except Exception:
+                    raise first from None
+                self._query_in_data_dtype = True
+                return answer
+        return self.backend.get_nearest_neighbors(_in_dtype_of_data(query, dtype), k)
 
     def get_nearest_neighbors(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The wrapped backend's ``k`` neighbours of each query row, scored exactly.
@@ -156,29 +183,27 @@ class ForeignNearestNeighbors(NearestNeighbors):
                 torch.empty(0, k, dtype=torch.long, device=query.device),
                 torch.empty(0, k, dtype=dtype, device=query.device),
             )
-        answer = self.backend.get_nearest_neighbors(_in_dtype_of_data(query, data.dtype), k)
+        answer = self._ask(query, data.dtype, k)
         answer = _float_scores(answer)
         indices, _ = check_neighbors(self.backend, query, k, n_items, answer)
         return rescored(data, query, indices)
 
 
 def _in_dtype_of_data(query: Tensor, dtype: torch.dtype) -> Tensor:
-    """``query`` in the data's dtype, for a backend that multiplies the two (a float16
-    index is searched with float32 test embeddings otherwise).
+    """``query`` in the data's dtype, for a backend that multiplies the two.
 
-    Rows the cast would overflow are first scaled down by a power of two: a positive
-    factor leaves the order of a row's inner products as it was, and only the rows the
-    backend picks are used (their scores are recomputed with the query as given).
+    Each finite, non-zero row is first scaled by a power of two that brings its largest
+    entry into ``[0.5, 1)``, so that the cast to a narrow dtype (float16) neither
+    overflows nor flushes the row to zero: a positive factor leaves the order of a row's
+    inner products as it was, and only the rows the backend picks are used (their scores
+    are recomputed with the query as given).
     """
-    if query.dtype == dtype or not dtype.is_floating_point:
-        return query
-    limit = torch.finfo(dtype).max / 4  # room for the rounding of the cast
     peak = query.detach().abs().amax(dim=1)
-    over = torch.isfinite(peak) & (peak > limit)
-    if bool(over.any()):
+    fits = torch.isfinite(peak) & (peak > 0)
+    if bool(fits.any()):
         query = query.clone()
-        scale = torch.exp2(-torch.ceil(torch.log2(peak[over] / limit)))
-        query[over] = query[over] * scale.to(query.dtype).unsqueeze(1)
+        scale = torch.exp2(-torch.floor(torch.log2(peak[fits])) - 1)
+        query[fits] = query[fits] * scale.to(query.dtype).unsqueeze(1)
     return query.to(dtype)
 
 

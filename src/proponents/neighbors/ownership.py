@@ -8,11 +8,12 @@ claims its backend when it sets it up, and checks the claim before it searches o
 an index whose backend was taken over sets it up again with its own embeddings.
 
 Claims are kept beside the backend objects, not on them (a user's backend may not take
-new attributes), in a table that does not keep them alive. For a wrapped duck-typed
-backend (:class:`~proponents.neighbors.ForeignNearestNeighbors`) the claim is on the
-wrapped object, which two wrappers may share. An object that cannot be referenced
-weakly (a class with ``__slots__`` and no ``__weakref__``) is not tracked: it counts as
-held by whoever asks.
+new attributes), in a table keyed by the object's identity (a backend class may define
+``==`` and hashing by value, as a ``@dataclass`` does) that does not keep them alive. For a
+wrapped duck-typed backend (:class:`~proponents.neighbors.ForeignNearestNeighbors`) the
+claim is on the wrapped object, which two wrappers may share. An object that cannot be
+referenced weakly (a class with ``__slots__`` and no ``__weakref__``) is not tracked: it
+counts as held by whoever asks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 
 __all__ = ["claim", "holds"]
 
-_CLAIMS: weakref.WeakKeyDictionary[Any, object] = weakref.WeakKeyDictionary()
+#: ``id(backend) -> (weak reference to it, owner token)``
+_CLAIMS: dict[int, tuple[weakref.ref, object]] = {}
 
 
 def _claimed_object(backend: Any) -> Any:
@@ -39,17 +41,25 @@ def claim(backend: Any, owner: object) -> None:
         backend: the backend just set up (or loaded).
         owner: a token that identifies the index (compared by identity).
     """
+    obj = _claimed_object(backend)
+    key = id(obj)
+
+    def forget(ref: weakref.ref) -> None:  # the object is gone: its id may be reused
+        if _CLAIMS.get(key, (None,))[0] is ref:
+            del _CLAIMS[key]
+
     try:
-        _CLAIMS[_claimed_object(backend)] = owner
+        ref = weakref.ref(obj, forget)
     except TypeError:  # not weakly referenceable: not tracked
-        pass
+        return
+    _CLAIMS[key] = (ref, owner)
 
 
 def holds(backend: Any, owner: object) -> bool:
     """Whether ``backend`` still holds the structure set up for ``owner`` (``True`` for an
     object that is not tracked, or that nobody claimed)."""
-    try:
-        current = _CLAIMS.get(_claimed_object(backend), owner)
-    except TypeError:
+    obj = _claimed_object(backend)
+    entry = _CLAIMS.get(id(obj))
+    if entry is None or entry[0]() is not obj:
         return True
-    return current is owner
+    return entry[1] is owner
