@@ -559,6 +559,16 @@ class _Output:
 _Pair = collections.namedtuple("_Pair", ["logits", "hidden"])
 
 
+@dataclasses.dataclass
+class _Late:
+    logits: torch.Tensor
+    temperature: dataclasses.InitVar[float]
+    margin: torch.Tensor | None = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self, temperature: float) -> None:
+        self.logits = self.logits / temperature
+
+
 class _StructuredOutput(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -570,10 +580,14 @@ class _StructuredOutput(nn.Module):
         h = torch.tanh(self.fc1(x))
         if self.kind == "dataclass":
             return _Output(self.fc2(h))
+        if self.kind == "late fields":  # an InitVar, and a field filled in after __init__
+            out = _Late(self.fc2(h), 2.0)
+            out.margin = h[:, :3]
+            return out
         return _Pair(self.fc2(h), h)
 
 
-@pytest.mark.parametrize("kind", ["dataclass", "namedtuple"])
+@pytest.mark.parametrize("kind", ["dataclass", "namedtuple", "late fields"])
 @pytest.mark.parametrize("method", ["tracincp", "fast"])
 def test_a_plain_loss_on_a_dataclass_or_named_tuple_output(tmp_path, kind, method):
     """A loss that states no reduction is evaluated on each example's rows of the output.
@@ -586,7 +600,8 @@ def test_a_plain_loss_on_a_dataclass_or_named_tuple_output(tmp_path, kind, metho
 
     def loss_fn(out, y):
         # y.tolist() is beyond vmap: the examples are taken one by one through map_rows
-        return F.cross_entropy(out.logits, torch.tensor(y.tolist()), reduction="sum")
+        logits = out.logits if getattr(out, "margin", None) is None else out.logits + out.margin
+        return F.cross_entropy(logits, torch.tensor(y.tolist()), reduction="sum")
 
     g = torch.Generator().manual_seed(4)
     xs, ys = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)

@@ -874,11 +874,31 @@ def map_rows(tree: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> A
     if isinstance(tree, (tuple, list)):
         return type(tree)(inner(v) for v in tree)
     if _is_dataclass_instance(tree):
-        fields = {f.name: inner(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.init}
-        return dataclasses.replace(tree, **fields)
+        return _dataclass_rows(tree, inner)
     if isinstance(tree, dict):
         return {k: inner(v) for k, v in tree.items()}
     return tree
+
+
+def _dataclass_rows(tree: Any, inner: Callable[[Any], Any]) -> Any:
+    """A copy of dataclass instance ``tree`` with ``inner`` applied to each of its fields,
+    also those left out of ``__init__`` and filled in later (``field(init=False)``), and
+    to any other attribute set on it. The copy is not made through ``__init__`` (an
+    ``InitVar`` needs its value again, a ``__post_init__`` would run again); attributes
+    are set as usual (a dict-like output such as a HuggingFace ``ModelOutput`` keeps its
+    items in step), and past a frozen dataclass's guard."""
+    out = copy.copy(tree)
+    names = [f.name for f in dataclasses.fields(tree)]
+    names += [n for n in getattr(tree, "__dict__", {}) if n not in names]
+    for name in names:
+        if not hasattr(tree, name):  # a field(init=False) never filled in
+            continue
+        value = inner(getattr(tree, name))
+        try:
+            setattr(out, name, value)
+        except dataclasses.FrozenInstanceError:
+            object.__setattr__(out, name, value)
+    return out
 
 
 def reversed_batch(batch: Batch) -> Batch:
