@@ -1109,3 +1109,194 @@ def test_a_model_that_is_one_linear_layer(tmp_path):
     torch.save({"model_state_dict": deep.state_dict(), "learning_rate": 0.1}, ckpt)
     notes = run_method("fast", deep, *args[1:], k=3).notes
     assert "Last-layer TracIn on 2." in notes
+
+
+# ------------------------------------------------- argument checks of build_report and save
+@pytest.mark.parametrize(
+    ("wrong", "error", "needle"),
+    [
+        ({"title": None}, "type", r"title must be a str, got None"),
+        ({"subtitle": 3}, "type", r"subtitle must be a str or None, got int"),
+        ({"summary": [1, 2]}, "type", r"summary must be a mapping .*got list"),
+        ({"baselines": [1, 2]}, "type", r"baselines must be a mapping .*got list"),
+        ({"baselines": {3: torch.rand(20)}}, "type", r"names of baselines must be str"),
+        ({"baselines": {"loss": ["a"] * 20}}, "type", r"baselines\['loss'\] must be real"),
+        ({"label_names": 5}, "type", r"label_names must be a list .*got int 5"),
+        ({"label_names": "abc"}, "type", r"label_names must be a list .*got str 'abc'"),
+        ({"n_suspicious": 1.5}, "type", r"n_suspicious must be an int; got float \(1\.5\)"),
+        ({"n_suspicious": -1}, "value", r"n_suspicious must be 0 or more .*got -1"),
+        ({"self_influence": ["abc"] * 20}, "type", r"self_influence must be real numbers"),
+        ({"self_influence": [object()] * 20}, "type", r"self_influence must be real numbers"),
+        ({"notes": "Flipped labels"}, "type", r"notes must be a list .*notes=\['Flipped"),
+        ({"notes": ["ok", 7]}, "type", r"notes\[1\] must be a str, got int"),
+        ({"notes": 7}, "type", r"notes must be a list \(or tuple\) of str, got int"),
+        ({"render": 5}, "type", r"render must be a function .*got int"),
+        ({"plot_figure": "yes"}, "type", r"plot_figure must be True or False, got str 'yes'"),
+    ],
+)
+def test_build_report_refuses_wrong_arguments_naming_them(wrong, error, needle):
+    """Each wrong argument fails at the call with a typed error naming it. (before: title=None
+    raised AttributeError inside html.escape, summary or baselines as a list AttributeError
+    .items, label_names=5 TypeError len(), n_suspicious=1.5 a slice TypeError, string scores
+    a ValueError from NumPy; notes="...", n_suspicious=-1 and plot_figure="yes" were taken)"""
+    from proponents.errors import ArgumentTypeError
+
+    train, test, pro = _bad_case()
+    kw: dict[str, Any] = {"self_influence": torch.rand(20), "plot_figure": False, **wrong}
+    expected = ArgumentTypeError if error == "type" else InvalidArgumentError
+    with pytest.raises(expected, match=needle) as caught:
+        build_report(train, test, pro, **kw)
+    assert type(caught.value) is expected
+    assert str(caught.value).startswith(("build_report: ", "self_influence ", "baselines["))
+
+
+def test_result_scores_that_are_not_numbers_are_refused_naming_them():
+    """Proponent scores of strings are refused as proponents scores. (before: a raw ValueError
+    from NumPy's float conversion)"""
+    from proponents.errors import ArgumentTypeError
+
+    train, test, _ = _bad_case()
+    with pytest.raises(ArgumentTypeError, match="proponents scores must be real numbers"):
+        build_report(train, test, (torch.zeros(2, 1, dtype=torch.long), [["a"], ["b"]]))
+
+
+def test_one_note_in_a_list_is_one_paragraph_and_a_bare_string_is_refused():
+    """notes=["Flipped labels"] adds one paragraph; notes="Flipped labels" is refused with
+    the fix instead of being shown one character per paragraph. (before: 14 paragraphs)"""
+    from proponents.errors import ArgumentTypeError
+
+    train, test, pro = _bad_case()
+    plain = build_report(train, test, pro, plot_figure=False).fragment
+    noted = build_report(train, test, pro, notes=["Flipped labels"], plot_figure=False).fragment
+    assert noted.count('<p class="note">') == plain.count('<p class="note">') + 1
+    assert '<p class="note">Flipped labels</p>' in noted
+    as_tuple = build_report(train, test, pro, notes=("Flipped labels",), plot_figure=False)
+    assert as_tuple.fragment == noted
+    with pytest.raises(ArgumentTypeError, match=r"notes=\['Flipped labels'\]"):
+        build_report(train, test, pro, notes="Flipped labels", plot_figure=False)
+
+
+def test_n_suspicious_of_zero_shows_none_and_plot_figure_takes_numpy_booleans():
+    """n_suspicious=0 is the one way to show no suspicious example (-1 is refused above);
+    a NumPy boolean is a valid plot_figure, and label_names may be a 1-D array."""
+    train, test, pro = _bad_case()
+    none = build_report(
+        train, test, pro, self_influence=torch.rand(20), n_suspicious=0, plot_figure=np.False_
+    )
+    assert none.figures["most_suspicious"] == [] and none.figure_png is None
+    named = build_report(train, test, pro, label_names=np.array(["a", "b", "c"]),
+                         plot_figure=False)  # fmt: skip
+    assert "label: " in named.fragment
+
+
+def test_save_refuses_a_missing_or_empty_path(tmp_path, monkeypatch):
+    """save(None) raises ArgumentTypeError naming path and save("") InvalidArgumentError,
+    writing nothing; "." still writes report.html in the current folder. (before: None gave
+    pathlib's TypeError and "" wrote ./report.html)"""
+    from proponents.errors import ArgumentTypeError
+
+    train, test, pro = _bad_case()
+    report = build_report(train, test, pro, plot_figure=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ArgumentTypeError, match=r"InfluenceReport\.save: path must be .*NoneType"):
+        report.save(None)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError, match=r"InfluenceReport\.save: path .*bytes"):
+        report.save(b"report.html")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"InfluenceReport\.save: path is empty"):
+        report.save("")
+    assert list(tmp_path.iterdir()) == []
+    assert report.save(".").resolve() == tmp_path / "report.html"
+
+
+# ------------------------------------------------- argument checks of detection_table, found_at
+def test_detection_table_refuses_rankings_that_do_not_fit():
+    """Rankings of different lengths, rankings of another length than n, 2-D or missing
+    scores, fractions outside [0, 1] and no rankings without n are refused, each naming
+    the argument. (before: n came from the first ranking only, so a 30-score ranking was
+    compared as if of 40; n=1000 over 40 scores and fractions 1.5 or -0.2 gave numbers;
+    detection_table({}, [1]) said "give positions 0 to -1")"""
+    from proponents.errors import ArgumentTypeError
+    from proponents.report import detection_table
+
+    forty = torch.arange(40.0)
+    cases = [
+        (({"a": forty, "b": torch.arange(30.0)}, [1]), {}, InvalidArgumentError,
+         r"rankings\['b'\] has 30 scores but rankings\['a'\] has 40"),
+        (({"a": forty}, [1]), {"n": 1000}, InvalidArgumentError,
+         r"rankings\['a'\] has 40 scores but n is 1000"),
+        (({"a": forty}, [1]), {"fractions": (0.1, 1.5)}, InvalidArgumentError,
+         r"fractions\[1\] must be from 0 to 1 .*got 1\.5"),
+        (({"a": forty}, [1]), {"fractions": (-0.2,)}, InvalidArgumentError,
+         r"fractions\[0\] must be from 0 to 1 .*got -0\.2"),
+        (({"a": forty}, [1]), {"fractions": (float("nan"),)}, InvalidArgumentError,
+         r"fractions\[0\] must be from 0 to 1"),
+        (({"a": forty}, [1]), {"fractions": 0.1}, ArgumentTypeError,
+         r"fractions must be a sequence"),
+        (({"a": forty}, [1]), {"fractions": ("0.1",)}, ArgumentTypeError,
+         r"fractions\[0\] must be a number"),
+        (({"a": forty}, [1]), {"n": 40.0}, ArgumentTypeError, r"n must be an int or None"),
+        (({}, [1]), {"n": -1}, InvalidArgumentError, r"n must be 0 or more"),
+        (({}, [1]), {}, InvalidArgumentError, r"rankings is empty.*give n"),
+        (({"a": forty.reshape(4, 10)}, [1]), {}, InvalidArgumentError,
+         r"rankings\['a'\] must be one-dimensional.*\(4, 10\)"),
+        (({"a": None}, [1]), {}, ArgumentTypeError, r"rankings\['a'\] must be .*got None"),
+        (([forty], [1]), {}, ArgumentTypeError, r"rankings must be a mapping .*got list"),
+        (({"a": forty}, [40]), {}, InvalidArgumentError, r"bad: index 40 is outside the 40"),
+    ]  # fmt: skip
+    for args, kw, error, needle in cases:
+        with pytest.raises(error, match=needle) as caught:
+            detection_table(*args, **kw)
+        assert type(caught.value) is error, (args, kw)
+        assert str(caught.value).startswith("detection_table: "), str(caught.value)
+
+
+def test_detection_table_with_n_and_no_rankings_gives_the_reference_rows():
+    """With no rankings, n sets the size: random order and best possible by hand (4 of 40
+    examples are the top 10%, 2 bad: 10% and 100%)."""
+    from proponents.report import detection_table
+
+    table = detection_table({}, [1, 2], fractions=(0.1,), n=40)
+    assert table == {"random order (expected)": {0.1: 0.1}, "best possible": {0.1: 1.0}}
+    # consistent rankings give the same table as before, n given or not
+    scores = torch.arange(40.0)
+    assert detection_table({"a": scores}, [39], n=40) == detection_table({"a": scores}, [39])
+
+
+def test_found_at_refuses_none_two_dimensional_scores_and_fractions_outside_0_1():
+    """found_at(None, ...) is refused instead of reading None as one example; 2-D scores
+    and fractions outside [0, 1] are refused. (before: 'index 1 is outside the 1
+    examples', a (4, 10) array counted as 40 examples, fraction 2.0 gave 1.0)"""
+    from proponents.errors import ArgumentTypeError
+    from proponents.report import found_at
+
+    scores = torch.arange(40.0)
+    assert found_at(scores, [39, 1], 0.05) == 0.5  # top 2 of 40: examples 39 and 38
+    for args, error, needle in [
+        ((None, [1], 0.1), ArgumentTypeError, r"^scores must be one score per example.*None"),
+        ((scores.reshape(4, 10), [1], 0.1), InvalidArgumentError, r"^scores must be one-dim"),
+        ((np.array(["a", "b"]), [1], 0.1), ArgumentTypeError, r"^scores must be real numbers"),
+        ((scores, [1], 2.0), InvalidArgumentError, r"^fraction must be from 0 to 1.*2\.0"),
+        ((scores, [1], -0.1), InvalidArgumentError, r"^fraction must be from 0 to 1.*-0\.1"),
+        ((scores, [1], True), ArgumentTypeError, r"^fraction must be a number .*bool"),
+        ((scores, [1], None), ArgumentTypeError, r"^fraction must be a number .*NoneType"),
+        ((scores, [40], 0.1), InvalidArgumentError, r"^bad: index 40 is outside the 40"),
+    ]:
+        with pytest.raises(error, match=needle) as caught:
+            found_at(*args)
+        assert type(caught.value) is error, args
+
+
+def test_report_functions_document_every_argument():
+    """build_report, InfluenceReport.save, detection_table and found_at each have an Args
+    section naming every parameter. (before: found_at had none)"""
+    import inspect
+
+    from proponents.report import detection_table, found_at
+
+    for function in (build_report, InfluenceReport.save, detection_table, found_at):
+        doc = inspect.getdoc(function) or ""
+        assert "\nArgs:\n" in doc, function.__name__
+        args = doc.split("\nArgs:\n", 1)[1]
+        for name in inspect.signature(function).parameters:
+            if name != "self":
+                assert re.search(rf"^    {name}: ", args, re.M), (function.__name__, name)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from proponents.checks import check_flag, check_int, check_path
 from proponents.errors import ArgumentTypeError, InvalidArgumentError, RenderError, count
 from proponents.report import plot
 from proponents.report.render import (
@@ -124,7 +125,7 @@ def as_results(value: Any, what: str) -> Results:
             f"{type(value).__name__}"
         )
     indices = _index_array(value[0], f"{what} indices")
-    scores = _numpy(value[1]).astype(np.float64)
+    scores = _float_array(value[1], f"{what} scores")
     if indices.ndim == 1:
         indices, scores = indices[None], scores[None]
     if indices.shape != scores.shape or indices.ndim != 2:
@@ -166,6 +167,101 @@ def _index_array(values: Any, what: str) -> np.ndarray:
             + f" ({shown})"
         )
     return array.astype(np.int64)
+
+
+def _float_array(values: Any, what: str) -> np.ndarray:
+    """``values`` as a float64 array of scores, or a typed error naming ``what``.
+
+    Raises:
+        ArgumentTypeError: ``None``, strings (even ``"1.5"``, which NumPy would read as a
+            number), complex numbers or other values that are not real numbers.
+    """
+    if values is None:
+        raise ArgumentTypeError(f"{what} must be numbers (scores), got None")
+    array = _numpy(values)
+    if array.dtype.kind not in "biufO":
+        raise ArgumentTypeError(
+            f"{what} must be real numbers (scores), got an array of {array.dtype}"
+        )
+    try:
+        return array.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(
+            f"{what} must be real numbers (scores), got {type(values).__name__} holding "
+            "values that are not numbers"
+        ) from None
+
+
+def _check_text(value: Any, argument: str, or_none: bool = False) -> str | None:
+    """Return ``value`` if it is a ``str`` (or ``None`` where allowed), else raise naming
+    ``argument``.
+
+    Raises:
+        ArgumentTypeError: any other type.
+    """
+    if isinstance(value, str) or (or_none and value is None):
+        return value
+    wanted = "a str or None" if or_none else "a str"
+    given = "None" if value is None else f"{type(value).__name__} {value!r}"
+    raise ArgumentTypeError(f"build_report: {argument} must be {wanted}, got {given}")
+
+
+def _check_notes(notes: Any) -> list[str]:
+    """``notes`` as a list of sentences, or a typed error naming it.
+
+    Raises:
+        ArgumentTypeError: a single string (it would be shown one character per
+            paragraph), something that is not a list or tuple, or an entry that is not a
+            string.
+    """
+    if isinstance(notes, str):
+        raise ArgumentTypeError(
+            f"build_report: notes must be a list of sentences, got one str {notes!r}; "
+            f"wrap it in a list: notes=[{notes!r}]"
+        )
+    if not isinstance(notes, Sequence) or isinstance(notes, (bytes, bytearray)):
+        raise ArgumentTypeError(
+            f"build_report: notes must be a list (or tuple) of str, got {type(notes).__name__}"
+        )
+    for i, note in enumerate(notes):
+        if not isinstance(note, str):
+            raise ArgumentTypeError(
+                f"build_report: notes[{i}] must be a str, got {type(note).__name__} {note!r}"
+            )
+    return list(notes)
+
+
+def _check_mapping(value: Any, argument: str, holds: str) -> Mapping[Any, Any] | None:
+    """Return ``value`` if it is ``None`` or a mapping, else raise naming ``argument``.
+
+    Raises:
+        ArgumentTypeError: any other type (a list of pairs included).
+    """
+    if value is None or isinstance(value, Mapping):
+        return value
+    raise ArgumentTypeError(
+        f"build_report: {argument} must be a mapping ({holds}) or None, got {type(value).__name__}"
+    )
+
+
+def _check_label_names(value: Any) -> Any:
+    """Return ``value`` if it can name labels: ``None``, a mapping from label to name, or
+    a sequence (a list, tuple or 1-D array) whose entry ``i`` names label ``i``.
+
+    Raises:
+        ArgumentTypeError: any other type; a single string (its characters would be read
+            as the names of labels 0, 1, ...) included.
+    """
+    if value is None or isinstance(value, Mapping):
+        return value
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
+        return value
+    raise ArgumentTypeError(
+        "build_report: label_names must be a list of names (entry i names label i), a "
+        f"dict from label to name, or None; got {type(value).__name__} {value!r}"
+    )
 
 
 def _entries(n: int) -> str:
@@ -306,12 +402,24 @@ class InfluenceReport:
         """Write the report.
 
         Args:
-            path: the HTML file to write, or a directory (``report.html`` is written in it).
-                The figure is written beside it as :attr:`figure_name`.
+            path: the HTML file to write, or a directory (``report.html`` is written in it;
+                ``"."`` for the current one). The figure is written beside it as
+                :attr:`figure_name`.
 
         Returns:
             The path of the HTML file.
+
+        Raises:
+            ArgumentTypeError: ``path`` is not a ``str`` or ``os.PathLike``.
+            InvalidArgumentError: ``path`` is empty.
         """
+        check_path(path, "path", "InfluenceReport.save")
+        if os.fspath(path) == "":
+            raise InvalidArgumentError(
+                "InfluenceReport.save: path is empty; give the HTML file to write (e.g. "
+                "'report.html') or a directory to write report.html in ('.' for the "
+                "current one)"
+            )
         target = Path(path)
         if target.is_dir() or (not target.suffix and not target.exists()):
             target = target / "report.html"
@@ -666,26 +774,30 @@ def build_report(
             list means none is known.
         baselines: other ``(n_train,)`` suspicion scores to compare in the detection curve,
             by name (e.g. ``{"final loss": losses}``).
-        label_names: names of integer labels (a list, or a dict from label to name); a
-            float label of a whole value (a binary model's ``1.0`` target) is named like
-            that integer. A label it has no name for is shown as its number, with a
-            ``UserWarning`` listing those labels.
-        render: ``render(*inputs)`` -> what to show for an example: an image array or
-            tensor, a PIL image, PNG bytes, or a string (shown as escaped text). By default
-            an example's only input is shown (image-like arrays as images, anything else
-            as text).
+        label_names: names of integer labels (a list, tuple or 1-D array whose entry ``i``
+            names label ``i``, or a dict from label to name); a float label of a whole
+            value (a binary model's ``1.0`` target) is named like that integer. A label it
+            has no name for is shown as its number, with a ``UserWarning`` listing those
+            labels.
+        render: a function ``render(*inputs)`` -> what to show for an example: an image
+            array or tensor, a PIL image, PNG bytes, or a string (shown as escaped text).
+            By default an example's only input is shown (image-like arrays as images,
+            anything else as text).
         title: the page title.
         subtitle: one line under the title.
-        summary: facts listed at the top, by name.
-        notes: extra sentences shown under the summary (escaped).
+        summary: facts listed at the top: a mapping from name to value.
+        notes: extra sentences shown under the summary (escaped), one paragraph each: a
+            list or tuple of str (a single sentence too goes in a list).
         proponents_title: heading of the proponent strips.
         opponents_title: heading of the opponent strips.
         ranking_note: what ranks high by ``self_influence``, shown under the ranking's
             heading; ``None``: TracIn's reading (examples the model found hard to fit).
         examples_note: what the proponent and opponent strips show, under their heading;
             ``None``: TracIn's reading (influence scores on the test example's loss).
-        n_suspicious: how many of the most suspicious training examples to show.
-        plot_figure: draw the detection curve (or sorted scores) with matplotlib.
+        n_suspicious: how many of the most suspicious training examples to show (0 or
+            more; at most the whole training set is shown).
+        plot_figure: draw the detection curve (or sorted scores) with matplotlib
+            (``True`` or ``False``).
 
     Returns:
         The :class:`InfluenceReport`.
@@ -695,10 +807,53 @@ def build_report(
         InvalidArgumentError: indices out of range, float indices (of the results or
             ``test_indices``) that are not whole numbers, shapes or lengths that do not
             fit, ``test_predictions`` whose reading is ambiguous without
-            ``test_predictions_for``.
+            ``test_predictions_for``, a negative ``n_suspicious``.
         ArgumentTypeError: ``mislabeled`` that are neither integers nor a boolean mask;
-            result indices or ``test_indices`` that are not numbers.
+            result indices or ``test_indices`` that are not numbers; scores
+            (``self_influence``, ``baselines``, the results') that are not numbers;
+            ``title`` or another text that is not a ``str``; ``summary`` or ``baselines``
+            that is not a mapping; ``label_names`` that is neither a sequence nor a
+            mapping; ``notes`` that is a single ``str`` or holds something else than
+            strings; ``render`` that is not callable; ``n_suspicious`` that is not an int;
+            ``plot_figure`` that is not a bool.
     """
+    plot_figure = check_flag(plot_figure, "plot_figure", "build_report")
+    n_suspicious = check_int(n_suspicious, "build_report: n_suspicious")
+    if n_suspicious < 0:
+        raise InvalidArgumentError(
+            f"build_report: n_suspicious must be 0 or more (how many of the most suspicious "
+            f"training examples to show), got {n_suspicious}"
+        )
+    _check_text(title, "title")
+    _check_text(subtitle, "subtitle", or_none=True)
+    _check_text(self_influence_name, "self_influence_name")
+    _check_text(proponents_title, "proponents_title")
+    _check_text(opponents_title, "opponents_title")
+    _check_text(ranking_note, "ranking_note", or_none=True)
+    _check_text(examples_note, "examples_note", or_none=True)
+    summary = _check_mapping(summary, "summary", "name -> fact")
+    baselines = _check_mapping(baselines, "baselines", "name -> scores")
+    label_names = _check_label_names(label_names)
+    notes = _check_notes(notes)
+    if render is not None and not callable(render):
+        raise ArgumentTypeError(
+            f"build_report: render must be a function render(*inputs) or None, got "
+            f"{type(render).__name__}"
+        )
+    suspicion = (
+        _float_array(self_influence, "self_influence").reshape(-1)
+        if self_influence is not None
+        else None
+    )
+    baseline_scores: dict[str, np.ndarray] = {}
+    for name, values in (baselines or {}).items():
+        if not isinstance(name, str):
+            raise ArgumentTypeError(
+                f"build_report: the names of baselines must be str, got {type(name).__name__} "
+                f"{name!r}"
+            )
+        baseline_scores[name] = _float_array(values, f"baselines[{name!r}]").reshape(-1)
+
     pro = as_results(proponents, "proponents")
     con = as_results(opponents, "opponents") if opponents is not None else None
     n_shown = pro.indices.shape[0]
@@ -760,15 +915,14 @@ def build_report(
     figures: dict[str, Any] = {}
     figure_png: bytes | None = None
     figure_name = "mislabel_curve.png"
-    if self_influence is not None:
-        scores = _numpy(self_influence).astype(np.float64).reshape(-1)
+    if suspicion is not None:
+        scores = suspicion
         if scores.size != len(train):
             raise InvalidArgumentError(
                 f"self_influence has {_entries(scores.size)} but train_dataset has {len(train)}"
             )
         rankings: dict[str, Any] = {self_influence_name: scores}
-        for name, values in (baselines or {}).items():
-            baseline = _numpy(values).astype(np.float64).reshape(-1)
+        for name, baseline in baseline_scores.items():
             if baseline.size != len(train):
                 raise InvalidArgumentError(
                     f"baseline {name!r} has {_entries(baseline.size)} but train_dataset "
@@ -811,7 +965,7 @@ def build_report(
             )
         top.append("</div>")
         parts.append("".join(top))
-        order = plot.ranking(scores)[: max(0, min(n_suspicious, len(train)))]
+        order = plot.ranking(scores)[: min(n_suspicious, len(train))]
         figures["most_suspicious"] = [int(i) for i in order]
         cards = "".join(train.card(int(i), scores[i]).html() for i in order)
         parts.append(f'<h3>The {len(order)} most suspicious</h3><div class="cards">{cards}</div>')

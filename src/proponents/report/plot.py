@@ -8,12 +8,15 @@ global matplotlib state (a notebook's backend, open figures) is left alone.
 from __future__ import annotations
 
 import io
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
+from proponents.checks import check_int
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError, count
 
 #: Fractions of the training set at which the found share of bad labels is reported.
 DEFAULT_FRACTIONS = (0.05, 0.10, 0.20)
@@ -129,6 +132,118 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def score_vector(scores: Any, argument: str) -> np.ndarray:
+    """Suspicion scores as a 1-D float64 array, or a typed error naming ``argument``.
+
+    Args:
+        scores: one score per example: a 1-D tensor, array or sequence of real numbers.
+        argument: the parameter name shown in the message.
+
+    Returns:
+        The scores as a ``(n,)`` float64 array.
+
+    Raises:
+        ArgumentTypeError: ``None``, or values that are not real numbers (strings,
+            complex numbers, objects).
+        InvalidArgumentError: scores that are not one-dimensional (a ``(4, 10)`` array
+            would otherwise be read as 40 examples).
+    """
+    if scores is None:
+        raise ArgumentTypeError(
+            f"{argument} must be one score per example (a 1-D tensor, array or sequence of "
+            "numbers), got None"
+        )
+    array = _numpy(scores)
+    if array.dtype.kind not in "biufO":
+        raise ArgumentTypeError(
+            f"{argument} must be real numbers, one score per example, got an array of {array.dtype}"
+        )
+    try:
+        values = array.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(
+            f"{argument} must be real numbers, one score per example, got values of "
+            f"{type(scores).__name__} that are not numbers"
+        ) from None
+    if values.ndim != 1:
+        raise InvalidArgumentError(
+            f"{argument} must be one-dimensional, one score per example; got shape "
+            f"{tuple(values.shape)}"
+        )
+    return values
+
+
+def check_fraction(value: Any, argument: str) -> float:
+    """``value`` as a float share of the data, or a typed error naming ``argument``.
+
+    Args:
+        value: the share of the examples inspected, from 0 to 1 (``0.05`` is the top 5%).
+        argument: the parameter name shown in the message.
+
+    Returns:
+        ``value`` as a ``float``.
+
+    Raises:
+        ArgumentTypeError: a ``bool`` or anything that is not a real number.
+        InvalidArgumentError: a number outside ``[0, 1]`` (NaN included), such as ``5``
+            meant as 5%.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"{argument} must be a number from 0 to 1 (a share of the examples), got "
+            f"{type(value).__name__} {value!r}"
+        )
+    share = float(value)
+    if not (math.isfinite(share) and 0.0 <= share <= 1.0):
+        hint = f" (if {share:g}% is meant, give {share / 100:g})" if 1 < share <= 100 else ""
+        raise InvalidArgumentError(
+            f"{argument} must be from 0 to 1 (a share of the examples), got {value!r}{hint}"
+        )
+    return share
+
+
+def _ranking_vectors(rankings: Any, n: int | None, owner: str) -> tuple[dict[str, Any], int]:
+    """Every ranking as a 1-D float array of one common length, and that length.
+
+    Raises:
+        ArgumentTypeError: ``rankings`` is not a mapping, or holds scores that are not
+            numbers; ``n`` is not an int.
+        InvalidArgumentError: a ranking that is not 1-D or whose length is not ``n``
+            (or, without ``n``, not that of the first ranking); ``n`` negative; no
+            rankings and no ``n``.
+    """
+    if not isinstance(rankings, Mapping):
+        raise ArgumentTypeError(
+            f"{owner}: rankings must be a mapping from name to scores (e.g. "
+            f"{{'self-influence': scores}}), got {type(rankings).__name__}"
+        )
+    if n is not None:
+        n = check_int(n, f"{owner}: n", or_none=True)
+        if n < 0:
+            raise InvalidArgumentError(f"{owner}: n must be 0 or more examples, got {n}")
+    vectors = {
+        name: score_vector(scores, f"{owner}: rankings[{name!r}]")
+        for name, scores in rankings.items()
+    }
+    if n is None:
+        if not vectors:
+            raise InvalidArgumentError(
+                f"{owner}: rankings is empty, so the number of examples is unknown; give n "
+                "(the size of the dataset the known-bad indices refer to)"
+            )
+        first, scores = next(iter(vectors.items()))
+        n, source = scores.size, f"rankings[{first!r}] has"
+    else:
+        source = "n is"
+    for name, scores in vectors.items():
+        if scores.size != n:
+            raise InvalidArgumentError(
+                f"{owner}: rankings[{name!r}] has {count(scores.size, 'score')} but {source} "
+                f"{n}; every ranking needs one score per example"
+            )
+    return vectors, n
+
+
 def found_curve(scores: Any, bad: Sequence[int] | np.ndarray) -> np.ndarray:
     """Share of the bad examples found after inspecting the top ``i`` of the ranking.
 
@@ -141,11 +256,13 @@ def found_curve(scores: Any, bad: Sequence[int] | np.ndarray) -> np.ndarray:
         ``(n + 1,)`` array; entry ``i`` is the share found among the ``i`` most suspicious.
 
     Raises:
-        InvalidArgumentError: an index outside ``[0, n)`` or a mask of another length.
+        ArgumentTypeError: ``scores`` that are ``None`` or not numbers.
+        InvalidArgumentError: ``scores`` that are not 1-D, an index outside ``[0, n)``
+            or a mask of another length.
     """
-    order = ranking(scores)
+    order = ranking(score_vector(scores, "scores"))
     mask = np.zeros(order.size, dtype=bool)
-    mask[bad_indices(bad, order.size)] = True
+    mask[bad_indices(bad, order.size, "bad")] = True
     total = max(int(mask.sum()), 1)
     return np.concatenate([[0.0], np.cumsum(mask[order]) / total])
 
@@ -161,8 +278,30 @@ def inspected(fraction: float, n: int) -> int:
 
 
 def found_at(scores: Any, bad: Sequence[int] | np.ndarray, fraction: float) -> float:
-    """Share of the bad examples among the top ``fraction`` of the ranking (the count of
-    :func:`inspected`)."""
+    """Share of the known-bad examples that a ranking puts in its top ``fraction``.
+
+    The top ``fraction`` of ``n`` examples holds :func:`inspected` of them: the rounded
+    count, but at least one example when ``fraction`` is positive.
+
+    Args:
+        scores: ``(n,)`` suspicion scores, higher is more suspicious (a 1-D tensor, array
+            or sequence of numbers).
+        bad: indices of the examples known to be bad (repeats count once), or a boolean
+            mask of ``n`` entries.
+        fraction: share of the examples inspected, from 0 to 1 (``0.05``: the top 5%).
+
+    Returns:
+        The share of the known-bad examples found there, from 0 to 1 (0 when none is
+        known).
+
+    Raises:
+        ArgumentTypeError: ``scores`` that are ``None`` or not numbers, ``fraction`` that
+            is not a number, ``bad`` that are neither integers nor booleans.
+        InvalidArgumentError: ``scores`` that are not 1-D, ``fraction`` outside
+            ``[0, 1]``, an index of ``bad`` outside ``[0, n)`` or a mask of another
+            length.
+    """
+    fraction = check_fraction(fraction, "fraction")
     curve = found_curve(scores, bad)
     n = curve.size - 1
     return float(curve[inspected(fraction, n)])
@@ -177,10 +316,11 @@ def detection_table(
     """Found shares at each fraction for every ranking, plus random order (expected value).
 
     Args:
-        rankings: name -> ``(n,)`` suspicion scores.
+        rankings: name -> ``(n,)`` suspicion scores (1-D, all of the same length).
         bad: indices of the known-bad examples (repeats count once), or a boolean mask.
-        fractions: fractions of the data inspected.
-        n: dataset size (needed only when ``rankings`` is empty).
+        fractions: shares of the data inspected, each from 0 to 1.
+        n: dataset size; every ranking must have ``n`` scores. Needed when ``rankings``
+            is empty; otherwise the length of the rankings by default.
 
     Returns:
         name -> {fraction: share found}; the entry ``"random order (expected)"`` holds the
@@ -188,19 +328,30 @@ def detection_table(
         ``"best possible"`` the share a perfect ranking finds.
 
     Raises:
-        InvalidArgumentError: a known-bad index outside the examples.
+        ArgumentTypeError: ``rankings`` that is not a mapping or holds scores that are not
+            numbers, ``fractions`` that is not a sequence of numbers, ``n`` not an int.
+        InvalidArgumentError: a ranking that is not 1-D or has another length than ``n``
+            (or than the other rankings), a fraction outside ``[0, 1]``, ``n`` negative,
+            no rankings and no ``n``, a known-bad index outside the examples.
     """
-    if n is None:
-        n = len(_numpy(next(iter(rankings.values())))) if rankings else 0
-    bad = bad_indices(bad, n)
+    vectors, n = _ranking_vectors(rankings, n, "detection_table")
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, (Sequence, np.ndarray)):
+        raise ArgumentTypeError(
+            "detection_table: fractions must be a sequence of shares from 0 to 1 (e.g. "
+            f"(0.05, 0.1)), got {type(fractions).__name__} {fractions!r}"
+        )
+    shares = [
+        check_fraction(f, f"detection_table: fractions[{i}]") for i, f in enumerate(fractions)
+    ]
+    bad = bad_indices(bad, n, "detection_table: bad")
     table = {
-        name: {f: found_at(scores, bad, f) for f in fractions} for name, scores in rankings.items()
+        name: {f: found_at(scores, bad, f) for f in shares} for name, scores in vectors.items()
     }
     if n:
-        table["random order (expected)"] = {f: inspected(f, n) / n for f in fractions}
+        table["random order (expected)"] = {f: inspected(f, n) / n for f in shares}
         n_bad = len(bad)
         if n_bad:
-            table["best possible"] = {f: min(inspected(f, n), n_bad) / n_bad for f in fractions}
+            table["best possible"] = {f: min(inspected(f, n), n_bad) / n_bad for f in shares}
     return table
 
 
@@ -234,14 +385,16 @@ def detection_figure_png(
 
     Raises:
         MissingExtraError: matplotlib is not installed.
+        InvalidArgumentError: rankings of different lengths, or none (as for
+            :func:`detection_table`).
     """
-    n = len(_numpy(next(iter(rankings.values())))) if rankings else 0
-    bad = bad_indices(bad, n)
+    vectors, n = _ranking_vectors(rankings, None, "detection_figure_png")
+    bad = bad_indices(bad, n, "detection_figure_png: bad")
     n_bad = len(bad)
     fig, ax = _new_figure()
     x = np.arange(n + 1) / max(n, 1)
     styles = ["-", "--", "-.", ":"]
-    for i, (name, scores) in enumerate(rankings.items()):
+    for i, (name, scores) in enumerate(vectors.items()):
         ax.plot(x * 100, found_curve(scores, bad) * 100, styles[i % 4], lw=2, label=_plain(name))
     ax.plot([0, 100], [0, 100], color="0.55", lw=1, label="random order (expected)")
     if n and n_bad:
