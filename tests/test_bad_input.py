@@ -346,6 +346,8 @@ ROWS: list[Row] = [
     row(f"{R}.load.model", "type", lambda o: o.load(model="net"), Ty),
     row(f"{R}.load.model", "DataParallel", lambda o: o.load(
         model=nn.DataParallel(o.case.model)), Ty, "DataParallel", "model.module"),
+    row(f"{R}.load.loss_fn", "missing", lambda o: o.load(loss_fn=None), V),
+    row(f"{R}.load.batch_size", "zero", lambda o: o.load(batch_size=0), V),
     row(f"{R}.load.distributed", "str", lambda o: o.load(distributed="no"), Ty),
     row(f"{R}.load.memory_budget", "bool", lambda o: o.load(memory_budget=True), Ty),
     row(f"{R}.load.memory_budget", "negative", lambda o: o.load(memory_budget=-5), V),

@@ -239,3 +239,21 @@ def test_cosines_the_clamp_makes_equal_come_in_index_order(tmp_path, direction, 
                 assert torch.equal(idx, ref_idx), (layer, k, idx, ref_idx)
                 torch.testing.assert_close(val.double(), ref_val, rtol=0.0, atol=1e-6)
                 assert float(val.abs().max()) <= 1.0
+
+
+def test_numpy_test_inputs_are_refused_with_the_fix(tmp_path):
+    """Before, a NumPy test batch reached the model and failed inside torch (linear():
+    argument 'input' must be Tensor); the TracIn classes already named it."""
+    from proponents.errors import ArgumentTypeError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, test = torch.randn(12, 4), torch.randn(3, 4)
+    sim = SimilarityInfluence(model, "0", x, tmp_path, batch_size=6)
+    for given in (test.numpy(), (test.numpy(),)):
+        with pytest.raises(ArgumentTypeError, match=r"NumPy arrays.*torch\.from_numpy"):
+            sim.influence(given, top_k=2)
+    with torch.no_grad():
+        src, acts = model[0](x), model[0](test)
+    order, _ = _cosine_ranking(acts, src, 2)
+    assert torch.equal(sim.influence(test, top_k=2)["0"][0], order)  # as tensors: served

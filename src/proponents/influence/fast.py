@@ -1113,7 +1113,7 @@ class TracInCPFastRandProj(TracInCPFast):
             path: the directory given to :meth:`save`.
             model: the model (same architecture and layer).
             checkpoints: the same checkpoints (their content is compared).
-            loss_fn: the loss used at construction (same reduction).
+            loss_fn: the loss used at construction (same reduction); required.
             train_dataset: the training data; when given, its length and a sample of its
                 examples (first, last, three in between) are compared with those embedded.
                 When omitted, the restored object can answer queries but not re-embed.
@@ -1143,6 +1143,18 @@ class TracInCPFastRandProj(TracInCPFast):
         """
         owner = f"{cls.__name__}.load"
         check_path(path, "path", owner)
+        if loss_fn is None:
+            raise InvalidArgumentError(
+                f"{owner} needs loss_fn: the loss the index was built with (its class, "
+                "reduction and settings are compared with the saved ones), e.g. "
+                "loss_fn=nn.CrossEntropyLoss(reduction='sum')"
+            )
+        size = check_int(batch_size, f"{owner}: batch_size")
+        if size < 1:
+            raise InvalidArgumentError(
+                f"{owner}: batch_size={size} must be a positive int (the batch size of later "
+                "test passes, and of the training set's when train_dataset is given)"
+            )
         memory_budget = _check_index_storage(
             memory_budget, torch.float32 if index_dtype is None else index_dtype, owner
         )

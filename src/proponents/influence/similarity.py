@@ -436,6 +436,12 @@ class SimilarityInfluence(DataInfluence):
                 "inputs is None: pass the test batch (a tensor or a tuple of tensors), or "
                 "load_input_from_disk=True with the inputs_id of saved activations"
             )
+        test_items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        if any(isinstance(item, np.ndarray) for item in test_items):
+            raise ArgumentTypeError(
+                "SimilarityInfluence.influence: inputs hold NumPy arrays, which would reach "
+                "the model as they are; pass torch tensors (torch.from_numpy(array))"
+            )
         largest = self.similarity_direction == "max"
         device = model_device(self.module)
         with call_scope(self.module, device):
