@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from proponents import TracInCPFast, TracInCPFastRandProj
 from proponents.neighbors import (
+    AnnoyNearestNeighbors,
     ExactNearestNeighbors,
     FaissNearestNeighbors,
     ForeignNearestNeighbors,
@@ -286,3 +287,42 @@ def test_sharing_is_told_by_identity_for_a_dataclass_backend(tmp_path):
         assert torch.equal(
             b.influence((xt,), yt, k=3).indices, _top(b.influence((xt,), yt, k=None), 3)[0]
         )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (pytest.importorskip("annoy"), AnnoyNearestNeighbors(num_trees=3))[1],
+        ExactNearestNeighbors,
+        BruteForce,
+    ],
+    ids=["annoy", "exact", "captum-style"],
+)
+def test_building_the_search_structure_has_its_own_progress_bar(tmp_path, capsys, make):
+    """Before, the bar stopped when the embedding did, and building the backend's index
+    (an Annoy add loop over every row, then its trees) ran without one."""
+    model, train, paths, xt, yt = _problem(tmp_path, n=9000)
+    backend = make()
+    TracInCPFastRandProj(
+        model,
+        "2",
+        train,
+        paths,
+        loss_fn=LOSS,
+        batch_size=1000,
+        nearest_neighbors=backend,
+        show_progress=True,
+    )
+    err = capsys.readouterr().err.replace("\r", "\n")
+    lines = [line for line in err.split("\n") if "indexing the embeddings" in line]
+    name = type(getattr(backend, "backend", backend)).__name__
+    assert lines and all(name in line for line in lines), err[-500:]
+    assert "9000/9000" in lines[-1]
+    if name == "AnnoyNearestNeighbors":  # reported as the rows go in, not only at the end
+        steps: list[int] = []
+        with backend.reporting(steps.append):
+            backend.setup(torch.randn(9000, 4))
+        assert steps == [4096, 4096, 808]
+    TracInCPFastRandProj(model, "2", train, paths, loss_fn=LOSS, batch_size=1000,
+                         nearest_neighbors=make())  # fmt: skip
+    assert "indexing" not in capsys.readouterr().err

@@ -29,6 +29,11 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
+    @property
+    def count(self) -> int:
+        """Steps done so far (0 when the bar is not shown)."""
+        return 0 if self._bar is None else int(self._bar.n)
+
     def set_description(self, desc: str) -> None:
         if self._bar is not None:
             self._bar.set_description(desc)

@@ -14,6 +14,7 @@ product and proponents are a nearest-neighbour query.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -599,17 +600,30 @@ class TracInCPFastRandProj(TracInCPFast):
             self.embeddings = local
             self._offset, self._n_indexed = sum(sizes[: self._dist.rank]), sum(sizes)
         if self.embeddings.shape[0]:
-            self._set_up_search()
+            self._set_up_search(show_progress=show_progress)
 
-    def _set_up_search(self, saved: Path | None = None) -> None:
+    def _set_up_search(self, saved: Path | None = None, show_progress: bool = False) -> None:
         """Set the backend up with this index's embeddings (from its files in ``saved``
         when given: :meth:`NearestNeighbors.load`, which rebuilds when they do not fit),
-        and claim it for this index."""
-        if saved is None:
-            self.nearest_neighbors.setup(self.embeddings)
-        else:
-            self.nearest_neighbors.load(saved, self.embeddings)
-        claim(self.nearest_neighbors, self._search_owner)
+        and claim it for this index. ``show_progress``: a bar over the rows indexed (a
+        built-in backend reports them as it goes; any other at the end)."""
+        backend = self.nearest_neighbors
+        n = int(self.embeddings.shape[0])
+        shown = backend.backend if isinstance(backend, ForeignNearestNeighbors) else backend
+        what = f"{self.get_name()}: indexing the embeddings ({type(shown).__name__})"
+        with Progress(show_progress, what, n, unit="row") as bar:
+            reporting = (
+                backend.reporting(bar.update)
+                if isinstance(backend, IndexedNearestNeighbors)
+                else contextlib.nullcontext()
+            )
+            with reporting:
+                if saved is None:
+                    backend.setup(self.embeddings)
+                else:
+                    backend.load(saved, self.embeddings)
+            bar.update(n - bar.count)
+        claim(backend, self._search_owner)
 
     def _own_search(self) -> None:
         """Set the backend up again, with a warning, if another index set it up since.

@@ -16,6 +16,10 @@ from proponents.neighbors.base import IndexedNearestNeighbors, import_extra
 __all__ = ["AnnoyNearestNeighbors"]
 
 
+#: Rows added to the index between two reports to a progress bar.
+_REPORT_EVERY = 4096
+
+
 def _annoy() -> Any:
     return import_extra("annoy", "annoy", "AnnoyNearestNeighbors")
 
@@ -181,6 +185,9 @@ class AnnoyNearestNeighbors(IndexedNearestNeighbors):
         rows = data.detach().to("cpu", torch.float32).numpy()
         for i, row in enumerate(rows):
             index.add_item(i, row)
+            if (i + 1) % _REPORT_EVERY == 0:
+                self._rows_indexed(_REPORT_EVERY)
+        self._rows_indexed(len(rows) % _REPORT_EVERY)
         index.build(self.num_trees)
         self._index = index
 

@@ -24,7 +24,7 @@ import operator
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, final
@@ -539,6 +539,23 @@ class IndexedNearestNeighbors(NearestNeighbors):
         #: :meth:`search_finite` (``None``: not looked for yet, or none found).
         self._skip: Tensor | None = None
         self._skip_known = False
+
+    @contextlib.contextmanager
+    def reporting(self, progress: Callable[[int], None]) -> Iterator[None]:
+        """Within, :meth:`setup` hands ``progress`` the number of rows it indexed since
+        the last call, as it goes (a backend that adds them one by one, such as Annoy)
+        or at the end (one that adds them at once)."""
+        self._report_rows: Callable[[int], None] | None = progress
+        try:
+            yield
+        finally:
+            self._report_rows = None
+
+    def _rows_indexed(self, n: int) -> None:
+        """Tell the :meth:`reporting` callback, if any, that ``n`` more rows are in."""
+        report = getattr(self, "_report_rows", None)
+        if report is not None and n:
+            report(n)
 
     # -- settings --------------------------------------------------------------------
 

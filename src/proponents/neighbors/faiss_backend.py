@@ -311,6 +311,7 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
             index.add_with_ids(vectors, np.arange(n, dtype=np.int64))
         else:
             index.add(vectors)
+        self._rows_indexed(int(n))
         self._index = index
 
     def _split_finite(self, data: Tensor) -> Tensor | None:
