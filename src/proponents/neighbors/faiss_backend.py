@@ -272,6 +272,10 @@ class FaissNearestNeighbors(IndexedNearestNeighbors):
         quantizer at least ``2**nbits`` (256 for ``PQ8``). Other requirements of exotic
         indices are only found by :meth:`setup`.
 
+        Args:
+            num_items: ``N``, the number of vectors that will be indexed.
+            dim: ``D``, their dimension.
+
         Raises:
             InvalidArgumentError: when one of these conditions fails.
         """
