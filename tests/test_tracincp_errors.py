@@ -488,3 +488,29 @@ def test_a_class_label_outside_the_output_is_named_by_every_class(case, label):
     y[1] = -1
     got = make(case, loss_fn=ignoring).influence((x,), y)
     assert torch.isfinite(got).all() and torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+class _OneBased(nn.CrossEntropyLoss):
+    """A subclass that maps its labels (1..C) before the loss sees them."""
+
+    def forward(self, output, labels):
+        return super().forward(output, labels - 1)
+
+
+def test_a_cross_entropy_subclass_that_maps_its_labels_is_not_range_checked(case):
+    """The range check covers torch's own losses only: a subclass may take labels that
+    are not class positions (here 1..3 for 3 classes). Its scores are those of the plain
+    loss on the mapped labels."""
+    x, y = case.test_inputs[0][:3], case.test_labels[:3]
+    plain = TracInCPFast(
+        case.model,
+        "fc2",
+        case.dataset,
+        case.checkpoints,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+    ).influence((x,), y)
+    shifted = TensorDataset(case.train_inputs[0], case.train_labels + 1)
+    mapped = TracInCPFast(
+        case.model, "fc2", shifted, case.checkpoints, loss_fn=_OneBased(reduction="sum")
+    ).influence((x,), y + 1)
+    torch.testing.assert_close(mapped, plain)

@@ -355,13 +355,16 @@ def _check_class_labels(fn: Any, output: Any, labels: Any) -> None:
     Raises:
         BatchFormatError: naming the first such label and the number of classes.
     """
-    if not isinstance(fn, _CLASS_LOSSES) or not isinstance(labels, torch.Tensor):
-        return
+    if type(fn) not in _CLASS_LOSSES or not isinstance(labels, torch.Tensor):
+        return  # (a subclass may map its labels before the loss sees them)
     if not isinstance(output, torch.Tensor) or output.dim() < 2 or labels.is_floating_point():
         return  # class probabilities, or an output the loss will refuse itself
     if labels.numel() == 0 or labels.dtype == torch.bool:
         return
     classes = int(output.shape[1])
+    low, high = (int(v) for v in torch.aminmax(labels))  # one sync in the usual case
+    if 0 <= low and high < classes:
+        return
     outside = ((labels < 0) | (labels >= classes)) & (labels != fn.ignore_index)
     if bool(outside.any()):
         bad = int(labels[outside].flatten()[0])
