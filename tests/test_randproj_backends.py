@@ -326,3 +326,22 @@ def test_building_the_search_structure_has_its_own_progress_bar(tmp_path, capsys
     TracInCPFastRandProj(model, "2", train, paths, loss_fn=LOSS, batch_size=1000,
                          nearest_neighbors=make())  # fmt: skip
     assert "indexing" not in capsys.readouterr().err
+
+
+class CastsItself(BruteForce):
+    """Casts the query to its data's dtype itself, as `q.to(data.dtype) @ data.T` would."""
+
+    def get_nearest_neighbors(self, query, k):
+        return super().get_nearest_neighbors(query.to(self.data.dtype), k)
+
+
+def test_a_backend_that_casts_large_queries_itself_still_ranks_them_right():
+    """Found in review: with the query sent unscaled, a row past float16's range became inf
+    in the backend's own cast, and its top-k was wrong without an error."""
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(30, 6, generator=g).half()
+    query = torch.randn(4, 6, generator=g) * 1e6
+    wrapped = ForeignNearestNeighbors(CastsItself())
+    wrapped.setup(data)
+    indices, _ = wrapped.get_nearest_neighbors(query, 5)
+    assert torch.equal(indices, _top(query.double() @ data.double().T, 5)[0])

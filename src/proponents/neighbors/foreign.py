@@ -129,26 +129,28 @@ class ForeignNearestNeighbors(NearestNeighbors):
     def _ask(self, query: Tensor, dtype: torch.dtype, k: int) -> Any:
         """The wrapped backend's answer for ``query``.
 
-        The query goes as given; where the data it was set up with has another dtype (a
-        float16 index searched with float32 test embeddings) and the backend fails on the
-        query as given, it is asked again with the query in the data's dtype
-        (:func:`_in_dtype_of_data`), and from then on in that form. A backend that keeps
-        its own float32 copy takes the first form, one that multiplies the data it was
-        given by the query the second.
+        Where the data it was set up with has another dtype (a float16 index searched
+        with float32 test embeddings), the query's rows are scaled first
+        (:func:`_scaled_rows`), so that a backend that casts the query to its data's
+        dtype gets one that fits; it goes in its own dtype, and if the backend fails on
+        that, in the data's, from then on. A backend that keeps its own float32 copy
+        takes the first form, one that multiplies the data it was given by the query the
+        second.
         """
         if query.dtype == dtype or not dtype.is_floating_point:
             return self.backend.get_nearest_neighbors(query, k)
+        scaled = _scaled_rows(query)
         if not self._query_in_data_dtype:
             try:
-                return self.backend.get_nearest_neighbors(query, k)
+                return self.backend.get_nearest_neighbors(scaled, k)
             except (RuntimeError, TypeError) as first:
                 try:
-                    answer = self.backend.get_nearest_neighbors(_in_dtype_of_data(query, dtype), k)
+                    answer = self.backend.get_nearest_neighbors(scaled.to(dtype), k)
                 except Exception:
                     raise first from None
                 self._query_in_data_dtype = True
                 return answer
-        return self.backend.get_nearest_neighbors(_in_dtype_of_data(query, dtype), k)
+        return self.backend.get_nearest_neighbors(scaled.to(dtype), k)
 
     def get_nearest_neighbors(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The wrapped backend's ``k`` neighbours of each query row, scored exactly.
@@ -189,22 +191,20 @@ class ForeignNearestNeighbors(NearestNeighbors):
         return rescored(data, query, indices)
 
 
-def _in_dtype_of_data(query: Tensor, dtype: torch.dtype) -> Tensor:
-    """``query`` in the data's dtype, for a backend that multiplies the two.
-
-    Each finite, non-zero row is first scaled by a power of two that brings its largest
-    entry into ``[0.5, 1)``, so that the cast to a narrow dtype (float16) neither
-    overflows nor flushes the row to zero: a positive factor leaves the order of a row's
-    inner products as it was, and only the rows the backend picks are used (their scores
-    are recomputed with the query as given).
-    """
+def _scaled_rows(query: Tensor) -> Tensor:
+    """``query`` with each finite, non-zero row scaled by the power of two that brings its
+    largest entry into ``[0.5, 1)``, for a backend whose data has a narrower dtype
+    (float16): cast to it, by us or by the backend, a row neither overflows nor flushes
+    to zero. A positive factor leaves the order of a row's inner products as it was, and
+    only the rows the backend picks are used (their scores are recomputed with the query
+    as given)."""
     peak = query.detach().abs().amax(dim=1)
     fits = torch.isfinite(peak) & (peak > 0)
     if bool(fits.any()):
         query = query.clone()
         scale = torch.exp2(-torch.floor(torch.log2(peak[fits])) - 1)
         query[fits] = query[fits] * scale.to(query.dtype).unsqueeze(1)
-    return query.to(dtype)
+    return query
 
 
 def _float_scores(answer: Any) -> Any:
