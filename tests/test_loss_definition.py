@@ -569,6 +569,18 @@ class _Late:
         self.logits = self.logits / temperature
 
 
+@dataclasses.dataclass
+class _Locked:
+    """Read-only once built, by a __setattr__ of its own (not frozen=True)."""
+
+    logits: torch.Tensor
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__:
+            raise AttributeError(f"{name} is read-only")
+        super().__setattr__(name, value)
+
+
 class _StructuredOutput(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -580,6 +592,8 @@ class _StructuredOutput(nn.Module):
         h = torch.tanh(self.fc1(x))
         if self.kind == "dataclass":
             return _Output(self.fc2(h))
+        if self.kind == "locked":
+            return _Locked(self.fc2(h))
         if self.kind == "late fields":  # an InitVar, and a field filled in after __init__
             out = _Late(self.fc2(h), 2.0)
             out.margin = h[:, :3]
@@ -587,7 +601,7 @@ class _StructuredOutput(nn.Module):
         return _Pair(self.fc2(h), h)
 
 
-@pytest.mark.parametrize("kind", ["dataclass", "namedtuple", "late fields"])
+@pytest.mark.parametrize("kind", ["dataclass", "namedtuple", "late fields", "locked"])
 @pytest.mark.parametrize("method", ["tracincp", "fast"])
 def test_a_plain_loss_on_a_dataclass_or_named_tuple_output(tmp_path, kind, method):
     """A loss that states no reduction is evaluated on each example's rows of the output.

@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from proponents import KMostInfluentialResults
 from proponents.errors import InvalidArgumentError
-from proponents.report import InfluenceReport, MissingExtraError, build_report
+from proponents.report import InfluenceReport, MissingExtraError, build_report, plot
 from proponents.report.render import as_image, example_html, png_bytes
 
 CHROMIUM = shutil.which("chromium")
@@ -1300,3 +1300,21 @@ def test_report_functions_document_every_argument():
         for name in inspect.signature(function).parameters:
             if name != "self":
                 assert re.search(rf"^    {name}: ", args, re.M), (function.__name__, name)
+
+
+def test_names_notes_and_column_scores_in_the_forms_that_worked_before_the_checks():
+    """The argument checks must not refuse what was served before them: label names as
+    dict.values() (or a pandas Series / Index: any iterable of names), notes from a
+    generator, and (n, 1) columns of suspicion scores for found_at."""
+    train, test, pro = _bad_case()
+    as_list = build_report(train, test, pro, label_names=["a", "b", "c"], plot_figure=False)
+    names = {0: "a", 1: "b", 2: "c"}.values()
+    assert build_report(train, test, pro, label_names=names, plot_figure=False).fragment == (
+        as_list.fragment
+    )
+    noted = build_report(train, test, pro, notes=["x", "y"], plot_figure=False)
+    generated = build_report(train, test, pro, notes=(n for n in ["x", "y"]), plot_figure=False)
+    assert generated.fragment == noted.fragment
+    scores = np.random.default_rng(0).random(30)
+    bad = [3, 7, 11]
+    assert plot.found_at(scores[:, None], bad, 0.2) == plot.found_at(scores, bad, 0.2)

@@ -243,7 +243,8 @@ def test_cosines_the_clamp_makes_equal_come_in_index_order(tmp_path, direction, 
 
 def test_numpy_test_inputs_are_refused_with_the_fix(tmp_path):
     """Before, a NumPy test batch reached the model and failed inside torch (linear():
-    argument 'input' must be Tensor); the TracIn classes already named it."""
+    argument 'input' must be Tensor); now that failure names the NumPy arrays and the fix.
+    A model that takes arrays itself is served as before."""
     from proponents.errors import ArgumentTypeError
 
     torch.manual_seed(0)
@@ -257,3 +258,14 @@ def test_numpy_test_inputs_are_refused_with_the_fix(tmp_path):
         src, acts = model[0](x), model[0](test)
     order, _ = _cosine_ranking(acts, src, 2)
     assert torch.equal(sim.influence(test, top_k=2)["0"][0], order)  # as tensors: served
+
+    class TakesArrays(nn.Module):  # a model that converts its input itself is served
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(torch.as_tensor(x))
+
+    wrapped = SimilarityInfluence(TakesArrays(), "inner.0", x, tmp_path / "w", batch_size=6)
+    assert torch.equal(wrapped.influence(test.numpy(), top_k=2)["inner.0"][0], order)

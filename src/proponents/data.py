@@ -886,7 +886,7 @@ def _dataclass_rows(tree: Any, inner: Callable[[Any], Any]) -> Any:
     to any other attribute set on it. The copy is not made through ``__init__`` (an
     ``InitVar`` needs its value again, a ``__post_init__`` would run again); attributes
     are set as usual (a dict-like output such as a HuggingFace ``ModelOutput`` keeps its
-    items in step), and past a frozen dataclass's guard."""
+    items in step), and past the guard of a frozen (or otherwise locked) one."""
     out = copy.copy(tree)
     names = [f.name for f in dataclasses.fields(tree)]
     names += [n for n in getattr(tree, "__dict__", {}) if n not in names]
@@ -896,7 +896,7 @@ def _dataclass_rows(tree: Any, inner: Callable[[Any], Any]) -> Any:
         value = inner(getattr(tree, name))
         try:
             setattr(out, name, value)
-        except dataclasses.FrozenInstanceError:
+        except (AttributeError, TypeError):  # frozen, or locked by a __setattr__ of its own
             object.__setattr__(out, name, value)
     return out
 

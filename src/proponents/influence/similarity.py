@@ -437,29 +437,35 @@ class SimilarityInfluence(DataInfluence):
                 "load_input_from_disk=True with the inputs_id of saved activations"
             )
         test_items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-        if any(isinstance(item, np.ndarray) for item in test_items):
-            raise ArgumentTypeError(
-                "SimilarityInfluence.influence: inputs hold NumPy arrays, which would reach "
-                "the model as they are; pass torch tensors (torch.from_numpy(array))"
-            )
+        numpy_inputs = any(isinstance(item, np.ndarray) for item in test_items)
         largest = self.similarity_direction == "max"
         device = model_device(self.module)
         with call_scope(self.module, device):
 
             def test_side() -> tuple[str, dict[str, Tensor]]:
-                observe_forward_state(
-                    self.module,
-                    lambda: self._state_probe_inputs(inputs, additional_forward_args, device),
-                )
-                fingerprint = self._fingerprint(self.module)
-                return fingerprint, self._test_activations(
-                    inputs,
-                    additional_forward_args,
-                    load_input_from_disk,
-                    inputs_id,
-                    fingerprint,
-                    device,
-                )
+                try:
+                    observe_forward_state(
+                        self.module,
+                        lambda: self._state_probe_inputs(inputs, additional_forward_args, device),
+                    )
+                    fingerprint = self._fingerprint(self.module)
+                    return fingerprint, self._test_activations(
+                        inputs,
+                        additional_forward_args,
+                        load_input_from_disk,
+                        inputs_id,
+                        fingerprint,
+                        device,
+                    )
+                except (TypeError, RuntimeError) as err:
+                    if not numpy_inputs:
+                        raise
+                    # (a model that takes NumPy arrays itself is served as it is)
+                    raise ArgumentTypeError(
+                        "SimilarityInfluence.influence: inputs hold NumPy arrays, which "
+                        f"reach the model as they are, and it failed on them ({err}); pass "
+                        "torch tensors (torch.from_numpy(array))"
+                    ) from err
 
             if self._dist is not None:
                 # inside a status exchange: a rank whose test side fails raises its error

@@ -219,10 +219,11 @@ def _check_notes(notes: Any) -> list[str]:
             f"build_report: notes must be a list of sentences, got one str {notes!r}; "
             f"wrap it in a list: notes=[{notes!r}]"
         )
-    if not isinstance(notes, Sequence) or isinstance(notes, (bytes, bytearray)):
+    if isinstance(notes, (bytes, bytearray)) or not isinstance(notes, Iterable):
         raise ArgumentTypeError(
             f"build_report: notes must be a list (or tuple) of str, got {type(notes).__name__}"
         )
+    notes = list(notes)  # any iterable of sentences (a generator, say)
     for i, note in enumerate(notes):
         if not isinstance(note, str):
             raise ArgumentTypeError(
@@ -246,7 +247,8 @@ def _check_mapping(value: Any, argument: str, holds: str) -> Mapping[Any, Any] |
 
 def _check_label_names(value: Any) -> Any:
     """Return ``value`` if it can name labels: ``None``, a mapping from label to name, or
-    a sequence (a list, tuple or 1-D array) whose entry ``i`` names label ``i``.
+    a sequence (a list, tuple or 1-D array) whose entry ``i`` names label ``i``; another
+    iterable of names (a pandas Series or Index, ``dict.values()``) as a list.
 
     Raises:
         ArgumentTypeError: any other type; a single string (its characters would be read
@@ -258,6 +260,8 @@ def _check_label_names(value: Any) -> Any:
         return value
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
         return value
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, bytearray, np.ndarray)):
+        return list(value)  # a pandas Series or Index, dict.values(): names in order
     raise ArgumentTypeError(
         "build_report: label_names must be a list of names (entry i names label i), a "
         f"dict from label to name, or None; got {type(value).__name__} {value!r}"

@@ -136,7 +136,8 @@ def score_vector(scores: Any, argument: str) -> np.ndarray:
     """Suspicion scores as a 1-D float64 array, or a typed error naming ``argument``.
 
     Args:
-        scores: one score per example: a 1-D tensor, array or sequence of real numbers.
+        scores: one score per example: a 1-D tensor, array or sequence of real numbers
+            (or an ``(n, 1)`` column of them).
         argument: the parameter name shown in the message.
 
     Returns:
@@ -165,6 +166,8 @@ def score_vector(scores: Any, argument: str) -> np.ndarray:
             f"{argument} must be real numbers, one score per example, got values of "
             f"{type(scores).__name__} that are not numbers"
         ) from None
+    if values.ndim == 2 and values.shape[1] == 1:  # a column, (n, 1): one score per row
+        values = values[:, 0]
     if values.ndim != 1:
         raise InvalidArgumentError(
             f"{argument} must be one-dimensional, one score per example; got shape "
