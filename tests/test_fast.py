@@ -604,6 +604,15 @@ def test_float16_index_refuses_embeddings_beyond_its_range(tmp_path):
         )
     more = f" and {len(first_batch) - 10} more" if len(first_batch) > 10 else ""
     assert f"[{', '.join(map(str, first_batch[:10]))}{more}]" in str(err.value)
+    # nor does a float32 index saved and loaded as float16 store them as infinite (before:
+    # accepted without a word, the overflowing rows ranked last), in memory or mapped
+    full.save(tmp_path / "index")
+    for budget in (None, 1):
+        with pytest.raises(InvalidArgumentError, match="load: index_dtype=torch.float16") as err:
+            TracInCPFastRandProj.load(tmp_path / "index", model, big, loss_fn=loss,
+                                      index_dtype=torch.float16, memory_budget=budget)  # fmt: skip
+        more = f" and {len(over) - 10} more" if len(over) > 10 else ""
+        assert f"[{', '.join(map(str, over[:10]))}{more}]" in str(err.value)
     # within range, float16 storage still answers like float32 (to its precision)
     small = TracInCPFastRandProj(
         model, "2", train, paths, loss_fn=loss, batch_size=16, index_dtype=torch.float16

@@ -1344,8 +1344,18 @@ class TracInCPFastRandProj(TracInCPFast):
             and device.type == "cpu"
             and shape[0] * shape[1] * itemsize > self.memory_budget
         )
+        narrowed = index_dtype == torch.float16 and file_dtype != torch.float16
+        name = f"{self.get_name()}.load"
+
+        def cast(block: Tensor, start: int) -> Tensor:
+            # saved wider and restored as float16: values past its range would become
+            # infinite (ranked last as if not finite), as construction refuses them
+            if narrowed:
+                _refuse_float16_overflow(block, start, name)
+            return block.to(index_dtype)
+
         if not over:
-            return torch.from_numpy(entry.read("embeddings")).to(device, index_dtype)
+            return cast(torch.from_numpy(entry.read("embeddings")), 0).to(device)
         if file_dtype == index_dtype:  # map the saved file itself, read-only
             array = entry.memmap("embeddings")  # copy-on-write: the file is never changed
             register_mapped(array)
@@ -1354,7 +1364,7 @@ class TracInCPFastRandProj(TracInCPFast):
         try:
             for start in range(0, shape[0], _SCAN_ROWS):
                 block = entry.memmap("embeddings", start, start + _SCAN_ROWS)
-                disk.write(start, 0, torch.from_numpy(np.array(block)).to(index_dtype).numpy())
+                disk.write(start, 0, cast(torch.from_numpy(np.array(block)), start).numpy())
         except BaseException:
             disk.discard()
             raise
