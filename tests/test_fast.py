@@ -773,9 +773,42 @@ def test_old_unchanged_checkpoints_are_not_read_again_and_fresh_ones_are(tmp_pat
     torch.save(state, new_paths[0])
     assert new_paths[0].stat().st_size == len(data)
     os.utime(new_paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same tick
-    assert ckpts.checkpoint_signature(new_paths[0])[2:] == (stat.st_size, stat.st_mtime_ns)
+    assert ckpts.checkpoint_signature(new_paths[0])[2:4] == (stat.st_size, stat.st_mtime_ns)
     with pytest.raises(CheckpointChangedError, match="c0.pt holds other content"):
         rp.influence((xt,), yt, k=3)
+
+
+def test_an_old_checkpoint_rewritten_in_place_with_its_times_put_back_is_refused(tmp_path):
+    """A same-size rewrite through the same inode whose modification time is then restored
+    (os.utime, or a copy tool that keeps times): before, device, inode, size and
+    modification time all matched and the change went unseen by queries and save. The
+    status-change time cannot be put back, so the file is hashed again and refused."""
+    import os
+
+    model, train, xt, yt, paths = _wide_case(tmp_path, n_train=60)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    for p in paths:
+        os.utime(p, ns=(10**18, 10**18))  # long before: trusted by its stat
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50)
+    rp.influence((xt,), yt, k=3)
+    stat = paths[1].stat()
+    state = torch.load(paths[1], weights_only=True)
+    state["model_state_dict"]["2.weight"] *= 5
+    (tmp_path / "other").mkdir()
+    torch.save(state, tmp_path / "other" / paths[1].name)  # the same name inside
+    new = (tmp_path / "other" / paths[1].name).read_bytes()
+    assert len(new) == stat.st_size
+    with open(paths[1], "r+b") as handle:  # the same inode
+        handle.write(new)
+    os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = paths[1].stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        stat.st_ino, stat.st_size, stat.st_mtime_ns,
+    )  # fmt: skip
+    with pytest.raises(CheckpointChangedError, match="c1.pt holds other content"):
+        rp.influence((xt,), yt, k=3)
+    with pytest.raises(CheckpointChangedError, match="c1.pt"):
+        rp.save(tmp_path / "index")
 
 
 def test_a_loaded_checkpoint_object_changed_before_save_is_refused(tmp_path):

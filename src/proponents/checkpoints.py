@@ -379,8 +379,8 @@ def loaded_fingerprint(path: PathLike) -> str:
 
 
 def checkpoint_signature(ckpt: Any) -> tuple | None:
-    """What the file system says about a checkpoint: device, inode, size and modification
-    time of its file (or of every file under its directory, with their names), from
+    """What the file system says about a checkpoint: device, inode, size, modification and
+    status-change times of its file (or of every file under its directory, with their names), from
     ``stat`` calls alone; ``("missing",)`` when the path is gone. ``None`` for a loaded
     object, which has no such record."""
     if not _is_path(ckpt):

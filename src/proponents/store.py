@@ -800,9 +800,13 @@ def _parse_manifest(key: str, path: Path, text: bytes) -> tuple[dict[str, Any] |
     return manifest, None
 
 
-def file_signature(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What identifies one version of a file: device, inode, size, modification time."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def file_signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What identifies one version of a file: device, inode, size, modification time and
+    status-change time. The last cannot be set back (``os.utime`` sets the modification
+    time and moves the status-change time to now), so a same-size rewrite whose
+    modification time was restored is still seen; a chmod or a new hard link only makes
+    the caller look again."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _check_key(key: str) -> None:
