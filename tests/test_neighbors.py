@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError
+from proponents.errors import ArgumentTypeError, InvalidArgumentError, ProponentsError, StoreError
 from proponents.neighbors import (
     AnnoyNearestNeighbors,
     ExactNearestNeighbors,
@@ -1231,3 +1231,24 @@ def test_faiss_id_map_factories_are_searched_with_row_positions(tmp_path, factor
     fresh = FaissNearestNeighbors(index_factory=factory, nprobe=nprobe)
     assert fresh.load(tmp_path, data) is True
     assert torch.equal(fresh.get_nearest_neighbors(query.double(), 7)[0], want[0])
+
+
+@pytest.mark.parametrize("name", ["annoy", "faiss-flat"])
+def test_save_leaves_a_description_file_of_the_users_alone(tmp_path, name):
+    """A neighbors.json that a save did not write (here the user's own notes) was unlinked
+    and replaced; the save now refuses, naming it, and leaves the file as it was. One of
+    ours is replaced as before."""
+    data, query = random_data()
+    backend = BACKENDS[name](len(data))
+    backend.setup(data)
+    mine = tmp_path / "neighbors.json"
+    mine.write_text('{"mine": 1}')
+    with pytest.raises(StoreError, match="neighbors.json.*not a description this library wrote"):
+        backend.save(tmp_path)
+    assert mine.read_text() == '{"mine": 1}'
+    mine.unlink()
+    assert backend.save(tmp_path) and backend.save(tmp_path)  # ours: replaced again
+    again = BACKENDS[name](len(data))
+    assert again.load(tmp_path, data)
+    want_idx, _ = reference_top_k(data, query, 3)
+    assert torch.equal(again.get_nearest_neighbors(query, 3)[0], want_idx)

@@ -718,6 +718,7 @@ class IndexedNearestNeighbors(NearestNeighbors):
         token = secrets.token_hex(6)
         tmp = index_path.with_name(f"{index_path.name}.{token}.tmp")
         tmp_meta = meta_path.with_name(f"{meta_path.name}.{token}.tmp")
+        _refuse_foreign_meta(meta_path, type(self).__name__)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             # Remove the old description first: an interrupted save reads as "no index".
@@ -1117,6 +1118,29 @@ _F64_UNIT = 2.0**-53
 _F32_MAX = float(torch.finfo(torch.float32).max)
 _F32_TINY = float(torch.finfo(torch.float32).tiny)
 _F64_TINY = float(torch.finfo(torch.float64).tiny)
+
+
+def _refuse_foreign_meta(meta_path: Path, owner: str) -> None:
+    """Refuse to replace a file at ``meta_path`` that a save of ours did not write.
+
+    A description of ours is a JSON object with this module's ``format`` and the name
+    of its index file; anything else there (a file of the user's) is left as it is.
+
+    Raises:
+        StoreError: naming the file.
+    """
+    if not meta_path.is_file():
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and meta.get("format") == _META_FORMAT and "index_file" in meta:
+        return
+    raise StoreError(
+        f"{owner}.save: {str(meta_path)!r} is not a description this library wrote, and a "
+        "save would replace it; move that file, or save the index to another directory"
+    )
 
 
 def _gamma(n: int, u: float) -> float:
