@@ -1444,3 +1444,24 @@ def test_labels_passed_inside_inputs_as_in_captum_0_9_get_a_hint(tmp_path):
         with pytest.raises(InvalidArgumentError, match=r"targets are required") as err:
             obj.influence((x,))
         assert "looks like" not in str(err.value)
+
+
+def test_randproj_differentiates_a_large_test_batch_in_pieces(tmp_path):
+    """TracInCP and TracInCPFast take a large test batch in pieces of at most
+    max(batch_size, 256) examples; TracInCPFastRandProj ran it whole (a memory audit: two
+    full-batch activations, 17x TracInCPFast's peak at 16,000 test examples). Its scores
+    are unchanged: TracInCPFast's, unprojected."""
+    model, train, _, _, paths = _wide_case(tmp_path, n_train=60)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50)
+    g = torch.Generator().manual_seed(9)
+    xt, yt = torch.randn(700, 10, generator=g), torch.randint(0, 8, (700,), generator=g)
+    sizes: list[int] = []
+    hook = model[0].register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        got = rp.influence((xt,), yt, k=None)
+    finally:
+        hook.remove()
+    assert sizes and max(sizes) <= 256 and sum(sizes) >= 700 * 2  # both checkpoints
+    want = TracInCPFast(model, "2", train, paths, loss_fn=loss, batch_size=50).influence((xt,), yt)
+    assert_close(got, want)

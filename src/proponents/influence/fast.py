@@ -709,7 +709,14 @@ class TracInCPFastRandProj(TracInCPFast):
                     learning_rates.append(float(lr))
                     parts = []
                     row = 0
-                    for batch in runner._batches(data, is_loader, "batch"):
+                    # a large test batch is differentiated in pieces, as the other TracIn
+                    # classes do (its activations are not all held at once); the bar counts
+                    # each batch once
+                    chunk = None if training else max(self.train_dataloader.batch_size or 0, 256)
+                    pieces = runner._batches(
+                        data, is_loader, "batch", chunk=chunk, batch_done=bar.update
+                    )
+                    for batch in pieces:
                         # A 16-bit layer's gradient entries g_o a_i are formed in float32:
                         # in its own dtype they overflow long before sqrt(lr) times them
                         # does (as TracInCPFast forms its products).
@@ -730,7 +737,6 @@ class TracInCPFastRandProj(TracInCPFast):
                         else:
                             parts.append(part)
                         row += int(part.shape[0])
-                        bar.update()
                     if n_rows is not None and row != n_rows:
                         raise InvalidArgumentError(
                             f"{name}: the training data yielded {count(row, 'example')} but "
