@@ -1465,3 +1465,22 @@ def test_randproj_differentiates_a_large_test_batch_in_pieces(tmp_path):
     assert sizes and max(sizes) <= 256 and sum(sizes) >= 700 * 2  # both checkpoints
     want = TracInCPFast(model, "2", train, paths, loss_fn=loss, batch_size=50).influence((xt,), yt)
     assert_close(got, want)
+
+
+def test_self_influence_of_one_large_batch_is_taken_in_pieces(tmp_path):
+    """self_influence((x, y)) of one batch went through the model whole (527 MiB at 32,000
+    examples in a memory audit); it is now cut as a large test batch is. The values are
+    those of the same rows read as a dataset in batches."""
+    model, train, _, _, paths = _wide_case(tmp_path, n_train=60)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    fast = TracInCPFast(model, "2", train, paths, loss_fn=loss, batch_size=50)
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(700, 10, generator=g), torch.randint(0, 8, (700,), generator=g)
+    sizes: list[int] = []
+    hook = model[0].register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        got = fast.self_influence((x, y))
+    finally:
+        hook.remove()
+    assert sizes and max(sizes) <= 256
+    assert_close(got, fast.self_influence(TensorDataset(x, y)))

@@ -366,9 +366,15 @@ class TracInRunner:
         return summed if summed is not None else self.engine.concat(parts)
 
     def self_scores(
-        self, data: Iterable[Any], n_batches: int | None, show_progress: bool, what: str
+        self,
+        data: Iterable[Any],
+        n_batches: int | None,
+        show_progress: bool,
+        what: str,
+        chunk: int | None = None,
     ) -> Tensor:
-        """Self-influence ``sum_c lr_c * ||grad_c(x)||^2`` of every example in ``data``."""
+        """Self-influence ``sum_c lr_c * ||grad_c(x)||^2`` of every example in ``data``
+        (batches of more than ``chunk`` examples taken in pieces)."""
         n_ckpt = len(self.checkpoints)
         total = None if n_batches is None else n_batches * n_ckpt
         tracker = NonFiniteTracker(self.owner)
@@ -381,7 +387,8 @@ class TracInRunner:
         with Progress(show_progress, f"{self.owner}: self-influence", total) as bar:
             for c, lr in self.each_checkpoint(bar, f"self-influence of {what}"):
                 parts, offset = [], 0
-                for batch in self._batches(data, True, "batch"):
+                pieces = self._batches(data, True, "batch", chunk=chunk, batch_done=bar.update)
+                for batch in pieces:
                     rep = self.engine.compute(batch)
                     dtype = dtype or self.engine.result_dtype(rep)
                     values = self.engine.sq_norm(rep).mul_(lr)
@@ -400,7 +407,6 @@ class TracInRunner:
                     else:
                         parts.append(values)
                     offset += batch.size
-                    bar.update()
                 if n is not None and result is not None:
                     if offset != n:
                         raise InvalidArgumentError(

@@ -322,7 +322,7 @@ class TracInCPBase(DataInfluence):
                     aggregate,
                     show_progress,
                     n_train=n_train,
-                    test_chunk=max(self.train_dataloader.batch_size or 0, 256),
+                    test_chunk=self._test_chunk(),
                 )
 
         if self._dist is not None:
@@ -400,8 +400,15 @@ class TracInCPBase(DataInfluence):
             return sharded_values(
                 self._dist, self.get_name(), data, values_on, model_device(self.model), argument
             )
+        # one batch given as it is: differentiated in pieces, as a large test batch is
+        chunk = None if isinstance(data, DataLoader) else self._test_chunk()
         with self._guarded():
-            return self._runner().self_scores(data, n_batches, show_progress, of)
+            return self._runner().self_scores(data, n_batches, show_progress, of, chunk)
+
+    def _test_chunk(self) -> int:
+        """Most examples of a batch given as it is (a test batch, one ``inputs_dataset``
+        batch) that one pass differentiates at once."""
+        return max(self.train_dataloader.batch_size or 0, 256)
 
 
 __all__ = ["Batch", "DataInfluence", "KMostInfluentialResults", "TracInCPBase"]
