@@ -1248,6 +1248,9 @@ def test_save_leaves_a_description_file_of_the_users_alone(tmp_path, name):
     assert mine.read_text() == '{"mine": 1}'
     mine.unlink()
     assert backend.save(tmp_path) and backend.save(tmp_path)  # ours: replaced again
+    for damaged in (b"", mine.read_bytes()[:40]):  # ours, emptied or cut short by a crash
+        mine.write_bytes(damaged)
+        assert backend.save(tmp_path)
     again = BACKENDS[name](len(data))
     assert again.load(tmp_path, data)
     want_idx, _ = reference_top_k(data, query, 3)

@@ -746,3 +746,69 @@ def test_finite_packed_batches_are_not_taken_again(text_case, monkeypatch):
     loader = DataLoader(train, batch_size=5, collate_fn=collate_text)
     tracin = TracInCP(model, loader, paths, loss_fn=nn.CrossEntropyLoss(reduction="none"))
     assert torch.isfinite(tracin.self_influence()).all()
+
+
+class _OrderedBag(nn.Module):
+    """An EmbeddingBag model called as model(tokens, offsets) or model(offsets, tokens)."""
+
+    def __init__(self, offsets_first: bool) -> None:
+        super().__init__()
+        self.offsets_first = offsets_first
+        self.bag = nn.EmbeddingBag(40, 6, mode="mean")
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, a, b):
+        tokens, offsets = (b, a) if self.offsets_first else (a, b)
+        return self.fc(torch.tanh(self.bag(tokens, offsets)))
+
+
+@pytest.mark.parametrize("offsets_first, longest", [(False, 1), (True, 4)])
+def test_a_large_packed_batch_that_looks_unpacked_is_run_whole(tmp_path, offsets_first, longest):
+    """A packed batch whose first input has a row per example (one-token texts, or the
+    offsets given first) is not flagged as packed; cutting it into pieces of 256 left
+    offsets pointing into the whole batch ("offsets[0] has to be 0"). Such a batch is run
+    whole: a large self_influence batch and a large RandProj test batch score as the same
+    examples taken one by one."""
+    from torch.utils.data import DataLoader
+
+    from proponents import TracInCPFast, TracInCPFastRandProj
+
+    def texts(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [
+            (
+                torch.randint(
+                    0, 40, (int(torch.randint(1, longest + 1, (1,), generator=g)),), generator=g
+                ),
+                int(torch.randint(0, 3, (1,), generator=g)),
+            )
+            for _ in range(n)
+        ]
+
+    def collate(batch):
+        toks = [t for t, _ in batch]
+        offsets = torch.tensor([0] + [len(t) for t in toks[:-1]]).cumsum(0)
+        labels = torch.tensor([label for _, label in batch])
+        inputs = (offsets, torch.cat(toks)) if offsets_first else (torch.cat(toks), offsets)
+        return (*inputs, labels)
+
+    torch.manual_seed(0)
+    model = _OrderedBag(offsets_first)
+    paths = []
+    for c in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        paths.append(tmp_path / f"c{c}.pt")
+        torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.5 + c}, paths[-1])
+    train = DataLoader(texts(40, 1), batch_size=8, collate_fn=collate)
+    big = texts(300, 2)
+    batch = collate(big)
+    one_by_one = DataLoader(big, batch_size=1, collate_fn=collate)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    fast = TracInCPFast(model, "fc", train, paths, loss_fn=loss)
+    torch.testing.assert_close(fast.self_influence(batch), fast.self_influence(one_by_one))
+    index = TracInCPFastRandProj(model, "fc", train, paths, loss_fn=loss)
+    got = index.influence(tuple(batch[:-1]), batch[-1], k=None)
+    want = torch.cat([index.influence(tuple(b[:-1]), b[-1], k=None) for b in one_by_one])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

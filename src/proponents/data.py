@@ -945,6 +945,23 @@ def holds_examples(x: Any, n: int) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
 
 
+def _may_index_rows(tensors: list[torch.Tensor], n: int) -> bool:
+    """Whether some of a batch's input tensors may point into the rows of others, so that
+    cutting the batch would break it: an integer tensor whose first dimension is not the
+    batch's (the tokens of texts packed for an ``nn.EmbeddingBag``, a graph's edge index
+    or its batch vector), or two 1-D integer ones with a row per example (tokens and
+    offsets of texts of one token each). Such a batch is run whole, as a packed one; a
+    shared float tensor (a table every example uses) does not stop the cut."""
+
+    def integer(t: torch.Tensor) -> bool:
+        return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+    ints = [t for t in tensors if t.dim() > 0 and integer(t)]
+    if any(t.shape[0] != n for t in ints):
+        return True
+    return sum(1 for t in ints if t.dim() == 1) >= 2
+
+
 def chunk_batch(batch: Batch, size: int) -> list[Batch]:
     """Split a batch into consecutive batches of at most ``size`` examples.
 
@@ -952,13 +969,17 @@ def chunk_batch(batch: Batch, size: int) -> list[Batch]:
     lists and dicts, and so are labels given as a list with one entry per example;
     everything else is passed to every chunk unchanged; a list of one string per example
     is cut like a tensor (:func:`string_rows`). A batch whose model inputs hold neither
-    (inputs of another kind, whose examples cannot be told apart here) is not split.
+    (inputs of another kind, whose examples cannot be told apart here) is not split, nor
+    is one with an input that may index another's rows (:func:`_may_index_rows`).
     """
     if batch.size <= size or batch.packed:  # a packed batch is run whole
         return [batch]
-    if not any(
-        holds_examples(t, batch.size) for item in batch.inputs for t in _nested_tensors(item)
-    ) and not has_string_rows(batch.inputs, batch.size):
+    tensors = [t for item in batch.inputs for t in _nested_tensors(item)]
+    if not any(holds_examples(t, batch.size) for t in tensors) and not has_string_rows(
+        batch.inputs, batch.size
+    ):
+        return [batch]
+    if _may_index_rows(tensors, batch.size):
         return [batch]
 
     def part(x: Any, start: int) -> Any:

@@ -1123,8 +1123,10 @@ _F64_TINY = float(torch.finfo(torch.float64).tiny)
 def _refuse_foreign_meta(meta_path: Path, owner: str) -> None:
     """Refuse to replace a file at ``meta_path`` that a save of ours did not write.
 
-    A description of ours is a JSON object with this module's ``format`` and the name
-    of its index file; anything else there (a file of the user's) is left as it is.
+    A description of ours is a JSON object naming its index file (any ``format``); one
+    that does not parse (empty, cut short by a crash, binary) is taken for a damaged one
+    of ours and replaced, as :meth:`IndexedNearestNeighbors.load` rebuilds from it.
+    Anything else there, JSON of another kind (a file of the user's), is left as it is.
 
     Raises:
         StoreError: naming the file.
@@ -1132,10 +1134,12 @@ def _refuse_foreign_meta(meta_path: Path, owner: str) -> None:
     if not meta_path.is_file():
         return
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        meta = None
-    if isinstance(meta, dict) and meta.get("format") == _META_FORMAT and "index_file" in meta:
+        meta = json.loads(meta_path.read_bytes())
+    except OSError:
+        return  # unreadable: the save's own write reports it
+    except ValueError:  # (UnicodeDecodeError included) damaged: ours to replace
+        return
+    if isinstance(meta, dict) and ("index_file" in meta or "index_crc32" in meta):
         return
     raise StoreError(
         f"{owner}.save: {str(meta_path)!r} is not a description this library wrote, and a "
