@@ -1446,6 +1446,16 @@ def test_labels_passed_inside_inputs_as_in_captum_0_9_get_a_hint(tmp_path):
         assert "looks like" not in str(err.value)
 
 
+def _forward_sizes(module: nn.Module, call):
+    """``call()``'s result and the batch size of every forward call of ``module`` in it."""
+    sizes: list[int] = []
+    hook = module.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        return call(), sizes
+    finally:
+        hook.remove()
+
+
 def test_randproj_differentiates_a_large_test_batch_in_pieces(tmp_path):
     """TracInCP and TracInCPFast take a large test batch in pieces of at most
     max(batch_size, 256) examples; TracInCPFastRandProj ran it whole (a memory audit: two
@@ -1456,12 +1466,7 @@ def test_randproj_differentiates_a_large_test_batch_in_pieces(tmp_path):
     rp = TracInCPFastRandProj(model, "2", train, paths, loss_fn=loss, batch_size=50)
     g = torch.Generator().manual_seed(9)
     xt, yt = torch.randn(700, 10, generator=g), torch.randint(0, 8, (700,), generator=g)
-    sizes: list[int] = []
-    hook = model[0].register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
-    try:
-        got = rp.influence((xt,), yt, k=None)
-    finally:
-        hook.remove()
+    got, sizes = _forward_sizes(model[0], lambda: rp.influence((xt,), yt, k=None))
     assert sizes and max(sizes) <= 256 and sum(sizes) >= 700 * 2  # both checkpoints
     want = TracInCPFast(model, "2", train, paths, loss_fn=loss, batch_size=50).influence((xt,), yt)
     assert_close(got, want)
@@ -1476,11 +1481,6 @@ def test_self_influence_of_one_large_batch_is_taken_in_pieces(tmp_path):
     fast = TracInCPFast(model, "2", train, paths, loss_fn=loss, batch_size=50)
     g = torch.Generator().manual_seed(10)
     x, y = torch.randn(700, 10, generator=g), torch.randint(0, 8, (700,), generator=g)
-    sizes: list[int] = []
-    hook = model[0].register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
-    try:
-        got = fast.self_influence((x, y))
-    finally:
-        hook.remove()
+    got, sizes = _forward_sizes(model[0], lambda: fast.self_influence((x, y)))
     assert sizes and max(sizes) <= 256
     assert_close(got, fast.self_influence(TensorDataset(x, y)))
