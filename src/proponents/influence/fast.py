@@ -712,7 +712,7 @@ class TracInCPFastRandProj(TracInCPFast):
                     # a large test batch is differentiated in pieces, as the other TracIn
                     # classes do (its activations are not all held at once); the bar counts
                     # each batch once
-                    chunk = None if training else max(self.train_dataloader.batch_size or 0, 256)
+                    chunk = None if training else self._test_chunk()
                     pieces = runner._batches(
                         data, is_loader, "batch", chunk=chunk, batch_done=bar.update
                     )
