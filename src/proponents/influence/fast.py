@@ -59,6 +59,7 @@ from proponents.errors import (
     InvalidArgumentError,
     article,
     count,
+    first_names,
 )
 from proponents.fingerprints import (
     architecture,
@@ -1408,9 +1409,7 @@ def _refuse_float16_overflow(part: Tensor, first_row: int, name: str) -> None:
     if not bool(over.any()):
         return
     rows = (over.any(dim=1).nonzero().flatten() + first_row).tolist()
-    shown = ", ".join(map(str, rows[:10])) + (
-        f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-    )
+    shown = first_names([str(r) for r in rows], 10)
     largest = float(part[over].abs().max())
     raise InvalidArgumentError(
         f"{name}: index_dtype=torch.float16 cannot hold the embeddings of training examples "
